@@ -1,0 +1,1 @@
+"""lenslab.app: the Streamlit workbench (thin pages over the library)."""

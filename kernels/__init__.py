@@ -1,0 +1,1 @@
+"""lenslab.kernels (see docs/ and the open issues for what lands here)."""

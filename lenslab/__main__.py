@@ -1,0 +1,3 @@
+from lenslab.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""The lenslab model zoo: small models with planted, verified mechanisms.
+
+Each zoo model is a folder beside this file (`lenslab/zoo/<name>/`) holding
+`config.json`, `model.safetensors`, the tokenizer (`tokenizer.json`,
+`tokenizer_config.json`) and `card.md`. The script that rebuilds it is
+`lenslab/zoo/train_<name with - as _>.py`, exposing `train(out_dir, seed=0) -> None`,
+run by `lenslab zoo train NAME`.
+
+Two formats:
+- ``"lenslab_format": "hooked_transformer"``: a TransformerLens `HookedTransformerConfig`
+  (under ``"cfg"``) and its state dict; loaded as a `HookedTransformer`.
+- a Hugging Face config (has ``"model_type"``): loaded through the same path as any local
+  HF checkpoint (used by the MoE zoo model).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lenslab._errors import LenslabError, did_you_mean
+
+ZOO_DIR = Path(__file__).resolve().parent
+PREFIX = "zoo/"
+SPECIAL_TOKENS = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One zoo model on disk."""
+
+    name: str  # e.g. "zoo/induction-2l"
+    path: Path
+    summary: str
+
+    @property
+    def short(self) -> str:
+        return self.name.removeprefix(PREFIX)
+
+
+def zoo_entries() -> list[ZooEntry]:
+    """All zoo models whose weights are present, sorted by name."""
+    out = []
+    for cfg_path in sorted(ZOO_DIR.glob("*/config.json")):
+        folder = cfg_path.parent
+        if not (folder / "model.safetensors").exists():
+            continue
+        cfg = json.loads(cfg_path.read_text())
+        summary = cfg.get("lenslab_summary", "")
+        out.append(ZooEntry(name=PREFIX + folder.name, path=folder, summary=summary))
+    return out
+
+
+def zoo_names() -> list[str]:
+    """Names accepted by `load_model`, e.g. ['zoo/induction-2l', 'zoo/ioi-4l']."""
+    return [e.name for e in zoo_entries()]
+
+
+def trainable_names() -> list[str]:
+    """Zoo models that have a training script (`train_<name>.py`)."""
+    return sorted(PREFIX + p.stem.removeprefix("train_").replace("_", "-") for p in ZOO_DIR.glob("train_*.py"))
+
+
+def zoo_path(name: str) -> Path:
+    """Folder of zoo model `name` ('zoo/induction-2l' or 'induction-2l'), with a clear error."""
+    short = name.removeprefix(PREFIX)
+    folder = ZOO_DIR / short
+    if not (folder / "config.json").exists() or not (folder / "model.safetensors").exists():
+        names = zoo_names()
+        raise LenslabError(
+            f"zoo model {name!r} does not exist{did_you_mean(PREFIX + short, names)}; "
+            f"the zoo has: {', '.join(names) or '(nothing yet)'}"
+        )
+    return folder
+
+
+def default_model() -> str:
+    """The app's default model: the first zoo model, preferring induction-2l."""
+    names = zoo_names()
+    if not names:
+        raise LenslabError("the model zoo is empty: run `lenslab zoo train induction-2l`")
+    return "zoo/induction-2l" if "zoo/induction-2l" in names else names[0]
+
+
+def read_card(name: str) -> str:
+    """The model card (Markdown) of a zoo model."""
+    card = zoo_path(name) / "card.md"
+    return card.read_text() if card.exists() else ""
+
+
+def train(name: str, out_dir: str | Path | None = None, seed: int = 0) -> Path:
+    """Rebuild zoo model `name` by running its training script; returns the output folder."""
+    short = name.removeprefix(PREFIX)
+    if PREFIX + short not in trainable_names():
+        raise LenslabError(
+            f"no training script for {name!r}{did_you_mean(PREFIX + short, trainable_names())}; "
+            f"trainable: {', '.join(trainable_names())}"
+        )
+    module = importlib.import_module(f"lenslab.zoo.train_{short.replace('-', '_')}")
+    out = Path(out_dir) if out_dir is not None else ZOO_DIR / short
+    out.mkdir(parents=True, exist_ok=True)
+    module.train(out, seed=seed)
+    return out
+
+
+# --- helpers shared by the training scripts -------------------------------------------------
+
+
+def word_tokenizer(words: list[str]):
+    """A word-level HF fast tokenizer: special tokens first, then `words`, one id each.
+
+    Splits on whitespace and punctuation, so every word (e.g. every IOI name) is one token.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for tok in [*SPECIAL_TOKENS.values(), *words]:
+        if tok not in vocab:
+            vocab[tok] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins tokens with single spaces
+    bos = SPECIAL_TOKENS["bos_token"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
+    )
+    # add_bos_token + name_or_path let TransformerLens's set_tokenizer accept it as is (offline).
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, add_bos_token=True, name_or_path="lenslab-word-level", **SPECIAL_TOKENS
+    )
+
+
+def save_hooked(model, tokenizer, out_dir: str | Path, *, summary: str, card: str, extra: dict | None = None) -> None:
+    """Write a HookedTransformer zoo model: config.json, model.safetensors, tokenizer, card.md."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg.to_dict() if hasattr(model.cfg, "to_dict") else dict(model.cfg.__dict__)
+    keep = _cfg_init_fields()
+    cfg = {k: _jsonable(v) for k, v in cfg.items() if k in keep and _jsonable(v) is not None}
+    meta = {"lenslab_format": "hooked_transformer", "lenslab_summary": summary, "cfg": cfg, **(extra or {})}
+    (out / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"))
+    tokenizer.save_pretrained(str(out))
+    (out / "card.md").write_text(card)
+
+
+def load_hooked(folder: str | Path, device: torch.device, dtype: torch.dtype):
+    """Load a `hooked_transformer` zoo folder as a HookedTransformer on `device` in `dtype`."""
+    import warnings
+
+    from safetensors.torch import load_file
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    meta = json.loads((folder / "config.json").read_text())
+    cfg_dict = dict(meta["cfg"])
+    cfg_dict["device"] = str(device)
+    cfg_dict["dtype"] = dtype
+    cfg_dict.setdefault("model_name", folder.name)
+    cfg = HookedTransformerConfig(**cfg_dict)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # HookedTransformer's deprecation notice (see docs/design.md)
+        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    state = load_file(str(folder / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith(("IGNORE", "mask"))]
+    if missing or unexpected:
+        raise LenslabError(
+            f"zoo weights in {folder} do not match its config (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}); rebuild with `lenslab zoo train {folder.name}`"
+        )
+    model.to(dtype, print_details=False)
+    model.to(device, print_details=False)
+    model.eval()
+    return model
+
+
+def _cfg_init_fields() -> set[str]:
+    import dataclasses
+
+    from transformer_lens import HookedTransformerConfig
+
+    return {f.name for f in dataclasses.fields(HookedTransformerConfig) if f.init} - {"device", "dtype", "n_devices"}
+
+
+def _jsonable(v):
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, torch.dtype):
+        return None
+    return None

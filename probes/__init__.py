@@ -1,0 +1,1 @@
+"""lenslab.probes (see docs/ and the open issues for what lands here)."""

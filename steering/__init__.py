@@ -1,0 +1,1 @@
+"""lenslab.steering (see docs/ and the open issues for what lands here)."""
