@@ -1,0 +1,49 @@
+"""The `lenslab` CLI: every subcommand has --help; errors are one readable line, exit code 2."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from lenslab.cli import build_parser, main
+
+def _all_subcommands(parser, prefix=()):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name)
+                yield from _all_subcommands(sub, (*prefix, name))
+
+
+def test_every_subcommand_has_help(capsys):
+    found = list(_all_subcommands(build_parser()))
+    assert {("app",), ("models",), ("zoo",), ("zoo", "list"), ("zoo", "train")} <= set(found)
+    for cmd in found:
+        with pytest.raises(SystemExit) as exc:
+            main([*cmd, "--help"])
+        assert exc.value.code == 0
+        assert "usage: lenslab" in capsys.readouterr().out
+
+
+def test_zoo_train_unknown_name_is_a_clear_error(capsys):
+    assert main(["zoo", "train", "nonexistent-model"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lenslab: error: no training script for 'nonexistent-model'")
+    assert "Traceback" not in err
+
+
+def test_models_lists_zoo(capsys):
+    from lenslab import zoo
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in zoo.zoo_names():
+        assert name in out
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "lenslab", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "app" in out and "models" in out and "zoo" in out

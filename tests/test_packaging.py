@@ -1,0 +1,63 @@
+"""Packaging: the wheel maps the card's folders into `lenslab.*` and installs nothing else at top level."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+AREAS = ("app", "circuits", "probes", "steering", "kernels")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(ROOT)],
+        check=True, capture_output=True, text=True,
+    )
+    (whl,) = out.glob("lenslab-*.whl")
+    return whl
+
+
+@pytest.mark.slow
+def test_wheel_contents(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"lenslab"}, tops
+    for area in AREAS:
+        assert f"lenslab/{area}/__init__.py" in names, area
+    # zoo weights, tokenizers and cards ship with the wheel
+    for zoo_dir in (ROOT / "lenslab" / "zoo").glob("*/model.safetensors"):
+        for f in ("config.json", "model.safetensors", "tokenizer.json", "card.md"):
+            assert f"lenslab/zoo/{zoo_dir.parent.name}/{f}" in names
+    entry = [n for n in names if n.endswith("entry_points.txt")]
+    assert entry and "lenslab = lenslab.cli:main" in zipfile.ZipFile(wheel).read(entry[0]).decode()
+
+
+@pytest.mark.slow
+def test_wheel_installs_only_lenslab(wheel, tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    assert sorted(p.name for p in target.iterdir() if not p.name.endswith(".dist-info") and p.name != "bin") == ["lenslab"]
+    code = (
+        "import importlib.util, sys; sys.path.insert(0, sys.argv[1]);"
+        "import lenslab.circuits, lenslab.app, lenslab.kernels;"
+        "assert lenslab.circuits.__file__.startswith(sys.argv[1]), lenslab.circuits.__file__;"
+        f"assert all(importlib.util.find_spec(a) is None for a in {AREAS!r})"
+    )
+    subprocess.run([sys.executable, "-c", code, str(target)], check=True, cwd=tmp_path)
+
+
+def test_editable_install_maps_areas(tmp_path):
+    """In the dev (editable) install, `lenslab.app` is ./app and no top-level `app` is importable."""
+    code = (
+        "import importlib.util, lenslab.app, lenslab.kernels, pathlib, sys;"
+        "assert pathlib.Path(lenslab.app.__file__).parent == pathlib.Path(sys.argv[1]) / 'app', lenslab.app.__file__;"
+        f"assert all(importlib.util.find_spec(a) is None for a in {AREAS!r}), 'top-level area importable'"
+    )
+    subprocess.run([sys.executable, "-c", code, str(ROOT)], check=True, cwd=tmp_path)
