@@ -1,1 +1,5 @@
-"""lenslab.circuits (see docs/ and the open issues for what lands here)."""
+"""lenslab.circuits: exact activation patching (and, later, attribution, RelP, graphs)."""
+from lenslab.circuits.patching import DIRECTIONS, SITES, Site, patch, resolve_site
+from lenslab.results import PatchResult
+
+__all__ = ["DIRECTIONS", "SITES", "PatchResult", "Site", "patch", "resolve_site"]

@@ -1,0 +1,293 @@
+"""Exact activation patching: the reference every approximation is measured against.
+
+Activation patching (Vig et al. 2020; Meng et al. 2022; Wang et al. 2022) runs the model on one
+input while overwriting one activation with its value from another input, and records the metric.
+Denoising (the default, as in TransformerLens `patching`) runs the *corrupt* prompt with a *clean*
+activation patched in: a high score means the activation carries what the clean answer needs.
+Noising runs the clean prompt with a corrupt activation patched in.
+
+The reference engine does one forward pass of the whole batch per patch, exactly as
+`transformer_lens.patching.generic_activation_patch` does, so its scores equal
+`get_act_patch_resid_pre` & co. The `engine` argument is where the fast batched engine of
+`lenslab.kernels` plugs in.
+
+>>> import lenslab
+>>> from lenslab import circuits, tasks
+>>> model = lenslab.load_model("zoo/induction-2l", device="cpu")
+>>> task = tasks.induction(model, n=4, seq_len=8, seed=0)
+>>> res = circuits.patch(model, task, "resid_pre")
+>>> res.axes
+('layer', 'pos')
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lenslab._errors import LenslabError, did_you_mean
+from lenslab.results import PatchResult, provenance
+from lenslab.tasks import MetricLike, Task, get_metric
+
+
+@dataclass(frozen=True)
+class Site:
+    """A patchable site: which hook per layer, which axes are iterated, how a patch is applied.
+
+    `kind` says how the activation is indexed: "pos" (`[batch, pos, ...]`), "head" (`[batch, pos,
+    head, d_head]`, all positions), "pos_head" (`[batch, pos, head, ...]` one position),
+    "pattern" (`[batch, head, dest, src]`, all destinations), "pattern_dest" (one destination
+    row), "neuron" (`[batch, pos, d_mlp]`, all positions, one chosen layer).
+    """
+
+    name: str
+    hook: str  # format string with {layer}
+    kind: str
+    axes: tuple[str, ...]
+    description: str
+
+
+SITES: dict[str, Site] = {s.name: s for s in [
+    Site("resid_pre", "blocks.{layer}.hook_resid_pre", "pos", ("layer", "pos"), "residual stream before each block"),
+    Site("resid_mid", "blocks.{layer}.hook_resid_mid", "pos", ("layer", "pos"), "residual stream between attention and MLP"),
+    Site("resid_post", "blocks.{layer}.hook_resid_post", "pos", ("layer", "pos"), "residual stream after each block"),
+    Site("attn_out", "blocks.{layer}.hook_attn_out", "pos", ("layer", "pos"), "attention layer output"),
+    Site("mlp_out", "blocks.{layer}.hook_mlp_out", "pos", ("layer", "pos"), "MLP layer output"),
+    Site("z", "blocks.{layer}.attn.hook_z", "head", ("layer", "head"), "head output (z), all positions"),
+    Site("z_by_pos", "blocks.{layer}.attn.hook_z", "pos_head", ("layer", "pos", "head"), "head output (z) by position"),
+    Site("q", "blocks.{layer}.attn.hook_q", "head", ("layer", "head"), "head queries, all positions"),
+    Site("k", "blocks.{layer}.attn.hook_k", "head", ("layer", "head"), "head keys, all positions"),
+    Site("v", "blocks.{layer}.attn.hook_v", "head", ("layer", "head"), "head values, all positions"),
+    Site("q_by_pos", "blocks.{layer}.attn.hook_q", "pos_head", ("layer", "pos", "head"), "head queries by position"),
+    Site("k_by_pos", "blocks.{layer}.attn.hook_k", "pos_head", ("layer", "pos", "head"), "head keys by position"),
+    Site("v_by_pos", "blocks.{layer}.attn.hook_v", "pos_head", ("layer", "pos", "head"), "head values by position"),
+    Site("pattern", "blocks.{layer}.attn.hook_pattern", "pattern", ("layer", "head"), "attention pattern, all destinations"),
+    Site("pattern_by_pos", "blocks.{layer}.attn.hook_pattern", "pattern_dest", ("layer", "head", "dest_pos"), "attention pattern by destination position"),
+    Site("mlp_neuron", "blocks.{layer}.mlp.hook_post", "neuron", ("neuron",), "MLP neurons of one layer (pass layer=), all positions"),
+]}
+SITE_ALIASES = {"head_out": "z", "head_out_by_pos": "z_by_pos", "attn_head_out": "z", "neuron": "mlp_neuron"}
+DIRECTIONS = ("denoise", "noise")
+
+
+def resolve_site(site: str) -> Site:
+    """The `Site` for a name (aliases: head_out -> z, head_out_by_pos -> z_by_pos, neuron -> mlp_neuron)."""
+    name = SITE_ALIASES.get(site, site)
+    if name not in SITES:
+        raise LenslabError(
+            f"site {site!r} is not one of {', '.join(SITES)}{did_you_mean(str(site), list(SITES) + list(SITE_ALIASES))}"
+        )
+    return SITES[name]
+
+
+def patch(
+    model,
+    task: Task,
+    site: str,
+    *,
+    direction: str = "denoise",
+    metric: MetricLike = "logit_diff",
+    engine: str = "reference",
+    layer: int | None = None,
+    layers: Sequence[int] | None = None,
+    progress: bool | Callable[[int, int], None] = True,
+) -> PatchResult:
+    """Exact activation patching of one site over its whole grid.
+
+    Args:
+        model: a TransformerLens model from `lenslab.load_model`.
+        task: the clean/corrupt prompts and answers.
+        site: one of `SITES` ("resid_pre", "attn_out", "z", "z_by_pos", "q", "pattern", "mlp_neuron", ...).
+        direction: "denoise" (run corrupt, patch in clean; TransformerLens's convention) or "noise".
+        metric: a metric name from `lenslab.tasks.METRICS` or a callable on logits `[batch, pos, vocab]`.
+        engine: "reference" (one forward per patch) or a fast engine registered by `lenslab.kernels`.
+        layer: for "mlp_neuron", the MLP layer whose neurons are patched.
+        layers: restrict the layer axis to these layers (default: all).
+        progress: show a tqdm bar (True), none (False), or call `progress(done, total)`.
+
+    Returns:
+        `PatchResult` whose scores (axes per site, e.g. `[layer, pos]`) are the metric of each patched run.
+    """
+    st = resolve_site(site)
+    if direction not in DIRECTIONS:
+        raise LenslabError(f"direction {direction!r} must be 'denoise' or 'noise'{did_you_mean(str(direction), DIRECTIONS)}")
+    validate_task(model, task)
+    n_layers = int(model.cfg.n_layers)
+    if st.kind == "neuron":
+        if layer is None:
+            raise LenslabError("site 'mlp_neuron' needs layer=N (the MLP whose neurons are patched)")
+        _check_layers(model, [layer])
+        if getattr(model.cfg, "attn_only", False):
+            raise LenslabError("site 'mlp_neuron' needs a model with MLPs; this model is attention-only")
+    elif layer is not None:
+        raise LenslabError(f"layer= is only for site 'mlp_neuron'; for {st.name!r} use layers=[...] to restrict layers")
+    layer_list = list(range(n_layers)) if layers is None else _check_layers(model, layers)
+    if st.name in ("mlp_out", "resid_mid") and getattr(model.cfg, "attn_only", False):
+        raise LenslabError(f"site {st.name!r} does not exist in an attention-only model; use attn_out or resid_pre/resid_post")
+
+    task = task.to(_model_device(model))
+    bound = get_metric(metric, model, task)
+    if engine != "reference":
+        return get_engine(engine)(model, task, st, direction=direction, metric=bound, layers=layer_list,
+                                  layer=layer, progress=progress)
+    base_tokens, source_tokens = (
+        (task.corrupt_tokens, task.clean_tokens) if direction == "denoise" else (task.clean_tokens, task.corrupt_tokens)
+    )
+    hooks = [st.hook.format(layer=layer if st.kind == "neuron" else l) for l in (layer_list if st.kind != "neuron" else [layer])]
+    with torch.no_grad():
+        _, source_cache = model.run_with_cache(source_tokens, names_filter=lambda n: n in set(hooks))
+    grid = _grid(model, st, task, layer_list, source_cache, layer)
+    shape = [len(values) for values in grid]
+    scores = torch.zeros(shape)
+    cells = list(itertools.product(*[range(n) for n in shape]))
+    report = _progress(progress, len(cells), f"patching {st.name}")
+    with torch.no_grad():
+        for cell in cells:
+            index = tuple(grid[a][i] for a, i in enumerate(cell))
+            hook_name = st.hook.format(layer=layer if st.kind == "neuron" else index[0])
+            src = source_cache[hook_name]
+            logits = model.run_with_hooks(base_tokens, fwd_hooks=[(hook_name, _setter(st.kind, index, src))])
+            scores[cell] = float(bound(logits))
+            report()
+    report(close=True)
+    return PatchResult(
+        scores=scores,
+        axes=st.axes,
+        labels=_labels(model, task, st, grid),
+        site=st.name,
+        method="exact",
+        metric=bound.name,
+        direction=direction,
+        clean_value=bound.clean_value,
+        corrupt_value=bound.corrupt_value,
+        provenance=provenance(model, task, engine=engine, layer=layer, hook=st.hook),
+    )
+
+
+def get_engine(name: str):
+    """A fast patching engine by name; engines register in `lenslab.kernels.ENGINES` (looked up
+    lazily so `circuits` never imports `kernels` at load)."""
+    import importlib
+
+    kernels = importlib.import_module("lenslab.kernels")
+    engines = getattr(kernels, "ENGINES", {})
+    if name not in engines:
+        raise LenslabError(f"engine {name!r} is not available; use one of {', '.join(['reference', *engines])}")
+    return engines[name]
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+def validate_task(model, task: Task) -> None:
+    """Check that `task` fits `model` (vocabulary, context length) before any compute."""
+    if not isinstance(task, Task):
+        raise LenslabError(f"task must be a lenslab.tasks.Task, got {type(task).__name__}; build one with lenslab.tasks")
+    d_vocab = int(model.cfg.d_vocab)
+    for name in ("clean_tokens", "corrupt_tokens", "answer_tokens"):
+        t = getattr(task, name)
+        if int(t.max()) >= d_vocab:
+            raise LenslabError(f"task {name} holds token id {int(t.max())} but the model's vocabulary has {d_vocab} tokens: "
+                               "was the task built for another model?")
+    n_ctx = int(model.cfg.n_ctx)
+    if task.seq_len > n_ctx:
+        raise LenslabError(f"task prompts are {task.seq_len} tokens but the model's context is {n_ctx}: use shorter prompts")
+
+
+def _check_layers(model, layers: Sequence[int]) -> list[int]:
+    n = int(model.cfg.n_layers)
+    out = []
+    for l in layers:
+        if not isinstance(l, int) or not 0 <= l < n:
+            raise LenslabError(f"layer {l!r} is out of range: the model has {n} layers (0..{n - 1})")
+        out.append(int(l))
+    return out
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+# --- grid, setters, labels -----------------------------------------------------------------
+
+
+def _grid(model, st: Site, task: Task, layer_list, source_cache, layer) -> list[list[int]]:
+    """Values iterated along each axis of the site (layer indices, positions, heads, ...)."""
+    pos = list(range(task.seq_len))
+    if st.kind == "neuron":
+        return [list(range(source_cache[st.hook.format(layer=layer)].shape[-1]))]
+    first = source_cache[st.hook.format(layer=layer_list[0])]
+    if st.kind == "pos":
+        return [layer_list, pos]
+    if st.kind in ("head", "pos_head"):
+        heads = list(range(first.shape[2]))  # key/value heads for k, v under grouped-query attention
+        return [layer_list, heads] if st.kind == "head" else [layer_list, pos, heads]
+    heads = list(range(first.shape[1]))
+    return [layer_list, heads] if st.kind == "pattern" else [layer_list, heads, pos]
+
+
+def _setter(kind: str, index: tuple[int, ...], source: Tensor):
+    """A forward hook writing `source` into the activation at `index` (TransformerLens's setters)."""
+
+    def hook(act: Tensor, hook=None) -> Tensor:
+        act = act.clone()
+        if kind == "pos":
+            act[:, index[1]] = source[:, index[1]]
+        elif kind == "head":
+            act[:, :, index[1]] = source[:, :, index[1]]
+        elif kind == "pos_head":
+            act[:, index[1], index[2]] = source[:, index[1], index[2]]
+        elif kind == "pattern":
+            act[:, index[1]] = source[:, index[1]]
+        elif kind == "pattern_dest":
+            act[:, index[1], index[2]] = source[:, index[1], index[2]]
+        elif kind == "neuron":
+            act[..., index[0]] = source[..., index[0]]
+        return act
+
+    return hook
+
+
+def position_labels(model, task: Task) -> list[str]:
+    """'i:token' for each position of the first clean prompt (tokens can repeat, so the index leads)."""
+    try:
+        toks = model.to_str_tokens(task.clean_tokens[0])
+    except Exception:  # a model without a tokenizer
+        toks = [str(t) for t in task.clean_tokens[0].tolist()]
+    return [f"{i}:{t}" for i, t in enumerate(toks)]
+
+
+def _labels(model, task: Task, st: Site, grid) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for ax, values in zip(st.axes, grid):
+        if ax == "layer":
+            out[ax] = [f"L{l}" for l in values]
+        elif ax in ("pos", "dest_pos"):
+            out[ax] = position_labels(model, task)
+        elif ax == "head":
+            out[ax] = [f"H{h}" for h in values]
+        elif ax == "neuron":
+            out[ax] = [f"N{n}" for n in values]
+    return out
+
+
+def _progress(progress, total: int, desc: str):
+    """A reporter: `report()` after each step, `report(close=True)` at the end."""
+    bar = tqdm(total=total, desc=desc, leave=False) if progress is True else None
+    done = [0]
+
+    def report(close: bool = False) -> None:
+        if close:
+            if bar is not None:
+                bar.close()
+            return
+        done[0] += 1
+        if bar is not None:
+            bar.update(1)
+        elif callable(progress):
+            progress(done[0], total)
+
+    return report
