@@ -291,3 +291,145 @@ def _progress(progress, total: int, desc: str):
             progress(done[0], total)
 
     return report
+
+
+# --- path patching ----------------------------------------------------------------------------
+
+RECEIVER_INPUTS = ("q", "k", "v")
+
+
+def _parse_heads(model, heads, what: str) -> list[tuple[int, int]]:
+    """[(layer, head), ...] from tuples or 'L3H1' strings, range-checked."""
+    out = []
+    for h in heads:
+        if isinstance(h, str):
+            import re
+
+            m = re.fullmatch(r"L(\d+)H(\d+)", h.strip())
+            if not m:
+                raise LenslabError(f"{what} head {h!r} must look like 'L3H1' or (3, 1)")
+            h = (int(m.group(1)), int(m.group(2)))
+        if not (isinstance(h, (tuple, list)) and len(h) == 2):
+            raise LenslabError(f"{what} head {h!r} must be a (layer, head) pair or 'L3H1'")
+        layer, head = int(h[0]), int(h[1])
+        _check_layers(model, [layer])
+        if not 0 <= head < model.cfg.n_heads:
+            raise LenslabError(f"{what} head {head} in layer {layer} is out of range: the model has {model.cfg.n_heads} heads")
+        out.append((layer, head))
+    if not out:
+        raise LenslabError(f"give at least one {what} head")
+    return out
+
+
+def path_patch(
+    model,
+    task: Task,
+    receivers: Sequence[tuple[int, int] | str] | str,
+    *,
+    receiver_input: str | Sequence[str] = "q",
+    senders: Sequence[tuple[int, int] | str] | None = None,
+    direction: str = "denoise",
+    metric: MetricLike = "logit_diff",
+    progress: bool | Callable[[int, int], None] = True,
+) -> PatchResult:
+    """Path patching (Wang et al. 2022, "Interpretability in the Wild"): the effect of a sender
+    head that flows *only* through the receivers' query/key/value inputs (or directly to the logits).
+
+    For each sender head: (1) run the base prompt with the sender's output (`hook_z`) taken from
+    the source prompt and every other head frozen at its base value, MLPs recomputed, and record
+    the receivers' `q`/`k`/`v`; (2) run the base prompt again with only those receiver inputs
+    overwritten, and score the metric. With `receivers="logits"`, step (1) also freezes every MLP
+    and is scored directly: the sender's direct effect on the logits.
+
+    Args:
+        receivers: heads as (layer, head) pairs or "L3H1" strings, or "logits".
+        receiver_input: "q", "k", "v" or several of them (under grouped-query attention, k/v
+            receivers are key/value heads).
+        senders: heads to test; default: every head in a layer below the earliest receiver
+            (every head for "logits"). Scores have axes `[layer, head]` over that grid (cells that
+            are not senders are NaN).
+
+    Returns:
+        `PatchResult` with site "path" and the receivers recorded in its provenance.
+    """
+    if direction not in DIRECTIONS:
+        raise LenslabError(f"direction {direction!r} must be 'denoise' or 'noise'")
+    validate_task(model, task)
+    to_logits = isinstance(receivers, str) and receivers == "logits"
+    inputs = [receiver_input] if isinstance(receiver_input, str) else list(receiver_input)
+    for r in inputs:
+        if r not in RECEIVER_INPUTS:
+            raise LenslabError(f"receiver_input {r!r} must be one of q, k, v{did_you_mean(str(r), RECEIVER_INPUTS)}")
+    recv = [] if to_logits else _parse_heads(model, [receivers] if isinstance(receivers, str) else receivers, "receiver")
+    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    top = n_layers if to_logits else min(l for l, _ in recv)
+    if senders is None:
+        send = [(l, h) for l in range(top) for h in range(n_heads)]
+        if not send:
+            raise LenslabError("the receivers are in layer 0: no head can send to them; choose later receivers")
+    else:
+        send = _parse_heads(model, senders, "sender")
+        bad = [f"L{l}H{h}" for l, h in send if l >= top]
+        if bad:
+            raise LenslabError(f"sender heads {bad} are not below the earliest receiver layer {top}: a path must go forward")
+    task = task.to(_model_device(model))
+    bound = get_metric(metric, model, task)
+    base_tokens, source_tokens = (
+        (task.corrupt_tokens, task.clean_tokens) if direction == "denoise" else (task.clean_tokens, task.corrupt_tokens)
+    )
+    z_names = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]
+    mlp_names = [] if getattr(model.cfg, "attn_only", False) else [f"blocks.{l}.hook_mlp_out" for l in range(n_layers)]
+    with torch.no_grad():
+        _, base_cache = model.run_with_cache(base_tokens, names_filter=lambda n: n in set(z_names + mlp_names))
+        _, src_cache = model.run_with_cache(source_tokens, names_filter=lambda n: n in set(z_names))
+    recv_hooks: dict[str, list[int]] = {}
+    for l, h in recv:
+        for r in inputs:
+            recv_hooks.setdefault(f"blocks.{l}.attn.hook_{r}", []).append(h)
+    n_layers_grid = list(range(top))  # rows: every layer that can send; non-sender cells stay NaN
+    scores = torch.full((len(n_layers_grid), n_heads), float("nan"))
+    report = _progress(progress, len(send), "path patching")
+    with torch.no_grad():
+        for l_s, h_s in send:
+            def freeze(act, hook, _l=None):
+                layer = int(hook.name.split(".")[1])
+                out = base_cache[hook.name].clone()
+                if layer == l_s:
+                    out[:, :, h_s] = src_cache[hook.name][:, :, h_s]
+                return out
+
+            hooks = [(n, freeze) for n in z_names]
+            if to_logits:
+                hooks += [(n, lambda act, hook: base_cache[hook.name]) for n in mlp_names]
+                logits = model.run_with_hooks(base_tokens, fwd_hooks=hooks)
+            else:
+                stored: dict[str, Tensor] = {}
+
+                def keep(act, hook):
+                    stored[hook.name] = act.detach().clone()
+
+                model.run_with_hooks(base_tokens, fwd_hooks=hooks + [(n, keep) for n in recv_hooks])
+
+                def put(act, hook):
+                    act = act.clone()
+                    for h in recv_hooks[hook.name]:
+                        act[:, :, h] = stored[hook.name][:, :, h]
+                    return act
+
+                logits = model.run_with_hooks(base_tokens, fwd_hooks=[(n, put) for n in recv_hooks])
+            scores[n_layers_grid.index(l_s), h_s] = float(bound(logits))
+            report()
+    report(close=True)
+    recv_desc = "logits" if to_logits else [f"L{l}H{h}" for l, h in recv]
+    return PatchResult(
+        scores=scores,
+        axes=("layer", "head"),
+        labels={"layer": [f"L{l}" for l in n_layers_grid], "head": [f"H{h}" for h in range(n_heads)]},
+        site="path",
+        method="exact",
+        metric=bound.name,
+        direction=direction,
+        clean_value=bound.clean_value,
+        corrupt_value=bound.corrupt_value,
+        provenance=provenance(model, task, receivers=recv_desc, receiver_input=inputs),
+    )
