@@ -1,0 +1,375 @@
+"""Attribution: linear estimates of activation patching from two forwards and one backward.
+
+Every method returns, for each site, a `PatchResult` on the same grid as `patch` whose scores
+estimate the *change* of the metric caused by the patch (exact patching minus its unpatched
+baseline), so the two compare cell by cell (`PatchResult.scores - baseline`).
+
+- ``atp``: attribution patching (Nanda 2023; Kramar et al. 2024):
+  (a_source - a_base) . dm/da at the base run.
+- ``atp*``: AtP* (Kramar et al. 2024, arXiv 2403.00745): for query and key sites the attention
+  probabilities are recomputed exactly for the patched q/k and only the step from probabilities
+  to the metric is linearised (the QK fix); then GradDrop: for each layer l, the gradient through
+  l's residual-branch outputs (attn_out, mlp_out) is zeroed, and the estimate is
+  1/(L-1) * sum_l |AtP_GD_l| -- a *magnitude* (non-negative), as in the paper (`graddrop=False`
+  gives the signed QK-fixed estimate).
+- ``relp``: Relevance Patching (Rezaei Jafari et al. 2025, arXiv 2508.21258): AtP with the
+  backward pass replaced by LRP propagation coefficients (rules below); forward values unchanged.
+- ``ig``: integrated gradients on activations: the activation of one hook is interpolated from
+  base to source in `steps` points (midpoint rule) and the mean gradient multiplies the difference.
+
+RelP rules (as in the authors' TransformerLens fork, see docs/circuits.md for the comparison
+with LXT): LayerNorm/RMSNorm with the normaliser detached (the mean subtraction stays); GELU/SiLU
+pass gradient x act(x)/x (identity rule); a gated MLP's product gives half the gradient to each
+factor (half rule); attention pattern detached only with `attn_rule="ah"` (off by default).
+All rules are forward hooks on TransformerLens hook points that keep forward values and change
+only the backward pass; user weights are never touched.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from lenslab._errors import LenslabError, did_you_mean
+from lenslab.circuits.patching import (
+    DIRECTIONS, Site, _check_layers, _labels, _model_device, _progress, resolve_site, validate_task,
+)
+from lenslab.results import PatchResult, provenance
+from lenslab.tasks import Metric, MetricLike, Task, get_metric
+
+METHODS = ("atp", "atp*", "relp", "ig")
+QK_KINDS = {"q", "k", "q_by_pos", "k_by_pos"}
+
+
+def attribute(
+    model,
+    task: Task,
+    method: str,
+    sites: str | Sequence[str],
+    *,
+    metric: MetricLike = "logit_diff",
+    direction: str = "denoise",
+    layer: int | None = None,
+    steps: int = 10,
+    graddrop: bool = True,
+    attn_rule: str | None = None,
+    progress: bool | Callable[[int, int], None] = True,
+) -> dict[str, PatchResult]:
+    """Attribution scores for one or more sites.
+
+    Args:
+        model, task: as for `lenslab.circuits.patch`.
+        method: "atp", "atp*", "relp" or "ig".
+        sites: a site name or a list (see `lenslab.circuits.SITES`); `layer=` for "mlp_neuron".
+        metric: name or callable (must be differentiable).
+        direction: "denoise" (gradient at the corrupt run, clean activations patched in) or "noise".
+        steps: interpolation points for "ig".
+        graddrop: for "atp*", apply GradDrop (scores become magnitudes).
+        attn_rule: for "relp", None (plain gradient through attention, the RelP default) or "ah"
+            (attention pattern detached, the AH-rule).
+
+    Returns:
+        `{site: PatchResult}`; scores estimate `patched metric - unpatched metric`.
+    """
+    if method not in METHODS:
+        raise LenslabError(f"method {method!r} is not one of {', '.join(METHODS)}{did_you_mean(str(method), METHODS)}")
+    if direction not in DIRECTIONS:
+        raise LenslabError(f"direction {direction!r} must be 'denoise' or 'noise'")
+    if attn_rule not in (None, "ah"):
+        raise LenslabError(f"attn_rule {attn_rule!r} must be None or 'ah'")
+    site_list = [sites] if isinstance(sites, str) else list(sites)
+    if not site_list:
+        raise LenslabError("give at least one site")
+    resolved = [resolve_site(s) for s in site_list]
+    validate_task(model, task)
+    if any(st.kind == "neuron" for st in resolved):
+        if layer is None:
+            raise LenslabError("site 'mlp_neuron' needs layer=N (the MLP whose neurons are scored)")
+        _check_layers(model, [layer])
+    for st in resolved:
+        if st.name in ("mlp_out", "resid_mid", "mlp_neuron") and getattr(model.cfg, "attn_only", False):
+            raise LenslabError(f"site {st.name!r} does not exist in an attention-only model")
+    if steps < 1:
+        raise LenslabError(f"steps must be >= 1, got {steps}")
+    task = task.to(_model_device(model))
+    bound = get_metric(metric, model, task)
+    base, source = (task.corrupt_tokens, task.clean_tokens) if direction == "denoise" else (task.clean_tokens, task.corrupt_tokens)
+    n_layers = int(model.cfg.n_layers)
+    hooks = sorted({_hook(st, l, layer) for st in resolved for l in _layers(st, n_layers, layer)})
+    if method == "atp*" and any(st.name in QK_KINDS for st in resolved):
+        if getattr(model.cfg, "n_key_value_heads", None) not in (None, model.cfg.n_heads):
+            raise LenslabError("the AtP* QK fix is not implemented for grouped-query attention; use method='atp'")
+        extra = {f"blocks.{l}.attn.hook_{n}" for l in range(n_layers) for n in ("pattern", "attn_scores")}
+        extra |= {_qk_hook(model, l, r) for l in range(n_layers) for r in ("q", "k")}
+        hooks = sorted(set(hooks) | extra)
+    with torch.no_grad():
+        _, src_cache = model.run_with_cache(source, names_filter=lambda n: n in set(hooks))
+    report = _progress(progress, _n_passes(method, n_layers, hooks, steps, graddrop), f"{method} attribution")
+    if method in ("atp", "relp"):
+        acts, grads = _forward_backward(model, base, bound, hooks, relp=method == "relp", attn_rule=attn_rule)
+        report()
+        deltas = {h: (src_cache[h] - acts[h]) * grads[h] for h in hooks}
+        scores = {st.name: _reduce(st, deltas, n_layers, layer) for st in resolved}
+    elif method == "ig":
+        scores = {st.name: _reduce(st, _ig(model, base, bound, src_cache, [_hook(st, l, layer) for l in _layers(st, n_layers, layer)], steps, report), n_layers, layer)
+                  for st in resolved}
+    else:
+        scores = _atp_star(model, base, bound, src_cache, resolved, hooks, n_layers, layer, graddrop, report)
+    report(close=True)
+    out = {}
+    for st in resolved:
+        grid = [list(range(n)) for n in scores[st.name].shape]
+        out[st.name] = PatchResult(
+            scores=scores[st.name].detach().cpu().float(),
+            axes=st.axes,
+            labels=_labels(model, task, st, grid),
+            site=st.name,
+            method=method,
+            metric=bound.name,
+            direction=direction,
+            clean_value=bound.clean_value,
+            corrupt_value=bound.corrupt_value,
+            provenance=provenance(model, task, layer=layer, steps=steps if method == "ig" else None,
+                                  graddrop=graddrop if method == "atp*" else None,
+                                  attn_rule=attn_rule if method == "relp" else None,
+                                  estimate="magnitude" if (method == "atp*" and graddrop) else "signed change"),
+        )
+    return out
+
+
+# --- sites and hooks -------------------------------------------------------------------------
+
+
+def _layers(st: Site, n_layers: int, layer: int | None) -> list[int]:
+    return [layer] if st.kind == "neuron" else list(range(n_layers))
+
+
+def _hook(st: Site, l: int, layer: int | None) -> str:
+    return st.hook.format(layer=layer if st.kind == "neuron" else l)
+
+
+def _qk_hook(model, l: int, which: str) -> str:
+    rot = getattr(model.cfg, "positional_embedding_type", "") == "rotary"
+    return f"blocks.{l}.attn.hook_{'rot_' if rot else ''}{which}"
+
+
+def _reduce(st: Site, per_hook: dict[str, Tensor], n_layers: int, layer: int | None) -> Tensor:
+    """Sum an elementwise attribution `[batch, ...]` into the site's grid (same cells as `patch`)."""
+    rows = []
+    for l in _layers(st, n_layers, layer):
+        x = per_hook[_hook(st, l, layer)]
+        if st.kind == "pos":  # [batch, pos, d]
+            rows.append(x.sum(dim=(0, 2)))
+        elif st.kind == "head":  # [batch, pos, head, d_head]
+            rows.append(x.sum(dim=(0, 1, 3)))
+        elif st.kind == "pos_head":
+            rows.append(x.sum(dim=(0, 3)))
+        elif st.kind == "pattern":  # [batch, head, dest, src]
+            rows.append(x.sum(dim=(0, 2, 3)))
+        elif st.kind == "pattern_dest":
+            rows.append(x.sum(dim=(0, 3)))
+        else:  # neuron: [batch, pos, d_mlp]
+            return x.sum(dim=(0, 1))
+    return torch.stack(rows)
+
+
+def _n_passes(method, n_layers, hooks, steps, graddrop) -> int:
+    if method in ("atp", "relp"):
+        return 1
+    if method == "ig":
+        return steps * len(hooks)
+    return 1 + (n_layers if graddrop else 0)
+
+
+# --- forward/backward with hooks ----------------------------------------------------------------
+
+
+class _ZeroGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.zeros_like(g)
+
+
+def _forward_backward(model, tokens, bound: Metric, hooks: Sequence[str], *, relp: bool = False,
+                      attn_rule: str | None = None, replace: dict[str, Tensor] | None = None,
+                      drop_layer: int | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """One forward + backward on `tokens`: activations and metric gradients at `hooks`.
+
+    `replace` overwrites activations at some hooks (for IG); `drop_layer` applies GradDrop at that
+    layer; `relp` installs the LRP rules.
+    """
+    acts: dict[str, Tensor] = {}
+    first = [True]
+
+    def store(act, hook):
+        if replace is not None and hook.name in replace:
+            act = replace[hook.name]
+        if not act.requires_grad:  # parameters frozen by the user: make this the graph's leaf
+            act = act.detach().requires_grad_(True)
+        acts[hook.name] = act
+        return act
+
+    fwd = [(h, store) for h in hooks]
+    # ensure a graph exists even when parameters do not require grad
+    def leaf(act, hook):
+        if first[0] and not act.requires_grad:
+            first[0] = False
+            return act.detach().requires_grad_(True)
+        return act
+
+    fwd = [("hook_embed", leaf)] + fwd
+    if relp:
+        fwd = _relp_hooks(model, attn_rule) + fwd
+    if drop_layer is not None:
+        fwd += [(f"blocks.{drop_layer}.hook_attn_out", lambda a, hook: _ZeroGrad.apply(a))]
+        if not getattr(model.cfg, "attn_only", False):
+            fwd += [(f"blocks.{drop_layer}.hook_mlp_out", lambda a, hook: _ZeroGrad.apply(a))]
+    with torch.enable_grad(), model.hooks(fwd_hooks=fwd):
+        logits = model(tokens)
+        value = bound(logits)
+        grads = torch.autograd.grad(value, [acts[h] for h in hooks], allow_unused=True)
+    return ({h: acts[h].detach() for h in hooks},
+            {h: (g if g is not None else torch.zeros_like(acts[h])).detach() for h, g in zip(hooks, grads)})
+
+
+def _stabilize(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """RelP's sign-aware stabiliser: x + ((x == 0) + sign(x)) * eps."""
+    return x + ((x == 0).to(x.dtype) + torch.sign(x)) * eps
+
+
+def _relp_hooks(model, attn_rule: str | None) -> list[tuple[str, Callable]]:
+    """Forward hooks implementing the RelP LRP rules as modified backward passes."""
+    hooks: list[tuple[str, Callable]] = []
+    names = list(model.hook_dict)
+    # LN-rule: the normaliser (hook_scale of every LayerNorm/RMSNorm) acts as a constant.
+    hooks += [(n, lambda s, hook: s.detach()) for n in names if n.endswith("hook_scale")]
+    if not getattr(model.cfg, "attn_only", False):
+        gated = bool(getattr(model.cfg, "gated_mlp", False))
+        for l in range(model.cfg.n_layers):
+            stash: dict[str, Tensor] = {}
+            mlp = model.blocks[l].mlp
+
+            def keep(act, hook, stash=stash):
+                stash[hook.name.rsplit(".", 1)[-1]] = act
+                return act
+
+            def post(act, hook, stash=stash, mlp=mlp):
+                pre = stash["hook_pre"]
+                ratio = (act / _stabilize(pre)).detach() if not gated else None
+                if not gated:  # identity rule: d post / d pre := act(pre) / pre
+                    return _stabilize(pre) * ratio
+                lin = stash["hook_pre_linear"]
+                a = mlp.act_fn(pre)
+                a_id = _stabilize(pre) * (a / _stabilize(pre)).detach()  # identity rule on the gate
+                # half rule: each factor of the product receives half of the gradient
+                return 0.5 * (a_id * lin.detach()) + 0.5 * (a_id.detach() * lin)
+
+            hooks.append((f"blocks.{l}.mlp.hook_pre", keep))
+            if gated:
+                hooks.append((f"blocks.{l}.mlp.hook_pre_linear", keep))
+            hooks.append((f"blocks.{l}.mlp.hook_post", post))
+    if attn_rule == "ah":
+        hooks += [(f"blocks.{l}.attn.hook_pattern", lambda p, hook: p.detach()) for l in range(model.cfg.n_layers)]
+    return hooks
+
+
+# --- integrated gradients ----------------------------------------------------------------------
+
+
+def _ig(model, base_tokens, bound, src_cache, hooks, steps, report) -> dict[str, Tensor]:
+    """IG per hook: mean gradient along base -> source (midpoint rule) times the difference."""
+    with torch.no_grad():
+        _, base_cache = model.run_with_cache(base_tokens, names_filter=lambda n: n in set(hooks))
+    out = {}
+    for h in hooks:
+        diff = src_cache[h] - base_cache[h]
+        total = torch.zeros_like(diff)
+        for i in range(steps):
+            alpha = (i + 0.5) / steps
+            _, g = _forward_backward(model, base_tokens, bound, [h], replace={h: base_cache[h] + alpha * diff})
+            total += g[h]
+            report()
+        out[h] = diff * total / steps
+    return out
+
+
+# --- AtP* -----------------------------------------------------------------------------------
+
+
+def _atp_star(model, base_tokens, bound, src_cache, resolved, hooks, n_layers, layer, graddrop, report):
+    acts, grads = _forward_backward(model, base_tokens, bound, hooks)
+    report()
+    elem = {h: (src_cache[h] - acts[h]) * grads[h] for h in hooks}
+    signed = {}
+    for st in resolved:
+        if st.name in QK_KINDS:
+            signed[st.name] = _qk_fix(model, st, acts, grads, src_cache, n_layers)
+        else:
+            signed[st.name] = _reduce(st, elem, n_layers, layer)
+    if not graddrop:
+        return signed
+    site_hooks = sorted({_hook(st, l, layer) for st in resolved for l in _layers(st, n_layers, layer)})
+    total = {st.name: torch.zeros_like(signed[st.name]) for st in resolved}
+    for drop in range(n_layers):
+        a_gd, g_gd = _forward_backward(model, base_tokens, bound, hooks, drop_layer=drop)
+        report()
+        elem_gd = {h: (src_cache[h] - a_gd[h]) * g_gd[h] for h in site_hooks}
+        for st in resolved:
+            if st.name in QK_KINDS:
+                est = _qk_fix(model, st, a_gd, g_gd, src_cache, n_layers)
+            else:
+                est = _reduce(st, elem_gd, n_layers, layer)
+            total[st.name] += est.abs()
+    return {k: v / max(n_layers - 1, 1) for k, v in total.items()}
+
+
+def _qk_fix(model, st: Site, acts, grads, src_cache, n_layers) -> Tensor:
+    """QK fix: exact attention probabilities for the patched q/k, linear from the pattern on.
+
+    Scores are linear in q (and in k), so the patched attention logits are
+    S' = S + (q' - q) . k / scale (query patch) or S + q . (k' - k) / scale (key patch).
+    """
+    which = "q" if st.name.startswith("q") else "k"
+    by_pos = st.name.endswith("_by_pos")
+    rows = []
+    for l in range(n_layers):
+        scale = float(model.blocks[l].attn.attn_scale)
+        S = acts[f"blocks.{l}.attn.hook_attn_scores"]  # [batch, head, q, k], masked with -inf
+        A = acts[f"blocks.{l}.attn.hook_pattern"]
+        G = grads[f"blocks.{l}.attn.hook_pattern"]
+        q = acts[_qk_hook(model, l, "q")]  # [batch, pos, head, d]
+        k = acts[_qk_hook(model, l, "k")]
+        dq = src_cache[_qk_hook(model, l, "q")] - q
+        dk = src_cache[_qk_hook(model, l, "k")] - k
+        mask = torch.isfinite(S)
+        T = S.shape[-1]
+        if which == "q":
+            dS = torch.einsum("bqhd,bkhd->bhqk", dq, k) / scale  # each query row changes with its own q
+            if by_pos:
+                # patch query position t alone: only row t changes
+                Sp = torch.where(mask, S + dS, S)
+                Ap = torch.softmax(Sp, dim=-1)
+                est = ((Ap - A) * G).sum(dim=(0, 3))  # [head, q]
+                rows.append(est.transpose(0, 1))  # [pos, head]
+            else:
+                Ap = torch.softmax(torch.where(mask, S + dS, S), dim=-1)
+                rows.append(((Ap - A) * G).sum(dim=(0, 2, 3)))
+        else:
+            dS = torch.einsum("bqhd,bkhd->bhqk", q, dk) / scale  # column s changes with k_s
+            if by_pos:
+                est = torch.zeros(T, S.shape[1], device=S.device, dtype=S.dtype)
+                for s in range(T):
+                    Sp = S.clone()
+                    Sp[..., s] = torch.where(mask[..., s], S[..., s] + dS[..., s], S[..., s])
+                    Ap = torch.softmax(Sp, dim=-1)
+                    est[s] = ((Ap - A) * G).sum(dim=(0, 2, 3))
+                rows.append(est)
+            else:
+                Ap = torch.softmax(torch.where(mask, S + dS, S), dim=-1)
+                rows.append(((Ap - A) * G).sum(dim=(0, 2, 3)))
+    return torch.stack(rows)
