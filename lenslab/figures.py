@@ -119,3 +119,35 @@ def save_figure(fig, path: str | Path, *, width: int = 900, height: int | None =
         h = height or int(fig.layout.height or 520)
         fig.write_image(str(path), format=ext[1:], width=width, height=h, scale=scale if ext == ".png" else 1)
     return path
+
+
+METHOD_COLOURS = {"atp": "#d62728", "atp*": "#ff7f0e", "relp": "#1f77b4", "ig": "#2ca02c"}
+
+
+def faithfulness_scatter(faith):
+    """Estimate vs exact change, one panel per site, one colour per method, with the y = x line."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    sites = list(faith.exact)
+    methods = list(faith.estimates)
+    fig = make_subplots(rows=1, cols=len(sites), subplot_titles=sites, horizontal_spacing=0.06)
+    corr = {(r["site"], r["method"]): r["pearson"] for r in faith.rows}
+    for j, site in enumerate(sites):
+        lo, hi = 0.0, 0.0
+        for m in methods:
+            x, y = faith.pairs(m, site)
+            lo, hi = min(lo, float(x.min()), float(y.min())), max(hi, float(x.max()), float(y.max()))
+            fig.add_trace(go.Scatter(
+                x=x.tolist(), y=y.tolist(), mode="markers", name=f"{m} (r={corr[(site, m)]:.2f})",
+                legendgroup=m, showlegend=True, marker=dict(size=6, opacity=0.7, color=METHOD_COLOURS.get(m)),
+                hovertemplate=f"{m}<br>exact %{{x:.4g}}<br>estimate %{{y:.4g}}<extra></extra>",
+            ), row=1, col=j + 1)
+        fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(color="#888", dash="dot"),
+                                 showlegend=False, hoverinfo="skip"), row=1, col=j + 1)
+        fig.update_xaxes(title_text="exact patching (change)", row=1, col=j + 1)
+    fig.update_yaxes(title_text="attribution estimate", row=1, col=1)
+    ex = next(iter(faith.exact.values()))
+    p = ex.provenance
+    fig.update_layout(height=420, width=max(500, 380 * len(sites)))
+    return style(fig, f"Faithfulness vs exact patching · model {p.get('model', '?')} · task {p.get('task', '?')} · metric {ex.metric}")
