@@ -1,0 +1,159 @@
+"""mkdocs hooks: the zoo pages are generated from the committed model cards.
+
+For every `lenslab/zoo/<name>/card.md` this adds a page `zoo/<name>.md` (the card, with a header
+saying how to load the model and which files it has), appends it to the "Model zoo" nav section,
+and fills the `<!-- zoo-table -->` marker of `zoo/index.md` with one row per model. So the site
+always shows the cards as committed, for whichever zoo models exist.
+
+Links in a card are rewritten so the strict build accepts them: images and other small files
+beside the card are copied next to its page; links to other repository files become code spans
+naming the repository path (the site has no copy of the source tree).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from mkdocs.structure.files import File, Files
+
+ROOT = Path(__file__).resolve().parent.parent
+ZOO_DIR = ROOT / "lenslab" / "zoo"
+ZOO_SECTION = "Model zoo"
+TABLE_MARKER = "<!-- zoo-table -->"
+ASSET_SUFFIXES = {".png", ".svg", ".jpg", ".jpeg", ".gif", ".webp"}
+LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)(\s+\"[^\"]*\")?\)")
+
+log = logging.getLogger("mkdocs.hooks.zoo")
+
+
+def zoo_cards() -> list[tuple[str, Path]]:
+    """(short name, card path) for every zoo folder with a card.md, sorted by name."""
+    return [(p.parent.name, p) for p in sorted(ZOO_DIR.glob("*/card.md"))]
+
+
+def _meta(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.2f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"
+
+
+def _rewrite_links(text: str, short: str, folder: Path) -> str:
+    def fix(m: re.Match) -> str:
+        bang, label, target, title = m.group(1), m.group(2), m.group(3), m.group(4) or ""
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I) or target.startswith("#"):
+            return m.group(0)  # absolute URL or in-page anchor
+        path, _, anchor = target.partition("#")
+        local = (folder / path).resolve()
+        if local.suffix.lower() in ASSET_SUFFIXES and local.parent == folder.resolve() and local.exists():
+            return f"{bang}[{label}]({short}/{local.name}{title})"
+        try:
+            shown = local.relative_to(ROOT).as_posix()
+        except ValueError:
+            shown = path
+        return f"{label} (`{shown}`)" if label and label.strip("`") != shown else f"`{shown}`"
+
+    out, in_fence = [], False
+    for line in text.splitlines(keepends=True):
+        if line.lstrip().startswith(("```", "~~~")):
+            in_fence = not in_fence
+        out.append(line if in_fence else LINK.sub(fix, line))
+    return "".join(out)
+
+
+def render_card(short: str, card: Path) -> str:
+    """The Markdown of the zoo page for `short` (e.g. 'induction-2l')."""
+    folder = card.parent
+    text = _rewrite_links(card.read_text(encoding="utf-8"), short, folder)
+    lines = text.splitlines()
+    title_idx = next((i for i, ln in enumerate(lines) if ln.startswith("# ")), None)
+    if title_idx is None:
+        head, body = f"# zoo/{short}", lines
+    else:
+        head, body = lines[title_idx], lines[:title_idx] + lines[title_idx + 1 :]
+    meta = _meta(folder)
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    rows = "\n".join(f"| `{p.name}` | {_size(p.stat().st_size)} |" for p in files)
+    script = ZOO_DIR / f"train_{short.replace('-', '_')}.py"
+    rebuild = (
+        f"Rebuild it with `lenslab zoo train {short}` (script `lenslab/zoo/{script.name}`)."
+        if script.exists()
+        else "No training script is committed for it."
+    )
+    summary = meta.get("lenslab_summary", "")
+    header = f"""{head}
+
+!!! info "zoo/{short}"
+    {(summary.rstrip('.') + '. ') if summary else ''}This page is generated from the model card
+    `lenslab/zoo/{short}/card.md`. {rebuild}
+
+    ```python
+    import lenslab
+    model = lenslab.load_model("zoo/{short}")
+    ```
+
+??? note "Files in `lenslab/zoo/{short}/`"
+    | file | size |
+    |---|---|
+{_indent(rows, 4)}
+"""
+    return header + "\n" + "\n".join(body).strip() + "\n"
+
+
+def _indent(text: str, n: int) -> str:
+    return "\n".join(" " * n + ln for ln in text.splitlines())
+
+
+def zoo_table() -> str:
+    """A Markdown table: one row per zoo model card, linking to its page."""
+    rows = ["| model | what it has | weights | page |", "|---|---|---|---|"]
+    for short, card in zoo_cards():
+        weights = card.parent / "model.safetensors"
+        size = _size(weights.stat().st_size) if weights.exists() else "(not built)"
+        summary = _meta(card.parent).get("lenslab_summary", "").replace("|", "\\|")
+        rows.append(f"| `zoo/{short}` | {summary} | {size} | [card]({short}.md) |")
+    if len(rows) == 2:
+        return "The zoo has no models yet: build one with `lenslab zoo train induction-2l`."
+    return "\n".join(rows)
+
+
+# --- mkdocs events -------------------------------------------------------------------------
+
+
+def on_config(config, **kwargs):
+    """Append one nav entry per zoo card to the "Model zoo" section."""
+    nav = config.get("nav") or []
+    for item in nav:
+        if isinstance(item, dict) and ZOO_SECTION in item and isinstance(item[ZOO_SECTION], list):
+            section = item[ZOO_SECTION]
+            listed = {next(iter(e.values())) if isinstance(e, dict) else e for e in section}
+            for short, _ in zoo_cards():
+                if f"zoo/{short}.md" not in listed:
+                    section.append({f"zoo/{short}": f"zoo/{short}.md"})
+            break
+    else:
+        log.warning("mkdocs.yml nav has no %r section: the zoo pages are not listed", ZOO_SECTION)
+    return config
+
+
+def on_files(files: Files, config, **kwargs) -> Files:
+    """Generate zoo/<name>.md from each card, and copy the card's images beside it."""
+    for short, card in zoo_cards():
+        files.append(File.generated(config, f"zoo/{short}.md", content=render_card(short, card)))
+        for asset in sorted(card.parent.iterdir()):
+            if asset.suffix.lower() in ASSET_SUFFIXES:
+                files.append(File.generated(config, f"zoo/{short}/{asset.name}", abs_src_path=str(asset)))
+    return files
+
+
+def on_page_markdown(markdown: str, page, config, files, **kwargs) -> str:
+    """Fill the zoo overview table."""
+    if TABLE_MARKER in markdown:
+        markdown = markdown.replace(TABLE_MARKER, zoo_table())
+    return markdown
