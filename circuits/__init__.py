@@ -1,7 +1,20 @@
-"""lenslab.circuits: exact activation patching (and, later, attribution, RelP, graphs)."""
-from lenslab.circuits.patching import DIRECTIONS, SITES, Site, patch, path_patch, resolve_site
+"""lenslab.circuits: find circuits.
+
+- `patch` / `path_patch`: exact activation patching (the reference), at every granularity.
+- `attribute`: AtP, AtP*, RelP, integrated gradients on the same grids.
+- `faithfulness`: each method's correlation with exact patching.
+- `attribute_edges` / `patch_edge`: EAP and EAP-IG edge scores and the real edge intervention.
+- `CircuitGraph`: a circuit as data (JSON) and as an interactive figure.
+"""
 from lenslab.circuits.attribution import METHODS, attribute
+from lenslab.circuits.edges import EdgeScores, attribute_edges, node_names, patch_edge
 from lenslab.circuits.faithfulness import Faithfulness, faithfulness, pearson, spearman
+from lenslab.circuits.graph import CircuitGraph
+from lenslab.circuits.patching import DIRECTIONS, SITES, Site, patch, path_patch, resolve_site
 from lenslab.results import PatchResult
 
-__all__ = ["DIRECTIONS", "METHODS", "Faithfulness", "attribute", "faithfulness", "pearson", "spearman", "SITES", "PatchResult", "Site", "patch", "path_patch", "resolve_site"]
+__all__ = [
+    "DIRECTIONS", "METHODS", "SITES", "CircuitGraph", "EdgeScores", "Faithfulness", "PatchResult", "Site",
+    "attribute", "attribute_edges", "faithfulness", "node_names", "patch", "patch_edge", "path_patch",
+    "pearson", "resolve_site", "spearman",
+]

@@ -151,3 +151,39 @@ def faithfulness_scatter(faith):
     p = ex.provenance
     fig.update_layout(height=420, width=max(500, 380 * len(sites)))
     return style(fig, f"Faithfulness vs exact patching · model {p.get('model', '?')} · task {p.get('task', '?')} · metric {ex.metric}")
+
+
+def circuit_figure(graph):
+    """Draw a `CircuitGraph` with plotly: nodes by layer, edges coloured by sign, width by |weight|."""
+    import plotly.graph_objects as go
+
+    from lenslab.circuits.graph import node_position
+
+    heads = [int(n.split("H")[1]) for n in graph.nodes if n.startswith("L") and "H" in n]
+    n_heads = max(heads) + 1 if heads else 1
+    pos = {n: node_position(n, n_heads) for n in graph.nodes}
+    right = max([x for x, _ in pos.values()] + [0.0]) + 1.5
+    pos = {n: ((right if x < 0 else x), y) for n, (x, y) in pos.items()}
+    wmax = max([abs(w) for _, _, w in graph.edges] + [1e-12])
+    fig = go.Figure()
+    for u, v, w in graph.edges:
+        (x0, y0), (x1, y1) = pos[u], pos[v]
+        fig.add_trace(go.Scatter(
+            x=[x0, (x0 + x1) / 2, x1], y=[y0, (y0 + y1) / 2, y1], mode="lines",
+            line=dict(width=1 + 7 * abs(w) / wmax, color="#1f5fb4" if w > 0 else "#c0392b"),
+            opacity=0.35 + 0.6 * abs(w) / wmax, hoverinfo="text", text=[f"{u} → {v}: {w:.4g}"] * 3, showlegend=False,
+        ))
+    kinds = {"input": "#555555", "logits": "#555555"}
+    fig.add_trace(go.Scatter(
+        x=[pos[n][0] for n in graph.nodes], y=[pos[n][1] for n in graph.nodes], mode="markers+text",
+        text=graph.nodes, textposition="top center", hoverinfo="text", showlegend=False,
+        marker=dict(size=16, line=dict(width=1, color="#222"),
+                    color=[kinds.get(n, "#f5b041" if n.startswith("MLP") else "#7fb3d5") for n in graph.nodes]),
+    ))
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color="#1f5fb4", width=4), name="positive (helps the answer)"))
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color="#c0392b", width=4), name="negative"))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False, autorange="reversed")
+    fig.update_layout(height=max(380, 70 * n_heads + 160), width=max(600, int(110 * right)), legend=dict(orientation="h", y=-0.05))
+    p = graph.provenance
+    return style(fig, f"Circuit ({graph.method}, {len(graph.edges)} edges) · model {p.get('model', '?')} · task {p.get('task', '?')} · metric {graph.metric}")

@@ -1,0 +1,106 @@
+"""Circuit graphs: data first (nodes, signed edges, provenance as JSON), rendering second.
+
+Node order is `lenslab.circuits.edges.node_names`: "input", then per layer its heads "L{l}H{h}"
+and "MLP{l}", then "logits". A graph is built from edge scores (EAP / EAP-IG) by keeping the
+`top_k` edges by |score| or those with |score| >= `threshold`, then pruning to edges that lie on
+a path from "input" to "logits".
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lenslab._errors import LenslabError
+from lenslab.circuits.edges import EdgeScores, _parse
+
+
+@dataclass(frozen=True, eq=False)
+class CircuitGraph:
+    """Nodes (graph order) and signed edges (source, target, weight)."""
+
+    nodes: list[str]
+    edges: list[tuple[str, str, float]]
+    metric: str = ""
+    method: str = ""
+    provenance: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_edge_scores(cls, scores: EdgeScores, *, top_k: int | None = 20, threshold: float | None = None,
+                         prune: bool = True) -> CircuitGraph:
+        """Keep the `top_k` strongest edges (or those with |score| >= `threshold`)."""
+        if top_k is None and threshold is None:
+            raise LenslabError("give top_k=N or threshold=X to choose the circuit's edges")
+        if top_k is not None and top_k < 1:
+            raise LenslabError(f"top_k must be >= 1, got {top_k}")
+        ranked = sorted(scores.edges(), key=lambda e: -abs(e[2]))
+        if threshold is not None:
+            ranked = [e for e in ranked if abs(e[2]) >= threshold]
+        if top_k is not None:
+            ranked = ranked[:top_k]
+        if prune:
+            ranked = _prune(ranked)
+        used = {u for u, _, _ in ranked} | {v for _, v, _ in ranked}
+        nodes = [n for n in scores.nodes if n in used]
+        return cls(nodes=nodes, edges=ranked, metric=scores.metric, method=scores.method,
+                   provenance={**scores.provenance, "top_k": top_k, "threshold": threshold, "pruned": prune})
+
+    def to_dict(self) -> dict:
+        return {"kind": "CircuitGraph", "nodes": self.nodes, "edges": [list(e) for e in self.edges],
+                "metric": self.metric, "method": self.method, "provenance": self.provenance}
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> CircuitGraph:
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text_or_path).read_text()
+        d = json.loads(text)
+        if d.get("kind") != "CircuitGraph":
+            raise LenslabError(f"not a CircuitGraph JSON (kind={d.get('kind')!r})")
+        return cls(nodes=d["nodes"], edges=[(u, v, float(w)) for u, v, w in d["edges"]], metric=d.get("metric", ""),
+                   method=d.get("method", ""), provenance=d.get("provenance") or {})
+
+    def figure(self):
+        """An interactive plotly drawing: layers left to right, red/blue edges by sign, width by |weight|."""
+        from lenslab import figures
+
+        return figures.circuit_figure(self)
+
+
+def _prune(edges: list[tuple[str, str, float]]) -> list[tuple[str, str, float]]:
+    """Keep edges on some input -> ... -> logits path within the kept set."""
+    forward = {"input"}
+    changed = True
+    while changed:
+        changed = False
+        for u, v, _ in edges:
+            if u in forward and v not in forward:
+                forward.add(v)
+                changed = True
+    backward = {"logits"}
+    changed = True
+    while changed:
+        changed = False
+        for u, v, _ in edges:
+            if v in backward and u not in backward:
+                backward.add(u)
+                changed = True
+    return [e for e in edges if e[0] in forward and e[1] in backward]
+
+
+def node_position(node: str, n_heads: int) -> tuple[float, float]:
+    """(x, y) for drawing: x grows with depth (MLP after its layer's heads), y spreads heads."""
+    kind, layer, head = _parse(node)
+    if kind == "input":
+        return 0.0, (n_heads - 1) / 2
+    if kind == "logits":
+        return -1.0, (n_heads - 1) / 2  # x is set by the caller to the far right
+    if kind == "head":
+        return 1.0 + 2 * layer, float(head)
+    return 2.0 + 2 * layer, (n_heads - 1) / 2
