@@ -168,10 +168,14 @@ def circuit_figure(graph):
     fig = go.Figure()
     for u, v, w in graph.edges:
         (x0, y0), (x1, y1) = pos[u], pos[v]
+        bend = 0.12 * (x1 - x0) * (1 if (graph.nodes.index(u) + graph.nodes.index(v)) % 2 else -1)  # arcs keep long edges from hiding short ones
+        ts = [i / 12 for i in range(13)]
+        xs = [x0 + (x1 - x0) * t for t in ts]
+        ys = [y0 + (y1 - y0) * t + bend * 4 * t * (1 - t) for t in ts]
         fig.add_trace(go.Scatter(
-            x=[x0, (x0 + x1) / 2, x1], y=[y0, (y0 + y1) / 2, y1], mode="lines",
+            x=xs, y=ys, mode="lines",
             line=dict(width=1 + 7 * abs(w) / wmax, color="#1f5fb4" if w > 0 else "#c0392b"),
-            opacity=0.35 + 0.6 * abs(w) / wmax, hoverinfo="text", text=[f"{u} → {v}: {w:.4g}"] * 3, showlegend=False,
+            opacity=0.35 + 0.6 * abs(w) / wmax, hoverinfo="text", text=[f"{u} → {v}: {w:.4g}"] * len(xs), showlegend=False,
         ))
     kinds = {"input": "#555555", "logits": "#555555"}
     fig.add_trace(go.Scatter(
@@ -183,7 +187,7 @@ def circuit_figure(graph):
     fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color="#1f5fb4", width=4), name="positive (helps the answer)"))
     fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color="#c0392b", width=4), name="negative"))
     fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False, autorange="reversed")
+    fig.update_yaxes(visible=False, range=[n_heads - 0.5 + 0.15 * right, -0.9 - 0.15 * right])
     fig.update_layout(height=max(380, 70 * n_heads + 160), width=max(600, int(110 * right)), legend=dict(orientation="h", y=-0.05))
     p = graph.provenance
     return style(fig, f"Circuit ({graph.method}, {len(graph.edges)} edges) · model {p.get('model', '?')} · task {p.get('task', '?')} · metric {graph.metric}")
