@@ -5,6 +5,10 @@ saying how to load the model and which files it has), appends it to the "Model z
 and fills the `<!-- zoo-table -->` marker of `zoo/index.md` with one row per model. So the site
 always shows the cards as committed, for whichever zoo models exist.
 
+It also builds `build/docs-api/lenslab/`, a tree of symlinks that joins `lenslab/` with the
+folders pyproject.toml maps into the namespace (`circuits/` -> `lenslab.circuits`, ...), so that
+mkdocstrings finds every `::: lenslab.<module>` from source, as the installed package has it.
+
 Links in a card are rewritten so the strict build accepts them: images and other small files
 beside the card are copied next to its page; links to other repository files become code spans
 naming the repository path (the site has no copy of the source tree).
@@ -16,12 +20,14 @@ import logging
 import re
 from pathlib import Path
 
+from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File, Files
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO_DIR = ROOT / "lenslab" / "zoo"
 ZOO_SECTION = "Model zoo"
 TABLE_MARKER = "<!-- zoo-table -->"
+API_SRC = ROOT / "build" / "docs-api"  # git-ignored; mkdocs.yml points mkdocstrings here
 ASSET_SUFFIXES = {".png", ".svg", ".jpg", ".jpeg", ".gif", ".webp"}
 LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)(\s+\"[^\"]*\")?\)")
 
@@ -123,11 +129,57 @@ def zoo_table() -> str:
     return "\n".join(rows)
 
 
+def package_dirs() -> dict[str, Path]:
+    """`{"lenslab.circuits": ROOT / "circuits", ...}` from pyproject's `[tool.setuptools] package-dir`."""
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    try:
+        import tomllib
+
+        mapping = tomllib.loads(text).get("tool", {}).get("setuptools", {}).get("package-dir", {})
+    except ImportError:  # Python 3.10: read the inline table
+        line = next((ln for ln in text.splitlines() if ln.startswith("package-dir")), "")
+        mapping = dict(re.findall(r'"([\w.]+)"\s*=\s*"([^"]+)"', line))
+    return {mod: ROOT / folder for mod, folder in mapping.items()}
+
+
+def mirror_sources() -> Path:
+    """Refresh `build/docs-api/lenslab/`: symlinks to `lenslab/*` and to the mapped folders."""
+    dest = API_SRC / "lenslab"
+    dest.mkdir(parents=True, exist_ok=True)
+    wanted = {p.name: p for p in (ROOT / "lenslab").iterdir() if p.name != "__pycache__"}
+    for mod, folder in package_dirs().items():
+        parts = mod.split(".")
+        if len(parts) == 2 and parts[0] == "lenslab" and folder.is_dir():
+            wanted[parts[1]] = folder
+    # griffe resolves a symlinked __init__.py to its real folder, where circuits/ is absent: copy it
+    init = wanted.pop("__init__.py")
+    copy = dest / "__init__.py"
+    if copy.is_symlink() or not copy.is_file() or copy.read_bytes() != init.read_bytes():
+        copy.unlink(missing_ok=True)
+        copy.write_bytes(init.read_bytes())
+    for entry in dest.iterdir():
+        if entry.name == "__init__.py":
+            continue
+        if entry.name not in wanted or not entry.is_symlink() or entry.resolve() != wanted[entry.name].resolve():
+            if entry.is_symlink() or entry.is_file():
+                entry.unlink(missing_ok=True)
+    for name, target in wanted.items():
+        link = dest / name
+        if not link.is_symlink():
+            try:
+                link.symlink_to(target, target_is_directory=target.is_dir())
+            except FileExistsError:  # a concurrent build made it
+                pass
+    return API_SRC
+
+
 # --- mkdocs events -------------------------------------------------------------------------
 
 
+@event_priority(100)  # before mkdocstrings' on_config, which reads its search paths
 def on_config(config, **kwargs):
-    """Append one nav entry per zoo card to the "Model zoo" section."""
+    """Append one nav entry per zoo card to the "Model zoo" section; refresh the API sources."""
+    mirror_sources()
     nav = config.get("nav") or []
     for item in nav:
         if isinstance(item, dict) and ZOO_SECTION in item and isinstance(item[ZOO_SECTION], list):

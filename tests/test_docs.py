@@ -93,6 +93,7 @@ def test_strict_build_fails_on_a_broken_link(tmp_path):
     shutil.copy(ROOT / "mkdocs.yml", tmp_path / "mkdocs.yml")
     shutil.copytree(ROOT / "docs", tmp_path / "docs", ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "lenslab").symlink_to(ROOT / "lenslab", target_is_directory=True)
+    (tmp_path / "pyproject.toml").symlink_to(ROOT / "pyproject.toml")
     with open(tmp_path / "docs" / "index.md", "a", encoding="utf-8") as f:
         f.write("\nSee [the missing page](no-such-page.md).\n")
     proc = _build(tmp_path / "mkdocs.yml", tmp_path / "site")
@@ -121,3 +122,25 @@ def test_card_links_are_rewritten_for_the_site(tmp_path, monkeypatch):
     assert 'load_model("zoo/toy-1l")' in page and "a toy." in page
     table = _hooks.zoo_table()
     assert "| `zoo/toy-1l` | a toy |" in table and "[card](toy-1l.md)" in table
+
+
+def test_api_sources_join_the_mapped_folders(tmp_path, monkeypatch):
+    (tmp_path / "lenslab").mkdir()
+    (tmp_path / "lenslab" / "__init__.py").write_text('"""core"""\n')
+    (tmp_path / "lenslab" / "tasks.py").write_text("")
+    (tmp_path / "circuits").mkdir()
+    (tmp_path / "circuits" / "__init__.py").write_text("")
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.setuptools]\npackage-dir = { "lenslab" = "lenslab", "lenslab.circuits" = "circuits", '
+        '"lenslab.kernels" = "kernels" }\n'
+    )
+    monkeypatch.setattr(_hooks, "ROOT", tmp_path)
+    monkeypatch.setattr(_hooks, "API_SRC", tmp_path / "build" / "docs-api")
+    src = _hooks.mirror_sources() / "lenslab"
+    assert sorted(p.name for p in src.iterdir()) == ["__init__.py", "circuits", "tasks.py"]  # kernels/ absent
+    assert not (src / "__init__.py").is_symlink() and (src / "circuits").resolve() == tmp_path / "circuits"
+    (tmp_path / "lenslab" / "tasks.py").unlink()
+    (tmp_path / "lenslab" / "__init__.py").write_text('"""core, changed"""\n')
+    _hooks.mirror_sources()
+    assert sorted(p.name for p in src.iterdir()) == ["__init__.py", "circuits"]
+    assert (src / "__init__.py").read_text() == '"""core, changed"""\n'
