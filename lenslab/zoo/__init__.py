@@ -91,6 +91,19 @@ def read_card(name: str) -> str:
     return card.read_text() if card.exists() else ""
 
 
+def default_prompt(name: str) -> str | None:
+    """The `"default_prompt"` in the config.json of a zoo model or zoo-format folder, else None.
+
+    Never raises: an unknown name, a Hugging Face id or an unreadable config give None.
+    """
+    folder = ZOO_DIR / name.removeprefix(PREFIX) if name.startswith(PREFIX) else Path(name).expanduser()
+    try:
+        prompt = json.loads((folder / "config.json").read_text()).get("default_prompt")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return prompt if isinstance(prompt, str) and prompt.strip() else None
+
+
 def train(name: str, out_dir: str | Path | None = None, seed: int = 0) -> Path:
     """Rebuild zoo model `name` by running its training script; returns the output folder."""
     short = name.removeprefix(PREFIX)

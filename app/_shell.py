@@ -1,0 +1,174 @@
+"""What every page shares: the sidebar (model picker, prompt box), the cached model, and
+`call`, which runs a library function under a spinner and turns any error into a readable
+message instead of a traceback.
+
+A page does:
+
+    from lenslab.app import _shell
+    ctx = _shell.context()          # stops the page (with a message) if no model is loaded
+    result = _shell.call("Computing X", lenslab.something, ctx.model, ctx.prompt)
+"""
+from __future__ import annotations
+
+import os
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+
+from lenslab._errors import LenslabError
+
+GENERIC_PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
+SOURCES = ("Zoo", "Hugging Face id", "Local path")
+_CTX = "_lenslab_ctx"
+
+
+@dataclass(frozen=True)
+class Context:
+    """The sidebar's choices: model name, the loaded model (None if loading failed), prompt."""
+
+    name: str
+    model: object | None
+    prompt: str
+
+
+class _Failed:
+    """Marker returned by `call` when the function raised (the error is already shown)."""
+
+    def __bool__(self) -> bool:
+        return False
+
+
+FAILED = _Failed()
+
+
+def show_error(what: str, exc: BaseException) -> None:
+    """Show `exc` as a readable message: LenslabError's text, else a one-line summary with the
+    traceback folded away in an expander."""
+    if isinstance(exc, LenslabError):
+        st.error(f"{what}: {exc}", icon=":material/error:")
+        return
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    st.error(f"{what} failed: {type(exc).__name__}{': ' + msg[:300] if msg else ''}", icon=":material/error:")
+    with st.expander("Details"):
+        st.code("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-4000:], language="text")
+
+
+def call(what: str, fn, *args, **kwargs):
+    """Run `fn(*args, **kwargs)` under a spinner labelled `what`; on error show a message and
+    return `FAILED` (falsy). Streamlit's own control flow (st.stop, st.rerun) passes through."""
+    try:
+        with st.spinner(f"{what}…"):
+            return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - everything becomes a message, never a traceback
+        show_error(what, exc)
+        return FAILED
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def load_model(name: str):
+    """`lenslab.load_model(name)`, cached across reruns and sessions (one copy per name)."""
+    import lenslab
+
+    return lenslab.load_model(name, device="auto")
+
+
+def _zoo_names() -> list[str]:
+    from lenslab import zoo
+
+    return zoo.zoo_names()
+
+
+def _initial_default() -> str | None:
+    from lenslab import zoo
+
+    env = os.environ.get("LENSLAB_DEFAULT_MODEL", "").strip()
+    if env:
+        return env
+    try:
+        return zoo.default_model()
+    except LenslabError:
+        return None
+
+
+def default_prompt(name: str) -> str:
+    """The model's own default prompt (zoo config `"default_prompt"`) or a generic sentence."""
+    from lenslab import zoo
+
+    return zoo.default_prompt(name) or GENERIC_PROMPT
+
+
+def _init_state(zoo_names: list[str]) -> None:
+    ss = st.session_state
+    if "model_source" in ss:
+        return
+    default = _initial_default()
+    if default in zoo_names:
+        ss["model_source"], ss["zoo_model"] = "Zoo", default
+    elif default and Path(default).expanduser().is_dir():
+        ss["model_source"], ss["local_path"] = "Local path", default
+    elif default:  # an HF id, or a zoo name that does not exist: load_model will explain
+        ss["model_source"], ss["hf_id"] = "Hugging Face id", default
+    else:
+        ss["model_source"] = "Hugging Face id"
+
+
+def sidebar() -> Context | None:
+    """Draw the sidebar, load the chosen model (cached) and remember the choices for the pages."""
+    zoo_names = _zoo_names()
+    _init_state(zoo_names)
+    ss = st.session_state
+    with st.sidebar:
+        st.markdown("## lenslab")
+        st.radio("Model source", SOURCES, key="model_source", horizontal=True)
+        source = ss["model_source"]
+        if source == "Zoo":
+            if zoo_names:
+                if ss.get("zoo_model") not in zoo_names:
+                    ss["zoo_model"] = zoo_names[0]
+                st.selectbox("Zoo model", zoo_names, key="zoo_model")
+            else:
+                st.warning("The model zoo is empty: run `lenslab zoo train induction-2l`, or pick another source.")
+            name = ss.get("zoo_model", "") if zoo_names else ""
+        elif source == "Hugging Face id":
+            st.text_input("Hugging Face id", key="hf_id", placeholder="gpt2, EleutherAI/pythia-70m, ...",
+                          help="Loaded with lenslab.load_model: needs the network or the local Hugging Face cache.")
+            name = ss.get("hf_id", "")
+        else:
+            st.text_input("Local path", key="local_path", placeholder="/path/to/model_dir",
+                          help="A folder with a Hugging Face config and safetensors, or a lenslab zoo-format folder.")
+            name = ss.get("local_path", "")
+        name = (name or "").strip()
+
+        # The prompt follows the model's default prompt until the user edits it.
+        if name and ss.get("_prompt_model") != name:
+            new_default = default_prompt(name)
+            if "prompt" not in ss or ss["prompt"] == ss.get("_prompt_default"):
+                ss["prompt"] = new_default
+            ss["_prompt_model"], ss["_prompt_default"] = name, new_default
+        ss.setdefault("prompt", GENERIC_PROMPT)
+        st.text_area("Prompt", key="prompt", height=110, help="Press Ctrl+Enter (or click outside) to apply.")
+        prompt = ss["prompt"]
+
+    if not name:
+        st.info("Choose a model in the sidebar.", icon=":material/arrow_back:")
+        ss[_CTX] = Context(name="", model=None, prompt=prompt)
+        return ss[_CTX]
+    model = call(f"Loading model {name!r}", load_model, name)
+    ctx = Context(name=name, model=model or None, prompt=prompt)
+    if model:
+        cfg = model.cfg
+        st.sidebar.caption(f"{cfg.n_layers} layers · {cfg.n_heads} heads · d_model {cfg.d_model} · "
+                           f"vocab {cfg.d_vocab} · {cfg.device}")
+    ss[_CTX] = ctx
+    return ctx
+
+
+def context() -> Context:
+    """The sidebar's context for a page; stops the page if no model is loaded (the sidebar has
+    already said why)."""
+    ctx = st.session_state.get(_CTX)
+    if ctx is None or ctx.model is None:
+        st.stop()
+    return ctx

@@ -1,0 +1,20 @@
+"""lenslab's Streamlit app: `lenslab app` (or `streamlit run app/main.py`).
+
+The sidebar (model picker, prompt) is drawn here for every page; each page is a flat module
+beside this file that reads the sidebar's choices with `_shell.context()`, calls one library
+function per analysis and shows the result. Adding a page is one line in PAGES.
+"""
+from __future__ import annotations
+
+import streamlit as st
+
+from lenslab.app import _shell
+
+st.set_page_config(page_title="lenslab", page_icon=":material/biotech:", layout="wide")
+
+PAGES = [
+    st.Page("page_model.py", title="Model", icon=":material/info:", default=True),
+]
+
+_shell.sidebar()
+st.navigation(PAGES).run()

@@ -1,0 +1,65 @@
+"""Page "Model": the model card, the prompt's tokens, attention patterns, the logit lens and the
+next-token predictions. Numerics live in `lenslab.lens`, figures in `lenslab.plots`."""
+from __future__ import annotations
+
+import streamlit as st
+
+from lenslab import lens, plots
+from lenslab.app import _shell
+
+ctx = _shell.context()
+model, prompt, name = ctx.model, ctx.prompt, ctx.name
+cfg = model.cfg
+
+st.title(f"Model · {name}")
+
+with st.expander("Model card", expanded=True):
+    card = _shell.call("Reading the model card", lens.model_card, model)
+    if card:
+        st.markdown(card)
+
+st.header("Tokenization")
+tok = _shell.call("Tokenizing", lens.tokenize, model, prompt)
+if not tok:
+    st.stop()  # the message says why (e.g. empty or too long prompt)
+st.caption(f"{len(tok)} tokens (position, token, id)")
+st.dataframe(
+    {"pos": list(range(len(tok))), "token": [repr(t)[1:-1] for t in tok.str_tokens], "id": tok.ids.tolist()},
+    hide_index=True, width="content", height=min(400, 35 * len(tok) + 40),
+)
+
+st.header("Attention patterns")
+patterns = _shell.call("Computing attention patterns", lens.attention_patterns, model, prompt)
+if patterns is not _shell.FAILED:
+    c1, c2, _ = st.columns([1, 1, 3])
+    layer = c1.selectbox("Layer", list(range(cfg.n_layers)), key=f"attn_layer::{name}")
+    head = c2.selectbox("Head", ["all", *range(cfg.n_heads)], key=f"attn_head::{name}",
+                        format_func=lambda h: "all heads" if h == "all" else str(h))
+    if head == "all":
+        fig = _shell.call("Drawing", plots.attention_heads, patterns, tok.str_tokens, layer=layer, model=name)
+    else:
+        fig = _shell.call("Drawing", plots.attention_heatmap, patterns, tok.str_tokens, layer=layer, head=head, model=name)
+    if fig:
+        st.plotly_chart(fig, key="attention_fig")
+
+st.header("Logit lens")
+c1, c2, _ = st.columns([1, 2, 2])
+colour = c1.radio("Colour by", ["top", "final"], key="lens_colour", horizontal=True,
+                  format_func=lambda v: {"top": "layer's top token", "final": "final prediction"}[v])
+ll = _shell.call("Computing the logit lens", lens.logit_lens, model, prompt, k=5)
+if ll:
+    st.caption("Each row reads the residual stream before that block (final LayerNorm re-applied, then the "
+               "unembedding); cells show the top next-token guess at each position.")
+    st.plotly_chart(plots.logit_lens_heatmap(ll, value=colour), key="lens_fig")
+
+st.header("Top next-token predictions")
+k = st.number_input("How many", min_value=1, max_value=50, value=10, step=1, key="top_k")
+preds = _shell.call("Predicting the next token", lens.top_predictions, model, prompt, k=int(k))
+if preds:
+    c1, c2 = st.columns([2, 3])
+    c1.dataframe(
+        {"token": [repr(p.token)[1:-1] for p in preds], "id": [p.id for p in preds],
+         "prob": [round(p.prob, 4) for p in preds], "logit": [round(p.logit, 3) for p in preds]},
+        hide_index=True, key="preds_table",
+    )
+    c2.plotly_chart(plots.predictions_bar(preds, model=name), key="preds_fig")
