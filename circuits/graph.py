@@ -3,7 +3,8 @@
 Node order is `lenslab.circuits.edges.node_names`: "input", then per layer its heads "L{l}H{h}"
 and "MLP{l}", then "logits". A graph is built from edge scores (EAP / EAP-IG) by keeping the
 `top_k` edges by |score| or those with |score| >= `threshold`, then pruning to edges that lie on
-a path from "input" to "logits".
+a path from "input" to "logits". With pruning, `top_k` takes the shortest run of strongest edges
+whose pruned graph has at least `top_k` edges, so the circuit is never empty.
 """
 from __future__ import annotations
 
@@ -36,9 +37,19 @@ class CircuitGraph:
         ranked = sorted(scores.edges(), key=lambda e: -abs(e[2]))
         if threshold is not None:
             ranked = [e for e in ranked if abs(e[2]) >= threshold]
-        if top_k is not None:
+        if top_k is not None and not prune:
             ranked = ranked[:top_k]
-        if prune:
+        elif top_k is not None:
+            # the shortest prefix (by |score|) whose pruned graph has >= top_k edges (monotone: bisect)
+            lo, hi = min(top_k, len(ranked)), len(ranked)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if len(_prune(ranked[:mid])) >= top_k:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            ranked = _prune(ranked[:lo])
+        elif prune:
             ranked = _prune(ranked)
         used = {u for u, _, _ in ranked} | {v for _, v, _ in ranked}
         nodes = [n for n in scores.nodes if n in used]

@@ -70,6 +70,44 @@ def _cmd_zoo_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _circuit_inputs(args: argparse.Namespace):
+    import lenslab
+    from lenslab import tasks
+
+    model = lenslab.load_model(args.model, device=args.device)
+    task = tasks.from_spec(model, args.task, n=args.n, seed=args.seed)
+    return model, task
+
+
+def _cmd_circuits(args: argparse.Namespace) -> int:
+    from lenslab import circuits
+    from lenslab.figures import FORMATS, export
+
+    out = Path(args.out)
+    if out.suffix.lower() not in FORMATS:
+        raise LenslabError(f"--out {out.name!r}: the extension picks the format, one of {', '.join(FORMATS)}")
+    model, task = _circuit_inputs(args)
+    if args.circuits_command == "patch":
+        result = circuits.patch(model, task, args.site, direction=args.direction, metric=args.metric, layer=args.layer)
+        written = [export(result, out)]
+    elif args.circuits_command == "attribute":
+        results = circuits.attribute(model, task, args.method, args.site, metric=args.metric, direction=args.direction,
+                                     layer=args.layer, steps=args.steps)
+        written = [export(r, out if len(results) == 1 else out.with_name(f"{out.stem}_{site}{out.suffix}"))
+                   for site, r in results.items()]
+    elif args.circuits_command == "faithfulness":
+        result = circuits.faithfulness(model, task, args.method, args.site, metric=args.metric, layer=args.layer, steps=args.steps)
+        print(result.to_markdown())
+        written = [export(result, out)]
+    else:
+        scores = circuits.attribute_edges(model, task, args.method, metric=args.metric, steps=args.steps)
+        graph = circuits.CircuitGraph.from_edge_scores(scores, top_k=args.top_k, threshold=args.threshold)
+        written = [export(graph, out)]
+    for w in written:
+        print(f"lenslab: wrote {w}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lenslab", description="lenslab: mechanistic-interpretability and steering workbench")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -93,6 +131,42 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("--out", default=None, help="output folder (default: overwrite the zoo's own folder)")
     zt.add_argument("--seed", type=int, default=0)
     zt.set_defaults(func=_cmd_zoo_train)
+
+    c = sub.add_parser("circuits", help="activation patching, attribution, faithfulness, circuit graphs")
+    csub = c.add_subparsers(dest="circuits_command", required=True, metavar="CIRCUITS_COMMAND")
+
+    def common(sp, site_help: str, many_sites: bool) -> None:
+        sp.add_argument("--model", default="zoo/ioi-4l", help="zoo name, HF id or local dir (default zoo/ioi-4l)")
+        sp.add_argument("--task", default="ioi", help="ioi, ioi-heldout, induction, or a JSON file {clean, corrupt, answers}")
+        sp.add_argument("--n", type=int, default=16, help="prompts for a built-in task (default 16)")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--metric", default="logit_diff", help="logit_diff, logit_diff_normalized, answer_prob, kl_to_clean")
+        sp.add_argument("--device", default="auto")
+        sp.add_argument("--out", required=True, help="output file; the extension picks the format: .json .svg .png .pdf .html")
+        if site_help:
+            sp.add_argument("--site", nargs="+" if many_sites else None, required=True, help=site_help)
+            sp.add_argument("--layer", type=int, default=None, help="MLP layer for --site mlp_neuron")
+
+    cp = csub.add_parser("patch", help="exact activation patching of one site")
+    common(cp, "resid_pre, resid_mid, resid_post, attn_out, mlp_out, z, z_by_pos, q, k, v, q_by_pos, ..., pattern, mlp_neuron", False)
+    cp.add_argument("--direction", default="denoise", choices=["denoise", "noise"])
+    ca = csub.add_parser("attribute", help="AtP / AtP* / RelP / IG attribution of one or more sites")
+    common(ca, "one or more sites (one output file per site when several)", True)
+    ca.add_argument("--method", required=True, choices=["atp", "atp*", "relp", "ig"])
+    ca.add_argument("--direction", default="denoise", choices=["denoise", "noise"])
+    ca.add_argument("--steps", type=int, default=10, help="interpolation steps for ig")
+    cf = csub.add_parser("faithfulness", help="correlation of attribution methods with exact patching")
+    common(cf, "sites to compare", True)
+    cf.add_argument("--method", nargs="+", default=["atp", "relp"], choices=["atp", "atp*", "relp", "ig"])
+    cf.add_argument("--steps", type=int, default=10)
+    cg = csub.add_parser("graph", help="circuit graph from EAP / EAP-IG edge scores")
+    common(cg, "", False)
+    cg.add_argument("--method", default="eap-ig", choices=["eap", "eap-ig"])
+    cg.add_argument("--steps", type=int, default=5, help="interpolation steps for eap-ig")
+    cg.add_argument("--top-k", type=int, default=20)
+    cg.add_argument("--threshold", type=float, default=None)
+    for sp in (cp, ca, cf, cg):
+        sp.set_defaults(func=_cmd_circuits)
     return p
 
 

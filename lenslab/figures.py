@@ -191,3 +191,14 @@ def circuit_figure(graph):
     fig.update_layout(height=max(380, 70 * n_heads + 160), width=max(600, int(110 * right)), legend=dict(orientation="h", y=-0.05))
     p = graph.provenance
     return style(fig, f"Circuit ({graph.method}, {len(graph.edges)} edges) · model {p.get('model', '?')} · task {p.get('task', '?')} · metric {graph.metric}")
+
+
+def export(result, path: str | Path) -> Path:
+    """Write any lenslab result: `.json` -> `result.to_json()` (data with provenance); a figure
+    format (.svg .png .pdf .html) -> `result.figure()` exported with `save_figure`."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result.to_json(path)
+        return path
+    return save_figure(result.figure(), path)

@@ -407,6 +407,8 @@ def _tokenize_one(model, text: str, prepend_bos: bool, what: str) -> list[int]:
         raise LenslabError(f"{what} is empty: every prompt needs text")
     toks = model.to_tokens(text, prepend_bos=prepend_bos)[0].tolist()
     unk = getattr(model.tokenizer, "unk_token_id", None)
+    if unk is not None and unk == getattr(model.tokenizer, "bos_token_id", None):
+        unk = None  # GPT-2 style: unk is <|endoftext|>, the BOS token itself, and BPE has no unknown words
     if unk is not None and unk in toks and (getattr(model.tokenizer, "unk_token", None) not in text):
         words = model.to_str_tokens(text, prepend_bos=prepend_bos)
         raise LenslabError(
@@ -443,3 +445,37 @@ def _content_token_ids(model) -> Tensor:
     special = set(getattr(model.tokenizer, "all_special_ids", []) or []) if model.tokenizer is not None else set()
     ids = [i for i in range(int(model.cfg.d_vocab)) if i not in special]
     return torch.tensor(ids)
+
+
+BUILTIN_TASKS = ("ioi", "ioi-heldout", "induction")
+
+
+def from_spec(model, spec: str, *, n: int = 16, seed: int = 0, seq_len: int = 10) -> Task:
+    """A Task from a short spec, as the CLI and the app take it.
+
+    `spec` is "ioi", "ioi-heldout", "induction", or the path of a JSON file
+    `{"clean": [...], "corrupt": [...], "answers": [[correct, incorrect], ...]}`.
+    """
+    import json
+    from pathlib import Path
+
+    if spec == "ioi":
+        return ioi(model, n=n, seed=seed)
+    if spec == "ioi-heldout":
+        return ioi(model, n=n, seed=seed, heldout=True)
+    if spec == "induction":
+        return induction(model, n=n, seq_len=seq_len, seed=seed)
+    path = Path(spec)
+    if not path.exists():
+        raise LenslabError(
+            f"task {spec!r} is not one of {', '.join(BUILTIN_TASKS)}{did_you_mean(spec, BUILTIN_TASKS)} "
+            "and no such JSON file exists"
+        )
+    try:
+        d = json.loads(path.read_text())
+        return from_prompts(model, d["clean"], d["corrupt"], [tuple(a) for a in d["answers"]], name=path.stem)
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise LenslabError(
+            f"{path} must be JSON with keys clean, corrupt (lists of prompts) and answers "
+            f"(list of [correct, incorrect]): {exc}"
+        ) from exc

@@ -65,10 +65,14 @@ def test_graph_data_and_figures(nonlinear, tmp_path):
     scores = circuits.attribute_edges(nonlinear, task, progress=False)
     back = circuits.EdgeScores.from_json(scores.to_json())
     assert torch.equal(torch.nan_to_num(back.scores), torch.nan_to_num(scores.scores))
+    from lenslab.circuits.graph import _prune
+
     g = circuits.CircuitGraph.from_edge_scores(scores, top_k=8)
-    assert 0 < len(g.edges) <= 8 and g.nodes[0] == "input" and g.nodes[-1] == "logits"
-    strongest = max(scores.edges(), key=lambda e: abs(e[2]))
-    assert all(abs(w) <= abs(strongest[2]) for *_, w in g.edges)
+    assert len(g.edges) >= 8 and g.nodes[0] == "input" and g.nodes[-1] == "logits"
+    assert _prune(g.edges) == g.edges  # every kept edge lies on an input -> logits path
+    ranked = sorted(scores.edges(), key=lambda e: -abs(e[2]))
+    n = max(ranked.index(e) for e in g.edges) + 1
+    assert _prune(ranked[:n]) == g.edges and len(_prune(ranked[: n - 1])) < 8  # the shortest such prefix
     every = circuits.CircuitGraph.from_edge_scores(scores, top_k=None, threshold=0.0, prune=False)
     assert len(every.edges) == len(scores.edges())
     g2 = circuits.CircuitGraph.from_json(g.to_json(tmp_path / "g.json"))
