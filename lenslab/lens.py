@@ -75,7 +75,10 @@ def _tokens(model, text: str) -> Int[Tensor, "1 pos"]:
         raise LenslabError("the prompt is empty: type some text for the model to read")
     if getattr(model, "tokenizer", None) is None:
         raise LenslabError(f"model {model_name(model)!r} has no tokenizer, so it cannot read text; load one that has")
-    tokens = model.to_tokens(text)
+    try:
+        tokens = model.to_tokens(text, truncate=False)  # TransformerLens truncates silently otherwise
+    except TypeError:  # a model whose to_tokens has no `truncate`
+        tokens = model.to_tokens(text)
     n_ctx = getattr(model.cfg, "n_ctx", None)
     if n_ctx is not None and tokens.shape[-1] > n_ctx:
         raise LenslabError(

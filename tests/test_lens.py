@@ -1,0 +1,147 @@
+"""lenslab.lens (the Model page's numerics) against TransformerLens's own forward pass and cache,
+and lenslab.plots figures built from them."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lenslab
+from lenslab import LenslabError, lens, plots, zoo
+
+TINY_PROMPT = "t1 t2 t3 t4 t1 t2 t3"
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The zoo's default model (skipped while the zoo is still empty)."""
+    if not zoo.zoo_names():
+        pytest.skip("the model zoo is empty (run `lenslab zoo train induction-2l`)")
+    name = zoo.default_model()
+    return lenslab.load_model(name, device="cpu")
+
+
+@pytest.fixture(params=["tiny", "default"])
+def model_and_prompt(request, tiny_model):
+    if request.param == "tiny":
+        return tiny_model, TINY_PROMPT
+    model = request.getfixturevalue("default_model")
+    return model, zoo.default_prompt(model.lenslab_name) or "a b c d a b c"
+
+
+def test_tokenize_matches_model(model_and_prompt):
+    model, prompt = model_and_prompt
+    tok = lens.tokenize(model, prompt)
+    assert tok.ids.tolist() == model.to_tokens(prompt)[0].tolist()
+    assert tok.str_tokens == list(model.to_str_tokens(prompt))
+    assert [r["id"] for r in tok.rows()] == tok.ids.tolist() and len(tok) == tok.ids.shape[0]
+    assert tok.model == model.lenslab_name
+
+
+def test_attention_rows_sum_to_one_and_match_cache(model_and_prompt):
+    model, prompt = model_and_prompt
+    pat = lens.attention_patterns(model, prompt)
+    n = model.to_tokens(prompt).shape[1]
+    assert pat.shape == (model.cfg.n_layers, model.cfg.n_heads, n, n)
+    torch.testing.assert_close(pat.sum(-1), torch.ones(pat.shape[:-1]), atol=1e-5, rtol=0)
+    assert pat.triu(diagonal=1).abs().max() == 0  # causal: no attention to later tokens
+    _, cache = model.run_with_cache(model.to_tokens(prompt))
+    for layer in range(model.cfg.n_layers):
+        torch.testing.assert_close(pat[layer], cache["pattern", layer][0].float().cpu(), atol=1e-6, rtol=0)
+
+
+def test_logit_lens_final_layer_is_model_output(model_and_prompt):
+    model, prompt = model_and_prompt
+    tokens = model.to_tokens(prompt)
+    logits, labels = lens.logit_lens_logits(model, prompt)
+    with torch.no_grad():
+        ref_logits, cache = model.run_with_cache(tokens)
+    assert labels == [f"{i}_pre" for i in range(model.cfg.n_layers)] + ["final_post"]
+    torch.testing.assert_close(logits[-1], ref_logits[0].float(), atol=1e-5, rtol=1e-5)
+    # every layer: TransformerLens's accumulated_resid(apply_ln=True), then the unembedding
+    acc, tl_labels = cache.accumulated_resid(apply_ln=True, return_labels=True)
+    assert tl_labels == labels
+    with torch.no_grad():
+        tl_logits = model.unembed(acc[:, 0])
+    torch.testing.assert_close(logits, tl_logits.float(), atol=1e-4, rtol=1e-4)
+
+    ll = lens.logit_lens(model, prompt, k=3)
+    n_pos = tokens.shape[1]
+    assert ll.top_ids.shape == ll.top_probs.shape == (model.cfg.n_layers + 1, n_pos, 3)
+    log_probs = ref_logits[0].float().log_softmax(-1)
+    assert ll.top_ids[-1, :, 0].tolist() == log_probs.argmax(-1).tolist()
+    torch.testing.assert_close(ll.top_probs[-1, :, 0].log(), log_probs.max(-1).values, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ll.final_prob[-1], ll.top_probs[-1, :, 0])
+    assert (ll.top_probs[..., :-1] >= ll.top_probs[..., 1:]).all()
+    assert ll.top_tokens[-1][-1][0] == model.tokenizer.decode([int(ll.top_ids[-1, -1, 0])])
+    assert ll.str_tokens == list(model.to_str_tokens(prompt)) and ll.layer_labels == labels
+
+
+def test_top_predictions_equal_softmax_of_logits(model_and_prompt):
+    model, prompt = model_and_prompt
+    preds = lens.top_predictions(model, prompt, k=5)
+    with torch.no_grad():
+        logits = model(model.to_tokens(prompt))[0, -1].float()
+    probs = logits.softmax(-1)
+    ref_p, ref_i = probs.topk(5)
+    assert [p.id for p in preds] == ref_i.tolist()
+    torch.testing.assert_close(torch.tensor([p.prob for p in preds]), ref_p, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor([p.logit for p in preds]), logits[ref_i], atol=1e-5, rtol=1e-5)
+    assert preds[0].token == model.tokenizer.decode([preds[0].id])
+    assert sum(p.prob for p in preds) <= 1 + 1e-6
+
+
+def test_errors_are_clear(tiny_model):
+    with pytest.raises(LenslabError, match="prompt is empty"):
+        lens.attention_patterns(tiny_model, "   ")
+    with pytest.raises(LenslabError, match="reads at most 64"):
+        lens.logit_lens(tiny_model, " ".join(["t1"] * 80))
+    with pytest.raises(LenslabError, match="k must be a positive integer"):
+        lens.top_predictions(tiny_model, TINY_PROMPT, k=0)
+    pat = lens.attention_patterns(tiny_model, TINY_PROMPT)
+    with pytest.raises(LenslabError, match="layer 5 does not exist"):
+        plots.attention_heatmap(pat, ["x"] * pat.shape[-1], layer=5, head=0)
+    with pytest.raises(LenslabError, match="head 9 does not exist"):
+        plots.attention_heatmap(pat, ["x"] * pat.shape[-1], layer=0, head=9)
+
+
+def test_k_larger_than_vocab_is_clamped(tiny_model):
+    preds = lens.top_predictions(tiny_model, TINY_PROMPT, k=10_000)
+    assert len(preds) == tiny_model.cfg.d_vocab
+    assert abs(sum(p.prob for p in preds) - 1.0) < 1e-4
+
+
+def test_figures_label_tokens_and_name_the_model(tiny_model):
+    name = tiny_model.lenslab_name
+    tok = lens.tokenize(tiny_model, TINY_PROMPT)
+    pat = lens.attention_patterns(tiny_model, TINY_PROMPT)
+    fig = plots.attention_heatmap(pat, tok.str_tokens, layer=1, head=2, model=name)
+    assert name in fig.layout.title.text and "layer 1 head 2" in fig.layout.title.text
+    hm = fig.data[0]
+    assert list(hm.x) == list(hm.y) == [f"{i} {t}" for i, t in enumerate(tok.str_tokens)]
+    assert torch.tensor(hm.z).allclose(pat[1, 2]) and "attention" in hm.hovertemplate
+    grid = plots.attention_heads(pat, tok.str_tokens, layer=0, model=name)
+    assert len(grid.data) == tiny_model.cfg.n_heads
+    torch.testing.assert_close(torch.tensor(grid.data[3].z), pat[0, 3])
+
+    ll = lens.logit_lens(tiny_model, TINY_PROMPT, k=2)
+    fig = plots.logit_lens_heatmap(ll)
+    assert name in fig.layout.title.text
+    assert list(fig.data[0].y) == ll.layer_labels
+    assert fig.data[0].text[-1][-1] == ll.top_tokens[-1][-1][0]
+    torch.testing.assert_close(torch.tensor(fig.data[0].z), ll.top_probs[..., 0])
+    torch.testing.assert_close(torch.tensor(plots.logit_lens_heatmap(ll, value="final").data[0].z), ll.final_prob)
+    with pytest.raises(LenslabError, match="'top' or 'final'"):
+        plots.logit_lens_heatmap(ll, value="nope")
+
+    preds = lens.top_predictions(tiny_model, TINY_PROMPT, k=4)
+    bar = plots.predictions_bar(preds, model=name)
+    assert list(bar.data[0].x) == [p.prob for p in preds] and name in bar.layout.title.text
+
+
+def test_model_card_and_default_prompt(tiny_zoo_dir, tiny_model):
+    card = lens.model_card(tiny_model)
+    assert card.startswith("# tiny") and "| layers | `2` |" in card
+    assert zoo.default_prompt(str(tiny_zoo_dir)) == "t1 t2 t3 t1 t2"
+    assert zoo.default_prompt("gpt2") is None and zoo.default_prompt("zoo/does-not-exist") is None
+    for name in zoo.zoo_names():
+        assert zoo.read_card(name).strip()[:40] in lens.model_card(lenslab.load_model(name, device="cpu"))
