@@ -79,7 +79,9 @@ def test_api_pages_come_from_docstrings(site):
     for name in ["Task", "from_prompts", "induction", "ioi", "get_metric", "Metric"]:
         assert f'id="lenslab.tasks.{name}"' in tasks, name
     assert 'id="lenslab.zoo.zoo_names"' in _text(site / "api" / "zoo" / "index.html")
-    # lenslab.lens: page added with the module
+    lens = _text(site / "api" / "lens" / "index.html")
+    for name in ["lens.attention_patterns", "lens.logit_lens", "lens.top_predictions", "plots.attention_heatmap"]:
+        assert f'id="lenslab.{name}"' in lens, name
 
 
 @pytest.mark.slow
