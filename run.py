@@ -59,6 +59,10 @@ def ensure_venv(extras: str) -> None:
         sh(pip + [torch_req])
     say(f"installing lenslab{extras} in editable mode (a minute or two the first time)")
     sh(pip + ["-e", f"{ROOT}{extras}"])
+    if extras == "[dev]":
+        # LXT is the reference for the RelP rule tests; its model patches need names transformers 5
+        # removed and its dependencies pull in a CUDA torchvision, so only the package itself goes in.
+        sh(pip + ["--no-deps", "lxt==2.1"])
     stamp.write_text(digest)
 
 
