@@ -9,6 +9,9 @@ It also builds `build/docs-api/lenslab/`, a tree of symlinks that joins `lenslab
 folders pyproject.toml maps into the namespace (`circuits/` -> `lenslab.circuits`, ...), so that
 mkdocstrings finds every `::: lenslab.<module>` from source, as the installed package has it.
 
+Docstrings hold bare `>>>` examples (STYLE.md); Markdown would read them as nested quotes, so a
+small Markdown extension fences each run of `>>>` lines (with its output) as `pycon` code.
+
 Links in a card are rewritten so the strict build accepts them: images and other small files
 beside the card are copied next to its page; links to other repository files become code spans
 naming the repository path (the site has no copy of the source tree).
@@ -20,6 +23,8 @@ import logging
 import re
 from pathlib import Path
 
+from markdown import Extension
+from markdown.preprocessors import Preprocessor
 from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File, Files
 
@@ -173,6 +178,39 @@ def mirror_sources() -> Path:
     return API_SRC
 
 
+class _DoctestFences(Preprocessor):
+    """Wrap each doctest run (`>>>` lines, `...` continuations, output up to a blank line) in a fence."""
+
+    def run(self, lines: list[str]) -> list[str]:
+        out: list[str] = []
+        fence: str | None = None  # the marker of the fenced block we are in
+        in_test = False
+        for line in lines:
+            stripped = line.lstrip()
+            indent = line[: len(line) - len(stripped)]
+            if in_test and not stripped:
+                out.append(f"{test_indent}```")
+                in_test = False
+            if not in_test and fence is None and stripped.startswith(">>>"):
+                test_indent = indent
+                out.append(f"{indent}```pycon")
+                in_test = True
+            elif not in_test and stripped.startswith(("```", "~~~")):
+                marker = stripped[:3]
+                fence = marker if fence is None else (None if stripped.startswith(fence) else fence)
+            out.append(line)
+        if in_test:
+            out.append(f"{test_indent}```")
+        return out
+
+
+class DoctestExtension(Extension):
+    """Markdown extension: fence bare doctest examples (used for pages and docstrings alike)."""
+
+    def extendMarkdown(self, md) -> None:  # noqa: N802 (Markdown's API)
+        md.preprocessors.register(_DoctestFences(md), "lenslab_doctest_fences", 40)
+
+
 # --- mkdocs events -------------------------------------------------------------------------
 
 
@@ -180,6 +218,7 @@ def mirror_sources() -> Path:
 def on_config(config, **kwargs):
     """Append one nav entry per zoo card to the "Model zoo" section; refresh the API sources."""
     mirror_sources()
+    config.markdown_extensions.append(DoctestExtension())  # before mkdocstrings copies the list
     nav = config.get("nav") or []
     for item in nav:
         if isinstance(item, dict) and ZOO_SECTION in item and isinstance(item[ZOO_SECTION], list):

@@ -78,6 +78,7 @@ def test_api_pages_come_from_docstrings(site):
     tasks = _text(site / "api" / "tasks" / "index.html")
     for name in ["Task", "from_prompts", "induction", "ioi", "get_metric", "Metric"]:
         assert f'id="lenslab.tasks.{name}"' in tasks, name
+    assert '<span class="gp">&gt;&gt;&gt; </span>' in tasks  # the module's doctest is rendered as code
     assert 'id="lenslab.zoo.zoo_names"' in _text(site / "api" / "zoo" / "index.html")
     lens = _text(site / "api" / "lens" / "index.html")
     for name in ["lens.attention_patterns", "lens.logit_lens", "lens.top_predictions", "plots.attention_heatmap"]:
@@ -146,3 +147,14 @@ def test_api_sources_join_the_mapped_folders(tmp_path, monkeypatch):
     _hooks.mirror_sources()
     assert sorted(p.name for p in src.iterdir()) == ["__init__.py", "circuits"]
     assert (src / "__init__.py").read_text() == '"""core, changed"""\n'
+
+
+def test_doctests_are_fenced_as_code():
+    import markdown
+
+    md = markdown.Markdown(extensions=[_hooks.DoctestExtension(), "pymdownx.superfences"])
+    html = md.convert("Intro.\n\n>>> x = 1\n>>> x + 1\n2\n\nAfter.\n\n```python\n>>> kept\n```\n")
+    assert "<blockquote>" not in html
+    assert html.count('<span class="gp">&gt;&gt;&gt; </span>') == 2  # two prompts, one fenced block
+    assert '<span class="go">2</span>' in html and "<p>After.</p>" in html
+    assert html.count("<pre>") == 2  # the existing fence is left as it was
