@@ -74,6 +74,18 @@ def load_model(name: str):
     return lenslab.load_model(name, device="auto")
 
 
+def token_text(token: str) -> str:
+    """A token as visible text: whitespace shown as ␣ and ↵, backticks made harmless."""
+    return token.replace("`", "ˋ").replace("\n", "↵").replace(" ", "␣") or "∅"
+
+
+def config_line(model) -> str:
+    """One line about the model: layers, heads, widths, vocabulary, device."""
+    cfg = model.cfg
+    return (f"{cfg.n_layers} layers · {cfg.n_heads} heads · d_model {cfg.d_model} · "
+            f"vocab {cfg.d_vocab} · context {cfg.n_ctx} · {cfg.device}")
+
+
 def _zoo_names() -> list[str]:
     from lenslab import zoo
 
@@ -158,9 +170,7 @@ def sidebar() -> Context | None:
     model = call(f"Loading model {name!r}", load_model, name)
     ctx = Context(name=name, model=model or None, prompt=prompt)
     if model:
-        cfg = model.cfg
-        st.sidebar.caption(f"{cfg.n_layers} layers · {cfg.n_heads} heads · d_model {cfg.d_model} · "
-                           f"vocab {cfg.d_vocab} · {cfg.device}")
+        st.sidebar.caption(config_line(model))
     ss[_CTX] = ctx
     return ctx
 

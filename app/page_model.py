@@ -13,20 +13,26 @@ cfg = model.cfg
 
 st.title(f"Model · {name}")
 
-with st.expander("Model card", expanded=True):
+left, right = st.columns([3, 2], gap="large")
+with left:
+    st.subheader("Model card")
     card = _shell.call("Reading the model card", lens.model_card, model)
-    if card:
-        st.markdown(card)
-
-st.header("Tokenization")
-tok = _shell.call("Tokenizing", lens.tokenize, model, prompt)
-if not tok:
-    st.stop()  # the message says why (e.g. empty or too long prompt)
-st.caption(f"{len(tok)} tokens (position, token, id)")
-st.dataframe(
-    {"pos": list(range(len(tok))), "token": [repr(t)[1:-1] for t in tok.str_tokens], "id": tok.ids.tolist()},
-    hide_index=True, width="content", height=min(400, 35 * len(tok) + 40),
-)
+    with st.container(height=380, border=True):
+        st.markdown(card or "(no card)")
+with right:
+    st.subheader("Tokenization")
+    tok = _shell.call("Tokenizing", lens.tokenize, model, prompt)
+    if not tok:
+        st.stop()  # the message says why (e.g. empty or too long prompt)
+    st.markdown(
+        " ".join(f"`{_shell.token_text(t)}`<sub>{i}</sub>" for t, i in zip(tok.str_tokens, tok.ids.tolist())),
+        unsafe_allow_html=True,
+    )
+    st.caption(f"{len(tok)} tokens (the model's BOS token included)")
+    st.dataframe(
+        {"pos": list(range(len(tok))), "token": [_shell.token_text(t) for t in tok.str_tokens], "id": tok.ids.tolist()},
+        hide_index=True, width="stretch", height=min(250, 35 * len(tok) + 40),
+    )
 
 st.header("Attention patterns")
 patterns = _shell.call("Computing attention patterns", lens.attention_patterns, model, prompt)
@@ -43,8 +49,7 @@ if patterns is not _shell.FAILED:
         st.plotly_chart(fig, key="attention_fig")
 
 st.header("Logit lens")
-c1, c2, _ = st.columns([1, 2, 2])
-colour = c1.radio("Colour by", ["top", "final"], key="lens_colour", horizontal=True,
+colour = st.radio("Colour by", ["top", "final"], key="lens_colour", horizontal=True,
                   format_func=lambda v: {"top": "layer's top token", "final": "final prediction"}[v])
 ll = _shell.call("Computing the logit lens", lens.logit_lens, model, prompt, k=5)
 if ll:
@@ -58,7 +63,7 @@ preds = _shell.call("Predicting the next token", lens.top_predictions, model, pr
 if preds:
     c1, c2 = st.columns([2, 3])
     c1.dataframe(
-        {"token": [repr(p.token)[1:-1] for p in preds], "id": [p.id for p in preds],
+        {"token": [_shell.token_text(p.token) for p in preds], "id": [p.id for p in preds],
          "prob": [round(p.prob, 4) for p in preds], "logit": [round(p.logit, 3) for p in preds]},
         hide_index=True, key="preds_table",
     )

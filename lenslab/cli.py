@@ -34,6 +34,7 @@ def _cmd_app(args: argparse.Namespace) -> int:
         "--server.port", str(args.port),
         "--server.headless", "true" if args.headless else "false",
         "--browser.gatherUsageStats", "false",
+        "--client.toolbarMode", "minimal",  # no "Deploy" button: this is a local workbench
     ]
     print(f"lenslab: opening the app at http://{args.host}:{args.port} with {model} (Ctrl+C to stop)", flush=True)
     try:

@@ -56,7 +56,8 @@ def test_model_page_shows_model_content(monkeypatch, app_model, request):
     at = _app(monkeypatch, app_model).run()
     _ok(at)
     assert at.title[0].value == f"Model · {app_model}"
-    assert [h.value for h in at.header] == ["Tokenization", "Attention patterns", "Logit lens", "Top next-token predictions"]
+    assert [h.value for h in at.subheader] == ["Model card", "Tokenization"]
+    assert [h.value for h in at.header] == ["Attention patterns", "Logit lens", "Top next-token predictions"]
     prompt = at.text_area(key="prompt").value
     assert prompt == (zoo.default_prompt(app_model) or "The quick brown fox jumps over the lazy dog. The quick brown fox")
     model = _load(app_model)
