@@ -20,10 +20,34 @@ def default_model():
     return lenslab.load_model(name, device="cpu")
 
 
-@pytest.fixture(params=["tiny", "default"])
+@pytest.fixture(scope="session")
+def bridge_model(tmp_path_factory):
+    """A tiny random Qwen2-MoE checkpoint, which lenslab loads as a TransformerBridge."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    tok = zoo.word_tokenizer([f"t{i}" for i in range(60)])
+    cfg = T.Qwen2MoeConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    )
+    hf = T.AutoModelForCausalLM.from_config(cfg)
+    hf.config.architectures = [type(hf).__name__]
+    out = tmp_path_factory.mktemp("qwen2_moe")
+    hf.save_pretrained(out)
+    tok.save_pretrained(out)
+    model = lenslab.load_model(str(out), device="cpu")
+    assert type(model).__name__ == "TransformerBridge"
+    return model
+
+
+@pytest.fixture(params=["tiny", "bridge", "default"])
 def model_and_prompt(request, tiny_model):
     if request.param == "tiny":
         return tiny_model, TINY_PROMPT
+    if request.param == "bridge":
+        return request.getfixturevalue("bridge_model"), TINY_PROMPT
     model = request.getfixturevalue("default_model")
     return model, zoo.default_prompt(model.lenslab_name) or "a b c d a b c"
 
