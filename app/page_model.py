@@ -28,7 +28,7 @@ with right:
         " ".join(f"`{_shell.token_text(t)}`<sub>{i}</sub>" for t, i in zip(tok.str_tokens, tok.ids.tolist())),
         unsafe_allow_html=True,
     )
-    st.caption(f"{len(tok)} tokens (the model's BOS token included)")
+    st.caption(f"{len(tok)} tokens as the model reads them (with its BOS token, if it prepends one)")
     st.dataframe(
         {"pos": list(range(len(tok))), "token": [_shell.token_text(t) for t in tok.str_tokens], "id": tok.ids.tolist()},
         hide_index=True, width="stretch", height=min(250, 35 * len(tok) + 40),
@@ -58,7 +58,7 @@ if ll:
     st.plotly_chart(plots.logit_lens_heatmap(ll, value=colour), key="lens_fig")
 
 st.header("Top next-token predictions")
-k = st.number_input("How many", min_value=1, max_value=50, value=10, step=1, key="top_k")
+k = st.columns([1, 4])[0].number_input("How many", min_value=1, max_value=50, value=10, step=1, key="top_k")
 preds = _shell.call("Predicting the next token", lens.top_predictions, model, prompt, k=int(k))
 if preds:
     c1, c2 = st.columns([2, 3])
