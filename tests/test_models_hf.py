@@ -81,6 +81,15 @@ def build(name: str, out: Path) -> Path:
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest single-threaded (and the CI box is shared); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
@@ -100,7 +109,6 @@ def tokens(vocab: int, batch: int = 2, pos: int = 10) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def loaded(hf_dirs):
     """name -> (lenslab model, HF reference model), loaded once."""
-    torch.set_num_threads(1)
     return {n: (lenslab.load_model(str(d), device="cpu"), hf_reference(d)) for n, d in hf_dirs.items()}
 
 
