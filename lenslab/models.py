@@ -46,7 +46,9 @@ def load_model(name: str, device: str | torch.device = "auto", dtype: str | torc
     2
     """
     if not isinstance(name, str) or not name.strip():
-        raise LenslabError(f"model name must be a non-empty string, got {name!r}; try {zoo.default_model()!r}")
+        names = zoo.zoo_names()
+        hint = f"; try {names[0]!r}" if names else ""
+        raise LenslabError(f"model name must be a non-empty string, got {name!r}{hint}")
     name = name.strip()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
@@ -54,6 +56,8 @@ def load_model(name: str, device: str | torch.device = "auto", dtype: str | torc
         model = _load_folder(zoo.zoo_path(name), dev, dt)
     elif Path(name).expanduser().is_dir():
         model = _load_folder(Path(name).expanduser(), dev, dt)
+    elif Path(name).expanduser().is_file():
+        raise LenslabError(f"{name!r} is a file: pass the folder that holds config.json and the weights")
     elif name.startswith(("/", "./", "../", "~")):
         raise LenslabError(f"local model directory {name!r} does not exist; check the path")
     else:
