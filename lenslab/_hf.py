@@ -57,8 +57,6 @@ _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PR
 
 def load_hf_id(name: str, device: torch.device, dtype: torch.dtype):
     """Load Hugging Face hub model `name` (from the cache, or downloaded when online)."""
-    if Path(name).expanduser().exists():
-        raise LenslabError(f"{name!r} is a file, not a model directory; pass the folder that holds config.json")
     repo_id = _official_name(name) or name
     folder = _snapshot(repo_id, asked=name)
     tl_name = repo_id if _official_name(repo_id) == repo_id else None

@@ -57,7 +57,7 @@ def load_model(name: str, device: str | torch.device = "auto", dtype: str | torc
     elif Path(name).expanduser().is_dir():
         model = _load_folder(Path(name).expanduser(), dev, dt)
     elif Path(name).expanduser().is_file():
-        raise LenslabError(f"{name!r} is a file: pass the folder that holds config.json and the weights")
+        raise LenslabError(f"{name!r} is a file, not a model directory; pass the folder that holds config.json")
     elif name.startswith(("/", "./", "../", "~")):
         raise LenslabError(f"local model directory {name!r} does not exist; check the path")
     else:
