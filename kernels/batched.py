@@ -1,0 +1,641 @@
+"""The batched exact-patching engine: many patch experiments per forward, same numbers as the reference.
+
+TransformerLens `patching` (and lenslab's reference engine) runs one full forward, with full
+logits, per patch. This engine computes the *same* scores with far less work:
+
+* **Batching.** Patch experiments are stacked along the batch: an experiment is one cell of the
+  grid (e.g. resid_pre at layer 3, position 5) applied to all `batch` prompts, so it owns `batch`
+  rows. A per-row table (which experiment, which prompt, which position/head/neuron) drives the
+  patch, so one forward serves many experiments.
+* **Layer skipping** (TransformerLens `start_at_layer`, PR #382; ACDC in auto-circuit). Layers
+  below the patched one are the same as in the unpatched base run, so an experiment at layer L
+  joins the batch at block L, starting from the cached base residual `resid_pre[L]`. Blocks are
+  run one by one with a growing batch (a "staircase").
+* **Position skipping.** Under causal attention a patch at position p cannot change positions
+  < p. Experiments at position p run only positions p..S-1; the keys/values of earlier positions
+  come from the base run's cache (a frozen `TransformerLensKeyValueCacheEntry` per layer).
+* **Fused metric.** Named metrics are computed from the last position only: the final LayerNorm
+  of the last residual, then only the two answer columns of the unembedding for `logit_diff` /
+  `logit_diff_normalized`, or the last-position vocabulary row for `answer_prob` / `kl_to_clean`.
+  `[rows, pos, vocab]` logits are never formed. A callable metric still works (full logits,
+  rebuilt from the cached base logits for skipped positions; slower, and it says so once).
+* **Chunking** by a memory budget (free device memory, or a CPU default; overridable with
+  `lenslab.kernels.options(memory_budget=...)`), with a progress bar.
+
+Cost model and measurements: /benchmarks/RESULTS.md and the kernels docs page. On a 2-core CPU
+the GPT-2-small resid_pre grid is ~10x faster than TransformerLens' loop.
+
+>>> import lenslab
+>>> from lenslab import circuits, tasks
+>>> model = lenslab.load_model("zoo/induction-2l", device="cpu")  # doctest: +SKIP
+>>> task = tasks.induction(model, n=4, seq_len=8, seed=0)  # doctest: +SKIP
+>>> circuits.patch(model, task, "resid_pre", engine="batched").axes  # doctest: +SKIP
+('layer', 'pos')
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from lenslab._errors import LenslabError
+from lenslab.results import PatchResult, provenance
+
+# --- options ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineOptions:
+    """How the batched engine runs; set with `lenslab.kernels.options(...)` or `configure(...)`.
+
+    Attributes:
+        memory_budget: bytes the engine may use for activations per chunk; None derives it from
+            free device memory (half of it on CUDA) or a CPU default (a quarter of available RAM,
+            at most 2 GiB). Also accepts strings like "512MB", "2GiB".
+        max_rows: cap on rows (experiments x prompts) per chunk; None: on CPU about 2048 tokens
+            per block call (bigger batches fall out of cache), on GPU only the memory budget.
+        position_skip: recompute only positions >= the patched one where the site allows it.
+        fused_metric: compute named metrics from the last position only (never full logits).
+        triton: "auto" (Triton kernels on CUDA when triton is importable), True (require them),
+            False (pure torch).
+    """
+
+    memory_budget: int | str | None = None
+    max_rows: int | None = None
+    position_skip: bool = True
+    fused_metric: bool = True
+    triton: bool | str = "auto"
+
+
+_OPTIONS = [EngineOptions()]
+
+
+def configure(**kwargs) -> EngineOptions:
+    """Change the engine's default options for this process; returns the new options."""
+    _OPTIONS[0] = _validated(replace(_OPTIONS[0], **kwargs))
+    return _OPTIONS[0]
+
+
+@contextlib.contextmanager
+def options(**kwargs) -> Iterator[EngineOptions]:
+    """Temporarily change engine options: `with kernels.options(memory_budget="256MB"): ...`."""
+    old = _OPTIONS[0]
+    _OPTIONS[0] = _validated(replace(old, **kwargs))
+    try:
+        yield _OPTIONS[0]
+    finally:
+        _OPTIONS[0] = old
+
+
+def current_options() -> EngineOptions:
+    return _OPTIONS[0]
+
+
+def _validated(opt: EngineOptions) -> EngineOptions:
+    if opt.memory_budget is not None:
+        parse_bytes(opt.memory_budget)
+    if opt.max_rows is not None and (not isinstance(opt.max_rows, int) or opt.max_rows < 1):
+        raise LenslabError(f"max_rows={opt.max_rows!r} must be a positive integer (or None for automatic)")
+    if opt.triton not in (True, False, "auto"):
+        raise LenslabError(f"triton={opt.triton!r} must be True, False or 'auto'")
+    return opt
+
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(value: int | str) -> int:
+    """`1_000_000`, "512MB", "2GiB" -> bytes."""
+    if isinstance(value, bool):
+        raise LenslabError(f"memory_budget={value!r} must be a number of bytes or a string like '512MB'")
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            raise LenslabError(f"memory_budget={value!r} must be positive")
+        return int(value)
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmg]i?b|b)?\s*", str(value).lower())
+    if not m:
+        raise LenslabError(f"memory_budget={value!r} must be bytes or a string like '512MB' or '2GiB'")
+    return max(1, int(float(m.group(1)) * _UNITS[m.group(2) or "b"]))
+
+
+def memory_budget(device: torch.device, opt: EngineOptions | None = None) -> int:
+    """Bytes available to one chunk: the override, else half the free CUDA memory, else a CPU default."""
+    opt = opt or current_options()
+    if opt.memory_budget is not None:
+        return parse_bytes(opt.memory_budget)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    avail = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return min(2 * 2**30, avail // 4) if avail else 2 * 2**30
+
+
+_SAID: set[str] = set()
+
+
+def say_once(msg: str) -> None:
+    """Warn once per process per message (fallbacks, slow paths)."""
+    if msg not in _SAID:
+        _SAID.add(msg)
+        warnings.warn(msg, UserWarning, stacklevel=3)
+
+
+# --- coverage --------------------------------------------------------------------------------
+
+# site name -> (where the patch is written, whether position skipping applies)
+#   "join": written into the residual when the rows join (resid_pre at L; resid_post at L joins L+1)
+#   "hook": written by a hook inside block L
+SITE_PLAN = {
+    "resid_pre": ("join", True),
+    "resid_post": ("join", True),
+    "resid_mid": ("hook", True),
+    "attn_out": ("hook", True),
+    "mlp_out": ("hook", True),
+    "z": ("hook", False),
+    "q": ("hook", False),
+    "k": ("hook", False),
+    "v": ("hook", False),
+    "z_by_pos": ("hook", True),
+    "q_by_pos": ("hook", True),
+    "k_by_pos": ("hook", True),
+    "v_by_pos": ("hook", True),
+    "pattern": ("hook", False),
+    "pattern_by_pos": ("hook", True),
+    "mlp_neuron": ("hook", False),
+}
+
+
+def coverage(model, site) -> str | None:
+    """None when the batched engine covers `site` on `model`, else the reason it does not."""
+    from transformer_lens import HookedTransformer
+
+    name = getattr(site, "name", site)
+    if not isinstance(model, HookedTransformer):
+        return f"the batched engine runs HookedTransformer blocks; {type(model).__name__} models use the reference engine"
+    if name not in SITE_PLAN:
+        return f"the batched engine does not cover site {name!r}"
+    cfg = model.cfg
+    if getattr(cfg, "n_devices", 1) > 1:
+        return "the batched engine does not split a model over several devices"
+    if getattr(cfg, "attention_dir", "causal") != "causal":
+        return "the batched engine needs causal attention"
+    return None
+
+
+def _position_skip_ok(model) -> bool:
+    """Position skipping reuses cached keys/values; only where TransformerLens' cache path is exact."""
+    cfg = model.cfg
+    if cfg.positional_embedding_type not in ("standard", "shortformer", "rotary"):
+        return False
+    if getattr(cfg, "ungroup_grouped_query_attention", False) or getattr(cfg, "use_attention_sinks", False):
+        return False
+    if getattr(cfg, "use_logn_attn", False):
+        return False
+    return _attention_mask_needed(model) is False
+
+
+def _attention_mask_needed(model) -> bool:
+    tok = getattr(model, "tokenizer", None)
+    return bool(tok is not None and getattr(tok, "padding_side", "right") == "left")
+
+
+# --- experiments and chunks ------------------------------------------------------------------
+
+
+@dataclass
+class _Exp:
+    cell: int  # flat index into the score grid
+    layer: int  # layer of the hook that is patched
+    join: int  # block at which the rows join the staircase (n_layers: only the final LN)
+    start: int  # first recomputed position (0 without position skipping)
+    pos: int = -1
+    head: int = -1
+    neuron: int = -1
+
+
+@dataclass
+class _Chunk:
+    exps: list[_Exp] = field(default_factory=list)
+
+
+def _experiments(st, grid, n_layers: int, pos_skip: bool, layer: int | None) -> list[_Exp]:
+    shape = [len(v) for v in grid]
+    out = []
+    for flat, cell in enumerate(itertools.product(*[range(n) for n in shape])):
+        vals = [grid[a][i] for a, i in enumerate(cell)]
+        if st.kind == "neuron":
+            e = _Exp(flat, layer, layer, 0, neuron=vals[0])
+        else:
+            l = vals[0]
+            e = _Exp(flat, l, l, 0)
+            if st.kind == "pos":
+                e.pos = vals[1]
+            elif st.kind in ("head", "pattern"):
+                e.head = vals[1]
+            elif st.kind == "pos_head":
+                e.pos, e.head = vals[1], vals[2]
+            elif st.kind == "pattern_dest":
+                e.head, e.pos = vals[1], vals[2]
+            if st.name == "resid_post":
+                e.join = l + 1
+            if pos_skip and SITE_PLAN[st.name][1]:
+                e.start = e.pos
+        out.append(e)
+    return out
+
+
+def _bytes_per_row(cfg, seq: int, total: int, elem: int, vocab_rows: int) -> int:
+    """Rough peak activation bytes of one row in one block call (and the metric)."""
+    d, h, dh = cfg.d_model, cfg.n_heads, cfg.d_head
+    d_mlp = cfg.d_mlp or 0
+    per_tok = 8 * d + 6 * h * dh + 3 * d_mlp
+    attn = 3 * h * seq * total
+    past = 4 * (total - seq) * h * dh  # the repeated cached prefix and its concatenation
+    return int(2 * elem * (seq * per_tok + attn + past) + 4 * vocab_rows)
+
+
+def _plan(exps: list[_Exp], cfg, seq_len: int, batch: int, device, elem: int, vocab_per_row: Callable[[int], int],
+          opt: EngineOptions) -> list[_Chunk]:
+    """Group experiments by first position, order by layer, split by the row cap of each group."""
+    budget = memory_budget(device, opt)
+    groups: dict[int, list[_Exp]] = {}
+    for e in exps:
+        groups.setdefault(e.start, []).append(e)
+    chunks = []
+    for start in sorted(groups):
+        seq = seq_len - start
+        rows_mem = max(1, budget // max(1, _bytes_per_row(cfg, seq, seq_len, elem, vocab_per_row(seq))))
+        cap = rows_mem
+        if opt.max_rows is not None:
+            cap = min(cap, opt.max_rows)
+        elif device.type == "cpu":
+            cap = min(cap, max(batch, 2048 // seq))
+        per_chunk = max(1, cap // batch)
+        ordered = sorted(groups[start], key=lambda e: (e.join, e.cell))
+        for i in range(0, len(ordered), per_chunk):
+            chunks.append(_Chunk(ordered[i : i + per_chunk]))
+    return chunks
+
+
+# --- the metric ------------------------------------------------------------------------------
+
+
+class _MetricPlan:
+    """How the scores are computed from the final residual of each row."""
+
+    def __init__(self, model, task, metric, base_tokens, opt: EngineOptions):
+        self.model, self.metric, self.opt = model, metric, opt
+        self.batch = task.batch
+        self.answers = task.answer_tokens
+        self.mode = "callable"
+        if metric.per_prompt is not None and opt.fused_metric:
+            self.mode = "last_row"
+            if metric.name in ("logit_diff", "logit_diff_normalized"):
+                affine = _logit_diff_affine(metric, self.batch, int(model.cfg.d_vocab), self.answers)
+                if affine is not None:
+                    self.mode = "pair"
+                    self.scale, self.offset = affine
+        elif metric.per_prompt is None:
+            say_once(f"metric {metric.name!r} is a callable on full logits: the batched engine builds "
+                     "[batch, pos, vocab] logits per patch for it (slower); named metrics such as "
+                     "'logit_diff' are computed from the last position only")
+        self.base_logits = None
+
+    def vocab_bytes_per_row(self, seq: int) -> int:
+        v = int(self.model.cfg.d_vocab)
+        return {"pair": 0, "last_row": 2 * v, "callable": 2 * v * (seq + 1)}[self.mode]
+
+    def scores(self, resid: Tensor, row_b: Tensor, start: int, triton: bool) -> Tensor:
+        """`resid [rows, seq, d_model]` (positions start..S-1) -> per-experiment scores `[rows // batch]`.
+
+        Rows come in blocks of `batch` consecutive rows per experiment.
+        """
+        model = self.model
+        n_exp = resid.shape[0] // self.batch
+        if self.mode == "pair":
+            cols = self.answers[row_b]  # [rows, 2]
+            last = resid[:, -1]
+            if triton:
+                from lenslab.kernels import triton_ops
+
+                pair = triton_ops.ln_unembed_pair(last, model.ln_final, model.unembed.W_U, model.unembed.b_U, cols,
+                                                  norm=model.cfg.normalization_type, eps=model.cfg.eps)
+            else:
+                x = model.ln_final(last[:, None])[:, 0] if model.cfg.normalization_type is not None else last
+                pair = unembed_pair(x, model.unembed.W_U, model.unembed.b_U, cols)
+            pair = _softcap(pair, getattr(model.cfg, "output_logits_soft_cap", None))
+            ld = (pair[:, 0] - pair[:, 1]).float()
+            per = ld * self.scale[row_b] + self.offset[row_b]
+            return per.view(n_exp, self.batch).mean(-1)
+        if self.mode == "last_row":
+            last = resid[:, -1:]
+            x = model.ln_final(last) if model.cfg.normalization_type is not None else last
+            logits = _softcap(model.unembed(x)[:, 0], getattr(model.cfg, "output_logits_soft_cap", None))
+            logits = logits.view(n_exp, self.batch, -1)
+            return torch.stack([self.metric.per_prompt(logits[i]).float().mean() for i in range(n_exp)])
+        x = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
+        logits = _softcap(model.unembed(x), getattr(model.cfg, "output_logits_soft_cap", None))
+        logits = logits.view(n_exp, self.batch, *logits.shape[1:])
+        out = []
+        for i in range(n_exp):
+            full = logits[i] if start == 0 else torch.cat([self.base_logits[:, :start], logits[i]], dim=1)
+            out.append(self.metric(full).float())
+        return torch.stack(out)
+
+
+def _softcap(x: Tensor, cap) -> Tensor:
+    if cap is None or cap <= 0:
+        return x
+    return cap * torch.tanh(x / cap)
+
+
+def unembed_pair(x: Tensor, W_U: Tensor, b_U: Tensor, cols: Tensor) -> Tensor:
+    """`x [rows, d_model]`, `cols [rows, 2]` -> logits of those two columns `[rows, 2]` (no full vocab)."""
+    w = W_U.T[cols]  # [rows, 2, d_model]
+    return torch.einsum("rd,rkd->rk", x, w) + b_U[cols]
+
+
+def _logit_diff_affine(metric, batch: int, d_vocab: int, answers: Tensor):
+    """Per-prompt (scale, offset) with `per_prompt(last) == scale * (logit[a] - logit[b]) + offset`.
+
+    Probed from the bound metric itself in float64 (so the engine uses the metric's own constants,
+    e.g. the clean/corrupt logit differences of `logit_diff_normalized`), and checked on a third
+    probe; None when the metric is not of that form.
+    """
+    dev = answers.device
+    try:
+        zero = torch.zeros(batch, d_vocab, dtype=torch.float64, device=dev)
+        one = zero.clone()
+        one.scatter_(1, answers[:, :1], 1.0)
+        off = metric.per_prompt(zero).double()
+        scale = metric.per_prompt(one).double() - off
+        probe = zero.clone()
+        gen = torch.Generator().manual_seed(0)
+        probe.scatter_(1, answers, torch.randn(batch, 2, generator=gen, dtype=torch.float64).to(dev))
+        pd = probe.gather(1, answers)
+        expect = scale * (pd[:, 0] - pd[:, 1]) + off
+        if not torch.allclose(metric.per_prompt(probe).double(), expect, rtol=1e-9, atol=1e-9):
+            return None
+    except Exception:  # a per_prompt that does not accept these probes: use the full last row
+        return None
+    return scale.float(), off.float()
+
+
+# --- the engine ------------------------------------------------------------------------------
+
+
+def batched_engine(model, task, site, *, direction: str, metric, layers: Sequence[int], layer: int | None = None,
+                   progress=True) -> PatchResult:
+    """The `engine="batched"` entry point of `lenslab.circuits.patch` (same result layout as the reference)."""
+    from lenslab.circuits import patching as P
+
+    reason = coverage(model, site)
+    if reason is not None:
+        say_once(f"{reason}; falling back to the reference engine (one forward per patch)")
+        return _reference(model, task, site, direction, metric, layers, layer, progress)
+    opt = current_options()
+    dev = next(model.parameters()).device
+    use_triton = _want_triton(opt, dev)
+    cfg = model.cfg
+    n_layers = int(cfg.n_layers)
+    st = site
+    base_tokens, source_tokens = (
+        (task.corrupt_tokens, task.clean_tokens) if direction == "denoise" else (task.clean_tokens, task.corrupt_tokens)
+    )
+    batch, seq_len = task.batch, task.seq_len
+    pos_skip = bool(opt.position_skip and SITE_PLAN[st.name][1] and _position_skip_ok(model))
+    hook_layers = [layer] if st.kind == "neuron" else list(layers)
+    src_names = [st.hook.format(layer=l) for l in hook_layers]
+    mplan = _MetricPlan(model, task, metric, base_tokens, opt)
+
+    with torch.no_grad():
+        _, source_cache = model.run_with_cache(source_tokens, names_filter=lambda n: n in set(src_names))
+        grid = P._grid(model, st, task, hook_layers if st.kind != "neuron" else list(layers), source_cache, layer)
+        exps = _experiments(st, grid, n_layers, pos_skip, layer)
+        min_join = min(e.join for e in exps)
+        base_names = {f"blocks.{l}.hook_resid_pre" for l in range(min_join, n_layers)}
+        base_names.add(f"blocks.{n_layers - 1}.hook_resid_post")
+        if pos_skip:
+            base_names |= {f"blocks.{l}.attn.hook_{kv}" for l in range(min_join, n_layers) for kv in "kv"}
+        if cfg.positional_embedding_type == "shortformer":
+            base_names.add("hook_pos_embed")
+        base_logits, base_cache = model.run_with_cache(base_tokens, names_filter=lambda n: n in base_names,
+                                                       return_type="logits" if mplan.mode == "callable" else None)
+        mplan.base_logits = base_logits
+        attn_mask = None
+        if _attention_mask_needed(model):
+            from transformer_lens import utils as tl_utils
+
+            attn_mask = tl_utils.get_attention_mask(model.tokenizer, base_tokens, model.cfg.default_prepend_bos).to(dev)
+
+        elem = torch.finfo(cfg.dtype).bits // 8 if cfg.dtype.is_floating_point else 4
+        chunks = _plan(exps, cfg, seq_len, batch, dev, elem, mplan.vocab_bytes_per_row, opt)
+        shape = [len(v) for v in grid]
+        scores = torch.zeros(math.prod(shape), dtype=torch.float32)
+        report = _Progress(progress, len(exps), f"patching {st.name} (batched)")
+        runner = _Runner(model, st, source_cache, base_cache, batch, seq_len, attn_mask, pos_skip)
+        with model.hooks(fwd_hooks=runner.hooks(src_names)):
+            for chunk in chunks:
+                resid, row_b, row_e, start = runner.run(chunk)
+                vals = mplan.scores(resid, row_b, start, use_triton).float().cpu()
+                cells = torch.tensor([chunk_exp.cell for chunk_exp in row_e], dtype=torch.long)
+                scores[cells] = vals
+                report(len(chunk.exps))
+        report.close()
+    if not bool(torch.isfinite(scores).all()):
+        raise LenslabError(
+            f"metric {metric.name!r} returned nan/inf for some patches: check the model's logits for NaN/inf "
+            "(e.g. float16 overflow: try dtype='float32') or the metric for a division by zero"
+        )
+    return PatchResult(
+        scores=scores.reshape(shape),
+        axes=st.axes,
+        labels=P._labels(model, task, st, grid),
+        site=st.name,
+        method="exact",
+        metric=metric.name,
+        direction=direction,
+        clean_value=metric.clean_value,
+        corrupt_value=metric.corrupt_value,
+        provenance=provenance(model, task, engine="batched", layer=layer, hook=st.hook,
+                              engine_details={"position_skip": pos_skip, "layer_skip": True,
+                                              "metric_path": mplan.mode, "chunks": len(chunks),
+                                              "triton": use_triton}),
+    )
+
+
+def auto_engine(model, task, site, *, direction: str, metric, layers, layer=None, progress=True) -> PatchResult:
+    """`engine="auto"`: the batched engine where it covers the site, else the reference engine (said once)."""
+    reason = coverage(model, site)
+    if reason is None:
+        return batched_engine(model, task, site, direction=direction, metric=metric, layers=layers, layer=layer,
+                              progress=progress)
+    say_once(f"{reason}; using the reference engine (one forward per patch)")
+    return _reference(model, task, site, direction, metric, layers, layer, progress)
+
+
+def _reference(model, task, site, direction, metric, layers, layer, progress) -> PatchResult:
+    from lenslab.circuits import patching as P
+
+    n_layers = int(model.cfg.n_layers)
+    return P.patch(model, task, site.name, direction=direction, metric=metric, engine="reference", layer=layer,
+                   layers=None if list(layers) == list(range(n_layers)) or site.kind == "neuron" else list(layers),
+                   progress=progress)
+
+
+def _want_triton(opt: EngineOptions, dev: torch.device) -> bool:
+    from lenslab.kernels import triton_ops
+
+    if opt.triton is False:
+        return False
+    usable = triton_ops.available() and (dev.type == "cuda" or triton_ops.interpreted())
+    if opt.triton is True and not usable:
+        why = triton_ops.unavailable_reason(dev)
+        raise LenslabError(f"triton=True was requested but {why}; use triton='auto' (torch on CPU) or False")
+    return usable
+
+
+class _Progress:
+    """A tqdm bar over patches advanced once per chunk, or `progress(done, total)` once per chunk."""
+
+    def __init__(self, progress, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self.progress, self.total, self.done = progress, total, 0
+        self.bar = tqdm(total=total, desc=desc, leave=False, unit="patch") if progress is True else None
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif callable(self.progress):
+            self.progress(self.done, self.total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _Runner:
+    """Runs one chunk through the staircase: rows join at their block, patched on join or by a hook."""
+
+    def __init__(self, model, st, source_cache, base_cache, batch, seq_len, attn_mask, pos_skip):
+        self.model, self.st = model, st
+        self.src, self.base = source_cache, base_cache
+        self.batch, self.seq_len = batch, seq_len
+        self.attn_mask, self.pos_skip = attn_mask, pos_skip
+        self.n_layers = int(model.cfg.n_layers)
+        self.dev = next(model.parameters()).device
+        self.active: dict | None = None  # the patch the hook of the current block applies
+
+    def hooks(self, names: list[str]):
+        if SITE_PLAN[self.st.name][0] != "hook":
+            return []
+        return [(n, self._hook) for n in names]
+
+    def _hook(self, act: Tensor, hook) -> Tensor:
+        a = self.active
+        if a is None or a["name"] != hook.name:
+            return act
+        act = act.clone()
+        rows, b, start = a["rows"], a["b"], a["start"]
+        src = self.src[hook.name]
+        kind = self.st.kind
+        if kind == "pos":
+            p = a["pos"]
+            act[rows, p - start] = src[b, p].to(act.dtype)
+        elif kind == "head":
+            h = a["head"]
+            act[rows, :, h] = src[b, start:, h].to(act.dtype)
+        elif kind == "pos_head":
+            p, h = a["pos"], a["head"]
+            act[rows, p - start, h] = src[b, p, h].to(act.dtype)
+        elif kind == "pattern":
+            h = a["head"]
+            act[rows, h] = src[b, h, start:].to(act.dtype)
+        elif kind == "pattern_dest":
+            p, h = a["pos"], a["head"]
+            act[rows, h, p - start] = src[b, h, p].to(act.dtype)
+        elif kind == "neuron":
+            n = a["neuron"]
+            act[rows, :, n] = src[b, start:, n].to(act.dtype)
+        return act
+
+    def _base_resid(self, join: int, b: Tensor, start: int) -> Tensor:
+        name = f"blocks.{join}.hook_resid_pre" if join < self.n_layers else f"blocks.{self.n_layers - 1}.hook_resid_post"
+        return self.base[name][b, start:]
+
+    def run(self, chunk: _Chunk):
+        """-> final residual `[rows, seq - start, d_model]`, row prompt index, row experiment, start."""
+        exps = chunk.exps
+        start = exps[0].start
+        B = self.batch
+        ar = torch.arange(B, device=self.dev)
+        by_join: dict[int, list[_Exp]] = {}
+        for e in exps:
+            by_join.setdefault(e.join, []).append(e)
+        resid = None
+        row_b = torch.empty(0, dtype=torch.long, device=self.dev)
+        row_e: list[_Exp] = []
+        first = min(by_join)
+        kinds_join = SITE_PLAN[self.st.name][0] == "join"
+        pos_embed = None
+        if self.model.cfg.positional_embedding_type == "shortformer":
+            pos_embed = self.base["hook_pos_embed"][:1, start:]
+        for l in range(first, self.n_layers + 1):
+            new = by_join.get(l, [])
+            self.active = None
+            if new:
+                nb = ar.repeat(len(new))  # row -> prompt
+                fresh = self._base_resid(l, nb, start)
+                idx = torch.tensor([[e.pos, e.head, e.neuron] for e in new], device=self.dev).repeat_interleave(B, 0)
+                n_old = 0 if resid is None else resid.shape[0]
+                if kinds_join:
+                    fresh = fresh.clone()
+                    hook = self.st.hook.format(layer=new[0].layer)
+                    p = idx[:, 0]
+                    fresh[torch.arange(len(nb), device=self.dev), p - start] = self.src[hook][nb, p].to(fresh.dtype)
+                else:
+                    self.active = {"name": self.st.hook.format(layer=new[0].layer),
+                                   "rows": torch.arange(n_old, n_old + len(nb), device=self.dev), "b": nb,
+                                   "start": start, "pos": idx[:, 0], "head": idx[:, 1], "neuron": idx[:, 2]}
+                resid = fresh if resid is None else torch.cat([resid, fresh], dim=0)
+                row_b = torch.cat([row_b, nb])
+                for e in new:
+                    row_e.extend([e] * B)
+            if l == self.n_layers:
+                break
+            kw = {}
+            if pos_embed is not None:
+                kw["shortformer_pos_embed"] = pos_embed
+            if self.attn_mask is not None:
+                kw["attention_mask"] = self.attn_mask[row_b]
+            if start > 0:
+                from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+                kw["past_kv_cache_entry"] = TransformerLensKeyValueCacheEntry(
+                    past_keys=self.base[f"blocks.{l}.attn.hook_k"][row_b, :start],
+                    past_values=self.base[f"blocks.{l}.attn.hook_v"][row_b, :start],
+                    frozen=True,
+                )
+            resid = self.model.blocks[l](resid, **kw)
+        self.active = None
+        # one entry per experiment, in row-block order
+        exps_in_order = row_e[::B]
+        return resid, row_b, exps_in_order, start
