@@ -1,0 +1,99 @@
+"""The committed `zoo/induction-2l` weights hold a real induction circuit.
+
+Measured independently of the training script: attention patterns from `run_with_cache`
+on fresh repeated random sequences, at a repeat length used in training and at two never
+used (one inside, one beyond the trained range), so a fixed-offset head cannot pass.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lenslab
+from lenslab import tasks, zoo
+
+NAME = "zoo/induction-2l"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return lenslab.load_model(NAME, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def meta():
+    return json.loads((zoo.zoo_path(NAME) / "config.json").read_text())
+
+
+def _head(label: str) -> tuple[int, int]:
+    layer, head = label.removeprefix("L").split("H")
+    return int(layer), int(head)
+
+
+def _repeated(model, seq_len: int, n: int, seed: int) -> torch.Tensor:
+    """`[n, 1 + 2 * seq_len]`: `<bos> A A`, `A` distinct random ordinary tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for r in range(n):
+        perm = torch.randperm(300, generator=gen)[:seq_len]
+        a = " ".join(f"t{int(i)}" for i in perm)
+        rows.append(model.to_tokens(f"{a} {a}")[0])
+    return torch.stack(rows)
+
+
+def test_card_config_and_script(meta):
+    from lenslab.zoo import train_induction_2l
+
+    assert callable(train_induction_2l.train)
+    card = zoo.read_card(NAME)
+    assert "induction" in card and "Verification" in card
+    mech = meta["mechanism"]
+    assert len(mech["induction_heads"]) >= 1 and len(mech["previous_token_heads"]) >= 1
+    assert _head(mech["induction_heads"][0])[0] == 1 and _head(mech["previous_token_heads"][0])[0] == 0
+    assert meta["cfg"]["attn_only"] is True and meta["cfg"]["n_layers"] == 2
+    assert meta["cfg"]["positional_embedding_type"] == "shortformer"
+    assert zoo.default_prompt(NAME) == meta["default_prompt"]
+    size = (zoo.zoo_path(NAME) / "model.safetensors").stat().st_size
+    assert size < 5_000_000
+
+
+@pytest.mark.parametrize("seq_len", [10, 13, 27])  # 10 trained; 13 and 27 never used in training
+def test_induction_mechanism(model, meta, seq_len):
+    li, hi = _head(meta["mechanism"]["induction_heads"][0])
+    lp, hp = _head(meta["mechanism"]["previous_token_heads"][0])
+    toks = _repeated(model, seq_len, n=32, seed=100 + seq_len)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(toks)
+    # induction: second copy of A[j] (pos 1+seq_len+j) -> A[j+1] in the first copy (pos 2+j)
+    q = torch.arange(seq_len + 1, 2 * seq_len + 1)
+    ind = cache["pattern", li][:, hi][:, q, q - seq_len + 1].mean()
+    assert ind > 0.5, f"induction head L{li}H{hi} attention {ind:.3f}"
+    # previous token: every position after <bos> -> position - 1
+    qp = torch.arange(1, toks.shape[1])
+    prev = cache["pattern", lp][:, hp][:, qp, qp - 1].mean()
+    assert prev > 0.3, f"previous-token head L{lp}H{hp} attention {prev:.3f}"
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), toks[:, 1:], reduction="none")
+    first = nll[:, 1:seq_len].mean()
+    repeated = nll[:, seq_len + 1 : 2 * seq_len].mean()
+    assert first > 5.0  # unpredictable: chance is ln 300 = 5.7
+    assert repeated < 0.2 * first, f"repeated-half loss {repeated:.3f} vs first-half {first:.3f}"
+
+
+def test_induction_task_logit_diff(model):
+    task = tasks.induction(model, n=32, seq_len=10, seed=3)
+    m = tasks.get_metric("logit_diff", model, task)
+    assert m.clean_value > 5.0
+    assert m.corrupt_value < 0.3 * m.clean_value
+
+
+def test_default_prompt_is_predicted(model, meta):
+    words = meta["default_prompt"].split()
+    half = len(words) // 2
+    assert words[:half] == words[half:]
+    toks = model.to_tokens(meta["default_prompt"])
+    with torch.no_grad():
+        pred = model(toks)[0, :-1].argmax(-1)
+    # inside the repeat (after its first token) every next token is predicted
+    assert torch.equal(pred[half + 1 :], toks[0, half + 2 :])
