@@ -101,7 +101,7 @@ def attention_heads(
             hovertemplate=f"head {h}<br>query %{{y}}<br>key %{{x}}<br>attention %{{z:.3f}}<extra></extra>",
         ), row=h // cols + 1, col=h % cols + 1)
     fig.update_yaxes(autorange="reversed")
-    show_ticks = len(labels) <= 12
+    show_ticks = len(labels) <= 20
     fig.update_xaxes(showticklabels=show_ticks, tickangle=-45)
     fig.update_yaxes(showticklabels=show_ticks)
     fig.update_layout(height=max(360, 280 * rows))
