@@ -1,0 +1,60 @@
+"""Exact patching on the zoo's planted mechanisms, and equality with TransformerLens there."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformer_lens import patching
+
+import lenslab
+from lenslab import circuits, tasks, zoo
+
+
+@pytest.fixture(scope="module")
+def induction_model():
+    if "zoo/induction-2l" not in zoo.zoo_names():
+        pytest.fail("zoo/induction-2l weights are missing from the repo")
+    return lenslab.load_model("zoo/induction-2l", device="cpu")
+
+
+def _head(name: str) -> tuple[int, int]:
+    layer, head = name[1:].split("H")
+    return int(layer), int(head)
+
+
+def test_patching_singles_out_induction_and_previous_token_heads(induction_model):
+    mech = json.loads((zoo.zoo_path("zoo/induction-2l") / "config.json").read_text())["mechanism"]
+    (ind_l, ind_h), (prev_l, prev_h) = _head(mech["induction_heads"][0]), _head(mech["previous_token_heads"][0])
+    seq_len = 8
+    task = tasks.induction(induction_model, n=16, seq_len=seq_len, seed=123)
+    res = circuits.patch(induction_model, task, "z_by_pos", progress=False)
+    norm = res.normalized()  # [layer, pos, head]: 0 = corrupt, 1 = clean
+    last = task.seq_len - 1
+    after_first = seq_len  # the token after the corrupted first occurrence (BOS at 0)
+    # previous-token heads at the token after the first occurrence, induction heads at the last position
+    assert int(norm[prev_l, after_first].argmax()) == prev_h and float(norm[prev_l, after_first, prev_h]) > 0.2
+    assert int(norm[ind_l, last].argmax()) == ind_h and float(norm[ind_l, last, ind_h]) > 0.2
+    mask = torch.ones_like(norm, dtype=torch.bool)
+    mask[prev_l, after_first] = False
+    mask[ind_l, last] = False
+    assert float(norm[mask].abs().max()) < 0.06  # nothing else matters
+    # the whole-output grid ranks the two mechanism heads first in their layers
+    z = circuits.patch(induction_model, task, "z", progress=False).normalized()
+    assert int(z[prev_l].argmax()) == prev_h and int(z[ind_l].argmax()) == ind_h
+
+
+@pytest.mark.parametrize("site,tl_fn", [
+    ("resid_pre", patching.get_act_patch_resid_pre),
+    ("attn_out", patching.get_act_patch_attn_out),
+    ("z", patching.get_act_patch_attn_head_out_all_pos),
+    ("pattern_by_pos", patching.get_act_patch_attn_head_pattern_by_pos),
+])
+def test_equals_transformer_lens_on_zoo(induction_model, site, tl_fn):
+    task = tasks.induction(induction_model, n=4, seq_len=6, seed=0)
+    metric = tasks.get_metric("logit_diff", induction_model, task)
+    with torch.no_grad():
+        _, cache = induction_model.run_with_cache(task.clean_tokens)
+        ref = tl_fn(induction_model, task.corrupt_tokens, cache, metric)
+    ours = circuits.patch(induction_model, task, site, progress=False, engine="reference")
+    assert (ours.scores - ref).abs().max() <= 1e-4
