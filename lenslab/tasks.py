@@ -37,7 +37,8 @@ class Task:
         clean_tokens: `[batch, pos]` int tensor.
         corrupt_tokens: `[batch, pos]` int tensor, same shape as `clean_tokens`.
         answer_tokens: `[batch, 2]` int tensor: (correct, incorrect) token id per prompt.
-        clean_prompts / corrupt_prompts: the texts, when built from text.
+        clean_prompts: the clean texts, when built from text.
+        corrupt_prompts: the corrupt texts, when built from text.
         labels: optional per-prompt labels (e.g. template ids).
         name: a short task name for provenance and figure titles.
         d_vocab: when given, every token id must be below it.
