@@ -210,6 +210,20 @@ def _position_skip_ok(model) -> bool:
     return _attention_mask_needed(model) is False
 
 
+def _last_block_trim_ok(model) -> bool:
+    """The last block may run on the last position alone (keys/values of the others projected
+    separately) where TransformerLens' attention does nothing between projection and cache."""
+    cfg = model.cfg
+    if not _position_skip_ok(model):
+        return False
+    if cfg.use_split_qkv_input or cfg.use_attn_in or getattr(cfg, "load_in_4bit", False):
+        return False
+    if getattr(cfg, "clip_qkv", None) is not None:
+        return False
+    arch = getattr(cfg, "original_architecture", None) or ""
+    return not arch.startswith("Olmo")
+
+
 def _attention_mask_needed(model) -> bool:
     tok = getattr(model, "tokenizer", None)
     return bool(tok is not None and getattr(tok, "padding_side", "right") == "left")
@@ -316,6 +330,7 @@ class _MetricPlan:
                      "[batch, pos, vocab] logits per patch for it (slower); named metrics such as "
                      "'logit_diff' are computed from the last position only")
         self.base_logits = None
+        self._WUt = None
 
     def vocab_bytes_per_row(self, seq: int) -> int:
         v = int(self.model.cfg.d_vocab)
@@ -346,7 +361,10 @@ class _MetricPlan:
         if self.mode == "last_row":
             last = resid[:, -1:]
             x = model.ln_final(last) if model.cfg.normalization_type is not None else last
-            logits = _softcap(model.unembed(x)[:, 0], getattr(model.cfg, "output_logits_soft_cap", None))
+            if self._WUt is None:  # TransformerLens' Unembed copies W_U.T on every call; copy it once
+                self._WUt = model.unembed.W_U.T.contiguous()
+            logits = torch.nn.functional.linear(x[:, 0], self._WUt, model.unembed.b_U)
+            logits = _softcap(logits, getattr(model.cfg, "output_logits_soft_cap", None))
             logits = logits.view(n_exp, self.batch, -1)
             return torch.stack([self.metric.per_prompt(logits[i]).float().mean() for i in range(n_exp)])
         x = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
@@ -425,7 +443,8 @@ def batched_engine(model, task, site, *, direction: str, metric, layers: Sequenc
     mplan = _MetricPlan(model, task, metric, base_tokens, opt)
 
     with torch.no_grad():
-        _, source_cache = model.run_with_cache(source_tokens, names_filter=lambda n: n in set(src_names))
+        _, source_cache = model.run_with_cache(source_tokens, names_filter=lambda n: n in set(src_names),
+                                               return_type=None)
         grid = P._grid(model, st, task, hook_layers if st.kind != "neuron" else list(layers), source_cache, layer)
         exps = _experiments(st, grid, n_layers, pos_skip, layer)
         min_join = min(e.join for e in exps)
@@ -450,6 +469,7 @@ def batched_engine(model, task, site, *, direction: str, metric, layers: Sequenc
         scores = torch.zeros(math.prod(shape), dtype=torch.float32)
         report = _Progress(progress, len(exps), f"patching {st.name} (batched)")
         runner = _Runner(model, st, source_cache, base_cache, batch, seq_len, attn_mask, pos_skip)
+        runner.trim_last = mplan.mode != "callable" and _last_block_trim_ok(model)
         with model.hooks(fwd_hooks=runner.hooks(src_names)):
             for chunk in chunks:
                 resid, row_b, row_e, start = runner.run(chunk)
@@ -476,6 +496,7 @@ def batched_engine(model, task, site, *, direction: str, metric, layers: Sequenc
         provenance=provenance(model, task, engine="batched", layer=layer, hook=st.hook,
                               engine_details={"position_skip": pos_skip, "layer_skip": True,
                                               "metric_path": mplan.mode, "chunks": len(chunks),
+                                              "last_block_last_position_only": runner.trim_last,
                                               "triton": use_triton}),
     )
 
@@ -543,6 +564,7 @@ class _Runner:
         self.n_layers = int(model.cfg.n_layers)
         self.dev = next(model.parameters()).device
         self.active: dict | None = None  # the patch the hook of the current block applies
+        self.trim_last = False  # set by the engine when the metric reads the last position only
 
     def hooks(self, names: list[str]):
         if SITE_PLAN[self.st.name][0] != "hook":
@@ -576,6 +598,32 @@ class _Runner:
             n = a["neuron"]
             act[rows, :, n] = src[b, start:, n].to(act.dtype)
         return act
+
+    def _last_block_last_position(self, resid: Tensor, row_b: Tensor, start: int, kw: dict) -> Tensor:
+        """The last block for the last position only (all a fused metric reads).
+
+        Keys/values of the earlier recomputed positions come from the block's own projection
+        (`attn.calculate_qkv_matrices`, as inside TransformerLens' attention), joined to the cached
+        prefix; the block then runs on one position with them as its frozen cache, so the MLP and
+        attention output of the other positions are never computed. Saves ~12% of a resid grid.
+        """
+        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+        block = self.model.blocks[self.n_layers - 1]
+        body = resid[:, :-1]
+        ln = block.ln1(body)
+        pos = kw.get("shortformer_pos_embed")
+        qk_in = ln + pos[:, :-1] if pos is not None else ln
+        _, k_new, v_new = block.attn.calculate_qkv_matrices(qk_in, qk_in, ln)
+        entry = kw.get("past_kv_cache_entry")
+        if entry is not None:
+            k_new = torch.cat([entry.past_keys, k_new], dim=1)
+            v_new = torch.cat([entry.past_values, v_new], dim=1)
+        kw = dict(kw, past_kv_cache_entry=TransformerLensKeyValueCacheEntry(past_keys=k_new, past_values=v_new,
+                                                                             frozen=True))
+        if pos is not None:
+            kw["shortformer_pos_embed"] = pos[:, -1:]
+        return block(resid[:, -1:], **kw)
 
     def _base_resid(self, join: int, b: Tensor, start: int) -> Tensor:
         name = f"blocks.{join}.hook_resid_pre" if join < self.n_layers else f"blocks.{self.n_layers - 1}.hook_resid_post"
@@ -615,6 +663,8 @@ class _Runner:
                     self.active = {"name": self.st.hook.format(layer=new[0].layer),
                                    "rows": torch.arange(n_old, n_old + len(nb), device=self.dev), "b": nb,
                                    "start": start, "pos": idx[:, 0], "head": idx[:, 1], "neuron": idx[:, 2]}
+                if resid is not None and resid.shape[1] != fresh.shape[1]:  # joining after a trimmed last block
+                    fresh = fresh[:, -resid.shape[1]:]
                 resid = fresh if resid is None else torch.cat([resid, fresh], dim=0)
                 row_b = torch.cat([row_b, nb])
                 for e in new:
@@ -634,7 +684,10 @@ class _Runner:
                     past_values=self.base[f"blocks.{l}.attn.hook_v"][row_b, :start],
                     frozen=True,
                 )
-            resid = self.model.blocks[l](resid, **kw)
+            if l == self.n_layers - 1 and self.trim_last and self.active is None and resid.shape[1] > 1:
+                resid = self._last_block_last_position(resid, row_b, start, kw)
+            else:
+                resid = self.model.blocks[l](resid, **kw)
         self.active = None
         # one entry per experiment, in row-block order
         exps_in_order = row_e[::B]
