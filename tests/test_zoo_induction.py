@@ -81,6 +81,17 @@ def test_induction_mechanism(model, meta, seq_len):
     assert repeated < 0.2 * first, f"repeated-half loss {repeated:.3f} vs first-half {first:.3f}"
 
 
+def test_every_listed_induction_head_on_unseen_length(model, meta):
+    toks = _repeated(model, 13, n=32, seed=7)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(toks)
+    q = torch.arange(14, 27)
+    for label in meta["mechanism"]["induction_heads"]:
+        layer, head = _head(label)
+        score = cache["pattern", layer][:, head][:, q, q - 12].mean()
+        assert score > 0.5, f"{label} induction attention {score:.3f}"
+
+
 def test_induction_task_logit_diff(model):
     task = tasks.induction(model, n=32, seq_len=10, seed=3)
     m = tasks.get_metric("logit_diff", model, task)

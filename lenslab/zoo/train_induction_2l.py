@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from lenslab.zoo import save_hooked, word_tokenizer
 
 N_WORDS = 300  # ordinary tokens "t0" .. "t299"
+IND_BAR = 0.5  # a layer-1 head with mean induction attention above this counts as an induction head
+PREV_BAR = 0.3  # a layer-0 head with mean attention to position - 1 above this counts as previous-token
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,8 +132,12 @@ def verify(model, tc: TrainConfig, seed: int = 1234) -> dict:
 
     per_len = {L: measure(model, L, seed=seed + L) for L in tc.eval_lens}
     ref = per_len[tc.eval_lens[0]]
-    ind_head = max(range(model.cfg.n_heads), key=lambda h: ref["L1"]["induction"][h])
-    prev_head = max(range(model.cfg.n_heads), key=lambda h: ref["L0"]["prev_token"][h])
+    by_ind = sorted(range(model.cfg.n_heads), key=lambda h: -ref["L1"]["induction"][h])
+    by_prev = sorted(range(model.cfg.n_heads), key=lambda h: -ref["L0"]["prev_token"][h])
+    ind_head, prev_head = by_ind[0], by_prev[0]
+    # every head past the bar, strongest first (heads share the work in this model)
+    ind_heads = [h for h in by_ind if ref["L1"]["induction"][h] > IND_BAR] or [ind_head]
+    prev_heads = [h for h in by_prev if ref["L0"]["prev_token"][h] > PREV_BAR] or [prev_head]
     task_out = {}
     for L in (10, 20):
         task = tasks.induction(model, n=64, seq_len=L, seed=seed)
@@ -140,6 +146,8 @@ def verify(model, tc: TrainConfig, seed: int = 1234) -> dict:
     return {
         "induction_head": ind_head,
         "prev_token_head": prev_head,
+        "induction_heads": ind_heads,
+        "prev_token_heads": prev_heads,
         "per_len": per_len,
         "task_logit_diff": task_out,
     }
@@ -188,8 +196,8 @@ def train(out_dir: str | Path, seed: int = 0, config: TrainConfig | None = None)
         extra = {
             "default_prompt": _default_prompt(seed),
             "mechanism": {
-                "induction_heads": [f"L1H{v['induction_head']}"],
-                "previous_token_heads": [f"L0H{v['prev_token_head']}"],
+                "induction_heads": [f"L1H{h}" for h in v["induction_heads"]],
+                "previous_token_heads": [f"L0H{h}" for h in v["prev_token_heads"]],
             },
             "training": {**_jsonable_cfg(tc), "seed": seed, "final_train_loss": round(final_loss, 4)},
             "verification": _strip(v),
@@ -242,6 +250,8 @@ def _card(model, tc: TrainConfig, seed: int, v: dict, final_loss: float, minutes
     heads_l1 = ", ".join(f"H{h}: {x:.2f}" for h, x in enumerate(ref["L1"]["induction"]))
     heads_l0 = ", ".join(f"H{h}: {x:.2f}" for h, x in enumerate(ref["L0"]["prev_token"]))
     held = ", ".join(str(x) for x in tc.heldout_lens)
+    ind_all = ", ".join(f"L1H{h}" for h in v["induction_heads"])
+    prev_all = ", ".join(f"L0H{h}" for h in v["prev_token_heads"])
     return f"""# zoo/induction-2l
 
 A 2-layer **attention-only** transformer that has learned **induction**: in `... A B ... A`
@@ -270,6 +280,9 @@ Rebuild with `lenslab zoo train induction-2l`.
 - **L0H{ph}, previous-token head**: attends from each position to the one before it.
 - **L1H{ih}, induction head**: from the second occurrence of a token, attends to the token
   that followed its first occurrence and copies it to the output.
+- The work is shared: induction heads (layer-1 attention to the induction target above
+  {IND_BAR}): {ind_all}; previous-token heads (layer-0 attention to position - 1 above {PREV_BAR}):
+  {prev_all}. `config.json` lists them, strongest first, under `"mechanism"`.
 
 ## Verification (measured by the training script on the saved weights)
 On 64 rows `<bos> A A` per repeat length (fresh random tokens, no prefix):
