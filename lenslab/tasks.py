@@ -10,7 +10,7 @@ logits `[batch, pos, vocab]` to a scalar; it is a name (`logit_diff`,
 >>> model = lenslab.load_model("zoo/induction-2l", device="cpu")
 >>> task = induction(model, n=4, seq_len=10, seed=0)
 >>> task.clean_tokens.shape
-torch.Size([4, 21])
+torch.Size([4, 20])
 >>> metric = get_metric("logit_diff", model, task)
 >>> float(metric(model(task.clean_tokens))) > 0
 True
