@@ -59,7 +59,7 @@ class EngineOptions:
         memory_budget: bytes the engine may use for activations per chunk; None derives it from
             free device memory (half of it on CUDA) or a CPU default (a quarter of available RAM,
             at most 2 GiB). Also accepts strings like "512MB", "2GiB".
-        max_rows: cap on rows (experiments x prompts) per chunk; None: on CPU about 2048 tokens
+        max_rows: cap on rows (experiments x prompts) per chunk; None: on CPU about 1440 tokens
             per block call (bigger batches fall out of cache), on GPU only the memory budget.
         position_skip: recompute only positions >= the patched one where the site allows it.
         fused_metric: compute named metrics from the last position only (never full logits).
@@ -299,7 +299,7 @@ def _plan(exps: list[_Exp], cfg, seq_len: int, batch: int, device, elem: int, vo
         if opt.max_rows is not None:
             cap = min(cap, opt.max_rows)
         elif device.type == "cpu":
-            cap = min(cap, max(batch, 2048 // seq))
+            cap = min(cap, max(batch, 1440 // seq))
         per_chunk = max(1, cap // batch)
         ordered = sorted(groups[start], key=lambda e: (e.join, e.cell))
         for i in range(0, len(ordered), per_chunk):
@@ -470,7 +470,7 @@ def batched_engine(model, task, site, *, direction: str, metric, layers: Sequenc
         report = _Progress(progress, len(exps), f"patching {st.name} (batched)")
         runner = _Runner(model, st, source_cache, base_cache, batch, seq_len, attn_mask, pos_skip)
         runner.trim_last = mplan.mode != "callable" and _last_block_trim_ok(model)
-        with model.hooks(fwd_hooks=runner.hooks(src_names)):
+        with model.hooks(fwd_hooks=runner.hooks(src_names)), fused_activations(model):
             for chunk in chunks:
                 resid, row_b, row_e, start = runner.run(chunk)
                 vals = mplan.scores(resid, row_b, start, use_triton).float().cpu()
@@ -530,6 +530,34 @@ def _want_triton(opt: EngineOptions, dev: torch.device) -> bool:
         why = triton_ops.unavailable_reason(dev)
         raise LenslabError(f"triton=True was requested but {why}; use triton='auto' (torch on CPU) or False")
     return usable
+
+
+@contextlib.contextmanager
+def fused_activations(model):
+    """Run TransformerLens' `gelu_new` MLPs with torch's one-pass `gelu(approximate="tanh")`.
+
+    The same formula (0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))), evaluated in one kernel
+    instead of eight full passes over `[rows, pos, d_mlp]`, which the CPU profile showed as the
+    largest cost after the GEMMs. Values agree to float32 rounding (~1e-7 relative). Only this
+    model instance, only inside the engine; restored on exit.
+    """
+    from transformer_lens.utilities.activation_functions import gelu_new
+
+    swapped = []
+    for block in getattr(model, "blocks", []):
+        mlp = getattr(block, "mlp", None)
+        if mlp is not None and getattr(mlp, "act_fn", None) is gelu_new:
+            mlp.act_fn = _gelu_tanh
+            swapped.append(mlp)
+    try:
+        yield
+    finally:
+        for mlp in swapped:
+            mlp.act_fn = gelu_new
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return torch.nn.functional.gelu(x, approximate="tanh")
 
 
 class _Progress:

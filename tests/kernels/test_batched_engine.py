@@ -20,7 +20,7 @@ TOL = 1e-4
 
 
 def _model(**kw) -> HookedTransformer:
-    cfg = dict(n_layers=3, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=64, d_vocab=61, act_fn="gelu",
+    cfg = dict(n_layers=3, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=64, d_vocab=61, act_fn="gelu_new",
                normalization_type="LN", seed=0)
     cfg.update(kw)
     with warnings.catch_warnings():
@@ -208,3 +208,13 @@ def test_half_precision_on_gpu_against_float32_reference(dtype, rel):
     half.load_state_dict({k: v.to(dtype) for k, v in model.state_dict().items()})
     fast = circuits.patch(half, task, "resid_pre", engine="batched", progress=False)
     assert (fast.scores - ref.scores).abs().max() <= rel * ref.scores.abs().max()
+
+
+def test_gelu_new_runs_fused_and_is_restored():
+    from transformer_lens.utilities.activation_functions import gelu_new
+
+    model = _model()
+    assert model.blocks[0].mlp.act_fn is gelu_new
+    ref, fast = _both(model, _task(61, batch=2, seq=5), "mlp_out")
+    _assert_same(ref, fast)
+    assert all(b.mlp.act_fn is gelu_new for b in model.blocks)

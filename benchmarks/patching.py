@@ -1,0 +1,255 @@
+"""Benchmark: TransformerLens activation patching vs lenslab's batched engine, same process, same inputs.
+
+Model: a randomly initialised GPT-2-small-shaped HookedTransformer (12 layers, d_model 768,
+12 heads, d_mlp 3072, vocab 50257, gelu_new, LayerNorm; no download). Data: 8 IOI-like prompts x
+15 tokens (name A at position 2, B at 4 and 9; the corrupt prompt has a third name C at 9), metric
+`logit_diff` (correct minus incorrect logit at the last position, batch mean).
+
+Grids: resid_pre by (layer, pos) (TransformerLens `get_act_patch_resid_pre`) and head output over
+all positions (`get_act_patch_attn_head_out_all_pos`), TransformerLens under
+`torch.inference_mode()` with the clean cache computed beforehand (not timed), lenslab's
+`circuits.patch(..., engine="batched")` end to end (its metric baselines and caches included).
+
+    python benchmarks/patching.py                 # both grids, appends a row to benchmarks/RESULTS.md
+    python benchmarks/patching.py --skip-tl       # lenslab only (TransformerLens' loop takes minutes on CPU)
+    python benchmarks/patching.py --profile       # + torch.profiler buckets of the batched resid grid
+    python benchmarks/patching.py --n-layers 24 --d-model 2048 --n-heads 16 --device cuda  # mid-size (GPU)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import threading
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import torch  # noqa: E402
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    model = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+class PeakMemory:
+    """Peak extra memory during a block: CUDA max_memory_allocated, or sampled process RSS on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = self._rss()
+            self.stop = False
+            self.max = self.base
+
+            def sample():
+                while not self.stop:
+                    self.max = max(self.max, self._rss())
+                    time.sleep(0.005)
+
+            self.thread = threading.Thread(target=sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.stop = True
+            self.thread.join()
+            self.peak = max(self.max, self._rss()) - self.base
+
+
+def build(args, device):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from lenslab import tasks
+
+    cfg = HookedTransformerConfig(
+        n_layers=args.n_layers, d_model=args.d_model, n_heads=args.n_heads, d_head=args.d_model // args.n_heads,
+        d_mlp=4 * args.d_model, d_vocab=50257, n_ctx=1024, act_fn="gelu_new", normalization_type="LN", seed=0,
+        device=str(device), dtype=getattr(torch, args.dtype),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = HookedTransformer(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    B, S = args.batch, args.seq
+    names = torch.randint(1000, 40000, (B, 3), generator=g)
+    clean = torch.randint(1000, 40000, (B, S), generator=g)
+    clean[:, 2], clean[:, 4], clean[:, 9] = names[:, 0], names[:, 1], names[:, 1]
+    corrupt = clean.clone()
+    corrupt[:, 9] = names[:, 2]
+    task = tasks.from_tokens(clean, corrupt, names[:, :2], name="ioi-like").to(device)
+    return model, task
+
+
+def logit_diff_fn(answers):
+    def metric(logits):
+        last = logits[:, -1]
+        return (last.gather(-1, answers[:, :1]) - last.gather(-1, answers[:, 1:])).mean()
+
+    return metric
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        sec = time.perf_counter() - t0
+    return out, sec, mem.peak
+
+
+def profile_batched(model, task, site):
+    """Self-CPU time of the batched engine bucketed into GEMM / elementwise / softmax / copies."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lenslab import circuits
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        circuits.patch(model, task, site, engine="batched", progress=False)
+    buckets = {"GEMM": 0.0, "elementwise": 0.0, "softmax": 0.0, "copy/cat/index": 0.0, "other": 0.0}
+    gemm = ("addmm", "mm", "bmm", "matmul", "linear", "baddbmm", "einsum", "dot")
+    elem = ("add", "sub", "mul", "div", "pow", "tanh", "sqrt", "mean", "gelu", "where", "sum", "rsqrt",
+            "masked_fill", "neg", "exp", "clamp", "triu", "tril", "sigmoid", "silu")
+    copy = ("copy", "cat", "index", "gather", "clone", "contiguous", "to", "empty", "stack", "repeat", "expand",
+            "select", "slice", "view", "reshape", "permute", "transpose", "as_strided", "fill", "zero")
+    total = 0.0
+    for ev in prof.key_averages():
+        name = ev.key.removeprefix("aten::")
+        t = ev.self_cpu_time_total
+        total += t
+        base = name.rstrip("_")
+        if base in gemm or base.endswith("mm"):
+            buckets["GEMM"] += t
+        elif "softmax" in base:
+            buckets["softmax"] += t
+        elif base in elem or any(base.startswith(e) for e in elem):
+            buckets["elementwise"] += t
+        elif any(base.startswith(c) for c in copy):
+            buckets["copy/cat/index"] += t
+        else:
+            buckets["other"] += t
+    return {k: 100 * v / total for k, v in buckets.items()}, total / 1e6
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--n-layers", type=int, default=12)
+    ap.add_argument("--d-model", type=int, default=768)
+    ap.add_argument("--n-heads", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=15)
+    ap.add_argument("--grids", default="resid_pre,z", help="comma list of resid_pre, z")
+    ap.add_argument("--skip-tl", action="store_true", help="lenslab only (no speed-up ratio)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--note", default="", help="free text for the RESULTS.md row (e.g. machine load)")
+    ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from lenslab import circuits, tasks
+    from lenslab._device import resolve_device
+
+    device = resolve_device(args.device)
+    model, task = build(args, device)
+    metric = tasks.get_metric("logit_diff", model, task)
+    tl_metric = logit_diff_fn(task.answer_tokens)
+    load0 = os.getloadavg()
+    dev_desc = device_name(device)
+    print(f"device: {dev_desc}; load average {load0[0]:.1f}")
+    print(f"model: {args.n_layers}L d_model {args.d_model} heads {args.n_heads} vocab 50257 {args.dtype}; "
+          f"{args.batch} prompts x {args.seq} tokens; clean {metric.clean_value:.4f} corrupt {metric.corrupt_value:.4f}")
+    rows = []
+    from transformer_lens import patching as tlp
+
+    tl_fns = {"resid_pre": tlp.get_act_patch_resid_pre, "z": tlp.get_act_patch_attn_head_out_all_pos}
+    for site in args.grids.split(","):
+        site = site.strip()
+        res, sec, mem = timed(lambda: circuits.patch(model, task, site, engine="batched", metric="logit_diff",
+                                                     progress=False), device)
+        n = res.scores.numel()
+        row = {"site": site, "patches": n, "ours_s": sec, "ours_mem": mem, "chunks": res.provenance["engine_details"]["chunks"]}
+        print(f"[{site}] lenslab batched: {sec:.2f} s, {n / sec:.1f} patches/s, peak +{mem / 2**20:.0f} MiB, "
+              f"{row['chunks']} chunks")
+        if not args.skip_tl:
+            with torch.inference_mode():
+                _, clean_cache = model.run_with_cache(task.clean_tokens)
+                ref, tsec, tmem = timed(lambda: tl_fns[site](model, task.corrupt_tokens, clean_cache, tl_metric), device)
+            del clean_cache
+            ref = ref.float().cpu()
+            diff = float((ref - res.scores).abs().max())
+            row.update(tl_s=tsec, tl_mem=tmem, ratio=tsec / sec, diff=diff)
+            print(f"[{site}] TransformerLens (inference_mode): {tsec:.2f} s, {n / tsec:.2f} patches/s, peak +{tmem / 2**20:.0f} MiB")
+            print(f"[{site}] speed-up {tsec / sec:.1f}x, max |diff| {diff:.2e}")
+        rows.append(row)
+    load1 = os.getloadavg()
+    if args.profile:
+        buckets, total = profile_batched(model, task, "resid_pre")
+        print(f"profile of the batched resid_pre grid ({total:.1f} s self CPU): "
+              + ", ".join(f"{k} {v:.1f}%" for k, v in buckets.items()))
+    if not args.no_record:
+        record(args, dev_desc, rows, load0, load1)
+
+
+def record(args, dev_desc, rows, load0, load1) -> None:
+    if not RESULTS.exists():
+        RESULTS.write_text("# Patching benchmark results\n\n")
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    shape = f"{args.n_layers}L/{args.d_model}/{args.n_heads}h, {args.batch}x{args.seq}, {args.dtype}"
+    lines = []
+    for r in rows:
+        tl = (f"{r['tl_s']:.1f} s ({r['patches'] / r['tl_s']:.2f}/s, +{r['tl_mem'] / 2**20:.0f} MiB)"
+              if "tl_s" in r else "not run")
+        ratio = f"**{r['ratio']:.1f}x**" if "ratio" in r else "-"
+        diff = f"{r['diff']:.1e}" if "diff" in r else "-"
+        lines.append(f"| {now} | {dev_desc} | {shape} | {r['site']} ({r['patches']}) | {tl} | "
+                     f"{r['ours_s']:.2f} s ({r['patches'] / r['ours_s']:.1f}/s, +{r['ours_mem'] / 2**20:.0f} MiB, "
+                     f"{r['chunks']} chunks) | {ratio} | {diff} | load {load0[0]:.1f}->{load1[0]:.1f} {args.note} |")
+    text = RESULTS.read_text()
+    marker = "<!-- rows -->"
+    if marker in text:
+        text = text.replace(marker, "\n".join(lines) + "\n" + marker)
+    else:
+        text += "\n".join(lines) + "\n"
+    RESULTS.write_text(text)
+    print(f"appended {len(lines)} row(s) to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
