@@ -218,3 +218,17 @@ def test_gelu_new_runs_fused_and_is_restored():
     ref, fast = _both(model, _task(61, batch=2, seq=5), "mlp_out")
     _assert_same(ref, fast)
     assert all(b.mlp.act_fn is gelu_new for b in model.blocks)
+
+
+def test_left_padding_tokenizer_passes_the_attention_mask(tiny_model, ln_task):
+    """A tokenizer that pads left makes TransformerLens mask pad tokens: the engine passes the same
+    mask to every block (and then recomputes all positions)."""
+    tok = tiny_model.tokenizer
+    old = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        ref, fast = _both(tiny_model, ln_task, "resid_pre")
+    finally:
+        tok.padding_side = old
+    _assert_same(ref, fast)
+    assert not fast.provenance["engine_details"]["position_skip"]
