@@ -443,8 +443,9 @@ def batched_engine(model, task, site, *, direction: str, metric, layers: Sequenc
     mplan = _MetricPlan(model, task, metric, base_tokens, opt)
 
     with torch.no_grad():
+        top = max(hook_layers) + 1  # the source run stops after the last patched layer
         _, source_cache = model.run_with_cache(source_tokens, names_filter=lambda n: n in set(src_names),
-                                               return_type=None)
+                                               return_type=None, stop_at_layer=top if top < n_layers else None)
         grid = P._grid(model, st, task, hook_layers if st.kind != "neuron" else list(layers), source_cache, layer)
         exps = _experiments(st, grid, n_layers, pos_skip, layer)
         min_join = min(e.join for e in exps)

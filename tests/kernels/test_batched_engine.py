@@ -108,6 +108,8 @@ def test_layers_subset_chunking_and_position_skip_invariance(tiny_model, ln_task
     full = circuits.patch(tiny_model, ln_task, "z_by_pos", engine="batched", progress=False)
     sub = circuits.patch(tiny_model, ln_task, "z_by_pos", engine="batched", progress=False, layers=[1])
     assert sub.labels["layer"] == ["L1"] and torch.allclose(sub.scores[0], full.scores[1], atol=1e-6)
+    low = circuits.patch(tiny_model, ln_task, "z_by_pos", engine="batched", progress=False, layers=[0])  # source run stops early
+    assert torch.allclose(low.scores[0], full.scores[0], atol=1e-6)
     one = kernels.batched_patch(tiny_model, ln_task, "z_by_pos", progress=False, max_rows=1)
     no_skip = kernels.batched_patch(tiny_model, ln_task, "z_by_pos", progress=False, position_skip=False)
     tiny_budget = kernels.batched_patch(tiny_model, ln_task, "z_by_pos", progress=False, memory_budget="1kB")
