@@ -43,6 +43,19 @@ def sh(cmd: list[str], **kw) -> None:
     subprocess.run(cmd, check=True, **kw)
 
 
+def pip_install(args: list[str]) -> None:
+    """`pip install -q ARGS`, dropping pip's warnings about unreachable extra index folders
+    (some machines configure index locations that do not exist); everything else is shown."""
+    cmd = [str(PY), "-m", "pip", "install", "--disable-pip-version-check", "-q", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "is ignored: it is neither a file nor a directory" not in line:
+            print(line, end="", flush=True)
+    if proc.wait() != 0:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+
+
 def ensure_venv(extras: str) -> None:
     if not PY.exists():
         say(f"creating {VENV}")
@@ -51,18 +64,17 @@ def ensure_venv(extras: str) -> None:
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     if stamp.exists() and stamp.read_text() == digest:
         return
-    pip = [str(PY), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     have_torch = subprocess.run([str(PY), "-c", "import torch"], capture_output=True).returncode == 0
     if not have_torch:
         torch_req = os.environ.get("LENSLAB_TORCH", "torch==2.13.0")
         say(f"installing {torch_req} (CPU build where one is available)")
-        sh(pip + [torch_req])
+        pip_install([torch_req])
     say(f"installing lenslab{extras} in editable mode (a minute or two the first time)")
-    sh(pip + ["-e", f"{ROOT}{extras}"])
+    pip_install(["-e", f"{ROOT}{extras}"])
     if extras == "[dev]":
         # LXT is the reference for the RelP rule tests; its model patches need names transformers 5
         # removed and its dependencies pull in a CUDA torchvision, so only the package itself goes in.
-        sh(pip + ["--no-deps", "lxt==2.1"])
+        pip_install(["--no-deps", "lxt==2.1"])
     stamp.write_text(digest)
 
 
