@@ -15,6 +15,7 @@ st.set_page_config(page_title="lenslab", page_icon=":material/biotech:", layout=
 PAGES = [
     st.Page("page_model.py", title="Model", icon=":material/info:", default=True),
     st.Page("page_circuits.py", title="Circuits", icon=":material/account_tree:"),
+    st.Page("page_sinks.py", title="Sinks", icon=":material/vertical_align_bottom:"),
 ]
 
 _shell.sidebar()

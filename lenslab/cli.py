@@ -3,6 +3,7 @@
     lenslab app [--port 8501] [--host 127.0.0.1] [--model zoo/induction-2l]
     lenslab models
     lenslab zoo train NAME [--out DIR] [--seed 0]
+    lenslab sinks attention|massive|ablate --model M [--prompts P ...] --out FILE
 """
 from __future__ import annotations
 
@@ -109,6 +110,32 @@ def _cmd_circuits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sinks(args: argparse.Namespace) -> int:
+    import lenslab
+    from lenslab import zoo
+    from lenslab.figures import FORMATS, export
+    from lenslab.probes import sinks
+
+    out = Path(args.out)
+    if out.suffix.lower() not in FORMATS:
+        raise LenslabError(f"--out {out.name!r}: the extension picks the format, one of {', '.join(FORMATS)}")
+    model = lenslab.load_model(args.model, device=args.device)
+    prompts = args.prompts or [zoo.default_prompt(args.model) or "The quick brown fox jumps over the lazy dog."]
+    rule = sinks.MassiveRule(absolute=args.absolute or None, ratio=args.ratio or None)
+    if args.sinks_command == "attention":
+        result = sinks.attention_sinks(model, prompts, threshold=args.threshold)
+        print(f"sink rate {100 * result.sink_rate:.1f}% (threshold {result.threshold:g}); sink heads {result.sink_heads()}")
+    elif args.sinks_command == "massive":
+        result = sinks.massive_activations(model, prompts, rule=rule)
+        print(f"massive dims {result.massive_dims} on positions {result.massive_positions}")
+    else:
+        result = sinks.ablate_massive(model, prompts, mode=args.mode, rule=rule, threshold=args.threshold)
+        print(f"loss {result.loss_clean:.4g} -> {result.loss_ablated:.4g}; sink rate "
+              f"{100 * result.sinks_clean.sink_rate:.1f}% -> {100 * result.sinks_ablated.sink_rate:.1f}%")
+    print(f"lenslab: wrote {export(result, out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lenslab", description="lenslab: mechanistic-interpretability and steering workbench")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -168,6 +195,22 @@ def build_parser() -> argparse.ArgumentParser:
     cg.add_argument("--threshold", type=float, default=None)
     for sp in (cp, ca, cf, cg):
         sp.set_defaults(func=_cmd_circuits)
+
+    s = sub.add_parser("sinks", help="attention sinks and massive activations")
+    ssub = s.add_subparsers(dest="sinks_command", required=True, metavar="SINKS_COMMAND")
+    for cmd, hlp in (("attention", "per-head attention to the first token and the sink rate (Gu et al.)"),
+                     ("massive", "the largest residual entries per layer and the massive ones (Sun et al.)"),
+                     ("ablate", "set the massive activations to zero or their mean: loss and sink rate")):
+        sp = ssub.add_parser(cmd, help=hlp)
+        sp.add_argument("--model", default="zoo/ioi-4l", help="zoo name, HF id or local dir (default zoo/ioi-4l)")
+        sp.add_argument("--prompts", nargs="+", default=None, help="prompts (default: the model's default prompt)")
+        sp.add_argument("--threshold", type=float, default=0.3, help="sink threshold epsilon in (0, 1)")
+        sp.add_argument("--absolute", type=float, default=100.0, help="massive if |a| > this (0: no absolute bar)")
+        sp.add_argument("--ratio", type=float, default=1000.0, help="... and |a| >= this x the median (0: no ratio bar)")
+        sp.add_argument("--mode", default="mean", choices=["mean", "zero"], help="ablate: the value set")
+        sp.add_argument("--device", default="auto")
+        sp.add_argument("--out", required=True, help="output file; the extension picks the format: .json .svg .png .pdf .html")
+        sp.set_defaults(func=_cmd_sinks)
     return p
 
 
