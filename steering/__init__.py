@@ -1,1 +1,35 @@
-"""lenslab.steering (see docs/ and the open issues for what lands here)."""
+"""lenslab.steering: interventions as data, applied through TransformerLens hooks.
+
+`Intervention` (a list of `Edit`s) is what every steering method returns; `apply` steers a
+model inside a `with` block; `save` / `load` read and write JSON presets with tensors in a
+safetensors file beside them. Baselines: `mean_difference` (DiffMean / CAA) and `actadd`.
+
+>>> import lenslab
+>>> from lenslab import steering
+>>> model = lenslab.load_model("zoo/induction-2l", device="cpu")
+>>> iv = steering.mean_difference(model, ["A B C"], ["D E F"], layers=0)  # doctest: +SKIP
+>>> with steering.apply(model, iv):  # doctest: +SKIP
+...     logits = model("A B C")
+"""
+from __future__ import annotations
+
+from lenslab.steering.baselines import SITES, actadd, hook_name, mean_activations, mean_difference
+from lenslab.steering.generate import generate, stream
+from lenslab.steering.intervention import (
+    NOT_YET_OPS,
+    OPS,
+    POSITION_WORDS,
+    Edit,
+    Intervention,
+    apply,
+    compose,
+    hooks,
+    load,
+    save,
+    validate,
+)
+
+__all__ = [
+    "NOT_YET_OPS", "OPS", "POSITION_WORDS", "SITES", "Edit", "Intervention", "actadd", "apply", "compose",
+    "generate", "hook_name", "hooks", "load", "mean_activations", "mean_difference", "save", "stream", "validate",
+]

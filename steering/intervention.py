@@ -1,0 +1,461 @@
+"""`Intervention`: what changes the model, as data.
+
+An intervention is a list of edits. Each edit names one TransformerLens hook point
+(`blocks.3.hook_resid_post`, `blocks.1.attn.hook_z`, `blocks.2.mlp.hook_post`), the positions
+it touches, the units (entries of the activation's last dimension; for per-head hooks such as
+`hook_z` of shape `[batch, pos, head, d_head]` the `head x d_head` entries flattened), an
+operation and a strength. Every steering method in lenslab returns one (DiffMean and ActAdd in
+`lenslab.steering.baselines`; AUSteer units and LinEAS maps later), so one `apply` serves
+generation, patching and evaluation, and a preset is a JSON file plus a safetensors file.
+
+Operations, for the selected entries `x` and strength `s` (each is the identity at `s = 0` and
+its full effect at `s = 1`):
+
+| op | tensors | new value |
+|---|---|---|
+| `add` | `vector` | `x + s * vector` (ActAdd, DiffMean / CAA) |
+| `multiply` | `vector` (factors f) | `x * (1 + s * (f - 1))` (AUSteer: f = 1 + beta) |
+| `affine` | `vector` (scale a), `shift` (b) | `s * (a * x + b) + (1 - s) * x` (LinEAS) |
+| `clamp` | `vector` (values c) | `s * c + (1 - s) * x` |
+| `zero` | none | `(1 - s) * x` |
+
+Positions: `"all"`, `"last"` (the last position of each forward pass), `"prompt"` / `"generated"`
+(needs `prompt_len`, given by `generate`), or a tuple of indices (negative ones count from the
+end). An `add` edit at explicit positions may carry one vector per position (`[n_pos, n_units]`,
+as ActAdd does).
+
+>>> import torch
+>>> from lenslab.steering import Edit, Intervention
+>>> iv = Intervention(edits=(Edit(hook="blocks.0.hook_resid_post", op="add", vector=torch.ones(32)),))
+>>> (iv + iv.with_strength(0.5)).strengths()
+[1.0, 0.5]
+"""
+from __future__ import annotations
+
+import json
+import math
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lenslab._errors import LenslabError, did_you_mean
+
+OPS = ("add", "multiply", "affine", "clamp", "zero")
+NOT_YET_OPS = ("mask_experts", "force_experts")  # MoE expert switches: a later issue
+POSITION_WORDS = ("all", "last", "prompt", "generated")
+FORMAT = "lenslab.intervention/1"
+
+Positions = str | tuple[int, ...]
+
+
+def _tensor(v, what: str) -> Tensor | None:
+    if v is None:
+        return None
+    t = v.detach().cpu() if isinstance(v, Tensor) else torch.as_tensor(v)
+    if not t.is_floating_point():
+        t = t.to(torch.float32)
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+        raise LenslabError(f"{what} has a NaN or infinite entry at index {bad}; pass finite numbers")
+    return t.contiguous()
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Edit:
+    """One edit at one hook point (see the module docstring for the ops).
+
+    Attributes:
+        hook: a TransformerLens hook name, e.g. `"blocks.3.hook_resid_post"`.
+        op: "add", "multiply", "affine", "clamp" or "zero".
+        vector: `[n_units]` (or `[n_pos, n_units]` for `add` at explicit positions): the added
+            vector, the factors, the affine scale or the clamp values; None for `zero`.
+        shift: `[n_units]`, the affine shift (affine only).
+        units: indices into the (flattened) last dimension, or None for all of it.
+        positions: "all", "last", "prompt", "generated", or a tuple of position indices.
+        strength: a finite float; 0 leaves the model unchanged.
+    """
+
+    hook: str
+    op: str = "add"
+    vector: Tensor | None = None
+    shift: Tensor | None = None
+    units: tuple[int, ...] | None = None
+    positions: Positions = "all"
+    strength: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.hook, str) or not self.hook:
+            raise LenslabError(f"hook must be a TransformerLens hook name like 'blocks.0.hook_resid_post', got {self.hook!r}")
+        if self.op in NOT_YET_OPS:
+            raise LenslabError(f"op {self.op!r} (MoE expert switches) is not implemented yet; use one of {', '.join(OPS)}")
+        if self.op not in OPS:
+            raise LenslabError(f"op {self.op!r} is not one of {', '.join(OPS)}{did_you_mean(self.op, OPS)}")
+        s = self.strength
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(float(s)):
+            raise LenslabError(f"strength of the edit at {self.hook} must be a finite number, got {s!r}")
+        object.__setattr__(self, "strength", float(s))
+        vec = _tensor(self.vector, f"vector of the {self.op} edit at {self.hook}")
+        shift = _tensor(self.shift, f"shift of the affine edit at {self.hook}")
+        object.__setattr__(self, "vector", vec)
+        object.__setattr__(self, "shift", shift)
+        if self.op == "zero":
+            if vec is not None or shift is not None:
+                raise LenslabError(f"a zero edit at {self.hook} takes no vector or shift; drop them")
+        elif vec is None:
+            raise LenslabError(f"a {self.op} edit at {self.hook} needs a vector; pass vector=<tensor>")
+        if shift is not None and self.op != "affine":
+            raise LenslabError(f"shift is only for affine edits (the edit at {self.hook} is {self.op}); drop it")
+        if self.op == "affine" and shift is None:
+            object.__setattr__(self, "shift", torch.zeros_like(vec))
+        units = self.units
+        if units is not None:
+            units = tuple(int(u) for u in (units.tolist() if isinstance(units, Tensor) else units))
+            if not units:
+                raise LenslabError(f"units of the edit at {self.hook} is empty; pass None for all units")
+            if min(units) < 0:
+                raise LenslabError(f"unit index {min(units)} at {self.hook} is negative; unit indices start at 0")
+            if len(set(units)) != len(units):
+                raise LenslabError(f"units of the edit at {self.hook} repeat an index; list each unit once")
+            object.__setattr__(self, "units", units)
+        pos = self.positions
+        if isinstance(pos, str):
+            if pos not in POSITION_WORDS:
+                raise LenslabError(
+                    f"positions {pos!r} is not one of {', '.join(POSITION_WORDS)} or a list of indices"
+                    f"{did_you_mean(pos, POSITION_WORDS)}"
+                )
+        else:
+            pos = tuple(int(p) for p in (pos.tolist() if isinstance(pos, Tensor) else pos))
+            if not pos:
+                raise LenslabError(f"positions of the edit at {self.hook} is empty; pass 'all' or some indices")
+            object.__setattr__(self, "positions", pos)
+        if vec is not None:
+            n_units = len(units) if units is not None else None
+            if vec.ndim == 2:
+                if self.op != "add" or isinstance(pos, str) or vec.shape[0] != len(pos):
+                    raise LenslabError(
+                        f"a 2-D vector [n_pos, n_units] at {self.hook} needs op 'add' and one explicit position "
+                        f"per row (got op {self.op!r}, positions {pos!r}, vector shape {tuple(vec.shape)})"
+                    )
+            elif vec.ndim != 1:
+                raise LenslabError(f"vector at {self.hook} must be 1-D [n_units], got shape {tuple(vec.shape)}")
+            if n_units is not None and vec.shape[-1] != n_units:
+                raise LenslabError(
+                    f"vector at {self.hook} has {vec.shape[-1]} entries but units lists {n_units}; give one entry per unit"
+                )
+            if shift is not None and shift.shape != vec.shape[-1:]:
+                raise LenslabError(f"shift at {self.hook} has shape {tuple(shift.shape)}, scale {tuple(vec.shape)}; make them equal")
+
+    def with_strength(self, strength: float) -> Edit:
+        return replace(self, strength=strength)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Edit):
+            return NotImplemented
+        return (
+            (self.hook, self.op, self.units, self.positions, self.strength)
+            == (other.hook, other.op, other.units, other.positions, other.strength)
+            and _teq(self.vector, other.vector)
+            and _teq(self.shift, other.shift)
+        )
+
+    __hash__ = None  # tensors inside
+
+
+def _teq(a: Tensor | None, b: Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.dtype == b.dtype and torch.equal(a, b)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Intervention:
+    """A composable list of `Edit`s, applied in order (edits at one hook compose left to right).
+
+    Attributes:
+        edits: the edits.
+        name: a label for presets and the app.
+        provenance: how it was made (method, model, prompts, layers, lenslab version...).
+    """
+
+    edits: tuple[Edit, ...] = ()
+    name: str = ""
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        edits = tuple(self.edits) if not isinstance(self.edits, Edit) else (self.edits,)
+        for e in edits:
+            if not isinstance(e, Edit):
+                raise LenslabError(f"Intervention edits must be Edit objects, got {type(e).__name__}")
+        object.__setattr__(self, "edits", edits)
+
+    def __add__(self, other: Intervention) -> Intervention:
+        if not isinstance(other, Intervention):
+            return NotImplemented
+        return compose([self, other])
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Intervention):
+            return NotImplemented
+        return self.edits == other.edits and self.name == other.name and self.provenance == other.provenance
+
+    __hash__ = None
+
+    @property
+    def hook_names(self) -> list[str]:
+        return sorted({e.hook for e in self.edits})
+
+    def strengths(self) -> list[float]:
+        return [e.strength for e in self.edits]
+
+    def with_strength(self, strength: float) -> Intervention:
+        """The same edits, every one at `strength` (what a strength slider sets)."""
+        return replace(self, edits=tuple(e.with_strength(strength) for e in self.edits))
+
+    def n_units(self, model=None) -> int:
+        """Number of (hook, unit) entries edited; edits over all units need `model` for the size."""
+        total = 0
+        for e in self.edits:
+            if e.units is not None:
+                total += len(e.units)
+            elif e.vector is not None:
+                total += e.vector.shape[-1]
+            elif model is not None:
+                total += _hook_shapes(model, [e.hook])[e.hook]
+            else:
+                raise LenslabError("a zero edit over all units needs the model to count units; pass model=")
+        return total
+
+    # --- JSON + safetensors ------------------------------------------------------------------
+    def to_dict(self) -> tuple[dict, dict[str, Tensor]]:
+        """(JSON-able spec, tensors by key) — the two halves of a preset."""
+        tensors: dict[str, Tensor] = {}
+        edits = []
+        for i, e in enumerate(self.edits):
+            d = {"hook": e.hook, "op": e.op, "strength": e.strength,
+                 "positions": e.positions if isinstance(e.positions, str) else list(e.positions),
+                 "units": None if e.units is None else list(e.units)}
+            for key in ("vector", "shift"):
+                t = getattr(e, key)
+                if t is not None:
+                    tensors[f"edits.{i}.{key}"] = t
+                    d[key] = f"edits.{i}.{key}"
+            edits.append(d)
+        return {"format": FORMAT, "name": self.name, "edits": edits, "provenance": self.provenance}, tensors
+
+    @classmethod
+    def from_dict(cls, spec: dict, tensors: dict[str, Tensor]) -> Intervention:
+        if spec.get("format") != FORMAT:
+            raise LenslabError(f"not a lenslab intervention preset (format {spec.get('format')!r}, expected {FORMAT!r})")
+        edits = []
+        for d in spec["edits"]:
+            kw = {k: d[k] for k in ("hook", "op", "strength") if k in d}
+            kw["positions"] = d.get("positions", "all") if isinstance(d.get("positions", "all"), str) else tuple(d["positions"])
+            kw["units"] = None if d.get("units") is None else tuple(d["units"])
+            for key in ("vector", "shift"):
+                if d.get(key) is not None:
+                    if d[key] not in tensors:
+                        raise LenslabError(f"preset names tensor {d[key]!r} but its safetensors file lacks it; re-save the preset")
+                    kw[key] = tensors[d[key]]
+            edits.append(Edit(**kw))
+        return cls(edits=tuple(edits), name=spec.get("name", ""), provenance=spec.get("provenance", {}))
+
+
+def compose(interventions: Iterable[Intervention]) -> Intervention:
+    """One intervention applying all edits of `interventions`, in order."""
+    ivs = list(interventions)
+    edits = tuple(e for iv in ivs for e in iv.edits)
+    name = " + ".join(iv.name for iv in ivs if iv.name)
+    prov = {"composed_of": [iv.provenance for iv in ivs]} if any(iv.provenance for iv in ivs) else {}
+    return Intervention(edits=edits, name=name, provenance=prov)
+
+
+def save(intervention: Intervention, path: str | Path) -> Path:
+    """Write `path` (JSON spec) and the tensors beside it (`<stem>.safetensors`); returns the JSON path.
+
+    >>> save(iv, "preset.json")  # writes preset.json and preset.safetensors  # doctest: +SKIP
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".json":
+        raise LenslabError(f"preset path {str(path)!r} must end in .json (tensors go in a .safetensors beside it)")
+    spec, tensors = intervention.to_dict()
+    tpath = path.with_suffix(".safetensors")
+    spec["tensors"] = tpath.name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spec, indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tpath))
+    return path
+
+
+def load(path: str | Path) -> Intervention:
+    """Read a preset written by `save` (JSON plus the safetensors file it names; never pickle)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise LenslabError(f"preset {str(path)!r} does not exist; check the path (a .json written by lenslab.steering.save)")
+    try:
+        spec = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise LenslabError(f"preset {str(path)!r} is not valid JSON ({err}); re-save it") from None
+    tname = spec.get("tensors")
+    tensors: dict[str, Tensor] = {}
+    if tname:
+        tpath = path.parent / tname
+        if not tpath.is_file():
+            raise LenslabError(f"preset {path.name} needs {tname} beside it, which is missing; copy both files")
+        tensors = load_file(str(tpath))
+    return Intervention.from_dict(spec, tensors)
+
+
+# --- applying ------------------------------------------------------------------------------
+
+_SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _hook_names(model) -> list[str]:
+    return list(model.hook_dict.keys())
+
+
+def _hook_shapes(model, hooks: Sequence[str]) -> dict[str, int]:
+    """Size of each hook's (flattened) unit dimension, from a 2-token `run_with_cache`."""
+    cache = _SHAPES.setdefault(model, {})
+    missing = [h for h in hooks if h not in cache]
+    if missing:
+        toks = torch.zeros((1, 2), dtype=torch.long, device=_model_device(model))
+        with torch.no_grad():
+            _, acts = model.run_with_cache(toks, names_filter=lambda n: n in missing)
+        for h in missing:
+            if h not in acts:
+                raise LenslabError(f"hook {h!r} did not fire on a forward pass of this model; pick another hook")
+            a = acts[h]
+            if a.ndim < 3 or a.shape[1] != 2:
+                raise LenslabError(
+                    f"hook {h!r} has shape {tuple(a.shape)}, not [batch, pos, ...]; steering edits need a hook "
+                    "whose second axis is the position (e.g. hook_resid_post, attn.hook_z, mlp.hook_post)"
+                )
+            cache[h] = math.prod(a.shape[2:])
+    return {h: cache[h] for h in hooks}
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def validate(model, intervention: Intervention) -> None:
+    """Check `intervention` against `model`: hook names, vector sizes, unit indices.
+
+    Raises:
+        LenslabError: naming the edit, the problem and the fix.
+    """
+    if not isinstance(intervention, Intervention):
+        raise LenslabError(f"expected an Intervention, got {type(intervention).__name__}")
+    names = _hook_names(model)
+    known = set(names)
+    for e in intervention.edits:
+        if e.hook not in known:
+            raise LenslabError(f"hook {e.hook!r} is not a hook point of this model{did_you_mean(e.hook, names)}")
+    dims = _hook_shapes(model, sorted({e.hook for e in intervention.edits}))
+    for e in intervention.edits:
+        d = dims[e.hook]
+        if e.units is not None:
+            if max(e.units) >= d:
+                raise LenslabError(
+                    f"unit index {max(e.units)} is out of range at {e.hook}, which has {d} units (0..{d - 1})"
+                )
+        elif e.vector is not None and e.vector.shape[-1] != d:
+            raise LenslabError(
+                f"vector at {e.hook} has {e.vector.shape[-1]} entries but the hook's last dimension has {d}; "
+                f"pass a vector of size {d} or list the units it covers"
+            )
+
+
+def _position_index(positions: Positions, n_pos: int, prompt_len: int | None, hook: str) -> Tensor | slice:
+    if positions == "all":
+        return slice(None)
+    if positions == "last":
+        return slice(n_pos - 1, n_pos)
+    if positions in ("prompt", "generated"):
+        if prompt_len is None:
+            if positions == "prompt":
+                return slice(None)
+            raise LenslabError(
+                f"positions 'generated' at {hook} needs the prompt length: use lenslab.steering.generate, "
+                "or apply(model, iv, prompt_len=n)"
+            )
+        return slice(0, prompt_len) if positions == "prompt" else slice(prompt_len, n_pos)
+    idx = []
+    for p in positions:
+        if not -n_pos <= p < n_pos:
+            raise LenslabError(
+                f"position {p} at {hook} is out of range for an input of {n_pos} tokens; use a longer prompt "
+                "or positions within it"
+            )
+        idx.append(p % n_pos)
+    return torch.tensor(idx)
+
+
+def _edit_fn(e: Edit, prompt_len: int | None) -> Callable:
+    def fn(act: Tensor, hook) -> Tensor:
+        b, p = act.shape[:2]
+        flat = act.reshape(b, p, -1)
+        pos = _position_index(e.positions, p, prompt_len, e.hook)
+        if isinstance(pos, slice):
+            pos = torch.arange(p)[pos]
+        if pos.numel() == 0:
+            return act
+        units = torch.arange(flat.shape[-1]) if e.units is None else torch.tensor(e.units)
+        pos, units = pos.to(act.device), units.to(act.device)
+        ix = (slice(None), pos[:, None], units[None, :])
+        x = flat[ix]  # [batch, n_pos, n_units]
+        s = e.strength
+        v = None if e.vector is None else e.vector.to(act.device, act.dtype)
+        if e.op == "add":
+            new = x + s * v
+        elif e.op == "multiply":
+            new = x * (1 + s * (v - 1))
+        elif e.op == "affine":
+            new = s * (v * x + e.shift.to(act.device, act.dtype)) + (1 - s) * x
+        elif e.op == "clamp":
+            new = s * v + (1 - s) * x
+        else:  # zero
+            new = (1 - s) * x
+        out = flat.clone()
+        out[ix] = new
+        return out.reshape(act.shape)
+
+    return fn
+
+
+def hooks(model, intervention: Intervention, *, prompt_len: int | None = None) -> list[tuple[str, Callable]]:
+    """Validated TransformerLens forward hooks `[(hook_name, fn), ...]` for `intervention`.
+
+    Use with `model.run_with_hooks(tokens, fwd_hooks=hooks(model, iv))` or `model.hooks(...)`.
+    `prompt_len` fixes what "prompt" and "generated" positions mean.
+    """
+    validate(model, intervention)
+    return [(e.hook, _edit_fn(e, prompt_len)) for e in intervention.edits]
+
+
+@contextmanager
+def apply(model, intervention: Intervention | None, *, prompt_len: int | None = None) -> Iterator:
+    """Context manager: inside it every forward pass of `model` is steered by `intervention`.
+
+    >>> with apply(model, iv):  # doctest: +SKIP
+    ...     logits = model(tokens)  # [batch, pos, d_vocab], steered
+    """
+    if intervention is None or not intervention.edits:
+        yield model
+        return
+    with model.hooks(fwd_hooks=hooks(model, intervention, prompt_len=prompt_len)):
+        yield model
