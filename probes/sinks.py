@@ -37,7 +37,7 @@ from lenslab.results import provenance
 
 __all__ = [
     "AblationResult", "MassiveResult", "MassiveRule", "SinkResult", "ablate_massive", "attention_sinks",
-    "massive_activations", "planted_model", "super_experts",
+    "massive_activations", "planted_model", "planted_tokens", "super_experts",
 ]
 
 DEFAULT_SINK_THRESHOLD = 0.3
@@ -455,14 +455,13 @@ def _sinks(model, batches: list[Tensor], layers: list[int], threshold: float, ho
                       provenance=provenance(model, method="attention_sinks", **_prompt_record(model, batches), **extra))
 
 
-def massive_activations(model, prompts=None, *, rule: MassiveRule | None = None, top_k: int = 3, layers=None,
+def massive_activations(model, prompts, *, rule: MassiveRule | None = None, top_k: int = 3, layers=None,
                         prepend_bos: bool | None = None) -> MassiveResult:
     """The largest residual-stream entries per layer output and which of them are massive (Sun et al. 2024).
 
     Args:
         model: a TransformerLens model.
-        prompts: a string, a list of strings, or token ids `[batch, pos]` (default: the model's
-            default zoo prompt is not assumed; pass something).
+        prompts: a string, a list of strings, or token ids `[batch, pos]`.
         rule: `MassiveRule` (default |a| > 100 and >= 1000x the median of that hidden state).
         top_k: how many of the largest |a| to keep per layer (Sun et al. show 3).
         layers: layers whose output `blocks.{l}.hook_resid_post` to read (default all).
