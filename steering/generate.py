@@ -40,6 +40,7 @@ def stream(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     eos = getattr(model.tokenizer, "eos_token_id", None) if model.tokenizer is not None else None
     text = ""
+    head = model.to_string(tokens[0])  # the continuation is what decoding adds after the prompt
     with torch.no_grad(), apply(model, intervention, prompt_len=prompt_len):
         for _ in range(max_new_tokens):
             logits = model(tokens)[0, -1].float()  # [d_vocab]
@@ -54,7 +55,8 @@ def stream(
             tokens = torch.cat([tokens, torch.tensor([[nxt]], device=device)], dim=1)
             if stop_at_eos and eos is not None and nxt == eos:
                 return
-            new = model.to_string(tokens[0, prompt_len:])
+            full = model.to_string(tokens[0])
+            new = full[len(head):] if full.startswith(head) else model.to_string(tokens[0, prompt_len:])
             piece, text = new[len(text):] if new.startswith(text) else new, new
             yield piece
 

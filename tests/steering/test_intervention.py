@@ -259,5 +259,34 @@ def test_generate_same_seed_and_stream(tiny_model):
     assert sampled[0] == sampled[1]
     gen_only = Intervention(edits=(Edit(hook=HOOK, vector=iv.edits[0].vector, strength=20.0, positions="generated"),))
     # "generated" positions: the first new token is read before any generated position exists
-    assert S.generate(tiny_model, PROMPT, gen_only, max_new_tokens=1) == plain.split()[0]
+    assert S.generate(tiny_model, PROMPT, gen_only, max_new_tokens=1).split() == plain.split()[:1]
     assert S.generate(tiny_model, PROMPT, gen_only, max_new_tokens=5) != plain
+
+
+@pytest.mark.slow
+def test_plumbing_on_a_transformer_bridge(tmp_path):
+    """A tiny random Gemma loads as a TransformerBridge; edits act through the same hook names."""
+    transformers = pytest.importorskip("transformers")
+    from lenslab import zoo
+
+    cfg = transformers.GemmaConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=64, head_dim=8, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    )
+    torch.manual_seed(0)
+    transformers.GemmaForCausalLM(cfg).save_pretrained(tmp_path)
+    zoo.word_tokenizer([f"w{i}" for i in range(60)]).save_pretrained(tmp_path)
+    model = lenslab.load_model(str(tmp_path), device="cpu")
+    assert type(model).__name__ == "TransformerBridge"
+    tokens = model.to_tokens("w1 w2 w3 w4")
+    base = _logits(model, tokens)
+    iv = S.mean_difference(model, ["w1 w2 w3", "w5 w6 w7"], ["w9 w8 w7"], layers=[0, 1])
+    assert torch.equal(_logits(model, tokens, iv.with_strength(0.0)), base)
+    assert (_logits(model, tokens, iv.with_strength(5.0)) - base).abs().max() > 0.1
+    v = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, lambda a, hook: a + v)])
+    assert torch.equal(_logits(model, tokens, Intervention(edits=(Edit(hook=HOOK, vector=v),))), want)
+    with pytest.raises(LenslabError, match="last dimension has 64"):
+        S.validate(model, Intervention(edits=(Edit(hook="blocks.0.mlp.hook_post", vector=torch.ones(32)),)))
+    assert len(S.generate(model, "w1 w2 w3 w4", S.actadd(model, "w1 w2", "w3", layer=1), max_new_tokens=3).split()) <= 3
