@@ -360,21 +360,20 @@ def get_metric(metric: MetricLike, model, task: Task) -> Metric:
     """Bind a metric name or callable to `task` (running clean and corrupt once for baselines)."""
     if isinstance(metric, Metric):
         return metric
-    with torch.no_grad():
-        full_clean = model(task.clean_tokens)
-        full_corrupt = model(task.corrupt_tokens)
-    clean_last, corrupt_last = full_clean[:, -1].float(), full_corrupt[:, -1].float()
-    ans = task.answer_tokens.to(clean_last.device)
     if callable(metric):
         m = Metric(name=getattr(metric, "__name__", "custom"), fn=metric)
         with torch.no_grad():
-            return Metric(name=m.name, fn=metric, clean_value=float(m(full_clean)), corrupt_value=float(m(full_corrupt)))
-    del full_clean, full_corrupt
+            clean_value = float(m(model(task.clean_tokens)))
+            corrupt_value = float(m(model(task.corrupt_tokens)))
+        return Metric(name=m.name, fn=metric, clean_value=clean_value, corrupt_value=corrupt_value)
     if not isinstance(metric, str) or metric not in METRICS:
         raise LenslabError(
             f"metric {metric!r} is not one of {', '.join(METRICS)}{did_you_mean(str(metric), METRICS)}; "
             "or pass a callable f(logits[batch, pos, vocab]) -> scalar"
         )
+    with torch.no_grad():
+        clean_last, corrupt_last = last_logits(model, task.clean_tokens), last_logits(model, task.corrupt_tokens)
+    ans = task.answer_tokens.to(clean_last.device)
     if metric == "logit_diff":
         per = lambda last: logit_diff_per_prompt(last, ans)  # noqa: E731
     elif metric == "answer_prob":
@@ -401,6 +400,20 @@ def get_metric(metric: MetricLike, model, task: Task) -> Metric:
 
 
 # --- helpers -------------------------------------------------------------------------------
+
+
+def last_logits(model, tokens: Tensor) -> Tensor:
+    """Logits at the last position, `[batch, vocab]` (float32), without materialising
+    `[batch, pos, vocab]`: the blocks run on every position, the final norm and unembedding on
+    the last one only. Falls back to a full forward for models without `stop_at_layer`."""
+    from transformer_lens import HookedTransformer
+
+    if isinstance(model, HookedTransformer):
+        resid = model(tokens, stop_at_layer=model.cfg.n_layers)[:, -1:]
+        if hasattr(model, "ln_final"):  # models without normalization have none
+            resid = model.ln_final(resid)
+        return model.unembed(resid)[:, 0].float()
+    return model(tokens)[:, -1].float()
 
 
 def _tokenize_one(model, text: str, prepend_bos: bool, what: str) -> list[int]:
