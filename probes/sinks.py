@@ -245,10 +245,16 @@ class MassiveResult(_Json):
     Attributes:
         magnitudes: `[layer, d_model]` max |a| over samples and positions.
         medians: `[layer]` median |a| of the hidden state, averaged over samples.
-        top_values / top_dims / top_pos / top_sample: `[layer, k]` the k largest |a| per layer
-            with their dimension, position and sample index; `top_tokens` their token strings.
+        top_values: `[layer, k]` the k largest |a| per layer.
+        top_dims: `[layer, k]` their residual dimensions.
+        top_pos: `[layer, k]` their positions.
+        top_sample: `[layer, k]` their sample indices.
+        top_tokens: their token strings.
         massive: one dict per massive entry: layer, dim, pos, token, sample, value, ratio.
-        layers, rule, hook ("resid_post"), provenance.
+        layers: the layers read.
+        rule: the `MassiveRule` applied.
+        hook: the hook read ("resid_post").
+        provenance: model, prompts, versions, time.
     """
 
     KIND = "MassiveResult"
