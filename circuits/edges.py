@@ -17,17 +17,15 @@ in_v + (out_u(source) - out_u(base)).
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from lenslab._errors import LenslabError
 from lenslab.circuits.patching import DIRECTIONS, _model_device, _progress, validate_task
-from lenslab.results import provenance
+from lenslab.results import JsonResult, provenance
 from lenslab.tasks import MetricLike, Task, get_metric
 
 
@@ -69,7 +67,7 @@ def edge_exists(u: str, v: str) -> bool:
 
 
 @dataclass(frozen=True, eq=False)
-class EdgeScores:
+class EdgeScores(JsonResult):
     """Edge attribution scores: `scores[i, j]` for nodes[i] -> nodes[j] (NaN where no edge)."""
 
     nodes: list[str]
@@ -79,6 +77,7 @@ class EdgeScores:
     clean_value: float | None = None
     corrupt_value: float | None = None
     provenance: dict = field(default_factory=dict)
+    KIND = "EdgeScores"
 
     def edges(self) -> list[tuple[str, str, float]]:
         """All existing edges as (source, target, score)."""
@@ -93,20 +92,8 @@ class EdgeScores:
                 "metric": self.metric, "clean_value": self.clean_value, "corrupt_value": self.corrupt_value,
                 "provenance": self.provenance}
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
     @classmethod
-    def from_json(cls, text_or_path: str | Path) -> EdgeScores:
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text_or_path).read_text()
-        d = json.loads(text)
-        if d.get("kind") != "EdgeScores":
-            raise LenslabError(f"not an EdgeScores JSON (kind={d.get('kind')!r})")
+    def from_dict(cls, d: dict) -> EdgeScores:
         nodes = d["nodes"]
         scores = torch.full((len(nodes), len(nodes)), float("nan"))
         for u, v, s in d["edges"]:

@@ -9,10 +9,8 @@ magnitude of the exact effect.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -20,7 +18,7 @@ from torch import Tensor
 from lenslab._errors import LenslabError
 from lenslab.circuits.attribution import METHODS, attribute
 from lenslab.circuits.patching import patch, resolve_site
-from lenslab.results import PatchResult
+from lenslab.results import JsonResult, PatchResult
 from lenslab.tasks import MetricLike, Task
 
 
@@ -50,7 +48,7 @@ def spearman(x: Tensor, y: Tensor) -> float:
 
 
 @dataclass(frozen=True, eq=False)
-class Faithfulness:
+class Faithfulness(JsonResult):
     """Exact patching and attribution estimates per site, with their correlations.
 
     `rows`: one dict per (site, method): site, method, pearson, spearman, n_cells, compared
@@ -60,6 +58,7 @@ class Faithfulness:
     exact: dict[str, PatchResult]
     estimates: dict[str, dict[str, PatchResult]]  # method -> site -> result
     rows: list[dict] = field(default_factory=list)
+    KIND = "Faithfulness"
 
     def table(self):
         """A pandas DataFrame of the correlations."""
@@ -90,20 +89,8 @@ class Faithfulness:
             "estimates": {m: {s: r.to_dict() for s, r in d.items()} for m, d in self.estimates.items()},
         }
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
     @classmethod
-    def from_json(cls, text_or_path: str | Path) -> Faithfulness:
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text_or_path).read_text()
-        d = json.loads(text)
-        if d.get("kind") != "Faithfulness":
-            raise LenslabError(f"not a Faithfulness JSON (kind={d.get('kind')!r})")
+    def from_dict(cls, d: dict) -> Faithfulness:
         return cls(
             exact={s: PatchResult.from_dict(r) for s, r in d["exact"].items()},
             estimates={m: {s: PatchResult.from_dict(r) for s, r in e.items()} for m, e in d["estimates"].items()},

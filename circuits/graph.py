@@ -8,16 +8,15 @@ whose pruned graph has at least `top_k` edges, so the circuit is never empty.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from lenslab._errors import LenslabError
 from lenslab.circuits.edges import EdgeScores, _parse
+from lenslab.results import JsonResult
 
 
 @dataclass(frozen=True, eq=False)
-class CircuitGraph:
+class CircuitGraph(JsonResult):
     """Nodes (graph order) and signed edges (source, target, weight)."""
 
     nodes: list[str]
@@ -25,6 +24,7 @@ class CircuitGraph:
     metric: str = ""
     method: str = ""
     provenance: dict = field(default_factory=dict)
+    KIND = "CircuitGraph"
 
     @classmethod
     def from_edge_scores(cls, scores: EdgeScores, *, top_k: int | None = 20, threshold: float | None = None,
@@ -60,20 +60,8 @@ class CircuitGraph:
         return {"kind": "CircuitGraph", "nodes": self.nodes, "edges": [list(e) for e in self.edges],
                 "metric": self.metric, "method": self.method, "provenance": self.provenance}
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
     @classmethod
-    def from_json(cls, text_or_path: str | Path) -> CircuitGraph:
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text_or_path).read_text()
-        d = json.loads(text)
-        if d.get("kind") != "CircuitGraph":
-            raise LenslabError(f"not a CircuitGraph JSON (kind={d.get('kind')!r})")
+    def from_dict(cls, d: dict) -> CircuitGraph:
         return cls(nodes=d["nodes"], edges=[(u, v, float(w)) for u, v, w in d["edges"]], metric=d.get("metric", ""),
                    method=d.get("method", ""), provenance=d.get("provenance") or {})
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace

@@ -44,8 +44,33 @@ def provenance(model, task=None, **extra) -> dict:
     return out
 
 
+class JsonResult:
+    """`to_json` / `from_json` for every result dataclass: the subclass sets `KIND` and provides
+    `to_dict()` (with `"kind": KIND`) and `from_dict(d)`. Tensors are nested lists (results are small)."""
+
+    KIND = ""
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The result as JSON text; also written to `path` when given."""
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path):
+        """Read a result from JSON text or a .json file."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text_or_path).read_text()
+        d = json.loads(text)
+        if d.get("kind") != cls.KIND:
+            raise LenslabError(f"not a {cls.KIND} JSON (kind={d.get('kind')!r})")
+        return cls.from_dict(d)
+
+
 @dataclass(frozen=True, kw_only=True, eq=False)
-class PatchResult:
+class PatchResult(JsonResult):
     """Scores of one site under one method.
 
     Attributes:
@@ -71,6 +96,7 @@ class PatchResult:
     clean_value: float | None = None
     corrupt_value: float | None = None
     provenance: dict = field(default_factory=dict)
+    KIND = "PatchResult"
 
     def __post_init__(self) -> None:
         if self.scores.ndim != len(self.axes):
@@ -106,13 +132,6 @@ class PatchResult:
             "provenance": self.provenance,
         }
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        """The result as JSON text; also written to `path` when given."""
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
     @classmethod
     def from_dict(cls, d: dict) -> PatchResult:
         if d.get("kind") != "PatchResult":
@@ -130,14 +149,6 @@ class PatchResult:
             corrupt_value=d.get("corrupt_value"),
             provenance=d.get("provenance") or {},
         )
-
-    @classmethod
-    def from_json(cls, text_or_path: str | Path) -> PatchResult:
-        """Read a result from JSON text or a .json file."""
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text_or_path).read_text()
-        return cls.from_dict(json.loads(text))
 
     def to_dataframe(self):
         """Long format: one row per cell, a column per axis (index and label) and `score`."""

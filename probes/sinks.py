@@ -25,15 +25,13 @@ hand, the ground truth the tests hold the detectors to.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from lenslab._errors import LenslabError
-from lenslab.results import provenance
+from lenslab.results import JsonResult, provenance
 
 __all__ = [
     "AblationResult", "MassiveResult", "MassiveRule", "SinkResult", "ablate_massive", "attention_sinks",
@@ -110,32 +108,10 @@ def _t(x) -> list:
     return x.detach().cpu().float().tolist()
 
 
-class _Json:
-    """to_json / from_json for the result dataclasses here (tensors as nested lists: they are small)."""
-
-    KIND = ""
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        """The result as JSON text; also written to `path` when given."""
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
-    @classmethod
-    def from_json(cls, text_or_path: str | Path):
-        """Read a result from JSON text or a .json file."""
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text_or_path).read_text()
-        d = json.loads(text)
-        if d.get("kind") != cls.KIND:
-            raise LenslabError(f"not a {cls.KIND} JSON (kind={d.get('kind')!r})")
-        return cls.from_dict(d)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class SinkResult(_Json):
+class SinkResult(JsonResult):
     """Attention-sink statistics of every analysed head.
 
     Attributes:
@@ -239,7 +215,7 @@ class MassiveRule:
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class MassiveResult(_Json):
+class MassiveResult(JsonResult):
     """Residual-stream magnitudes per layer output and the massive entries.
 
     Attributes:
@@ -340,7 +316,7 @@ class MassiveResult(_Json):
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class AblationResult(_Json):
+class AblationResult(JsonResult):
     """Loss and sinks with and without the massive activations.
 
     Attributes:
