@@ -182,3 +182,23 @@ def context() -> Context:
     if ctx is None or ctx.model is None:
         st.stop()
     return ctx
+
+
+def downloads(result, key: str) -> None:
+    """Buttons to download `result` as JSON and its figure as SVG, PNG, PDF or HTML
+    (exported with `lenslab.figures.export` on request: static formats take a few seconds)."""
+    import tempfile
+
+    from lenslab import figures
+
+    ss = st.session_state
+    c1, c2, c3 = st.columns([1, 1, 3])
+    c1.download_button("JSON", result.to_json(), file_name=f"{key}.json", mime="application/json", key=f"dl_json_{key}")
+    fmt = c2.selectbox("Figure format", ["svg", "png", "pdf", "html"], key=f"fmt_{key}", label_visibility="collapsed")
+    if c3.button(f"Prepare {fmt.upper()}", key=f"prep_{key}"):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = call(f"Exporting {fmt.upper()}", figures.export, result, Path(tmp) / f"{key}.{fmt}")
+            if path:
+                ss[f"dl_bytes_{key}"] = (fmt, path.read_bytes())
+    if ss.get(f"dl_bytes_{key}", (None,))[0] == fmt:
+        c3.download_button(f"Download {fmt.upper()}", ss[f"dl_bytes_{key}"][1], file_name=f"{key}.{fmt}", key=f"dl_fig_{key}")

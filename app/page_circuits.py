@@ -3,12 +3,10 @@ circuit graphs on a task, with every figure and JSON downloadable. Numerics live
 `lenslab.circuits`, tasks in `lenslab.tasks`, export in `lenslab.figures`."""
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 
 import streamlit as st
 
-from lenslab import circuits, figures, tasks
+from lenslab import circuits, tasks
 from lenslab.app import _shell
 
 ctx = _shell.context()
@@ -43,20 +41,6 @@ if not task:
 st.caption(f"Task **{task.name}**: {task.batch} prompts × {task.seq_len} tokens.")
 
 
-def downloads(result, key: str) -> None:
-    """Buttons to download `result` as JSON and its figure as SVG, PNG or PDF."""
-    c1, c2, c3 = st.columns([1, 1, 3])
-    c1.download_button("JSON", result.to_json(), file_name=f"{key}.json", mime="application/json", key=f"dl_json_{key}")
-    fmt = c2.selectbox("Figure format", ["svg", "png", "pdf", "html"], key=f"fmt_{key}", label_visibility="collapsed")
-    if c3.button(f"Prepare {fmt.upper()}", key=f"prep_{key}"):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = _shell.call(f"Exporting {fmt.upper()}", figures.export, result, Path(tmp) / f"{key}.{fmt}")
-            if path:
-                ss[f"dl_bytes_{key}"] = (fmt, path.read_bytes())
-    if ss.get(f"dl_bytes_{key}", (None,))[0] == fmt:
-        c3.download_button(f"Download {fmt.upper()}", ss[f"dl_bytes_{key}"][1], file_name=f"{key}.{fmt}", key=f"dl_fig_{key}")
-
-
 def progress_bar(label: str):
     bar = st.progress(0.0, text=label)
     return bar, lambda done, total: bar.progress(done / max(total, 1), text=f"{label}: {done}/{total}")
@@ -81,7 +65,7 @@ with tab_patch:
                          disabled=res.clean_value == res.corrupt_value)
         st.plotly_chart(res.figure(normalize=norm), key="patch_fig")
         st.caption(f"clean {res.metric} = {res.clean_value:.4g} · corrupt = {res.corrupt_value:.4g}")
-        downloads(res, f"patch_{res.site}")
+        _shell.downloads(res, f"patch_{res.site}")
 
 with tab_attr:
     c1, c2 = st.columns(2)
@@ -97,7 +81,7 @@ with tab_attr:
         st.subheader(m)
         for s, r in per_site.items():
             st.plotly_chart(r.figure(), key=f"attr_fig_{m}_{s}")
-            downloads(r, f"{m.replace('*', 'star')}_{s}")
+            _shell.downloads(r, f"{m.replace('*', 'star')}_{s}")
 
 with tab_faith:
     c1, c2 = st.columns(2)
@@ -112,7 +96,7 @@ with tab_faith:
     if fr:
         st.dataframe(fr.table(), hide_index=True)
         st.plotly_chart(fr.figure(), key="faith_fig")
-        downloads(fr, "faithfulness")
+        _shell.downloads(fr, "faithfulness")
 
 with tab_graph:
     c1, c2, c3 = st.columns(3)
@@ -127,4 +111,4 @@ with tab_graph:
     g = ss.get("graph_result")
     if g:
         st.plotly_chart(g.figure(), key="graph_fig")
-        downloads(g, "circuit")
+        _shell.downloads(g, "circuit")

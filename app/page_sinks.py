@@ -3,12 +3,8 @@ activations (largest residual entries per layer) on the sidebar prompt, with an 
 sets the massive activations to zero or their mean. Numerics live in `lenslab.probes.sinks`."""
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import streamlit as st
 
-from lenslab import figures
 from lenslab.app import _shell
 from lenslab.probes import sinks
 
@@ -19,20 +15,6 @@ st.title(f"Sinks · {name}")
 st.caption("Attention sinks (Gu et al. 2025) and massive activations (Sun et al. 2024) on the sidebar prompt "
            "(one prompt per line). Super experts (MoE) are still to come.")
 prompts = [p for p in ctx.prompt.splitlines() if p.strip()]
-
-
-def downloads(result, key: str) -> None:
-    """Buttons to download `result` as JSON and its figure as SVG, PNG, PDF or HTML."""
-    c1, c2, c3 = st.columns([1, 1, 3])
-    c1.download_button("JSON", result.to_json(), file_name=f"{key}.json", mime="application/json", key=f"dl_json_{key}")
-    fmt = c2.selectbox("Figure format", ["svg", "png", "pdf", "html"], key=f"fmt_{key}", label_visibility="collapsed")
-    if c3.button(f"Prepare {fmt.upper()}", key=f"prep_{key}"):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = _shell.call(f"Exporting {fmt.upper()}", figures.export, result, Path(tmp) / f"{key}.{fmt}")
-            if path:
-                ss[f"dl_bytes_{key}"] = (fmt, path.read_bytes())
-    if ss.get(f"dl_bytes_{key}", (None,))[0] == fmt:
-        c3.download_button(f"Download {fmt.upper()}", ss[f"dl_bytes_{key}"][1], file_name=f"{key}.{fmt}", key=f"dl_fig_{key}")
 
 
 c1, c2, c3, c4 = st.columns(4)
@@ -48,7 +30,7 @@ if sres:
     st.metric("Sink rate", f"{100 * sres.sink_rate:.1f}%", help="share of (prompt, layer, head) with α₀ > ε")
     st.caption(f"Sink heads: {', '.join(f'L{l}H{h}' for l, h in sres.sink_heads()) or 'none'}")
     st.plotly_chart(sres.figure(view), key="sinks_fig")
-    downloads(sres, "attention_sinks")
+    _shell.downloads(sres, "attention_sinks")
 
 st.subheader("Massive activations")
 rule = _shell.call("Massive-activation rule", sinks.MassiveRule, absolute=float(absolute) or None, ratio=float(ratio) or None)
@@ -57,7 +39,7 @@ if mres:
     st.caption(f"Massive dims: {mres.massive_dims or 'none'} · positions {mres.massive_positions or 'none'}")
     st.dataframe(mres.table(), hide_index=True)
     st.plotly_chart(mres.figure(), key="massive_fig")
-    downloads(mres, "massive_activations")
+    _shell.downloads(mres, "massive_activations")
 
     mode = st.radio("Set the massive activations to", ["mean", "zero"], horizontal=True, key="sinks_mode")
     if st.button("Ablate", type="primary", key="sinks_ablate", disabled=not mres.massive):
@@ -66,4 +48,4 @@ if mres:
     ab = ss.get("sinks_ablation")
     if ab:
         st.plotly_chart(ab.figure(), key="ablation_fig")
-        downloads(ab, "ablation")
+        _shell.downloads(ab, "ablation")
