@@ -12,19 +12,58 @@ from dataclasses import dataclass, field
 
 from lenslab._errors import LenslabError
 from lenslab.circuits.edges import EdgeScores, _parse
-from lenslab.results import JsonResult
+from lenslab.results import JsonResult, PatchResult
 
 
 @dataclass(frozen=True, eq=False)
 class CircuitGraph(JsonResult):
-    """Nodes (graph order) and signed edges (source, target, weight)."""
+    """Nodes (graph order), signed edges (source, target, weight) and, for graphs built from
+    node scores, each node's signed score (`node_scores`)."""
 
     nodes: list[str]
     edges: list[tuple[str, str, float]]
     metric: str = ""
     method: str = ""
     provenance: dict = field(default_factory=dict)
+    node_scores: dict[str, float] = field(default_factory=dict)
     KIND = "CircuitGraph"
+
+    @classmethod
+    def from_node_scores(cls, heads: PatchResult, mlps: PatchResult | None = None, *, top_k: int | None = 10,
+                         threshold: float | None = None) -> CircuitGraph:
+        """Keep the `top_k` (or |score| >= `threshold`) heads and MLPs by node score.
+
+        `heads`: a `[layer, head]` result (site "z" from `patch` or `attribute`); `mlps`: a
+        `[layer, pos]` or `[layer]` result for "mlp_out" (an MLP's score is its largest-magnitude position). Exact-patching
+        scores are taken relative to their baseline. Node scores carry no edges: the graph lists
+        the kept nodes between "input" and "logits", sized by score, with no edges drawn.
+        """
+        if top_k is None and threshold is None:
+            raise LenslabError("give top_k=N or threshold=X to choose the circuit's nodes")
+        if tuple(heads.axes) != ("layer", "head"):
+            raise LenslabError(f"heads must be a [layer, head] result (site 'z'), got axes {heads.axes}")
+        scores: dict[str, float] = {}
+        delta = heads.scores - (heads.baseline if heads.method == "exact" and heads.baseline is not None else 0.0)
+        for l in range(delta.shape[0]):
+            for h in range(delta.shape[1]):
+                scores[f"L{l}H{h}"] = float(delta[l, h])
+        if mlps is not None:
+            if mlps.axes[0] != "layer":
+                raise LenslabError(f"mlps must have a layer axis first (site 'mlp_out'), got axes {mlps.axes}")
+            m = mlps.scores - (mlps.baseline if mlps.method == "exact" and mlps.baseline is not None else 0.0)
+            m = m.reshape(m.shape[0], -1)
+            m = m.gather(1, m.abs().argmax(-1, keepdim=True))[:, 0]  # each layer's largest-|score| position
+            for l in range(m.shape[0]):
+                scores[f"MLP{l}"] = float(m[l])
+        ranked = sorted(scores.items(), key=lambda kv: -abs(kv[1]))
+        if threshold is not None:
+            ranked = [kv for kv in ranked if abs(kv[1]) >= threshold]
+        if top_k is not None:
+            ranked = ranked[:top_k]
+        kept = dict(ranked)
+        order = sorted(kept, key=lambda n: (_parse(n)[1], 0 if n.startswith("L") else 1, _parse(n)[2]))
+        return cls(nodes=["input", *order, "logits"], edges=[], metric=heads.metric, method=f"{heads.method} nodes",
+                   provenance={**heads.provenance, "top_k": top_k, "threshold": threshold}, node_scores=kept)
 
     @classmethod
     def from_edge_scores(cls, scores: EdgeScores, *, top_k: int | None = 20, threshold: float | None = None,
@@ -58,12 +97,14 @@ class CircuitGraph(JsonResult):
 
     def to_dict(self) -> dict:
         return {"kind": "CircuitGraph", "nodes": self.nodes, "edges": [list(e) for e in self.edges],
-                "metric": self.metric, "method": self.method, "provenance": self.provenance}
+                "metric": self.metric, "method": self.method, "provenance": self.provenance,
+                "node_scores": self.node_scores}
 
     @classmethod
     def from_dict(cls, d: dict) -> CircuitGraph:
         return cls(nodes=d["nodes"], edges=[(u, v, float(w)) for u, v, w in d["edges"]], metric=d.get("metric", ""),
-                   method=d.get("method", ""), provenance=d.get("provenance") or {})
+                   method=d.get("method", ""), provenance=d.get("provenance") or {},
+                   node_scores=d.get("node_scores") or {})
 
     def figure(self):
         """An interactive plotly drawing: layers left to right, red/blue edges by sign, width by |weight|."""

@@ -101,6 +101,11 @@ def _cmd_circuits(args: argparse.Namespace) -> int:
         result = circuits.faithfulness(model, task, args.method, args.site, metric=args.metric, layer=args.layer, steps=args.steps)
         print(result.to_markdown())
         written = [export(result, out)]
+    elif args.method == "nodes":
+        heads = circuits.patch(model, task, "z", metric=args.metric)
+        mlps = None if model.cfg.attn_only else circuits.patch(model, task, "mlp_out", metric=args.metric)
+        graph = circuits.CircuitGraph.from_node_scores(heads, mlps, top_k=args.top_k, threshold=args.threshold)
+        written = [export(graph, out)]
     else:
         scores = circuits.attribute_edges(model, task, args.method, metric=args.metric, steps=args.steps)
         graph = circuits.CircuitGraph.from_edge_scores(scores, top_k=args.top_k, threshold=args.threshold)
@@ -187,9 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(cf, "sites to compare", True)
     cf.add_argument("--method", nargs="+", default=["atp", "relp"], choices=["atp", "atp*", "relp", "ig"])
     cf.add_argument("--steps", type=int, default=10)
-    cg = csub.add_parser("graph", help="circuit graph from EAP / EAP-IG edge scores")
+    cg = csub.add_parser("graph", help="circuit graph from EAP / EAP-IG edge scores, or from exact node patching")
     common(cg, "", False)
-    cg.add_argument("--method", default="eap-ig", choices=["eap", "eap-ig"])
+    cg.add_argument("--method", default="eap-ig", choices=["eap", "eap-ig", "nodes"],
+                    help="eap / eap-ig: edges; nodes: top heads and MLPs by exact patching (no edges)")
     cg.add_argument("--steps", type=int, default=5, help="interpolation steps for eap-ig")
     cg.add_argument("--top-k", type=int, default=20)
     cg.add_argument("--threshold", type=float, default=None)

@@ -153,6 +153,14 @@ def faithfulness_scatter(faith):
     return style(fig, f"Faithfulness vs exact patching · model {p.get('model', '?')} · task {p.get('task', '?')} · metric {ex.metric}")
 
 
+def _node_sizes(graph) -> list[float]:
+    """16 px per node, or 10-40 px by |node score| for graphs built from node scores."""
+    if not graph.node_scores:
+        return [16.0] * len(graph.nodes)
+    top = max(abs(v) for v in graph.node_scores.values()) or 1.0
+    return [10 + 30 * abs(graph.node_scores[n]) / top if n in graph.node_scores else 16.0 for n in graph.nodes]
+
+
 def circuit_figure(graph):
     """Draw a `CircuitGraph` with plotly: nodes by layer, edges coloured by sign, width by |weight|."""
     import plotly.graph_objects as go
@@ -181,8 +189,9 @@ def circuit_figure(graph):
     fig.add_trace(go.Scatter(
         x=[pos[n][0] for n in graph.nodes], y=[pos[n][1] for n in graph.nodes], mode="markers+text",
         text=graph.nodes, textposition="top center", hoverinfo="text", showlegend=False,
-        marker=dict(size=16, line=dict(width=1, color="#222"),
+        marker=dict(size=_node_sizes(graph), line=dict(width=1, color="#222"),
                     color=[kinds.get(n, "#f5b041" if n.startswith("MLP") else "#7fb3d5") for n in graph.nodes]),
+        hovertext=[f"{n}: {graph.node_scores[n]:+.4g}" if n in graph.node_scores else n for n in graph.nodes],
     ))
     fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color="#1f5fb4", width=4), name="positive (helps the answer)"))
     fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color="#c0392b", width=4), name="negative"))
@@ -190,7 +199,8 @@ def circuit_figure(graph):
     fig.update_yaxes(visible=False, range=[n_heads - 0.5 + 0.15 * right, -0.9 - 0.15 * right])
     fig.update_layout(height=max(380, 70 * n_heads + 160), width=max(600, int(110 * right)), legend=dict(orientation="h", y=-0.05))
     p = graph.provenance
-    return style(fig, f"Circuit ({graph.method}, {len(graph.edges)} edges) · model {p.get('model', '?')} · task {p.get('task', '?')} · metric {graph.metric}")
+    size = f"{len(graph.edges)} edges" if graph.edges or not graph.node_scores else f"{len(graph.node_scores)} nodes"
+    return style(fig, f"Circuit ({graph.method}, {size}) · model {p.get('model', '?')} · task {p.get('task', '?')} · metric {graph.metric}")
 
 
 def export(result, path: str | Path) -> Path:

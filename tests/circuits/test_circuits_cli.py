@@ -28,6 +28,8 @@ def test_attribute_several_sites_and_graph(tiny_zoo_dir, tmp_path, capsys):
     assert _run(tiny_zoo_dir, "graph", "--method", "eap", "--top-k", "5", "--out", str(tmp_path / "g.json")) == 0
     g = json.loads((tmp_path / "g.json").read_text())
     assert g["kind"] == "CircuitGraph" and len(g["edges"]) >= 5
+    assert _run(tiny_zoo_dir, "graph", "--method", "nodes", "--top-k", "3", "--out", str(tmp_path / "n.json")) == 0
+    assert len(json.loads((tmp_path / "n.json").read_text())["node_scores"]) == 3
 
 
 def test_faithfulness_prints_table(tiny_zoo_dir, tmp_path, capsys):

@@ -58,3 +58,20 @@ def test_equals_transformer_lens_on_zoo(induction_model, site, tl_fn):
         ref = tl_fn(induction_model, task.corrupt_tokens, cache, metric)
     ours = circuits.patch(induction_model, task, site, progress=False, engine="reference")
     assert (ours.scores - ref).abs().max() <= 1e-4
+
+
+def test_graph_from_node_scores_keeps_the_mechanism_heads(induction_model, tmp_path):
+    mech = json.loads((zoo.zoo_path("zoo/induction-2l") / "config.json").read_text())["mechanism"]
+    task = tasks.induction(induction_model, n=16, seq_len=8, seed=123)
+    z = circuits.patch(induction_model, task, "z", progress=False)
+    graph = circuits.CircuitGraph.from_node_scores(z, top_k=5)
+    assert graph.nodes[0] == "input" and graph.nodes[-1] == "logits" and graph.edges == []
+    kept = graph.nodes[1:-1]
+    assert mech["induction_heads"][0] in kept and mech["previous_token_heads"][0] in kept
+    delta = z.scores - z.baseline
+    assert graph.node_scores[mech["induction_heads"][0]] == pytest.approx(float(delta[_head(mech["induction_heads"][0])]))
+    back = circuits.CircuitGraph.from_json(graph.to_json(tmp_path / "g.json"))
+    assert back.node_scores == graph.node_scores
+    assert graph.figure().data[0].marker.size is not None
+    with pytest.raises(lenslab.LenslabError, match=r"\[layer, head\] result"):
+        circuits.CircuitGraph.from_node_scores(circuits.patch(induction_model, task, "resid_pre", progress=False))
