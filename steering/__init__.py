@@ -2,7 +2,8 @@
 
 `Intervention` (a list of `Edit`s) is what every steering method returns; `apply` steers a
 model inside a `with` block; `save` / `load` read and write JSON presets with tensors in a
-safetensors file beside them. Baselines: `mean_difference` (DiffMean / CAA) and `actadd`.
+safetensors file beside them. Baselines: `mean_difference` (DiffMean / CAA) and `actadd`;
+`austeer` steers a few atomic units multiplicatively (`austeer_scores` gives its score table).
 
 >>> import lenslab
 >>> from lenslab import steering
@@ -13,6 +14,7 @@ safetensors file beside them. Baselines: `mean_difference` (DiffMean / CAA) and 
 """
 from __future__ import annotations
 
+from lenslab.steering.austeer import AU_SITES, austeer, austeer_scores, select_units
 from lenslab.steering.baselines import SITES, actadd, hook_name, mean_activations, mean_difference
 from lenslab.steering.generate import generate, stream
 from lenslab.steering.intervention import (
@@ -30,6 +32,6 @@ from lenslab.steering.intervention import (
 )
 
 __all__ = [
-    "NOT_YET_OPS", "OPS", "POSITION_WORDS", "SITES", "Edit", "Intervention", "actadd", "apply", "compose",
-    "generate", "hook_name", "hooks", "load", "mean_activations", "mean_difference", "save", "stream", "validate",
+    "AU_SITES", "NOT_YET_OPS", "OPS", "POSITION_WORDS", "SITES", "Edit", "Intervention", "actadd", "apply", "austeer", "austeer_scores", "compose",
+    "generate", "hook_name", "hooks", "load", "mean_activations", "mean_difference", "save", "select_units", "stream", "validate",
 ]

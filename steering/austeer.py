@@ -1,0 +1,175 @@
+"""AUSteer: steer a few atomic units instead of whole blocks.
+
+Feng et al., "Steering less achieves more" (arXiv:2602.04428, ICLR 2026). For a linear map
+`y = W x = sum_i x_i W[:, i]`, each column `W[:, i]` is an *atomic unit* and activation entry
+`x_i` sets how much of it is written; block-level steering (ITI, CAA) moves helpful and harmful
+units together, while steering a handful of well-chosen entries does better.
+
+As in the authors' code (zijian678/AUSteer, `steer.py` and `rmodels/modeling_llama.py`):
+
+1. Run each positive and each negative sample; read the site activation at its **last token**
+   for every layer: `P, N` of shape `[S, n_layers, n_units]`. Samples are paired: `positive[i]`
+   and `negative[i]` are the same prompt with the right and the wrong answer.
+2. Score each (layer, unit) by the signed sign-consistency rate ("activation momentum"):
+   `delta = P - N`, `n+ = #(delta > 0)`, `n- = #(delta < 0)`,
+   `beta = max(n+, n-) / S`, negated when `n+ < n-`.
+3. Select the top `k` entries globally across layers by `|beta|` (stable sort, so ties keep
+   layer-major, unit-minor order); entries with `beta = 0` are never selected.
+4. Steer multiplicatively at every position, prompt and generated tokens:
+   `x_j <- x_j * (1 + alpha * beta_j)`, so the change is proportional to the current activation.
+
+Sites: `"attn"` = the input of the attention output projection (`blocks.L.attn.hook_z`,
+`[head, d_head]` flattened to `head * d_head + j`), `"mlp"` = the MLP output
+(`blocks.L.hook_mlp_out`), `"resid"` = the block output (`blocks.L.hook_resid_post`).
+
+>>> from lenslab.steering import austeer, austeer_scores
+>>> iv = austeer(model, pos, neg, k=16, alpha=10.0, site="mlp")  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lenslab._errors import LenslabError, did_you_mean
+from lenslab.steering.baselines import _prompts, _provenance
+from lenslab.steering.intervention import Edit, Intervention, validate
+
+AU_SITES = {
+    "attn": "blocks.{layer}.attn.hook_z",
+    "mlp": "blocks.{layer}.hook_mlp_out",
+    "resid": "blocks.{layer}.hook_resid_post",
+}
+
+
+def _site(site: str) -> str:
+    if site not in AU_SITES:
+        raise LenslabError(f"site {site!r} is not one of {', '.join(AU_SITES)}{did_you_mean(site, list(AU_SITES))}")
+    return AU_SITES[site]
+
+
+def last_token_activations(model, prompts: Sequence[str], site: str = "resid") -> Tensor:
+    """Site activation at each prompt's last token, every layer: `[n_prompts, n_layers, n_units]`.
+
+    Prompts of equal token length run as one batch; the result keeps the order of `prompts`.
+    """
+    template = _site(site)
+    hooks = [template.format(layer=layer) for layer in range(model.cfg.n_layers)]
+    names = set(hooks)
+    device = next(model.parameters()).device
+    by_len: dict[int, list[int]] = {}
+    toks = [model.to_tokens(p)[0] for p in prompts]
+    for i, t in enumerate(toks):
+        by_len.setdefault(t.shape[0], []).append(i)
+    out: list[Tensor | None] = [None] * len(prompts)
+    with torch.no_grad():
+        for idx in by_len.values():
+            batch = torch.stack([toks[i] for i in idx]).to(device)  # [batch, pos]
+            _, cache = model.run_with_cache(batch, names_filter=lambda n: n in names)
+            acts = torch.stack([cache[h][:, -1].reshape(len(idx), -1).float().cpu() for h in hooks], dim=1)
+            for j, i in enumerate(idx):
+                out[i] = acts[j]  # [n_layers, n_units]
+    return torch.stack(out)
+
+
+def sign_consistency(pos: Tensor, neg: Tensor) -> Tensor:
+    """AUSteer's score from paired activations `[S, ...]`: `beta` `[...]` in [-1, -0.5] U [0.5, 1]
+    (0 where every difference is 0). `beta = max(n+, n-) / S`, negated when `n+ < n-`."""
+    delta = pos - neg
+    n_pos = (delta > 0).sum(0)
+    n_neg = (delta < 0).sum(0)
+    beta = torch.maximum(n_pos, n_neg).float() / delta.shape[0]
+    return torch.where(n_pos < n_neg, -beta, beta)
+
+
+def austeer_scores(model, positive: Sequence[str], negative: Sequence[str], *, site: str = "resid") -> Tensor:
+    """AUSteer's score table `beta` `[n_layers, n_units]` for paired positive/negative samples.
+
+    Args:
+        positive, negative: equally many samples; `positive[i]` and `negative[i]` form a pair
+            (the same prompt with the desired and the undesired answer).
+        site: "resid" (block output), "mlp" (MLP output) or "attn" (input of W_O, heads flattened).
+
+    >>> beta = austeer_scores(model, pos, neg, site="mlp")  # [n_layers, d_model]  # doctest: +SKIP
+    """
+    _site(site)
+    pos = _prompts(positive, "positive")
+    neg = _prompts(negative, "negative")
+    if len(pos) != len(neg):
+        raise LenslabError(
+            f"AUSteer compares samples in pairs: got {len(pos)} positive and {len(neg)} negative; "
+            "pass one negative per positive (the same prompt with the undesired answer)"
+        )
+    return sign_consistency(last_token_activations(model, pos, site), last_token_activations(model, neg, site))
+
+
+def select_units(beta: Tensor, k: int) -> list[tuple[int, int]]:
+    """The `k` (layer, unit) entries of `beta` `[n_layers, n_units]` with the largest `|beta|`.
+
+    Stable descending sort of the layer-major flattening, so ties keep (layer, unit) order, as
+    Python's `sorted` does in the authors' code; entries with `beta = 0` are skipped.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise LenslabError(f"k must be a positive integer (number of units to steer), got {k!r}")
+    flat = beta.flatten()
+    order = torch.sort(flat.abs(), descending=True, stable=True).indices
+    order = order[flat[order] != 0][:k]
+    n_units = beta.shape[1]
+    return [(int(i) // n_units, int(i) % n_units) for i in order]
+
+
+def austeer(
+    model,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    *,
+    k: int = 16,
+    alpha: float = 10.0,
+    site: str = "resid",
+    strength: float = 1.0,
+    name: str = "",
+) -> Intervention:
+    """AUSteer: multiply the `k` most sign-consistent units by `1 + alpha * beta` at every position.
+
+    Args:
+        positive, negative: paired samples (see `austeer_scores`).
+        k: number of (layer, unit) entries steered, chosen globally across layers by `|beta|`.
+        alpha: the steering scale (the authors use 8 to 100 on 7B-9B models).
+        site: "resid", "mlp" or "attn".
+        strength: the edits' strength `s`; the applied factor is `1 + s * alpha * beta`.
+
+    Returns:
+        An `Intervention` with one `multiply` edit per layer that has selected units
+        (`vector = 1 + alpha * beta[units]`, positions "all"); provenance holds k, alpha, site,
+        the selected units and their beta.
+
+    >>> iv = austeer(model, pos, neg, k=8, alpha=20.0, site="attn")  # doctest: +SKIP
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise LenslabError(f"alpha must be a finite number, got {alpha!r}")
+    template = _site(site)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise LenslabError(f"k must be a positive integer (number of units to steer), got {k!r}")
+    beta = austeer_scores(model, positive, negative, site=site)
+    chosen = select_units(beta, k)
+    if not chosen:
+        raise LenslabError("every AUSteer score is 0 (positive and negative activations are identical); "
+                           "use samples that differ at the last token")
+    by_layer: dict[int, list[int]] = {}
+    for layer, unit in chosen:
+        by_layer.setdefault(layer, []).append(unit)
+    edits = []
+    for layer in sorted(by_layer):
+        units = sorted(by_layer[layer])
+        vec = 1.0 + float(alpha) * beta[layer, units]
+        edits.append(Edit(hook=template.format(layer=layer), op="multiply", vector=vec, units=tuple(units),
+                          positions="all", strength=strength))
+    iv = Intervention(edits=tuple(edits), name=name or f"austeer {site} k={k}", provenance=_provenance(
+        model, "austeer", site=site, k=k, alpha=float(alpha),
+        units=[[layer, unit, float(beta[layer, unit])] for layer, unit in chosen],
+        positive=list(positive), negative=list(negative),
+    ))
+    validate(model, iv)
+    return iv
