@@ -16,6 +16,7 @@ PAGES = [
     st.Page("page_model.py", title="Model", icon=":material/info:", default=True),
     st.Page("page_circuits.py", title="Circuits", icon=":material/account_tree:"),
     st.Page("page_sinks.py", title="Sinks", icon=":material/vertical_align_bottom:"),
+    st.Page("page_steer.py", title="Steer", icon=":material/tune:"),
 ]
 
 _shell.sidebar()
