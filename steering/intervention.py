@@ -14,7 +14,7 @@ its full effect at `s = 1`):
 | op | tensors | new value |
 |---|---|---|
 | `add` | `vector` | `x + s * vector` (ActAdd, DiffMean / CAA) |
-| `multiply` | `vector` (factors f) | `x * (1 + s * (f - 1))` (AUSteer: f = 1 + beta) |
+| `multiply` | `vector` (factors f) | `x * (1 + s * (f - 1))` (AUSteer: f = 1 + alpha * beta) |
 | `affine` | `vector` (scale a), `shift` (b) | `s * (a * x + b) + (1 - s) * x` (LinEAS) |
 | `clamp` | `vector` (values c) | `s * c + (1 - s) * x` |
 | `zero` | none | `(1 - s) * x` |
