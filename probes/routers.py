@@ -1,0 +1,451 @@
+"""Mixture-of-Experts routers: which experts each token picks, and which experts a behaviour uses.
+
+A MoE layer's router scores every expert for every token, keeps the top k and mixes their
+outputs with gate weights. This module reads those decisions through TransformerLens hooks,
+with one interface for both kinds of lenslab model:
+
+- `HookedTransformer` MoE (Mixtral, OLMoE): `blocks.{l}.mlp.hook_expert_weights` holds the
+  softmax over all experts `[batch*pos, n_experts]` and `blocks.{l}.mlp.hook_expert_indices`
+  the chosen experts `[batch*pos, k]`; the gate weights are the chosen probabilities,
+  renormalised over the top k when the config says `norm_topk_prob` (Mixtral does, OLMoE not).
+- `TransformerBridge` MoE (Qwen2-MoE, Qwen3-MoE): `blocks.{l}.mlp.gate.hook_out` holds the raw
+  router logits `[batch*pos, n_experts]`; softmax, top k and the optional renormalisation are
+  applied here exactly as the Hugging Face router does (its `top_k` and `norm_topk_prob`).
+
+`route` returns per token and layer the chosen experts, their gate weights and the full router
+probabilities; `expert_load` counts selections over a corpus.
+
+`ftri_rank` is the expert finding of MoTE (Dahlke et al., "Mixture of Tunable Experts",
+arXiv 2502.11096): "functional Token Resonance Imaging". Per prompt an activation map
+`[layer, expert]` sums the expert selections (or their gate weights) over the prompt's tokens;
+the maps are averaged within the target class (e.g. prompts the model refuses) and within the
+rest, and (layer, expert) are ranked by the difference. The top experts are the candidates to
+switch off or force on.
+
+>>> import lenslab
+>>> from lenslab.probes import routers
+>>> model = lenslab.load_model("path/to/a/moe-checkpoint")        # doctest: +SKIP
+>>> routers.route(model, ["a b c"]).indices[0].shape               # doctest: +SKIP
+torch.Size([4, 2, 2])
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lenslab._errors import LenslabError
+from lenslab.results import JsonResult, provenance
+
+__all__ = [
+    "ExpertRanking", "MoeLayer", "RouterResult", "activation_maps", "check_experts", "expert_load",
+    "ftri_rank", "moe_layers", "route",
+]
+
+NO_MOE = "this model has no Mixture-of-Experts layers"
+
+
+# --- which layers route, and how ---------------------------------------------------------------
+@dataclass(frozen=True)
+class MoeLayer:
+    """One MoE layer: its block index, the hook that exposes its router, and how it routes.
+
+    `kind` is "hooked" (hook = softmax probabilities, plus an indices hook) or "bridge"
+    (hook = raw router logits)."""
+
+    layer: int
+    hook: str
+    kind: str
+    n_experts: int
+    top_k: int
+    norm_topk_prob: bool
+    indices_hook: str | None = None
+
+
+def moe_layers(model) -> list[MoeLayer]:
+    """The model's MoE layers in block order; a `LenslabError` when it has none.
+
+    >>> [m.layer for m in moe_layers(model)]                           # doctest: +SKIP
+    [0, 1]
+    """
+    hooks = getattr(model, "hook_dict", {}) or {}
+    out = []
+    for layer in range(model.cfg.n_layers):
+        if f"blocks.{layer}.mlp.hook_expert_weights" in hooks:
+            cfg = model.cfg
+            out.append(MoeLayer(
+                layer, f"blocks.{layer}.mlp.hook_expert_weights", "hooked", int(cfg.num_experts),
+                int(cfg.experts_per_token), bool(getattr(cfg, "norm_topk_prob", False)),
+                indices_hook=f"blocks.{layer}.mlp.hook_expert_indices",
+            ))
+        elif f"blocks.{layer}.mlp.gate.hook_out" in hooks:
+            router = _hf_router(model, layer)
+            if router is None:  # a dense gated MLP: its `gate` is a projection, not a router
+                continue
+            out.append(MoeLayer(
+                layer, f"blocks.{layer}.mlp.gate.hook_out", "bridge", int(router.num_experts),
+                int(router.top_k), bool(getattr(router, "norm_topk_prob", False)),
+            ))
+    if not out:
+        name = getattr(model.cfg, "model_name", "model")
+        raise LenslabError(
+            f"{NO_MOE} ({name}): router inspection needs a MoE checkpoint such as Mixtral, OLMoE, "
+            "Qwen2-MoE or Qwen3-MoE"
+        )
+    return out
+
+
+def _hf_router(model, layer: int):
+    """The Hugging Face router module behind a bridge's `blocks.{layer}.mlp.gate`, or None."""
+    try:
+        gate = model.blocks[layer].mlp.gate
+    except (AttributeError, IndexError, TypeError):
+        return None
+    hf = getattr(gate, "original_component", None) or getattr(gate, "_original_component", None)
+    if hf is None or not hasattr(hf, "top_k") or not hasattr(hf, "num_experts"):
+        return None
+    return hf
+
+
+def check_experts(model, experts, *, layers: list[MoeLayer] | None = None) -> list[tuple[int, int]]:
+    """Validate `(layer, expert)` pairs against the model's MoE layers; returns them as ints.
+
+    Raises a `LenslabError` naming the bad id and the valid range (layers are block indices).
+    """
+    layers = layers if layers is not None else moe_layers(model)
+    by_layer = {m.layer: m for m in layers}
+    out = []
+    for pair in experts:
+        try:
+            layer, expert = (int(x) for x in pair)
+        except (TypeError, ValueError) as exc:
+            raise LenslabError(f"expert {pair!r} is not a (layer, expert) pair of ints") from exc
+        if layer not in by_layer:
+            raise LenslabError(
+                f"layer {layer} is not a MoE layer of this model; MoE layers: {sorted(by_layer)}"
+            )
+        n = by_layer[layer].n_experts
+        if not 0 <= expert < n:
+            raise LenslabError(f"expert {expert} does not exist in layer {layer}: it has experts 0..{n - 1}")
+        out.append((layer, expert))
+    return out
+
+
+# --- routing -------------------------------------------------------------------------------
+def _prompt_tokens(model, prompts, prepend_bos: bool | None) -> list[Tensor]:
+    """Prompts (str, list of str, or a `[batch, pos]` / `[pos]` token tensor) -> one `[pos]` per prompt."""
+    if isinstance(prompts, Tensor):
+        toks = prompts[None] if prompts.ndim == 1 else prompts
+        if toks.ndim != 2 or toks.numel() == 0:
+            raise LenslabError(f"tokens must be a non-empty [batch, pos] tensor, got shape {tuple(prompts.shape)}")
+        return [t.long() for t in toks]
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts or [])
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise LenslabError("prompts must be a non-empty list of non-empty strings (or a [batch, pos] token tensor)")
+    if getattr(model, "tokenizer", None) is None:
+        raise LenslabError("this model has no tokenizer: pass token ids as a [batch, pos] tensor instead of text")
+    return [model.to_tokens(p, prepend_bos=prepend_bos)[0].cpu() for p in prompts]
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class RouterResult(JsonResult):
+    """Router decisions for a list of prompts (one entry per prompt, no padding).
+
+    Attributes:
+        indices: per prompt, the chosen experts `[pos, layer, k]` (long), best first.
+        weights: per prompt, their gate weights `[pos, layer, k]` (what multiplies each expert's output).
+        probs: per prompt, the router's softmax over all experts `[pos, layer, n_experts]`.
+        tokens: per prompt, the token strings (or ids as strings).
+        layers: the block index of each MoE layer (the `layer` axis above).
+        n_experts / top_k: experts per layer and experts chosen per token.
+        provenance: model, versions, time.
+    """
+
+    indices: list[Tensor]
+    weights: list[Tensor]
+    probs: list[Tensor]
+    tokens: list[list[str]]
+    layers: tuple[int, ...]
+    n_experts: int
+    top_k: int
+    provenance: dict = field(default_factory=dict)
+    KIND = "RouterResult"
+
+    def activation_maps(self, weights: bool = False) -> Tensor:
+        """fTRI maps `[prompt, layer, expert]`: selections (or gate-weight sums) over each prompt's tokens."""
+        maps = torch.zeros(len(self.indices), len(self.layers), self.n_experts)
+        for i, (idx, w) in enumerate(zip(self.indices, self.weights)):
+            src = w.float() if weights else torch.ones_like(w, dtype=torch.float)
+            # idx [pos, layer, k] -> scatter into [layer, expert]
+            per = torch.zeros(idx.shape[0], len(self.layers), self.n_experts)
+            per.scatter_add_(2, idx, src)
+            maps[i] = per.sum(0)
+        return maps
+
+    def load(self, fraction: bool = False) -> Tensor:
+        """Selections per expert over all tokens `[layer, expert]`; with `fraction`, divided by
+        tokens x k so that each layer sums to 1."""
+        counts = self.activation_maps().sum(0)
+        if fraction:
+            counts = counts / (sum(t.shape[0] for t in self.indices) * self.top_k)
+        return counts
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.KIND,
+            "indices": [t.tolist() for t in self.indices],
+            "weights": [t.float().tolist() for t in self.weights],
+            "probs": [t.float().tolist() for t in self.probs],
+            "tokens": self.tokens,
+            "layers": list(self.layers),
+            "n_experts": self.n_experts,
+            "top_k": self.top_k,
+            "provenance": self.provenance,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RouterResult:
+        return cls(
+            indices=[torch.tensor(t, dtype=torch.long).reshape(-1, len(d["layers"]), d["top_k"]) for t in d["indices"]],
+            weights=[torch.tensor(t, dtype=torch.float32).reshape(-1, len(d["layers"]), d["top_k"]) for t in d["weights"]],
+            probs=[torch.tensor(t, dtype=torch.float32).reshape(-1, len(d["layers"]), d["n_experts"]) for t in d["probs"]],
+            tokens=[list(t) for t in d["tokens"]],
+            layers=tuple(d["layers"]),
+            n_experts=d["n_experts"],
+            top_k=d["top_k"],
+            provenance=d.get("provenance") or {},
+        )
+
+    def figure(self, prompt: int = 0):
+        """Heatmap `[layer, pos]` of prompt `prompt`: the top expert per token, its gate weight on hover."""
+        import plotly.graph_objects as go
+
+        from lenslab import figures
+
+        if not 0 <= prompt < len(self.indices):
+            raise LenslabError(f"prompt {prompt} out of range: this result has {len(self.indices)} prompts")
+        idx, w = self.indices[prompt], self.weights[prompt]
+        toks = [f"{i}:{t}" for i, t in enumerate(self.tokens[prompt])]
+        text = [[", ".join(f"e{int(e)} ({float(g):.2f})" for e, g in zip(idx[p, li], w[p, li])) for p in range(idx.shape[0])]
+                for li in range(len(self.layers))]
+        fig = go.Figure(go.Heatmap(
+            z=idx[:, :, 0].T.tolist(), x=toks, y=[f"L{l}" for l in self.layers], text=text,
+            colorscale="Viridis", zmin=0, zmax=self.n_experts - 1, colorbar=dict(title="top expert"),
+            hovertemplate="%{y} · %{x}<br>%{text}<extra></extra>",
+        ))
+        fig.update_layout(xaxis_title="token", yaxis_title="layer", yaxis_autorange="reversed")
+        return figures.style(fig, f"Router: top expert per token · model {self.provenance.get('model', '?')}")
+
+
+def route(model, prompts, *, prepend_bos: bool | None = None, batch_size: int = 16) -> RouterResult:
+    """Per token and MoE layer, the chosen experts, their gate weights and the router probabilities.
+
+    Args:
+        model: a lenslab MoE model (HookedTransformer Mixtral/OLMoE or TransformerBridge Qwen-MoE).
+        prompts: a string, a list of strings, or token ids `[batch, pos]`.
+        prepend_bos: passed to `model.to_tokens` (None: the model's default).
+        batch_size: prompts of equal length run together, this many at a time.
+
+    Returns:
+        `RouterResult` with `indices[i]` / `weights[i]` `[pos, layer, k]` and `probs[i]`
+        `[pos, layer, n_experts]` for prompt i.
+
+    >>> r = route(model, ["the cat sat"])                             # doctest: +SKIP
+    >>> r.indices[0][:, 0]   # experts chosen at layer 0, per token   # doctest: +SKIP
+    """
+    layers = moe_layers(model)
+    toks = _prompt_tokens(model, prompts, prepend_bos)
+    n_exp = {m.n_experts for m in layers}
+    top_k = {m.top_k for m in layers}
+    if len(n_exp) != 1 or len(top_k) != 1:
+        raise LenslabError(f"MoE layers differ in expert count {sorted(n_exp)} or top-k {sorted(top_k)}; not supported yet")
+    n_experts, k = n_exp.pop(), top_k.pop()
+    device = next(model.parameters()).device
+
+    out_idx: list[Tensor | None] = [None] * len(toks)
+    out_w: list[Tensor | None] = [None] * len(toks)
+    out_p: list[Tensor | None] = [None] * len(toks)
+    by_len: dict[int, list[int]] = {}
+    for i, t in enumerate(toks):
+        by_len.setdefault(t.shape[0], []).append(i)
+    for pos, members in by_len.items():
+        for start in range(0, len(members), batch_size):
+            chunk = members[start:start + batch_size]
+            batch = torch.stack([toks[i] for i in chunk]).to(device)
+            idx, w, p = _route_batch(model, batch, layers, k)  # [batch, pos, layer, *]
+            for j, i in enumerate(chunk):
+                out_idx[i], out_w[i], out_p[i] = idx[j], w[j], p[j]
+
+    tokenizer = getattr(model, "tokenizer", None)
+    labels = [
+        tokenizer.convert_ids_to_tokens(t.tolist()) if tokenizer is not None else [str(x) for x in t.tolist()]
+        for t in toks
+    ]
+    return RouterResult(
+        indices=out_idx, weights=out_w, probs=out_p, tokens=[[str(s) for s in lab] for lab in labels],
+        layers=tuple(m.layer for m in layers), n_experts=n_experts, top_k=k,
+        provenance=provenance(model, method="route", hooks=[m.hook for m in layers]),
+    )
+
+
+def _route_batch(model, batch: Tensor, layers: list[MoeLayer], k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One forward; returns indices, weights `[batch, pos, layer, k]` and probs `[batch, pos, layer, n_experts]`."""
+    b, pos = batch.shape
+    store: dict[str, Tensor] = {}
+
+    def grab(t, hook):
+        store[hook.name] = t.detach()
+        return t
+
+    names = [m.hook for m in layers] + [m.indices_hook for m in layers if m.indices_hook]
+    with torch.no_grad():
+        model.run_with_hooks(batch, fwd_hooks=[(n, grab) for n in names])
+    idx_l, w_l, p_l = [], [], []
+    for m in layers:
+        raw = store[m.hook].reshape(b * pos, m.n_experts)
+        if m.kind == "hooked":
+            probs = raw.float()
+            idx = store[m.indices_hook].reshape(b * pos, k).long()
+        else:  # raw logits: the HF router's own softmax and top k
+            probs = torch.softmax(raw, dim=-1, dtype=torch.float)
+            idx = torch.topk(probs, k, dim=-1).indices
+        w = probs.gather(-1, idx)
+        if m.norm_topk_prob:
+            w = w / w.sum(-1, keepdim=True)
+        idx_l.append(idx.reshape(b, pos, k))
+        w_l.append(w.reshape(b, pos, k))
+        p_l.append(probs.reshape(b, pos, m.n_experts))
+    return (torch.stack(idx_l, 2).cpu(), torch.stack(w_l, 2).cpu(), torch.stack(p_l, 2).cpu())
+
+
+def expert_load(model, prompts, *, fraction: bool = False, prepend_bos: bool | None = None) -> Tensor:
+    """Expert selections over a corpus `[layer, expert]` (each layer sums to tokens x k; with
+    `fraction`, to 1). Layers are the MoE layers in order (`moe_layers(model)`)."""
+    return route(model, prompts, prepend_bos=prepend_bos).load(fraction=fraction)
+
+
+def activation_maps(model, prompts, *, weights: bool = False, prepend_bos: bool | None = None) -> Tensor:
+    """fTRI activation maps `[prompt, layer, expert]`: per prompt, the expert selections summed
+    over its tokens (with `weights`, the gate weights summed instead)."""
+    return route(model, prompts, prepend_bos=prepend_bos).activation_maps(weights=weights)
+
+
+# --- fTRI ranking --------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ExpertRanking(JsonResult):
+    """(layer, expert) ranked by how much more the target class uses them (MoTE's fTRI).
+
+    Attributes:
+        diff: `[layer, expert]` target mean minus other mean of the per-prompt activation maps.
+        target_mean / other_mean: the class means `[layer, expert]`.
+        layers: the block index of each row.
+        weights: True when the maps sum gate weights, False when they count selections.
+        n_target / n_other: prompts per class.
+        provenance: model, prompts, versions, time.
+    """
+
+    diff: Tensor
+    target_mean: Tensor
+    other_mean: Tensor
+    layers: tuple[int, ...]
+    weights: bool = False
+    n_target: int = 0
+    n_other: int = 0
+    provenance: dict = field(default_factory=dict)
+    KIND = "ExpertRanking"
+
+    def ranked(self) -> list[tuple[int, int, float]]:
+        """Every (layer, expert, score), best first (ties keep layer-then-expert order)."""
+        flat = self.diff.flatten()
+        order = torch.sort(flat, descending=True, stable=True).indices
+        n = self.diff.shape[1]
+        return [(self.layers[int(i) // n], int(i) % n, float(flat[i])) for i in order]
+
+    def top(self, k: int = 10) -> list[tuple[int, int, float]]:
+        """The k (layer, expert, score) with the largest difference; layer is a block index."""
+        if k < 1:
+            raise LenslabError(f"k must be at least 1, got {k}")
+        return self.ranked()[:k]
+
+    def score(self, layer: int, expert: int) -> float:
+        """The difference of one (layer, expert)."""
+        if layer not in self.layers:
+            raise LenslabError(f"layer {layer} is not a MoE layer of this ranking; MoE layers: {list(self.layers)}")
+        n = self.diff.shape[1]
+        if not 0 <= expert < n:
+            raise LenslabError(f"expert {expert} does not exist in layer {layer}: it has experts 0..{n - 1}")
+        return float(self.diff[self.layers.index(layer), expert])
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.KIND,
+            "diff": self.diff.float().tolist(),
+            "target_mean": self.target_mean.float().tolist(),
+            "other_mean": self.other_mean.float().tolist(),
+            "layers": list(self.layers),
+            "weights": self.weights,
+            "n_target": self.n_target,
+            "n_other": self.n_other,
+            "top": [list(t) for t in self.top(min(10, self.diff.numel()))],
+            "provenance": self.provenance,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ExpertRanking:
+        t = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+        return cls(
+            diff=t(d["diff"]), target_mean=t(d["target_mean"]), other_mean=t(d["other_mean"]),
+            layers=tuple(d["layers"]), weights=bool(d.get("weights", False)), n_target=d.get("n_target", 0),
+            n_other=d.get("n_other", 0), provenance=d.get("provenance") or {},
+        )
+
+    def figure(self):
+        """Heatmap `[layer, expert]` of the difference (red: the target class uses it more)."""
+        import plotly.graph_objects as go
+
+        from lenslab import figures
+
+        z = self.diff.float()
+        span = float(z.abs().max()) or 1.0
+        what = "gate-weight sum" if self.weights else "selections"
+        fig = go.Figure(go.Heatmap(
+            z=z.tolist(), x=[f"e{e}" for e in range(z.shape[1])], y=[f"L{l}" for l in self.layers],
+            colorscale="RdBu_r", zmid=0, zmin=-span, zmax=span, colorbar=dict(title=f"Δ {what}"),
+            hovertemplate="%{y} %{x}<br>target − other: %{z:.3g}<extra></extra>",
+        ))
+        fig.update_layout(xaxis_title="expert", yaxis_title="layer", yaxis_autorange="reversed")
+        title = (f"fTRI: target − other mean {what} per prompt · model {self.provenance.get('model', '?')} · "
+                 f"{self.n_target} vs {self.n_other} prompts")
+        return figures.style(fig, title)
+
+
+def ftri_rank(model, target_prompts, other_prompts, *, weights: bool = False,
+              prepend_bos: bool | None = None) -> ExpertRanking:
+    """Rank (layer, expert) by target-class mean minus other-class mean of the fTRI maps (MoTE).
+
+    Args:
+        model: a lenslab MoE model.
+        target_prompts: prompts of the behaviour to find (e.g. the ones the model refuses).
+        other_prompts: the rest (e.g. the ones it answers).
+        weights: sum gate weights instead of counting selections.
+
+    >>> ranking = ftri_rank(model, refused, answered)                 # doctest: +SKIP
+    >>> ranking.top(3)   # [(layer, expert, difference), ...]         # doctest: +SKIP
+    """
+    layers = moe_layers(model)  # the "no MoE" error before tokenising anything
+    for name, p in (("target_prompts", target_prompts), ("other_prompts", other_prompts)):
+        if p is None or (not isinstance(p, Tensor) and len(p) == 0):
+            raise LenslabError(f"{name} is empty: fTRI needs at least one prompt in each class")
+    tgt = activation_maps(model, target_prompts, weights=weights, prepend_bos=prepend_bos)
+    oth = activation_maps(model, other_prompts, weights=weights, prepend_bos=prepend_bos)
+    t_mean, o_mean = tgt.mean(0), oth.mean(0)
+    prov = provenance(model, method="ftri", weights=weights)
+    for name, p in (("target_prompts", target_prompts), ("other_prompts", other_prompts)):
+        prov[name] = p.tolist() if isinstance(p, Tensor) else ([p] if isinstance(p, str) else list(p))
+    return ExpertRanking(
+        diff=t_mean - o_mean, target_mean=t_mean, other_mean=o_mean, layers=tuple(m.layer for m in layers),
+        weights=weights, n_target=tgt.shape[0], n_other=oth.shape[0], provenance=prov,
+    )
