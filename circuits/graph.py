@@ -113,24 +113,24 @@ class CircuitGraph(JsonResult):
         return figures.circuit_figure(self)
 
 
+def _reachable(start: str, edges: list[tuple[str, str, float]], reverse: bool = False) -> set[str]:
+    """Nodes reachable from `start` along `edges` (against their direction when `reverse`)."""
+    seen = {start}
+    changed = True
+    while changed:
+        changed = False
+        for u, v, _ in edges:
+            a, b = (v, u) if reverse else (u, v)
+            if a in seen and b not in seen:
+                seen.add(b)
+                changed = True
+    return seen
+
+
 def _prune(edges: list[tuple[str, str, float]]) -> list[tuple[str, str, float]]:
     """Keep edges on some input -> ... -> logits path within the kept set."""
-    forward = {"input"}
-    changed = True
-    while changed:
-        changed = False
-        for u, v, _ in edges:
-            if u in forward and v not in forward:
-                forward.add(v)
-                changed = True
-    backward = {"logits"}
-    changed = True
-    while changed:
-        changed = False
-        for u, v, _ in edges:
-            if v in backward and u not in backward:
-                backward.add(u)
-                changed = True
+    forward = _reachable("input", edges)
+    backward = _reachable("logits", edges, reverse=True)
     return [e for e in edges if e[0] in forward and e[1] in backward]
 
 

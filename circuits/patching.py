@@ -155,17 +155,23 @@ def patch(
             scores[cell] = float(bound(logits))
             report()
     report(close=True)
+    return exact_result(model, task, st, grid, scores, bound, direction, engine=engine, layer=layer)
+
+
+def exact_result(model, task: Task, st: Site, grid, scores: Tensor, metric, direction: str, **prov) -> PatchResult:
+    """The `PatchResult` of an exact-patching engine: `scores` on `grid`, labels, the bound metric's
+    baselines and provenance (`prov` adds engine details). Shared by every engine."""
     return PatchResult(
         scores=scores,
         axes=st.axes,
         labels=_labels(model, task, st, grid),
         site=st.name,
         method="exact",
-        metric=bound.name,
+        metric=metric.name,
         direction=direction,
-        clean_value=bound.clean_value,
-        corrupt_value=bound.corrupt_value,
-        provenance=provenance(model, task, engine=engine, layer=layer, hook=st.hook),
+        clean_value=metric.clean_value,
+        corrupt_value=metric.corrupt_value,
+        provenance=provenance(model, task, hook=st.hook, **prov),
     )
 
 

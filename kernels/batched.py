@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from lenslab._errors import LenslabError
-from lenslab.results import PatchResult, provenance
+from lenslab.results import PatchResult
 
 # --- options ---------------------------------------------------------------------------------
 
@@ -492,21 +492,11 @@ def batched_engine(model, task, site, *, direction: str, metric, layers: Sequenc
             f"metric {metric.name!r} returned nan/inf for some patches: check the model's logits for NaN/inf "
             "(e.g. float16 overflow: try dtype='float32') or the metric for a division by zero"
         )
-    return PatchResult(
-        scores=scores.reshape(shape),
-        axes=st.axes,
-        labels=P._labels(model, task, st, grid),
-        site=st.name,
-        method="exact",
-        metric=metric.name,
-        direction=direction,
-        clean_value=metric.clean_value,
-        corrupt_value=metric.corrupt_value,
-        provenance=provenance(model, task, engine="batched", layer=layer, hook=st.hook,
-                              engine_details={"position_skip": pos_skip, "layer_skip": True,
-                                              "metric_path": mplan.mode, "chunks": len(chunks),
-                                              "last_block_last_position_only": runner.trim_last,
-                                              "triton": use_triton}),
+    return P.exact_result(
+        model, task, st, grid, scores.reshape(shape), metric, direction, engine="batched", layer=layer,
+        engine_details={"position_skip": pos_skip, "layer_skip": True, "metric_path": mplan.mode,
+                        "chunks": len(chunks), "last_block_last_position_only": runner.trim_last,
+                        "triton": use_triton},
     )
 
 
