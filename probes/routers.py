@@ -40,7 +40,7 @@ from lenslab.results import JsonResult, provenance
 
 __all__ = [
     "ExpertRanking", "MoeLayer", "RouterResult", "activation_maps", "check_experts", "expert_load",
-    "ftri_rank", "moe_layers", "route",
+    "ftri_rank", "has_moe", "load_figure", "moe_layers", "parse_experts", "route",
 ]
 
 NO_MOE = "this model has no Mixture-of-Experts layers"
@@ -96,6 +96,14 @@ def moe_layers(model) -> list[MoeLayer]:
     return out
 
 
+def has_moe(model) -> bool:
+    """True when `model` has at least one MoE layer `moe_layers` can read."""
+    try:
+        return bool(moe_layers(model))
+    except LenslabError:
+        return False
+
+
 def _hf_router(model, layer: int):
     """The Hugging Face router module behind a bridge's `blocks.{layer}.mlp.gate`, or None."""
     try:
@@ -130,6 +138,23 @@ def check_experts(model, experts, *, layers: list[MoeLayer] | None = None) -> li
             raise LenslabError(f"expert {expert} does not exist in layer {layer}: it has experts 0..{n - 1}")
         out.append((layer, expert))
     return out
+
+
+def parse_experts(text: str) -> list[tuple[int, int]]:
+    """`"2:5, 3:1"` (or `"L2e5 L3e1"`, `"2,5; 3,1"`) -> `[(2, 5), (3, 1)]`; `""` -> `[]`.
+
+    Raises a `LenslabError` on anything that is not LAYER:EXPERT pairs (ranges are checked
+    against a model by `check_experts`)."""
+    import re
+
+    text = (text or "").strip()
+    if not text:
+        return []
+    pairs = re.findall(r"L?\s*(-?\d+)\s*(?:[:,]|\s*e)\s*(-?\d+)", text, flags=re.IGNORECASE)
+    rest = re.sub(r"L?\s*(-?\d+)\s*(?:[:,]|\s*e)\s*(-?\d+)", "", text, flags=re.IGNORECASE)
+    if not pairs or re.sub(r"[\s,;]", "", rest):
+        raise LenslabError(f"{text!r} is not a list of LAYER:EXPERT pairs such as '2:5, 3:1'")
+    return [(int(a), int(b)) for a, b in pairs]
 
 
 # --- routing -------------------------------------------------------------------------------
@@ -238,6 +263,29 @@ class RouterResult(JsonResult):
         ))
         fig.update_layout(xaxis_title="token", yaxis_title="layer", yaxis_autorange="reversed")
         return figures.style(fig, f"Router: top expert per token · model {self.provenance.get('model', '?')}")
+
+    def load_figure(self, fraction: bool = True):
+        """Heatmap `[layer, expert]` of the load over all prompts (share of each layer's selections)."""
+        what = "share of selections" if fraction else "selections"
+        return load_figure(self.load(fraction), self.layers,
+                           f"Expert load ({what}) · {sum(t.shape[0] for t in self.indices)} tokens · "
+                           f"model {self.provenance.get('model', '?')}")
+
+
+def load_figure(load: Tensor, layers, title: str = "Expert load"):
+    """Heatmap `[layer, expert]` of an expert load (`RouterResult.load`, `expert_load`)."""
+    import plotly.graph_objects as go
+
+    from lenslab import figures
+
+    z = load.float()
+    fig = go.Figure(go.Heatmap(
+        z=z.tolist(), x=[f"e{e}" for e in range(z.shape[1])], y=[f"L{l}" for l in layers],
+        colorscale="Viridis", zmin=0, colorbar=dict(title="load"),
+        hovertemplate="%{y} %{x}<br>%{z:.3g}<extra></extra>",
+    ))
+    fig.update_layout(xaxis_title="expert", yaxis_title="layer", yaxis_autorange="reversed")
+    return figures.style(fig, title)
 
 
 def route(model, prompts, *, prepend_bos: bool | None = None, batch_size: int = 16) -> RouterResult:
@@ -402,12 +450,21 @@ class ExpertRanking(JsonResult):
             n_other=d.get("n_other", 0), provenance=d.get("provenance") or {},
         )
 
-    def figure(self):
-        """Heatmap `[layer, expert]` of the difference (red: the target class uses it more)."""
+    def figure(self, value: str = "diff"):
+        """Heatmap `[layer, expert]` of the difference (red: the target class uses it more), or with
+        `value="target"` / `"other"` a class's mean usage per prompt (behaviour-conditioned load)."""
         import plotly.graph_objects as go
 
         from lenslab import figures
 
+        if value in ("target", "other"):
+            mean = self.target_mean if value == "target" else self.other_mean
+            n = self.n_target if value == "target" else self.n_other
+            what = "gate-weight sum" if self.weights else "selections"
+            return load_figure(mean, self.layers, f"fTRI: mean {what} per {value} prompt ({n} prompts) · "
+                                                  f"model {self.provenance.get('model', '?')}")
+        if value != "diff":
+            raise LenslabError(f"value {value!r} is not one of diff, target, other")
         z = self.diff.float()
         span = float(z.abs().max()) or 1.0
         what = "gate-weight sum" if self.weights else "selections"

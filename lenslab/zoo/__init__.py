@@ -104,6 +104,19 @@ def default_prompt(name: str) -> str | None:
     return prompt if isinstance(prompt, str) and prompt.strip() else None
 
 
+def prompt_sets(name: str) -> dict[str, list[str]]:
+    """Named example prompt sets from a zoo config's `"prompt_sets"` (e.g. `{"target": [...], "other": [...]}`
+    for fTRI on zoo/moe-refusal); `{}` when there are none. Never raises, like `default_prompt`."""
+    folder = ZOO_DIR / name.removeprefix(PREFIX) if name.startswith(PREFIX) else Path(name).expanduser()
+    try:
+        sets = json.loads((folder / "config.json").read_text()).get("prompt_sets") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(sets, dict):
+        return {}
+    return {str(k): [str(p) for p in v] for k, v in sets.items() if isinstance(v, list)}
+
+
 def train(name: str, out_dir: str | Path | None = None, seed: int = 0) -> Path:
     """Rebuild zoo model `name` by running its training script; returns the output folder."""
     short = name.removeprefix(PREFIX)
