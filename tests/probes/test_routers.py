@@ -1,86 +1,25 @@
 """Router inspection and fTRI ranking on tiny random MoE checkpoints built here.
 
 Oracle: the Hugging Face model's own router modules (each returns logits, top-k weights and
-indices), read with a forward hook; the tiny builders mirror tests/test_models_hf.py.
+indices), read with a forward hook; the tiny checkpoints come from `tiny_moe_dir` (tests/conftest.py).
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
 
 import lenslab
-from lenslab import zoo
 from lenslab._errors import LenslabError
 from lenslab.probes import routers
 
-D, HEADS, KV, MLP, LAYERS, CTX, E, K = 32, 4, 2, 64, 2, 64, 4, 2
-WORDS = [f"w{i}" for i in range(60)]  # + 4 specials = vocab 64
-PLANT_TOKEN = "w7"        # routes to PLANT_EXPERT at layer PLANT_LAYER with certainty
-PLANT_LAYER, PLANT_EXPERT = 1, 3
-
-
-def _config(name: str):
-    import transformers as T
-
-    common = dict(
-        vocab_size=len(WORDS) + 4, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        num_key_value_heads=KV, intermediate_size=MLP, max_position_embeddings=CTX,
-        bos_token_id=0, eos_token_id=1, pad_token_id=2,
-    )
-    moe = dict(num_experts=E, num_experts_per_tok=K)
-    return {
-        "mixtral": lambda: T.MixtralConfig(num_local_experts=E, num_experts_per_tok=K, **common),
-        "olmoe": lambda: T.OlmoeConfig(**moe, **common),  # norm_topk_prob False
-        "qwen2_moe": lambda: T.Qwen2MoeConfig(**moe, moe_intermediate_size=MLP // 2, shared_expert_intermediate_size=MLP, **common),
-        "qwen3_moe": lambda: T.Qwen3MoeConfig(**moe, moe_intermediate_size=MLP // 2, head_dim=D // HEADS, norm_topk_prob=True, **common),
-        "llama": lambda: T.LlamaConfig(**common),
-    }[name]()
+# the shapes and the planted route of the `tiny_moe_dir` checkpoints (checked in `dirs`)
+LAYERS, E, K = 2, 4, 2
+PLANT_TOKEN, PLANT_LAYER, PLANT_EXPERT = "w7", 1, 3
 
 
 def _gate(hf, layer: int):
     block = hf.model.layers[layer]
     return (getattr(block, "block_sparse_moe", None) or block.mlp).gate
-
-
-def _plant(hf, tok_id: int) -> None:
-    """Token `tok_id` -> expert PLANT_EXPERT at layer PLANT_LAYER; every other routing decision
-    is the same for every token (so only the planted expert separates the classes).
-
-    Embedding dim 0 marks the token (10), dim 1 is 1 for every token; attention writes neither.
-    Layer routers read only dims 0/1: every token picks experts by fixed dim-1 scores, and at the
-    planted layer the planted expert's dim-0 score dominates wherever the token is (and expert 0,
-    which every token picks, stays its second choice: the planted expert alone gains).
-    """
-    with torch.no_grad():
-        emb = hf.model.embed_tokens.weight
-        emb[:, 0] = 0.0
-        emb[tok_id, 0] = 10.0
-        emb[:, 1] = 1.0
-        for layer in range(LAYERS):
-            hf.model.layers[layer].self_attn.o_proj.weight[:2] = 0.0
-            w = _gate(hf, layer).weight
-            w.zero_()
-            w[:, 1] = torch.tensor([4.0, 3.0, 2.0, 1.0])
-            if layer == PLANT_LAYER:
-                w[PLANT_EXPERT, 1] = -4.0
-                w[PLANT_EXPERT, 0] = 10.0  # moderate logits: no probability underflows to a tie at 0
-                w[0, 0] = 8.0  # the token's second choice is expert 0, as for every other token
-
-
-def build(name: str, out: Path, plant: bool = False) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_config(name))
-    model.config.architectures = [type(model).__name__]
-    tok = zoo.word_tokenizer(WORDS)
-    if plant:
-        _plant(model, tok.convert_tokens_to_ids(PLANT_TOKEN))
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -92,9 +31,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("moe")
-    return {n: build(n, root / n) for n in ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "llama")}
+def dirs(tiny_moe_dir):
+    t = tiny_moe_dir
+    assert (t.LAYERS, t.E, t.K, t.PLANT_TOKEN, t.PLANT_LAYER, t.PLANT_EXPERT) == (LAYERS, E, K, PLANT_TOKEN, PLANT_LAYER, PLANT_EXPERT)
+    return {n: tiny_moe_dir(n) for n in ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "llama")}
 
 
 def _hf(folder):
@@ -173,8 +113,8 @@ def test_text_prompts_of_different_lengths(dirs):
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
-def test_ftri_ranks_the_planted_expert_first(tmp_path, name):
-    model = lenslab.load_model(str(build(name, tmp_path / name, plant=True)), device="cpu")
+def test_ftri_ranks_the_planted_expert_first(tiny_moe_dir, name):
+    model = lenslab.load_model(str(tiny_moe_dir(name, plant=True)), device="cpu")
     target = [f"w3 {PLANT_TOKEN} w9 w12", f"w20 w21 {PLANT_TOKEN}", f"{PLANT_TOKEN} w30 w31 w32 w33"]
     other = ["w3 w8 w9 w12", "w20 w21 w22", "w40 w30 w31 w32 w33", "w50 w51"]
     r = routers.route(model, target + other)
