@@ -1,0 +1,70 @@
+"""zoo/steer-sentiment on its committed weights: it keeps the sentiment of its context (the
+planted concept the steering evaluation moves), and the corpus / scorer behave as documented."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+import lenslab
+from lenslab import _sentiment, zoo
+
+
+@pytest.fixture(scope="module")
+def model():
+    return lenslab.load_model("zoo/steer-sentiment", device="cpu")
+
+
+def _next_word_shares(model, kind: str, n: int = 60, seed: int = 777) -> dict[str, float]:
+    tok = model.tokenizer
+    groups = {"positive": _sentiment.POSITIVE, "negative": _sentiment.NEGATIVE, "neutral": _sentiment.NEUTRAL}
+    ids = {k: torch.tensor(tok.convert_tokens_to_ids(list(v))) for k, v in groups.items()}
+    prompts = _sentiment.prompts(n, kind, seed=seed)
+    with torch.no_grad():
+        nxt = torch.tensor([int(model(model.to_tokens(p))[0, -1].argmax()) for p in prompts])
+    return {k: float(torch.isin(nxt, v).float().mean()) for k, v in ids.items()}
+
+
+@pytest.mark.parametrize("kind", ["positive", "negative"])
+def test_model_keeps_the_context_sentiment(model, kind):
+    # held-out prompts (seed 777 is not the training stream); the card reports 0.94 / 0.93
+    shares = _next_word_shares(model, kind)
+    other = "negative" if kind == "positive" else "positive"
+    assert shares[kind] >= 0.85
+    assert shares[other] <= 0.02
+
+
+def test_neutral_context_stays_neutral(model):
+    shares = _next_word_shares(model, "neutral")
+    assert shares["neutral"] >= 0.95
+
+
+def test_card_numbers_match_config():
+    meta = json.loads((zoo.zoo_path("zoo/steer-sentiment") / "config.json").read_text())
+    v = meta["verification"]
+    assert v["positive"]["next_word"]["positive"] >= 0.85 and v["negative"]["next_word"]["negative"] >= 0.85
+    assert set(meta["prompt_sets"]) == {"positive", "negative", "neutral"}
+    assert "zoo/steer-sentiment" in zoo.zoo_names()
+
+
+def test_scorer_counts_the_lexicon():
+    assert _sentiment.counts("the day was lovely and awful . so great") == (2, 1)
+    assert _sentiment.concept_rate("the day was lovely and awful . so great") == pytest.approx(2 / 3)
+    assert _sentiment.concept_rate("the red car") is None
+    assert _sentiment.is_positive("a great day") and not _sentiment.is_positive("a red day")
+    assert not _sentiment.is_positive("good bad")
+
+
+def test_corpus_is_deterministic_and_kind_pure():
+    assert _sentiment.documents(5, seed=3) == _sentiment.documents(5, seed=3)
+    for doc in _sentiment.documents(50, "positive", seed=1):
+        assert _sentiment.counts(doc)[1] == 0
+    for doc in _sentiment.documents(50, "neutral", seed=1):
+        assert _sentiment.counts(doc) == (0, 0)
+    for p in _sentiment.prompts(20, "negative", seed=2):
+        assert p.split()[-1] in {"was", "is", "a", "very", "so", "felt"}
+    assert set(_sentiment.VOCAB) >= set(_sentiment.POSITIVE) | set(_sentiment.NEGATIVE)
+    with pytest.raises(lenslab.LenslabError, match="positive, negative, neutral"):
+        _sentiment.document("happy", random.Random(0))
