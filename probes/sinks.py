@@ -18,10 +18,12 @@ that attend to it read them through their keys.
 - `ablate_massive`: set the massive entries to zero or to their mean at the layer where they
   first appear and measure the loss and the sink rate (Sun et al. Sec. 3: zero breaks the model,
   the mean leaves it intact; Gu et al.: without them the sinks go).
-- `super_experts`: MoE super experts (Su et al. 2025) are still to come.
+- `super_experts`: MoE super experts (Su et al. 2025), the experts whose down-projection outputs
+  create the massive activations; see `lenslab.probes.super_experts`.
 
 `planted_model()` builds a 2-layer model with one massive activation and one sink head set by
-hand, the ground truth the tests hold the detectors to.
+hand, the ground truth the tests hold the detectors to; `planted_moe_model()` does the same with
+the massive activation written by one expert (a planted super expert).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from lenslab.results import JsonResult, provenance
 
 __all__ = [
     "AblationResult", "MassiveResult", "MassiveRule", "SinkResult", "ablate_massive", "attention_sinks",
-    "massive_activations", "planted_model", "planted_tokens", "super_experts",
+    "massive_activations", "planted_model", "planted_moe_model", "planted_tokens", "super_experts",
 ]
 
 DEFAULT_SINK_THRESHOLD = 0.3
@@ -594,19 +596,18 @@ def ablate_massive(model, prompts, *, mode: str = "mean", massive: MassiveResult
         provenance=provenance(model, method=f"ablate_massive:{mode}", **_prompt_record(model, batches)))
 
 
-def super_experts(model, *args, **kwargs):
-    """Super experts of an MoE model (Su et al. 2025): not yet built.
+def super_experts(model, prompts=None, **kwargs):
+    """Super experts of an MoE model (Su et al. 2025): profile every expert's down-projection on
+    `prompts` and flag the outliers. Re-exported from `lenslab.probes.super_experts`, where
+    `profile_experts`, `prune_experts` and `ablate_super_experts` live; keyword arguments go to
+    `lenslab.probes.super_experts.super_experts` (rule, layers, include_layers, prepend_bos).
 
-    Raises `LenslabError`: on a dense model because super experts need an MoE model; on an MoE
-    model because this part of issue 10 is still to come.
+    >>> super_experts(planted_moe_model(), planted_tokens()).experts
+    [(0, 2)]
     """
-    n_experts = getattr(model.cfg, "num_experts", None)
-    if not n_experts:
-        raise LenslabError(
-            f"super experts need an MoE model (one with routed experts); {getattr(model, 'lenslab_name', model.cfg.model_name)!r} "
-            "is dense. Super-expert profiling (Su et al. 2025) is still to come in lenslab.probes.sinks")
-    raise LenslabError("super-expert profiling (Su et al. 2025) is still to come in lenslab.probes.sinks; "
-                       "massive_activations and attention_sinks work on this model now")
+    from lenslab.probes.super_experts import super_experts as _super_experts
+
+    return _super_experts(model, prompts, **kwargs)
 
 
 # --- the planted model -----------------------------------------------------------------------
@@ -673,3 +674,81 @@ def planted_tokens(batch: int = 4, seq_len: int = 32, seed: int = 0) -> Tensor:
     return toks
 
 
+
+
+PLANTED_MOE = {"super_expert": (0, 2), "massive_dim": 7, "marker_dim": 6, "massive_pos": 0, "sink_head": (1, 0),
+               "bos": 0, "n_experts": 4, "top_k": 2}
+
+
+def planted_moe_model(seed: int = 0):
+    """A 2-layer Mixture-of-Experts `HookedTransformer` (d_model 8, 2 heads, vocab 8, 4 experts per
+    layer with d_mlp 4, top-2 routing renormalised, SiLU-gated experts, no LayerNorm) with one
+    super expert set by hand: expert 2 of layer 0.
+
+    Token 0 (the BOS) embeds a marker, residual dimension 6 = 1 (every other token has 0 there).
+    The layer-0 router scores expert 2 with 10 x dimension 6, so the BOS always picks it (gate
+    weight ~1). Its hidden unit 0 reads only dimension 6 (gate and up weights 10), and its
+    down-projection writes that unit into dimension 7 with weight 10: on the BOS the expert's
+    down_proj output is 10 x silu(10) x 10 = 999.95 in dimension 7 (a massive activation on the
+    first token), on every other token it is ~0.1. Head L1H0 has a constant query and a key that
+    reads only dimension 7, so it attends to position 0 (an attention sink), as in `planted_model`.
+    No other weight reads or writes dimensions 6 and 7, so nothing else is massive, no other
+    expert's output is large, and zeroing expert (0, 2)'s down-projection removes the massive
+    activation and the sink. Feed it `planted_tokens()`.
+
+    >>> planted_moe_model().cfg.num_experts
+    4
+    """
+    import warnings
+
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    E, K = PLANTED_MOE["n_experts"], PLANTED_MOE["top_k"]
+    cfg = HookedTransformerConfig(n_layers=2, d_model=8, n_ctx=64, d_head=4, n_heads=2, d_vocab=8, d_mlp=4,
+                                  num_experts=E, experts_per_token=K, norm_topk_prob=True, act_fn="silu",
+                                  normalization_type=None, seed=seed, positional_embedding_type="standard")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = HookedTransformer(cfg)
+    g = torch.Generator().manual_seed(seed)
+    D, M = PLANTED_MOE["massive_dim"], PLANTED_MOE["marker_dim"]
+    se_layer, se = PLANTED_MOE["super_expert"]
+    sd = model.state_dict()
+    small = lambda *s: 0.1 * torch.randn(*s, generator=g)  # noqa: E731
+
+    def blind(w: Tensor, dim: int) -> Tensor:  # nobody reads or writes dimensions 6 and 7 ...
+        w.narrow(dim, M, 2).zero_()
+        return w
+
+    with torch.no_grad():
+        for k in sd:
+            if sd[k].is_floating_point() and "IGNORE" not in k and "mask" not in k:
+                sd[k].zero_()
+        sd["unembed.W_U"].copy_(blind(small(8, 8) * 10, 0))
+        sd["embed.W_E"].copy_(blind(small(8, 8), 1))
+        sd["embed.W_E"][PLANTED_MOE["bos"], M] = 1.0
+        for l in range(2):
+            for name in ("W_Q", "W_K", "W_V"):
+                sd[f"blocks.{l}.attn.{name}"].copy_(blind(small(2, 8, 4), 1))
+            sd[f"blocks.{l}.attn.W_O"].copy_(blind(small(2, 4, 8), 2))
+            sd[f"blocks.{l}.mlp.W_gate.weight"].copy_(blind(small(E, 8) * 10, 1))  # the router
+            for e in range(E):
+                pre = f"blocks.{l}.mlp.experts.{e}"
+                sd[f"{pre}.W_gate.weight"].copy_(blind(small(4, 8) * 10, 1))
+                sd[f"{pre}.W_in.weight"].copy_(blind(small(4, 8) * 10, 1))
+                sd[f"{pre}.W_out.weight"].copy_(blind(small(8, 4), 0))
+        pre = f"blocks.{se_layer}.mlp.experts.{se}"
+        sd[f"blocks.{se_layer}.mlp.W_gate.weight"][se, M] = 10.0  # ... except: the BOS marker routes to the SE,
+        for name in ("W_gate", "W_in"):
+            sd[f"{pre}.{name}.weight"][0] = 0
+            sd[f"{pre}.{name}.weight"][0, M] = 10.0  # its unit 0 fires on the marker only,
+        sd[f"{pre}.W_out.weight"][:, 0] = 0
+        sd[f"{pre}.W_out.weight"][D, 0] = 10.0  # and writes dimension 7;
+        sl, sh = PLANTED_MOE["sink_head"]
+        sd[f"blocks.{sl}.attn.W_Q"][sh] = 0
+        sd[f"blocks.{sl}.attn.b_Q"][sh] = torch.tensor([10.0, 0, 0, 0])  # the sink head's query is constant
+        sd[f"blocks.{sl}.attn.W_K"][sh] = 0
+        sd[f"blocks.{sl}.attn.W_K"][sh, D, 0] = 0.01  # and its key reads dimension 7
+    model.load_state_dict(sd)
+    model.lenslab_name = "planted-moe-2l"
+    return model.eval()

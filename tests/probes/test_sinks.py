@@ -122,8 +122,8 @@ def test_bad_input_names_the_problem(planted, tiny_model):
         S.MassiveRule(absolute=None, ratio=None)
     with pytest.raises(LenslabError, match="no massive activations"):
         S.ablate_massive(tiny_model, "t1 t2 t3")
-    with pytest.raises(LenslabError, match="need an MoE model.*still to come"):
-        S.super_experts(model)
+    with pytest.raises(LenslabError, match="super experts need an MoE model"):
+        S.super_experts(model, toks)
     with pytest.raises(LenslabError, match="no tokenizer"):
         S.attention_sinks(model, "hello")
 
