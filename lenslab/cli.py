@@ -4,6 +4,7 @@
     lenslab models
     lenslab zoo train NAME [--out DIR] [--seed 0]
     lenslab sinks attention|massive|ablate --model M [--prompts P ...] --out FILE
+    lenslab sinks experts --model M [--prompts P ...] [--rule su] [--prune] --out FILE
 """
 from __future__ import annotations
 
@@ -141,6 +142,38 @@ def _cmd_sinks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sinks_experts(args: argparse.Namespace) -> int:
+    import lenslab
+    from lenslab import zoo
+    from lenslab.figures import FORMATS, export
+    from lenslab.probes import routers, sinks
+    from lenslab.probes import super_experts as se
+
+    out = Path(args.out)
+    if out.suffix.lower() not in FORMATS:
+        raise LenslabError(f"--out {out.name!r}: the extension picks the format, one of {', '.join(FORMATS)}")
+    experts = [p for text in args.experts for p in routers.parse_experts(text)] if args.experts else None
+    model = lenslab.load_model(args.model, device=args.device)
+    prompts = args.prompts or [zoo.default_prompt(args.model) or "The quick brown fox jumps over the lazy dog."]
+    if args.prune:
+        rule = sinks.MassiveRule(absolute=args.absolute or None, ratio=args.ratio or None)
+        result = se.ablate_super_experts(model, prompts, experts=experts, rule=args.rule,
+                                         include_layers=args.include_layers, random_draws=args.random_draws,
+                                         seed=args.seed, threshold=args.threshold, massive_rule=rule)
+        print(f"pruned {result.experts}: loss {result.loss_clean:.4g} -> {result.loss_pruned:.4g}; sink rate "
+              f"{100 * result.sinks_clean.sink_rate:.1f}% -> {100 * result.sinks_pruned.sink_rate:.1f}%; massive entries "
+              f"{len(result.massive_clean.massive)} -> {len(result.massive_pruned.massive)}")
+        if result.random:
+            print(f"random experts ({len(result.random)} draws): loss {result.random_loss:.4g}, "
+                  f"sink rate {100 * result.random_sink_rate:.1f}%")
+    else:
+        result = se.super_experts(model, prompts, rule=args.rule, include_layers=args.include_layers)
+        print(f"super experts ({args.rule}): {', '.join(result.labels) or 'none'}; largest down_proj |output| "
+              f"{max(result.profile.population().tolist(), default=0.0):.4g}")
+    print(f"lenslab: wrote {export(result, out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lenslab", description="lenslab: mechanistic-interpretability and steering workbench")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -217,6 +250,25 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default="auto")
         sp.add_argument("--out", required=True, help="output file; the extension picks the format: .json .svg .png .pdf .html")
         sp.set_defaults(func=_cmd_sinks)
+
+    sx = ssub.add_parser("experts", help="MoE super experts (Su et al.): max |down_proj output| per expert, "
+                                        "the outliers, and (--prune) pruning them vs random experts")
+    sx.add_argument("--model", default="zoo/moe-refusal", help="a MoE model: zoo name, HF id or local dir")
+    sx.add_argument("--prompts", nargs="+", default=None, help="calibration prompts (default: the model's default prompt)")
+    sx.add_argument("--rule", default="su", choices=["su", "p99.5", "mean+3std", "50xmean"],
+                    help="su: > P99.5 and > floor(max / 10) (Su et al.)")
+    sx.add_argument("--include-layers", type=float, default=0.75, help="rules consider layers l < round(this x n_layers)")
+    sx.add_argument("--prune", action="store_true", help="prune the super experts; loss, sinks, massive activations")
+    sx.add_argument("--experts", nargs="+", default=None, metavar="L:E",
+                    help="with --prune: prune these instead of the super experts (L:-1 is a shared expert)")
+    sx.add_argument("--random-draws", type=int, default=5, help="with --prune: random control sets")
+    sx.add_argument("--seed", type=int, default=0)
+    sx.add_argument("--threshold", type=float, default=0.3, help="sink threshold epsilon in (0, 1)")
+    sx.add_argument("--absolute", type=float, default=100.0, help="massive if |a| > this (0: no absolute bar)")
+    sx.add_argument("--ratio", type=float, default=1000.0, help="... and |a| >= this x the median (0: no ratio bar)")
+    sx.add_argument("--device", default="auto")
+    sx.add_argument("--out", required=True, help="output file; the extension picks the format: .json .svg .png .pdf .html")
+    sx.set_defaults(func=_cmd_sinks_experts)
     return p
 
 
