@@ -4,6 +4,8 @@
 model inside a `with` block; `save` / `load` read and write JSON presets with tensors in a
 safetensors file beside them. Baselines: `mean_difference` (DiffMean / CAA) and `actadd`;
 `austeer` steers a few atomic units multiplicatively (`austeer_scores` gives its score table).
+`switch_experts` switches MoE experts off or forces them on (MoTE, `lenslab.steering.experts`;
+`hf_hooks` does it for a plain `transformers` model).
 
 >>> import lenslab
 >>> from lenslab import steering
@@ -16,11 +18,13 @@ from __future__ import annotations
 
 from lenslab.steering.austeer import AU_SITES, austeer, austeer_scores, select_units
 from lenslab.steering.baselines import SITES, actadd, hook_name, mean_activations, mean_difference
+from lenslab.steering.experts import hf_hooks, reroute, switch_experts
 from lenslab.steering.generate import generate, stream
 from lenslab.steering.intervention import (
-    NOT_YET_OPS,
+    EXPERT_OPS,
     OPS,
     POSITION_WORDS,
+    UNIT_OPS,
     Edit,
     Intervention,
     apply,
@@ -32,6 +36,7 @@ from lenslab.steering.intervention import (
 )
 
 __all__ = [
-    "AU_SITES", "NOT_YET_OPS", "OPS", "POSITION_WORDS", "SITES", "Edit", "Intervention", "actadd", "apply", "austeer", "austeer_scores", "compose",
-    "generate", "hook_name", "hooks", "load", "mean_activations", "mean_difference", "save", "select_units", "stream", "validate",
+    "AU_SITES", "EXPERT_OPS", "OPS", "POSITION_WORDS", "SITES", "UNIT_OPS", "Edit", "Intervention", "actadd", "apply", "austeer",
+    "austeer_scores", "compose", "generate", "hf_hooks", "hook_name", "hooks", "load", "mean_activations", "mean_difference",
+    "reroute", "save", "select_units", "stream", "switch_experts", "validate",
 ]

@@ -19,6 +19,11 @@ its full effect at `s = 1`):
 | `clamp` | `vector` (values c) | `s * c + (1 - s) * x` |
 | `zero` | none | `(1 - s) * x` |
 
+MoE expert switches (`lenslab.steering.experts`, MoTE) are edits too: `hook` is the MoE block
+`"blocks.{layer}.mlp"`, `units` the expert ids, no tensors; `drop_experts` (zero the gate weight,
+renormalise the rest of the top k), `mask_experts` (router logit -inf: the next expert enters) and
+`force_experts` (into every token's top k). `switch_experts` builds them from (layer, expert) pairs.
+
 Positions: `"all"`, `"last"` (the last position of each forward pass), `"prompt"` / `"generated"`
 (needs `prompt_len`, given by `generate`), or a tuple of indices (negative ones count from the
 end). An `add` edit at explicit positions may carry one vector per position (`[n_pos, n_units]`,
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -45,12 +51,14 @@ from torch import Tensor
 
 from lenslab._errors import LenslabError, did_you_mean
 
-OPS = ("add", "multiply", "affine", "clamp", "zero")
-NOT_YET_OPS = ("mask_experts", "force_experts")  # MoE expert switches: a later issue
+UNIT_OPS = ("add", "multiply", "affine", "clamp", "zero")
+EXPERT_OPS = ("drop_experts", "mask_experts", "force_experts")  # MoE switches: lenslab.steering.experts
+OPS = UNIT_OPS + EXPERT_OPS
 POSITION_WORDS = ("all", "last", "prompt", "generated")
 FORMAT = "lenslab.intervention/1"
 
 Positions = str | tuple[int, ...]
+_MOE_BLOCK = re.compile(r"blocks\.\d+\.mlp")
 
 
 def _tensor(v, what: str) -> Tensor | None:
@@ -70,12 +78,16 @@ class Edit:
     """One edit at one hook point (see the module docstring for the ops).
 
     Attributes:
-        hook: a TransformerLens hook name, e.g. `"blocks.3.hook_resid_post"`.
-        op: "add", "multiply", "affine", "clamp" or "zero".
+        hook: a TransformerLens hook name, e.g. `"blocks.3.hook_resid_post"`; for expert ops the
+            MoE block, `"blocks.3.mlp"`.
+        op: "add", "multiply", "affine", "clamp", "zero", or an expert op: "drop_experts",
+            "mask_experts", "force_experts" (see `lenslab.steering.experts`).
         vector: `[n_units]` (or `[n_pos, n_units]` for `add` at explicit positions): the added
-            vector, the factors, the affine scale or the clamp values; None for `zero`.
+            vector, the factors, the affine scale or the clamp values; None for `zero` and the
+            expert ops.
         shift: `[n_units]`, the affine shift (affine only).
-        units: indices into the (flattened) last dimension, or None for all of it.
+        units: indices into the (flattened) last dimension, or None for all of it; for expert
+            ops the expert ids (required).
         positions: "all", "last", "prompt", "generated", or a tuple of position indices.
         strength: a finite float; 0 leaves the model unchanged.
     """
@@ -91,8 +103,6 @@ class Edit:
     def __post_init__(self) -> None:
         if not isinstance(self.hook, str) or not self.hook:
             raise LenslabError(f"hook must be a TransformerLens hook name like 'blocks.0.hook_resid_post', got {self.hook!r}")
-        if self.op in NOT_YET_OPS:
-            raise LenslabError(f"op {self.op!r} (MoE expert switches) is not implemented yet; use one of {', '.join(OPS)}")
         if self.op not in OPS:
             raise LenslabError(f"op {self.op!r} is not one of {', '.join(OPS)}{did_you_mean(self.op, OPS)}")
         s = self.strength
@@ -103,7 +113,19 @@ class Edit:
         shift = _tensor(self.shift, f"shift of the affine edit at {self.hook}")
         object.__setattr__(self, "vector", vec)
         object.__setattr__(self, "shift", shift)
-        if self.op == "zero":
+        if self.op in EXPERT_OPS:
+            if not _MOE_BLOCK.fullmatch(self.hook):
+                m = re.match(r"blocks\.(\d+)", self.hook)
+                hint = f"; use 'blocks.{m.group(1)}.mlp'" if m else ""
+                raise LenslabError(
+                    f"a {self.op} edit names a MoE block, 'blocks.{{layer}}.mlp' (the same for every architecture), "
+                    f"got {self.hook!r}{hint}"
+                )
+            if vec is not None or shift is not None:
+                raise LenslabError(f"a {self.op} edit at {self.hook} takes no vector or shift (its units are expert ids); drop them")
+            if self.units is None:
+                raise LenslabError(f"a {self.op} edit at {self.hook} needs units=(expert ids, ...), e.g. units=(3,)")
+        elif self.op == "zero":
             if vec is not None or shift is not None:
                 raise LenslabError(f"a zero edit at {self.hook} takes no vector or shift; drop them")
         elif vec is None:
@@ -358,15 +380,27 @@ def validate(model, intervention: Intervention) -> None:
     Raises:
         LenslabError: naming the edit, the problem and the fix.
     """
+    _validate(model, intervention)
+
+
+def _validate(model, intervention: Intervention) -> list | None:
+    """`validate`; returns the model's MoE layers when there are expert edits, else None."""
     if not isinstance(intervention, Intervention):
         raise LenslabError(f"expected an Intervention, got {type(intervention).__name__}")
+    unit_edits = [e for e in intervention.edits if e.op not in EXPERT_OPS]
+    expert_edits = [e for e in intervention.edits if e.op in EXPERT_OPS]
+    layers = None
+    if expert_edits:
+        from lenslab.steering.experts import validate_experts
+
+        layers = validate_experts(model, expert_edits)
     names = _hook_names(model)
     known = set(names)
-    for e in intervention.edits:
+    for e in unit_edits:
         if e.hook not in known:
             raise LenslabError(f"hook {e.hook!r} is not a hook point of this model{did_you_mean(e.hook, names)}")
-    dims = _hook_shapes(model, sorted({e.hook for e in intervention.edits}))
-    for e in intervention.edits:
+    dims = _hook_shapes(model, sorted({e.hook for e in unit_edits}))
+    for e in unit_edits:
         d = dims[e.hook]
         if e.units is not None:
             if max(e.units) >= d:
@@ -378,6 +412,7 @@ def validate(model, intervention: Intervention) -> None:
                 f"vector at {e.hook} has {e.vector.shape[-1]} entries but the hook's last dimension has {d}; "
                 f"pass a vector of size {d} or list the units it covers"
             )
+    return layers
 
 
 def _position_index(positions: Positions, n_pos: int, prompt_len: int | None, hook: str) -> Tensor | slice:
@@ -441,10 +476,23 @@ def hooks(model, intervention: Intervention, *, prompt_len: int | None = None) -
     """Validated TransformerLens forward hooks `[(hook_name, fn), ...]` for `intervention`.
 
     Use with `model.run_with_hooks(tokens, fwd_hooks=hooks(model, iv))` or `model.hooks(...)`.
-    `prompt_len` fixes what "prompt" and "generated" positions mean.
+    `prompt_len` fixes what "prompt" and "generated" positions mean. Expert edits on a
+    HookedTransformer MoE become hooks too; on a TransformerBridge MoE they act through torch
+    hooks on the Hugging Face routers, so use `apply` there (this raises a `LenslabError`).
     """
-    validate(model, intervention)
-    return [(e.hook, _edit_fn(e, prompt_len)) for e in intervention.edits]
+    layers = _validate(model, intervention)
+    pairs = [(e.hook, _edit_fn(e, prompt_len)) for e in intervention.edits if e.op not in EXPERT_OPS]
+    from lenslab.steering.experts import expert_edits, tl_hooks
+
+    switches = expert_edits(intervention)
+    if switches:
+        if layers[0].kind != "hooked":
+            raise LenslabError(
+                "expert switches on a TransformerBridge MoE act through torch hooks on its Hugging Face routers, "
+                "not TransformerLens hooks: use `with lenslab.steering.apply(model, iv):` instead of hooks()"
+            )
+        pairs += tl_hooks(model, switches, layers, prompt_len=prompt_len)
+    return pairs
 
 
 @contextmanager
@@ -457,5 +505,9 @@ def apply(model, intervention: Intervention | None, *, prompt_len: int | None = 
     if intervention is None or not intervention.edits:
         yield model
         return
-    with model.hooks(fwd_hooks=hooks(model, intervention, prompt_len=prompt_len)):
+    from lenslab.steering.experts import apply_experts, expert_edits
+
+    layers = _validate(model, intervention)
+    pairs = [(e.hook, _edit_fn(e, prompt_len)) for e in intervention.edits if e.op not in EXPERT_OPS]
+    with apply_experts(model, expert_edits(intervention), layers, pairs, prompt_len=prompt_len):
         yield model

@@ -147,7 +147,8 @@ BAD_SPECS = [
     (lambda: Edit(hook=HOOK, vector=torch.ones(32), strength=float("inf")), "finite number"),
     (lambda: Edit(hook=HOOK, vector=torch.tensor([1.0, float("nan")])), "NaN or infinite entry at index [1]"),
     (lambda: Edit(hook=HOOK, op="multply", vector=torch.ones(32)), "did you mean 'multiply'"),
-    (lambda: Edit(hook=HOOK, op="mask_experts", vector=torch.ones(4)), "not implemented yet"),
+    (lambda: Edit(hook=HOOK, op="mask_experts", units=(1,)), "use 'blocks.1.mlp'"),  # expert ops name the MoE block
+    (lambda: Edit(hook="blocks.1.mlp", op="mask_experts", units=(1,), vector=torch.ones(1)), "takes no vector"),
     (lambda: Edit(hook=HOOK, op="add"), "needs a vector"),
     (lambda: Edit(hook=HOOK, vector=torch.ones(3), units=(0, 1)), "one entry per unit"),
     (lambda: Edit(hook=HOOK, vector=torch.ones(32), positions="lats"), "did you mean 'last'"),

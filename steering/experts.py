@@ -1,0 +1,457 @@
+"""Switching Mixture-of-Experts experts off and on (MoTE), as `Intervention` edits.
+
+MoTE (Dahlke et al., "Mixture of Tunable Experts", arXiv 2502.11096) steers a MoE model by
+overriding its routers at inference: experts found with fTRI (`lenslab.probes.routers.ftri_rank`)
+are switched off for every token, or forced on. Here a switch is an ordinary `Edit` whose `hook`
+is the MoE block, `"blocks.{layer}.mlp"` (the same name for every architecture, so a preset
+ports across models), whose `units` are expert ids and whose op is one of:
+
+| op | what happens to each token row (at the edit's positions) |
+|---|---|
+| `drop_experts` | the listed experts' top-k gate weights are scaled by `1 - s` and the other selected weights rescaled so the row's top-k total is unchanged; no other expert enters (MoTE's "suppress"; with `norm_topk_prob` at `s = 1`: set to 0 and renormalise) |
+| `mask_experts` | the listed experts' router logits are set to `-inf` before the top k, so the next experts enter; probabilities are the softmax over the remaining experts, then the model's own top k and `norm_topk_prob` rule. Any non-zero strength masks fully (a mask has no half-way) |
+| `force_experts` | each listed expert joins the top k: if not already selected it replaces the lowest-weight selected expert that is not itself forced, taking `s` times that slot's weight |
+
+Strength 0 is the identity for every op (no hook is installed). A token whose selected experts
+are all dropped at `s = 1` gets a routed-expert output of exactly 0 (Qwen2-MoE's shared expert,
+which no router selects, is untouched). Positions work as for other edits; a MoE layer sees the
+tokens as rows `[batch * pos]`, and row `r` is position `r % pos`.
+
+Within a layer, mask edits act on the router probabilities before the top k, then drop and force
+edits act on the selected experts in the order listed. `reroute` is the one function that does
+all of this; two backends call it during every forward pass:
+
+- `HookedTransformer` MoE (Mixtral, OLMoE): a hook on `blocks.{l}.mlp.hook_expert_weights`
+  returns `-1` everywhere except the wanted experts, which hold the wanted weights, so
+  TransformerLens's own `torch.topk` picks exactly those experts. With `norm_topk_prob` (which
+  divides by the row total) a hook on `blocks.{l}.hook_mlp_out` multiplies rows whose wanted
+  total is not 1 by that total (0 for rows with every expert dropped: TL's MoE has no bias).
+- `TransformerBridge` MoE (Qwen2-MoE, Qwen3-MoE) and plain `transformers` models: a torch forward
+  hook on the Hugging Face router module returns `(logits, new_weights, new_indices)`.
+
+>>> from lenslab.steering import switch_experts
+>>> iv = switch_experts(off=[(1, 3), (1, 5)], on=[(0, 2)])
+>>> [(e.hook, e.op, e.units) for e in iv.edits]
+[('blocks.0.mlp', 'force_experts', (2,)), ('blocks.1.mlp', 'drop_experts', (3, 5))]
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+
+import torch
+from torch import Tensor
+
+from lenslab._errors import LenslabError, did_you_mean
+from lenslab.steering.intervention import EXPERT_OPS, Edit, Intervention, Positions, _position_index
+
+__all__ = ["EXPERT_OPS", "MODES", "hf_hooks", "moe_block", "reroute", "switch_experts"]
+
+MODES = {"drop": "drop_experts", "mask": "mask_experts"}
+_BLOCK = re.compile(r"blocks\.(\d+)\.mlp")
+
+
+def moe_block(layer: int) -> str:
+    """The hook name an expert edit uses for block `layer`: `"blocks.{layer}.mlp"`."""
+    return f"blocks.{int(layer)}.mlp"
+
+
+def edit_layer(edit: Edit) -> int:
+    """The block index of an expert edit's hook (`"blocks.3.mlp"` -> 3)."""
+    m = _BLOCK.fullmatch(edit.hook)
+    if m is None:
+        raise LenslabError(f"expert edit hook {edit.hook!r} is not a MoE block name like 'blocks.0.mlp'")
+    return int(m.group(1))
+
+
+def _pairs(pairs, what: str) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for pair in pairs or ():
+        try:
+            layer, expert = (int(x) for x in pair)
+        except (TypeError, ValueError):
+            raise LenslabError(f"{what} entry {pair!r} is not a (layer, expert) pair of ints") from None
+        if layer < 0 or expert < 0:
+            raise LenslabError(f"{what} entry {(layer, expert)} is negative; layers and experts count from 0")
+        if (layer, expert) not in out:
+            out.append((layer, expert))
+    return out
+
+
+def switch_experts(
+    off: Iterable[tuple[int, int]] = (),
+    on: Iterable[tuple[int, int]] = (),
+    *,
+    mode: str = "drop",
+    positions: Positions = "all",
+    strength: float = 1.0,
+    name: str = "",
+) -> Intervention:
+    """An `Intervention` that switches `(layer, expert)` pairs off and/or forces others on.
+
+    Args:
+        off: experts to switch off, as `(layer, expert)` (block index, expert id).
+        on: experts to force into every token's top k.
+        mode: how `off` works: "drop" (default, MoTE's suppress: zero the gate weight and
+            renormalise the remaining top k) or "mask" (router logit -inf: the next expert enters).
+        positions: "all", "last", "prompt", "generated" or explicit position indices.
+        strength: 0 is the identity, 1 the full switch (see the module docstring per op).
+        name: a label for presets and the app.
+
+    Returns:
+        One edit per layer and op (layers in order; at each layer the switch-off edit first).
+        Model-free: `lenslab.steering.validate(model, iv)` checks the ids against a model.
+    """
+    if mode not in MODES:
+        raise LenslabError(f"mode {mode!r} is not one of {', '.join(MODES)}{did_you_mean(str(mode), list(MODES))}")
+    off_p, on_p = _pairs(off, "off"), _pairs(on, "on")
+    both = sorted(set(off_p) & set(on_p))
+    if both:
+        raise LenslabError(f"experts {both} are both switched off and forced on; list each in one of off / on")
+    edits = []
+    for layer in sorted({p[0] for p in off_p + on_p}):
+        for op, pairs in ((MODES[mode], off_p), ("force_experts", on_p)):
+            units = tuple(e for lay, e in pairs if lay == layer)
+            if units:
+                edits.append(Edit(hook=moe_block(layer), op=op, units=units, positions=positions, strength=strength))
+    prov = {"method": "switch_experts", "mode": mode, "off": [list(p) for p in off_p], "on": [list(p) for p in on_p]}
+    return Intervention(edits=tuple(edits), name=name, provenance=prov)
+
+
+# --- the one routing function -------------------------------------------------------------------
+def _rows(edit: Edit, rows_pos: Tensor, n_pos: int, prompt_len: int | None) -> Tensor:
+    """Bool `[N]`: which token rows the edit touches."""
+    if edit.positions == "all":
+        return torch.ones(rows_pos.shape[0], dtype=torch.bool, device=rows_pos.device)
+    sel = torch.zeros(n_pos, dtype=torch.bool, device=rows_pos.device)
+    idx = _position_index(edit.positions, n_pos, prompt_len, edit.hook)
+    sel[idx.to(rows_pos.device) if isinstance(idx, Tensor) else idx] = True
+    return sel[rows_pos]
+
+
+def _reroute(
+    probs: Tensor, k: int, norm_topk_prob: bool, edits: Sequence[Edit], rows_pos: Tensor,
+    n_pos: int | None = None, prompt_len: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`reroute`, plus the bool `[N]` of rows some edit touched."""
+    p = probs.float()
+    n, n_exp = p.shape
+    rows_pos = rows_pos.to(p.device).long()
+    if n_pos is None:
+        n_pos = int(rows_pos.max()) + 1 if n else 1
+    touched = torch.zeros(n, dtype=torch.bool, device=p.device)
+    live = [(e, _rows(e, rows_pos, n_pos, prompt_len)) for e in edits if e.strength != 0]
+    # 1. masks: -inf logits = zero probability, the rest renormalised (softmax over the others)
+    masked = torch.zeros_like(p, dtype=torch.bool)
+    for e, rows in live:
+        if e.op == "mask_experts":
+            m = torch.zeros(n_exp, dtype=torch.bool, device=p.device)
+            m[list(e.units)] = True
+            masked = masked | (rows[:, None] & m[None, :])
+            touched = touched | rows
+    if masked.any():
+        kept = p.masked_fill(masked, 0.0)
+        total = kept.sum(-1, keepdim=True)
+        p = torch.where(masked.any(-1, keepdim=True), kept / torch.where(total > 0, total, 1.0), p)
+    # 2. the model's own top k (a masked expert is never picked, even when probabilities underflow)
+    idx = torch.topk(p.masked_fill(masked, -1.0), k, dim=-1).indices
+    w = p.gather(-1, idx)
+    if norm_topk_prob:
+        w = w / w.sum(-1, keepdim=True)
+    # 3. drop and force, in order, on the selected experts
+    forced = torch.zeros_like(idx, dtype=torch.bool)
+    for e, rows in live:
+        s = e.strength
+        units = torch.tensor(e.units, device=p.device)
+        if e.op == "drop_experts":
+            sel = torch.isin(idx, units) & rows[:, None]
+            hit = sel.any(-1, keepdim=True)
+            total = w.sum(-1, keepdim=True)
+            dropped = torch.where(sel, w * (1 - s), w)
+            other_old = torch.where(sel, 0.0, w).sum(-1, keepdim=True)
+            other_new = total - torch.where(sel, dropped, 0.0).sum(-1, keepdim=True)
+            # safe denominators: no inf or NaN in either branch, so gradients stay finite too
+            scale = torch.where(other_old > 0, other_new / torch.where(other_old > 0, other_old, 1.0), 1.0)
+            w = torch.where(hit, torch.where(sel, dropped, w * scale), w)
+            touched = touched | hit[:, 0]
+        elif e.op == "force_experts":
+            for u in e.units:
+                here = idx == u
+                forced = forced | (here & rows[:, None])
+                need = rows & ~here.any(-1)
+                slot = w.masked_fill(forced, float("inf")).argmin(-1)  # lowest-weight slot not forced
+                put = need[:, None] & (torch.arange(k, device=p.device)[None, :] == slot[:, None])
+                idx = torch.where(put, torch.full_like(idx, u), idx)
+                w = torch.where(put, s * w, w)
+                forced = forced | put
+                touched = touched | rows
+    return idx, w, touched
+
+
+def reroute(
+    probs: Tensor, k: int, norm_topk_prob: bool, edits: Sequence[Edit], rows_pos: Tensor,
+    *, n_pos: int | None = None, prompt_len: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The experts and gate weights of every token row after the expert edits.
+
+    Args:
+        probs: `[N, n_experts]` router softmax (N = batch * pos rows).
+        k: experts per token; norm_topk_prob: whether the model renormalises its top-k weights.
+        edits: expert edits of this one layer (drop / mask / force), applied as the module says.
+        rows_pos: `[N]` the position of each row (`arange(N) % pos`).
+        n_pos: the forward pass's sequence length (default `rows_pos.max() + 1`), for "last" and
+            negative positions; prompt_len: for "prompt" / "generated".
+
+    Returns:
+        `(indices [N, k] long, weights [N, k] float32)`: which experts run and what multiplies
+        each one's output. Without edits these equal the model's own top k.
+
+    >>> p = torch.tensor([[0.5, 0.3, 0.2]])
+    >>> e = Edit(hook="blocks.0.mlp", op="drop_experts", units=(0,))
+    >>> reroute(p, 2, True, [e], torch.tensor([0]))[1]
+    tensor([[0., 1.]])
+    """
+    idx, w, _ = _reroute(probs, k, norm_topk_prob, edits, rows_pos, n_pos, prompt_len)
+    return idx, w
+
+
+# --- checking against a model ------------------------------------------------------------------
+def expert_edits(intervention: Intervention) -> list[Edit]:
+    """The expert edits of `intervention` with a non-zero strength (the others change nothing)."""
+    return [e for e in intervention.edits if e.op in EXPERT_OPS and e.strength != 0]
+
+
+def _layers(model, edits: Sequence[Edit]):
+    from lenslab.probes import routers
+
+    try:
+        return routers.moe_layers(model)
+    except LenslabError as err:
+        e = edits[0]
+        raise LenslabError(f"the {e.op} edit at {e.hook} needs a Mixture-of-Experts model, but {err}") from None
+
+
+def check_edits(layers, edits: Sequence[Edit]) -> None:
+    """Expert ids in range (`routers.check_experts` messages), at most `E - k` experts masked and
+    at most `k` forced per layer. Raises `LenslabError`."""
+    from lenslab.probes import routers
+
+    by_layer = {m.layer: m for m in layers}
+    masked: dict[int, set] = {}
+    forced: dict[int, set] = {}
+    for e in edits:
+        layer = edit_layer(e)
+        routers.check_experts(None, [(layer, u) for u in e.units], layers=layers)
+        if e.strength == 0:
+            continue
+        if e.op == "mask_experts":
+            masked.setdefault(layer, set()).update(e.units)
+        elif e.op == "force_experts":
+            forced.setdefault(layer, set()).update(e.units)
+    for layer, units in masked.items():
+        m = by_layer[layer]
+        if m.n_experts - len(units) < m.top_k:
+            raise LenslabError(
+                f"masking {len(units)} of the {m.n_experts} experts of layer {layer} leaves fewer than the "
+                f"{m.top_k} each token picks; mask at most {m.n_experts - m.top_k} (or drop them instead)"
+            )
+    for layer, units in forced.items():
+        m = by_layer[layer]
+        if len(units) > m.top_k:
+            raise LenslabError(
+                f"forcing {len(units)} experts on at layer {layer} is more than the {m.top_k} slots each token "
+                f"has; force at most {m.top_k}"
+            )
+
+
+def validate_experts(model, edits: Sequence[Edit]) -> list:
+    """Check expert edits against `model`; returns its `routers.moe_layers`."""
+    layers = _layers(model, edits)
+    check_edits(layers, edits)
+    return layers
+
+
+def _by_layer(edits: Sequence[Edit]) -> dict[int, list[Edit]]:
+    out: dict[int, list[Edit]] = {}
+    for e in edits:
+        out.setdefault(edit_layer(e), []).append(e)
+    return out
+
+
+# --- backend 1: TransformerLens hooks on a HookedTransformer MoE ---------------------------------
+def tl_hooks(model, edits: Sequence[Edit], layers, *, prompt_len: int | None = None) -> list:
+    """TransformerLens forward hooks `[(name, fn), ...]` that apply `edits` in a HookedTransformer MoE."""
+    from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES
+
+    by_layer = {m.layer: m for m in layers}
+    cfg = model.cfg
+    out = []
+    for layer, es in sorted(_by_layer(edits).items()):
+        m = by_layer[layer]
+        if m.norm_topk_prob and (getattr(cfg, "use_normalization_before_and_after", False)
+                                 or getattr(cfg, "original_architecture", None) in POST_NORM_ARCHITECTURES):
+            raise LenslabError(f"expert edits at {moe_block(layer)}: a norm after the MoE block is not supported")
+        state: dict = {}
+
+        def record(x, hook, state=state):
+            state["shape"] = tuple(x.shape[:2])  # [batch, pos]
+
+        def weights(probs, hook, m=m, es=es, state=state):
+            state["scale"] = None
+            n = probs.shape[0]
+            b, n_pos = state.get("shape", (1, n))
+            rows_pos = torch.arange(n, device=probs.device) % n_pos
+            idx, w, touched = _reroute(probs, m.top_k, m.norm_topk_prob, es, rows_pos, n_pos, prompt_len)
+            if not touched.any():
+                return probs
+            give = w
+            if m.norm_topk_prob:  # TL divides by the row total: give positive weights, rescale the output
+                total = w.sum(-1)
+                empty = total <= 0
+                give = torch.where(empty[:, None], torch.ones_like(w), w)
+                scale = torch.where(empty, 0.0, torch.where((total - 1).abs() > 1e-6, total, 1.0))
+                scale = torch.where(touched, scale, 1.0)
+                if bool((scale != 1).any()):
+                    state["scale"] = scale
+            new = torch.full_like(probs, -1.0).scatter(1, idx, give.to(probs.dtype))
+            return torch.where(touched[:, None], new, probs)
+
+        def rescale(x, hook, state=state):
+            scale = state.pop("scale", None)
+            if scale is None:
+                return x
+            return x * scale.reshape(x.shape[0], x.shape[1], 1).to(x.dtype)
+
+        out += [(f"blocks.{layer}.hook_resid_pre", record), (m.hook, weights)]
+        if m.norm_topk_prob:
+            out.append((f"blocks.{layer}.hook_mlp_out", rescale))
+    return out
+
+
+# --- backend 2: torch hooks on Hugging Face router modules --------------------------------------
+def _router_hook(m, es: Sequence[Edit], state: dict, prompt_len: int | None):
+    def hook(module, inputs, output):
+        logits, scores, indices = output[0], output[1], output[2]
+        n = logits.shape[0]
+        n_pos = state.get("n_pos")
+        if n_pos is None or n % n_pos:
+            if any(e.positions != "all" for e in es):
+                raise LenslabError(f"expert edits at {moe_block(m.layer)} with positions need the MoE block's input "
+                                   "[batch, pos, d_model]; the router ran outside its block")
+            n_pos = n
+        rows_pos = torch.arange(n, device=logits.device) % n_pos
+        probs = torch.softmax(logits.float(), dim=-1)
+        idx, w, touched = _reroute(probs, m.top_k, m.norm_topk_prob, es, rows_pos, n_pos, prompt_len)
+        t = touched[:, None]
+        new_w = torch.where(t, w.to(scores.dtype), scores)
+        new_idx = torch.where(t, idx.to(indices.dtype), indices)
+        return (logits, new_w, new_idx) + tuple(output[3:])
+
+    return hook
+
+
+def _block_pre_hook(state: dict):
+    def pre(module, args, kwargs):
+        x = args[0] if args else kwargs.get("hidden_states")
+        state["n_pos"] = int(x.shape[1]) if isinstance(x, Tensor) and x.ndim == 3 else None
+
+    return pre
+
+
+@contextmanager
+def _torch_hooks(targets: dict, edits: Sequence[Edit], prompt_len: int | None) -> Iterator[None]:
+    """`targets`: layer -> (MoeLayer, MoE block module, router module)."""
+    handles = []
+    try:
+        for layer, es in sorted(_by_layer(edits).items()):
+            m, block, router = targets[layer]
+            state: dict = {}
+            handles.append(block.register_forward_pre_hook(_block_pre_hook(state), with_kwargs=True))
+            handles.append(router.register_forward_hook(_router_hook(m, es, state, prompt_len)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def bridge_hooks(model, edits: Sequence[Edit], layers, *, prompt_len: int | None = None) -> Iterator[None]:
+    """Inside it, `edits` act on a TransformerBridge MoE's Hugging Face routers."""
+    from lenslab.probes import routers
+
+    targets = {}
+    for m in layers:
+        router = routers._hf_router(model, m.layer)
+        bridge_mlp = model.blocks[m.layer].mlp
+        block = getattr(bridge_mlp, "original_component", None) or bridge_mlp
+        targets[m.layer] = (m, block, router)
+    with _torch_hooks(targets, edits, prompt_len):
+        yield
+
+
+def hf_moe_layers(hf_model) -> dict:
+    """layer -> (MoeLayer, MoE block, router) of a plain `transformers` MoE model (Mixtral:
+    `model.layers[l].block_sparse_moe`, OLMoE / Qwen-MoE: `model.layers[l].mlp`)."""
+    from lenslab.probes.routers import NO_MOE, MoeLayer
+
+    base = getattr(hf_model, "model", hf_model)
+    blocks = getattr(base, "layers", None)
+    out = {}
+    for layer, mod in enumerate(blocks or ()):
+        for attr in ("block_sparse_moe", "mlp"):
+            block = getattr(mod, attr, None)
+            gate = getattr(block, "gate", None)
+            if gate is not None and hasattr(gate, "top_k") and hasattr(gate, "num_experts"):
+                norm = getattr(gate, "norm_topk_prob", None)
+                if norm is None:  # Mixtral's router always renormalises and has no flag
+                    norm = getattr(hf_model.config, "norm_topk_prob", type(gate).__name__.startswith("Mixtral"))
+                m = MoeLayer(layer, f"model.layers.{layer}.{attr}.gate", "hf", int(gate.num_experts),
+                             int(gate.top_k), bool(norm))
+                out[layer] = (m, block, gate)
+                break
+    if not out:
+        raise LenslabError(f"{NO_MOE} ({type(hf_model).__name__}): expert switches need a MoE model such as "
+                           "Mixtral, OLMoE, Qwen2-MoE or Qwen3-MoE")
+    return out
+
+
+@contextmanager
+def hf_hooks(hf_model, intervention: Intervention | None, *, prompt_len: int | None = None) -> Iterator:
+    """Context manager: the expert edits of `intervention` act on a plain `transformers` MoE model.
+
+    Used to train or evaluate a Hugging Face model with experts switched (gradients flow through
+    the new gate weights). Other edits (TransformerLens hook names) are refused.
+
+    >>> with hf_hooks(hf_model, switch_experts(off=[(1, 3)])):       # doctest: +SKIP
+    ...     loss = hf_model(ids, labels=ids).loss
+    """
+    if intervention is None or not intervention.edits:
+        yield hf_model
+        return
+    other = [e for e in intervention.edits if e.op not in EXPERT_OPS]
+    if other:
+        raise LenslabError(f"hf_hooks applies expert switches only; the {other[0].op} edit at {other[0].hook} needs a "
+                           "lenslab model (lenslab.steering.apply)")
+    edits = expert_edits(intervention)
+    if not edits:
+        yield hf_model
+        return
+    targets = hf_moe_layers(hf_model)
+    check_edits([t[0] for t in targets.values()], edits)
+    with _torch_hooks(targets, edits, prompt_len):
+        yield hf_model
+
+
+@contextmanager
+def apply_experts(model, edits: Sequence[Edit], layers, tl_pairs: list, *, prompt_len: int | None = None) -> Iterator:
+    """Helper of `lenslab.steering.apply`: TL hooks `tl_pairs` plus the expert edits on `model`."""
+    with ExitStack() as stack:
+        if edits:
+            if layers[0].kind == "hooked":
+                tl_pairs = list(tl_pairs) + tl_hooks(model, edits, layers, prompt_len=prompt_len)
+            else:
+                stack.enter_context(bridge_hooks(model, edits, layers, prompt_len=prompt_len))
+        if tl_pairs:
+            stack.enter_context(model.hooks(fwd_hooks=tl_pairs))
+        yield model
