@@ -435,10 +435,12 @@ class ExpertProfile(JsonResult):
         expert over the included layers (`by="expert"`, `[expert]`), as Su et al. report; nan where flat."""
         seen = self.tokens > 0
         if by == "layer":
-            return torch.tensor([_kurtosis(self.output_max[i][seen[i]]) for i in range(len(self.layers))])
+            return torch.tensor([_kurtosis(self.output_max[i][seen[i]]) for i in range(len(self.layers))],
+                                dtype=torch.float64)
         if by == "expert":
             inc = self.included
-            return torch.tensor([_kurtosis(self.output_max[inc & seen[:, c], c]) for c in range(len(self.expert_ids))])
+            return torch.tensor([_kurtosis(self.output_max[inc & seen[:, c], c]) for c in range(len(self.expert_ids))],
+                                dtype=torch.float64)
         raise LenslabError(f"by {by!r} is not one of 'layer', 'expert'")
 
     def population(self) -> Tensor:
@@ -808,7 +810,8 @@ def ablate_super_experts(model, prompts, experts=None, *, random_draws: int = 5,
         experts: the experts to prune (pairs, text "L:E, ..." or a `SuperExperts`); default: the
             super experts found on `prompts` under `rule`.
         random_draws: how many random control sets (each as many routed experts as `experts`, drawn
-            without the pruned ones from the MoE layers below the include cutoff); 0 for none.
+            without the pruned ones from the MoE layers below the include cutoff; no expert is drawn
+            twice until every one has been drawn once); 0 for none.
         seed: seed of the random draws.
         threshold: epsilon of the sink rates; massive_rule: `MassiveRule` for the massive activations.
 
@@ -854,9 +857,13 @@ def ablate_super_experts(model, prompts, experts=None, *, random_draws: int = 5,
     with prune_experts(model, pairs):
         loss_p, sinks_p, massive_p = measure()
     g = torch.Generator().manual_seed(seed)
-    random = []
+    random, used = [], set()
     for _ in range(random_draws):
-        draw = sorted(pool[i] for i in torch.randperm(len(pool), generator=g)[:len(pairs)].tolist())
+        fresh = [p for p in pool if p not in used]
+        if len(fresh) < len(pairs):  # every expert drawn once: start over
+            fresh, used = pool, set()
+        draw = sorted(fresh[i] for i in torch.randperm(len(fresh), generator=g)[:len(pairs)].tolist())
+        used.update(draw)
         with prune_experts(model, draw):
             loss_r, sinks_r, massive_r = measure()
         random.append({"experts": [list(p) for p in draw], "loss": loss_r, "sink_rate": sinks_r.sink_rate,

@@ -170,6 +170,7 @@ def test_pruning_the_planted_super_expert_removes_the_massive_activation_and_the
         assert draw["sink_rate"] == pytest.approx(0.25)
         assert draw["max_abs"] == pytest.approx(SE_VALUE, rel=1e-3)
     assert r.random_sink_rate == pytest.approx(0.25)
+    assert len({tuple(d["experts"][0]) for d in r.random}) == 3  # 3 draws from 7 candidates: all different
     rows = r.summary()
     assert [row["run"] for row in rows] == ["clean", "super experts pruned", "random 0", "random 1", "random 2"]
     # the same seed draws the same experts
