@@ -17,6 +17,7 @@ PAGES = [
     st.Page("page_circuits.py", title="Circuits", icon=":material/account_tree:"),
     st.Page("page_sinks.py", title="Sinks", icon=":material/vertical_align_bottom:"),
     st.Page("page_steer.py", title="Steer", icon=":material/tune:"),
+    st.Page("page_experts.py", title="Experts", icon=":material/hub:"),
 ]
 
 _shell.sidebar()

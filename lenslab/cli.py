@@ -5,6 +5,7 @@
     lenslab zoo train NAME [--out DIR] [--seed 0]
     lenslab sinks attention|massive|ablate --model M [--prompts P ...] --out FILE
     lenslab sinks experts --model M [--prompts P ...] [--rule su] [--prune] --out FILE
+    lenslab moe inspect|rank|generate --model zoo/moe-refusal ...
 """
 from __future__ import annotations
 
@@ -174,6 +175,88 @@ def _cmd_sinks_experts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experts_arg(text: str) -> tuple[int, int]:
+    """'L:E' (e.g. 2:5) -> (layer, expert)."""
+    from lenslab.probes.routers import parse_experts
+
+    try:
+        pairs = parse_experts(text)
+    except LenslabError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if len(pairs) != 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one LAYER:EXPERT pair (e.g. 2:5)")
+    return pairs[0]
+
+
+def _prompt_list(args: argparse.Namespace, which: str) -> list[str]:
+    """Prompts from --{which} or --{which}-file (one per line), else the zoo's prompt set of that name."""
+    from lenslab import zoo
+
+    given, path = getattr(args, which), getattr(args, f"{which}_file")
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise LenslabError(f"--{which}-file {path!r} does not exist; pass a text file with one prompt per line")
+        given = [line for line in file.read_text().splitlines() if line.strip()]
+    if given:
+        return list(given)
+    sets = zoo.prompt_sets(args.model)
+    if sets.get(which):
+        return sets[which]
+    raise LenslabError(f"no {which} prompts: pass --{which} P ... or --{which}-file FILE")
+
+
+def _cmd_moe(args: argparse.Namespace) -> int:
+    import lenslab
+    from lenslab import zoo
+    from lenslab.figures import FORMATS, export
+    from lenslab.probes import routers
+
+    out = Path(args.out) if getattr(args, "out", None) else None
+    if out is not None and out.suffix.lower() not in FORMATS:
+        raise LenslabError(f"--out {out.name!r}: the extension picks the format, one of {', '.join(FORMATS)}")
+    model = lenslab.load_model(args.model, device=args.device)
+    if args.moe_command == "inspect":
+        prompts = args.prompts or [zoo.default_prompt(args.model) or "The quick brown fox jumps over the lazy dog."]
+        result = routers.route(model, prompts)
+        load = result.load(fraction=True)
+        for li, layer in enumerate(result.layers):
+            top = torch_topk(load[li], min(3, result.n_experts))
+            print(f"L{layer}: busiest experts " + ", ".join(f"e{e} {100 * v:.0f}%" for e, v in top))
+        print(f"lenslab: wrote {export(result, out)}")
+    elif args.moe_command == "rank":
+        target, other = _prompt_list(args, "target"), _prompt_list(args, "other")
+        ranking = routers.ftri_rank(model, target, other, weights=args.weights)
+        for layer, expert, score in ranking.top(args.top_k):
+            print(f"L{layer} e{expert}  {score:+.3f}")
+        print(f"lenslab: wrote {export(ranking, out)}")
+    else:
+        from lenslab import steering
+
+        off = list(args.off or [])
+        if args.ranking:
+            if not Path(args.ranking).is_file():
+                raise LenslabError(f"--ranking {args.ranking!r} does not exist; write one with `lenslab moe rank --out FILE.json`")
+            ranking = routers.ExpertRanking.from_json(args.ranking)
+            off += [(layer, expert) for layer, expert, _ in ranking.top(args.top_k)]
+        iv = steering.switch_experts(off=off, on=args.on or [], mode=args.mode, strength=args.strength)
+        prompt = args.prompt or zoo.default_prompt(args.model) or "The quick brown fox"
+        kw = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, temperature=args.temperature)
+        steering.validate(model, iv)
+        print(f"prompt:   {prompt}")
+        print(f"baseline: {steering.generate(model, prompt, **kw)}")
+        label = ", ".join([f"off {l}:{e}" for l, e in off] + [f"on {l}:{e}" for l, e in (args.on or [])]) or "no switch"
+        print(f"switched: {steering.generate(model, prompt, iv, **kw)}   [{label}; {args.mode}]")
+    return 0
+
+
+def torch_topk(values, k: int) -> list[tuple[int, float]]:
+    import torch
+
+    top = torch.topk(values, k)
+    return [(int(i), float(v)) for v, i in zip(top.values, top.indices)]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lenslab", description="lenslab: mechanistic-interpretability and steering workbench")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -269,6 +352,36 @@ def build_parser() -> argparse.ArgumentParser:
     sx.add_argument("--device", default="auto")
     sx.add_argument("--out", required=True, help="output file; the extension picks the format: .json .svg .png .pdf .html")
     sx.set_defaults(func=_cmd_sinks_experts)
+
+    e = sub.add_parser("moe", help="Mixture-of-Experts: router inspection, fTRI expert ranking, expert switching")
+    esub = e.add_subparsers(dest="moe_command", required=True, metavar="MOE_COMMAND")
+    ei = esub.add_parser("inspect", help="chosen experts per token and layer, and the expert load")
+    ei.add_argument("--prompts", nargs="+", default=None, help="prompts (default: the model's default prompt)")
+    er = esub.add_parser("rank", help="fTRI (MoTE): rank (layer, expert) by target-class minus other-class usage")
+    for which in ("target", "other"):
+        er.add_argument(f"--{which}", nargs="+", default=None,
+                        help=f"{which} prompts (default: the zoo model's '{which}' prompt set)")
+        er.add_argument(f"--{which}-file", default=None, help=f"{which} prompts, one per line")
+    er.add_argument("--weights", action="store_true", help="sum gate weights instead of counting selections")
+    er.add_argument("--top-k", type=int, default=10)
+    eg = esub.add_parser("generate", help="generate with experts switched off or forced on, next to the baseline")
+    eg.add_argument("--prompt", default=None, help="prompt (default: the model's default prompt)")
+    eg.add_argument("--off", nargs="+", type=_experts_arg, default=None, metavar="L:E", help="experts to switch off")
+    eg.add_argument("--on", nargs="+", type=_experts_arg, default=None, metavar="L:E", help="experts to force on")
+    eg.add_argument("--ranking", default=None, help="a ranking JSON from `lenslab moe rank`: switch off its --top-k")
+    eg.add_argument("--top-k", type=int, default=10)
+    eg.add_argument("--mode", default="drop", choices=["drop", "mask"],
+                    help="drop: remove from the top-k and renormalise (MoTE); mask: the next expert enters")
+    eg.add_argument("--strength", type=float, default=1.0)
+    eg.add_argument("--max-new-tokens", type=int, default=12)
+    eg.add_argument("--temperature", type=float, default=0.0)
+    eg.add_argument("--seed", type=int, default=0)
+    for sp in (ei, er, eg):
+        sp.add_argument("--model", default="zoo/moe-refusal", help="a MoE model: zoo name, HF id or local dir")
+        sp.add_argument("--device", default="auto")
+        if sp is not eg:
+            sp.add_argument("--out", required=True, help="output file; the extension picks the format: .json .svg .png .pdf .html")
+        sp.set_defaults(func=_cmd_moe)
     return p
 
 

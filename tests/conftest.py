@@ -170,3 +170,29 @@ def tiny_moe_dir(tmp_path_factory):
     """`tiny_moe_dir(name, plant=False) -> Path`: a tiny HF checkpoint folder (see `TinyHF`);
     constants as attributes (`tiny_moe_dir.E`, `.K`, `.LAYERS`, `.PLANT_TOKEN`, ...)."""
     return TinyHF(tmp_path_factory.mktemp("tiny_hf"))
+
+
+@pytest.fixture(scope="session")
+def behaviour_moe_dir(tiny_moe_dir, tmp_path_factory):
+    """A planted Mixtral folder (token w7 routes to expert 3 at layer 1 with certainty, no other
+    token does) whose expert (1, 3) writes the unembedding direction of "w20": a behaviour expert.
+    After w7 the model says w20; with expert (1, 3) off it does not."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_moe_dir("mixtral", plant=True)
+    out = tmp_path_factory.mktemp("behaviour") / "mixtral"
+    shutil.copytree(src, out)
+    hf = AutoModelForCausalLM.from_pretrained(src).eval()
+    target = 4 + 20  # word tokenizer: 4 specials, then w0, w1, ...
+    with torch.no_grad():
+        ex = hf.model.layers[1].mlp.experts
+        inner = ex.down_proj.shape[2]
+        ex.gate_up_proj[3].zero_()
+        ex.gate_up_proj[3][:inner, 1] = 4.0  # every token has embedding dim 1 = 1: silu(4 x1) * x1 > 0
+        ex.gate_up_proj[3][inner:, 1] = 1.0
+        u = hf.lm_head.weight[target]
+        ex.down_proj[3] = 50.0 * (u / u.norm())[:, None] / inner
+    hf.save_pretrained(out)
+    return out

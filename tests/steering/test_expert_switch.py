@@ -395,26 +395,9 @@ TARGET = "w20"  # the planted behaviour expert (layer 1, expert 3) writes this t
 
 
 @pytest.fixture(scope="module")
-def behaviour_model(tiny_moe_dir, tmp_path_factory):
-    """Planted Mixtral (token w7 routes to expert 3 at layer 1 with certainty, no other token
-    does) whose expert (1, 3) writes the unembedding direction of TARGET: a "behaviour expert"."""
-    import shutil
-
-    src = tiny_moe_dir("mixtral", plant=True)
-    out = tmp_path_factory.mktemp("behaviour") / "mixtral"
-    shutil.copytree(src, out)
-    hf = _hf(src)
-    target = 4 + int(TARGET[1:])  # word tokenizer: 4 specials, then w0, w1, ...
-    with torch.no_grad():
-        ex = hf.model.layers[1].mlp.experts
-        inner = ex.down_proj.shape[2]
-        ex.gate_up_proj[3].zero_()
-        ex.gate_up_proj[3][:inner, 1] = 4.0  # every token has embedding dim 1 = 1: silu(4 x1) * x1 > 0
-        ex.gate_up_proj[3][inner:, 1] = 1.0
-        u = hf.lm_head.weight[target]
-        ex.down_proj[3] = 50.0 * (u / u.norm())[:, None] / inner
-    hf.save_pretrained(out)
-    return lenslab.load_model(str(out), device="cpu")
+def behaviour_model(behaviour_moe_dir):
+    """The planted behaviour Mixtral of tests/conftest.py: expert (1, 3) writes TARGET after w7."""
+    return lenslab.load_model(str(behaviour_moe_dir), device="cpu")
 
 
 def test_generate_with_a_switch_on_the_planted_model(behaviour_model):
