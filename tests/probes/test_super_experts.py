@@ -20,13 +20,12 @@ import torch
 import torch.nn.functional as F
 
 import lenslab
-from lenslab import LenslabError, figures, zoo
+from lenslab import LenslabError, figures
 from lenslab.probes import sinks as S
 from lenslab.probes import super_experts as SE
 
 MAIN = Path(__file__).resolve().parents[2] / "app" / "main.py"
-D, HEADS, KV, MLP, LAYERS, CTX, E, K = 32, 4, 2, 64, 2, 64, 4, 2
-WORDS = [f"w{i}" for i in range(60)]
+D, LAYERS, E, K = 32, 2, 4, 2  # the tiny_moe_dir checkpoints
 SE_VALUE = 10 * (10 * torch.sigmoid(torch.tensor(10.0, dtype=torch.float64)).item()) * 10  # W_out x silu(10) x W_in
 
 
@@ -38,39 +37,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-# --- tiny random MoE checkpoints (as in tests/probes/test_routers.py) ---------------------------
-def _config(name: str):
-    import transformers as T
-
-    common = dict(vocab_size=len(WORDS) + 4, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                  num_key_value_heads=KV, intermediate_size=MLP, max_position_embeddings=CTX,
-                  bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    moe = dict(num_experts=E, num_experts_per_tok=K)
-    return {
-        "mixtral": lambda: T.MixtralConfig(num_local_experts=E, num_experts_per_tok=K, **common),
-        "olmoe": lambda: T.OlmoeConfig(**moe, **common),
-        "qwen2_moe": lambda: T.Qwen2MoeConfig(**moe, moe_intermediate_size=MLP // 2,
-                                              shared_expert_intermediate_size=MLP, **common),
-        "qwen3_moe": lambda: T.Qwen3MoeConfig(**moe, moe_intermediate_size=MLP // 2, head_dim=D // HEADS,
-                                              norm_topk_prob=True, **common),
-    }[name]()
-
-
-def _build(name: str, out: Path) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_config(name))
-    model.config.architectures = [type(model).__name__]
-    model.save_pretrained(out)
-    zoo.word_tokenizer(WORDS).save_pretrained(out)
-    return out
-
-
+# --- tiny random MoE checkpoints (tests/conftest.py: tiny_moe_dir) ---------------------------------
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("se_moe")
-    return {n: _build(n, root / n) for n in ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")}
+def dirs(tiny_moe_dir):
+    assert (tiny_moe_dir.D, tiny_moe_dir.E, tiny_moe_dir.K, tiny_moe_dir.LAYERS) == (D, E, K, LAYERS)
+    return {n: tiny_moe_dir(n) for n in ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")}
 
 
 def _hf_reference(folder: Path, ids: torch.Tensor):
