@@ -3,7 +3,8 @@
 `Intervention` (a list of `Edit`s) is what every steering method returns; `apply` steers a
 model inside a `with` block; `save` / `load` read and write JSON presets with tensors in a
 safetensors file beside them. Baselines: `mean_difference` (DiffMean / CAA) and `actadd`;
-`austeer` steers a few atomic units multiplicatively (`austeer_scores` gives its score table).
+`austeer` steers a few atomic units multiplicatively (`austeer_scores` gives its score table);
+`fit_lineas` trains per-unit affine maps at many hooks end to end (LinEAS, `LineasConfig`).
 `switch_experts` switches MoE experts off or forces them on (MoTE, `lenslab.steering.experts`;
 `hf_hooks` does it for a plain `transformers` model).
 
@@ -34,9 +35,19 @@ from lenslab.steering.intervention import (
     save,
     validate,
 )
+from lenslab.steering.lineas import (
+    LineasConfig,
+    default_hooks,
+    fit_lineas,
+    lineas_loss,
+    proximal_step,
+    support,
+    wasserstein_1d,
+)
 
 __all__ = [
     "AU_SITES", "EXPERT_OPS", "OPS", "POSITION_WORDS", "SITES", "UNIT_OPS", "Edit", "Intervention", "actadd", "apply", "austeer",
     "austeer_scores", "compose", "generate", "hf_hooks", "hook_name", "hooks", "load", "mean_activations", "mean_difference",
     "reroute", "save", "select_units", "stream", "switch_experts", "validate",
+    "LineasConfig", "default_hooks", "fit_lineas", "lineas_loss", "proximal_step", "support", "wasserstein_1d",
 ]
