@@ -810,8 +810,8 @@ def ablate_super_experts(model, prompts, experts=None, *, random_draws: int = 5,
         experts: the experts to prune (pairs, text "L:E, ..." or a `SuperExperts`); default: the
             super experts found on `prompts` under `rule`.
         random_draws: how many random control sets (each as many routed experts as `experts`, drawn
-            without the pruned ones from the MoE layers below the include cutoff; no expert is drawn
-            twice until every one has been drawn once); 0 for none.
+            from the other routed experts of the layers below the include cutoff that saw at least one
+            token of `prompts`; no expert is drawn twice until every one has been drawn once); 0 for none.
         seed: seed of the random draws.
         threshold: epsilon of the sink rates; massive_rule: `MassiveRule` for the massive activations.
 
@@ -832,8 +832,9 @@ def ablate_super_experts(model, prompts, experts=None, *, random_draws: int = 5,
     batches = _sinks._batches(model, prompts, prepend_bos)
     if min(b.shape[1] for b in batches) < 2:
         raise LenslabError("each prompt needs at least 2 tokens to measure a next-token loss")
+    profile = profile_experts(model, prompts, include_layers=include_layers, prepend_bos=prepend_bos)
     if experts is None:
-        found = super_experts(model, prompts, rule=rule, include_layers=include_layers, prepend_bos=prepend_bos)
+        found = profile.super_experts(rule)
         if not found.experts:
             raise LenslabError(f"no super experts under rule {rule!r} on these prompts "
                                f"(bars {found.thresholds}): pass experts=[(layer, expert), ...] or another rule")
@@ -843,11 +844,12 @@ def ablate_super_experts(model, prompts, experts=None, *, random_draws: int = 5,
         if not pairs:
             raise LenslabError("experts is empty: pass at least one (layer, expert) pair to prune")
     massive_rule = massive_rule or _sinks.MassiveRule()
-    cutoff = round(model.cfg.n_layers * include_layers)
-    pool = [(s.layer, e) for s in sites if s.layer < cutoff for e in range(s.n_experts) if (s.layer, e) not in pairs]
+    cutoff = profile.cutoff
+    pool = [(l, e) for i, l in enumerate(profile.layers) if l < cutoff for e in range(profile.n_experts)
+            if (l, e) not in pairs and int(profile.tokens[i, e]) > 0]  # pruning an idle expert would be no control
     if random_draws and len(pool) < len(pairs):
-        raise LenslabError(f"only {len(pool)} other routed experts below layer {cutoff} to draw {len(pairs)} at random "
-                           "from: lower random_draws to 0 or raise include_layers")
+        raise LenslabError(f"only {len(pool)} other experts below layer {cutoff} saw a token of these prompts, too few "
+                           f"to draw {len(pairs)} at random: lower random_draws to 0 or raise include_layers")
 
     def measure():
         return (_loss(model, batches), _sinks.attention_sinks(model, prompts, threshold=threshold, prepend_bos=prepend_bos),

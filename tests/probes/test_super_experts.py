@@ -385,3 +385,15 @@ def test_sinks_page_hides_super_experts_on_dense_models(monkeypatch, tiny_zoo_di
     at.switch_page("page_sinks.py").run()
     assert not at.exception, [e.value for e in at.exception]
     assert "Super experts" not in [h.value for h in at.subheader]
+
+
+def test_random_controls_are_drawn_from_experts_that_saw_a_token(dirs):
+    model = lenslab.load_model(str(dirs["qwen3_moe"]), device="cpu")
+    ids = torch.tensor([[0, 17, 33]])  # 3 tokens x top-2: some experts idle
+    prof = SE.profile_experts(model, ids)
+    idle = {(l, e) for l in range(LAYERS) for e in range(E) if int(prof.tokens[l, e]) == 0}
+    busy = sorted({(l, e) for l in range(LAYERS) for e in range(E)} - idle)
+    assert idle and len(busy) >= 3
+    r = SE.ablate_super_experts(model, ids, experts=[busy[0]], random_draws=8, seed=1)
+    drawn = {tuple(d["experts"][0]) for d in r.random}
+    assert drawn == set(busy[1:])  # every other busy expert, and no idle one (8 draws cycle through them)
