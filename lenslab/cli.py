@@ -6,6 +6,7 @@
     lenslab sinks attention|massive|ablate --model M [--prompts P ...] --out FILE
     lenslab sinks experts --model M [--prompts P ...] [--rule su] [--prune] --out FILE
     lenslab moe inspect|rank|generate --model zoo/moe-refusal ...
+    lenslab steer fit|generate|eval --model zoo/steer-sentiment ...
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lenslab._errors import LenslabError
+from lenslab._errors import LenslabError, did_you_mean
 
 
 def _cmd_app(args: argparse.Namespace) -> int:
@@ -250,6 +251,114 @@ def _cmd_moe(args: argparse.Namespace) -> int:
     return 0
 
 
+STEER_METHODS = ("diffmean", "actadd", "austeer", "lineas")
+
+
+def _steer_scores() -> dict:
+    """`lenslab steer eval --score` choices: name -> (continuation text -> bool)."""
+    from lenslab import _sentiment
+
+    return {"positive": _sentiment.is_positive}
+
+
+def _steer_fit(args: argparse.Namespace, model):
+    from lenslab import steering
+
+    method = args.method
+    pos, neg = _prompt_list(args, "positive"), _prompt_list(args, "negative")
+    layer = model.cfg.n_layers // 2 if args.layer is None else args.layer
+    if method == "diffmean":
+        return steering.mean_difference(model, pos, neg, layers=layer, site=args.site or "resid_post",
+                                        strength=args.strength)
+    if method == "actadd":
+        return steering.actadd(model, pos[0], neg[0], layer=layer, site=args.site or "resid_pre", strength=args.strength)
+    if method == "austeer":
+        return steering.austeer(model, pos, neg, k=args.k, alpha=args.alpha, site=args.site or "resid",
+                                strength=args.strength)
+    cfg = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None}
+    config = steering.LineasConfig(**cfg, seed=args.seed, progress=False)
+    site = f"blocks.{{layer}}.hook_{args.site}" if args.site in steering.SITES else args.site
+    # LinEAS moves the source distribution onto the target one: source = negative, target = positive
+    return steering.fit_lineas(model, neg, pos, hooks=site, config=config, strength=args.strength)
+
+
+def _load_preset(model, path: str):
+    from lenslab import steering
+
+    iv = steering.load(path)
+    steering.validate(model, iv)
+    return iv
+
+
+def _cmd_steer(args: argparse.Namespace) -> int:
+    import lenslab
+    from lenslab import steering, zoo
+    from lenslab.figures import FORMATS, export
+
+    out = Path(args.out) if getattr(args, "out", None) else None
+    cmd = args.steer_command
+    if cmd == "fit" and args.method not in STEER_METHODS:
+        raise LenslabError(f"--method {args.method!r} is not one of {', '.join(STEER_METHODS)}"
+                           f"{did_you_mean(args.method, STEER_METHODS)}")
+    if cmd == "fit" and out.suffix.lower() != ".json":
+        raise LenslabError(f"--out {out.name!r}: a preset is a .json file (its tensors go to a .safetensors beside it)")
+    if cmd == "eval":
+        if out is not None and out.suffix.lower() not in FORMATS:
+            raise LenslabError(f"--out {out.name!r}: the extension picks the format, one of {', '.join(FORMATS)}")
+        scores = _steer_scores()
+        if args.score not in scores:
+            raise LenslabError(f"--score {args.score!r} is not a known scorer; choices: {', '.join(scores)}"
+                               f"{did_you_mean(args.score, list(scores))}")
+    if cmd in ("generate", "eval"):
+        missing = [p for p in (args.preset if cmd == "eval" else [args.preset]) if not Path(p).is_file()]
+        if missing:
+            raise LenslabError(f"--preset {missing[0]!r} does not exist; write one with `lenslab steer fit --out FILE.json`")
+    model = lenslab.load_model(args.model, device=args.device)
+    if cmd == "fit":
+        iv = _steer_fit(args, model)
+        path = steering.save(iv, out)
+        print(f"{iv.name}: {len(iv.edits)} edit(s) at {', '.join(iv.hook_names)}; {iv.n_units(model)} units")
+        if args.method == "lineas":
+            print(f"LinEAS loss {iv.provenance['loss_initial']:.4g} -> {iv.provenance['loss_final']:.4g}")
+        print(f"lenslab: wrote {path} and {path.with_suffix('.safetensors').name}")
+    elif cmd == "generate":
+        iv = _load_preset(model, args.preset)
+        if args.strength is not None:
+            iv = iv.with_strength(args.strength)
+        prompt = args.prompt or zoo.default_prompt(args.model) or "The quick brown fox"
+        kw = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, temperature=args.temperature)
+        strengths = sorted(set(iv.strengths()))
+        print(f"prompt:    {prompt}")
+        for label, intervention in (("unsteered", None), ("steered", iv)):
+            print(f"{label + ':':<10}", end="", flush=True)
+            for piece in steering.stream(model, prompt, intervention, **kw):
+                print(piece, end="", flush=True)
+            print(f"   [{iv.name}; strength {', '.join(f'{s:g}' for s in strengths)}]" if intervention else "", flush=True)
+    else:
+        from lenslab.steering.tradeoff import tradeoff
+
+        if args.prompts:
+            prompts = list(args.prompts)
+        else:
+            sets = zoo.prompt_sets(args.model)
+            if not sets.get(args.prompt_set):
+                have = f"; it has {', '.join(sets)}" if sets else ""
+                raise LenslabError(f"{args.model!r} has no prompt set {args.prompt_set!r}{have}; pass --prompts P ... "
+                                   f"or --prompt-set NAME")
+            prompts = sets[args.prompt_set]
+        ivs: dict = {}
+        for path in args.preset:
+            iv = _load_preset(model, path)
+            name = iv.name or Path(path).stem
+            ivs[name if name not in ivs else f"{name} ({Path(path).stem})"] = iv
+        result = tradeoff(model, ivs, prompts, _steer_scores()[args.score], strengths=args.strengths,
+                          max_new_tokens=args.max_new_tokens, progress=False)
+        print(result.to_markdown())
+        if out is not None:
+            print(f"lenslab: wrote {export(result, out)}")
+    return 0
+
+
 def torch_topk(values, k: int) -> list[tuple[int, float]]:
     import torch
 
@@ -382,6 +491,53 @@ def build_parser() -> argparse.ArgumentParser:
         if sp is not eg:
             sp.add_argument("--out", required=True, help="output file; the extension picks the format: .json .svg .png .pdf .html")
         sp.set_defaults(func=_cmd_moe)
+
+    st = sub.add_parser("steer", help="steering: fit an intervention preset, generate with it, evaluate the trade-off")
+    stsub = st.add_subparsers(dest="steer_command", required=True, metavar="STEER_COMMAND")
+    sf = stsub.add_parser("fit", help="fit a steering intervention from positive and negative prompts; save a preset")
+    sf.add_argument("--method", required=True, metavar="METHOD",
+                    help=f"{', '.join(STEER_METHODS)}. diffmean: mean activation of the positive minus the negative "
+                         "prompts; actadd: the first positive and first negative prompt as the contrast pair (added "
+                         "at the generated prompt's first positions, so keep them short); austeer: the k most "
+                         "sign-consistent units (paired prompts); lineas: affine maps that move the negative "
+                         "prompts' activations (source) onto the positive ones' (target)")
+    for which in ("positive", "negative"):
+        sf.add_argument(f"--{which}", nargs="+", default=None,
+                        help=f"{which} prompts (default: the zoo model's '{which}' prompt set)")
+        sf.add_argument(f"--{which}-file", default=None, help=f"{which} prompts, one per line")
+    sf.add_argument("--layer", type=int, default=None, help="diffmean / actadd: the layer (default n_layers // 2)")
+    sf.add_argument("--site", default=None,
+                    help="diffmean: resid_post (default), resid_pre, resid_mid, attn_out, mlp_out or a hook template; "
+                         "actadd: resid_pre (default) or the same; austeer: resid (default), mlp, attn; lineas: a "
+                         "site name or hook template such as 'blocks.{layer}.hook_resid_post', every layer (default: every "
+                         "attn_out and mlp_out)")
+    sf.add_argument("--k", type=int, default=16, help="austeer: units steered (default 16)")
+    sf.add_argument("--alpha", type=float, default=10.0, help="austeer: the scale alpha (default 10)")
+    sf.add_argument("--steps", type=int, default=None, help="lineas: optimiser steps (default 1000)")
+    sf.add_argument("--lr", type=float, default=None, help="lineas: Adam learning rate (default 1e-3)")
+    sf.add_argument("--seed", type=int, default=0, help="lineas: seeds the order of source batches")
+    sf.add_argument("--strength", type=float, default=1.0, help="the preset's strength (default 1)")
+    sf.add_argument("--out", required=True, help="preset .json (its tensors go to a .safetensors file beside it)")
+    sg = stsub.add_parser("generate", help="the prompt's continuation unsteered and steered (same seed), streamed")
+    sg.add_argument("--preset", required=True, help="a preset .json from `lenslab steer fit`")
+    sg.add_argument("--prompt", default=None, help="prompt (default: the model's default prompt)")
+    sg.add_argument("--strength", type=float, default=None, help="rescale the preset (default: its saved strength)")
+    sg.add_argument("--max-new-tokens", type=int, default=20)
+    sg.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    sg.add_argument("--seed", type=int, default=0)
+    se_ = stsub.add_parser("eval", help="concept rate against fluency across strengths, one line per preset")
+    se_.add_argument("--preset", nargs="+", required=True, help="one or more preset .json files")
+    se_.add_argument("--prompts", nargs="+", default=None, help="evaluation prompts (default: --prompt-set)")
+    se_.add_argument("--prompt-set", default="negative", help="the zoo model's prompt set to evaluate on (default negative)")
+    se_.add_argument("--strengths", nargs="+", type=float, default=[0.0, 0.5, 1.0, 2.0])
+    se_.add_argument("--score", default="positive", help="the concept scorer: positive (lenslab._sentiment.is_positive: "
+                                                          "more positive than negative sentiment words)")
+    se_.add_argument("--max-new-tokens", type=int, default=12)
+    se_.add_argument("--out", default=None, help="also write the result; the extension picks the format: .json .svg .png .pdf .html")
+    for sp in (sf, sg, se_):
+        sp.add_argument("--model", default="zoo/steer-sentiment", help="zoo name, HF id or local dir (default zoo/steer-sentiment)")
+        sp.add_argument("--device", default="auto")
+        sp.set_defaults(func=_cmd_steer)
     return p
 
 
