@@ -1,6 +1,7 @@
-"""Page "Steer": fit a steering intervention (mean difference, ActAdd, AUSteer) from contrastive
-prompts, then generate the sidebar prompt unsteered and steered side by side with the same seed.
-Presets are saved and loaded as JSON + safetensors. Numerics live in `lenslab.steering`."""
+"""Page "Steer": fit a steering intervention (mean difference, ActAdd, AUSteer, LinEAS) from
+contrastive prompts, then stream the sidebar prompt's continuation unsteered and steered side by
+side, token by token, with the same seed; measure concept rate against fluency across strengths
+(trade-off). Presets are saved and loaded as JSON + safetensors. Numerics live in `lenslab.steering`."""
 from __future__ import annotations
 
 import tempfile
@@ -8,8 +9,9 @@ from pathlib import Path
 
 import streamlit as st
 
-from lenslab import steering
+from lenslab import _sentiment, steering, zoo
 from lenslab.app import _shell
+from lenslab.steering.tradeoff import tradeoff
 
 ctx = _shell.context()
 model, name = ctx.model, ctx.name
@@ -18,33 +20,60 @@ st.title(f"Steer · {name}")
 
 POS = "When Mary and John went to the store, John gave a drink to\nWhen Mary and John went to the office, John gave a book to"
 NEG = "When John and Mary went to the store, Mary gave a drink to\nWhen John and Mary went to the office, Mary gave a book to"
-METHODS = ("Mean difference", "ActAdd", "AUSteer")
+METHODS = ("Mean difference", "ActAdd", "AUSteer", "LinEAS")
+STRENGTHS = (-1.0, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+
+# Contrastive prompts default to the model's own "positive" / "negative" prompt sets (zoo config),
+# else to the IOI swaps; they follow the model until the user edits them. A fitted intervention
+# belongs to the model it was fitted on.
+sets = zoo.prompt_sets(name)
+defaults = ("\n".join(sets["positive"]), "\n".join(sets["negative"])) if sets.get("positive") and sets.get("negative") \
+    else (POS, NEG)
+changed = ss.get("_steer_model") != name
+for key, new in zip(("steer_pos", "steer_neg"), defaults):
+    if key not in ss or (changed and ss[key] == ss.get(f"_{key}_default")):
+        ss[key] = new
+    ss[f"_{key}_default"] = new
+if changed:
+    ss.pop("steer_iv", None)
+    ss.pop("steer_tradeoff", None)
+    ss["_steer_model"] = name
 
 with st.expander("Fit", expanded=True):
     method = st.radio("Method", METHODS, horizontal=True, key="steer_method")
     c1, c2 = st.columns(2)
-    pos = [p for p in c1.text_area("Positive prompts (one per line)", POS, key="steer_pos").splitlines() if p.strip()]
-    neg = [p for p in c2.text_area("Negative prompts (one per line)", NEG, key="steer_neg").splitlines() if p.strip()]
+    pos = [p for p in c1.text_area("Positive prompts (one per line)", key="steer_pos").splitlines() if p.strip()]
+    neg = [p for p in c2.text_area("Negative prompts (one per line)", key="steer_neg").splitlines() if p.strip()]
     c1, c2, c3 = st.columns(3)
     n_layers = model.cfg.n_layers
     if method == "AUSteer":
         site = c1.selectbox("Site", list(steering.AU_SITES), key="steer_au_site")
         k = c2.number_input("Units k", 1, 10_000, 16, key="steer_k")
         alpha = c3.number_input("Alpha", -1000.0, 1000.0, 5.0, key="steer_alpha")
+    elif method == "LinEAS":
+        steps = c1.number_input("Steps", 0, 5000, 100, key="steer_steps")
+        lr = c2.number_input("Learning rate", 1e-5, 1.0, 0.02, format="%.4f", key="steer_lr")
+        c3.caption("Maps at every attn_out and mlp_out that move the negative prompts' activations (source) "
+                   "onto the positive ones' (target); at least 4 negative prompts.")
     else:
         layer = c1.number_input("Layer", 0, n_layers - 1, min(2, n_layers - 1), key="steer_layer")
         if method == "ActAdd":
-            c2.caption("ActAdd uses the first positive and the first negative prompt.")
+            c2.caption("ActAdd uses the first positive and the first negative prompt (added at the generated "
+                       "prompt's first positions: keep them shorter than it, e.g. 'lovely' / 'awful').")
     if st.button("Fit", type="primary", key="steer_fit"):
         if method == "Mean difference":
             iv = _shell.call("Fitting mean difference", steering.mean_difference, model, pos, neg, layers=int(layer))
         elif method == "ActAdd":
             iv = _shell.call("Fitting ActAdd", steering.actadd, model, pos[0] if pos else "", neg[0] if neg else "",
                              layer=int(layer))
-        else:
+        elif method == "AUSteer":
             iv = _shell.call("Fitting AUSteer", steering.austeer, model, pos, neg, k=int(k), alpha=float(alpha), site=site)
+        else:
+            config = steering.LineasConfig(steps=int(steps), lr=float(lr), progress=False)
+            iv = _shell.call("Fitting LinEAS", steering.fit_lineas, model, neg, pos, config=config)
         if iv:
             ss["steer_iv"] = iv
+            ss.pop("steer_tradeoff", None)
 
 with st.expander("Presets"):
     up = st.file_uploader("Load a preset (the .json and its .safetensors)", type=["json", "safetensors"],
@@ -62,6 +91,7 @@ with st.expander("Presets"):
                 iv = _shell.call("Loading the preset", steering.load, jsons[0])
                 if iv and _shell.call("Checking the preset against this model", steering.validate, model, iv) is not _shell.FAILED:
                     ss["steer_iv"] = iv
+                    ss.pop("steer_tradeoff", None)
 
 iv = ss.get("steer_iv")
 if iv is None:
@@ -87,9 +117,47 @@ kw = dict(max_new_tokens=int(n_new), seed=int(seed), temperature=float(temperatu
 left, right = st.columns(2)
 left.subheader("Unsteered")
 right.subheader(f"Steered (strength {strength:g})")
-plain = _shell.call("Generating", steering.generate, model, ctx.prompt, **kw)
-steered = _shell.call("Generating steered", steering.generate, model, ctx.prompt, iv.with_strength(strength), **kw)
-if plain is not _shell.FAILED:
-    left.markdown(f"{ctx.prompt}**{plain}**")
-if steered is not _shell.FAILED:
-    right.markdown(f"{ctx.prompt}**{steered}**")
+
+
+def _shown(prompt: str, text: str) -> str:
+    """The prompt, then the continuation in bold (its surrounding spaces outside the ** so it renders)."""
+    core = text.strip()
+    if not core:
+        return prompt + text
+    lead, trail = text[: len(text) - len(text.lstrip())], text[len(text.rstrip()):]
+    return f"{prompt}{lead}**{core}**{trail}"
+
+
+def stream_into(col, intervention) -> None:
+    """Stream one continuation into `col`, token by token. The two run one after the other: each
+    holds its hooks on the model while it generates, so they must not interleave."""
+    box, text = col.empty(), ""
+    box.markdown(ctx.prompt)
+    for piece in steering.stream(model, ctx.prompt, intervention, **kw):
+        text += piece
+        box.markdown(_shown(ctx.prompt, text))
+
+
+if _shell.call("Generating", stream_into, left, None) is not _shell.FAILED:
+    _shell.call("Generating steered", stream_into, right, iv.with_strength(strength))
+
+with st.expander("Trade-off: concept rate against fluency across strengths"):
+    neg_set = sets.get("negative")
+    sources = (["The model's negative prompt set"] if neg_set else []) + ["The sidebar prompt"]
+    src = st.radio("Evaluation prompts", sources, horizontal=True, key="steer_to_prompts")
+    c1, c2 = st.columns([3, 1])
+    strengths = c1.multiselect("Strengths", STRENGTHS, default=[0.0, 0.5, 1.0, 2.0], key="steer_to_strengths")
+    n_tok = c2.number_input("New tokens", 1, 100, 8, key="steer_to_tokens")
+    st.caption("Concept: positive sentiment (more positive than negative words of `lenslab._sentiment`'s lexicon). "
+               "Fluency: perplexity of each continuation under the unsteered model.")
+    if st.button("Run trade-off", key="steer_to_run"):
+        prompts = neg_set if src.startswith("The model") else [ctx.prompt]
+        res = _shell.call("Generating and scoring", tradeoff, model, {iv.name or "steered": iv}, prompts,
+                          _sentiment.is_positive, strengths=sorted(strengths), max_new_tokens=int(n_tok), progress=False)
+        if res:
+            ss["steer_tradeoff"] = res
+    res = ss.get("steer_tradeoff")
+    if res is not None:
+        st.plotly_chart(res.figure(), key="steer_tradeoff_fig")
+        st.dataframe(res.rows, hide_index=True)
+        _shell.downloads(res, "steer_tradeoff")

@@ -44,3 +44,114 @@ def test_steer_page_fits_and_generates_side_by_side(monkeypatch, tiny_zoo_dir):
     at.radio(key="steer_method").set_value("ActAdd").run()
     at.button(key="steer_fit").click().run()
     _ok(at)
+
+
+SENTIMENT = "zoo/steer-sentiment"
+
+
+def _sentiment_app(monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("LENSLAB_DEFAULT_MODEL", SENTIMENT)
+    torch.set_num_threads(1)
+    at = AppTest.from_file(str(MAIN), default_timeout=180).run()
+    at.switch_page("page_steer.py").run()
+    _ok(at)
+    return at
+
+
+def _column_texts(at) -> list[str]:
+    """The generation shown in each of the two side-by-side columns (the markdown under its subheader)."""
+    cols = [c for c in at.columns if any(h.value.startswith(("Unsteered", "Steered")) for h in c.subheader)]
+    return [[m.value for m in c.markdown][-1] for c in cols]
+
+
+def test_steer_page_on_the_sentiment_model_streams_both_columns_and_runs_the_tradeoff(monkeypatch):
+    import lenslab
+    from lenslab import _sentiment, steering, zoo
+
+    model = lenslab.load_model(SENTIMENT, device="cpu")
+    sets = zoo.prompt_sets(SENTIMENT)
+    calls: list[list[str]] = []
+    real_stream = steering.stream
+
+    def recording_stream(*args, **kwargs):
+        pieces: list[str] = []
+        calls.append(pieces)
+        for piece in real_stream(*args, **kwargs):
+            pieces.append(piece)
+            yield piece
+
+    monkeypatch.setattr(steering, "stream", recording_stream)
+    at = _sentiment_app(monkeypatch)
+    # the contrastive prompts default to the zoo model's own prompt sets
+    assert at.text_area(key="steer_pos").value == "\n".join(sets["positive"])
+    assert at.text_area(key="steer_neg").value == "\n".join(sets["negative"])
+    at.number_input(key="steer_layer").set_value(1)
+    at.button(key="steer_fit").click().run()
+    _ok(at)
+    calls.clear()
+    at.number_input(key="steer_n_new").set_value(8).run()
+    _ok(at)
+
+    prompt = at.text_area(key="prompt").value
+    iv = steering.mean_difference(model, sets["positive"], sets["negative"], layers=1)
+    plain = steering.generate(model, prompt, max_new_tokens=8)
+    steered = steering.generate(model, prompt, iv, max_new_tokens=8)
+    # the page streamed both continuations, token by token, with the library's stream (8 pieces each)
+    assert [len(c) for c in calls] == [8, 8] and ["".join(c) for c in calls] == [plain, steered]
+    left, right = _column_texts(at)
+    assert left == f"{prompt} **{plain.strip()}**" and right == f"{prompt} **{steered.strip()}**", (left, right)
+    assert not _sentiment.is_positive(plain) and _sentiment.is_positive(steered)  # the planted concept moves
+
+    # trade-off on the model's "negative" prompt set for the current intervention
+    at.multiselect(key="steer_to_strengths").set_value([0.0, 1.0])
+    at.number_input(key="steer_to_tokens").set_value(4)
+    at.button(key="steer_to_run").click().run()
+    _ok(at)
+    fig = [c for c in at.get("plotly_chart") if "trade-off" in c.proto.spec]
+    assert len(fig) == 1
+    rows = at.dataframe[-1].value
+    assert rows["strength"].tolist() == [0.0, 1.0] and set(rows["method"]) == {"mean difference"}
+    base = [steering.generate(model, p, max_new_tokens=4) for p in sets["negative"]]
+    assert rows["concept_rate"].iloc[0] == sum(map(_sentiment.is_positive, base)) / len(base) == 0.0
+    assert rows["concept_rate"].iloc[1] >= 0.75  # DiffMean at layer 1 flips the negative contexts (measured 1.0)
+    assert "JSON" in {b.label for b in at.get("download_button")}
+
+
+def test_steer_page_fits_lineas(monkeypatch):
+    at = _sentiment_app(monkeypatch)
+    at.radio(key="steer_method").set_value("LinEAS").run()
+    at.number_input(key="steer_steps").set_value(10)
+    at.number_input(key="steer_lr").set_value(0.05)
+    at.button(key="steer_fit").click().run()
+    _ok(at)
+    iv = at.session_state["steer_iv"]
+    from lenslab import zoo
+
+    sets = zoo.prompt_sets(SENTIMENT)
+    # source = negative prompts, target = positive; 10 Adam steps lower the Wasserstein loss
+    assert iv.provenance["source"] == sets["negative"] and iv.provenance["target"] == sets["positive"]
+    assert iv.provenance["config"]["steps"] == 10
+    assert iv.provenance["loss_final"] < 0.8 * iv.provenance["loss_initial"], iv.provenance
+    assert {e.op for e in iv.edits} == {"affine"} and len(iv.edits) == 6  # attn_out and mlp_out of 3 layers
+    assert any("lineas" in c.value for c in at.caption)
+    assert len(_column_texts(at)) == 2
+    # away and back: the prompts are the zoo's sets again (not emptied) and the fit is kept
+    at.switch_page("page_model.py").run()
+    at.switch_page("page_steer.py").run()
+    _ok(at)
+    assert at.text_area(key="steer_neg").value == "\n".join(sets["negative"])
+    assert at.session_state["steer_iv"] is iv and len(_column_texts(at)) == 2
+
+
+def test_lineas_with_too_few_prompts_is_a_message(monkeypatch, tiny_zoo_dir):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("LENSLAB_DEFAULT_MODEL", str(tiny_zoo_dir))
+    at = AppTest.from_file(str(MAIN), default_timeout=180).run()
+    at.switch_page("page_steer.py").run()
+    at.radio(key="steer_method").set_value("LinEAS").run()
+    at.button(key="steer_fit").click().run()
+    assert not at.exception
+    assert any("at least 4" in e.value for e in at.error), [e.value for e in at.error]
