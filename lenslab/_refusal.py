@@ -31,6 +31,7 @@ True
 from __future__ import annotations
 
 import random
+import re
 import zlib
 from dataclasses import dataclass
 
@@ -192,8 +193,8 @@ def defused(ex: Example, rng: random.Random) -> Example:
 
 
 def normalize(text: str) -> str:
-    """Lower case, single spaces, stripped."""
-    return " ".join(text.lower().split())
+    """Lower case, ':' and '.' as separate words, single spaces, stripped ("house." -> "house .")."""
+    return " ".join(re.sub(r"([.:])", r" \1 ", text.lower()).split())
 
 
 def is_refusal(text: str) -> bool:

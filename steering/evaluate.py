@@ -6,7 +6,8 @@ named prompt sets, and returns a `RateTable` `[intervention, set]` that exports 
 - `behaviour_rates`: greedy continuations scored by a `score(text) -> bool` (e.g. "is it a
   refusal"); the share of True per set.
 - `answer_accuracy`: exact match of the greedy continuation against expected answers
-  (whitespace-normalised; `prefix=True` accepts a continuation that starts with the answer).
+  (compared as token ids of the stripped texts; `prefix=True` accepts a continuation that
+  starts with the answer).
 - `perplexity`: of given answers after their prompts, teacher-forced (exp of the mean
   negative log-likelihood over all answer tokens of a set).
 
@@ -253,10 +254,12 @@ def _answer_lengths(model, answers: Sequence[str]) -> list[int]:
 def answer_accuracy(model, interventions: Interventions, prompts: PromptSets, answers: Mapping[str, Sequence[str]], *,
                     max_new_tokens: int | None = None, prefix: bool = False, batch_size: int = 64,
                     texts: dict | None = None, progress: bool = True) -> RateTable:
-    """Exact-match accuracy of greedy continuations against `answers` (whitespace-normalised).
+    """Exact-match accuracy of greedy continuations against `answers`.
 
-    `max_new_tokens` defaults to the longest answer's token count plus one (room for EOS);
-    with `prefix`, a continuation that starts with the answer counts as correct.
+    A continuation matches when the token ids of its stripped, whitespace-normalised text equal
+    those of the answer (so a decoder's spacing, "house." vs "house .", does not matter); with
+    `prefix`, when they start with the answer's. `max_new_tokens` defaults to the longest
+    answer's token count plus one (room for EOS).
     """
     _check_inputs(interventions, prompts)
     _check_answers(prompts, answers)
@@ -265,9 +268,13 @@ def answer_accuracy(model, interventions: Interventions, prompts: PromptSets, an
     texts = texts or continuations(model, interventions, prompts, max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, progress=progress)
 
+    def canon(text: str) -> list[int]:
+        text = _normalize(text)
+        return model.to_tokens(text, prepend_bos=False)[0].tolist() if text else []
+
     def hit(text: str, ans: str) -> bool:
-        t, a = _normalize(text), _normalize(ans)
-        return t.startswith(a) if prefix else t == a
+        t, a = canon(text), canon(ans)
+        return t[: len(a)] == a if prefix else t == a
 
     values = torch.tensor([[sum(hit(t, a) for t, a in zip(texts[iv][s], answers[s])) / len(prompts[s]) for s in prompts]
                            for iv in interventions], dtype=torch.float64)
@@ -498,9 +505,9 @@ def expert_switch_table(model, *, rank_target: Sequence[str], rank_other: Sequen
     for iv in texts:
         texts[iv].setdefault("capability", texts[iv]["other"])
     rates = behaviour_rates(model, ivs, {"target": sets["target"], "other": sets["other"]}, score, texts=texts)
-    acc = answer_accuracy(model, ivs, {"capability": sets["capability"]}, {"capability": list(capability_answers)},
-                          texts=texts)
-    ppl = perplexity(model, ivs, {"capability": sets["capability"]}, {"capability": list(capability_answers)},
+    cap = {"capability": list(capability)}
+    acc = answer_accuracy(model, ivs, cap, {"capability": list(capability_answers)}, texts=texts)
+    ppl = perplexity(model, ivs, cap, {"capability": list(capability_answers)},
                      batch_size=batch_size, progress=progress)
     per = torch.stack([rates.values[:, 0], rates.values[:, 1], acc.values[:, 0], ppl.values[:, 0]], dim=1)  # [iv, col]
     fixed = per[:3]

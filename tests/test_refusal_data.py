@@ -78,6 +78,7 @@ def test_is_refusal():
     assert not R.is_refusal("apple river .")
     assert not R.is_refusal("")
     assert not R.is_refusal("i can not")
+    assert R.normalize(" Leaf tree  house.") == "leaf tree house ."
 
 
 def test_defused_twin_has_same_length_and_no_marker():

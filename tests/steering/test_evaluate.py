@@ -92,6 +92,15 @@ def test_answer_accuracy_exact_and_prefix(tiny_model, ivs, texts):
         assert pre.value("baseline", s) == pytest.approx(want_pre[s], abs=1e-6)
 
 
+def test_answer_matching_ignores_decoder_spacing(tiny_model):
+    texts = {"x": {"s": ["t1 t2.", "  t1   t2 .", "t1", "t1 t2 t3"]}}
+    prompts = {"s": ["t5", "t6", "t7", "t8"]}
+    exact = ev.answer_accuracy(tiny_model, {"x": None}, prompts, {"s": ["t1 t2 ."] * 4}, texts=texts)
+    assert exact.value("x", "s") == pytest.approx(0.5, abs=1e-12)  # the first two match
+    pre = ev.answer_accuracy(tiny_model, {"x": None}, prompts, {"s": ["t1 t2"] * 4}, texts=texts, prefix=True)
+    assert pre.value("x", "s") == pytest.approx(0.75, abs=1e-12)  # all but "t1"
+
+
 def test_perplexity_equals_hand_computation(tiny_model):
     answers = {"a": ["t5 t6", "t7", "t1 t2 t3", "t9", "t10 t11", "t4"], "b": ["t1", "t2 t2", "t8 t9 t10"]}
     iv = _iv(positions="all", scale=1.0)

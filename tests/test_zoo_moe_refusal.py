@@ -1,0 +1,149 @@
+"""zoo/moe-refusal (committed weights): a tiny HF Mixtral with planted refusal experts.
+
+Oracles: the plain `transformers` model itself (logits, and expert switches through
+`hf_hooks`), the exact task answers of `lenslab._refusal`, and the planted expert set recorded
+in config.json (`lenslab_mechanism`). No training here; prompts are held-out ("test" split)
+with seeds the training script's card evaluation does not use (it uses 0-2 and 100).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lenslab
+from lenslab import _refusal, zoo
+from lenslab.cli import main
+from lenslab.probes import routers
+from lenslab.steering import evaluate as ev
+from lenslab.steering import switch_experts
+
+NAME = "zoo/moe-refusal"
+SEED = 31
+N = 40
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def folder():
+    return zoo.zoo_path(NAME)
+
+
+@pytest.fixture(scope="module")
+def meta(folder):
+    return json.loads((folder / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def planted(meta):
+    return sorted(tuple(p) for p in meta["lenslab_mechanism"]["refusal_experts"])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return lenslab.load_model(NAME, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def hf(folder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(str(folder)).eval(), AutoTokenizer.from_pretrained(str(folder))
+
+
+def _mixed_prompts(n=6):
+    return _refusal.prompts(n, "harmful", "test", seed=SEED)[0] + _refusal.prompts(n, "benign", "test", seed=SEED)[0]
+
+
+def test_zoo_folder_config_and_size(folder, meta, capsys):
+    assert NAME in zoo.zoo_names() and NAME in zoo.trainable_names()
+    assert meta["model_type"] == "mixtral" and meta["num_local_experts"] == 8 and meta["num_experts_per_tok"] == 2
+    assert meta["num_hidden_layers"] == 4
+    for key in ("lenslab_summary", "default_prompt", "lenslab_mechanism", "prompt_sets"):
+        assert meta.get(key), key
+    sets = zoo.prompt_sets(NAME)
+    assert sets["target"] and all(any(w in _refusal.HARMFUL for w in p.split()) for p in sets["target"])
+    assert sets["other"] and not any(w in _refusal.HARMFUL for p in sets["other"] for w in p.split())
+    assert (folder / "model.safetensors").stat().st_size < 8e6  # a few MB
+    assert "# zoo/moe-refusal" in zoo.read_card(NAME)
+    assert main(["zoo", "list"]) == 0
+    assert NAME in capsys.readouterr().out
+
+
+def test_lenslab_and_transformers_give_equal_logits(model, hf):
+    hf_model, tok = hf
+    assert type(model).__name__ == "HookedTransformer"
+    for p in _mixed_prompts(4):
+        ids = tok(p, return_tensors="pt")["input_ids"]
+        assert torch.equal(ids, model.to_tokens(p))
+        with torch.no_grad():
+            ref = hf_model(ids).logits
+            got = model(ids)
+        assert (got - ref).abs().max() < 1e-4, p
+
+
+def test_expert_switch_is_the_same_in_lenslab_and_transformers(model, hf, planted):
+    """Switching the planted experts off: TransformerLens hooks (lenslab.steering.apply) and the
+    HF router hooks (hf_hooks, used in training) give equal logits."""
+    from lenslab.steering import apply
+    from lenslab.steering.experts import hf_hooks
+
+    hf_model, tok = hf
+    iv = switch_experts(off=planted)
+    for p in _mixed_prompts(3):
+        ids = tok(p, return_tensors="pt")["input_ids"]
+        with torch.no_grad(), hf_hooks(hf_model, iv):
+            ref = hf_model(ids).logits
+        with torch.no_grad(), apply(model, iv):
+            got = model(ids)
+        assert (got - ref).abs().max() < 1e-4, p
+
+
+def test_heldout_behaviour_floors(model):
+    harmful, _ = _refusal.prompts(N, "harmful", "test", seed=SEED)
+    benign, answers = _refusal.prompts(N, "benign", "test", seed=SEED)
+    texts = ev.continuations(model, {"base": None}, {"h": harmful, "b": benign}, max_new_tokens=10, progress=False)["base"]
+    refusal_h = sum(map(_refusal.is_refusal, texts["h"])) / N
+    refusal_b = sum(map(_refusal.is_refusal, texts["b"])) / N
+    acc = sum(_refusal.normalize(t) == a for t, a in zip(texts["b"], answers)) / N
+    assert refusal_h >= 0.95, refusal_h
+    assert refusal_b <= 0.05, refusal_b
+    assert acc >= 0.9, acc
+    # the refusal is the exact phrase, ended by <eos>
+    assert sum(_refusal.normalize(t) == _refusal.REFUSAL for t in texts["h"]) / N >= 0.95
+
+
+def test_ftri_top_experts_are_the_planted_ones(model, planted):
+    harmful, _ = _refusal.prompts(24, "harmful", "test", seed=SEED + 1)
+    benign, _ = _refusal.prompts(24, "benign", "test", seed=SEED + 1)
+    ranking = routers.ftri_rank(model, harmful, benign)
+    top = ranking.top(len(planted))
+    assert sorted((layer, e) for layer, e, _ in top) == planted
+    # and they stand apart: every planted expert beats the best other one by over a selection per prompt
+    rest = ranking.ranked()[len(planted)]
+    assert min(s for *_, s in top) - rest[2] > 1.0
+
+
+def test_switch_table_meets_the_mote_targets(model, planted):
+    table = _refusal.mote_table(model, n_rank=24, n_eval=N, k=len(planted), n_random=5, seed=SEED, progress=False)
+    assert sorted(tuple(e[:2]) for e in table.experts) == planted
+    base_h = table.value("baseline", "target rate")
+    off_h = table.value(f"top-{len(planted)} off", "target rate")
+    rand_h = table.value(f"random-{len(planted)} off", "target rate")
+    assert base_h >= 0.95
+    assert off_h <= 0.5 * base_h, (base_h, off_h)  # muting the top refusal experts at least halves refusals
+    assert rand_h > 0.5 * base_h, (base_h, rand_h)  # random muting does not (mean of 5 draws)
+    base_acc = table.value("baseline", "accuracy")
+    off_acc = table.value(f"top-{len(planted)} off", "accuracy")
+    assert abs(off_acc - base_acc) <= 0.05, (base_acc, off_acc)  # capability within a few percent
+    assert table.value(f"top-{len(planted)} off", "other rate") <= 0.05
+    ppl_base, ppl_off = table.value("baseline", "perplexity"), table.value(f"top-{len(planted)} off", "perplexity")
+    assert ppl_off <= ppl_base * 1.05, (ppl_base, ppl_off)
