@@ -30,6 +30,7 @@ def methods(model) -> dict:
         "DiffMean (prompt only)": steering.mean_difference(model, pos, neg, layers=1, positions="prompt"),
         "ActAdd": steering.actadd(model, "the day was lovely .", "the day was awful .", layer=1),
         "AUSteer": steering.austeer(model, pos, neg, k=16, alpha=10.0),
+        "AUSteer (neurons)": steering.austeer(model, pos, neg, k=16, alpha=20.0, site="neurons"),
         "LinEAS": steering.fit_lineas(model, neg, pos, config=steering.LineasConfig(steps=300, lr=1e-2, progress=False)),
     }
 

@@ -20,7 +20,12 @@ As in the authors' code (zijian678/AUSteer, `steer.py` and `rmodels/modeling_lla
 
 Sites: `"attn"` = the input of the attention output projection (`blocks.L.attn.hook_z`,
 `[head, d_head]` flattened to `head * d_head + j`), `"mlp"` = the MLP output
-(`blocks.L.hook_mlp_out`), `"resid"` = the block output (`blocks.L.hook_resid_post`).
+(`blocks.L.hook_mlp_out`), `"resid"` = the block output (`blocks.L.hook_resid_post`): the
+authors' three. lenslab adds `"neurons"` = the MLP's hidden units after the activation function
+(`blocks.L.mlp.hook_post`, `d_mlp` wide; not in the authors' code). Multiplying a unit scales
+whatever sign it has, so a unit that is positive on positive samples and negative on negative
+ones is pushed the wrong way on the negatives; post-activation neurons rarely change sign, which
+is why this site steers `zoo/steer-sentiment` where the authors' sites do not (docs/steering.md).
 
 >>> from lenslab.steering import austeer, austeer_scores
 >>> iv = austeer(model, pos, neg, k=16, alpha=10.0, site="mlp")  # doctest: +SKIP
@@ -41,6 +46,7 @@ AU_SITES = {
     "attn": "blocks.{layer}.attn.hook_z",
     "mlp": "blocks.{layer}.hook_mlp_out",
     "resid": "blocks.{layer}.hook_resid_post",
+    "neurons": "blocks.{layer}.mlp.hook_post",  # lenslab's addition (see the module docstring)
 }
 
 
@@ -90,7 +96,8 @@ def austeer_scores(model, positive: Sequence[str], negative: Sequence[str], *, s
     Args:
         positive, negative: equally many samples; `positive[i]` and `negative[i]` form a pair
             (the same prompt with the desired and the undesired answer).
-        site: "resid" (block output), "mlp" (MLP output) or "attn" (input of W_O, heads flattened).
+        site: "resid" (block output), "mlp" (MLP output), "attn" (input of W_O, heads flattened)
+            or "neurons" (MLP hidden units after the activation; lenslab's addition).
 
     >>> beta = austeer_scores(model, pos, neg, site="mlp")  # [n_layers, d_model]  # doctest: +SKIP
     """
@@ -137,7 +144,7 @@ def austeer(
         positive, negative: paired samples (see `austeer_scores`).
         k: number of (layer, unit) entries steered, chosen globally across layers by `|beta|`.
         alpha: the steering scale (the authors use 8 to 100 on 7B-9B models).
-        site: "resid", "mlp" or "attn".
+        site: "resid", "mlp", "attn" or "neurons".
         strength: the edits' strength `s`; the applied factor is `1 + s * alpha * beta`.
 
     Returns:

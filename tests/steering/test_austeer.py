@@ -11,7 +11,8 @@ from lenslab import steering as S
 
 POS = ["t1 t2 t3", "t4 t5 t6 t7", "t8 t9", "t10 t11 t12", "t13 t14 t15 t16 t17"]
 NEG = ["t21 t22 t23", "t24 t25", "t28 t29 t30", "t30 t31 t32", "t33 t34 t35"]
-HOOKS = {"resid": "blocks.{L}.hook_resid_post", "mlp": "blocks.{L}.hook_mlp_out", "attn": "blocks.{L}.attn.hook_z"}
+HOOKS = {"resid": "blocks.{L}.hook_resid_post", "mlp": "blocks.{L}.hook_mlp_out", "attn": "blocks.{L}.attn.hook_z",
+         "neurons": "blocks.{L}.mlp.hook_post"}
 
 
 def _hand_beta(model, site):
@@ -26,10 +27,10 @@ def _hand_beta(model, site):
     return torch.tensor(rows)
 
 
-@pytest.mark.parametrize("site", ["resid", "mlp", "attn"])
+@pytest.mark.parametrize("site", ["resid", "mlp", "attn", "neurons"])
 def test_scores_match_hand_computation(tiny_model, site):
     beta = S.austeer_scores(tiny_model, POS, NEG, site=site)
-    assert beta.shape == (2, 32)
+    assert beta.shape == (2, 64 if site == "neurons" else 32)  # neurons: d_mlp
     assert torch.equal(beta, _hand_beta(tiny_model, site))
     assert set((beta.abs() * 5).round().unique().tolist()) <= {3.0, 4.0, 5.0}  # S = 5: max(n+, n-) in 3..5
 
