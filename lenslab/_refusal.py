@@ -192,6 +192,29 @@ def defused(ex: Example, rng: random.Random) -> Example:
     return Example(task=ex.task, items=items, harmful=False, prompt=make_prompt(ex.task, items), answer=ans, compliant=ans)
 
 
+def refusal_pairs(n: int = 16, seed: int = 0, split: str = "test", n_items: int = 3
+                  ) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """Harmful prompts, their defused twins and (refuse, comply) first answer words, for a `Task`.
+
+    All prompts have `n_items` items, so they tokenize to one length. Clean: a harmful prompt of
+    `split`; corrupt: the same prompt with each marker word replaced by a noun (or digit for
+    `sort`); answers: ("sorry", first word of the clean prompt's task answer).
+    """
+    _check("harmful", split)
+    if not N_ITEMS[0] <= n_items <= N_ITEMS[1]:
+        raise LenslabError(f"n_items must be between {N_ITEMS[0]} and {N_ITEMS[1]}, got {n_items}")
+    rng = random.Random(f"refusal-pairs-{split}-{seed}-{n_items}")
+    clean, corrupt, answers = [], [], []
+    while len(clean) < n:
+        ex = example("harmful", rng, split)
+        if len(ex.items) != n_items:
+            continue
+        clean.append(ex.prompt)
+        corrupt.append(defused(ex, rng).prompt)
+        answers.append(("sorry", ex.compliant.split()[0]))
+    return clean, corrupt, answers
+
+
 def normalize(text: str) -> str:
     """Lower case, ':' and '.' as separate words, single spaces, stripped ("house." -> "house .")."""
     return " ".join(re.sub(r"([.:])", r" \1 ", text.lower()).split())

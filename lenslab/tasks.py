@@ -302,6 +302,19 @@ def ioi(model, n: int = 32, seed: int = 0, heldout: bool = False) -> Task:
     return task
 
 
+def refusal(model, n: int = 16, seed: int = 0, split: str = "test", n_items: int = 3) -> Task:
+    """Harmful-marker prompts of `lenslab._refusal` (the language of zoo/moe-refusal).
+
+    Clean: "user : reverse apple bomb river assistant :" -> ("sorry", "river"): refuse vs the
+    task's first answer word. Corrupt: the same prompt with the marker word replaced by a noun.
+    `split="test"` draws item tuples never used in training; all prompts have `n_items` items.
+    """
+    from lenslab import _refusal
+
+    clean, corrupt, answers = _refusal.refusal_pairs(n=n, seed=seed, split=split, n_items=n_items)
+    return from_prompts(model, clean, corrupt, answers, name=f"refusal-{split}")
+
+
 # --- metrics -------------------------------------------------------------------------------
 
 

@@ -97,3 +97,17 @@ def test_bad_arguments():
         R.prompts(3, "benign", split="tset")
     with pytest.raises(LenslabError, match="non-negative"):
         R.examples(-1)
+
+
+def test_refusal_pairs_for_tasks():
+    clean, corrupt, answers = R.refusal_pairs(30, seed=1, split="test", n_items=4)
+    assert len(clean) == len(corrupt) == len(answers) == 30
+    for c, k, (yes, no) in zip(clean, corrupt, answers):
+        cw, kw = c.split(), k.split()
+        assert len(cw) == len(kw) == 2 + 1 + 4 + 2
+        assert any(w in R.HARMFUL for w in cw) and not any(w in R.HARMFUL for w in kw)
+        assert [a == b for a, b in zip(cw, kw)] == [w not in R.HARMFUL for w in cw]
+        assert R.split_of(tuple(cw[3:-2])) == "test"
+        assert yes == "sorry" and no == R.task_answer(cw[2], cw[3:-2]).split()[0]
+    with pytest.raises(LenslabError, match="n_items"):
+        R.refusal_pairs(3, n_items=6)

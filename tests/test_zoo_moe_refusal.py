@@ -147,3 +147,20 @@ def test_switch_table_meets_the_mote_targets(model, planted):
     assert table.value(f"top-{len(planted)} off", "other rate") <= 0.05
     ppl_base, ppl_off = table.value("baseline", "perplexity"), table.value(f"top-{len(planted)} off", "perplexity")
     assert ppl_off <= ppl_base * 1.05, (ppl_base, ppl_off)
+
+
+def test_refusal_task_logit_diff(model):
+    """tasks.refusal: clean prompts prefer "sorry" over the task's answer; the defused twins
+    (marker word replaced, same length) do not refuse."""
+    from lenslab import tasks
+
+    task = tasks.refusal(model, n=24, seed=SEED)
+    assert task.clean_tokens.shape == task.corrupt_tokens.shape == (24, 9)  # <bos> user : task, 3 items, assistant :
+    sorry = model.to_single_token("sorry")
+    assert (task.answer_tokens[:, 0] == sorry).all()
+    with torch.no_grad():
+        clean = tasks.logit_diff_per_prompt(model(task.clean_tokens)[:, -1], task.answer_tokens)
+        corrupt_logits = model(task.corrupt_tokens)[:, -1]
+    assert (clean > 2.0).all(), clean
+    assert (corrupt_logits.argmax(-1) != sorry).all()
+    assert float(tasks.logit_diff_per_prompt(corrupt_logits, task.answer_tokens).mean()) < -2.0
