@@ -291,3 +291,8 @@ def test_plumbing_on_a_transformer_bridge(tmp_path):
     with pytest.raises(LenslabError, match="last dimension has 64"):
         S.validate(model, Intervention(edits=(Edit(hook="blocks.0.mlp.hook_post", vector=torch.ones(32)),)))
     assert len(S.generate(model, "w1 w2 w3 w4", S.actadd(model, "w1 w2", "w3", layer=1), max_new_tokens=3).split()) <= 3
+    for site in ("resid", "neurons"):  # AUSteer reads and multiplies through the bridge's hooks too
+        au = S.austeer(model, ["w1 w2 w3", "w5 w6 w7"], ["w9 w8 w7", "w4 w4 w4"], k=4, alpha=50.0, site=site)
+        assert len(au.edits) >= 1 and sum(len(e.units) for e in au.edits) == 4
+        assert torch.equal(_logits(model, tokens, au.with_strength(0.0)), base)
+        assert (_logits(model, tokens, au) - base).abs().max() > 1e-4
