@@ -10,8 +10,11 @@ A page does:
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import traceback
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,11 +58,29 @@ def show_error(what: str, exc: BaseException) -> None:
         st.code("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-4000:], language="text")
 
 
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model) -> threading.RLock:
+    """One re-entrant lock per loaded model. The model is cached once for every browser session,
+    and steering / switching / patching add TransformerLens hooks to it while they run, so two
+    sessions computing on it at once would see each other's hooks: `call` holds this lock."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
+
+
 def call(what: str, fn, *args, **kwargs):
-    """Run `fn(*args, **kwargs)` under a spinner labelled `what`; on error show a message and
-    return `FAILED` (falsy). Streamlit's own control flow (st.stop, st.rerun) passes through."""
+    """Run `fn(*args, **kwargs)` under a spinner labelled `what`, holding the sidebar model's lock
+    (`model_lock`); on error show a message and return `FAILED` (falsy). Streamlit's own control
+    flow (st.stop, st.rerun) passes through."""
+    ctx = st.session_state.get(_CTX)
+    model = ctx.model if ctx is not None and ctx.model is not None else None
     try:
-        with st.spinner(f"{what}…"):
+        with st.spinner(f"{what}…"), (model_lock(model) if model is not None else contextlib.nullcontext()):
             return fn(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - everything becomes a message, never a traceback
         show_error(what, exc)
