@@ -7,6 +7,7 @@
     lenslab sinks experts --model M [--prompts P ...] [--rule su] [--prune] --out FILE
     lenslab moe inspect|rank|generate --model zoo/moe-refusal ...
     lenslab steer fit|generate|eval --model zoo/steer-sentiment ...
+    lenslab sae index|lookup|export|search --model M --sae S ...
 """
 from __future__ import annotations
 
@@ -366,6 +367,68 @@ def torch_topk(values, k: int) -> list[tuple[int, float]]:
     return [(int(i), float(v)) for v, i in zip(top.values, top.indices)]
 
 
+def _cmd_sae_features(args: argparse.Namespace) -> int:
+    """`lenslab sae index|lookup|export|search` (lenslab.probes.features)."""
+    import time
+
+    import lenslab
+    from lenslab.figures import FORMATS, export
+    from lenslab.probes import features as F
+
+    cmd = args.sae_command
+    out = Path(args.out) if getattr(args, "out", None) else None
+    if cmd == "export":
+        if out.suffix.lower() not in FORMATS:
+            raise LenslabError(f"--out {out.name!r}: use .html (standalone dashboard), .json (Neuronpedia-like fields) "
+                               f"or a figure format ({', '.join(FORMATS)})")
+        model = lenslab.load_model(args.model, device=args.device) if args.model else None
+        sae = F._open_sae(args.sae, model) if args.sae else None
+        dash = F.FeatureDashboard.from_store(args.store, args.feature, model, sae, n_contexts=args.n_contexts)
+        path = dash.save(out)
+        print(f"feature {dash.feature}: density {dash.density:.3%}, max {dash.max_act:.4g}, {len(dash.contexts)} contexts; "
+              f"promotes {', '.join(repr(t) for t, _ in dash.pos_logits[:5])}")
+        print(f"lenslab: wrote {path}")
+        return 0
+    if cmd == "search":
+        res = F.search(args.store, token=args.token, substring=args.substring, feature=args.feature, k=args.k)
+        print(res.table())
+        if out is not None:
+            print(f"lenslab: wrote {export(res, out)}")
+        return 0
+    if out is not None and cmd == "lookup" and out.suffix.lower() not in FORMATS:
+        raise LenslabError(f"--out {out.name!r}: the extension picks the format, one of {', '.join(FORMATS)}")
+    model = lenslab.load_model(args.model, device=args.device)
+    if not args.sae:
+        raise LenslabError("pass --sae: a folder saved by sae-lens (or a zoo SAE name once `lenslab sae train` made one)")
+    sae = F._open_sae(args.sae, model)
+    if cmd == "index":
+        corpus = F.corpus_for(model, args.n_docs) if args.corpus == "zoo" else F.read_corpus(args.corpus)
+        t0 = time.perf_counter()
+        store = F.index(model, sae, corpus, out, batch_size=args.batch_size, context_size=args.context_size,
+                        top_n=args.top_n, resume=not args.no_resume, sae_source=args.sae)
+        dt = time.perf_counter() - t0
+        alive = int((store.arrays()["n_fire"] > 0).sum())
+        print(store.describe())
+        print(f"{alive} of {store.d_sae} features fire; {store.total_tokens / dt:,.0f} tokens/s this run ({dt:.1f} s)")
+        store.close()
+        print(f"lenslab: wrote {out}")
+    else:
+        res = F.lookup(model, sae, args.prompt, k=args.k)
+        print(res.table())
+        if out is not None:
+            print(f"lenslab: wrote {export(res, out)}")
+    return 0
+
+
+def _sae_subparsers(sub):
+    """The `lenslab sae` sub-command group, created once (train in probes.sae; index, lookup,
+    export, search in probes.features)."""
+    if "sae" in sub.choices:
+        return next(a for a in sub.choices["sae"]._actions if isinstance(a, argparse._SubParsersAction))
+    sa = sub.add_parser("sae", help="sparse autoencoders: train, index a corpus, look up features, dashboards, search")
+    return sa.add_subparsers(dest="sae_command", required=True, metavar="SAE_COMMAND")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lenslab", description="lenslab: mechanistic-interpretability and steering workbench")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -538,6 +601,46 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", default="zoo/steer-sentiment", help="zoo name, HF id or local dir (default zoo/steer-sentiment)")
         sp.add_argument("--device", default="auto")
         sp.set_defaults(func=_cmd_steer)
+
+    sasub = _sae_subparsers(sub)
+    si = sasub.add_parser("index", help="run a model + SAE over a corpus once: feature statistics and top contexts "
+                                        "in a SQLite store (resumes an interrupted run)")
+    si.add_argument("--corpus", default="zoo", help="'zoo' (the zoo model's built-in corpus) or a file: .txt (one "
+                                                    "document per line), .json (list of strings or token-id lists), .jsonl")
+    si.add_argument("--n-docs", type=int, default=512, help="documents of the zoo corpus (default 512)")
+    si.add_argument("--batch-size", type=int, default=16)
+    si.add_argument("--context-size", type=int, default=64, help="documents are truncated to this many tokens")
+    si.add_argument("--top-n", type=int, default=20, help="contexts kept per feature")
+    si.add_argument("--no-resume", action="store_true", help="start over even if --out holds a partial store")
+    si.add_argument("--out", required=True, help="the store, e.g. store.sqlite")
+    sl = sasub.add_parser("lookup", help="the top-k SAE features of each token of a prompt")
+    sl.add_argument("--prompt", required=True)
+    sl.add_argument("--k", type=int, default=5)
+    sl.add_argument("--out", default=None, help="also write the result: .json or a figure (.html .svg .png .pdf)")
+    for sp in (si, sl):
+        sp.add_argument("--model", required=True, help="zoo name, HF id or local dir")
+        sp.add_argument("--sae", default=None, help="the SAE: a folder saved by sae-lens, or a source probes.sae.load_sae accepts")
+        sp.add_argument("--device", default="auto")
+        sp.set_defaults(func=_cmd_sae_features)
+    sx_ = sasub.add_parser("export", help="one feature's dashboard from a store: standalone .html or .json "
+                                          "(Neuronpedia-like fields)")
+    sx_.add_argument("--store", required=True, help="a store from `lenslab sae index`")
+    sx_.add_argument("--feature", type=int, required=True)
+    sx_.add_argument("--out", required=True, help=".html, .json, or a figure format (.svg .png .pdf)")
+    sx_.add_argument("--n-contexts", type=int, default=None, help="contexts shown (default: all stored)")
+    sx_.add_argument("--model", default=None, help="with --sae: compute the logit effects now (default: those stored)")
+    sx_.add_argument("--sae", default=None)
+    sx_.add_argument("--device", default="auto")
+    sx_.set_defaults(func=_cmd_sae_features)
+    ss = sasub.add_parser("search", help="features most active on a token or substring, or one feature's summary")
+    sq = ss.add_mutually_exclusive_group(required=True)
+    sq.add_argument("--token", default=None)
+    sq.add_argument("--substring", default=None)
+    sq.add_argument("--feature", type=int, default=None)
+    ss.add_argument("--store", required=True)
+    ss.add_argument("--k", type=int, default=10)
+    ss.add_argument("--out", default=None, help="also write the result: .json or a figure format")
+    ss.set_defaults(func=_cmd_sae_features)
     return p
 
 
