@@ -205,6 +205,29 @@ def context() -> Context:
     return ctx
 
 
+def continuation_markdown(prompt: str, text: str) -> str:
+    """The prompt, then the continuation in bold (its surrounding spaces outside the ** so it renders)."""
+    core = text.strip()
+    if not core:
+        return prompt + text
+    lead, trail = text[: len(text) - len(text.lstrip())], text[len(text.rstrip()):]
+    return f"{prompt}{lead}**{core}**{trail}"
+
+
+def stream_into(col, model, prompt: str, intervention, **kw) -> str:
+    """Stream the continuation of `prompt` (steered by `intervention`, or None) into the column
+    `col`, token by token; returns it. Run streams one after the other, never interleaved: each
+    holds its hooks on the shared model while it generates."""
+    from lenslab import steering
+
+    box, text = col.empty(), ""
+    box.markdown(prompt)
+    for piece in steering.stream(model, prompt, intervention, **kw):
+        text += piece
+        box.markdown(continuation_markdown(prompt, text))
+    return text
+
+
 def downloads(result, key: str) -> None:
     """Buttons to download `result` as JSON and its figure as SVG, PNG, PDF or HTML
     (exported with `lenslab.figures.export` on request: static formats take a few seconds)."""

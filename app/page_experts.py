@@ -89,9 +89,5 @@ with switch_tab:
             left, right = st.columns(2)
             left.subheader("Baseline")
             right.subheader(f"Switched ({len(off)} off, {len(on)} on)")
-            plain = _shell.call("Generating", steering.generate, model, prompt, **kw)
-            switched = _shell.call("Generating with the switch", steering.generate, model, prompt, iv, **kw)
-            if plain is not _shell.FAILED:
-                left.markdown(f"{prompt}**{plain}**")
-            if switched is not _shell.FAILED:
-                right.markdown(f"{prompt}**{switched}**")
+            if _shell.call("Generating", _shell.stream_into, left, model, prompt, None, **kw) is not _shell.FAILED:
+                _shell.call("Generating with the switch", _shell.stream_into, right, model, prompt, iv, **kw)

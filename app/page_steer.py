@@ -119,27 +119,8 @@ left.subheader("Unsteered")
 right.subheader(f"Steered (strength {strength:g})")
 
 
-def _shown(prompt: str, text: str) -> str:
-    """The prompt, then the continuation in bold (its surrounding spaces outside the ** so it renders)."""
-    core = text.strip()
-    if not core:
-        return prompt + text
-    lead, trail = text[: len(text) - len(text.lstrip())], text[len(text.rstrip()):]
-    return f"{prompt}{lead}**{core}**{trail}"
-
-
-def stream_into(col, intervention) -> None:
-    """Stream one continuation into `col`, token by token. The two run one after the other: each
-    holds its hooks on the model while it generates, so they must not interleave."""
-    box, text = col.empty(), ""
-    box.markdown(ctx.prompt)
-    for piece in steering.stream(model, ctx.prompt, intervention, **kw):
-        text += piece
-        box.markdown(_shown(ctx.prompt, text))
-
-
-if _shell.call("Generating", stream_into, left, None) is not _shell.FAILED:
-    _shell.call("Generating steered", stream_into, right, iv.with_strength(strength))
+if _shell.call("Generating", _shell.stream_into, left, model, ctx.prompt, None, **kw) is not _shell.FAILED:
+    _shell.call("Generating steered", _shell.stream_into, right, model, ctx.prompt, iv.with_strength(strength), **kw)
 
 with st.expander("Trade-off: concept rate against fluency across strengths"):
     neg_set = sets.get("negative")

@@ -57,6 +57,7 @@ def test_experts_page_routes_ranks_and_switches(monkeypatch, planted):
     assert at.text_input(key="moe_off").value == "1:3"
     md = [m.value for m in at.markdown if m.value.startswith("w7 w1 w2 w7")]
     assert len(md) == 2 and "w20" in md[0] and md[0] != md[1]  # planted: expert (1,3) writes w20
+    assert all(m.startswith("w7 w1 w2 w7 **w") and m.endswith("**") for m in md)  # bold renders: no space inside **
 
 
 def test_experts_page_bad_input_is_a_message(monkeypatch, planted):
