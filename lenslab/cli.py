@@ -7,6 +7,7 @@
     lenslab sinks experts --model M [--prompts P ...] [--rule su] [--prune] --out FILE
     lenslab moe inspect|rank|generate --model zoo/moe-refusal ...
     lenslab steer fit|generate|eval --model zoo/steer-sentiment ...
+    lenslab sae train --model M --hook H --out DIR [--corpus FILE] [--d-sae N --k K ...]
     lenslab sae index|lookup|export|search --model M --sae S ...
 """
 from __future__ import annotations
@@ -248,7 +249,8 @@ def _cmd_moe(args: argparse.Namespace) -> int:
         print(f"prompt:   {prompt}")
         print(f"baseline: {steering.generate(model, prompt, **kw)}")
         label = ", ".join([f"off {l}:{e}" for l, e in off] + [f"on {l}:{e}" for l, e in (args.on or [])]) or "no switch"
-        print(f"switched: {steering.generate(model, prompt, iv, **kw)}   [{label}; {args.mode}]")
+        mode = f"; {args.mode}" if off else ""  # the mode only concerns experts switched off
+        print(f"switched: {steering.generate(model, prompt, iv, **kw)}   [{label}{mode}]")
     return 0
 
 
@@ -365,6 +367,33 @@ def torch_topk(values, k: int) -> list[tuple[int, float]]:
 
     top = torch.topk(values, k)
     return [(int(i), float(v)) for v, i in zip(top.values, top.indices)]
+
+
+def _cmd_sae_train(args: argparse.Namespace) -> int:
+    """`lenslab sae train` (lenslab.probes.sae): a zoo model's built-in corpus and recipe, or --corpus FILE."""
+    from lenslab.probes import sae as S
+
+    settings = {k: getattr(args, k) for k in ("d_sae", "k", "l1", "lr", "training_tokens", "batch_size_tokens", "seed")}
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if args.corpus is None:
+        if args.context_size is not None:
+            raise LenslabError("--context-size applies to --corpus FILE; the zoo corpora have their own row length")
+        sae, metrics = S.build_zoo_sae(args.model, args.hook, args.out, device=args.device, **settings)
+    else:
+        import lenslab
+        from lenslab.probes.features import read_corpus
+
+        model = lenslab.load_model(args.model, device=args.device)
+        sae = S.train_sae(model, args.hook, corpus=read_corpus(args.corpus), out_dir=args.out,
+                          context_size=args.context_size, threads=args.threads, **settings)
+        metrics = S.read_metrics(args.out)
+    for name, m in metrics.items():
+        print(f"{name}: loss recovered {m.loss_recovered:.3f}, explained variance {m.explained_variance:.3f}, "
+              f"L0 {m.l0:.1f}, dead {m.dead_fraction:.1%} (clean {m.ce_loss_clean:.4f}, spliced {m.ce_loss_spliced:.4f}, "
+              f"zero-ablated {m.ce_loss_zero:.4f})")
+    print(f"lenslab: wrote a {sae.cfg.architecture()} SAE ({sae.cfg.d_in} -> {sae.cfg.d_sae}) for {args.hook} to {args.out} "
+          "(card.md, metrics.json, sae-lens files)")
+    return 0
 
 
 def _cmd_sae_features(args: argparse.Namespace) -> int:
@@ -602,6 +631,28 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default="auto")
         sp.set_defaults(func=_cmd_steer)
 
+    # `lenslab sae train` (lenslab.probes.sae); index|lookup|export|search (lenslab.probes.features) follow
+    sat = _sae_subparsers(sub).add_parser(
+        "train", help="train an SAE with sae-lens's trainer, offline, on a zoo model's built-in corpus or --corpus FILE")
+    sat.add_argument("--model", required=True, help="zoo name, HF id or local dir")
+    sat.add_argument("--hook", required=True, help="hook point, e.g. blocks.2.hook_resid_post")
+    sat.add_argument("--out", required=True, help="output folder (sae-lens files, card.md, metrics.json)")
+    sat.add_argument("--corpus", default=None, help="documents: .txt (one per line), .json (strings or token-id lists) "
+                                                    "or .jsonl; default: the zoo model's built-in corpus and recipe "
+                                                    "(rebuilds the shipped SAEs exactly)")
+    sat.add_argument("--d-sae", type=int, default=None, help="features (default: the recipe's, else 4 x the hook width)")
+    sat.add_argument("--k", type=int, default=None, help="TopK SAE with k active features (default 16)")
+    sat.add_argument("--l1", type=float, default=None, help="a standard ReLU + L1 SAE with this coefficient instead")
+    sat.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 4e-3)")
+    sat.add_argument("--training-tokens", type=int, default=None, help="activations trained on (default 300000)")
+    sat.add_argument("--batch-size-tokens", type=int, default=None, help="activations per step (default 512)")
+    sat.add_argument("--context-size", type=int, default=None, help="--corpus: tokens per row (default: longest document)")
+    sat.add_argument("--seed", type=int, default=None, help="default 0")
+    sat.add_argument("--threads", type=int, default=1, help="torch threads while training (default 1)")
+    sat.add_argument("--device", default="cpu", help="default cpu (the shipped SAEs were trained there)")
+    sat.set_defaults(func=_cmd_sae_train)
+    # --- end of `lenslab sae train` ---
+
     sasub = _sae_subparsers(sub)
     si = sasub.add_parser("index", help="run a model + SAE over a corpus once: feature statistics and top contexts "
                                         "in a SQLite store (resumes an interrupted run)")
@@ -621,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", required=True, help="zoo name, HF id or local dir")
         sp.add_argument("--sae", default=None, help="the SAE: a folder saved by sae-lens, or a source probes.sae.load_sae accepts")
         sp.add_argument("--device", default="auto")
-        sp.set_defaults(func=_cmd_sae_features)
+        sp.set_defaults(func=_cmd_sae_features, sae_command="index" if sp is si else "lookup")
     sx_ = sasub.add_parser("export", help="one feature's dashboard from a store: standalone .html or .json "
                                           "(Neuronpedia-like fields)")
     sx_.add_argument("--store", required=True, help="a store from `lenslab sae index`")
@@ -631,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     sx_.add_argument("--model", default=None, help="with --sae: compute the logit effects now (default: those stored)")
     sx_.add_argument("--sae", default=None)
     sx_.add_argument("--device", default="auto")
-    sx_.set_defaults(func=_cmd_sae_features)
+    sx_.set_defaults(func=_cmd_sae_features, sae_command="export")
     ss = sasub.add_parser("search", help="features most active on a token or substring, or one feature's summary")
     sq = ss.add_mutually_exclusive_group(required=True)
     sq.add_argument("--token", default=None)
@@ -640,7 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--store", required=True)
     ss.add_argument("--k", type=int, default=10)
     ss.add_argument("--out", default=None, help="also write the result: .json or a figure format")
-    ss.set_defaults(func=_cmd_sae_features)
+    ss.set_defaults(func=_cmd_sae_features, sae_command="search")
     return p
 
 
