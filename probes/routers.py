@@ -8,12 +8,15 @@ with one interface for both kinds of lenslab model:
   softmax over all experts `[batch*pos, n_experts]` and `blocks.{l}.mlp.hook_expert_indices`
   the chosen experts `[batch*pos, k]`; the gate weights are the chosen probabilities,
   renormalised over the top k when the config says `norm_topk_prob` (Mixtral does, OLMoE not).
-- `TransformerBridge` MoE (Qwen2-MoE, Qwen3-MoE): `blocks.{l}.mlp.gate.hook_out` holds the raw
-  router logits `[batch*pos, n_experts]`; softmax, top k and the optional renormalisation are
-  applied here exactly as the Hugging Face router does (its `top_k` and `norm_topk_prob`).
+- `TransformerBridge` MoE (Qwen2-MoE, Qwen3-MoE, DeepSeek-V2, DeepSeek-V3): a torch forward hook
+  on the Hugging Face router module (behind `blocks.{l}.mlp.gate`) reads what the router itself
+  returns, `(router_logits, topk_weights, topk_indices)`: the chosen experts and gate weights are
+  exactly the model's, whatever its rule (softmax top k, DeepSeek-V3's sigmoid scores with
+  `e_score_correction_bias`, group-limited top k and `routed_scaling_factor`, ...). The per-expert
+  scores are the router's `scoring` of the logits: softmax, or sigmoid for DeepSeek-V3.
 
-`route` returns per token and layer the chosen experts, their gate weights and the full router
-probabilities; `expert_load` counts selections over a corpus.
+`route` returns per token and layer the chosen experts, their gate weights and the per-expert
+router scores; `expert_load` counts selections over a corpus.
 
 `ftri_rank` is the expert finding of MoTE (Dahlke et al., "Mixture of Tunable Experts",
 arXiv 2502.11096): "functional Token Resonance Imaging". Per prompt an activation map
@@ -40,10 +43,13 @@ from lenslab.results import JsonResult, provenance
 
 __all__ = [
     "ExpertRanking", "MoeLayer", "RouterResult", "activation_maps", "check_experts", "expert_load",
-    "ftri_rank", "has_moe", "load_figure", "moe_layers", "parse_experts", "route",
+    "ftri_rank", "has_moe", "load_figure", "moe_layers", "parse_experts", "route", "router_spec", "scores_of",
 ]
 
 NO_MOE = "this model has no Mixture-of-Experts layers"
+# Hugging Face routers that score experts with a sigmoid (DeepSeek-V3 / R1: sigmoid scores, plus
+# `e_score_correction_bias` for the choice only, group-limited top k, `routed_scaling_factor`).
+SIGMOID_ROUTERS = frozenset({"DeepseekV3TopkRouter"})
 
 
 # --- which layers route, and how ---------------------------------------------------------------
@@ -51,8 +57,12 @@ NO_MOE = "this model has no Mixture-of-Experts layers"
 class MoeLayer:
     """One MoE layer: its block index, the hook that exposes its router, and how it routes.
 
-    `kind` is "hooked" (hook = softmax probabilities, plus an indices hook) or "bridge"
-    (hook = raw router logits)."""
+    `kind` is "hooked" (hook = softmax probabilities, plus an indices hook), "bridge" (hook =
+    raw router logits; the routing itself is read from the Hugging Face router module) or "hf"
+    (a plain `transformers` model). `scoring` is how the router turns logits into per-expert
+    scores: "softmax", or "sigmoid" (DeepSeek-V3). `n_group` / `topk_group`: group-limited
+    routing (DeepSeek: experts in `n_group` groups, only the best `topk_group` groups searched);
+    1 / 1 for a plain top k."""
 
     layer: int
     hook: str
@@ -61,6 +71,9 @@ class MoeLayer:
     top_k: int
     norm_topk_prob: bool
     indices_hook: str | None = None
+    scoring: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
 
 
 def moe_layers(model) -> list[MoeLayer]:
@@ -85,15 +98,40 @@ def moe_layers(model) -> list[MoeLayer]:
                 continue
             out.append(MoeLayer(
                 layer, f"blocks.{layer}.mlp.gate.hook_out", "bridge", int(router.num_experts),
-                int(router.top_k), bool(getattr(router, "norm_topk_prob", False)),
+                int(router.top_k), **router_spec(router),
             ))
     if not out:
         name = getattr(model.cfg, "model_name", "model")
         raise LenslabError(
             f"{NO_MOE} ({name}): router inspection needs a MoE checkpoint such as Mixtral, OLMoE, "
-            "Qwen2-MoE or Qwen3-MoE"
+            "Qwen2-MoE, Qwen3-MoE or DeepSeek-V2/V3"
         )
     return out
+
+
+def router_spec(router, config=None) -> dict:
+    """How a Hugging Face router module routes: `{"norm_topk_prob", "scoring", "n_group", "topk_group"}`
+    (the `MoeLayer` fields). `config` (the model's) supplies `norm_topk_prob` for routers without
+    the attribute (Mixtral's always renormalises).
+
+    - DeepSeek-V3 (`DeepseekV3TopkRouter`): sigmoid scores, its `norm_topk_prob`, its groups.
+    - DeepSeek-V2 (`DeepseekV2TopkRouter`): softmax, no renormalisation (the router ignores the
+      config's `norm_topk_prob`), groups only with `topk_method="group_limited_greedy"`.
+    - everything else: softmax top k with `norm_topk_prob`, no groups.
+    """
+    name = type(router).__name__
+    if name in SIGMOID_ROUTERS:
+        return dict(norm_topk_prob=bool(router.norm_topk_prob), scoring="sigmoid",
+                    n_group=int(router.num_group or 1), topk_group=int(router.topk_group or 1))
+    if name == "DeepseekV2TopkRouter":
+        grouped = getattr(router, "topk_method", "greedy") == "group_limited_greedy"
+        return dict(norm_topk_prob=False, scoring="softmax", n_group=int(router.num_group) if grouped else 1,
+                    topk_group=int(router.topk_group) if grouped else 1)
+    norm = getattr(router, "norm_topk_prob", None)
+    if norm is None:  # Mixtral's router always renormalises and has no flag
+        norm = getattr(config, "norm_topk_prob", None) if config is not None else None
+        norm = name.startswith("Mixtral") if norm is None else norm
+    return dict(norm_topk_prob=bool(norm), scoring="softmax", n_group=1, topk_group=1)
 
 
 def has_moe(model) -> bool:
@@ -181,11 +219,15 @@ class RouterResult(JsonResult):
 
     Attributes:
         indices: per prompt, the chosen experts `[pos, layer, k]` (long), best first.
-        weights: per prompt, their gate weights `[pos, layer, k]` (what multiplies each expert's output).
-        probs: per prompt, the router's softmax over all experts `[pos, layer, n_experts]`.
+        weights: per prompt, their gate weights `[pos, layer, k]` (what multiplies each expert's output;
+            DeepSeek's include its `routed_scaling_factor`).
+        probs: per prompt, the router's score of every expert `[pos, layer, n_experts]`: the softmax
+            over experts, or for sigmoid routers (DeepSeek-V3) each expert's sigmoid score (rows do
+            not sum to 1; the choice adds `e_score_correction_bias` to them).
         tokens: per prompt, the token strings (or ids as strings).
         layers: the block index of each MoE layer (the `layer` axis above).
         n_experts / top_k: experts per layer and experts chosen per token.
+        scoring: "softmax" or "sigmoid": what `probs` holds.
         provenance: model, versions, time.
     """
 
@@ -196,6 +238,7 @@ class RouterResult(JsonResult):
     layers: tuple[int, ...]
     n_experts: int
     top_k: int
+    scoring: str = "softmax"
     provenance: dict = field(default_factory=dict)
     KIND = "RouterResult"
 
@@ -228,6 +271,7 @@ class RouterResult(JsonResult):
             "layers": list(self.layers),
             "n_experts": self.n_experts,
             "top_k": self.top_k,
+            "scoring": self.scoring,
             "provenance": self.provenance,
         }
 
@@ -241,6 +285,7 @@ class RouterResult(JsonResult):
             layers=tuple(d["layers"]),
             n_experts=d["n_experts"],
             top_k=d["top_k"],
+            scoring=d.get("scoring", "softmax"),
             provenance=d.get("provenance") or {},
         )
 
@@ -289,17 +334,21 @@ def load_figure(load: Tensor, layers, title: str = "Expert load"):
 
 
 def route(model, prompts, *, prepend_bos: bool | None = None, batch_size: int = 16) -> RouterResult:
-    """Per token and MoE layer, the chosen experts, their gate weights and the router probabilities.
+    """Per token and MoE layer, the chosen experts, their gate weights and the router scores.
+
+    Inside `lenslab.steering.apply(model, switch)` the switched routing is reported (on a bridge
+    the router's output after the switch's own hook).
 
     Args:
-        model: a lenslab MoE model (HookedTransformer Mixtral/OLMoE or TransformerBridge Qwen-MoE).
+        model: a lenslab MoE model (HookedTransformer Mixtral/OLMoE or TransformerBridge
+            Qwen-MoE / DeepSeek-V2 / DeepSeek-V3).
         prompts: a string, a list of strings, or token ids `[batch, pos]`.
         prepend_bos: passed to `model.to_tokens` (None: the model's default).
         batch_size: prompts of equal length run together, this many at a time.
 
     Returns:
-        `RouterResult` with `indices[i]` / `weights[i]` `[pos, layer, k]` and `probs[i]`
-        `[pos, layer, n_experts]` for prompt i.
+        `RouterResult` with `indices[i]` / `weights[i]` `[pos, layer, k]` (heaviest first) and
+        `probs[i]` `[pos, layer, n_experts]` for prompt i.
 
     >>> r = route(model, ["the cat sat"])                             # doctest: +SKIP
     >>> r.indices[0][:, 0]   # experts chosen at layer 0, per token   # doctest: +SKIP
@@ -308,8 +357,10 @@ def route(model, prompts, *, prepend_bos: bool | None = None, batch_size: int = 
     toks = _prompt_tokens(model, prompts, prepend_bos)
     n_exp = {m.n_experts for m in layers}
     top_k = {m.top_k for m in layers}
-    if len(n_exp) != 1 or len(top_k) != 1:
-        raise LenslabError(f"MoE layers differ in expert count {sorted(n_exp)} or top-k {sorted(top_k)}; not supported yet")
+    scoring = {m.scoring for m in layers}
+    if len(n_exp) != 1 or len(top_k) != 1 or len(scoring) != 1:
+        raise LenslabError(f"MoE layers differ in expert count {sorted(n_exp)}, top-k {sorted(top_k)} or scoring "
+                           f"{sorted(scoring)}; not supported yet")
     n_experts, k = n_exp.pop(), top_k.pop()
     device = next(model.parameters()).device
 
@@ -334,35 +385,71 @@ def route(model, prompts, *, prepend_bos: bool | None = None, batch_size: int = 
     ]
     return RouterResult(
         indices=out_idx, weights=out_w, probs=out_p, tokens=[[str(s) for s in lab] for lab in labels],
-        layers=tuple(m.layer for m in layers), n_experts=n_experts, top_k=k,
+        layers=tuple(m.layer for m in layers), n_experts=n_experts, top_k=k, scoring=scoring.pop(),
         provenance=provenance(model, method="route", hooks=[m.hook for m in layers]),
     )
 
 
+def scores_of(logits: Tensor, scoring: str) -> Tensor:
+    """Per-expert router scores `[N, n_experts]` (float32) from router logits: softmax, or sigmoid."""
+    if scoring == "sigmoid":
+        return torch.sigmoid(logits.float())
+    if scoring != "softmax":
+        raise LenslabError(f"router scoring {scoring!r} is not one of softmax, sigmoid")
+    return torch.softmax(logits.float(), dim=-1)
+
+
+def _router_output(m: MoeLayer, output) -> tuple[Tensor, Tensor, Tensor]:
+    """`(logits, weights, indices)` from a Hugging Face router's forward output."""
+    if not isinstance(output, tuple) or len(output) < 3:
+        raise LenslabError(
+            f"the router of MoE layer {m.layer} returned {type(output).__name__}, not (router_logits, "
+            "topk_weights, topk_indices) as transformers >= 5 routers do; upgrade transformers"
+        )
+    return output[0], output[1], output[2]
+
+
 def _route_batch(model, batch: Tensor, layers: list[MoeLayer], k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """One forward; returns indices, weights `[batch, pos, layer, k]` and probs `[batch, pos, layer, n_experts]`."""
+    """One forward; returns indices, weights `[batch, pos, layer, k]` (heaviest first) and probs
+    `[batch, pos, layer, n_experts]`."""
     b, pos = batch.shape
-    store: dict[str, Tensor] = {}
+    store: dict = {}
 
     def grab(t, hook):
         store[hook.name] = t.detach()
         return t
 
-    names = [m.hook for m in layers] + [m.indices_hook for m in layers if m.indices_hook]
-    with torch.no_grad():
-        model.run_with_hooks(batch, fwd_hooks=[(n, grab) for n in names])
+    def grab_router(module, inputs, output, m):
+        store[m.layer] = tuple(t.detach() for t in _router_output(m, output))
+
+    names = [n for m in layers if m.kind == "hooked" for n in (m.hook, m.indices_hook)]
+    handles = []
+    try:
+        for m in layers:
+            if m.kind != "hooked":  # registered last: sees the output after any switch's router hook
+                router = _hf_router(model, m.layer)
+                handles.append(router.register_forward_hook(lambda mod, i, o, m=m: grab_router(mod, i, o, m)))
+        with torch.no_grad():
+            model.run_with_hooks(batch, fwd_hooks=[(n, grab) for n in names])
+    finally:
+        for h in handles:
+            h.remove()
     idx_l, w_l, p_l = [], [], []
     for m in layers:
-        raw = store[m.hook].reshape(b * pos, m.n_experts)
         if m.kind == "hooked":
-            probs = raw.float()
+            probs = store[m.hook].reshape(b * pos, m.n_experts).float()
             idx = store[m.indices_hook].reshape(b * pos, k).long()
-        else:  # raw logits: the HF router's own softmax and top k
-            probs = torch.softmax(raw, dim=-1, dtype=torch.float)
-            idx = torch.topk(probs, k, dim=-1).indices
-        w = probs.gather(-1, idx)
-        if m.norm_topk_prob:
-            w = w / w.sum(-1, keepdim=True)
+            w = probs.gather(-1, idx)
+            if m.norm_topk_prob:
+                w = w / w.sum(-1, keepdim=True)
+        else:  # exactly what the HF router returned; its scoring gives the per-expert scores
+            if m.layer not in store:
+                raise LenslabError(f"the router of MoE layer {m.layer} did not run in the forward pass")
+            logits, w, idx = store[m.layer]
+            probs = scores_of(logits.reshape(b * pos, m.n_experts), m.scoring)
+            w, idx = w.reshape(b * pos, k).float(), idx.reshape(b * pos, k).long()
+            order = torch.sort(w, dim=-1, descending=True, stable=True).indices  # DeepSeek's top k is unsorted
+            w, idx = w.gather(-1, order), idx.gather(-1, order)
         idx_l.append(idx.reshape(b, pos, k))
         w_l.append(w.reshape(b, pos, k))
         p_l.append(probs.reshape(b, pos, m.n_experts))

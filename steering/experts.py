@@ -9,12 +9,12 @@ ports across models), whose `units` are expert ids and whose op is one of:
 | op | what happens to each token row (at the edit's positions) |
 |---|---|
 | `drop_experts` | the listed experts' top-k gate weights are scaled by `1 - s` and the other selected weights rescaled so the row's top-k total is unchanged; no other expert enters (MoTE's "suppress"; with `norm_topk_prob` at `s = 1`: set to 0 and renormalise) |
-| `mask_experts` | the listed experts' router logits are set to `-inf` before the top k, so the next experts enter; probabilities are the softmax over the remaining experts, then the model's own top k and `norm_topk_prob` rule. Any non-zero strength masks fully (a mask has no half-way) |
+| `mask_experts` | the listed experts can no longer be chosen, so the next experts enter: softmax routers set their logits to `-inf` (probabilities are the softmax over the remaining experts), DeepSeek-V3's sigmoid router sets their choice score (`scores + e_score_correction_bias`) to `-inf` before its group selection; then the model's own top k, `norm_topk_prob` and `routed_scaling_factor` rule. Any non-zero strength masks fully (a mask has no half-way) |
 | `force_experts` | each listed expert joins the top k: if not already selected it replaces the lowest-weight selected expert that is not itself forced, taking `s` times that slot's weight |
 
 Strength 0 is the identity for every op (no hook is installed). A token whose selected experts
-are all dropped at `s = 1` gets a routed-expert output of exactly 0 (Qwen2-MoE's shared expert,
-which no router selects, is untouched). Positions work as for other edits; a MoE layer sees the
+are all dropped at `s = 1` gets a routed-expert output of exactly 0 (Qwen2-MoE's and DeepSeek's
+shared experts, which no router selects, are untouched). Positions work as for other edits; a MoE layer sees the
 tokens as rows `[batch * pos]`, and row `r` is position `r % pos`.
 
 Within a layer, mask edits act on the router probabilities before the top k, then drop and force
@@ -26,8 +26,12 @@ all of this; two backends call it during every forward pass:
   TransformerLens's own `torch.topk` picks exactly those experts. With `norm_topk_prob` (which
   divides by the row total) a hook on `blocks.{l}.hook_mlp_out` multiplies rows whose wanted
   total is not 1 by that total (0 for rows with every expert dropped: TL's MoE has no bias).
-- `TransformerBridge` MoE (Qwen2-MoE, Qwen3-MoE) and plain `transformers` models: a torch forward
-  hook on the Hugging Face router module returns `(logits, new_weights, new_indices)`.
+- `TransformerBridge` MoE (Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3) and plain `transformers` models:
+  a torch forward hook on the Hugging Face router module returns `(logits, new_weights,
+  new_indices)`. Drop and force start from the router's own `(weights, indices)`, so any routing
+  rule is kept exactly; a mask re-runs the router's rule on its logits with the masked experts
+  excluded (`hf_route`: softmax top k, DeepSeek-V2's grouped softmax, DeepSeek-V3's grouped
+  sigmoid), for the rows it touches.
 
 >>> from lenslab.steering import switch_experts
 >>> iv = switch_experts(off=[(1, 3), (1, 5)], on=[(0, 2)])
@@ -46,7 +50,7 @@ from torch import Tensor
 from lenslab._errors import LenslabError, did_you_mean
 from lenslab.steering.intervention import EXPERT_OPS, Edit, Intervention, Positions, _position_index
 
-__all__ = ["EXPERT_OPS", "MODES", "hf_hooks", "moe_block", "reroute", "switch_experts"]
+__all__ = ["EXPERT_OPS", "MODES", "hf_hooks", "hf_route", "moe_block", "reroute", "switch_experts"]
 
 MODES = {"drop": "drop_experts", "mask": "mask_experts"}
 _BLOCK = re.compile(r"blocks\.(\d+)\.mlp")
@@ -130,6 +134,38 @@ def _rows(edit: Edit, rows_pos: Tensor, n_pos: int, prompt_len: int | None) -> T
     return sel[rows_pos]
 
 
+def _live(edits: Sequence[Edit], rows_pos: Tensor, n_pos: int, prompt_len: int | None) -> list:
+    """`[(edit, bool [N] rows it touches)]` for the edits with a non-zero strength."""
+    return [(e, _rows(e, rows_pos, n_pos, prompt_len)) for e in edits if e.strength != 0]
+
+
+def _mask_of(live: list, n: int, n_exp: int, device) -> tuple[Tensor, Tensor]:
+    """Bool `[N, n_experts]` of (row, expert) masked by the mask edits, and bool `[N]` of their rows."""
+    masked = torch.zeros(n, n_exp, dtype=torch.bool, device=device)
+    touched = torch.zeros(n, dtype=torch.bool, device=device)
+    for e, rows in live:
+        if e.op == "mask_experts":
+            m = torch.zeros(n_exp, dtype=torch.bool, device=device)
+            m[list(e.units)] = True
+            masked = masked | (rows[:, None] & m[None, :])
+            touched = touched | rows
+    return masked, touched
+
+
+def _softmax_topk(p: Tensor, k: int, norm_topk_prob: bool, masked: Tensor) -> tuple[Tensor, Tensor]:
+    """Softmax router top k over probabilities `p [N, E]` with `masked` experts' logits at -inf."""
+    if masked.any():  # -inf logits = zero probability, the rest renormalised (softmax over the others)
+        kept = p.masked_fill(masked, 0.0)
+        total = kept.sum(-1, keepdim=True)
+        p = torch.where(masked.any(-1, keepdim=True), kept / torch.where(total > 0, total, 1.0), p)
+    # the model's own top k (a masked expert is never picked, even when probabilities underflow)
+    idx = torch.topk(p.masked_fill(masked, -1.0), k, dim=-1).indices
+    w = p.gather(-1, idx)
+    if norm_topk_prob:
+        w = w / w.sum(-1, keepdim=True)
+    return idx, w
+
+
 def _reroute(
     probs: Tensor, k: int, norm_topk_prob: bool, edits: Sequence[Edit], rows_pos: Tensor,
     n_pos: int | None = None, prompt_len: int | None = None,
@@ -140,30 +176,21 @@ def _reroute(
     rows_pos = rows_pos.to(p.device).long()
     if n_pos is None:
         n_pos = int(rows_pos.max()) + 1 if n else 1
-    touched = torch.zeros(n, dtype=torch.bool, device=p.device)
-    live = [(e, _rows(e, rows_pos, n_pos, prompt_len)) for e in edits if e.strength != 0]
-    # 1. masks: -inf logits = zero probability, the rest renormalised (softmax over the others)
-    masked = torch.zeros_like(p, dtype=torch.bool)
-    for e, rows in live:
-        if e.op == "mask_experts":
-            m = torch.zeros(n_exp, dtype=torch.bool, device=p.device)
-            m[list(e.units)] = True
-            masked = masked | (rows[:, None] & m[None, :])
-            touched = touched | rows
-    if masked.any():
-        kept = p.masked_fill(masked, 0.0)
-        total = kept.sum(-1, keepdim=True)
-        p = torch.where(masked.any(-1, keepdim=True), kept / torch.where(total > 0, total, 1.0), p)
-    # 2. the model's own top k (a masked expert is never picked, even when probabilities underflow)
-    idx = torch.topk(p.masked_fill(masked, -1.0), k, dim=-1).indices
-    w = p.gather(-1, idx)
-    if norm_topk_prob:
-        w = w / w.sum(-1, keepdim=True)
+    live = _live(edits, rows_pos, n_pos, prompt_len)
+    # 1. masks, 2. the model's own top k
+    masked, touched = _mask_of(live, n, n_exp, p.device)
+    idx, w = _softmax_topk(p, k, norm_topk_prob, masked)
     # 3. drop and force, in order, on the selected experts
+    return _drop_force(idx, w, live, touched)
+
+
+def _drop_force(idx: Tensor, w: Tensor, live: list, touched: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Drop and force edits, in order, on selected experts `idx [N, k]` with gate weights `w [N, k]`."""
+    k = idx.shape[1]
     forced = torch.zeros_like(idx, dtype=torch.bool)
     for e, rows in live:
         s = e.strength
-        units = torch.tensor(e.units, device=p.device)
+        units = torch.tensor(e.units, device=idx.device)
         if e.op == "drop_experts":
             sel = torch.isin(idx, units) & rows[:, None]
             hit = sel.any(-1, keepdim=True)
@@ -181,7 +208,7 @@ def _reroute(
                 forced = forced | (here & rows[:, None])
                 need = rows & ~here.any(-1)
                 slot = w.masked_fill(forced, float("inf")).argmin(-1)  # lowest-weight slot not forced
-                put = need[:, None] & (torch.arange(k, device=p.device)[None, :] == slot[:, None])
+                put = need[:, None] & (torch.arange(k, device=idx.device)[None, :] == slot[:, None])
                 idx = torch.where(put, torch.full_like(idx, u), idx)
                 w = torch.where(put, s * w, w)
                 forced = forced | put
@@ -214,6 +241,109 @@ def reroute(
     """
     idx, w, _ = _reroute(probs, k, norm_topk_prob, edits, rows_pos, n_pos, prompt_len)
     return idx, w
+
+
+# --- Hugging Face routers: their own rule, with experts masked -----------------------------------
+# router attributes that mean a rule other than "softmax, top k, optional renormalisation"
+_OTHER_RULE = ("e_score_correction_bias", "num_group", "topk_method", "routed_scaling_factor")
+
+
+def _rule(router) -> str:
+    """"deepseek_v3", "deepseek_v2", "softmax" (Mixtral, OLMoE, Qwen-MoE) or "unknown"."""
+    from lenslab.probes.routers import SIGMOID_ROUTERS
+
+    name = type(router).__name__
+    if name in SIGMOID_ROUTERS:
+        return "deepseek_v3"
+    if name == "DeepseekV2TopkRouter":
+        return "deepseek_v2"
+    return "unknown" if any(hasattr(router, a) for a in _OTHER_RULE) else "softmax"
+
+
+def _group_mask(group_scores: Tensor, n_group: int, topk_group: int, n_exp: int) -> Tensor:
+    """Bool `[N, E]`: the experts of each row's best `topk_group` groups (DeepSeek's group-limited top k)."""
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    return group_mask.unsqueeze(-1).expand(-1, n_group, n_exp // n_group).reshape(-1, n_exp).bool()
+
+
+def hf_route(router, logits: Tensor, masked: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """A Hugging Face router's own rule on its logits, with `masked` experts never chosen.
+
+    Rules (without masks each equals the router's own output, up to the order of DeepSeek's
+    unsorted top k):
+
+    - softmax routers (Mixtral, OLMoE, Qwen2/3-MoE): softmax with masked logits at -inf, top k,
+      renormalised with `norm_topk_prob`;
+    - DeepSeek-V2: the same softmax, then "greedy" or "group_limited_greedy" (groups ranked by
+      their best expert; experts outside the chosen groups score 0), times `routed_scaling_factor`;
+    - DeepSeek-V3: sigmoid scores; the choice score `scores + e_score_correction_bias` is -inf for
+      masked experts *before* the groups are ranked (sum of each group's best two); top k within
+      the chosen groups; weights are the chosen sigmoid scores, renormalised (+1e-20) with
+      `norm_topk_prob`, times `routed_scaling_factor`.
+
+    Args:
+        router: the router module (its `top_k`, `num_experts` and rule attributes are read).
+        logits: `[N, n_experts]` its router logits (the first element of its output).
+        masked: bool `[N, n_experts]`, experts that may not be chosen in each row (None: none).
+
+    Returns:
+        `(indices [N, k] long, weights [N, k] float32)`. A router of another rule raises a
+        `LenslabError` (switch its experts off with drop instead).
+    """
+    from lenslab.probes.routers import router_spec
+
+    n_exp, k = int(router.num_experts), int(router.top_k)
+    x = logits.float().reshape(-1, n_exp)
+    masked = torch.zeros_like(x, dtype=torch.bool) if masked is None else masked.to(x.device).bool()
+    rule = _rule(router)
+    if rule == "softmax":
+        return _softmax_topk(torch.softmax(x, dim=-1), k, router_spec(router)["norm_topk_prob"], masked)
+    if rule == "deepseek_v3":
+        g = int(router.num_group)
+        scores = x.sigmoid()
+        choice = (scores + router.e_score_correction_bias.float()).masked_fill(masked, float("-inf"))
+        group_scores = choice.view(-1, g, n_exp // g).topk(2, dim=-1)[0].sum(dim=-1)
+        inside = _group_mask(group_scores, g, int(router.topk_group), n_exp)
+        idx = torch.topk(choice.masked_fill(~inside, float("-inf")), k=k, dim=-1, sorted=False)[1]
+        w = scores.gather(1, idx)
+        if router.norm_topk_prob:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return idx, w * router.routed_scaling_factor
+    if rule == "deepseek_v2":
+        scores = torch.softmax(x.masked_fill(masked, float("-inf")), dim=-1)
+        if router.topk_method == "group_limited_greedy":
+            g = int(router.num_group)
+            group_scores = scores.view(-1, g, n_exp // g).max(dim=-1).values
+            scores = scores.masked_fill(~_group_mask(group_scores, g, int(router.topk_group), n_exp), 0.0)
+        elif router.topk_method != "greedy":
+            raise LenslabError(f"DeepSeek-V2 topk_method {router.topk_method!r} is not one of greedy, "
+                               "group_limited_greedy")
+        # a masked expert is never picked, even when it ties with the zeros outside the chosen groups
+        idx = torch.topk(scores.masked_fill(masked, -1.0), k=k, dim=-1, sorted=False)[1]
+        return idx, scores.gather(1, idx) * router.routed_scaling_factor
+    raise LenslabError(
+        f"mask_experts does not know the routing rule of {type(router).__name__}; switch these experts off "
+        "with mode='drop' (it keeps the router's own choice and zeroes their weights)"
+    )
+
+
+def _reroute_hf(
+    router, output, edits: Sequence[Edit], rows_pos: Tensor, n_pos: int, prompt_len: int | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`(indices, weights, touched)` after `edits`, from a HF router's output `(logits, weights,
+    indices, ...)`: masked rows re-run the router's rule (`hf_route`), then drop and force act on
+    the selected experts (the router's own choice in rows without a mask)."""
+    logits, scores, indices = output[0], output[1], output[2]
+    n, n_exp = logits.reshape(-1, int(router.num_experts)).shape
+    live = _live(edits, rows_pos, n_pos, prompt_len)
+    masked, touched = _mask_of(live, n, n_exp, logits.device)
+    idx, w = indices.long(), scores.float()
+    if masked.any():
+        m_idx, m_w = hf_route(router, logits, masked)
+        rows = masked.any(-1, keepdim=True)
+        idx, w = torch.where(rows, m_idx, idx), torch.where(rows, m_w, w)
+    return _drop_force(idx, w, live, touched)
 
 
 # --- checking against a model ------------------------------------------------------------------
@@ -256,6 +386,18 @@ def check_edits(layers, edits: Sequence[Edit]) -> None:
                 f"masking {len(units)} of the {m.n_experts} experts of layer {layer} leaves fewer than the "
                 f"{m.top_k} each token picks; mask at most {m.n_experts - m.top_k} (or drop them instead)"
             )
+        if m.n_group > 1:  # group-limited routing: the chosen groups must still hold k choosable experts
+            size = m.n_experts // m.n_group
+            left = [size - sum(1 for u in units if u // size == g) for g in range(m.n_group)]
+            # DeepSeek-V3 ranks a group by its best two: a group with fewer than 2 left is never chosen
+            ok = sorted(x for x in left if x >= 2)
+            if len(ok) < m.topk_group or sum(ok[:m.topk_group]) < m.top_k:
+                raise LenslabError(
+                    f"masking experts {sorted(units)} of layer {layer} leaves {left} choosable experts in its "
+                    f"{m.n_group} groups of {size}; a token searches only its best {m.topk_group} group(s) and "
+                    f"needs {m.top_k} experts there (and at least 2 per searched group); mask fewer experts per "
+                    "group (or drop them instead)"
+                )
     for layer, units in forced.items():
         m = by_layer[layer]
         if len(units) > m.top_k:
@@ -333,7 +475,7 @@ def tl_hooks(model, edits: Sequence[Edit], layers, *, prompt_len: int | None = N
 def _router_hook(m, es: Sequence[Edit], state: dict, prompt_len: int | None):
     def hook(module, inputs, output):
         logits, scores, indices = output[0], output[1], output[2]
-        n = logits.shape[0]
+        n = indices.shape[0]
         n_pos = state.get("n_pos")
         if n_pos is None or n % n_pos:
             if any(e.positions != "all" for e in es):
@@ -341,8 +483,7 @@ def _router_hook(m, es: Sequence[Edit], state: dict, prompt_len: int | None):
                                    "[batch, pos, d_model]; the router ran outside its block")
             n_pos = n
         rows_pos = torch.arange(n, device=logits.device) % n_pos
-        probs = torch.softmax(logits.float(), dim=-1)
-        idx, w, touched = _reroute(probs, m.top_k, m.norm_topk_prob, es, rows_pos, n_pos, prompt_len)
+        idx, w, touched = _reroute_hf(module, output, es, rows_pos, n_pos, prompt_len)
         t = touched[:, None]
         new_w = torch.where(t, w.to(scores.dtype), scores)
         new_idx = torch.where(t, idx.to(indices.dtype), indices)
@@ -366,6 +507,8 @@ def _torch_hooks(targets: dict, edits: Sequence[Edit], prompt_len: int | None) -
     try:
         for layer, es in sorted(_by_layer(edits).items()):
             m, block, router = targets[layer]
+            if any(e.op == "mask_experts" for e in es) and _rule(router) == "unknown":
+                hf_route(router, torch.zeros(1, m.n_experts))  # raises: the rule is unknown
             state: dict = {}
             handles.append(block.register_forward_pre_hook(_block_pre_hook(state), with_kwargs=True))
             handles.append(router.register_forward_hook(_router_hook(m, es, state, prompt_len)))
@@ -392,8 +535,8 @@ def bridge_hooks(model, edits: Sequence[Edit], layers, *, prompt_len: int | None
 
 def hf_moe_layers(hf_model) -> dict:
     """layer -> (MoeLayer, MoE block, router) of a plain `transformers` MoE model (Mixtral:
-    `model.layers[l].block_sparse_moe`, OLMoE / Qwen-MoE: `model.layers[l].mlp`)."""
-    from lenslab.probes.routers import NO_MOE, MoeLayer
+    `model.layers[l].block_sparse_moe`, OLMoE / Qwen-MoE / DeepSeek: `model.layers[l].mlp`)."""
+    from lenslab.probes.routers import NO_MOE, MoeLayer, router_spec
 
     base = getattr(hf_model, "model", hf_model)
     blocks = getattr(base, "layers", None)
@@ -403,16 +546,13 @@ def hf_moe_layers(hf_model) -> dict:
             block = getattr(mod, attr, None)
             gate = getattr(block, "gate", None)
             if gate is not None and hasattr(gate, "top_k") and hasattr(gate, "num_experts"):
-                norm = getattr(gate, "norm_topk_prob", None)
-                if norm is None:  # Mixtral's router always renormalises and has no flag
-                    norm = getattr(hf_model.config, "norm_topk_prob", type(gate).__name__.startswith("Mixtral"))
                 m = MoeLayer(layer, f"model.layers.{layer}.{attr}.gate", "hf", int(gate.num_experts),
-                             int(gate.top_k), bool(norm))
+                             int(gate.top_k), **router_spec(gate, hf_model.config))
                 out[layer] = (m, block, gate)
                 break
     if not out:
         raise LenslabError(f"{NO_MOE} ({type(hf_model).__name__}): expert switches need a MoE model such as "
-                           "Mixtral, OLMoE, Qwen2-MoE or Qwen3-MoE")
+                           "Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE or DeepSeek-V2/V3")
     return out
 
 

