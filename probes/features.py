@@ -25,10 +25,10 @@ Store schema (SQLite, stdlib `sqlite3`; one file, schema version 1):
   per bin of ``hist_edges``: fixed log-spaced edges, values below the first edge go to the first
   bin and above the last edge to the last). Density = ``n_fire / total_tokens``; mean activation
   (when firing) = ``sum_act / n_fire``.
-- ``contexts(feature, prompt_id, pos, act REAL, start INTEGER, acts TEXT)``: the ``top_n``
+- ``contexts(feature, prompt_id, pos, act REAL, start INTEGER, acts BLOB)``: the ``top_n``
   highest activations of each feature (ties: lower prompt id, then position, first), each with
   the feature's activation on every token of the window ``tokens[start:start + len(acts)]``
-  (``acts``: JSON list) for highlighting.
+  (``acts``: float32 little-endian) for highlighting.
 - ``token_features(token_id, feature, n_fire INTEGER, sum_act REAL, max_act REAL)``: per token id
   and feature, over the counted positions holding that token: firing count, sum and max (what
   `search` by token or substring ranks on).
@@ -82,11 +82,10 @@ CREATE TABLE vocab (token_id INTEGER PRIMARY KEY, token TEXT NOT NULL);
 CREATE TABLE features (feature INTEGER PRIMARY KEY, n_fire INTEGER NOT NULL, sum_act REAL NOT NULL,
                        max_act REAL NOT NULL, hist BLOB NOT NULL);
 CREATE TABLE contexts (feature INTEGER NOT NULL, prompt_id INTEGER NOT NULL, pos INTEGER NOT NULL,
-                       act REAL NOT NULL, start INTEGER NOT NULL, acts TEXT NOT NULL,
-                       PRIMARY KEY (feature, prompt_id, pos));
-CREATE INDEX contexts_rank ON contexts (feature, act DESC);
+                       act REAL NOT NULL, start INTEGER NOT NULL, acts BLOB NOT NULL,
+                       PRIMARY KEY (feature, prompt_id, pos)) WITHOUT ROWID;
 CREATE TABLE token_features (token_id INTEGER NOT NULL, feature INTEGER NOT NULL, n_fire INTEGER NOT NULL,
-                             sum_act REAL NOT NULL, max_act REAL NOT NULL, PRIMARY KEY (token_id, feature));
+                             sum_act REAL NOT NULL, max_act REAL NOT NULL, PRIMARY KEY (token_id, feature)) WITHOUT ROWID;
 CREATE INDEX token_features_by_feature ON token_features (feature, max_act DESC);
 CREATE TABLE logits (feature INTEGER PRIMARY KEY, pos_ids TEXT, pos_values TEXT, neg_ids TEXT, neg_values TEXT,
                      hist_heights TEXT, hist_edges TEXT);
@@ -537,7 +536,7 @@ class FeatureStore:
             (int(feature), int(n) if n is not None else -1)).fetchall()
         out = []
         for pid, pos, act, start, acts in rows:
-            acts = json.loads(acts)
+            acts = np.frombuffer(acts, dtype="<f4").tolist()
             ids = self.prompt_tokens(pid)[start:start + len(acts)]
             out.append(Context(prompt_id=int(pid), pos=int(pos), act=float(act), start=int(start), token_ids=ids,
                                tokens=self.token_strs(ids), acts=[float(a) for a in acts]))
@@ -616,26 +615,31 @@ def _create(path: Path, model, sae, seqs: list[np.ndarray], meta: dict, logit_k:
 
 
 @torch.no_grad()
-def _logit_rows(model, sae, k: int, chunk: int = 512):
+def _logit_summary(v: Tensor, k: int) -> list[tuple[list[int], list[float], list[int], list[float], list[int], list[float]]]:
+    """Per row of logit effects `v` `[n, d_vocab]`: top-k promoted ids and values, top-k suppressed
+    ids and values (most negative first), and a LOGIT_BINS-bin histogram (heights, edges)."""
+    v = v.float().cpu()
+    k = min(k, v.shape[1])
+    top, bot = v.topk(k, dim=1), (-v).topk(k, dim=1)
+    vmin, vmax = v.min(1).values, v.max(1).values
+    width = (vmax - vmin).clamp(min=1e-6)
+    idx = ((v - vmin[:, None]) / width[:, None] * LOGIT_BINS).long().clamp(0, LOGIT_BINS - 1)
+    heights = torch.zeros(v.shape[0], LOGIT_BINS, dtype=torch.long).scatter_add_(1, idx, torch.ones_like(idx))
+    edges = vmin[:, None].double() + width[:, None].double() * torch.linspace(0, 1, LOGIT_BINS + 1, dtype=torch.float64)
+    return [(top.indices[j].tolist(), top.values[j].tolist(), bot.indices[j].tolist(), (-bot.values[j]).tolist(),
+             heights[j].tolist(), edges[j].tolist()) for j in range(v.shape[0])]
+
+
+@torch.no_grad()
+def _logit_rows(model, sae, k: int, chunk: int = 256):
     try:
         W_U = model.W_U.float()
     except Exception:  # noqa: BLE001 - no unembedding: no logit effects
         return
     W_dec = sae.W_dec.float().to(W_U.device)
-    k = min(k, W_U.shape[1])
     for lo in range(0, W_dec.shape[0], chunk):
-        v = W_dec[lo:lo + chunk] @ W_U  # [chunk, d_vocab]
-        top, bot = v.topk(k, dim=1), (-v).topk(k, dim=1)
-        vmin, vmax = v.min(1).values, v.max(1).values
-        for j in range(v.shape[0]):
-            a, b = float(vmin[j]), float(vmax[j])
-            if b <= a:
-                b = a + 1e-6
-            heights = torch.histc(v[j], bins=LOGIT_BINS, min=a, max=b).long().tolist()
-            edges = np.linspace(a, b, LOGIT_BINS + 1).tolist()
-            yield (lo + j, json.dumps(top.indices[j].tolist()), json.dumps(top.values[j].tolist()),
-                   json.dumps(bot.indices[j].tolist()), json.dumps((-bot.values[j]).tolist()),
-                   json.dumps(heights), json.dumps(edges))
+        for j, row in enumerate(_logit_summary(W_dec[lo:lo + chunk] @ W_U, k)):
+            yield (lo + j, *(json.dumps(x) for x in row))
 
 
 def index(
@@ -716,7 +720,8 @@ def index(
 
 
 class _Index:
-    """In-memory mirror of the running statistics, loaded from the store and written back per batch."""
+    """In-memory mirror of the running statistics and of each feature's top contexts, loaded from the
+    store when a run starts and written back once per batch."""
 
     def __init__(self, con: sqlite3.Connection, d_sae: int, top_n: int):
         rows = con.execute("SELECT n_fire, sum_act, max_act, hist FROM features ORDER BY feature").fetchall()
@@ -725,10 +730,21 @@ class _Index:
         self.max_act = np.array([r[2] for r in rows], dtype=np.float64)
         self.hist = np.stack([np.frombuffer(r[3], dtype="<i8").copy() for r in rows])
         self.top_n = top_n
-        self.threshold = np.zeros(d_sae, dtype=np.float64)  # a new context must beat this (0 until top_n are kept)
-        for f, cnt, low in con.execute("SELECT feature, COUNT(*), MIN(act) FROM contexts GROUP BY feature"):
-            if cnt >= top_n:
-                self.threshold[f] = low
+        # top contexts per feature, best first; empty slots: act 0, prompt -1
+        self.top_act = np.zeros((d_sae, top_n), dtype=np.float64)
+        self.top_pid = np.full((d_sae, top_n), -1, dtype=np.int64)
+        self.top_pos = np.zeros((d_sae, top_n), dtype=np.int64)
+        fill = np.zeros(d_sae, dtype=np.int64)
+        for f, pid, pos, act in con.execute("SELECT feature, prompt_id, pos, act FROM contexts "
+                                            "ORDER BY feature, act DESC, prompt_id, pos"):
+            j = fill[f]
+            self.top_act[f, j], self.top_pid[f, j], self.top_pos[f, j] = act, pid, pos
+            fill[f] += 1
+
+    @property
+    def threshold(self) -> np.ndarray:
+        """`[d_sae]`: a new context must beat this activation (0 while fewer than top_n are kept)."""
+        return self.top_act[:, -1]
 
 
 def _run(model, sae, hook, seqs, path, settings, *, progress, on_batch) -> None:
@@ -740,18 +756,16 @@ def _run(model, sae, hook, seqs, path, settings, *, progress, on_batch) -> None:
     d_sae, top_n, bs = int(meta["d_sae"]), int(meta["top_n"]), int(meta["batch_size"])
     left, right = meta["window"]
     edges = np.asarray(meta["hist_edges"], dtype=np.float64)
-    n_bins = len(edges) - 1
     start = int(meta["next_prompt"])
     total = int(meta["total_tokens"])
     state = _Index(con, d_sae, top_n)
     bos = getattr(getattr(model, "tokenizer", None), "bos_token_id", None)
     pad = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
     pad = int(pad) if pad is not None else 0
+    device = getattr(model.cfg, "device", None) or "cpu"
     n = len(seqs)
-    n_batches = math.ceil(n / bs)
-    bar = tqdm(total=n_batches, initial=start // bs, unit="batch", desc=f"indexing {hook}", disable=not progress,
+    bar = tqdm(total=math.ceil(n / bs), initial=start // bs, unit="batch", desc=f"indexing {hook}", disable=not progress,
                leave=False)
-    con.execute("CREATE TEMP TABLE IF NOT EXISTS touched (f INTEGER PRIMARY KEY)")
     t0, tok0 = time.perf_counter(), 0
     try:
         for b0 in range(start, n, bs):
@@ -761,19 +775,15 @@ def _run(model, sae, hook, seqs, path, settings, *, progress, on_batch) -> None:
             toks = torch.full((len(batch), T), pad, dtype=torch.long)
             for i, s in enumerate(batch):
                 toks[i, :len(s)] = torch.from_numpy(s.astype(np.int64))
-            acts = feature_acts(model, sae, toks.to(getattr(model.cfg, "device", None) or "cpu")).cpu()  # [B, T, d_sae]
+            acts = feature_acts(model, sae, toks.to(device)).cpu()  # [B, T, d_sae]
             valid = torch.arange(T)[None, :] < torch.from_numpy(lens)[:, None]
             if settings["skip_bos"] and bos is not None:
                 valid[:, 0] &= toks[:, 0] != int(bos)
-            bi, pi = valid.nonzero(as_tuple=True)
-            a = acts[bi, pi]  # [N, d_sae]
-            tok = toks[bi, pi]
-            N = a.shape[0]
-            rows = _batch_rows(a, tok, bi, pi, acts, lens, b0, state, edges, n_bins, top_n, left, right)
+            rows = _batch_rows(acts, toks, valid, lens, b0, state, edges, left, right)
             with con:
-                _write_batch(con, state, rows, b0 + len(batch), total + N)
-            total += N
-            tok0 += N
+                _write_batch(con, rows, b0 + len(batch), total + rows["n_tokens"])
+            total += rows["n_tokens"]
+            tok0 += rows["n_tokens"]
             bar.update(1)
             bar.set_postfix(tok_s=f"{tok0 / max(time.perf_counter() - t0, 1e-9):.0f}")
             if on_batch is not None:
@@ -790,14 +800,20 @@ def _run(model, sae, hook, seqs, path, settings, *, progress, on_batch) -> None:
         con.close()
 
 
-def _batch_rows(a, tok, bi, pi, acts, lens, b0, state, edges, n_bins, top_n, left, right) -> dict:
-    """Everything one batch adds: per-feature updates, token-table rows and new contexts."""
-    d_sae = a.shape[1]
+def _batch_rows(acts: Tensor, toks: Tensor, valid: Tensor, lens: np.ndarray, b0: int, state: _Index,
+                edges: np.ndarray, left: int, right: int) -> dict:
+    """Update `state` with one batch (`acts` `[B, T, d_sae]`, counted positions `valid` `[B, T]`) and
+    return the rows to write: changed features, token-table increments, contexts in and out."""
+    bi, pi = valid.nonzero(as_tuple=True)
+    a = acts[bi, pi]  # [N, d_sae]
+    tok = toks[bi, pi]
+    N, d_sae = a.shape
+    n_bins = len(edges) - 1
     fire = a > 0
     n_fire_b = fire.sum(0).numpy().astype(np.int64)
     touched = np.nonzero(n_fire_b)[0]
     sum_b = a.double().sum(0).numpy()
-    max_b = a.max(0).values.double().numpy() if a.shape[0] else np.zeros(d_sae)
+    max_b = a.max(0).values.double().numpy() if N else np.zeros(d_sae)
     # histogram of the firing activations
     r, f = fire.nonzero(as_tuple=True)
     vals = a[r, f].double().numpy()
@@ -817,43 +833,65 @@ def _batch_rows(a, tok, bi, pi, acts, lens, b0, state, edges, n_bins, top_n, lef
     tsum = torch.zeros(U, d_sae, dtype=torch.float64).index_add_(0, inv, a.double())
     ui, uf = tcnt.nonzero(as_tuple=True)
     tok_rows = list(zip(uniq[ui].tolist(), uf.tolist(), tcnt[ui, uf].tolist(), tsum[ui, uf].tolist(), tmax[ui, uf].tolist()))
-    # context candidates: features whose batch maximum beats their current threshold
-    ctx_rows = []
+    ctx_in, ctx_out = _merge_contexts(a, bi, pi, acts, lens, b0, state, max_b, left, right)
+    return {"features": feat_rows, "tokens": tok_rows, "ctx_in": ctx_in, "ctx_out": ctx_out, "n_tokens": int(N)}
+
+
+def _merge_contexts(a, bi, pi, acts, lens, b0, state: _Index, max_b, left, right):
+    """Merge this batch's best activations into each feature's top contexts (order: activation
+    descending, then prompt id, then position). Returns the rows that enter and those that leave."""
+    top_n = state.top_n
     cand = np.nonzero(max_b > state.threshold)[0]
-    if len(cand):
-        ct = torch.from_numpy(cand)
-        sub = a[:, ct]  # [N, F]
-        k = min(top_n, sub.shape[0])
-        v, idx = sub.topk(k, dim=0)  # [k, F]
-        thr = torch.from_numpy(state.threshold[cand])
-        keep = (v.double() > thr[None, :]) & (v > 0)
-        for j, fi in zip(*keep.nonzero(as_tuple=True)):
-            row = int(idx[j, fi])
-            feat = int(cand[int(fi)])
-            b, p = int(bi[row]), int(pi[row])
-            s0, s1 = max(0, p - left), min(int(lens[b]), p + right + 1)
-            ctx_rows.append((feat, b0 + b, p, float(v[j, fi]), s0, json.dumps(acts[b, s0:s1, feat].tolist())))
-    return {"features": feat_rows, "tokens": tok_rows, "contexts": ctx_rows, "ctx_features": sorted({r[0] for r in ctx_rows})}
+    if not len(cand) or not a.shape[0]:
+        return [], []
+    k = min(top_n, a.shape[0])
+    v, idx = a[:, torch.from_numpy(cand)].topk(k, dim=0)  # [k, F]
+    v, idx = v.T.double().numpy(), idx.T.numpy()  # [F, k]
+    keep = v > state.threshold[cand][:, None]
+    rows_b, rows_p = bi.numpy()[idx], pi.numpy()[idx]
+    c_act = np.where(keep, v, 0.0)
+    c_pid = np.where(keep, b0 + rows_b, -1)
+    c_pos = np.where(keep, rows_p, 0)
+    all_act = np.concatenate([state.top_act[cand], c_act], axis=1)  # [F, top_n + k]
+    all_pid = np.concatenate([state.top_pid[cand], c_pid], axis=1)
+    all_pos = np.concatenate([state.top_pos[cand], c_pos], axis=1)
+    empty = all_pid < 0
+    order = np.lexsort((all_pos, np.where(empty, np.iinfo(np.int64).max, all_pid), -all_act), axis=-1)[:, :top_n]
+    new_act = np.take_along_axis(all_act, order, 1)
+    new_pid = np.take_along_axis(all_pid, order, 1)
+    new_pos = np.take_along_axis(all_pos, order, 1)
+    chosen = np.zeros(all_act.shape, dtype=bool)
+    np.put_along_axis(chosen, order, True, 1)
+    # leaving: stored contexts that were pushed out
+    fo, jo = np.nonzero(~chosen[:, :top_n] & ~empty[:, :top_n])
+    ctx_out = [(int(cand[f]), int(all_pid[f, j]), int(all_pos[f, j])) for f, j in zip(fo, jo)]
+    # entering: candidates that made it, with their windows
+    fi, ji = np.nonzero(chosen[:, top_n:] & keep)
+    ctx_in = []
+    if len(fi):
+        feats = cand[fi]
+        b = rows_b[fi, ji]
+        p = rows_p[fi, ji]
+        offs = np.arange(-left, right + 1)
+        P = p[:, None] + offs[None, :]  # [C, W]
+        ok = (P >= 0) & (P < lens[b][:, None])
+        win = acts[torch.from_numpy(b)[:, None], torch.from_numpy(np.clip(P, 0, acts.shape[1] - 1)),
+                   torch.from_numpy(feats)[:, None]].numpy().astype("<f4")  # [C, W]
+        for c in range(len(fi)):
+            s0 = max(0, int(p[c]) - left)
+            ctx_in.append((int(feats[c]), int(b0 + b[c]), int(p[c]), float(v[fi[c], ji[c]]), s0, win[c][ok[c]].tobytes()))
+    state.top_act[cand], state.top_pid[cand], state.top_pos[cand] = new_act, new_pid, new_pos
+    return ctx_in, ctx_out
 
 
-def _write_batch(con: sqlite3.Connection, state: _Index, rows: dict, next_prompt: int, total: int) -> None:
+def _write_batch(con: sqlite3.Connection, rows: dict, next_prompt: int, total: int) -> None:
     con.executemany("UPDATE features SET n_fire = ?, sum_act = ?, max_act = ?, hist = ? WHERE feature = ?", rows["features"])
     con.executemany(
         "INSERT INTO token_features VALUES (?, ?, ?, ?, ?) ON CONFLICT (token_id, feature) DO UPDATE SET "
         "n_fire = n_fire + excluded.n_fire, sum_act = sum_act + excluded.sum_act, max_act = max(max_act, excluded.max_act)",
         rows["tokens"])
-    if rows["contexts"]:
-        con.executemany("INSERT INTO contexts VALUES (?, ?, ?, ?, ?, ?)", rows["contexts"])
-        con.execute("DELETE FROM touched")
-        con.executemany("INSERT INTO touched VALUES (?)", [(f,) for f in rows["ctx_features"]])
-        con.execute(
-            "DELETE FROM contexts WHERE rowid IN (SELECT rowid FROM (SELECT rowid, ROW_NUMBER() OVER (PARTITION BY feature "
-            "ORDER BY act DESC, prompt_id, pos) AS rn FROM contexts WHERE feature IN (SELECT f FROM touched)) WHERE rn > ?)",
-            (state.top_n,))
-        for f, cnt, low in con.execute("SELECT feature, COUNT(*), MIN(act) FROM contexts WHERE feature IN "
-                                       "(SELECT f FROM touched) GROUP BY feature").fetchall():
-            if cnt >= state.top_n:
-                state.threshold[f] = low
+    con.executemany("DELETE FROM contexts WHERE feature = ? AND prompt_id = ? AND pos = ?", rows["ctx_out"])
+    con.executemany("INSERT INTO contexts VALUES (?, ?, ?, ?, ?, ?)", rows["ctx_in"])
     _set_meta(con, next_prompt=int(next_prompt), total_tokens=int(total))
 
 
@@ -1023,11 +1061,10 @@ class FeatureDashboard(JsonResult):
             s = st.stats(feature)
             ctx = st.contexts(feature, n_contexts)
             if model is not None and sae is not None:
-                pos, neg = logit_effects(model, sae, feature, k_logits)
-                v = (sae.W_dec[feature].float() @ model.W_U.float().to(sae.W_dec.device)).detach().cpu()
-                a, b = float(v.min()), float(v.max())
-                b = b if b > a else a + 1e-6
-                lh, le = torch.histc(v, bins=LOGIT_BINS, min=a, max=b).long().tolist(), np.linspace(a, b, LOGIT_BINS + 1).tolist()
+                _check_feature(feature, int(sae.cfg.d_sae))
+                v = sae.W_dec[feature].float()[None] @ model.W_U.float().to(sae.W_dec.device)
+                pi, pv, ni, nv, lh, le = _logit_summary(v, k_logits)[0]
+                pos, neg = list(zip(pi, pv)), list(zip(ni, nv))
             else:
                 lg = st.logits(feature)
                 pos, neg = lg["pos"][:k_logits], lg["neg"][:k_logits]

@@ -194,8 +194,8 @@ def test_interrupted_index_resumes_to_the_same_store(model, sae, docs, store_pat
     # a crash inside a batch's transaction: that batch is rolled back, not half-written
     real = F._write_batch
 
-    def broken(con, state, rows, next_prompt, total):
-        real(con, state, rows, next_prompt, total)
+    def broken(con, rows, next_prompt, total):
+        real(con, rows, next_prompt, total)
         if next_prompt == 72:
             raise OSError("disk gone")
 
