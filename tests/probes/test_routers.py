@@ -22,12 +22,7 @@ def _gate(hf, layer: int):
     return (getattr(block, "block_sparse_moe", None) or block.mlp).gate
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

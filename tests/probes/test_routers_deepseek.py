@@ -22,12 +22,7 @@ SCALE = {"deepseek_v3": 2.5, "deepseek_v2": 1.5}
 NAMES = ["deepseek_v3", "deepseek_v2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _hf(folder):

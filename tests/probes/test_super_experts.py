@@ -29,12 +29,7 @@ D, LAYERS, E, K = 32, 2, 4, 2  # the tiny_moe_dir checkpoints
 SE_VALUE = 10 * (10 * torch.sigmoid(torch.tensor(10.0, dtype=torch.float64)).item()) * 10  # W_out x silu(10) x W_in
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # --- tiny random MoE checkpoints (tests/conftest.py: tiny_moe_dir) ---------------------------------
