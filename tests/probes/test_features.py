@@ -26,6 +26,8 @@ PLANTED = 17
 WORD = "terrible"
 SCALE = 40.0
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def model():
