@@ -6,7 +6,8 @@ safetensors file beside them. Baselines: `mean_difference` (DiffMean / CAA) and 
 `austeer` steers a few atomic units multiplicatively (`austeer_scores` gives its score table);
 `fit_lineas` trains per-unit affine maps at many hooks end to end (LinEAS, `LineasConfig`).
 `switch_experts` switches MoE experts off or forces them on (MoTE, `lenslab.steering.experts`;
-`hf_hooks` does it for a plain `transformers` model).
+`hf_hooks` does it for a plain `transformers` model). `ablate_feature`, `clamp_feature` and
+`add_feature` steer one SAE feature (`lenslab.steering.features`).
 
 >>> import lenslab
 >>> from lenslab import steering
@@ -20,13 +21,16 @@ from __future__ import annotations
 from lenslab.steering.austeer import AU_SITES, austeer, austeer_scores, select_units
 from lenslab.steering.baselines import SITES, actadd, hook_name, mean_activations, mean_difference
 from lenslab.steering.experts import hf_hooks, reroute, switch_experts
+from lenslab.steering.features import ablate_feature, add_feature, clamp_feature
 from lenslab.steering.generate import generate, stream
 from lenslab.steering.intervention import (
     EXPERT_OPS,
+    FEATURE_KINDS,
     OPS,
     POSITION_WORDS,
     UNIT_OPS,
     Edit,
+    FeatureRead,
     Intervention,
     apply,
     compose,
@@ -46,8 +50,9 @@ from lenslab.steering.lineas import (
 )
 
 __all__ = [
-    "AU_SITES", "EXPERT_OPS", "OPS", "POSITION_WORDS", "SITES", "UNIT_OPS", "Edit", "Intervention", "actadd", "apply", "austeer",
-    "austeer_scores", "compose", "generate", "hf_hooks", "hook_name", "hooks", "load", "mean_activations", "mean_difference",
+    "AU_SITES", "EXPERT_OPS", "FEATURE_KINDS", "OPS", "POSITION_WORDS", "SITES", "UNIT_OPS", "Edit", "FeatureRead",
+    "Intervention", "ablate_feature", "actadd", "add_feature", "apply", "austeer", "austeer_scores", "clamp_feature",
+    "compose", "generate", "hf_hooks", "hook_name", "hooks", "load", "mean_activations", "mean_difference",
     "reroute", "save", "select_units", "stream", "switch_experts", "validate",
     "LineasConfig", "default_hooks", "fit_lineas", "lineas_loss", "proximal_step", "support", "wasserstein_1d",
 ]

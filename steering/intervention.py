@@ -18,6 +18,15 @@ its full effect at `s = 1`):
 | `affine` | `vector` (scale a), `shift` (b) | `s * (a * x + b) + (1 - s) * x` (LinEAS) |
 | `clamp` | `vector` (values c) | `s * c + (1 - s) * x` |
 | `zero` | none | `(1 - s) * x` |
+| `feature` | `vector` (decoder row d), `feature` (`FeatureRead`) | `x + s * (target - a(x)) * d` |
+
+A `feature` edit sets one SAE feature's activation to `target` (0: ablate, c: clamp) and keeps
+everything else the SAE does not explain: `a(x)` is the feature's current activation, read from
+the edited entries with the SAE's own encoder (`FeatureRead`: encoder column, bias, `b_dec`,
+threshold or top-k), and `d` its decoder row. The result equals the SAE's decomposition
+`decode(acts) + error` with that one activation replaced (sae-lens's error-term forward). Build them
+with `lenslab.steering.features` (`ablate_feature`, `clamp_feature`; `add_feature` is an `add` edit
+with vector `c * W_dec[f]`).
 
 MoE expert switches (`lenslab.steering.experts`, MoTE) are edits too: `hook` is the MoE block
 `"blocks.{layer}.mlp"`, `units` the expert ids, no tensors; `drop_experts` (zero the gate weight,
@@ -51,10 +60,11 @@ from torch import Tensor
 
 from lenslab._errors import LenslabError, did_you_mean
 
-UNIT_OPS = ("add", "multiply", "affine", "clamp", "zero")
+UNIT_OPS = ("add", "multiply", "affine", "clamp", "zero", "feature")
 EXPERT_OPS = ("drop_experts", "mask_experts", "force_experts")  # MoE switches: lenslab.steering.experts
 OPS = UNIT_OPS + EXPERT_OPS
 POSITION_WORDS = ("all", "last", "prompt", "generated")
+FEATURE_KINDS = ("relu", "jumprelu", "topk")
 FORMAT = "lenslab.intervention/1"
 
 Positions = str | tuple[int, ...]
@@ -74,18 +84,135 @@ def _tensor(v, what: str) -> Tensor | None:
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
+class FeatureRead:
+    """How a `feature` edit reads one SAE feature's activation `a(x)` from the edited entries
+    `x` `[..., d_in]`, and the activation it sets (`target`). With
+    `pre = (x - b_dec) @ encoder + bias` (no `b_dec` term when it is None):
+
+    - `relu` (sae-lens `StandardSAE`): `a = max(pre, 0)`;
+    - `jumprelu` (`JumpReLUSAE`): `a = max(pre, 0) * (pre > threshold)`;
+    - `topk` (`TopKSAE`): `encoder` is the whole encoder `[d_in, d_sae]` and `bias` `[d_sae]`;
+      `a = max(pre[index], 0)` when `index` is among the `k` largest entries of `pre`, else 0.
+
+    Attributes:
+        index: the feature's id in its SAE.
+        kind: "relu", "jumprelu" or "topk".
+        encoder: `[d_in]`, the encoder column `W_enc[:, index]` (`[d_in, d_sae]` for topk).
+        bias: `[]`, the encoder bias `b_enc[index]` (`[d_sae]` for topk).
+        b_dec: `[d_in]`, subtracted before encoding (sae-lens `apply_b_dec_to_input`), or None.
+        threshold: the JumpReLU threshold (jumprelu only).
+        k: active features per token (topk only).
+        target: the activation the feature is set to (0 ablates).
+    """
+
+    index: int
+    kind: str
+    encoder: Tensor
+    bias: Tensor
+    b_dec: Tensor | None = None
+    threshold: float = 0.0
+    k: int | None = None
+    target: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in FEATURE_KINDS:
+            raise LenslabError(f"feature kind {self.kind!r} is not one of {', '.join(FEATURE_KINDS)}"
+                               f"{did_you_mean(self.kind, FEATURE_KINDS)}")
+        for name in ("threshold", "target"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+                raise LenslabError(f"{name} of feature {self.index} must be a finite number, got {v!r}")
+            object.__setattr__(self, name, float(v))
+        object.__setattr__(self, "index", int(self.index))
+        enc = _tensor(self.encoder, f"encoder of feature {self.index}")
+        bias = _tensor(self.bias, f"encoder bias of feature {self.index}")
+        b_dec = _tensor(self.b_dec, f"b_dec of feature {self.index}")
+        object.__setattr__(self, "encoder", enc)
+        object.__setattr__(self, "bias", bias)
+        object.__setattr__(self, "b_dec", b_dec)
+        topk = self.kind == "topk"
+        if topk:
+            if enc.ndim != 2 or bias.shape != enc.shape[1:]:
+                raise LenslabError(f"a topk feature read needs the whole encoder [d_in, d_sae] and bias [d_sae], got "
+                                   f"{tuple(enc.shape)} and {tuple(bias.shape)}")
+            if not 0 <= self.index < enc.shape[1]:
+                raise LenslabError(f"feature {self.index} is out of range for an encoder of {enc.shape[1]} features")
+            if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= enc.shape[1]:
+                raise LenslabError(f"a topk feature read needs k between 1 and d_sae={enc.shape[1]}, got {self.k!r}")
+        else:
+            if enc.ndim != 1 or bias.ndim != 0:
+                raise LenslabError(f"a {self.kind} feature read needs the encoder column [d_in] and a scalar bias, got "
+                                   f"{tuple(enc.shape)} and {tuple(bias.shape)}")
+            if self.k is not None:
+                raise LenslabError(f"k is only for topk feature reads (this one is {self.kind}); drop it")
+        if b_dec is not None and b_dec.shape != enc.shape[:1]:
+            raise LenslabError(f"b_dec of feature {self.index} has shape {tuple(b_dec.shape)}, the encoder reads "
+                               f"{enc.shape[0]} entries; make them equal")
+
+    @property
+    def d_in(self) -> int:
+        return int(self.encoder.shape[0])
+
+    def with_target(self, target: float) -> FeatureRead:
+        return replace(self, target=target)
+
+    def activation(self, x: Tensor) -> Tensor:
+        """The feature's activation `[...]` on entries `x` `[..., d_in]` (float32)."""
+        x = x.float()
+        enc = self.encoder.to(x.device)
+        if self.b_dec is not None:
+            x = x - self.b_dec.to(x.device)
+        if self.kind == "topk":
+            pre = x @ enc + self.bias.to(x.device)  # [..., d_sae]
+            chosen = (pre.topk(self.k, dim=-1).indices == self.index).any(-1)
+            return pre[..., self.index].clamp(min=0) * chosen
+        pre = x @ enc + self.bias.to(x.device)
+        a = pre.clamp(min=0)
+        return a * (pre > self.threshold) if self.kind == "jumprelu" else a
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, FeatureRead):
+            return NotImplemented
+        return ((self.index, self.kind, self.threshold, self.k, self.target)
+                == (other.index, other.kind, other.threshold, other.k, other.target)
+                and _teq(self.encoder, other.encoder) and _teq(self.bias, other.bias) and _teq(self.b_dec, other.b_dec))
+
+    __hash__ = None
+
+    def to_dict(self, prefix: str) -> tuple[dict, dict[str, Tensor]]:
+        tensors = {f"{prefix}.encoder": self.encoder, f"{prefix}.bias": self.bias}
+        if self.b_dec is not None:
+            tensors[f"{prefix}.b_dec"] = self.b_dec
+        d = {"index": self.index, "kind": self.kind, "target": self.target, "threshold": self.threshold, "k": self.k,
+             **{key.rsplit(".", 1)[1]: key for key in tensors}}
+        return d, tensors
+
+    @classmethod
+    def from_dict(cls, d: dict, tensors: dict[str, Tensor]) -> FeatureRead:
+        kw = {k: d[k] for k in ("index", "kind", "target", "threshold", "k") if k in d}
+        for key in ("encoder", "bias", "b_dec"):
+            if d.get(key) is not None:
+                if d[key] not in tensors:
+                    raise LenslabError(f"preset names tensor {d[key]!r} but its safetensors file lacks it; re-save the preset")
+                kw[key] = tensors[d[key]]
+        return cls(**kw)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
 class Edit:
     """One edit at one hook point (see the module docstring for the ops).
 
     Attributes:
         hook: a TransformerLens hook name, e.g. `"blocks.3.hook_resid_post"`; for expert ops the
             MoE block, `"blocks.3.mlp"`.
-        op: "add", "multiply", "affine", "clamp", "zero", or an expert op: "drop_experts",
-            "mask_experts", "force_experts" (see `lenslab.steering.experts`).
+        op: "add", "multiply", "affine", "clamp", "zero", "feature", or an expert op:
+            "drop_experts", "mask_experts", "force_experts" (see `lenslab.steering.experts`).
         vector: `[n_units]` (or `[n_pos, n_units]` for `add` at explicit positions): the added
-            vector, the factors, the affine scale or the clamp values; None for `zero` and the
-            expert ops.
+            vector, the factors, the affine scale, the clamp values or (feature) the SAE
+            feature's decoder row; None for `zero` and the expert ops.
         shift: `[n_units]`, the affine shift (affine only).
+        feature: how a `feature` edit reads the SAE feature and what it sets it to
+            (`FeatureRead`; feature edits only).
         units: indices into the (flattened) last dimension, or None for all of it; for expert
             ops the expert ids (required).
         positions: "all", "last", "prompt", "generated", or a tuple of position indices.
@@ -99,6 +226,7 @@ class Edit:
     units: tuple[int, ...] | None = None
     positions: Positions = "all"
     strength: float = 1.0
+    feature: FeatureRead | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.hook, str) or not self.hook:
@@ -128,8 +256,19 @@ class Edit:
         elif self.op == "zero":
             if vec is not None or shift is not None:
                 raise LenslabError(f"a zero edit at {self.hook} takes no vector or shift; drop them")
+        elif self.op == "feature":
+            if not isinstance(self.feature, FeatureRead):
+                raise LenslabError(f"a feature edit at {self.hook} needs feature=FeatureRead(...) (build it with "
+                                   "lenslab.steering.features.ablate_feature / clamp_feature)")
+            if vec is None or vec.ndim != 1 or vec.shape != self.feature.encoder.shape[:1]:
+                raise LenslabError(
+                    f"a feature edit at {self.hook} needs its decoder row as vector [d_in] = [{self.feature.d_in}] "
+                    f"(the size its encoder reads), got {None if vec is None else tuple(vec.shape)}"
+                )
         elif vec is None:
             raise LenslabError(f"a {self.op} edit at {self.hook} needs a vector; pass vector=<tensor>")
+        if self.feature is not None and self.op != "feature":
+            raise LenslabError(f"feature= is only for feature edits (the edit at {self.hook} is {self.op}); drop it")
         if shift is not None and self.op != "affine":
             raise LenslabError(f"shift is only for affine edits (the edit at {self.hook} is {self.op}); drop it")
         if self.op == "affine" and shift is None:
@@ -184,6 +323,7 @@ class Edit:
             == (other.hook, other.op, other.units, other.positions, other.strength)
             and _teq(self.vector, other.vector)
             and _teq(self.shift, other.shift)
+            and (self.feature == other.feature if self.feature is not None else other.feature is None)
         )
 
     __hash__ = None  # tensors inside
@@ -267,6 +407,9 @@ class Intervention:
                 if t is not None:
                     tensors[f"edits.{i}.{key}"] = t
                     d[key] = f"edits.{i}.{key}"
+            if e.feature is not None:
+                d["feature"], ft = e.feature.to_dict(f"edits.{i}.feature")
+                tensors.update(ft)
             edits.append(d)
         return {"format": FORMAT, "name": self.name, "edits": edits, "provenance": self.provenance}, tensors
 
@@ -284,6 +427,8 @@ class Intervention:
                     if d[key] not in tensors:
                         raise LenslabError(f"preset names tensor {d[key]!r} but its safetensors file lacks it; re-save the preset")
                     kw[key] = tensors[d[key]]
+            if d.get("feature") is not None:
+                kw["feature"] = FeatureRead.from_dict(d["feature"], tensors)
             edits.append(Edit(**kw))
         return cls(edits=tuple(edits), name=spec.get("name", ""), provenance=spec.get("provenance", {}))
 
@@ -407,6 +552,11 @@ def _validate(model, intervention: Intervention) -> list | None:
                 raise LenslabError(
                     f"unit index {max(e.units)} is out of range at {e.hook}, which has {d} units (0..{d - 1})"
                 )
+        elif e.op == "feature" and e.vector.shape[-1] != d:
+            raise LenslabError(
+                f"the SAE feature edit at {e.hook} reads d_in={e.vector.shape[-1]} entries, but this model's {e.hook} "
+                f"has {d}: the SAE was trained on another model (or hook); use an SAE trained on this model"
+            )
         elif e.vector is not None and e.vector.shape[-1] != d:
             raise LenslabError(
                 f"vector at {e.hook} has {e.vector.shape[-1]} entries but the hook's last dimension has {d}; "
@@ -442,6 +592,8 @@ def _position_index(positions: Positions, n_pos: int, prompt_len: int | None, ho
 
 def _edit_fn(e: Edit, prompt_len: int | None) -> Callable:
     def fn(act: Tensor, hook) -> Tensor:
+        if e.op == "feature" and e.strength == 0:
+            return act  # bit-identical
         b, p = act.shape[:2]
         flat = act.reshape(b, p, -1)
         pos = _position_index(e.positions, p, prompt_len, e.hook)
@@ -463,6 +615,9 @@ def _edit_fn(e: Edit, prompt_len: int | None) -> Callable:
             new = s * (v * x + e.shift.to(act.device, act.dtype)) + (1 - s) * x
         elif e.op == "clamp":
             new = s * v + (1 - s) * x
+        elif e.op == "feature":
+            a = e.feature.activation(x)  # [batch, n_pos], float32
+            new = x + (s * (e.feature.target - a)).to(act.dtype)[..., None] * v
         else:  # zero
             new = (1 - s) * x
         out = flat.clone()
