@@ -13,7 +13,15 @@ all positions (`get_act_patch_attn_head_out_all_pos`), TransformerLens under
     python benchmarks/patching.py                 # both grids, appends a row to benchmarks/RESULTS.md
     python benchmarks/patching.py --skip-tl       # lenslab only (TransformerLens' loop takes minutes on CPU)
     python benchmarks/patching.py --profile       # + torch.profiler buckets of the batched resid grid
-    python benchmarks/patching.py --n-layers 24 --d-model 2048 --n-heads 16 --device cuda  # mid-size (GPU)
+    python benchmarks/patching.py --compile default   # + the torch.compile'd engine (compile timed apart)
+    python benchmarks/patching.py --device cuda --dtype bfloat16 --shape mid --results $OUT/RESULTS.md
+
+Shapes: `gpt2-small` (12 layers, d_model 768, 12 heads, d_mlp 3072) and `mid` (24 layers, d_model
+2048, 16 heads, d_mlp 8192); both with vocab 50257. `--n-layers/--d-model/--n-heads` override.
+Memory: peak extra memory of each grid, and that divided by the most patches one chunk runs at
+once ("per in-flight patch"; TransformerLens runs one patch at a time). On CUDA both sides get one
+untimed warm-up run first (cuBLAS handles, Triton JIT); `--compile MODE` times the first compiled
+call (compilation included) separately from a second, timed call.
 """
 from __future__ import annotations
 
@@ -86,6 +94,13 @@ class PeakMemory:
             self.stop = True
             self.thread.join()
             self.peak = max(self.max, self._rss()) - self.base
+
+
+SHAPES = {
+    "gpt2-small": dict(n_layers=12, d_model=768, n_heads=12),  # d_mlp = 4 d_model = 3072
+    "mid": dict(n_layers=24, d_model=2048, n_heads=16),  # d_mlp 8192
+}
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def build(args, device):
@@ -167,11 +182,12 @@ def profile_batched(model, task, site):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--n-layers", type=int, default=12)
-    ap.add_argument("--d-model", type=int, default=768)
-    ap.add_argument("--n-heads", type=int, default=12)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    ap.add_argument("--dtype", default="float32", choices=DTYPES)
+    ap.add_argument("--shape", default="gpt2-small", choices=sorted(SHAPES))
+    ap.add_argument("--n-layers", type=int, default=None, help="override the shape's layers")
+    ap.add_argument("--d-model", type=int, default=None, help="override the shape's d_model (d_mlp = 4 d_model)")
+    ap.add_argument("--n-heads", type=int, default=None, help="override the shape's heads")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=15)
     ap.add_argument("--grids", default="resid_pre,z", help="comma list of resid_pre, z")
@@ -180,13 +196,23 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--note", default="", help="free text for the RESULTS.md row (e.g. machine load)")
     ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="the markdown file rows are appended to")
+    ap.add_argument("--compile", default=None, metavar="MODE",
+                    help="also time the engine with kernels.options(compile=MODE): default, reduce-overhead, "
+                         "max-autotune, max-autotune-no-cudagraphs")
+    ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
+                    help="one untimed run of each side first (default: on for CUDA, off for CPU)")
     args = ap.parse_args(argv)
+    for key, val in SHAPES[args.shape].items():
+        if getattr(args, key) is None:
+            setattr(args, key, val)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from lenslab import circuits, tasks
+    from lenslab import circuits, kernels, tasks
     from lenslab._device import resolve_device
 
     device = resolve_device(args.device)
+    warmup = device.type == "cuda" if args.warmup is None else args.warmup
     model, task = build(args, device)
     metric = tasks.get_metric("logit_diff", model, task)
     tl_metric = logit_diff_fn(task.answer_tokens)
@@ -199,18 +225,31 @@ def main(argv=None) -> None:
     from transformer_lens import patching as tlp
 
     tl_fns = {"resid_pre": tlp.get_act_patch_resid_pre, "z": tlp.get_act_patch_attn_head_out_all_pos}
+    def ours(**opts):
+        with kernels.options(**opts):
+            return circuits.patch(model, task, site, engine="batched", metric="logit_diff", progress=False)
+
     for site in args.grids.split(","):
         site = site.strip()
-        res, sec, mem = timed(lambda: circuits.patch(model, task, site, engine="batched", metric="logit_diff",
-                                                     progress=False), device)
+        if warmup:
+            ours()
+        res, sec, mem = timed(ours, device)
         n = res.scores.numel()
-        row = {"site": site, "patches": n, "ours_s": sec, "ours_mem": mem, "chunks": res.provenance["engine_details"]["chunks"]}
-        print(f"[{site}] lenslab batched: {sec:.2f} s, {n / sec:.1f} patches/s, peak +{mem / 2**20:.0f} MiB, "
-              f"{row['chunks']} chunks")
+        det = res.provenance["engine_details"]
+        row = {"site": site, "patches": n, "ours_s": sec, "ours_mem": mem, "chunks": det["chunks"],
+               "in_flight": det["max_chunk_experiments"], "engine": "batched"}
+        print(f"[{site}] lenslab batched: {sec:.3f} s, {n / sec:.1f} patches/s, peak +{mem / 2**20:.0f} MiB "
+              f"({mem / 2**20 / row['in_flight']:.2f} MiB per in-flight patch, up to {row['in_flight']} per chunk), "
+              f"{row['chunks']} chunks, triton {det['triton']}")
         if not args.skip_tl:
+            def tl_run():
+                return tl_fns[site](model, task.corrupt_tokens, clean_cache, tl_metric)
+
             with torch.inference_mode():
                 _, clean_cache = model.run_with_cache(task.clean_tokens)
-                ref, tsec, tmem = timed(lambda: tl_fns[site](model, task.corrupt_tokens, clean_cache, tl_metric), device)
+                if warmup:
+                    model(task.corrupt_tokens, return_type=None)
+                ref, tsec, tmem = timed(tl_run, device)
             del clean_cache
             ref = ref.float().cpu()
             diff = float((ref - res.scores).abs().max())
@@ -218,37 +257,59 @@ def main(argv=None) -> None:
             print(f"[{site}] TransformerLens (inference_mode): {tsec:.2f} s, {n / tsec:.2f} patches/s, peak +{tmem / 2**20:.0f} MiB")
             print(f"[{site}] speed-up {tsec / sec:.1f}x, max |diff| {diff:.2e}")
         rows.append(row)
+        if args.compile:
+            first, csec, _ = timed(lambda: ours(compile=args.compile), device)
+            cres, c2, cmem = timed(lambda: ours(compile=args.compile), device)
+            cdiff = float((cres.scores - res.scores).abs().max())
+            crow = dict(row, engine=f"batched, compile={args.compile}", ours_s=c2, ours_mem=cmem, compile_first_s=csec,
+                        eager_s=sec, compile_diff=cdiff)
+            if "tl_s" in row:
+                crow.update(ratio=row["tl_s"] / c2, diff=float((ref - cres.scores).abs().max()))
+            print(f"[{site}] lenslab batched compile={args.compile}: first call (compiling) {csec:.2f} s, then "
+                  f"{c2:.3f} s ({n / c2:.1f} patches/s; eager {sec:.3f} s -> {sec / c2:.2f}x), "
+                  f"max |compiled - eager| {cdiff:.1e}")
+            rows.append(crow)
     load1 = os.getloadavg()
     if args.profile:
         buckets, total = profile_batched(model, task, "resid_pre")
         print(f"profile of the batched resid_pre grid ({total:.1f} s self CPU): "
               + ", ".join(f"{k} {v:.1f}%" for k, v in buckets.items()))
     if not args.no_record:
-        record(args, dev_desc, rows, load0, load1)
+        record(args, dev_desc, rows, load0, load1, args.results)
 
 
-def record(args, dev_desc, rows, load0, load1) -> None:
-    if not RESULTS.exists():
-        RESULTS.write_text("# Patching benchmark results\n\n")
+def _mib(x: float) -> str:
+    return f"{x / 2**20:.0f}" if x >= 2**20 else f"{x / 2**20:.2f}"
+
+
+def record(args, dev_desc, rows, load0, load1, path: Path = RESULTS) -> None:
+    path = Path(path)
+    if not path.exists():
+        path.write_text("# Patching benchmark results\n\n")
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     shape = f"{args.n_layers}L/{args.d_model}/{args.n_heads}h, {args.batch}x{args.seq}, {args.dtype}"
     lines = []
     for r in rows:
-        tl = (f"{r['tl_s']:.1f} s ({r['patches'] / r['tl_s']:.2f}/s, +{r['tl_mem'] / 2**20:.0f} MiB)"
+        tl = (f"{r['tl_s']:.2f} s ({r['patches'] / r['tl_s']:.2f}/s, +{_mib(r['tl_mem'])} MiB)"
               if "tl_s" in r else "not run")
         ratio = f"**{r['ratio']:.1f}x**" if "ratio" in r else "-"
         diff = f"{r['diff']:.1e}" if "diff" in r else "-"
-        lines.append(f"| {now} | {dev_desc} | {shape} | {r['site']} ({r['patches']}) | {tl} | "
-                     f"{r['ours_s']:.2f} s ({r['patches'] / r['ours_s']:.1f}/s, +{r['ours_mem'] / 2**20:.0f} MiB, "
-                     f"{r['chunks']} chunks) | {ratio} | {diff} | load {load0[0]:.1f}->{load1[0]:.1f} {args.note} |")
-    text = RESULTS.read_text()
+        per = r["ours_mem"] / max(1, r["in_flight"])
+        ours = (f"{r['ours_s']:.3f} s ({r['patches'] / r['ours_s']:.1f}/s, +{_mib(r['ours_mem'])} MiB = "
+                f"{_mib(per)} MiB per in-flight patch, {r['chunks']} chunks)")
+        if "compile_first_s" in r:
+            ours += (f"; {r['engine']}: first call {r['compile_first_s']:.1f} s, "
+                     f"{r['eager_s'] / r['ours_s']:.2f}x vs eager, max diff vs eager {r['compile_diff']:.1e}")
+        lines.append(f"| {now} | {dev_desc} | {shape} | {r['site']} ({r['patches']}) | {tl} | {ours} | {ratio} | "
+                     f"{diff} | load {load0[0]:.1f}->{load1[0]:.1f} {args.note} |")
+    text = path.read_text()
     marker = "<!-- rows -->"
     if marker in text:
         text = text.replace(marker, "\n".join(lines) + "\n" + marker)
     else:
         text += "\n".join(lines) + "\n"
-    RESULTS.write_text(text)
-    print(f"appended {len(lines)} row(s) to {RESULTS}")
+    path.write_text(text)
+    print(f"appended {len(lines)} row(s) to {path}")
 
 
 if __name__ == "__main__":

@@ -152,6 +152,8 @@ def patch(
             hook_name = st.hook.format(layer=layer if st.kind == "neuron" else index[0])
             src = source_cache[hook_name]
             logits = model.run_with_hooks(base_tokens, fwd_hooks=[(hook_name, _setter(st.kind, index, src))])
+            if logits.dtype in (torch.float16, torch.bfloat16):  # metrics read float32 logits (as the batched engine)
+                logits = logits.float()
             scores[cell] = float(bound(logits))
             report()
     report(close=True)

@@ -37,7 +37,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import types
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -64,6 +66,16 @@ class EngineOptions:
         fused_metric: compute named metrics from the last position only (never full logits).
         triton: "auto" (Triton kernels on CUDA when triton is importable), True (require them),
             False (pure torch).
+        compile: opt-in `torch.compile` of the block forward of the staircase: False (eager,
+            default), True (= "default"), or a torch.compile mode: "default",
+            "reduce-overhead" (CUDA graphs on a GPU), "max-autotune",
+            "max-autotune-no-cudagraphs". One compiled function serves every block (parameters
+            are graph inputs, shapes dynamic); the block where a hook site is patched runs eager.
+            Compilation costs tens of seconds per process on CPU; see benchmarks/RESULTS.md for
+            where it pays. Not used under `torch.inference_mode()` (a dynamo guard on
+            TransformerLens' attention scale fails there): it runs eager and says so.
+        compile_backend: the torch.compile backend ("inductor"; "aot_eager" or a backend callable
+            trace without code generation, e.g. for tests).
     """
 
     memory_budget: int | str | None = None
@@ -71,6 +83,8 @@ class EngineOptions:
     position_skip: bool = True
     fused_metric: bool = True
     triton: bool | str = "auto"
+    compile: bool | str = False
+    compile_backend: str | Callable = "inductor"
 
 
 _OPTIONS = [EngineOptions()]
@@ -104,7 +118,18 @@ def _validated(opt: EngineOptions) -> EngineOptions:
         raise LenslabError(f"max_rows={opt.max_rows!r} must be a positive integer (or None for automatic)")
     if opt.triton not in (True, False, "auto"):
         raise LenslabError(f"triton={opt.triton!r} must be True, False or 'auto'")
+    if opt.compile not in (True, False) and opt.compile not in COMPILE_MODES:
+        from lenslab._errors import did_you_mean
+
+        raise LenslabError(f"compile={opt.compile!r} must be True, False or a torch.compile mode "
+                           f"({', '.join(COMPILE_MODES)}){did_you_mean(str(opt.compile), COMPILE_MODES)}")
+    if not callable(opt.compile_backend) and (not isinstance(opt.compile_backend, str) or not opt.compile_backend):
+        raise LenslabError(f"compile_backend={opt.compile_backend!r} must be a torch.compile backend (a name "
+                           "such as 'inductor' or 'aot_eager', or a backend callable)")
     return opt
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -373,7 +398,7 @@ class _MetricPlan:
                 self._WUt = model.unembed.W_U.T.contiguous()
             logits = torch.nn.functional.linear(x[:, 0], self._WUt, model.unembed.b_U)
             logits = _softcap(logits, getattr(model.cfg, "output_logits_soft_cap", None))
-            logits = logits.view(n_exp, self.batch, -1)
+            logits = logits.float().view(n_exp, self.batch, -1)  # metrics read float32 logits (as the reference)
             return torch.stack([self.metric.per_prompt(logits[i]).float().mean() for i in range(n_exp)])
         x = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
         logits = _softcap(model.unembed(x), getattr(model.cfg, "output_logits_soft_cap", None))
@@ -381,8 +406,14 @@ class _MetricPlan:
         out = []
         for i in range(n_exp):
             full = logits[i] if start == 0 else torch.cat([self.base_logits[:, :start], logits[i]], dim=1)
-            out.append(self.metric(full).float())
+            out.append(self.metric(float32_logits(full)).float())
         return torch.stack(out)
+
+
+def float32_logits(logits: Tensor) -> Tensor:
+    """Half-precision logits upcast to float32 before a metric reads them (both engines do this, so
+    a metric's own arithmetic, e.g. a batch mean, is never rounded to 8 or 11 bits)."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
 def _softcap(x: Tensor, cap) -> Tensor:
@@ -392,9 +423,12 @@ def _softcap(x: Tensor, cap) -> Tensor:
 
 
 def unembed_pair(x: Tensor, W_U: Tensor, b_U: Tensor, cols: Tensor) -> Tensor:
-    """`x [rows, d_model]`, `cols [rows, 2]` -> logits of those two columns `[rows, 2]` (no full vocab)."""
-    w = W_U.T[cols]  # [rows, 2, d_model]
-    return torch.einsum("rd,rkd->rk", x, w) + b_U[cols]
+    """`x [rows, d_model]`, `cols [rows, 2]` -> float32 logits of those two columns `[rows, 2]` (no full vocab).
+
+    Accumulates in float32 whatever the model's dtype (as the Triton kernel does): only the
+    `[rows, 2, d_model]` slice of `W_U` is upcast."""
+    w = W_U.T[cols].float()  # [rows, 2, d_model]
+    return torch.einsum("rd,rkd->rk", x.float(), w) + b_U.float()[cols]
 
 
 def _logit_diff_affine(metric, batch: int, d_vocab: int, answers: Tensor):
@@ -479,7 +513,9 @@ def batched_engine(model, task, site, *, direction: str, metric, layers: Sequenc
         report = _Progress(progress, len(exps), f"patching {st.name} (batched)")
         runner = _Runner(model, st, source_cache, base_cache, batch, seq_len, attn_mask, pos_skip)
         runner.trim_last = mplan.mode != "callable" and _last_block_trim_ok(model)
-        with model.hooks(fwd_hooks=runner.hooks(src_names)), fused_activations(model):
+        compile_mode = _compile_mode(opt)
+        runner.block_fn = block_runner(compile_mode, opt.compile_backend, model)
+        with fused_activations(model):
             for chunk in chunks:
                 resid, row_b, row_e, start = runner.run(chunk)
                 vals = mplan.scores(resid, row_b, start, use_triton).float().cpu()
@@ -495,8 +531,9 @@ def batched_engine(model, task, site, *, direction: str, metric, layers: Sequenc
     return P.exact_result(
         model, task, st, grid, scores.reshape(shape), metric, direction, engine="batched", layer=layer,
         engine_details={"position_skip": pos_skip, "layer_skip": True, "metric_path": mplan.mode,
-                        "chunks": len(chunks), "last_block_last_position_only": runner.trim_last,
-                        "triton": use_triton},
+                        "chunks": len(chunks), "max_chunk_experiments": max(len(c.exps) for c in chunks),
+                        "last_block_last_position_only": runner.trim_last,
+                        "triton": use_triton, "compile": compile_mode or False, "dtype": str(cfg.dtype)},
     )
 
 
@@ -531,6 +568,67 @@ def _want_triton(opt: EngineOptions, dev: torch.device) -> bool:
         why = triton_ops.unavailable_reason(dev)
         raise LenslabError(f"triton=True was requested but {why}; use triton='auto' (torch on CPU) or False")
     return usable
+
+
+def _compile_mode(opt: EngineOptions) -> str | None:
+    """The torch.compile mode the engine uses for this call, or None (eager)."""
+    if opt.compile is False:
+        return None
+    if torch.is_inference_mode_enabled():
+        say_once("kernels.options(compile=...) is not used under torch.inference_mode() (a dynamo guard on "
+                 "TransformerLens' attention scale fails there); the blocks run eager. Use torch.no_grad() instead")
+        return None
+    return "default" if opt.compile is True else str(opt.compile)
+
+
+def _call_block(block, resid: Tensor, **kw) -> Tensor:
+    """One block of the staircase: `resid [rows, seq, d_model]` -> the same shape."""
+    return block(resid, **kw)
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(mode, backend): runner}
+
+
+def block_runner(mode: str | None, backend: str | Callable = "inductor", model=None) -> Callable:
+    """The function that runs a block: eager (`mode=None`) or `torch.compile`d with dynamic shapes.
+
+    One compiled function serves every block and every chunk: the block's parameters are graph
+    inputs, so the blocks of one model share a graph; the growing batch and the recomputed
+    positions are dynamic dimensions. Compiled once per model and (mode, backend) per process
+    (inductor also caches generated code on disk, so a second process compiles faster); each
+    model gets its own copy of the function, so its graphs never count against another model's
+    dynamo recompile limit.
+
+    Calls where a dimension is 1 (the last block on the last position, the last position's
+    chunk, a cached prefix of one position) run eager: dynamo specialises size-1 dimensions, so
+    each would cost a graph of its own (tens of seconds of compilation on CPU) for a call that
+    does little work. So a model gets two graphs per mode: without and with a cached prefix.
+    Under "reduce-overhead" (CUDA graphs) each call starts a new graph generation and its output
+    is copied out of the graph's memory pool before the next call can reuse it.
+    """
+    if mode is None:
+        return _call_block
+    per_model = _COMPILED.setdefault(model, {}) if model is not None else {}
+    key = (mode, backend)
+    if key not in per_model:
+        kwargs = {"mode": None if mode == "default" else mode} if backend == "inductor" else {}
+        n = sum(len(v) for v in _COMPILED.values())
+        fresh = types.FunctionType(_call_block.__code__.replace(co_name=f"_call_block_{n}"), _call_block.__globals__,
+                                   f"_call_block_{n}")  # a code object of its own: its own dynamo cache
+        compiled = torch.compile(fresh, dynamic=True, backend=backend, **kwargs)
+        graphs = mode == "reduce-overhead"
+
+        def fn(block, resid: Tensor, **kw) -> Tensor:
+            entry = kw.get("past_kv_cache_entry")
+            if min(resid.shape) <= 1 or (entry is not None and min(entry.past_keys.shape) <= 1):
+                return _call_block(block, resid, **kw)
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+                return compiled(block, resid, **kw).clone()
+            return compiled(block, resid, **kw)
+
+        per_model[key] = fn
+    return per_model[key]
 
 
 @contextlib.contextmanager
@@ -594,11 +692,17 @@ class _Runner:
         self.dev = next(model.parameters()).device
         self.active: dict | None = None  # the patch the hook of the current block applies
         self.trim_last = False  # set by the engine when the metric reads the last position only
+        self.block_fn: Callable = _call_block  # eager, or the compiled block runner
 
-    def hooks(self, names: list[str]):
-        if SITE_PLAN[self.st.name][0] != "hook":
-            return []
-        return [(n, self._hook) for n in names]
+    def _patched_block(self, l: int, resid: Tensor, kw: dict) -> Tensor:
+        """Block `l` with the active patch's hook registered on its hook point for this call only
+        (always eager: the patch indexing stays out of any compiled graph)."""
+        hp = self.model.hook_dict[self.active["name"]]
+        handle = hp.register_forward_hook(lambda module, inp, out: self._hook(out, hp))
+        try:
+            return self.model.blocks[l](resid, **kw)
+        finally:
+            handle.remove()
 
     def _hook(self, act: Tensor, hook) -> Tensor:
         a = self.active
@@ -652,7 +756,7 @@ class _Runner:
                                                                              frozen=True))
         if pos is not None:
             kw["shortformer_pos_embed"] = pos[:, -1:]
-        return block(resid[:, -1:], **kw)
+        return self.block_fn(block, resid[:, -1:], **kw)
 
     def _base_resid(self, join: int, b: Tensor, start: int) -> Tensor:
         name = f"blocks.{join}.hook_resid_pre" if join < self.n_layers else f"blocks.{self.n_layers - 1}.hook_resid_post"
@@ -713,10 +817,12 @@ class _Runner:
                     past_values=self.base[f"blocks.{l}.attn.hook_v"][row_b, :start],
                     frozen=True,
                 )
-            if l == self.n_layers - 1 and self.trim_last and self.active is None and resid.shape[1] > 1:
+            if self.active is not None:
+                resid = self._patched_block(l, resid, kw)
+            elif l == self.n_layers - 1 and self.trim_last and resid.shape[1] > 1:
                 resid = self._last_block_last_position(resid, row_b, start, kw)
             else:
-                resid = self.model.blocks[l](resid, **kw)
+                resid = self.block_fn(self.model.blocks[l], resid, **kw)
         self.active = None
         # one entry per experiment, in row-block order
         exps_in_order = row_e[::B]
