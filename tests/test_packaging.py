@@ -34,6 +34,11 @@ def test_wheel_contents(wheel):
     for zoo_dir in (ROOT / "lenslab" / "zoo").glob("*/model.safetensors"):
         for f in ("config.json", "model.safetensors", "tokenizer.json", "card.md"):
             assert f"lenslab/zoo/{zoo_dir.parent.name}/{f}" in names
+    # the zoo's SAEs (lenslab/zoo/<model>/saes/<hook>/) ship too, every file of each
+    sae_files = [p for p in (ROOT / "lenslab" / "zoo").glob("*/saes/*/*") if p.is_file()]
+    assert any(p.name == "sae_weights.safetensors" for p in sae_files)
+    for p in sae_files:
+        assert "lenslab/" + p.relative_to(ROOT / "lenslab").as_posix() in names, p
     entry = [n for n in names if n.endswith("entry_points.txt")]
     assert entry and "lenslab = lenslab.cli:main" in zipfile.ZipFile(wheel).read(entry[0]).decode()
 
