@@ -285,3 +285,23 @@ def test_shipped_sae_matches_its_card(models, name, rec_all, rec_obj, ev):
     assert f"| explained variance | {first.explained_variance:.3f} |" in card
     cfg = json.loads((S.zoo_sae_path(name) / "cfg.json").read_text())
     assert cfg["metadata"]["model_name"] == model_name and cfg["metadata"]["hook_name"] == sae.cfg.metadata.hook_name
+
+
+def test_hook_z_reshaping_sae_equals_the_flat_one(tiny_model):
+    """An SAE that reshapes hook_z itself (sae-lens reshape_activations='hook_z', fed [.., heads, d_head])
+    gives the same metrics as the same weights fed the flattened activation, and the splice keeps the shape."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    flat = _random_sae(32, 48, "blocks.1.attn.hook_z", seed=5)
+    meta = SAEMetadata(hook_name="blocks.1.attn.hook_z", model_name="test")
+    shaped = TopKSAE(TopKSAEConfig(d_in=32, d_sae=48, k=4, reshape_activations="hook_z", metadata=meta))
+    shaped.load_state_dict(flat.state_dict())
+    tokens = S.corpus_tokens(tiny_model, ["t1 t2 t3 t4 t5", "t7 t7 t8 t1 t2 t3"])
+    a, b = S.sae_metrics(tiny_model, flat, tokens), S.sae_metrics(tiny_model, shaped, tokens)
+    for f in ("mse", "explained_variance", "ce_loss_spliced", "l0", "dead_fraction"):
+        assert getattr(a, f) == pytest.approx(getattr(b, f), rel=1e-6, abs=1e-9), f
+    act = torch.randn(2, 3, 4, 8)
+    (name, fn), = S.splice_hooks(shaped)
+    assert name == "blocks.1.attn.hook_z" and fn(act).shape == act.shape
+    assert torch.allclose(fn(act).flatten(-2), flat.decode(flat.encode(act.flatten(-2))), atol=1e-6)
