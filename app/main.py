@@ -18,6 +18,7 @@ PAGES = [
     st.Page("page_sinks.py", title="Sinks", icon=":material/vertical_align_bottom:"),
     st.Page("page_steer.py", title="Steer", icon=":material/tune:"),
     st.Page("page_experts.py", title="Experts", icon=":material/hub:"),
+    st.Page("page_features.py", title="Features", icon=":material/scatter_plot:"),
 ]
 
 _shell.sidebar()
