@@ -17,9 +17,10 @@ reconstruction error `x - decode(encode(x))` kept as it is (what sae-lens comput
 `use_error_term=True` and a hook that edits `hook_sae_acts_post`). Re-encoding the edited
 activation moves the feature's pre-activation by `(target - a) * (W_dec[f] . W_enc[:, f])`: when
 that product is 1 (a tied SAE with unit-norm decoder rows) an ablated feature re-encodes to exactly
-0 and a clamped one to exactly `target` on the tokens where it fired; for trained SAEs the product
-is near 1 and the re-encoded value near the target (the other features move too, by `d`'s
-overlap with their encoder columns).
+0 and a clamped one to exactly `target` on the tokens where it fired. Trained SAEs are not tied:
+the zoo SAEs' products range widely (zoo/steer-sentiment: median 0.19, 5-95% 0.03-0.62), so the
+re-encoded value is generally not the target, and the other features move too (by `d`'s overlap
+with their encoder columns). The edit is defined on the decomposition, not on re-encoding.
 
 Architectures (sae-lens inference classes):
 
