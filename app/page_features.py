@@ -126,6 +126,8 @@ with index_tab:
         tag = ""
         if cpath and Path(cpath).expanduser().is_file():
             tag = f"{_slug(Path(cpath).stem)}-{hashlib.sha256(Path(cpath).expanduser().read_bytes()).hexdigest()[:8]}"
+        elif cpath:
+            st.warning(f"There is no file {cpath!r}: give a .txt (one document per line), .json or .jsonl corpus.")
         corpus_args = ("Reading the corpus", F.read_corpus, Path(cpath).expanduser()) if cpath else None
     else:
         n_docs = int(c2.number_input("Prompts", 1, 100_000, 256, key="feat_n_docs"))
