@@ -176,3 +176,22 @@ def test_features_page_on_a_zoo_sae(monkeypatch, tmp_path):
     at.button(key="feat_steer_go").click().run()
     _ok(at)
     assert len([s for s in at.subheader if s.value == "Unmodified"]) == 1
+
+
+def test_features_page_indexes_a_corpus_file(monkeypatch, tmp_path, planted_dir):
+    at = _app(monkeypatch, tmp_path, MODEL, PROMPT)
+    _folder(at, planted_dir)
+    at.radio(key="feat_corpus").set_value("Corpus file").run()
+    at.text_input(key="feat_corpus_path").set_value(str(tmp_path / "missing.txt")).run()
+    assert any("There is no file" in w.value for w in at.warning)
+    corpus = tmp_path / "reviews.txt"
+    corpus.write_text("the movie was terrible .\nwhat a lovely day .\nmy trip was terrible and sad .\n")
+    at.text_input(key="feat_corpus_path").set_value(str(corpus)).run()
+    at.button(key="feat_index").click().run()
+    _ok(at)
+    (store,) = (tmp_path / "stores").glob("*.sqlite")
+    assert "__reviews-" in store.name
+    from lenslab.probes.features import FeatureStore
+
+    with FeatureStore(store) as st:
+        assert st.complete and st.n_prompts == 3 and st.stats(PLANTED).n_fire == 2  # two 'terrible' tokens
