@@ -419,7 +419,7 @@ def _cmd_sae_features(args: argparse.Namespace) -> int:
         print(f"lenslab: wrote {path}")
         return 0
     if cmd == "search":
-        res = F.search(args.store, token=args.token, substring=args.substring, feature=args.feature, k=args.k)
+        res = F.search(args.store, token=args.token, substring=args.substring, feature=args.feature, k=args.k, by=args.by)
         print(res.table())
         if out is not None:
             print(f"lenslab: wrote {export(res, out)}")
@@ -690,6 +690,9 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--feature", type=int, default=None)
     ss.add_argument("--store", required=True)
     ss.add_argument("--k", type=int, default=10)
+    ss.add_argument("--by", default="max", choices=["max", "mean", "share"],
+                    help="rank by the maximum or mean activation on the matched tokens, or by share: the fraction of "
+                         "the feature's firing tokens that are matched (token-specific features first)")
     ss.add_argument("--out", default=None, help="also write the result: .json or a figure format")
     ss.set_defaults(func=_cmd_sae_features, sae_command="search")
     return p

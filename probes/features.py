@@ -73,6 +73,7 @@ SCHEMA_VERSION = 1
 HIST_EDGES: tuple[float, ...] = tuple(float(x) for x in np.logspace(-4, 4, 65))
 """Activation histogram bin edges: 64 log-spaced bins from 1e-4 to 1e4 (8 per decade)."""
 LOGIT_K = 10
+SEARCH_ORDERS = ("max", "mean", "share")
 LOGIT_BINS = 32
 
 _SCHEMA = """
@@ -1234,7 +1235,8 @@ td, th {{ border-bottom: 1px solid #ddd; padding: 2px 10px; text-align: left; }}
 class FeatureHit:
     """One feature found by `search`: its activation on the matched tokens (or overall for a
     feature query) and its global density; `tokens`: the matched tokens on which it fires (or,
-    for a feature query, the tokens it is most active on)."""
+    for a feature query, the tokens it is most active on); `share`: the fraction of all the
+    feature's firing tokens that are matched tokens (1.0 for a feature query)."""
 
     feature: int
     max_act: float
@@ -1242,10 +1244,11 @@ class FeatureHit:
     n_fire: int
     density: float
     tokens: list[str]
+    share: float = 1.0
 
     def to_dict(self) -> dict:
         return {"feature": self.feature, "max_act": self.max_act, "mean_act": self.mean_act, "n_fire": self.n_fire,
-                "density": self.density, "tokens": self.tokens}
+                "density": self.density, "tokens": self.tokens, "share": self.share}
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -1274,13 +1277,15 @@ class SearchResult(JsonResult):
     def to_dataframe(self):
         import pandas as pd
 
-        return pd.DataFrame([h.to_dict() for h in self.hits], columns=["feature", "max_act", "mean_act", "n_fire", "density", "tokens"])
+        return pd.DataFrame([h.to_dict() for h in self.hits],
+                            columns=["feature", "max_act", "mean_act", "n_fire", "share", "density", "tokens"])
 
     def table(self) -> str:
-        lines = [f"{'feature':>7}  {'max':>8}  {'mean':>8}  {'fires':>6}  {'density':>8}  tokens"]
+        lines = [f"{'feature':>7}  {'max':>8}  {'mean':>8}  {'fires':>6}  {'share':>6}  {'density':>8}  tokens"]
         for h in self.hits:
             toks = " ".join(repr(t) for t in h.tokens[:6])
-            lines.append(f"{h.feature:>7}  {h.max_act:>8.4g}  {h.mean_act:>8.4g}  {h.n_fire:>6}  {h.density:>8.3%}  {toks}")
+            lines.append(f"{h.feature:>7}  {h.max_act:>8.4g}  {h.mean_act:>8.4g}  {h.n_fire:>6}  {h.share:>6.1%}  "
+                         f"{h.density:>8.3%}  {toks}")
         return "\n".join(lines)
 
     def figure(self):
@@ -1300,21 +1305,28 @@ def _normal(s: str) -> str:
 
 
 def search(store: FeatureStore | str | Path, *, token: str | int | None = None, substring: str | None = None,
-           feature: int | None = None, k: int = 10) -> SearchResult:
+           feature: int | None = None, k: int = 10, by: str = "max") -> SearchResult:
     """Features most active on a token, on tokens containing a substring, or one feature's summary.
 
     Give exactly one of: `token` (a token string, matched exactly or, failing that, ignoring
     case, surrounding spaces and BPE space markers; or a token id), `substring` (every token whose
-    string contains it, ignoring case), `feature` (an id: its statistics and top tokens). Ranking
-    is by the feature's maximum activation on the matched tokens, over the indexed corpus.
+    string contains it, ignoring case), `feature` (an id: its statistics and top tokens).
+
+    `by` ranks the features that fire on the matched tokens: "max" (their maximum activation
+    there, the default), "mean" (their mean activation there) or "share" (the fraction of the
+    feature's firing tokens that are matched tokens: features specific to the token first, not
+    dense features that also fire on it), over the indexed corpus; ties by feature id.
     """
+    if by not in SEARCH_ORDERS:
+        raise LenslabError(f"by={by!r} is not one of {', '.join(SEARCH_ORDERS)}{did_you_mean(by, SEARCH_ORDERS)}")
     given = [x for x in (token, substring, feature) if x is not None]
     if len(given) != 1:
         raise LenslabError("search takes exactly one of token=, substring= or feature=")
     own = not isinstance(store, FeatureStore)
     st = FeatureStore(store) if own else store
     try:
-        dens = st.density()
+        n_all = st.arrays()["n_fire"]
+        dens = n_all / max(st.total_tokens, 1)
         if feature is not None:
             s = st.stats(int(feature))
             hit = FeatureHit(feature=int(feature), max_act=s.max_act, mean_act=s.mean_act, n_fire=s.n_fire,
@@ -1347,10 +1359,13 @@ def search(store: FeatureStore | str | Path, *, token: str | int | None = None, 
             a[1] += int(n)
             a[2] += float(s)
             a[3].append((float(m), vocab.get(int(tid), str(tid))))
-        ranked = sorted(agg.items(), key=lambda kv: (-kv[1][0], kv[0]))[:k]
         hits = [FeatureHit(feature=f, max_act=a[0], mean_act=a[2] / a[1] if a[1] else 0.0, n_fire=a[1],
-                           density=float(dens[f]), tokens=[t for _, t in sorted(a[3], key=lambda x: -x[0])])
-                for f, a in ranked]
+                           density=float(dens[f]), tokens=[t for _, t in sorted(a[3], key=lambda x: -x[0])],
+                           share=a[1] / int(n_all[f]) if n_all[f] else 0.0)
+                for f, a in agg.items()]
+        key = {"max": lambda h: h.max_act, "mean": lambda h: h.mean_act, "share": lambda h: h.share}[by]
+        hits = sorted(hits, key=lambda h: (-key(h), h.feature))[:k]
+        query["by"] = by
         return SearchResult(query=query, hits=hits, matched_tokens=[vocab[i] for i in ids], store=str(st.path))
     finally:
         if own:

@@ -144,6 +144,10 @@ def test_planted_feature_fires_exactly_on_its_token(model, sae, docs, store_path
     hits = F.search(store_path, token=WORD, k=3)
     assert hits.features[0] == PLANTED and hits.hits[0].n_fire == n_word
     assert hits.matched_tokens == [WORD]
+    spec = F.search(store_path, token=WORD, k=3, by="share")  # fires on nothing else: share 1
+    assert spec.features[0] == PLANTED and spec.hits[0].share == 1.0 and spec.hits[1].share < 1.0
+    with pytest.raises(LenslabError, match="not one of"):
+        F.search(store_path, token=WORD, by="count")
     sub = F.search(store_path, substring="rribl", k=3)
     assert sub.features[0] == PLANTED and sorted(sub.matched_tokens) == ["horrible", WORD]
     one = F.search(store_path, feature=PLANTED)
