@@ -231,13 +231,16 @@ with search_tab:
     if not have_store:
         st.info("Search reads the feature store: build it in the Index tab first.")
     else:
-        c1, c2, c3, c4 = st.columns([2, 2, 1, 1])
+        c1, c2, c3, c4, c5 = st.columns([2, 2, 1, 1, 1])
         by = c1.radio("By", ["token", "substring", "feature"], horizontal=True, key="feat_search_by")
         query = c2.text_input("Query", key="feat_search_q", placeholder="a token, part of one, or a feature id")
-        kk = c3.number_input("Hits", 1, 200, 10, key="feat_search_k")
-        if c4.button("Search", type="primary", key="feat_search_go") and query.strip():
+        rank = c3.selectbox("Rank by", F.SEARCH_ORDERS, key="feat_search_rank", disabled=by == "feature",
+                            help="max / mean activation on the matched tokens, or share: the fraction of the "
+                                 "feature's firings that are on them (token-specific features first)")
+        kk = c4.number_input("Hits", 1, 200, 10, key="feat_search_k")
+        if c5.button("Search", type="primary", key="feat_search_go") and query.strip():
             q = query.strip()
-            kw = {"feature": int(q)} if by == "feature" and q.isdigit() else {by: q}
+            kw = {"feature": int(q)} if by == "feature" and q.isdigit() else {by: q, "by": rank}
             if by == "feature" and not q.isdigit():
                 st.error("A feature id is a whole number, e.g. 12.")
             else:

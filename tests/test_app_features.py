@@ -120,6 +120,10 @@ def test_features_page_on_a_planted_sae(monkeypatch, tmp_path, planted_dir):
     _ok(at)
     hits = at.dataframe[-1].value
     assert int(hits["feature"].iloc[0]) == PLANTED and len(hits) == 1
+    at.selectbox(key="feat_search_rank").set_value("share").run()
+    at.button(key="feat_search_go").click().run()
+    _ok(at)
+    assert at.dataframe[-1].value["feature"].tolist() == [PLANTED]
     at.radio(key="feat_search_by").set_value("substring").run()
     at.text_input(key="feat_search_q").set_value("terr").run()
     at.button(key="feat_search_go").click().run()
