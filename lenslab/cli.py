@@ -432,13 +432,19 @@ def _cmd_sae_features(args: argparse.Namespace) -> int:
     sae = F._open_sae(args.sae, model)
     if cmd == "index":
         corpus = F.corpus_for(model, args.n_docs) if args.corpus == "zoo" else F.read_corpus(args.corpus)
+        before = 0
+        if out.exists() and not args.no_resume:
+            with F.FeatureStore(out) as old:
+                before = old.total_tokens
         t0 = time.perf_counter()
         store = F.index(model, sae, corpus, out, batch_size=args.batch_size, context_size=args.context_size,
                         top_n=args.top_n, resume=not args.no_resume, sae_source=args.sae)
         dt = time.perf_counter() - t0
         alive = int((store.arrays()["n_fire"] > 0).sum())
         print(store.describe())
-        print(f"{alive} of {store.d_sae} features fire; {store.total_tokens / dt:,.0f} tokens/s this run ({dt:.1f} s)")
+        done = store.total_tokens - before
+        print(f"{alive} of {store.d_sae} features fire; {done} tokens indexed this run"
+              + (f" ({done / dt:,.0f} tokens/s, {dt:.1f} s)" if done else " (the store was already complete)"))
         store.close()
         print(f"lenslab: wrote {out}")
     else:

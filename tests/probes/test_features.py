@@ -353,3 +353,28 @@ def test_cli_index_lookup_export_search(model, sae, tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[1].split()[0] == str(PLANTED)
     assert main(["sae", "export", "--store", str(db), "--feature", "999", "--out", str(tmp_path / "x.html")]) == 2
     assert "out of range" in capsys.readouterr().err
+    # the same command again: nothing left to index, the store is unchanged
+    before = _dump(db)
+    assert main(["sae", "index", "--model", "zoo/steer-sentiment", "--sae", str(sae_dir), "--corpus", "zoo",
+                 "--n-docs", "40", "--batch-size", "8", "--out", str(db), "--device", "cpu"]) == 0
+    assert "0 tokens indexed this run" in capsys.readouterr().out
+    assert _dump(db) == before
+
+
+def test_zoo_sae_lookup_matches_its_encoder(model):
+    """A trained zoo SAE (sae-lens TopK, k=16): lookup's values are the top-k of `sae.encode` on the
+    full forward's cached activation (rtol 1e-5), and at most 16 features fire per token."""
+    from lenslab.probes.sae import list_saes, load_sae
+
+    name = list_saes("zoo/steer-sentiment")[0]
+    sae = load_sae(name, model=model)
+    prompt = "the movie was wonderful . what a lovely day . i felt"
+    res = F.lookup(model, sae, prompt, k=20)
+    _, cache = model.run_with_cache(model.to_tokens(prompt))
+    with torch.no_grad():
+        ref = sae.encode(cache[sae.cfg.metadata.hook_name])[0]
+    top = ref.topk(20, dim=1)
+    np.testing.assert_allclose(res.values, top.values.numpy(), rtol=1e-5, atol=1e-6)
+    for row, want in zip(res.rows(), (ref > 0).sum(1).tolist()):
+        assert len(row["features"]) == want <= 16
+        assert [f for f, _ in row["features"]] == [f for f in top.indices[row["pos"]].tolist()][:want]
