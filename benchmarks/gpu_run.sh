@@ -4,9 +4,11 @@
 #   torch.compile / CUDA-graph engine, with logs and RESULTS.md rows written under $OUT.
 #
 # Here (no GPU), once:   .venv/bin/python benchmarks/prepare_gpu_bundle.py --check
-# Then the run tool:     command "bash benchmarks/gpu_run.sh",  carry [".gpu_bundle"],  timeout_s 600
-#   or in stages (each call must end inside 10 minutes; $OUT is emptied before each call):
-#                        bash benchmarks/gpu_run.sh tests | bench | compile
+# Then the run tool, carry [".gpu_bundle"], timeout_s 600, three calls (all stages at once can
+# exceed one call's 10 minutes; $OUT is emptied before each call):
+#                        bash benchmarks/gpu_run.sh env tests
+#                        bash benchmarks/gpu_run.sh bench
+#                        bash benchmarks/gpu_run.sh compile
 # Afterwards, here:      the rows are in <files_at>/RESULTS.md (the repo's file + the new rows):
 #                        copy the new rows into benchmarks/RESULTS.md; logs: <files_at>/*.log
 #
