@@ -281,18 +281,8 @@ def test_bad_input_raises(tiny_model):
 
 
 @pytest.mark.slow
-def test_fit_on_a_transformer_bridge(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    from lenslab import zoo
-
-    cfg = transformers.GemmaConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=64, head_dim=8, bos_token_id=0, eos_token_id=1, pad_token_id=2,
-    )
-    torch.manual_seed(0)
-    transformers.GemmaForCausalLM(cfg).save_pretrained(tmp_path)
-    zoo.word_tokenizer([f"w{i}" for i in range(60)]).save_pretrained(tmp_path)
-    model = lenslab.load_model(str(tmp_path), device="cpu")
+def test_fit_on_a_transformer_bridge(tiny_moe_dir):
+    model = lenslab.load_model(str(tiny_moe_dir("gemma")), device="cpu")  # tests/conftest.py: tiny random Gemma
     assert type(model).__name__ == "TransformerBridge"
     src = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10 w11", "w3 w2"]
     tgt = ["w40 w41", "w42 w43 w44", "w45 w46", "w50 w51 w52 w53"]
