@@ -304,6 +304,7 @@ class RouterResult(JsonResult):
         fig = go.Figure(go.Heatmap(
             z=idx[:, :, 0].T.tolist(), x=toks, y=[f"L{l}" for l in self.layers], text=text,
             colorscale="Viridis", zmin=0, zmax=self.n_experts - 1, colorbar=dict(title="top expert"),
+            texttemplate="e%{z}",  # the expert id in each cell: the colour scale is only a guide
             hovertemplate="%{y} · %{x}<br>%{text}<extra></extra>",
         ))
         fig.update_layout(xaxis_title="token", yaxis_title="layer", yaxis_autorange="reversed")
