@@ -14,51 +14,39 @@ round-off. `engine="auto"` uses it wherever it covers the site and says when it 
 """
 from __future__ import annotations
 
-from lenslab.kernels.batched import (
-    SITE_PLAN,
-    EngineOptions,
-    auto_engine,
-    batched_engine,
-    configure,
-    coverage,
-    current_options,
-    memory_budget,
-    options,
-    parse_bytes,
-)
+if __name__ != "lenslab.kernels":  # imported as top-level `kernels`: the repository root is on sys.path
+    import os as _os
+    import runpy as _runpy
 
-ENGINES = {"batched": batched_engine, "auto": auto_engine}
+    _shadow = _os.path.join(_os.path.dirname(__file__), _os.pardir, "lenslab", "_shadow.py")
+    _runpy.run_path(_shadow)["hand_over"](__name__, __file__)  # the installed `kernels`, or a clear error
+else:
+    from lenslab.kernels.batched import (
+        ENGINES,
+        SITE_PLAN,
+        EngineOptions,
+        auto_engine,
+        batched_engine,
+        batched_patch,
+        configure,
+        coverage,
+        current_options,
+        memory_budget,
+        options,
+        parse_bytes,
+    )
 
-
-def batched_patch(model, task, site: str, *, direction: str = "denoise", metric="logit_diff", layer: int | None = None,
-                  layers=None, progress=True, **engine_options):
-    """`lenslab.circuits.patch(..., engine="batched")` with engine options for this call.
-
-    Args:
-        engine_options: fields of `EngineOptions` (memory_budget="512MB", max_rows=..., position_skip=...,
-            fused_metric=..., triton=...).
-
-    Returns:
-        The same `PatchResult` as the reference engine (provenance says engine="batched").
-    """
-    from lenslab import circuits
-
-    with options(**engine_options):
-        return circuits.patch(model, task, site, direction=direction, metric=metric, engine="batched", layer=layer,
-                              layers=layers, progress=progress)
-
-
-__all__ = [
-    "ENGINES",
-    "SITE_PLAN",
-    "EngineOptions",
-    "auto_engine",
-    "batched_engine",
-    "batched_patch",
-    "configure",
-    "coverage",
-    "current_options",
-    "memory_budget",
-    "options",
-    "parse_bytes",
-]
+    __all__ = [
+        "ENGINES",
+        "SITE_PLAN",
+        "EngineOptions",
+        "auto_engine",
+        "batched_engine",
+        "batched_patch",
+        "configure",
+        "coverage",
+        "current_options",
+        "memory_budget",
+        "options",
+        "parse_bytes",
+    ]

@@ -827,3 +827,24 @@ class _Runner:
         # one entry per experiment, in row-block order
         exps_in_order = row_e[::B]
         return resid, row_b, exps_in_order, start
+
+
+ENGINES = {"batched": batched_engine, "auto": auto_engine}
+
+
+def batched_patch(model, task, site: str, *, direction: str = "denoise", metric="logit_diff", layer: int | None = None,
+                  layers=None, progress=True, **engine_options):
+    """`lenslab.circuits.patch(..., engine="batched")` with engine options for this call.
+
+    Args:
+        engine_options: fields of `EngineOptions` (memory_budget="512MB", max_rows=..., position_skip=...,
+            fused_metric=..., triton=...).
+
+    Returns:
+        The same `PatchResult` as the reference engine (provenance says engine="batched").
+    """
+    from lenslab import circuits
+
+    with options(**engine_options):
+        return circuits.patch(model, task, site, direction=direction, metric=metric, engine="batched", layer=layer,
+                              layers=layers, progress=progress)

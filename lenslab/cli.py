@@ -33,20 +33,48 @@ def _cmd_app(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("WANDB_MODE", "disabled")
+    env["PYTHONSAFEPATH"] = "1"  # the working directory never goes on sys.path (docs/design.md)
     env["LENSLAB_DEFAULT_MODEL"] = model
+    # Streamlit always runs headless: otherwise its first run asks for an email on the terminal
+    # (and exits when stdin is not one). Without --headless we open the browser ourselves.
     cmd = [
         sys.executable, "-m", "streamlit", "run", str(app_main),
         "--server.address", args.host,
         "--server.port", str(args.port),
-        "--server.headless", "true" if args.headless else "false",
+        "--server.headless", "true",
         "--browser.gatherUsageStats", "false",
         "--client.toolbarMode", "minimal",  # no "Deploy" button: this is a local workbench
     ]
-    print(f"lenslab: opening the app at http://{args.host}:{args.port} with {model} (Ctrl+C to stop)", flush=True)
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    url = f"http://{shown}:{args.port}"
+    print(f"lenslab: the app is at {url} with {model} (Ctrl+C to stop)", flush=True)
     try:
-        return subprocess.call(cmd, env=env)
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+        if not args.headless:
+            _open_browser_when_up(proc, url)
+        return proc.wait()
     except KeyboardInterrupt:
         return 0
+
+
+def _open_browser_when_up(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
+    """Open `url` in the user's browser once the server answers (in a thread; no browser, no error)."""
+    import threading
+    import time
+    import urllib.request
+    import webbrowser
+
+    def wait_and_open() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
+                    webbrowser.open(url)
+                    return
+            except OSError:
+                time.sleep(0.5)
+
+    threading.Thread(target=wait_and_open, daemon=True).start()
 
 
 def _cmd_models(args: argparse.Namespace) -> int:

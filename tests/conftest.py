@@ -1,11 +1,29 @@
-"""Shared fixtures. Tests run offline (run.py sets HF_HUB_OFFLINE=1 and WANDB_MODE=disabled)."""
+"""Shared fixtures. Tests run offline (run.py sets HF_HUB_OFFLINE=1 and WANDB_MODE=disabled) and with
+the repository root off sys.path (run.py sets PYTHONSAFEPATH=1; pytest uses --import-mode=importlib).
+A `python -m pytest` started in the root without PYTHONSAFEPATH gets the root removed here, before
+anything imports transformers, so the tests see what users see (docs/design.md)."""
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PYTHONSAFEPATH", "1")  # subprocesses and notebook kernels inherit it
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _is_root(entry: str) -> bool:
+    try:
+        return Path(entry or os.getcwd()).resolve() == ROOT
+    except OSError:
+        return False
+
+
+sys.path[:] = [p for p in sys.path if not _is_root(p)]
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,5 +1,7 @@
-"""The real app in a real browser: `lenslab app` headless on a free port, opened in Debian's
-Chromium through Playwright, checked for the model's content, with a screenshot.
+"""The real app in a real browser: exactly the README command, `python3 run.py app --headless`, started
+in the repository root on a free port, opened in Debian's Chromium through Playwright. Every page of
+the navigation is visited and fails the test on an error box (`st.error`), an exception box, a
+traceback or a blank page; the Model page is also checked for the model's content, with a screenshot.
 
 Playwright's own browser download is not reachable here, so it drives `/usr/bin/chromium`.
 In CI (CI=true) a missing Chromium fails the test; locally it is skipped with the reason.
@@ -7,6 +9,7 @@ In CI (CI=true) a missing Chromium fails the test; locally it is skipped with th
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +22,7 @@ import pytest
 
 from lenslab import lens, zoo
 
+ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -61,25 +65,34 @@ def _wait_healthy(proc: subprocess.Popen, port: int, log: Path, timeout: float =
     raise AssertionError(f"lenslab app did not answer on port {port} within {timeout}s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture
+@pytest.fixture(params=[None, "zoo/moe-refusal"], ids=["readme-command", "moe-refusal"])
 def app_server(tmp_path, request):
-    """`lenslab app --headless` on a free 127.0.0.1 port; yields (url, model name); always stopped."""
+    """`python3 run.py app --headless` in the root on a free 127.0.0.1 port; yields (url, model name, log).
+
+    First exactly the README command (the default model), then with `--model zoo/moe-refusal`, so
+    the Experts page has a Mixture-of-Experts model to show.
+
+    run.py uses the venv these tests run in (LENSLAB_RUNPY_VENV, set by `run.py test`; set here when
+    pytest was started another way), so the command installs nothing. Always stopped."""
     _need_browser()
-    model = zoo.default_model() if zoo.zoo_names() else str(request.getfixturevalue("tiny_zoo_dir"))
+    model = request.param or zoo.default_model()
     port = _free_port()
     log = tmp_path / "server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "STREAMLIT_SERVER_FILE_WATCHER_TYPE": "none"}
+    env = {**os.environ, "STREAMLIT_SERVER_FILE_WATCHER_TYPE": "none"}
+    env.setdefault("LENSLAB_RUNPY_VENV", sys.prefix)
+    python3 = shutil.which("python3") or sys.executable
+    extra = ["--model", model] if request.param else []
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lenslab", "app", "--headless", "--port", str(port), "--model", model],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            [python3, "run.py", "app", "--headless", "--port", str(port), *extra],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
         )
     try:
         _wait_healthy(proc, port, log)
         yield f"http://127.0.0.1:{port}", model, log
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the CLI and the streamlit server it started
+            os.killpg(proc.pid, signal.SIGTERM)  # run.py, the CLI and the streamlit server it started
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
@@ -87,7 +100,27 @@ def app_server(tmp_path, request):
                 proc.wait(timeout=5)
 
 
-def test_app_renders_in_chromium(app_server, tmp_path):
+def _settled(page, timeout_ms: int = 120_000) -> None:
+    """Wait until Streamlit has finished running the page script (its status widget is gone)."""
+    page.wait_for_timeout(500)
+    page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=timeout_ms)
+    page.wait_for_timeout(1000)
+
+
+def _problems(page) -> list[str]:
+    """Error boxes, exception boxes and tracebacks on the page, as text."""
+    found = [page.locator(sel).nth(i).inner_text()[:500]
+             for sel in ('[data-testid="stException"]', '[data-testid="stAlertContentError"]')
+             for i in range(page.locator(sel).count())]
+    if "Traceback (most recent call last)" in page.inner_text("body"):
+        found.append("a traceback on the page")
+    return found
+
+
+PAGES = ("Model", "Circuits", "Sinks", "Steer", "Experts", "Features")  # app/main.py's navigation
+
+
+def test_every_page_renders_in_chromium(app_server, tmp_path):
     from playwright.sync_api import sync_playwright
 
     url, model_name, log = app_server
@@ -95,7 +128,9 @@ def test_app_renders_in_chromium(app_server, tmp_path):
     import lenslab
 
     tokens = lens.tokenize(lenslab.load_model(model_name, device="cpu"), prompt).str_tokens if prompt else []
-    shot = tmp_path / "model_page.png"
+    shots = {}
+    texts = {}
+    problems = {}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -104,22 +139,34 @@ def test_app_renders_in_chromium(app_server, tmp_path):
             page.get_by_role("heading", name="Attention patterns").wait_for(timeout=90_000)
             page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)  # a figure was drawn
             page.get_by_role("heading", name="Top next-token predictions").wait_for(timeout=60_000)
-            page.wait_for_timeout(1500)  # let plotly finish laying out before the screenshot
-            page.screenshot(path=str(shot), full_page=True)
-            text = page.inner_text("body")
-            n_plots = page.locator(".js-plotly-plot").count()
-            n_errors = page.locator('[data-testid="stException"], [data-testid="stAlertContentError"]').count()
+            n_plots = 0
+            for title in PAGES:
+                if title != "Model":
+                    page.locator('[data-testid="stSidebarNav"]').get_by_role("link", name=title).click()
+                page.get_by_role("heading", name=f"{title} · {model_name}").wait_for(timeout=90_000)
+                _settled(page)
+                if title == "Model":
+                    page.wait_for_timeout(1500)  # let plotly finish laying out
+                    n_plots = page.locator(".js-plotly-plot").count()
+                shots[title] = tmp_path / f"{model_name.replace('/', '_')}_{title.lower()}.png"
+                page.screenshot(path=str(shots[title]), full_page=True)
+                texts[title] = page.inner_text('[data-testid="stMain"]')
+                problems[title] = _problems(page)
         finally:
             browser.close()
     if os.environ.get("LENSLAB_SCREENSHOT_DIR"):  # keep a copy to look at
         Path(os.environ["LENSLAB_SCREENSHOT_DIR"]).mkdir(parents=True, exist_ok=True)
-        (Path(os.environ["LENSLAB_SCREENSHOT_DIR"]) / shot.name).write_bytes(shot.read_bytes())
-    assert shot.stat().st_size > 20_000, "screenshot is suspiciously small (blank page?)"
-    assert n_errors == 0, text[:2000]
-    assert "Traceback" not in text
-    assert f"Model · {model_name}" in text, text[:2000]
+        for shot in shots.values():
+            (Path(os.environ["LENSLAB_SCREENSHOT_DIR"]) / shot.name).write_bytes(shot.read_bytes())
+    assert not any(problems.values()), {k: v for k, v in problems.items() if v}
+    for title in PAGES:
+        body = texts[title].replace(f"{title} · {model_name}", "").strip()
+        assert len(body) > 100, f"page {title} is (nearly) blank: {texts[title]!r}"
+        assert shots[title].stat().st_size > 20_000, f"screenshot of {title} is suspiciously small (blank page?)"
+    text = texts["Model"]
     for heading in ("Tokenization", "Attention patterns", "Logit lens", "Top next-token predictions"):
         assert heading in text
     assert n_plots >= 3
     if tokens:
         assert any(t.strip() and t.strip() in text for t in tokens[1:]), (tokens, text[:2000])
+    assert "Email" not in log.read_text()  # the first run never prompts

@@ -47,3 +47,33 @@ def test_models_lists_zoo(capsys):
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "lenslab", "--help"], capture_output=True, text=True, check=True).stdout
     assert "app" in out and "models" in out and "zoo" in out
+
+
+def test_app_never_prompts_and_headless_keeps_its_meaning(monkeypatch, capsys):
+    """Streamlit always runs headless with stdin closed (its first run otherwise asks for an email on
+    the terminal); without --headless lenslab opens the browser itself once the server answers."""
+    import subprocess as sp
+
+    from lenslab import cli
+
+    started, opened = [], []
+
+    class FakeProc:
+        def __init__(self, cmd, env, stdin):
+            started.append((cmd, env, stdin))
+
+        def wait(self):
+            return 0
+
+        def poll(self):
+            return None
+
+    monkeypatch.setattr(cli.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(cli, "_open_browser_when_up", lambda proc, url: opened.append(url))
+    for headless in (True, False):
+        args = cli.build_parser().parse_args(["app", "--port", "8765", *(["--headless"] if headless else [])])
+        assert args.func(args) == 0
+    assert [s[0][s[0].index("--server.headless") + 1] for s in started] == ["true", "true"]
+    assert all(s[2] is sp.DEVNULL and s[1]["PYTHONSAFEPATH"] == "1" for s in started)
+    assert opened == ["http://127.0.0.1:8765"]  # only the run without --headless opens a browser
+    assert "http://127.0.0.1:8765" in capsys.readouterr().out

@@ -32,20 +32,37 @@ def test_correlations_match_numpy_reference():
 
 
 def test_faithfulness_on_linear_model(tmp_path):
+    """On a 1-layer attention-only model without norms, the outputs feed the logits linearly, so every
+    method equals exact patching: asserted cell by cell, within float32 round-off.
+
+    Spearman is not the claim here: most cells of the by-position sites have no effect at all, and
+    exact patching measures them as 0 up to round-off (|x| < 1e-8) while the estimates are 0 or
+    another round-off, so their ranks order noise (transformers 5.25 changed that noise and the
+    tabulated Spearman of one site to 0.64). It is asserted on the head grid, whose effects differ.
+    """
     tok = zoo.word_tokenizer([f"t{i}" for i in range(40)])
     model = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=24, n_ctx=32, d_head=6, n_heads=3,
                                                       d_vocab=len(tok), attn_only=True, normalization_type=None, seed=2), tokenizer=tok)
     model.lenslab_name = "linear-test"
     task = tasks.induction(model, n=3, seq_len=5, seed=0)
-    faith = circuits.faithfulness(model, task, ["atp", "relp", "ig"], ["resid_post", "attn_out"], steps=2, progress=False)
+    sites = ["resid_post", "attn_out", "z"]
+    faith = circuits.faithfulness(model, task, ["atp", "relp", "ig"], sites, steps=2, progress=False)
     table = faith.table()
-    assert len(table) == 6 and set(table["method"]) == {"atp", "relp", "ig"}
-    # the single layer's outputs feed the logits linearly: every method is exact
-    assert (table["pearson"] > 0.9999).all() and (table["spearman"] > 0.999).all()
+    assert len(table) == 9 and set(table["method"]) == {"atp", "relp", "ig"}
+    for method in ("atp", "relp", "ig"):
+        for site in sites:
+            truth, est = faith.pairs(method, site)
+            scale = truth.abs().max().item()
+            assert scale > 1e-3, (method, site, scale)  # a real effect to compare with
+            assert (est - truth).abs().max().item() <= 1e-5 * scale + 1e-7, (method, site, truth, est)
+    assert (table["pearson"] > 0.9999).all()
+    heads = table[table["site"] == "z"]
+    truth, _ = faith.pairs("atp", "z")
+    assert len(set(truth.tolist())) == len(truth) and (heads["spearman"] > 0.999).all(), (truth, heads)
     back = circuits.Faithfulness.from_json(faith.to_json(tmp_path / "f.json"))
     assert back.rows == faith.rows
     fig = faith.figure()
-    assert len(fig.data) == 2 * 3 + 2 and "Faithfulness" in fig.layout.title.text
+    assert len(fig.data) == 3 * 3 + 3 and "Faithfulness" in fig.layout.title.text
     assert "| resid_post | atp |" in faith.to_markdown()
 
 
