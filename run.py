@@ -99,31 +99,29 @@ def ensure_venv(extras: str, latest: bool = False) -> Path:
     if not py.exists():
         say(f"creating {venv_dir}")
         venv.create(venv_dir, with_pip=True)
-    lock_text = "latest" if latest else LOCK.read_text()
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + lock_text.encode()).hexdigest()
+    torch_req = os.environ.get("LENSLAB_TORCH")
+    pins = {} if latest else lock_pins()
+    if torch_req:
+        pins.pop("torch", None)
+    torch_req = torch_req or pins.get("torch", DEFAULT_TORCH)
+    recipe = (f"latest {torch_req}" if latest else LOCK.read_text() + torch_req).encode()
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + recipe).hexdigest()
     stamps = [venv_dir / f".lenslab-installed{extras or '-base'}"]
     if extras == "[dev]":
         stamps.append(venv_dir / ".lenslab-installed-base")  # dev includes everything the app needs
     if stamps[0].exists() and stamps[0].read_text() == digest:
         return py
-    torch_req = os.environ.get("LENSLAB_TORCH")
     constraints: list[str] = []
-    if not latest:
-        pins = lock_pins()
-        if torch_req:
-            pins.pop("torch", None)
+    if pins:
         locked = venv_dir / "lock-constraints.txt"
         locked.write_text("\n".join(pins.values()) + "\n")
         constraints = ["-c", str(locked)]
-        torch_req = torch_req or pins.get("torch", DEFAULT_TORCH)
-    have_torch = subprocess.run([str(py), "-c", "import torch"], capture_output=True).returncode == 0
-    if not have_torch or not latest:
-        torch_req = torch_req or DEFAULT_TORCH
-        say(f"installing {torch_req} (CPU build where one is available)")
-        pip_install(py, [torch_req, *constraints])
+    say(f"installing {torch_req} (CPU build where one is available)")
+    pip_install(py, [torch_req, *constraints])
     what = "the newest allowed versions" if latest else f"the versions in {LOCK.name}"
     say(f"installing lenslab{extras} in editable mode with {what} (a minute or two the first time)")
-    upgrade = ["--upgrade", "--upgrade-strategy", "eager"] if latest else []
+    # torch is named again so that --upgrade keeps it at torch_req (a newer torch is a CUDA build of several GB)
+    upgrade = ["--upgrade", "--upgrade-strategy", "eager", torch_req] if latest else []
     pip_install(py, [*upgrade, *constraints, "-e", f"{ROOT}{extras}"])
     if extras == "[dev]":
         # LXT is the reference for the RelP rule tests; its model patches need names transformers 5

@@ -140,5 +140,9 @@ with st.expander("Trade-off: concept rate against fluency across strengths"):
     res = ss.get("steer_tradeoff")
     if res is not None:
         st.plotly_chart(res.figure(), key="steer_tradeoff_fig")
+        n = res.rows[0]["n"] if res.rows else 0
+        st.caption(f"Spread: each concept rate with its 95% bootstrap interval over the {n} evaluation prompt(s) "
+                   "(error bars). One fit on one prompt set is one draw: docs/steering.md shows how the methods "
+                   "move across refits on fresh prompt sets (`tradeoff_seeds`).")
         st.dataframe(res.rows, hide_index=True)
         _shell.downloads(res, "steer_tradeoff")

@@ -18,6 +18,7 @@ documents from `random.Random(seed)`.
 from __future__ import annotations
 
 import random
+import re
 
 POSITIVE = ("good", "great", "lovely", "happy", "wonderful", "bright", "pleasant", "nice", "warm", "joyful",
             "sweet", "fresh", "kind", "cheerful", "perfect", "delightful")
@@ -30,6 +31,7 @@ NOUNS = ("movie", "day", "trip", "meal", "book", "song", "room", "party", "game"
 FUNCTION = ("the", "was", "is", "i", "felt", "about", "my", "and", "what", "a", "it", "so", "very", ".")
 VOCAB = tuple(dict.fromkeys(FUNCTION + NOUNS + POSITIVE + NEGATIVE + NEUTRAL))
 KINDS = ("positive", "negative", "neutral")
+_WORD = re.compile(r"[a-z]+")
 
 # templates: {n} a noun, {a} an adjective slot
 TEMPLATES = (
@@ -90,10 +92,20 @@ def prompts(n: int, kind: str = "negative", seed: int = 1000) -> list[str]:
     return out
 
 
+def words(text: str) -> list[str]:
+    """The lower-case words of `text`, read the way the zoo tokenizer decodes them.
+
+    The tokenizer's decoder glues punctuation to the word before it ("lovely ." decodes as
+    "lovely."), so splitting on spaces would miss every sentiment word before a full stop: words
+    are the maximal runs of letters, which is exactly the word-level tokens of this language.
+    """
+    return _WORD.findall(text.lower())
+
+
 def counts(text: str) -> tuple[int, int]:
-    """(positive words, negative words) in `text`."""
-    words = text.lower().split()
-    return sum(w in POSITIVE for w in words), sum(w in NEGATIVE for w in words)
+    """(positive words, negative words) in `text` (decoded model output or raw text alike)."""
+    ws = words(text)
+    return sum(w in POSITIVE for w in ws), sum(w in NEGATIVE for w in ws)
 
 
 def concept_rate(text: str) -> float | None:
@@ -106,3 +118,12 @@ def is_positive(text: str) -> bool:
     """True when `text` has a sentiment word and more positive than negative ones."""
     pos, neg = counts(text)
     return pos > neg
+
+
+def seeded_sets(seed: int, n_fit: int = 32, n_eval: int = 40) -> tuple[list[str], list[str], list[str]]:
+    """One seed of the steering evaluation: (positive fitting prompts, negative fitting prompts,
+    negative held-out evaluation prompts), drawn with `prompts` seeds 11 + 100 s, 12 + 100 s and
+    99 + 100 s (seed 0 is the set docs/steering.md used before it reported spreads). Every seed
+    is disjoint from the training stream and the prompt sets in the model's config."""
+    s = 100 * int(seed)
+    return prompts(n_fit, "positive", seed=11 + s), prompts(n_fit, "negative", seed=12 + s), prompts(n_eval, "negative", seed=99 + s)

@@ -285,6 +285,16 @@ def _cmd_moe(args: argparse.Namespace) -> int:
 STEER_METHODS = ("diffmean", "actadd", "austeer", "lineas")
 
 
+def _seeded_sentiment(seed: int, n_fit: int, n_eval: int):
+    from lenslab import _sentiment
+
+    return _sentiment.seeded_sets(seed, n_fit, n_eval)
+
+
+# models whose prompts can be redrawn per seed: (seed, n_fit, n_eval) -> (positive, negative, held-out)
+SEEDED_SETS = {"zoo/steer-sentiment": _seeded_sentiment}
+
+
 def _steer_scores() -> dict:
     """`lenslab steer eval --score` choices: name -> (continuation text -> bool)."""
     from lenslab import _sentiment
@@ -292,11 +302,10 @@ def _steer_scores() -> dict:
     return {"positive": _sentiment.is_positive}
 
 
-def _steer_fit(args: argparse.Namespace, model):
+def _steer_fit(args: argparse.Namespace, model, method: str, pos: list[str], neg: list[str], seed: int):
+    """Fit `method` with the fit options in `args` on positive `pos` and negative `neg` prompts."""
     from lenslab import steering
 
-    method = args.method
-    pos, neg = _prompt_list(args, "positive"), _prompt_list(args, "negative")
     layer = model.cfg.n_layers // 2 if args.layer is None else args.layer
     if method == "diffmean":
         return steering.mean_difference(model, pos, neg, layers=layer, site=args.site or "resid_post",
@@ -305,12 +314,30 @@ def _steer_fit(args: argparse.Namespace, model):
         return steering.actadd(model, pos[0], neg[0], layer=layer, site=args.site or "resid_pre", strength=args.strength)
     if method == "austeer":
         return steering.austeer(model, pos, neg, k=args.k, alpha=args.alpha, site=args.site or "resid",
-                                strength=args.strength)
+                                strength=args.strength, tie_break=args.tie_break, seed=seed)
     cfg = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None}
-    config = steering.LineasConfig(**cfg, seed=args.seed, progress=False)
+    config = steering.LineasConfig(**cfg, seed=seed, progress=False)
     site = f"blocks.{{layer}}.hook_{args.site}" if args.site in steering.SITES else args.site
     # LinEAS moves the source distribution onto the target one: source = negative, target = positive
     return steering.fit_lineas(model, neg, pos, hooks=site, config=config, strength=args.strength)
+
+
+def _steer_fit_options(p: argparse.ArgumentParser) -> None:
+    """The fitting options shared by `steer fit` and `steer eval --method`."""
+    p.add_argument("--layer", type=int, default=None, help="diffmean / actadd: the layer (default n_layers // 2)")
+    p.add_argument("--site", default=None,
+                   help="diffmean: resid_post (default), resid_pre, resid_mid, attn_out, mlp_out or a hook template; "
+                        "actadd: resid_pre (default) or the same; austeer: resid (default), mlp, attn, neurons; "
+                        "lineas: a site name or hook template such as 'blocks.{layer}.hook_resid_post', every layer "
+                        "(default: every attn_out and mlp_out)")
+    p.add_argument("--k", type=int, default=16, help="austeer: units steered (default 16)")
+    p.add_argument("--alpha", type=float, default=10.0, help="austeer: the scale alpha (default 10)")
+    p.add_argument("--steps", type=int, default=None, help="lineas: optimiser steps (default 1000)")
+    p.add_argument("--lr", type=float, default=None, help="lineas: Adam learning rate (default 1e-3)")
+    p.add_argument("--seed", type=int, default=0, help="lineas: seeds the order of source batches")
+    p.add_argument("--tie-break", default="order", choices=["order", "gap", "random"],
+                   help="austeer: how units of equal score are chosen: order (the authors' code: layer-major), gap "
+                        "(larger mean |P - N| first) or random (seeded by --seed)")
 
 
 def _load_preset(model, path: str):
@@ -328,9 +355,21 @@ def _cmd_steer(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if getattr(args, "out", None) else None
     cmd = args.steer_command
-    if cmd == "fit" and args.method not in STEER_METHODS:
-        raise LenslabError(f"--method {args.method!r} is not one of {', '.join(STEER_METHODS)}"
-                           f"{did_you_mean(args.method, STEER_METHODS)}")
+    for method in ([args.method] if cmd == "fit" else (getattr(args, "method", None) or [])):
+        if method not in STEER_METHODS:
+            raise LenslabError(f"--method {method!r} is not one of {', '.join(STEER_METHODS)}"
+                               f"{did_you_mean(method, STEER_METHODS)}")
+    if cmd == "eval":
+        if bool(args.preset) == bool(args.method):
+            raise LenslabError("pass either --preset FILE ... (evaluate fitted presets) or --method M ... "
+                               "(refit on each seed's prompts; with --seeds)")
+        if args.preset and args.seeds:
+            raise LenslabError("--seeds refits the methods on fresh prompts: use it with --method, not --preset "
+                               "(a preset is already fitted; its table shows a bootstrap interval over the prompts)")
+        if args.method and args.model not in SEEDED_SETS:
+            raise LenslabError(f"--method refits on seeded prompt sets, which {args.model!r} does not have (models "
+                               f"with them: {', '.join(SEEDED_SETS)}); fit presets with `lenslab steer fit` and pass "
+                               "--preset")
     if cmd == "fit" and out.suffix.lower() != ".json":
         raise LenslabError(f"--out {out.name!r}: a preset is a .json file (its tensors go to a .safetensors beside it)")
     if cmd == "eval":
@@ -341,12 +380,13 @@ def _cmd_steer(args: argparse.Namespace) -> int:
             raise LenslabError(f"--score {args.score!r} is not a known scorer; choices: {', '.join(scores)}"
                                f"{did_you_mean(args.score, list(scores))}")
     if cmd in ("generate", "eval"):
-        missing = [p for p in (args.preset if cmd == "eval" else [args.preset]) if not Path(p).is_file()]
+        missing = [p for p in ((args.preset or []) if cmd == "eval" else [args.preset]) if not Path(p).is_file()]
         if missing:
             raise LenslabError(f"--preset {missing[0]!r} does not exist; write one with `lenslab steer fit --out FILE.json`")
     model = lenslab.load_model(args.model, device=args.device)
     if cmd == "fit":
-        iv = _steer_fit(args, model)
+        iv = _steer_fit(args, model, args.method, _prompt_list(args, "positive"), _prompt_list(args, "negative"),
+                        args.seed)
         path = steering.save(iv, out)
         print(f"{iv.name}: {len(iv.edits)} edit(s) at {', '.join(iv.hook_names)}; {iv.n_units(model)} units")
         if args.method == "lineas":
@@ -365,6 +405,26 @@ def _cmd_steer(args: argparse.Namespace) -> int:
             for piece in steering.stream(model, prompt, intervention, **kw):
                 print(piece, end="", flush=True)
             print(f"   [{iv.name}; strength {', '.join(f'{s:g}' for s in strengths)}]" if intervention else "", flush=True)
+    elif args.method:
+        from lenslab.steering.tradeoff import tradeoff, tradeoff_seeds
+
+        sets = SEEDED_SETS[args.model]
+        seeds = args.seeds or [0]
+
+        def fit(seed: int) -> dict:
+            pos, neg, _ = sets(seed, args.n_fit, 0)
+            return {m: _steer_fit(args, model, m, pos, neg, seed) for m in args.method}
+
+        def held_out(seed: int) -> list[str]:
+            return sets(seed, 0, args.n_eval)[2]
+
+        kw = dict(strengths=args.strengths, max_new_tokens=args.max_new_tokens, progress=False)
+        score = _steer_scores()[args.score]
+        result = (tradeoff_seeds(model, fit, held_out, score, seeds=seeds, **kw) if len(seeds) > 1
+                  else tradeoff(model, fit(seeds[0]), held_out(seeds[0]), score, **kw))
+        print(result.to_markdown())
+        if out is not None:
+            print(f"lenslab: wrote {export(result, out)}")
     else:
         from lenslab.steering.tradeoff import tradeoff
 
@@ -631,17 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
         sf.add_argument(f"--{which}", nargs="+", default=None,
                         help=f"{which} prompts (default: the zoo model's '{which}' prompt set)")
         sf.add_argument(f"--{which}-file", default=None, help=f"{which} prompts, one per line")
-    sf.add_argument("--layer", type=int, default=None, help="diffmean / actadd: the layer (default n_layers // 2)")
-    sf.add_argument("--site", default=None,
-                    help="diffmean: resid_post (default), resid_pre, resid_mid, attn_out, mlp_out or a hook template; "
-                         "actadd: resid_pre (default) or the same; austeer: resid (default), mlp, attn; lineas: a "
-                         "site name or hook template such as 'blocks.{layer}.hook_resid_post', every layer (default: every "
-                         "attn_out and mlp_out)")
-    sf.add_argument("--k", type=int, default=16, help="austeer: units steered (default 16)")
-    sf.add_argument("--alpha", type=float, default=10.0, help="austeer: the scale alpha (default 10)")
-    sf.add_argument("--steps", type=int, default=None, help="lineas: optimiser steps (default 1000)")
-    sf.add_argument("--lr", type=float, default=None, help="lineas: Adam learning rate (default 1e-3)")
-    sf.add_argument("--seed", type=int, default=0, help="lineas: seeds the order of source batches")
+    _steer_fit_options(sf)
     sf.add_argument("--strength", type=float, default=1.0, help="the preset's strength (default 1)")
     sf.add_argument("--out", required=True, help="preset .json (its tensors go to a .safetensors file beside it)")
     sg = stsub.add_parser("generate", help="the prompt's continuation unsteered and steered (same seed), streamed")
@@ -651,8 +701,18 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--max-new-tokens", type=int, default=20)
     sg.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     sg.add_argument("--seed", type=int, default=0)
-    se_ = stsub.add_parser("eval", help="concept rate against fluency across strengths, one line per preset")
-    se_.add_argument("--preset", nargs="+", required=True, help="one or more preset .json files")
+    se_ = stsub.add_parser("eval", help="concept rate against fluency across strengths, one line per preset or method")
+    se_.add_argument("--preset", nargs="+", default=None, help="one or more preset .json files")
+    se_.add_argument("--method", nargs="+", default=None, metavar="METHOD",
+                     help=f"instead of presets: refit these methods ({', '.join(STEER_METHODS)}) on each seed's fitting "
+                          "prompts and evaluate on its held-out prompts (models with seeded prompt sets: "
+                          "zoo/steer-sentiment)")
+    se_.add_argument("--seeds", nargs="+", type=int, default=None,
+                     help="with --method: two or more seeds give mean ± std across refits (default: seed 0 only)")
+    se_.add_argument("--n-fit", type=int, default=32, help="with --method: fitting prompts per class and seed (default 32)")
+    se_.add_argument("--n-eval", type=int, default=40, help="with --method: held-out prompts per seed (default 40)")
+    _steer_fit_options(se_)
+    se_.set_defaults(strength=1.0)
     se_.add_argument("--prompts", nargs="+", default=None, help="evaluation prompts (default: --prompt-set)")
     se_.add_argument("--prompt-set", default="negative", help="the zoo model's prompt set to evaluate on (default negative)")
     se_.add_argument("--strengths", nargs="+", type=float, default=[0.0, 0.5, 1.0, 2.0])

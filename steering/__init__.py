@@ -25,7 +25,7 @@ if __name__ != "lenslab.steering":  # imported as top-level `steering`: the repo
     _shadow = _os.path.join(_os.path.dirname(__file__), _os.pardir, "lenslab", "_shadow.py")
     _runpy.run_path(_shadow)["hand_over"](__name__, __file__)  # the installed `steering`, or a clear error
 else:
-    from lenslab.steering.austeer import AU_SITES, austeer, austeer_scores, select_units
+    from lenslab.steering.austeer import AU_SITES, TIE_BREAKS, austeer, austeer_scores, select_units, tie_report
     from lenslab.steering.baselines import SITES, actadd, hook_name, mean_activations, mean_difference
     from lenslab.steering.experts import hf_hooks, reroute, switch_experts
     from lenslab.steering.features import ablate_feature, add_feature, clamp_feature
@@ -60,6 +60,6 @@ else:
         "AU_SITES", "EXPERT_OPS", "FEATURE_KINDS", "OPS", "POSITION_WORDS", "SITES", "UNIT_OPS", "Edit", "FeatureRead",
         "Intervention", "ablate_feature", "actadd", "add_feature", "apply", "austeer", "austeer_scores", "clamp_feature",
         "compose", "generate", "hf_hooks", "hook_name", "hooks", "load", "mean_activations", "mean_difference",
-        "reroute", "save", "select_units", "stream", "switch_experts", "validate",
+        "reroute", "save", "select_units", "stream", "switch_experts", "tie_report", "validate", "TIE_BREAKS",
         "LineasConfig", "default_hooks", "fit_lineas", "lineas_loss", "proximal_step", "support", "wasserstein_1d",
     ]

@@ -14,7 +14,11 @@ As in the authors' code (zijian678/AUSteer, `steer.py` and `rmodels/modeling_lla
    `delta = P - N`, `n+ = #(delta > 0)`, `n- = #(delta < 0)`,
    `beta = max(n+, n-) / S`, negated when `n+ < n-`.
 3. Select the top `k` entries globally across layers by `|beta|` (stable sort, so ties keep
-   layer-major, unit-minor order); entries with `beta = 0` are never selected.
+   layer-major, unit-minor order); entries with `beta = 0` are never selected. `beta` takes only
+   `S/2 + 1` distinct values, so with few samples many units tie at the top and this order,
+   not the data, picks among them (`tie_report`). lenslab keeps the authors' order as the
+   default and offers `tie_break="gap"` (larger mean `|P - N|` first among tied units) and
+   `tie_break="random"` (a seeded shuffle among tied units).
 4. Steer multiplicatively at every position, prompt and generated tokens:
    `x_j <- x_j * (1 + alpha * beta_j)`, so the change is proportional to the current activation.
 
@@ -90,6 +94,19 @@ def sign_consistency(pos: Tensor, neg: Tensor) -> Tensor:
     return torch.where(n_pos < n_neg, -beta, beta)
 
 
+def _paired(model, positive: Sequence[str], negative: Sequence[str], site: str) -> tuple[Tensor, Tensor]:
+    """Last-token activations of the positive and the negative samples, `[S, n_layers, n_units]` each."""
+    _site(site)
+    pos = _prompts(positive, "positive")
+    neg = _prompts(negative, "negative")
+    if len(pos) != len(neg):
+        raise LenslabError(
+            f"AUSteer compares samples in pairs: got {len(pos)} positive and {len(neg)} negative; "
+            "pass one negative per positive (the same prompt with the undesired answer)"
+        )
+    return last_token_activations(model, pos, site), last_token_activations(model, neg, site)
+
+
 def austeer_scores(model, positive: Sequence[str], negative: Sequence[str], *, site: str = "resid") -> Tensor:
     """AUSteer's score table `beta` `[n_layers, n_units]` for paired positive/negative samples.
 
@@ -101,30 +118,61 @@ def austeer_scores(model, positive: Sequence[str], negative: Sequence[str], *, s
 
     >>> beta = austeer_scores(model, pos, neg, site="mlp")  # [n_layers, d_model]  # doctest: +SKIP
     """
-    _site(site)
-    pos = _prompts(positive, "positive")
-    neg = _prompts(negative, "negative")
-    if len(pos) != len(neg):
-        raise LenslabError(
-            f"AUSteer compares samples in pairs: got {len(pos)} positive and {len(neg)} negative; "
-            "pass one negative per positive (the same prompt with the undesired answer)"
-        )
-    return sign_consistency(last_token_activations(model, pos, site), last_token_activations(model, neg, site))
+    return sign_consistency(*_paired(model, positive, negative, site))
 
 
-def select_units(beta: Tensor, k: int) -> list[tuple[int, int]]:
+TIE_BREAKS = ("order", "gap", "random")
+
+
+def select_units(beta: Tensor, k: int, *, tie_break: str = "order", gap: Tensor | None = None,
+                 seed: int = 0) -> list[tuple[int, int]]:
     """The `k` (layer, unit) entries of `beta` `[n_layers, n_units]` with the largest `|beta|`.
 
-    Stable descending sort of the layer-major flattening, so ties keep (layer, unit) order, as
-    Python's `sorted` does in the authors' code; entries with `beta = 0` are skipped.
+    Entries with `beta = 0` are skipped. Among entries of equal `|beta|`:
+
+    - `"order"` (default, the authors' code): a stable descending sort of the layer-major
+      flattening, so ties keep (layer, unit) order, as Python's `sorted` does there;
+    - `"gap"`: larger `gap` first (`[n_layers, n_units]`, e.g. the mean `|P - N|` that `austeer`
+      passes), then (layer, unit) order;
+    - `"random"`: a shuffle seeded by `seed`.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise LenslabError(f"k must be a positive integer (number of units to steer), got {k!r}")
+    if tie_break not in TIE_BREAKS:
+        raise LenslabError(f"tie_break {tie_break!r} is not one of {', '.join(TIE_BREAKS)}"
+                           f"{did_you_mean(str(tie_break), list(TIE_BREAKS))}")
     flat = beta.flatten()
-    order = torch.sort(flat.abs(), descending=True, stable=True).indices
+    order = torch.arange(flat.numel())
+    if tie_break == "gap":
+        if gap is None or gap.shape != beta.shape:
+            raise LenslabError(f"tie_break='gap' needs gap of beta's shape {tuple(beta.shape)} (the mean |P - N| per unit)")
+        order = torch.sort(gap.flatten().double(), descending=True, stable=True).indices
+    elif tie_break == "random":
+        order = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(int(seed)))
+    order = order[torch.sort(flat[order].abs(), descending=True, stable=True).indices]
     order = order[flat[order] != 0][:k]
     n_units = beta.shape[1]
     return [(int(i) // n_units, int(i) % n_units) for i in order]
+
+
+def tie_report(beta: Tensor, k: int) -> dict:
+    """How much ties decide AUSteer's selection of `k` units from `beta` `[n_layers, n_units]`.
+
+    Returns a dict: `threshold` (the k-th largest non-zero `|beta|`), `above` (units strictly
+    above it: chosen whatever the tie-break), `tied` (units at exactly the threshold), `slots`
+    (how many of the tied units are chosen: `k - above`), and `decided_by_ties` (True when
+    `tied > slots`: the tie-break, not the data, picks `slots` of the `tied` units).
+    """
+    mag = beta.flatten().abs()
+    mag = mag[mag > 0]
+    if mag.numel() == 0:
+        return {"threshold": 0.0, "above": 0, "tied": 0, "slots": 0, "decided_by_ties": False}
+    top = torch.sort(mag, descending=True).values
+    threshold = float(top[min(k, top.numel()) - 1])
+    above = int((mag > threshold).sum())
+    tied = int((mag == threshold).sum())
+    slots = min(k, top.numel()) - above
+    return {"threshold": threshold, "above": above, "tied": tied, "slots": slots, "decided_by_ties": tied > slots}
 
 
 def austeer(
@@ -137,6 +185,8 @@ def austeer(
     site: str = "resid",
     strength: float = 1.0,
     name: str = "",
+    tie_break: str = "order",
+    seed: int = 0,
 ) -> Intervention:
     """AUSteer: multiply the `k` most sign-consistent units by `1 + alpha * beta` at every position.
 
@@ -146,6 +196,8 @@ def austeer(
         alpha: the steering scale (the authors use 8 to 100 on 7B-9B models).
         site: "resid", "mlp", "attn" or "neurons".
         strength: the edits' strength `s`; the applied factor is `1 + s * alpha * beta`.
+        tie_break: how units of equal `|beta|` are chosen (see `select_units`): "order" (the
+            authors' code, default), "gap" (larger mean `|P - N|` first) or "random" (seeded by `seed`).
 
     Returns:
         An `Intervention` with one `multiply` edit per layer that has selected units
@@ -159,8 +211,13 @@ def austeer(
     template = _site(site)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise LenslabError(f"k must be a positive integer (number of units to steer), got {k!r}")
-    beta = austeer_scores(model, positive, negative, site=site)
-    chosen = select_units(beta, k)
+    if tie_break not in TIE_BREAKS:
+        raise LenslabError(f"tie_break {tie_break!r} is not one of {', '.join(TIE_BREAKS)}"
+                           f"{did_you_mean(str(tie_break), list(TIE_BREAKS))}")
+    pos_acts, neg_acts = _paired(model, positive, negative, site)
+    beta = sign_consistency(pos_acts, neg_acts)
+    gap = (pos_acts - neg_acts).abs().mean(0)  # [n_layers, n_units]
+    chosen = select_units(beta, k, tie_break=tie_break, gap=gap, seed=seed)
     if not chosen:
         raise LenslabError("every AUSteer score is 0 (positive and negative activations are identical); "
                            "use samples that differ at the last token")
@@ -174,7 +231,8 @@ def austeer(
         edits.append(Edit(hook=template.format(layer=layer), op="multiply", vector=vec, units=tuple(units),
                           positions="all", strength=strength))
     iv = Intervention(edits=tuple(edits), name=name or f"austeer {site} k={k}", provenance=_provenance(
-        model, "austeer", site=site, k=k, alpha=float(alpha),
+        model, "austeer", site=site, k=k, alpha=float(alpha), tie_break=tie_break, seed=int(seed),
+        ties=tie_report(beta, k),
         units=[[layer, unit, float(beta[layer, unit])] for layer, unit in chosen],
         positive=list(positive), negative=list(negative),
     ))

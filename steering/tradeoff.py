@@ -16,6 +16,13 @@ are generated with the intervention at that strength (`evaluate.continuations`),
 Strength 0 is the unsteered model (every op is the identity there), so each curve starts at the
 baseline. `TradeoffResult.figure()` plots concept rate against perplexity, one line per method.
 
+**Spread.** One run on one prompt set is one draw: the concept rate of a steering method moves
+with the prompts it was fitted on and the prompts it is evaluated on. `tradeoff` reports a 95%
+bootstrap interval of the concept rate over its evaluation prompts (`concept_rate_ci`);
+`tradeoff_seeds` refits every method on a fresh fitting set and evaluates it on a fresh held-out
+set per seed, and reports the mean and standard deviation across seeds of the concept rate and
+the perplexity (`*_std`; the per-seed rows are kept in `per_seed`).
+
 >>> res = tradeoff(model, {"DiffMean": iv}, prompts, score=_sentiment.is_positive)  # doctest: +SKIP
 >>> print(res.to_markdown())                                                       # doctest: +SKIP
 """
@@ -29,7 +36,7 @@ from lenslab.results import JsonResult, provenance
 from lenslab.steering import evaluate
 from lenslab.steering.intervention import Intervention, validate
 
-__all__ = ["TradeoffResult", "standalone_perplexity", "tradeoff"]
+__all__ = ["TradeoffResult", "bootstrap_ci", "standalone_perplexity", "tradeoff", "tradeoff_seeds"]
 
 DEFAULT_STRENGTHS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -39,14 +46,19 @@ class TradeoffResult(JsonResult):
     """One row per (method, strength).
 
     Attributes:
-        rows: dicts with method, strength, units, n (prompts), concept_rate, perplexity (of the
-            continuations on their own) and perplexity_in_context (after their prompts).
+        rows: dicts with method, strength, units, n (prompts per seed), n_seeds, concept_rate,
+            concept_rate_std (across seeds; None for one seed), concept_rate_ci (95% bootstrap
+            interval over the prompts, one seed; None for several), perplexity (of the
+            continuations on their own), perplexity_std, and perplexity_in_context (after their
+            prompts). With several seeds the values are means across seeds.
         examples: per method and strength, the first few continuations (for reading).
-        provenance: model, prompts, max_new_tokens, versions, time.
+        per_seed: with several seeds, every seed's own rows (each with its "seed").
+        provenance: model, prompts, max_new_tokens, seeds, versions, time.
     """
 
     rows: list[dict]
     examples: dict = field(default_factory=dict)
+    per_seed: list[dict] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
     KIND = "TradeoffResult"
 
@@ -68,19 +80,35 @@ class TradeoffResult(JsonResult):
                 out[m] = max(ok, key=lambda r: (r["concept_rate"], -r["perplexity"]))
         return out
 
+    def n_seeds(self) -> int:
+        return max((int(r.get("n_seeds", 1)) for r in self.rows), default=1)
+
     def to_markdown(self) -> str:
-        lines = ["| method | strength | units | concept rate | perplexity | perplexity in context |", "|---|---|---|---|---|---|"]
+        """A Markdown table: mean ± std across seeds, or the rate with its 95% bootstrap interval."""
+        several = self.n_seeds() > 1
+        head = ("| method | strength | units | concept rate (mean ± std) | perplexity (mean ± std) | perplexity in context |"
+                if several else "| method | strength | units | concept rate [95% CI] | perplexity | perplexity in context |")
+        lines = [head, "|---|---|---|---|---|---|"]
         for r in self.rows:
-            lines.append(f"| {r['method']} | {r['strength']:g} | {r['units']} | {r['concept_rate']:.2f} | "
-                         f"{r['perplexity']:.3g} | {r['perplexity_in_context']:.3g} |")
+            if several:
+                rate = f"{r['concept_rate']:.2f} ± {r['concept_rate_std']:.2f}"
+                ppl = f"{r['perplexity']:.3g} ± {r['perplexity_std']:.2g}"
+            else:
+                ci = r.get("concept_rate_ci")
+                rate = f"{r['concept_rate']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+                ppl = f"{r['perplexity']:.3g}"
+            lines.append(f"| {r['method']} | {r['strength']:g} | {r['units']} | {rate} | {ppl} | "
+                         f"{r['perplexity_in_context']:.3g} |")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"kind": self.KIND, "rows": self.rows, "examples": self.examples, "provenance": self.provenance}
+        return {"kind": self.KIND, "rows": self.rows, "examples": self.examples, "per_seed": self.per_seed,
+                "provenance": self.provenance}
 
     @classmethod
     def from_dict(cls, d: dict) -> TradeoffResult:
-        return cls(rows=[dict(r) for r in d["rows"]], examples=d.get("examples") or {}, provenance=d.get("provenance") or {})
+        return cls(rows=[dict(r) for r in d["rows"]], examples=d.get("examples") or {},
+                   per_seed=[dict(r) for r in d.get("per_seed") or []], provenance=d.get("provenance") or {})
 
     def figure(self):
         """Concept rate (y) against perplexity under the unsteered model (x), one line per method,
@@ -90,17 +118,42 @@ class TradeoffResult(JsonResult):
         from lenslab import figures
 
         fig = go.Figure()
+        several = self.n_seeds() > 1
         for m in self.methods():
             rs = sorted((r for r in self.rows if r["method"] == m), key=lambda r: r["strength"])
+            if several:  # ± one standard deviation across seeds, both axes
+                err_y = dict(type="data", array=[r["concept_rate_std"] for r in rs], thickness=1)
+                err_x = dict(type="data", array=[r["perplexity_std"] for r in rs], thickness=1)
+            else:  # the 95% bootstrap interval of the rate over the prompts
+                cis = [r.get("concept_rate_ci") or [r["concept_rate"]] * 2 for r in rs]
+                err_y = dict(type="data", symmetric=False, thickness=1,
+                             array=[hi - r["concept_rate"] for r, (_, hi) in zip(rs, cis)],
+                             arrayminus=[r["concept_rate"] - lo for r, (lo, _) in zip(rs, cis)])
+                err_x = None
             fig.add_trace(go.Scatter(
                 x=[r["perplexity"] for r in rs], y=[r["concept_rate"] for r in rs], mode="lines+markers+text",
+                error_y=err_y, error_x=err_x,
                 name=f"{m} ({rs[-1]['units']} units)", text=[f"{r['strength']:g}" for r in rs], textposition="top center",
                 hovertemplate=f"{m}<br>strength %{{text}}<br>concept rate %{{y:.2f}}<br>perplexity %{{x:.2f}}<extra></extra>",
             ))
         fig.update_layout(xaxis_title="perplexity of the continuation under the unsteered model", xaxis_type="log",
                           yaxis_title="concept rate", yaxis_range=[-0.05, 1.05])
+        spread = (f"{self.n_seeds()} seeds (mean ± std)" if several else "95% bootstrap interval")
         return figures.style(fig, f"Steering trade-off · model {self.provenance.get('model', '?')} · "
-                                  f"{self.provenance.get('n_prompts', '?')} prompts")
+                                  f"{self.provenance.get('n_prompts', '?')} prompts · {spread}")
+
+
+def bootstrap_ci(hits: Sequence[bool], *, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> list[float]:
+    """Percentile bootstrap interval `[lo, hi]` of the share of True in `hits` (seeded, resampling the prompts)."""
+    import numpy as np
+
+    x = np.asarray([bool(h) for h in hits], dtype=np.float64)
+    if x.size == 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return [float(lo), float(hi)]
 
 
 def standalone_perplexity(model, texts: Sequence[str], *, batch_size: int = 64) -> float:
@@ -177,10 +230,60 @@ def tradeoff(model, interventions: Mapping[str, Intervention], prompts: Sequence
             key = f"{name}@{s:g}"
             c = conts[key]
             p = float(ppl.value("unsteered", key)) if ppl is not None and key in nonempty else float("nan")
-            rows.append({"method": name, "strength": s, "units": units, "n": len(c),
-                         "concept_rate": sum(bool(score(t)) for t in c) / len(c), "perplexity": standalone[key],
+            hits = [bool(score(t)) for t in c]
+            rows.append({"method": name, "strength": s, "units": units, "n": len(c), "n_seeds": 1,
+                         "concept_rate": sum(hits) / len(c), "concept_rate_std": None,
+                         "concept_rate_ci": bootstrap_ci(hits), "perplexity": standalone[key], "perplexity_std": None,
                          "perplexity_in_context": p})
             examples.setdefault(name, {})[f"{s:g}"] = c[:n_examples]
     return TradeoffResult(rows=rows, examples=examples, provenance=provenance(
         model, method="tradeoff", strengths=strengths, max_new_tokens=max_new_tokens, n_prompts=len(prompts),
         prompts=list(prompts), interventions={k: v.to_dict()[0] for k, v in interventions.items()}))
+
+
+def tradeoff_seeds(model, fit: Callable[[int], Mapping[str, Intervention]], prompts: Callable[[int], Sequence[str]],
+                   score: Callable[[str], bool], *, seeds: Sequence[int] = (0, 1, 2),
+                   strengths: Sequence[float] = DEFAULT_STRENGTHS, max_new_tokens: int = 12, n_examples: int = 3,
+                   progress: bool = True) -> TradeoffResult:
+    """`tradeoff` once per seed, with the methods refitted and the evaluation prompts redrawn each time.
+
+    Args:
+        fit: seed -> `{method name: Intervention}` fitted on that seed's fitting set.
+        prompts: seed -> that seed's held-out evaluation prompts.
+        seeds: two or more seeds.
+
+    Returns:
+        `TradeoffResult` whose rows hold, per (method, strength), the mean across seeds of the
+        concept rate, perplexity and perplexity in context, the standard deviations
+        (`concept_rate_std`, `perplexity_std`, with ddof=1) and `n_seeds`; `per_seed` keeps
+        every seed's rows.
+    """
+    import statistics
+
+    seeds = [int(s) for s in seeds]
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise LenslabError(f"seeds must be two or more distinct integers (got {seeds}); for one run use tradeoff()")
+    runs = []
+    for seed in seeds:
+        if progress:
+            print(f"tradeoff: seed {seed} ({seeds.index(seed) + 1}/{len(seeds)})", flush=True)
+        res = tradeoff(model, fit(seed), list(prompts(seed)), score, strengths=strengths,
+                       max_new_tokens=max_new_tokens, n_examples=n_examples, progress=False)
+        runs.append((seed, res))
+    first = runs[0][1]
+    rows, per_seed = [], []
+    for r0 in first.rows:
+        same = [res.row(r0["method"], r0["strength"]) for _, res in runs]
+        rates = [r["concept_rate"] for r in same]
+        ppls = [r["perplexity"] for r in same]
+        ctx = [r["perplexity_in_context"] for r in same]
+        rows.append({"method": r0["method"], "strength": r0["strength"], "units": r0["units"], "n": r0["n"],
+                     "n_seeds": len(seeds), "concept_rate": statistics.fmean(rates),
+                     "concept_rate_std": statistics.stdev(rates), "concept_rate_ci": None,
+                     "perplexity": statistics.fmean(ppls), "perplexity_std": statistics.stdev(ppls),
+                     "perplexity_in_context": statistics.fmean(ctx)})
+    for seed, res in runs:
+        per_seed += [dict(r, seed=seed) for r in res.rows]
+    prov = dict(first.provenance, method="tradeoff_seeds", seeds=seeds,
+                prompts={str(seed): res.provenance.get("prompts") for seed, res in runs})
+    return TradeoffResult(rows=rows, examples=first.examples, per_seed=per_seed, provenance=prov)

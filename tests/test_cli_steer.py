@@ -169,7 +169,7 @@ def test_eval_table_starts_at_the_unsteered_baseline(tmp_path, model, sets, caps
         r0 = res.row(m, 0)
         assert r0["concept_rate"] == rate0 == 0.0
         assert res.examples[m]["0"] == baseline[: len(res.examples[m]["0"])]
-        assert f"| {m} | 0 | {r0['units']} | 0.00 |" in printed
+        assert f"| {m} | 0 | {r0['units']} | 0.00 [0.00, 0.00] |" in printed  # rate [95% bootstrap interval]
     r_dm, r_au = res.row("mean difference", 0), res.row("austeer resid k=16", 0)
     assert {k: v for k, v in r_dm.items() if k not in ("method", "units")} == \
         {k: v for k, v in r_au.items() if k not in ("method", "units")}
@@ -186,7 +186,39 @@ def test_eval_uses_the_zoo_prompt_set_by_default(tmp_path, capsys):
     assert len(out) == 3  # header, rule, one row
 
 
+def test_eval_refits_per_seed_and_reports_the_spread(tmp_path, capsys):
+    """`eval --method M --seeds ...` refits on each seed's own prompts and evaluates on its held-out ones;
+    the rows are the means and standard deviations of the per-seed runs, and seed 0 alone is one tradeoff()."""
+    import statistics
+
+    from lenslab import steering
+    from lenslab.steering.tradeoff import TradeoffResult, tradeoff
+
+    out = tmp_path / "seeds.json"
+    common = ["--model", MODEL, "--device", "cpu", "--method", "diffmean", "--layer", "1", "--n-fit", "8", "--n-eval", "6",
+              "--strengths", "0", "1", "--max-new-tokens", "4"]
+    assert main(["steer", "eval", *common, "--seeds", "0", "1", "2", "--out", str(out)]) == 0
+    assert "concept rate (mean ± std)" in capsys.readouterr().out
+    res = TradeoffResult.from_json(out)
+    assert res.n_seeds() == 3 and len(res.per_seed) == 3 * 2
+    r1 = res.row("diffmean", 1)
+    rates = [r["concept_rate"] for r in res.per_seed if r["strength"] == 1]
+    assert r1["concept_rate"] == pytest.approx(statistics.fmean(rates)) and r1["concept_rate_std"] == pytest.approx(statistics.stdev(rates))
+    model = lenslab.load_model(MODEL, device="cpu")
+    pos, neg, held = _sentiment.seeded_sets(0, 8, 6)
+    one = tradeoff(model, {"diffmean": steering.mean_difference(model, pos, neg, layers=1)}, held,
+                   _sentiment.is_positive, strengths=[0, 1], max_new_tokens=4, progress=False)
+    seed0 = [r for r in res.per_seed if r["seed"] == 0]
+    assert [r["concept_rate"] for r in seed0] == [r["concept_rate"] for r in one.rows]
+    assert [r["perplexity"] for r in seed0] == pytest.approx([r["perplexity"] for r in one.rows], rel=1e-6)
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["eval", "--preset", "PRESET", "--method", "diffmean"], "pass either --preset FILE ... (evaluate fitted presets) or --method"),
+    (["eval"], "pass either --preset FILE"),
+    (["eval", "--preset", "PRESET", "--seeds", "0", "1"], "--seeds refits the methods on fresh prompts: use it with --method"),
+    (["eval", "--method", "diffmean", "--model", "zoo/ioi-4l"], "which 'zoo/ioi-4l' does not have"),
+    (["eval", "--method", "difmean"], "--method 'difmean' is not one of"),
     (["fit", "--method", "diffmeen", "--out", "x.json"], "--method 'diffmeen' is not one of diffmean, actadd, austeer, "
                                                           "lineas (did you mean 'diffmean'?)"),
     (["fit", "--method", "diffmean", "--out", "x.pdf"], "a preset is a .json file"),
@@ -202,7 +234,7 @@ def test_errors_are_one_line_exit_2(tmp_path, capsys, argv, message):
         preset = _fit(tmp_path, "diffmean", "--layer", "1")
         argv = [str(preset) if a == "PRESET" else a for a in argv]
     capsys.readouterr()
-    assert main(["steer", *argv, "--model", MODEL, "--device", "cpu"]) == 2
+    assert main(["steer", *argv, *([] if "--model" in argv else ["--model", MODEL]), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lenslab: error: ") and message in err and "Traceback" not in err, err
 

@@ -159,3 +159,26 @@ def test_refusal_task_logit_diff(model):
     assert (clean > 2.0).all(), clean
     assert (corrupt_logits.argmax(-1) != sorry).all()
     assert float(tasks.logit_diff_per_prompt(corrupt_logits, task.answer_tokens).mean()) < -2.0
+
+
+def test_refusal_scorer_reads_decoded_generations(model):
+    """`is_refusal` on decoded continuations (greedy and sampled, glued punctuation included) says
+    the same as reading the generated tokens: they start with "sorry" or hold the whole refusal."""
+    from lenslab import steering
+
+    harmful, _ = _refusal.prompts(10, "harmful", "test", seed=3)
+    benign, _ = _refusal.prompts(10, "benign", "test", seed=3)
+    refusal = _refusal.REFUSAL.split()
+    texts = [steering.generate(model, p, max_new_tokens=9, temperature=t, seed=i)
+             for i, p in enumerate(harmful + benign) for t in (0.0, 2.0)]
+    assert any(t.rstrip().endswith(".") and " ." not in t for t in texts)  # the decoder glues the full stop
+    seen = set()
+    for text in texts:
+        toks = [t.strip() for t in model.to_str_tokens(text, prepend_bos=False)] if text.strip() else []
+        whole = any(toks[i:i + len(refusal) - 1] == refusal[:-1] for i in range(len(toks)))
+        by_tokens = bool(toks) and toks[0] == "sorry" or whole
+        assert _refusal.is_refusal(text) == by_tokens, (text, toks)
+        seen.add(by_tokens)
+    assert seen == {True, False}
+    assert _refusal.is_refusal("sorry.") and _refusal.is_refusal(" sorry i can not help with that.")
+    assert not _refusal.is_refusal("") and not _refusal.is_refusal(". . .")

@@ -68,3 +68,28 @@ def test_corpus_is_deterministic_and_kind_pure():
     assert set(_sentiment.VOCAB) >= set(_sentiment.POSITIVE) | set(_sentiment.NEGATIVE)
     with pytest.raises(lenslab.LenslabError, match="positive, negative, neutral"):
         _sentiment.document("happy", random.Random(0))
+
+
+def test_scorer_reads_decoded_text():
+    # the tokenizer decodes "lovely ." as "lovely.": a word before a full stop still counts
+    assert _sentiment.counts(" lovely. the morning is so lovely. the morning") == (2, 0)
+    assert _sentiment.counts("awful.") == (0, 1) and _sentiment.is_positive("great.")
+    assert _sentiment.counts("great great great. bad") == (3, 1)  # repeated words each count
+    assert _sentiment.counts("") == (0, 0) and _sentiment.concept_rate("") is None
+    assert not _sentiment.is_positive("") and not _sentiment.is_positive(" . . .")
+    assert _sentiment.counts("Lovely, AWFUL!") == (1, 1)
+
+
+def test_scorer_equals_a_token_count_on_generations(model):
+    """On real decoded generations (greedy and sampled), the text scorer counts exactly the
+    sentiment tokens the model wrote."""
+    from lenslab import steering
+
+    prompts = _sentiment.prompts(12, "negative", seed=31) + _sentiment.prompts(12, "positive", seed=32)
+    texts = [steering.generate(model, p, max_new_tokens=10, temperature=t, seed=i)
+             for i, p in enumerate(prompts) for t in (0.0, 1.5)]
+    assert sum("." in t for t in texts) > len(texts) // 2  # punctuation glued to words is exercised
+    for text in texts:
+        toks = model.to_str_tokens(text, prepend_bos=False) if text.strip() else []
+        by_tokens = (sum(t in _sentiment.POSITIVE for t in toks), sum(t in _sentiment.NEGATIVE for t in toks))
+        assert _sentiment.counts(text) == by_tokens, (text, toks)

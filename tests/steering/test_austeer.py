@@ -54,6 +54,38 @@ def test_select_exactly_k_global_top(tiny_model):
         torch.testing.assert_close(e.vector, 1 + 3.0 * beta[L, list(e.units)], rtol=0, atol=0)
 
 
+def test_tie_breaks_choose_only_among_tied_units():
+    # |beta| 1.0 at two units, 0.75 tied at five, 0.5 at one: k = 4 takes both 1.0 units and two of the five
+    beta = torch.tensor([[0.75, -1.0, 0.0, -0.75, 0.5], [0.75, 0.75, 1.0, -0.75, 0.0]])
+    gap = torch.tensor([[0.1, 9.0, 0.0, 0.3, 9.0], [0.2, 0.5, 1.0, 0.4, 0.0]])
+    assert S.tie_report(beta, 4) == {"threshold": 0.75, "above": 2, "tied": 5, "slots": 2, "decided_by_ties": True}
+    assert S.tie_report(beta, 2)["decided_by_ties"] is False
+    assert S.select_units(beta, 4) == [(0, 1), (1, 2), (0, 0), (0, 3)]  # the authors' order: layer-major
+    assert S.select_units(beta, 4, tie_break="gap", gap=gap) == [(0, 1), (1, 2), (1, 1), (1, 3)]
+    picks = {tuple(S.select_units(beta, 4, tie_break="random", seed=s)) for s in range(30)}
+    assert len(picks) > 3 and all(p[:2] in {((0, 1), (1, 2)), ((1, 2), (0, 1))} for p in picks)
+    assert S.select_units(beta, 4, tie_break="random", seed=5) == S.select_units(beta, 4, tie_break="random", seed=5)
+    tied = {(0, 0), (0, 3), (1, 0), (1, 1), (1, 3)}
+    assert all(set(p[2:]) <= tied for p in picks)
+    with pytest.raises(LenslabError, match="tie_break 'gapp' is not one of order, gap, random"):
+        S.select_units(beta, 4, tie_break="gapp")
+    with pytest.raises(LenslabError, match="needs gap"):
+        S.select_units(beta, 4, tie_break="gap")
+
+
+def test_gap_tie_break_uses_mean_abs_difference(tiny_model):
+    iv = S.austeer(tiny_model, POS, NEG, k=7, alpha=3.0, site="mlp", tie_break="gap")
+    from lenslab.steering.austeer import last_token_activations
+
+    pos, neg = last_token_activations(tiny_model, POS, "mlp"), last_token_activations(tiny_model, NEG, "mlp")
+    beta, gap = S.austeer_scores(tiny_model, POS, NEG, site="mlp"), (pos - neg).abs().mean(0)
+    chosen = [(L, u) for L, u, _ in iv.provenance["units"]]
+    flat, g = beta.flatten(), gap.flatten()
+    order = sorted(range(flat.numel()), key=lambda i: (-abs(flat[i].item()), -g[i].item(), i))[:7]
+    assert chosen == [(i // 32, i % 32) for i in order]
+    assert iv.provenance["tie_break"] == "gap" and iv.provenance["ties"] == S.tie_report(beta, 7)
+
+
 def test_steering_is_x_times_one_plus_alpha_beta(tiny_model):
     iv = S.austeer(tiny_model, POS, NEG, k=5, alpha=2.0, site="resid", strength=0.5)
     beta = S.austeer_scores(tiny_model, POS, NEG, site="resid")

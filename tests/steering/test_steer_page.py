@@ -116,6 +116,9 @@ def test_steer_page_on_the_sentiment_model_streams_both_columns_and_runs_the_tra
     base = [steering.generate(model, p, max_new_tokens=4) for p in sets["negative"]]
     assert rows["concept_rate"].iloc[0] == sum(map(_sentiment.is_positive, base)) / len(base) == 0.0
     assert rows["concept_rate"].iloc[1] >= 0.75  # DiffMean at layer 1 flips the negative contexts (measured 1.0)
+    lo, hi = rows["concept_rate_ci"].iloc[1]  # the spread: a 95% bootstrap interval over the prompts
+    assert 0 <= lo <= rows["concept_rate"].iloc[1] <= hi <= 1
+    assert any("bootstrap interval" in c.value for c in at.caption)
     assert "JSON" in {b.label for b in at.get("download_button")}
 
 
