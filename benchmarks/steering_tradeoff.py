@@ -70,18 +70,16 @@ def best_within(res, budget: float = PPL_BUDGET) -> dict[str, dict]:
     seeds = res.provenance["seeds"]
     out = {}
     for m in res.methods():
-        picks = []
+        picks, ratios = [], []
         for s in seeds:
             rows = [r for r in res.per_seed if r["seed"] == s and r["method"] == m]
             base = next(r["perplexity"] for r in rows if r["strength"] == 0)
             ok = [r for r in rows if r["perplexity"] <= budget * base]
             picks.append(max(ok, key=lambda r: (r["concept_rate"], -r["perplexity"])))
+            ratios.append(picks[-1]["perplexity"] / base)
         rates = [p["concept_rate"] for p in picks]
         out[m] = {"rate": statistics.fmean(rates), "std": statistics.stdev(rates),
-                  "strengths": [p["strength"] for p in picks],
-                  "ppl_ratio": statistics.fmean(p["perplexity"] / next(r["perplexity"] for r in res.per_seed
-                                                if r["seed"] == s and r["method"] == m and r["strength"] == 0)
-                                                for p, s in zip(picks, seeds))}
+                  "strengths": [p["strength"] for p in picks], "ppl_ratio": statistics.fmean(ratios)}
     return out
 
 

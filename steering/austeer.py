@@ -124,6 +124,12 @@ def austeer_scores(model, positive: Sequence[str], negative: Sequence[str], *, s
 TIE_BREAKS = ("order", "gap", "random")
 
 
+def _check_tie_break(tie_break: str) -> None:
+    if tie_break not in TIE_BREAKS:
+        raise LenslabError(f"tie_break {tie_break!r} is not one of {', '.join(TIE_BREAKS)}"
+                           f"{did_you_mean(str(tie_break), list(TIE_BREAKS))}")
+
+
 def select_units(beta: Tensor, k: int, *, tie_break: str = "order", gap: Tensor | None = None,
                  seed: int = 0) -> list[tuple[int, int]]:
     """The `k` (layer, unit) entries of `beta` `[n_layers, n_units]` with the largest `|beta|`.
@@ -138,9 +144,7 @@ def select_units(beta: Tensor, k: int, *, tie_break: str = "order", gap: Tensor 
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise LenslabError(f"k must be a positive integer (number of units to steer), got {k!r}")
-    if tie_break not in TIE_BREAKS:
-        raise LenslabError(f"tie_break {tie_break!r} is not one of {', '.join(TIE_BREAKS)}"
-                           f"{did_you_mean(str(tie_break), list(TIE_BREAKS))}")
+    _check_tie_break(tie_break)
     flat = beta.flatten()
     order = torch.arange(flat.numel())
     if tie_break == "gap":
@@ -211,9 +215,7 @@ def austeer(
     template = _site(site)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise LenslabError(f"k must be a positive integer (number of units to steer), got {k!r}")
-    if tie_break not in TIE_BREAKS:
-        raise LenslabError(f"tie_break {tie_break!r} is not one of {', '.join(TIE_BREAKS)}"
-                           f"{did_you_mean(str(tie_break), list(TIE_BREAKS))}")
+    _check_tie_break(tie_break)
     pos_acts, neg_acts = _paired(model, positive, negative, site)
     beta = sign_consistency(pos_acts, neg_acts)
     gap = (pos_acts - neg_acts).abs().mean(0)  # [n_layers, n_units]
