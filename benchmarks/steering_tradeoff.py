@@ -2,7 +2,7 @@
 
     python benchmarks/steering_tradeoff.py tradeoff [--seeds 0 1 2 3 4]   # the table and figure (~2 min a seed)
     python benchmarks/steering_tradeoff.py ties                          # AUSteer's ties against the sample count (~1 min)
-    python benchmarks/steering_tradeoff.py budget [--seeds 0 1 2]        # concept rate vs fitting samples (~25 min)
+    python benchmarks/steering_tradeoff.py budget [--seeds 0 1 2]        # concept rate vs fitting samples (~40 min)
 
 Seed `s` fits every method on 32 positive and 32 negative contexts (`lenslab._sentiment.prompts`,
 seeds 11 + 100 s and 12 + 100 s) and steers 40 held-out negative contexts (seed 99 + 100 s) towards
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 IMG = ROOT / "docs" / "img"
 STRENGTHS = (0, 0.5, 0.75, 1, 1.5, 2)
-BUDGET_STRENGTHS = (0, 0.5, 1, 1.5, 2)
+BUDGET_STRENGTHS = (0, 0.5, 0.75, 1, 1.25, 1.5, 2)  # DiffMean turns between 0.5 and 1
 BUDGETS = (8, 16, 32, 64, 128, 256)
 N_EVAL = 40
 MAX_NEW = 10

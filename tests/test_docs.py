@@ -99,6 +99,7 @@ def test_strict_build_fails_on_a_broken_link(tmp_path):
     shutil.copytree(ROOT / "docs", tmp_path / "docs", ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "lenslab").symlink_to(ROOT / "lenslab", target_is_directory=True)
     (tmp_path / "pyproject.toml").symlink_to(ROOT / "pyproject.toml")
+    (tmp_path / "benchmarks").symlink_to(ROOT / "benchmarks", target_is_directory=True)  # the included tables
     with open(tmp_path / "docs" / "index.md", "a", encoding="utf-8") as f:
         f.write("\nSee [the missing page](no-such-page.md).\n")
     proc = _build(tmp_path / "mkdocs.yml", tmp_path / "site")

@@ -1,9 +1,11 @@
 """`steering.tradeoff` on zoo/steer-sentiment: the strength-0 rows are the unsteered model
 (checked against `generate` and TransformerLens's own loss), and the methods move the concept
-by the margins docs/steering.md reports, within stated fluency bounds."""
+as benchmarks/steering_tradeoff.py measured across seeds (the file docs/steering.md includes), with
+margins taken from that spread."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from lenslab._errors import LenslabError
 from lenslab.steering.tradeoff import TradeoffResult, standalone_perplexity, tradeoff
 
 N_NEW = 8
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -55,30 +58,59 @@ def test_strength_zero_is_the_unsteered_model(model, contrast, evalset):
     assert res.row("DiffMean", 1)["concept_rate"] >= 0.75  # the full vector flips negative contexts
 
 
-def test_methods_move_the_concept_within_fluency_bounds(model, contrast, evalset):
-    pos, neg = contrast
-    ivs = {
-        "DiffMean": steering.mean_difference(model, pos, neg, layers=1),
-        "DiffMean (prompt)": steering.mean_difference(model, pos, neg, layers=1, positions="prompt"),
-        "ActAdd": steering.actadd(model, "the day was lovely .", "the day was awful .", layer=1),
-        "AUSteer (neurons)": steering.austeer(model, pos, neg, k=16, alpha=20.0, site="neurons"),
-        "LinEAS": steering.fit_lineas(model, neg, pos, config=steering.LineasConfig(steps=300, lr=1e-2, progress=False)),
-    }
-    res = tradeoff(model, ivs, evalset, S.is_positive, strengths=(0, 0.75, 1, 1.5), max_new_tokens=N_NEW,
-                   progress=False)
-    base_ppl = res.row("LinEAS", 0)["perplexity"]
-    # (method, strength): concept rate at least this, perplexity at most this x the unsteered one
-    # (measured on 40 prompts and 10 tokens for docs/steering.md: 0.33 / 1.6x, 0.53 / 2.2x, 0.15 / 1.1x,
-    # 0.62 / 1.1x, 0.68 / 1.7x)
-    for method, s, rate, ppl in [("DiffMean", 0.75, 0.15, 2.5), ("DiffMean (prompt)", 1, 0.15, 3.0),
-                                 ("ActAdd", 0.75, 0.04, 1.5), ("AUSteer (neurons)", 1, 0.3, 1.5), ("LinEAS", 1.5, 0.4, 2.5)]:
-        row = res.row(method, s)
-        assert row["concept_rate"] >= rate, (method, row)
-        assert row["perplexity"] <= ppl * base_ppl, (method, row)
-    # past that, DiffMean over all positions degenerates: concept saturates, fluency collapses
-    assert res.row("DiffMean", 1.5)["concept_rate"] >= 0.9 and res.row("DiffMean", 1.5)["perplexity"] > 100 * base_ppl
-    best = res.best(2.5 * base_ppl)
-    assert best["LinEAS"]["concept_rate"] >= best["DiffMean"]["concept_rate"]
+def _benchmark():
+    """benchmarks/steering_tradeoff.py, loaded from its file: the test fits exactly the benchmark's methods."""
+    import importlib.util
+
+    path = ROOT / "benchmarks" / "steering_tradeoff.py"
+    spec = importlib.util.spec_from_file_location("steering_tradeoff_benchmark", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_methods_move_the_concept_as_the_benchmark_measured(model):
+    """Seed 0 of the benchmark, rerun: every (method, strength) lies within the committed spread across
+    5 seeds (mean ± (2 std + one prompt)), reproduces the committed seed-0 row, and the claims of
+    docs/steering.md hold with margins taken from that spread (mean - 2 std), not from one run."""
+    bench = _benchmark()
+    measured = TradeoffResult.from_json(bench.RESULTS / "steering_tradeoff.json")
+    assert measured.n_seeds() >= 5
+    strengths = (0, 0.75, 1, 1.5)
+    res = tradeoff(model, bench.methods(model, 0), bench.eval_set(0), S.is_positive, strengths=strengths,
+                   max_new_tokens=bench.MAX_NEW, progress=False)
+    one = 1 / bench.N_EVAL
+    for m in res.methods():
+        for s in strengths:
+            got, band = res.row(m, s), measured.row(m, s)
+            seed0 = next(r for r in measured.per_seed if r["seed"] == 0 and r["method"] == m and r["strength"] == s)
+            assert abs(got["concept_rate"] - band["concept_rate"]) <= 2 * band["concept_rate_std"] + one + 1e-9, (m, s)
+            assert abs(got["concept_rate"] - seed0["concept_rate"]) <= one + 1e-9, (m, s, got, seed0)
+            assert got["perplexity"] == pytest.approx(seed0["perplexity"], rel=0.05), (m, s)
+
+    def low(m, s):  # the claim's margin: committed mean - 2 std
+        r = measured.row(m, s)
+        return r["concept_rate"] - 2 * r["concept_rate_std"]
+
+    def high(m, s):
+        r = measured.row(m, s)
+        return r["concept_rate"] + 2 * r["concept_rate_std"]
+
+    base = measured.row("LinEAS", 0)["perplexity"]
+    # LinEAS at 1.5 reaches the concept on every seed
+    assert low("LinEAS", 1.5) >= 0.9 and res.row("LinEAS", 1.5)["concept_rate"] >= low("LinEAS", 1.5)
+    # DiffMean over all positions saturates the concept while fluency collapses
+    assert low("DiffMean", 1.5) >= 0.99 and measured.row("DiffMean", 1.5)["perplexity"] > 1e4 * base
+    assert res.row("DiffMean", 1.5)["perplexity"] > 1e4 * base
+    # ActAdd moves a little and stays fluent
+    assert low("ActAdd", 0.75) > 0 and measured.row("ActAdd", 0.75)["perplexity"] < 1.2 * base
+    # prompt-only DiffMean and AUSteer at the residual stream barely move it
+    assert high("DiffMean (prompt only)", 1.5) < 0.25 and high("AUSteer", 1) < 0.1
+    # AUSteer on neurons: bimodal across seeds (the spread is the claim); seed 0 is a working one
+    assert measured.row("AUSteer (neurons)", 1)["concept_rate_std"] > 0.3
+    assert res.row("AUSteer (neurons)", 0.75)["concept_rate"] >= 0.9
+    assert res.row("AUSteer (neurons)", 0.75)["perplexity"] < 1.2 * base
 
 
 def test_result_round_trip_table_and_figure(model, contrast, evalset, tmp_path):
