@@ -2,7 +2,7 @@
 
     lenslab app [--port 8501] [--host 127.0.0.1] [--model zoo/induction-2l]
     lenslab models
-    lenslab zoo train NAME [--out DIR] [--seed 0]
+    lenslab zoo train NAME [--out DIR] [--seed 0] [--steps N]
     lenslab sinks attention|massive|ablate --model M [--prompts P ...] --out FILE
     lenslab sinks experts --model M [--prompts P ...] [--rule su] [--prune] --out FILE
     lenslab moe inspect|rank|generate --model zoo/moe-refusal ...
@@ -92,7 +92,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_zoo_train(args: argparse.Namespace) -> int:
     from lenslab import zoo
 
-    out = zoo.train(args.name, out_dir=args.out, seed=args.seed)
+    out = zoo.train(args.name, out_dir=args.out, seed=args.seed, steps=args.steps)
     print(f"lenslab: wrote {args.name} to {out}")
     return 0
 
@@ -574,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("name", help="e.g. induction-2l or zoo/ioi-4l")
     zt.add_argument("--out", default=None, help="output folder (default: overwrite the zoo's own folder)")
     zt.add_argument("--seed", type=int, default=0)
+    zt.add_argument("--steps", type=int, default=None, help="optimiser steps (default: the script's recipe; a few for a smoke run)")
     zt.set_defaults(func=_cmd_zoo_train)
 
     c = sub.add_parser("circuits", help="activation patching, attribution, faithfulness, circuit graphs")

@@ -14,7 +14,7 @@ statistics for that layer's residual) and the unembedding, and see which token t
 >>> import lenslab
 >>> from lenslab import lens
 >>> model = lenslab.load_model("zoo/induction-2l", device="cpu")
->>> lens.attention_patterns(model, "a b c a b").shape[:2] == (model.cfg.n_layers, model.cfg.n_heads)
+>>> lens.attention_patterns(model, "t1 t2 t3 t1 t2").shape[:2] == (model.cfg.n_layers, model.cfg.n_heads)
 True
 """
 from __future__ import annotations
@@ -90,7 +90,7 @@ def _tokens(model, text: str) -> Int[Tensor, "1 pos"]:
 def tokenize(model, text: str) -> Tokenized:
     """Tokenize `text` as the model does (including its BOS token).
 
-    >>> tok = tokenize(model, "a b c")
+    >>> tok = tokenize(model, "t1 t2 t3")
     >>> tok.str_tokens[0] == model.tokenizer.bos_token
     True
     """
@@ -111,7 +111,7 @@ def attention_patterns(model, text: str) -> Float[Tensor, "layer head query_pos 
     from position `q`; rows sum to 1 and are zero above the diagonal (causal mask). Read from the
     `blocks.{l}.attn.hook_pattern` hooks, on CPU in float32.
 
-    >>> attention_patterns(model, "a b c").sum(-1).allclose(torch.tensor(1.0))
+    >>> attention_patterns(model, "t1 t2 t3").sum(-1).allclose(torch.tensor(1.0))
     True
     """
     tokens = _tokens(model, text)
@@ -187,7 +187,7 @@ def logit_lens(model, text: str, k: int = 5) -> LogitLens:
         text: the prompt (BOS is prepended as the model does).
         k: how many top tokens to keep per layer and position.
 
-    >>> ll = logit_lens(model, "a b c a b", k=3)
+    >>> ll = logit_lens(model, "t1 t2 t3 t1 t2", k=3)
     >>> ll.top_ids.shape == (model.cfg.n_layers + 1, len(ll.str_tokens), 3)
     True
     """
@@ -218,7 +218,7 @@ class Prediction(NamedTuple):
 def top_predictions(model, text: str, k: int = 10) -> list[Prediction]:
     """The k most probable next tokens after `text`: `(token, id, prob, logit)`, best first.
 
-    >>> preds = top_predictions(model, "a b c a b", k=3)
+    >>> preds = top_predictions(model, "t1 t2 t3 t1 t2", k=3)
     >>> preds[0].prob >= preds[1].prob >= preds[2].prob
     True
     """

@@ -4,7 +4,7 @@ Each builder takes a result from `lenslab.lens` and returns a `plotly.graph_obje
 whose title names the model; export any of them with `lenslab.figures.save_figure`.
 
 >>> from lenslab import lens, plots
->>> fig = plots.attention_heatmap(lens.attention_patterns(model, "a b c"), lens.tokenize(model, "a b c").str_tokens,
+>>> fig = plots.attention_heatmap(lens.attention_patterns(model, "t1 t2 t3"), lens.tokenize(model, "t1 t2 t3").str_tokens,
 ...                               layer=0, head=0, model="zoo/induction-2l")
 """
 from __future__ import annotations

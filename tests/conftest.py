@@ -38,6 +38,25 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def _load_random_params():
+    """tests/_random_params.py, loaded by path (pytest's importlib mode puts tests/ on no sys.path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lenslab_tests_random_params", Path(__file__).with_name("_random_params.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.randomize_params
+
+
+randomize_params = _load_random_params()
+
+
+@pytest.fixture(scope="session", name="randomize_params")
+def randomize_params_fixture():
+    """`randomize_params(module, seed=0, std=0.2)`: seeded random biases and norm weights (tests/_random_params.py)."""
+    return randomize_params
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): on a
@@ -50,7 +69,8 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_zoo_dir(tmp_path_factory):
-    """A zoo-format folder with a tiny random 2-layer model over words t0..t63 (no training)."""
+    """A zoo-format folder with a tiny random 2-layer model over words t0..t63 (no training; random
+    biases, b_U and LayerNorm weights)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from lenslab import zoo
@@ -62,6 +82,7 @@ def tiny_zoo_dir(tmp_path_factory):
         act_fn="gelu", normalization_type="LN", seed=0,
     )
     model = HookedTransformer(cfg, tokenizer=tok)
+    randomize_params(model, seed=0)  # biases, b_U and LayerNorm weights not at their 0/1 init
     out = tmp_path_factory.mktemp("tiny_zoo")
     zoo.save_hooked(model, tok, out, summary="tiny random test model", card="# tiny\n", extra={"default_prompt": "t1 t2 t3 t1 t2"})
     return out
@@ -191,7 +212,9 @@ class TinyHF:
         return GPT2TokenizerFast(vocab=vocab, merges=merges)
 
     def build(self, name: str, out, plant: bool = False):
-        """Save tiny random HF model `name` (+ tokenizer) to `out` (uncached; seed 0)."""
+        """Save tiny random HF model `name` (+ tokenizer) to `out` (uncached; seed 0). Unplanted models
+        also get random biases and norm weights (`randomize_params`); planted ones keep the 0/1 init,
+        which the planted routing is derived for."""
         from transformers import AutoModelForCausalLM
 
         from lenslab import zoo
@@ -209,6 +232,8 @@ class TinyHF:
         tok = self.gpt2_tokenizer() if name == "gpt2" else zoo.word_tokenizer(self.WORDS)
         if plant:
             self.plant(model, tok.convert_tokens_to_ids(self.PLANT_TOKEN))
+        else:  # random biases and norm weights: a conversion that drops one no longer matches HF
+            randomize_params(model, seed=0)
         model.save_pretrained(out)
         tok.save_pretrained(out)
         return out
@@ -251,3 +276,62 @@ def behaviour_moe_dir(tiny_moe_dir, tmp_path_factory):
         ex.down_proj[3] = 50.0 * (u / u.norm())[:, None] / inner
     hf.save_pretrained(out)
     return out
+
+
+# --- nothing skips silently ----------------------------------------------------------------------
+# A skip hides a missing dependency, model or tool, so by default every skip is a failure. The one
+# allowed kind is the hardware one: a `gpu` test on a machine without CUDA (and, on a GPU machine,
+# a check marked skipif(cuda available, reason=_GPU_PRESENT) that needs its absence). The terminal
+# summary says how many tests that was. LENSLAB_ALLOW_SKIPS=1 lets other skips stay skips (a local
+# run without, e.g., Chromium); CI never sets it.
+ALLOW_SKIPS_ENV = "LENSLAB_ALLOW_SKIPS"
+_GPU_PRESENT = "this machine has a GPU"
+_HW_SKIPS = pytest.StashKey[list]()
+
+
+def _skip_reason(rep) -> str:
+    if isinstance(rep.longrepr, tuple):  # (path, line, "Skipped: reason")
+        return str(rep.longrepr[2]).removeprefix("Skipped: ")
+    return str(rep.longrepr)
+
+
+def _hardware_skip(item, reason: str) -> bool:
+    if torch.cuda.is_available():
+        return reason == _GPU_PRESENT
+    return item.get_closest_marker("gpu") is not None
+
+
+def _skips_allowed() -> bool:
+    return os.environ.get(ALLOW_SKIPS_ENV, "") == "1"
+
+
+def _as_failure(rep, reason: str) -> None:
+    rep.outcome = "failed"
+    rep.longrepr = (f"skipped ({reason}), but only a `gpu` test without a GPU may skip: a missing dependency, "
+                    f"model or tool is a failure (set {ALLOW_SKIPS_ENV}=1 to allow skips in a local run)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    rep = (yield).get_result()
+    if not rep.skipped or hasattr(rep, "wasxfail"):
+        return
+    reason = _skip_reason(rep)
+    if _hardware_skip(item, reason):
+        item.config.stash.setdefault(_HW_SKIPS, []).append(item.nodeid)
+    elif not _skips_allowed():
+        _as_failure(rep, reason)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A module-level skip (pytest.importorskip at import, allow_module_level) skips at collection."""
+    rep = (yield).get_result()
+    if rep.skipped and not _skips_allowed():
+        _as_failure(rep, _skip_reason(rep))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    n = len(config.stash.get(_HW_SKIPS, []))
+    why = "GPU present" if torch.cuda.is_available() else "no GPU"
+    terminalreporter.write_line(f"{n} test{'' if n == 1 else 's'} skipped: {why}")

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import time
 import warnings
 
 import pytest
@@ -16,8 +15,9 @@ from lenslab._device import resolve_device, resolve_dtype
 
 
 @pytest.fixture(scope="module")
-def zoo_format(tmp_path_factory):
-    """(folder, original model): a tiny random HookedTransformer saved with `zoo.save_hooked`."""
+def zoo_format(tmp_path_factory, randomize_params):
+    """(folder, original model): a tiny random HookedTransformer (random biases, b_U and LayerNorm
+    weights too) saved with `zoo.save_hooked`."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     torch.manual_seed(0)
@@ -29,6 +29,8 @@ def zoo_format(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         model = HookedTransformer(cfg, tokenizer=tok).eval()
+    changed = randomize_params(model, seed=0)
+    assert "unembed.b_U" in changed and "ln_final.w" in changed and "blocks.0.attn.b_Q" in changed
     folder = tmp_path_factory.mktemp("zoo_format") / "tiny-2l"
     zoo.save_hooked(model, tok, folder, summary="tiny random model", card="# tiny\n")
     return folder, model
@@ -113,11 +115,9 @@ def test_invalid_name(name):
 
 
 def test_unknown_name_offline_says_so_and_lists_the_zoo():
-    """HF_HUB_OFFLINE=1 (set by conftest): an uncached id fails at once with a clear message."""
-    start = time.perf_counter()
+    """HF_HUB_OFFLINE=1 (set by conftest): an uncached id fails with a clear message."""
     with pytest.raises(lenslab.LenslabError) as err:
         lenslab.load_model("lenslab-test/no-such-model", device="cpu")
-    assert time.perf_counter() - start < 3
     msg = str(err.value)
     assert "not in the local Hugging Face cache" in msg and "HF_HUB_OFFLINE" in msg and "network" in msg
     assert "the zoo (offline) has:" in msg and all(n in msg for n in zoo.zoo_names())
@@ -174,12 +174,23 @@ def test_auto_device():
         assert dev.type in ("mps", "cpu")
 
 
-def test_errors_come_before_loading(zoo_format):
-    """Bad device/dtype fail before any weights are read (fast, even for a big model)."""
-    start = time.perf_counter()
-    with pytest.raises(lenslab.LenslabError):
-        lenslab.load_model("EleutherAI/pythia-70m", device="cpu", dtype="int8")
-    assert time.perf_counter() - start < 0.5
+@pytest.mark.parametrize("kw,message", [
+    (dict(device="cpu", dtype="int8"), "dtype 'int8' is not supported; use one of float32, float16, bfloat16"),
+    (dict(device="banana"), "'banana' is not a torch device"),
+])
+def test_errors_come_before_loading(monkeypatch, kw, message):
+    """Bad device/dtype fail before the hub or any weights are touched (fast, even for a big model):
+    the hub and folder loaders are replaced by ones that fail the test if they are reached."""
+    from lenslab import _hf, models
+
+    def reached(*args, **kwargs):
+        raise AssertionError("the loader was reached before the device/dtype check")
+
+    monkeypatch.setattr(_hf, "load_hf_id", reached)
+    monkeypatch.setattr(models, "_load_folder", reached)
+    with pytest.raises(lenslab.LenslabError) as err:
+        lenslab.load_model("EleutherAI/pythia-70m", **kw)
+    assert message in str(err.value)
 
 
 @pytest.mark.gpu

@@ -136,3 +136,100 @@ def test_bpe_tokenizer_names_carry_leading_space():
     for (io, s), row in zip(task.answer_tokens.tolist(), task.clean_tokens.tolist()):
         assert tok.decode([io]).startswith(" ") and tok.decode([s]).startswith(" ")
         assert row.count(io) == 1 and row.count(s) == 2
+
+
+# --- the card's numbers, recomputed with the training script's own measurement and seeds ---------
+# One thread, fixed seeds: bit-reproducible on a machine. Each printed number must be the
+# measurement rounded to its printed digits (2e-5 relative slack: float32 sums reordered on
+# another CPU). `analyse` rounds to 3 decimals before the card prints 2; comparing with its
+# output reproduces the card's rounding exactly.
+
+
+def _close_to_printed(measured: float, printed: str) -> bool:
+    printed = printed.rstrip("%")
+    decimals = len(printed.split(".")[1]) if "." in printed else 0
+    return abs(measured - float(printed)) <= 0.5 * 10 ** -decimals + 2e-5 * max(1.0, abs(measured))
+
+
+def _card_table(card: str, header: str) -> list[list[str]]:
+    lines = card.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+@pytest.fixture(scope="module")
+def card_run(model):
+    from lenslab.zoo import train_ioi_4l
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {"train": train_ioi_4l.evaluate(model, heldout=False), "heldout": train_ioi_4l.evaluate(model, heldout=True),
+                "mech": train_ioi_4l.analyse(model)}
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_card_accuracy_table_is_measured(card_run):
+    card = lenslab.zoo.read_card("zoo/ioi-4l")
+    rows = _card_table(card, "| split | prompts | accuracy |")
+    assert len(rows) == 2
+    for (label, n, acc, ld, ld_bad), got in zip(rows, (card_run["train"], card_run["heldout"]), strict=True):
+        assert int(n) == got["n_prompts"] == 960, label
+        assert _close_to_printed(100 * got["accuracy"], acc), (label, got)  # 957 and 942 of 960
+        assert _close_to_printed(got["mean_logit_diff"], ld), (label, got)
+        assert _close_to_printed(got["mean_logit_diff_corrupt"], ld_bad), (label, got)
+    # the README quotes the two accuracies
+    readme = (lenslab.zoo.zoo_path("zoo/ioi-4l").parents[2] / "README.md").read_text()
+    assert f"{rows[0][2]} accuracy on fresh prompts, {rows[1][2]} on held-out" in readme
+
+
+@pytest.mark.slow
+def test_card_mechanism_and_ablation_tables_are_measured(card_run):
+    import re
+
+    card, mech = lenslab.zoo.read_card("zoo/ioi-4l"), card_run["mech"]
+    keys = ("dla", "end_to_io", "end_to_io_next", "end_to_s1", "end_to_s2", "io_next_to_io")
+    rows = _card_table(card, "| head | DLA |")
+    assert [r[0] for r in rows] == [f"L{layer}H{h}" for layer in range(4) for h in range(4)]
+    for head, *cells in rows:
+        for key, cell in zip(keys, cells, strict=True):
+            assert _close_to_printed(mech["heads"][head][key], cell), (head, key, cell)
+    base = re.search(r"baseline mean logit diff ([\d.]+), accuracy ([\d.]+)%", card)
+    assert _close_to_printed(mech["logit_diff"], base.group(1)) and _close_to_printed(100 * mech["accuracy"], base.group(2))
+    rows = _card_table(card, "| group | heads |")
+    assert [r[0] for r in rows] == list(mech["ablations"])
+    for group, heads, ld, acc in rows:
+        got = mech["ablations"][group]
+        assert heads.split(", ") == got["heads"], group
+        assert _close_to_printed(got["logit_diff"], ld) and _close_to_printed(100 * got["accuracy"], acc), (group, got)
+
+
+def test_card_config_and_data_numbers(model):
+    import json
+
+    card = lenslab.zoo.read_card("zoo/ioi-4l")
+    meta = json.loads((lenslab.zoo.zoo_path("zoo/ioi-4l") / "config.json").read_text())
+    cfg = model.cfg
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp, cfg.n_ctx, cfg.d_vocab) == (4, 128, 4, 32, 256, 64, 332)
+    assert "word-level tokenizer of 332 tokens" in card
+    pre, suf = len(_ioi.TRAIN_PREFIXES), len(_ioi.TRAIN_SUFFIXES)
+    assert f"{pre} prefixes x {suf} suffixes x 2 orders = {len(_ioi.train_templates())}" in card  # 18 x 12 x 2 = 432
+    hp, hs = len(_ioi.HELDOUT_PREFIXES), len(_ioi.HELDOUT_SUFFIXES)
+    assert f"{len(_ioi.heldout_templates())} templates ({hp} prefixes x {hs} suffixes x 2 orders)" in card
+    assert f"{len(_ioi.PLACES)} places, {len(_ioi.OBJECTS)} objects; {len(_ioi.TRAIN_NAMES)} train names" in card
+    assert f"{len(_ioi.HELDOUT_NAMES)} names never used" in card
+    assert f"all {len(_ioi.TRAIN_NAMES) + len(_ioi.HELDOUT_NAMES)} names" in card  # 180
+    # the training log behind "near 47% ... 94% by step 3,000 and 99.6% by step 5,000"
+    log = {e["step"]: e["acc_ema"] for e in meta["training"]["log"]}
+    assert all(0.40 <= log[s] <= 0.48 for s in (500, 1000, 1500, 2000))
+    assert f"{100 * log[3000]:.0f}% by step 3,000" in card and f"{100 * log[5000]:.1f}% by step 5,000" in card
+    tr = meta["training"]
+    assert (tr["steps"], tr["batch"], tr["lr"], tr["seed"]) == (6000, 32, 0.001, 0)
+    assert f"{round(tr['seconds'] / 60)} minutes on one CPU thread" in card

@@ -3,7 +3,8 @@
 Oracles: the plain `transformers` model itself (logits, and expert switches through
 `hf_hooks`), the exact task answers of `lenslab._refusal`, and the planted expert set recorded
 in config.json (`lenslab_mechanism`). No training here; prompts are held-out ("test" split)
-with seeds the training script's card evaluation does not use (it uses 0-2 and 100).
+with seeds the training script's card evaluation does not use (it uses 0-2 and 100), except the
+`card_run` tests, which rerun the card's measurement with its seeds and check every number it prints.
 """
 from __future__ import annotations
 
@@ -127,21 +128,96 @@ def test_ftri_top_experts_are_the_planted_ones(model, planted):
     assert min(s for *_, s in top) - rest[2] > 1.0
 
 
-def test_switch_table_meets_the_mote_targets(model, planted):
-    table = _refusal.mote_table(model, n_rank=24, n_eval=N, k=len(planted), n_random=5, seed=SEED, progress=False)
+def _close_to_printed(measured: float, printed: str) -> bool:
+    """`printed` is `measured` rounded to its printed digits (2e-5 relative slack: float32 sums
+    reordered on another CPU, e.g. the 58025.130 perplexity)."""
+    decimals = len(printed.split(".")[1]) if "." in printed else 0
+    return abs(measured - float(printed)) <= 0.5 * 10 ** -decimals + 2e-5 * max(1.0, abs(measured))
+
+
+def _pct(measured: float, printed: str) -> bool:
+    return _close_to_printed(100 * measured, printed.rstrip("%"))
+
+
+def _card_table(card: str, header: str) -> list[list[str]]:
+    lines = card.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+@pytest.fixture(scope="module")
+def card_run(model):
+    """The card's own measurement (the training script's `evaluate`, `specialisation` and
+    `mote_table` with the card's seeds and 200 prompts per cell), run once. Greedy decoding on one
+    thread: rates are exact counts out of 200."""
+    from lenslab.zoo import train_moe_refusal
+
+    return {
+        "behaviour": train_moe_refusal.evaluate(model, n=200),
+        "spec": train_moe_refusal.specialisation(model, n=200),
+        "mote": _refusal.mote_table(model, n_eval=200, k=4, n_random=5, seed=0, progress=False),
+    }
+
+
+@pytest.mark.slow
+def test_card_switch_table_is_measured(card_run, planted):
+    """Every cell of the card's MoTE table, the fTRI scores, and the targets of issue 9."""
+    import re
+
+    card, table = zoo.read_card(NAME), card_run["mote"]
     assert sorted(tuple(e[:2]) for e in table.experts) == planted
-    base_h = table.value("baseline", "target rate")
-    off_h = table.value(f"top-{len(planted)} off", "target rate")
-    rand_h = table.value(f"random-{len(planted)} off", "target rate")
-    assert base_h >= 0.95
-    assert off_h <= 0.5 * base_h, (base_h, off_h)  # muting the top refusal experts at least halves refusals
-    assert rand_h > 0.5 * base_h, (base_h, rand_h)  # random muting does not (mean of 5 draws)
-    base_acc = table.value("baseline", "accuracy")
-    off_acc = table.value(f"top-{len(planted)} off", "accuracy")
-    assert abs(off_acc - base_acc) <= 0.05, (base_acc, off_acc)  # capability within a few percent
-    assert table.value(f"top-{len(planted)} off", "other rate") <= 0.05
-    ppl_base, ppl_off = table.value("baseline", "perplexity"), table.value(f"top-{len(planted)} off", "perplexity")
-    assert ppl_off <= ppl_base * 1.05, (ppl_base, ppl_off)
+    ftri = re.search(r"ranks (L1e2 .*?) on top", card).group(1)
+    printed = re.findall(r"L(\d)e(\d) \(([+-][\d.]+)\)", ftri)
+    assert [(int(a), int(b)) for a, b, _ in printed] == [tuple(e[:2]) for e in table.experts]
+    assert all(_close_to_printed(e[2], s) for e, (_, _, s) in zip(table.experts, printed))  # +4.48
+    rows = _card_table(card, "| switch | refusal, held-out harmful")
+    assert [r[0] for r in rows] == list(table.rows) == ["baseline", "top-4 off", "top-4 on", "random-4 off"]
+    for row in rows:
+        for column, cell in zip(table.columns, row[1:], strict=True):
+            mean, _, std = cell.partition(" ± ")
+            r, c = table.rows.index(row[0]), table.columns.index(column)
+            scale = 1.0 if column == "perplexity" else 100.0
+            assert _close_to_printed(scale * float(table.mean[r, c]), mean.rstrip("%")), (row[0], column, cell)
+            if std:
+                assert _close_to_printed(scale * float(table.std[r, c]), std), (row[0], column, cell)
+    # the targets (also the README's "100% -> 0%, random-4 off: 99.7%")
+    v = table.value
+    assert v("baseline", "target rate") == 1.0 and v("top-4 off", "target rate") == 0.0
+    assert v("top-4 off", "accuracy") == v("baseline", "accuracy") == 1.0
+    assert v("top-4 on", "other rate") == 1.0 and v("top-4 on", "accuracy") == 0.0  # forced on: all refuse
+    assert v("random-4 off", "target rate") > 0.5 * v("baseline", "target rate")
+
+
+@pytest.mark.slow
+def test_card_behaviour_and_specialisation_tables_are_measured(card_run):
+    import re
+
+    card, beh, spec = zoo.read_card(NAME), card_run["behaviour"], card_run["spec"]
+    keys = ("refusal_harmful", "refusal_benign", "accuracy_benign", "compliant_harmful")
+    rows = _card_table(card, "| split | experts |")
+    assert [(r[0], r[1]) for r in rows] == [(s, e) for s in ("test", "train") for e in ("baseline", "planted off")]
+    for split, experts, *cells in rows:
+        for key, cell in zip(keys, cells, strict=True):
+            assert _pct(beh[split][experts][key], cell), (split, experts, key, cell)
+    by_task = dict(re.findall(r"(\w+) ([\d.]+%)", re.search(r"accuracy by task: (.*)\.", card).group(1)))
+    assert sorted(by_task) == sorted(_refusal.TASKS)
+    assert all(_pct(beh["test"]["baseline"]["accuracy_by_task"][t], c) for t, c in by_task.items()), by_task
+    rows = _card_table(card, "| layer | planted experts |")
+    assert [r[0] for r in rows] == ["L1", "L2"]
+    for layer, _, harmful, benign in rows:
+        share = spec["planted_share"][layer[1:]]
+        assert _pct(share["harmful_from_marker"], harmful) and _pct(share["benign"], benign), (layer, share)
+    rows = _card_table(card, "| layer | e0 |")
+    assert [r[0] for r in rows] == ["L0", "L1", "L2", "L3"]
+    for li, (_, *cells) in enumerate(rows):
+        for e, cell in enumerate(cells):
+            h, b = cell.strip("*").split(" / ")
+            assert _pct(spec["load_harmful"][li][e], h) and _pct(spec["load_benign"][li][e], b), (li, e, cell)
 
 
 def test_refusal_task_logit_diff(model):

@@ -93,3 +93,60 @@ def test_scorer_equals_a_token_count_on_generations(model):
         toks = model.to_str_tokens(text, prepend_bos=False) if text.strip() else []
         by_tokens = (sum(t in _sentiment.POSITIVE for t in toks), sum(t in _sentiment.NEGATIVE for t in toks))
         assert _sentiment.counts(text) == by_tokens, (text, toks)
+
+
+# --- the card's numbers, recomputed with the training script's own measurement and seeds ---------
+def _close_to_printed(measured: float, printed: str) -> bool:
+    """`printed` is `measured` rounded to its printed digits (2e-5 relative slack for float32
+    sums reordered on another CPU; the shares themselves are counts out of 120)."""
+    decimals = len(printed.split(".")[1]) if "." in printed else 0
+    return abs(measured - float(printed)) <= 0.5 * 10 ** -decimals + 2e-5 * max(1.0, abs(measured))
+
+
+@pytest.mark.slow
+def test_card_verification_table_is_measured(model):
+    import re
+
+    from lenslab.zoo import train_steer_sentiment
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            got = train_steer_sentiment.evaluate(model)  # the card's seeds (5000+) and sizes (120, 40)
+    finally:
+        torch.set_num_threads(before)
+    card = zoo.read_card("zoo/steer-sentiment")
+    rows = re.findall(r"^\| (positive|negative|neutral) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\S+) \((\d+) of 40", card, re.M)
+    assert [r[0] for r in rows] == ["positive", "negative", "neutral"]
+    for kind, pos, neg, neu, rate, n_sent in rows:
+        g = got[kind]
+        for key, cell in zip(("positive", "negative", "neutral"), (pos, neg, neu)):
+            assert _close_to_printed(g["next_word"][key], cell), (kind, key, g)
+        assert int(n_sent) == g["continuations_with_sentiment"], (kind, g)
+        if rate == "n/a":
+            assert g["continuation_concept_rate"] is None
+        else:
+            assert _close_to_printed(g["continuation_concept_rate"], rate), (kind, g)
+    # config.json holds the same measurement; the README quotes the two agreements
+    meta = json.loads((zoo.zoo_path("zoo/steer-sentiment") / "config.json").read_text())
+    assert meta["verification"] == got
+    readme = (zoo.zoo_path("zoo/steer-sentiment").parents[2] / "README.md").read_text()
+    assert f"({rows[0][1]} / {rows[1][2]})" in readme  # 0.94 / 0.93
+
+
+def test_card_config_numbers(model):
+    card = zoo.read_card("zoo/steer-sentiment")
+    n_params = sum(p.numel() for p in model.parameters())
+    assert f"{n_params:,} parameters" in card, n_params  # 358,454
+    cfg = model.cfg
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_mlp, cfg.n_ctx) == (3, 96, 4, 384, 64)
+    assert "3-layer" in card and "`d_model=96`" in card and "`d_mlp=384`" in card and "(context 64)" in card
+    tr = json.loads((zoo.zoo_path("zoo/steer-sentiment") / "config.json").read_text())["training"]
+    assert (tr["lr"], tr["batch"], tr["steps"], tr["seed"]) == (0.002, 32, 2500, 0)
+    assert f"{tr['seconds']} s on one CPU thread" in card
+    # "a sentiment document uses a neutral adjective in 10% of its adjective slots"
+    docs = _sentiment.documents(400, "positive", seed=11)
+    words = [w for d in docs for w in d.split()]
+    adj = sum(w in _sentiment.POSITIVE or w in _sentiment.NEUTRAL for w in words)
+    assert 0.07 < sum(w in _sentiment.NEUTRAL for w in words) / adj < 0.13

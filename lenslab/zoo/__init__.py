@@ -14,7 +14,9 @@ Two formats:
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,8 +119,12 @@ def prompt_sets(name: str) -> dict[str, list[str]]:
     return {str(k): [str(p) for p in v] for k, v in sets.items() if isinstance(v, list)}
 
 
-def train(name: str, out_dir: str | Path | None = None, seed: int = 0) -> Path:
-    """Rebuild zoo model `name` by running its training script; returns the output folder."""
+def train(name: str, out_dir: str | Path | None = None, seed: int = 0, steps: int | None = None) -> Path:
+    """Rebuild zoo model `name` by running its training script; returns the output folder.
+
+    `steps` overrides the script's number of optimiser steps (None: the recipe's own; a few
+    steps make a quick, still deterministic, smoke run).
+    """
     short = name.removeprefix(PREFIX)
     if PREFIX + short not in trainable_names():
         raise LenslabError(
@@ -128,7 +134,16 @@ def train(name: str, out_dir: str | Path | None = None, seed: int = 0) -> Path:
     module = importlib.import_module(f"lenslab.zoo.train_{short.replace('-', '_')}")
     out = Path(out_dir) if out_dir is not None else ZOO_DIR / short
     out.mkdir(parents=True, exist_ok=True)
-    module.train(out, seed=seed)
+    kwargs = {}
+    if steps is not None:
+        if steps < 1:
+            raise LenslabError(f"--steps must be at least 1, got {steps}")
+        params = inspect.signature(module.train).parameters
+        if "steps" in params:
+            kwargs["steps"] = steps
+        else:  # induction-2l keeps its recipe in a frozen TrainConfig
+            kwargs["config"] = dataclasses.replace(module.TrainConfig(), steps=steps)
+    module.train(out, seed=seed, **kwargs)
     return out
 
 
@@ -170,7 +185,8 @@ def save_hooked(model, tokenizer, out_dir: str | Path, *, summary: str, card: st
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg.to_dict() if hasattr(model.cfg, "to_dict") else dict(model.cfg.__dict__)
     keep = _cfg_init_fields()
-    cfg = {k: _jsonable(v) for k, v in cfg.items() if k in keep and _jsonable(v) is not None}
+    # None is a value too (normalization_type=None: no LayerNorm); only unserialisable values are dropped
+    cfg = {k: _jsonable(v) for k, v in cfg.items() if k in keep and (v is None or _jsonable(v) is not None)}
     meta = {"lenslab_format": "hooked_transformer", "lenslab_summary": summary, "cfg": cfg, **(extra or {})}
     (out / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}

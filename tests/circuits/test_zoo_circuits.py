@@ -75,3 +75,47 @@ def test_graph_from_node_scores_keeps_the_mechanism_heads(induction_model, tmp_p
     assert graph.figure().data[0].marker.size is not None
     with pytest.raises(lenslab.LenslabError, match=r"\[layer, head\] result"):
         circuits.CircuitGraph.from_node_scores(circuits.patch(induction_model, task, "resid_pre", progress=False))
+
+
+# --- docs/circuits.md: the faithfulness table on zoo/ioi-4l, recomputed ---------------------------
+def _close_to_printed(measured: float, printed: str) -> bool:
+    """`printed` is `measured` rounded to its printed digits (2e-5 relative slack: float32 sums
+    reordered on another CPU; on one machine and thread the run is bit-reproducible)."""
+    decimals = len(printed.split(".")[1]) if "." in printed else 0
+    return abs(measured - float(printed)) <= 0.5 * 10 ** -decimals + 2e-5 * max(1.0, abs(measured))
+
+
+@pytest.mark.slow
+def test_docs_faithfulness_table_on_ioi_is_measured():
+    """The table and the clean / corrupt logit diffs in docs/circuits.md, with the documented
+    setup (32 IOI prompts, seed 1, logit_diff, IG with 8 steps), every cell to its printed digits."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "circuits.md").read_text()
+    section = doc.split("## Faithfulness on `zoo/ioi-4l`")[1].split("\n## ")[0]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = lenslab.load_model("zoo/ioi-4l", device="cpu")
+        task = tasks.ioi(model, n=32, seed=1)
+        metric = tasks.get_metric("logit_diff", model, task)
+        faith = circuits.faithfulness(model, task, ["atp", "atp*", "relp", "ig"], ["resid_pre", "attn_out", "mlp_out", "z"],
+                                      steps=8, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    clean, corrupt = re.search(r"clean ([-\d.]+), ABC-corrupt ([-\d.]+);", section).groups()
+    assert _close_to_printed(metric.clean_value, clean) and _close_to_printed(metric.corrupt_value, corrupt)
+    rows = re.findall(r"^\| (\w+)(?: \(head outputs\))? \| (\S+) \| ([\d.]+) \| ([\d.]+) \| (\d+) \|$", section, re.M)
+    got = {(r["site"], r["method"]): r for r in faith.rows}
+    assert sorted((s, m) for s, m, *_ in rows) == sorted(got) and len(rows) == 16
+    for site, method, pearson, spearman, cells in rows:
+        r = got[(site, method)]
+        assert _close_to_printed(r["pearson"], pearson), (site, method, r)
+        assert _close_to_printed(r["spearman"], spearman), (site, method, r)
+        assert int(cells) == r["n_cells"], (site, method, r)
+    # the prose quotes the table
+    cited = re.search(r"MLP outputs \(([\d.]+) vs ([\d.]+)\) and head outputs \(([\d.]+) vs ([\d.]+)\)", section).groups()
+    table = {(s, m): p for s, m, p, *_ in rows}
+    assert cited == (table[("mlp_out", "relp")], table[("mlp_out", "atp")], table[("z", "relp")], table[("z", "atp")])
+    assert min(float(table[(s, m)]) for s in ("resid_pre", "attn_out") for m in ("atp", "atp*", "relp", "ig")) > 0.93

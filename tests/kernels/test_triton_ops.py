@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,7 +55,7 @@ def test_kernel_refuses_cpu_without_interpreter():
 
 SCRIPT = textwrap.dedent(
     """
-    import os, warnings
+    import importlib.util, os, warnings
     assert os.environ["TRITON_INTERPRET"] == "1"
     import torch
     from lenslab.kernels import triton_ops
@@ -84,14 +85,20 @@ SCRIPT = textwrap.dedent(
         warnings.simplefilter("ignore")
         model = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=16, n_ctx=8, d_head=4, n_heads=4,
                                   d_mlp=32, d_vocab=23, act_fn="gelu", normalization_type="LN", seed=0)).eval()
+    # random biases, b_U and LayerNorm weights (tests/_random_params.py): the kernel must read them all
+    spec = importlib.util.spec_from_file_location("random_params", os.environ["LENSLAB_RANDOM_PARAMS"])
+    random_params = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(random_params)
+    assert {"unembed.b_U", "ln_final.w", "ln_final.b"} <= set(random_params.randomize_params(model, seed=0))
     clean = torch.randint(0, 23, (2, 4)); corrupt = clean.clone(); corrupt[:, 1] = (clean[:, 1] + 1) % 23
     task = tasks.from_tokens(clean, corrupt, torch.randint(0, 23, (2, 2)))
     ref = circuits.patch(model, task, "resid_pre", engine="reference", progress=False)
     fast = kernels.batched_patch(model, task, "resid_pre", progress=False, triton=True)
     assert fast.provenance["engine_details"]["triton"] is True
     worst["engine"] = float((fast.scores - ref.scores).abs().max())
-    print("WORST", worst)
-    assert worst["engine"] <= 1e-4, worst
+    spread = float(ref.scores.max() - ref.scores.min())
+    print("WORST", worst, "SPREAD", spread)
+    assert worst["engine"] <= 1e-4 <= spread / 100, (worst, spread)  # effects far above the tolerance
     for key, val in worst.items():
         assert val <= 2e-5, (key, val)  # both upcast bf16 to float32; only the summation order differs
     print("OK")
@@ -103,7 +110,8 @@ SCRIPT = textwrap.dedent(
                     reason="triton is not installed in this environment (pip install triton); the torch path is the "
                            "default and the interpreted kernel tests need it")
 def test_kernels_interpreted_on_cpu():
-    env = dict(os.environ, TRITON_INTERPRET="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    env = dict(os.environ, TRITON_INTERPRET="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled",
+               LENSLAB_RANDOM_PARAMS=str(Path(__file__).resolve().parents[1] / "_random_params.py"))
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "OK" in proc.stdout

@@ -13,7 +13,7 @@ def _ok(at):
     assert not at.error, [e.value for e in at.error]
 
 
-def test_steer_page_fits_and_generates_side_by_side(monkeypatch, tiny_zoo_dir):
+def test_steer_page_fits_and_generates_side_by_side(monkeypatch, tiny_zoo_dir, tiny_model):
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("LENSLAB_DEFAULT_MODEL", str(tiny_zoo_dir))
@@ -40,10 +40,40 @@ def test_steer_page_fits_and_generates_side_by_side(monkeypatch, tiny_zoo_dir):
     at.radio(key="steer_method").set_value("AUSteer").run()
     at.button(key="steer_fit").click().run()
     _ok(at)
-    assert "austeer" in at.caption[-1].value or any("austeer" in c.value for c in at.caption)
+    from lenslab import steering
+
+    # the page's defaults (k 16, alpha 5, the first site) on both prompt boxes, as the library fits them
+    site = at.session_state["steer_au_site"]
+    assert site == list(steering.AU_SITES)[0]
+    ref = steering.austeer(tiny_model, ["t1 t1 t1", "t1 t2 t1"], ["t5 t5 t5", "t5 t6 t5"], k=16, alpha=5.0, site=site)
+    got = at.session_state["steer_iv"]
+    assert [(e.hook, e.op, e.units) for e in got.edits] == [(e.hook, e.op, e.units) for e in ref.edits]
+    for e, r in zip(got.edits, ref.edits):
+        torch.testing.assert_close(e.vector, r.vector, atol=1e-6, rtol=1e-5)
+    assert sum(len(e.units) for e in ref.edits) == 16
+    assert any(c.value.startswith(f"**{ref.name}** · {len(ref.edits)} edit(s)") and "austeer" in c.value
+               for c in at.caption), [c.value for c in at.caption]
     at.radio(key="steer_method").set_value("ActAdd").run()
     at.button(key="steer_fit").click().run()
     _ok(at)
+    # what the page fitted and shows is lenslab.steering.actadd on the first prompt of each box
+    from lenslab.app._shell import continuation_markdown
+
+    model = tiny_model
+    ref = steering.actadd(model, "t1 t1 t1", "t5 t5 t5", layer=1)
+    got = at.session_state["steer_iv"]
+    assert [(e.hook, e.op, e.positions) for e in got.edits] == [(e.hook, e.op, e.positions) for e in ref.edits]
+    assert ref.edits[0].vector.shape == (4, model.cfg.d_model)  # BOS + 3 words
+    torch.testing.assert_close(got.edits[0].vector, ref.edits[0].vector, atol=1e-6, rtol=1e-5)
+    caption = f"**{ref.name}** · 1 edit(s) at blocks.1.hook_resid_pre · {ref.n_units(model)} units"
+    assert any(c.value == caption for c in at.caption), [c.value for c in at.caption]
+    at.slider(key="steer_strength").set_value(4.0).run()
+    _ok(at)
+    prompt = at.session_state["prompt"]
+    expected = [continuation_markdown(prompt, steering.generate(model, prompt, iv, max_new_tokens=20, seed=0))
+                for iv in (None, ref.with_strength(4.0))]
+    assert expected[0] != expected[1]  # ActAdd at strength 4 changes the continuation
+    assert _column_texts(at) == expected
 
 
 SENTIMENT = "zoo/steer-sentiment"

@@ -1,0 +1,83 @@
+"""Every `>>>` example in the library's docstrings runs as a doctest.
+
+Modules are imported through the installed `lenslab` namespace (`lenslab.circuits.patching`,
+never the card folders). Function docstrings that use `model` without loading it get the zoo's
+induction-2l (what their module docstring loads). An example that cannot run offline on a CPU
+carries `# doctest: +SKIP` (docs/design.md, "Code blocks in the docs").
+"""
+from __future__ import annotations
+
+import doctest
+import importlib
+import importlib.util
+import pkgutil
+import re
+from pathlib import Path
+
+import pytest
+
+PACKAGES = ["lenslab", "lenslab.zoo", "lenslab.circuits", "lenslab.probes", "lenslab.steering",
+            "lenslab.kernels", "lenslab.app"]
+FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+NEEDS_MODEL = {"lenslab.lens", "lenslab.plots"}  # function docstrings continue the module docstring's `model`
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _modules_with_examples() -> dict[str, Path]:
+    """Module name -> source file, for every module whose source has a `>>>` (found without importing:
+    the app's pages are Streamlit scripts that run on import)."""
+    out = {}
+    for pkg in PACKAGES:
+        spec = importlib.util.find_spec(pkg)
+        names = [pkg] + [f"{pkg}.{m.name}" for m in pkgutil.iter_modules(spec.submodule_search_locations)
+                         if not m.ispkg and m.name != "__main__"]
+        for name in names:
+            origin = Path(importlib.util.find_spec(name).origin)
+            if ">>>" in origin.read_text(encoding="utf-8"):
+                out[name] = origin
+    return out
+
+
+MODULES = _modules_with_examples()
+
+
+@pytest.fixture(scope="module")
+def induction_model():
+    import lenslab
+
+    return lenslab.load_model("zoo/induction-2l", device="cpu")
+
+
+def _tests(name: str):
+    mod = importlib.import_module(name)
+    return [t for t in doctest.DocTestFinder().find(mod, name) if t.examples]
+
+
+def _skipped(example: doctest.Example) -> bool:
+    return example.options.get(doctest.SKIP, False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_docstring_examples(name, request):
+    tests = _tests(name)
+    globs = {"model": request.getfixturevalue("induction_model")} if name in NEEDS_MODEL else {}
+    runner, failures = doctest.DocTestRunner(optionflags=FLAGS), []
+    for t in tests:
+        t.globs.update({k: v for k, v in globs.items() if k not in t.globs})
+        runner.run(t, out=failures.append)
+    result = runner.summarize(verbose=False)
+    assert result.failed == 0, "".join(failures)
+
+
+def test_every_example_is_in_a_docstring_doctest_finds():
+    """A `>>>` outside a docstring (a comment, a plain string) would never run: count them all."""
+    found = runnable = 0
+    for name, path in MODULES.items():
+        lines = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if re.match(r"\s*>>>", line))
+        examples = [e for t in _tests(name) for e in t.examples]
+        assert len(examples) == lines, f"{name}: {lines} `>>>` lines, {len(examples)} examples found by doctest"
+        found += len(examples)
+        runnable += sum(not _skipped(e) for e in examples)
+    assert found >= 130 and runnable >= 90, (found, runnable)
