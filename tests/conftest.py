@@ -67,6 +67,42 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+class DocNumbers:
+    """Numbers that a card or a doc prints, checked against a measurement. One thread and fixed
+    seeds make the runs bit-reproducible on a machine; across CPUs float32 sums may reorder, so a
+    printed number must equal the measurement rounded to its printed digits, with 2e-5 relative
+    slack for a value on a rounding boundary."""
+
+    @staticmethod
+    def close(measured: float, printed: str) -> bool:
+        printed = printed.strip().rstrip("%")
+        decimals = len(printed.split(".")[1]) if "." in printed else 0
+        return abs(measured - float(printed)) <= 0.5 * 10 ** -decimals + 2e-5 * max(1.0, abs(measured))
+
+    @staticmethod
+    def pct(measured: float, printed: str) -> bool:
+        """A share in [0, 1] against its printed percentage ("99.7%")."""
+        return DocNumbers.close(100 * measured, printed)
+
+    @staticmethod
+    def table(text: str, header: str) -> list[list[str]]:
+        """The body rows (cells stripped) of the Markdown table whose header line starts with `header`."""
+        lines = text.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith(header))
+        rows = []
+        for line in lines[start + 2:]:
+            if not line.startswith("|"):
+                break
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+        return rows
+
+
+@pytest.fixture(scope="session")
+def doc_numbers() -> type[DocNumbers]:
+    """`doc_numbers.close(measured, printed)`, `.pct(...)`, `.table(markdown, header)`."""
+    return DocNumbers
+
+
 @pytest.fixture(scope="session")
 def tiny_zoo_dir(tmp_path_factory):
     """A zoo-format folder with a tiny random 2-layer model over words t0..t63 (no training; random

@@ -111,26 +111,7 @@ def test_default_prompt_is_predicted(model, meta):
 
 
 # --- the card's numbers, recomputed with the training script's own measurement and seeds ---------
-# One thread and fixed seeds make these forwards bit-reproducible on a machine; across CPUs the
-# sums may reorder, so each printed number must equal the measurement rounded to its printed
-# digits, with 2e-5 relative slack (float32 sums reordered) for a value on a rounding boundary.
-
-
-def _close_to_printed(measured: float, printed: str) -> bool:
-    decimals = len(printed.split(".")[1]) if "." in printed else 0
-    return abs(measured - float(printed)) <= 0.5 * 10 ** -decimals + 2e-5 * max(1.0, abs(measured))
-
-
-def _card_table(card: str, header: str) -> list[list[str]]:
-    """The body rows (cells stripped) of the Markdown table whose header line starts with `header`."""
-    lines = card.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(header))
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
-    return rows
+# (tolerance: tests/conftest.py DocNumbers, the printed digits)
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +126,8 @@ def verified(model):
         torch.set_num_threads(before)
 
 
-def test_card_verification_table_is_measured(verified):
-    rows = _card_table(zoo.read_card(NAME), "| repeat length L |")
+def test_card_verification_table_is_measured(verified, doc_numbers):
+    rows = doc_numbers.table(zoo.read_card(NAME), "| repeat length L |")
     assert [int(r[0].split()[0]) for r in rows] == [10, 13, 27]
     for row in rows:
         m = verified["per_len"][int(row[0].split()[0])]
@@ -154,10 +135,10 @@ def test_card_verification_table_is_measured(verified):
         measured = [ind[0], max(ind[1:]), prev[2], m["loss_first_half"], m["loss_repeated_half"],
                     m["loss_repeated_half"] / m["loss_first_half"]]
         for got, printed in zip(measured, row[1:], strict=True):
-            assert _close_to_printed(got, printed), (row[0], got, printed)
+            assert doc_numbers.close(got, printed), (row[0], got, printed)
 
 
-def test_card_all_heads_and_task_logit_diffs_are_measured(verified):
+def test_card_all_heads_and_task_logit_diffs_are_measured(verified, doc_numbers):
     import re
 
     card = zoo.read_card(NAME)
@@ -167,19 +148,19 @@ def test_card_all_heads_and_task_logit_diffs_are_measured(verified):
     prev = dict(re.findall(r"H(\d): (\d\.\d+)", text.group(2)))
     assert sorted(ind) == sorted(prev) == ["0", "1", "2", "3"]
     for h in range(4):
-        assert _close_to_printed(at10["L1"]["induction"][h], ind[str(h)]), (h, ind)
-        assert _close_to_printed(at10["L0"]["prev_token"][h], prev[str(h)]), (h, prev)
+        assert doc_numbers.close(at10["L1"]["induction"][h], ind[str(h)]), (h, ind)
+        assert doc_numbers.close(at10["L0"]["prev_token"][h], prev[str(h)]), (h, prev)
     # the head lists of config.json / the card: every head past its bar, strongest first
     order = lambda xs, bar: [h for h in sorted(range(4), key=lambda h: -xs[h]) if xs[h] > bar]  # noqa: E731
     mech = json.loads((zoo.zoo_path(NAME) / "config.json").read_text())["mechanism"]
     assert mech["induction_heads"] == [f"L1H{h}" for h in order(at10["L1"]["induction"], 0.5)]
     assert mech["previous_token_heads"] == [f"L0H{h}" for h in order(at10["L0"]["prev_token"], 0.3)]
     assert "L1H0, L1H2, L1H1, L1H3" in card and "L0H2, L0H3, L0H1, L0H0" in card
-    rows = _card_table(card, "| seq_len | clean | corrupt |")
+    rows = doc_numbers.table(card, "| seq_len | clean | corrupt |")
     assert [r[0] for r in rows] == ["10", "20"]
     for seq_len, clean, corrupt in rows:
         got = verified["task_logit_diff"][int(seq_len)]
-        assert _close_to_printed(got["clean"], clean) and _close_to_printed(got["corrupt"], corrupt), (seq_len, got)
+        assert doc_numbers.close(got["clean"], clean) and doc_numbers.close(got["corrupt"], corrupt), (seq_len, got)
 
 
 def test_card_config_numbers(model, meta):

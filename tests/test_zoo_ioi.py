@@ -145,23 +145,6 @@ def test_bpe_tokenizer_names_carry_leading_space():
 # output reproduces the card's rounding exactly.
 
 
-def _close_to_printed(measured: float, printed: str) -> bool:
-    printed = printed.rstrip("%")
-    decimals = len(printed.split(".")[1]) if "." in printed else 0
-    return abs(measured - float(printed)) <= 0.5 * 10 ** -decimals + 2e-5 * max(1.0, abs(measured))
-
-
-def _card_table(card: str, header: str) -> list[list[str]]:
-    lines = card.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(header))
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
-    return rows
-
-
 @pytest.fixture(scope="module")
 def card_run(model):
     from lenslab.zoo import train_ioi_4l
@@ -176,39 +159,39 @@ def card_run(model):
 
 
 @pytest.mark.slow
-def test_card_accuracy_table_is_measured(card_run):
+def test_card_accuracy_table_is_measured(card_run, doc_numbers):
     card = lenslab.zoo.read_card("zoo/ioi-4l")
-    rows = _card_table(card, "| split | prompts | accuracy |")
+    rows = doc_numbers.table(card, "| split | prompts | accuracy |")
     assert len(rows) == 2
     for (label, n, acc, ld, ld_bad), got in zip(rows, (card_run["train"], card_run["heldout"]), strict=True):
         assert int(n) == got["n_prompts"] == 960, label
-        assert _close_to_printed(100 * got["accuracy"], acc), (label, got)  # 957 and 942 of 960
-        assert _close_to_printed(got["mean_logit_diff"], ld), (label, got)
-        assert _close_to_printed(got["mean_logit_diff_corrupt"], ld_bad), (label, got)
+        assert doc_numbers.close(100 * got["accuracy"], acc), (label, got)  # 957 and 942 of 960
+        assert doc_numbers.close(got["mean_logit_diff"], ld), (label, got)
+        assert doc_numbers.close(got["mean_logit_diff_corrupt"], ld_bad), (label, got)
     # the README quotes the two accuracies
     readme = (lenslab.zoo.zoo_path("zoo/ioi-4l").parents[2] / "README.md").read_text()
     assert f"{rows[0][2]} accuracy on fresh prompts, {rows[1][2]} on held-out" in readme
 
 
 @pytest.mark.slow
-def test_card_mechanism_and_ablation_tables_are_measured(card_run):
+def test_card_mechanism_and_ablation_tables_are_measured(card_run, doc_numbers):
     import re
 
     card, mech = lenslab.zoo.read_card("zoo/ioi-4l"), card_run["mech"]
     keys = ("dla", "end_to_io", "end_to_io_next", "end_to_s1", "end_to_s2", "io_next_to_io")
-    rows = _card_table(card, "| head | DLA |")
+    rows = doc_numbers.table(card, "| head | DLA |")
     assert [r[0] for r in rows] == [f"L{layer}H{h}" for layer in range(4) for h in range(4)]
     for head, *cells in rows:
         for key, cell in zip(keys, cells, strict=True):
-            assert _close_to_printed(mech["heads"][head][key], cell), (head, key, cell)
+            assert doc_numbers.close(mech["heads"][head][key], cell), (head, key, cell)
     base = re.search(r"baseline mean logit diff ([\d.]+), accuracy ([\d.]+)%", card)
-    assert _close_to_printed(mech["logit_diff"], base.group(1)) and _close_to_printed(100 * mech["accuracy"], base.group(2))
-    rows = _card_table(card, "| group | heads |")
+    assert doc_numbers.close(mech["logit_diff"], base.group(1)) and doc_numbers.close(100 * mech["accuracy"], base.group(2))
+    rows = doc_numbers.table(card, "| group | heads |")
     assert [r[0] for r in rows] == list(mech["ablations"])
     for group, heads, ld, acc in rows:
         got = mech["ablations"][group]
         assert heads.split(", ") == got["heads"], group
-        assert _close_to_printed(got["logit_diff"], ld) and _close_to_printed(100 * got["accuracy"], acc), (group, got)
+        assert doc_numbers.close(got["logit_diff"], ld) and doc_numbers.close(100 * got["accuracy"], acc), (group, got)
 
 
 def test_card_config_and_data_numbers(model):

@@ -128,28 +128,6 @@ def test_ftri_top_experts_are_the_planted_ones(model, planted):
     assert min(s for *_, s in top) - rest[2] > 1.0
 
 
-def _close_to_printed(measured: float, printed: str) -> bool:
-    """`printed` is `measured` rounded to its printed digits (2e-5 relative slack: float32 sums
-    reordered on another CPU, e.g. the 58025.130 perplexity)."""
-    decimals = len(printed.split(".")[1]) if "." in printed else 0
-    return abs(measured - float(printed)) <= 0.5 * 10 ** -decimals + 2e-5 * max(1.0, abs(measured))
-
-
-def _pct(measured: float, printed: str) -> bool:
-    return _close_to_printed(100 * measured, printed.rstrip("%"))
-
-
-def _card_table(card: str, header: str) -> list[list[str]]:
-    lines = card.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(header))
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
-    return rows
-
-
 @pytest.fixture(scope="module")
 def card_run(model):
     """The card's own measurement (the training script's `evaluate`, `specialisation` and
@@ -165,7 +143,7 @@ def card_run(model):
 
 
 @pytest.mark.slow
-def test_card_switch_table_is_measured(card_run, planted):
+def test_card_switch_table_is_measured(card_run, planted, doc_numbers):
     """Every cell of the card's MoTE table, the fTRI scores, and the targets of issue 9."""
     import re
 
@@ -174,17 +152,17 @@ def test_card_switch_table_is_measured(card_run, planted):
     ftri = re.search(r"ranks (L1e2 .*?) on top", card).group(1)
     printed = re.findall(r"L(\d)e(\d) \(([+-][\d.]+)\)", ftri)
     assert [(int(a), int(b)) for a, b, _ in printed] == [tuple(e[:2]) for e in table.experts]
-    assert all(_close_to_printed(e[2], s) for e, (_, _, s) in zip(table.experts, printed))  # +4.48
-    rows = _card_table(card, "| switch | refusal, held-out harmful")
+    assert all(doc_numbers.close(e[2], s) for e, (_, _, s) in zip(table.experts, printed))  # +4.48
+    rows = doc_numbers.table(card, "| switch | refusal, held-out harmful")
     assert [r[0] for r in rows] == list(table.rows) == ["baseline", "top-4 off", "top-4 on", "random-4 off"]
     for row in rows:
         for column, cell in zip(table.columns, row[1:], strict=True):
             mean, _, std = cell.partition(" ± ")
             r, c = table.rows.index(row[0]), table.columns.index(column)
             scale = 1.0 if column == "perplexity" else 100.0
-            assert _close_to_printed(scale * float(table.mean[r, c]), mean.rstrip("%")), (row[0], column, cell)
+            assert doc_numbers.close(scale * float(table.mean[r, c]), mean), (row[0], column, cell)
             if std:
-                assert _close_to_printed(scale * float(table.std[r, c]), std), (row[0], column, cell)
+                assert doc_numbers.close(scale * float(table.std[r, c]), std), (row[0], column, cell)
     # the targets (also the README's "100% -> 0%, random-4 off: 99.7%")
     v = table.value
     assert v("baseline", "target rate") == 1.0 and v("top-4 off", "target rate") == 0.0
@@ -194,30 +172,30 @@ def test_card_switch_table_is_measured(card_run, planted):
 
 
 @pytest.mark.slow
-def test_card_behaviour_and_specialisation_tables_are_measured(card_run):
+def test_card_behaviour_and_specialisation_tables_are_measured(card_run, doc_numbers):
     import re
 
     card, beh, spec = zoo.read_card(NAME), card_run["behaviour"], card_run["spec"]
     keys = ("refusal_harmful", "refusal_benign", "accuracy_benign", "compliant_harmful")
-    rows = _card_table(card, "| split | experts |")
+    rows = doc_numbers.table(card, "| split | experts |")
     assert [(r[0], r[1]) for r in rows] == [(s, e) for s in ("test", "train") for e in ("baseline", "planted off")]
     for split, experts, *cells in rows:
         for key, cell in zip(keys, cells, strict=True):
-            assert _pct(beh[split][experts][key], cell), (split, experts, key, cell)
+            assert doc_numbers.pct(beh[split][experts][key], cell), (split, experts, key, cell)
     by_task = dict(re.findall(r"(\w+) ([\d.]+%)", re.search(r"accuracy by task: (.*)\.", card).group(1)))
     assert sorted(by_task) == sorted(_refusal.TASKS)
-    assert all(_pct(beh["test"]["baseline"]["accuracy_by_task"][t], c) for t, c in by_task.items()), by_task
-    rows = _card_table(card, "| layer | planted experts |")
+    assert all(doc_numbers.pct(beh["test"]["baseline"]["accuracy_by_task"][t], c) for t, c in by_task.items()), by_task
+    rows = doc_numbers.table(card, "| layer | planted experts |")
     assert [r[0] for r in rows] == ["L1", "L2"]
     for layer, _, harmful, benign in rows:
         share = spec["planted_share"][layer[1:]]
-        assert _pct(share["harmful_from_marker"], harmful) and _pct(share["benign"], benign), (layer, share)
-    rows = _card_table(card, "| layer | e0 |")
+        assert doc_numbers.pct(share["harmful_from_marker"], harmful) and doc_numbers.pct(share["benign"], benign), (layer, share)
+    rows = doc_numbers.table(card, "| layer | e0 |")
     assert [r[0] for r in rows] == ["L0", "L1", "L2", "L3"]
     for li, (_, *cells) in enumerate(rows):
         for e, cell in enumerate(cells):
             h, b = cell.strip("*").split(" / ")
-            assert _pct(spec["load_harmful"][li][e], h) and _pct(spec["load_benign"][li][e], b), (li, e, cell)
+            assert doc_numbers.pct(spec["load_harmful"][li][e], h) and doc_numbers.pct(spec["load_benign"][li][e], b), (li, e, cell)
 
 
 def test_refusal_task_logit_diff(model):
