@@ -9,6 +9,7 @@ relative slack for float32 sums reordered on another CPU.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -182,3 +183,398 @@ def test_features_doc_sae_table_quotes_the_stored_metrics():
         assert _close_to_printed(100 * first["dead_fraction"], dead), (name, first["dead_fraction"])
         assert _close_to_printed(first["loss_recovered"], rec_all), (name, first["loss_recovered"])
         assert _close_to_printed(objective["loss_recovered"], rec_obj), (name, objective["loss_recovered"])
+
+
+# --- docs/sinks.md --------------------------------------------------------------------------------
+# Every number of the page is recomputed here on the planted models, the zoo models and the tiny
+# random checkpoints; the planted models are bit-reproducible in float32 on one thread, the rest
+# get the float32 slack of `_close_to_printed`.
+def _rows(doc: str, header: str) -> dict[str, list[str]]:
+    """The first table under `header` as {first cell: other cells}, escaped pipes (\\|) kept in a
+    cell as "|", bold marks dropped."""
+    lines = doc.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip().replace("\\|", "|").replace("**", "") for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def _span(text: str) -> tuple[str, str]:
+    """The two ends of a printed range "a–b" (en dash or hyphen)."""
+    lo, hi = re.fullmatch(r"\s*([-\d.]+)\s*[–-]\s*([-\d.]+)\s*", text).groups()
+    return lo, hi
+
+
+def _in_span(values, text: str) -> bool:
+    """min and max of `values` print as the range `text`."""
+    lo, hi = _span(text)
+    return _close_to_printed(min(values), lo) and _close_to_printed(max(values), hi)
+
+
+def _uniform(t: int) -> float:
+    """alpha_0 of a head that attends uniformly over T tokens: H_T / T."""
+    return sum(1 / (i + 1) for i in range(t)) / t
+
+
+def test_sinks_doc_uniform_alpha_values():
+    doc = " ".join(_doc("docs/sinks.md").split())
+    quoted = re.search(r"alpha_0 = H_T / T \(([^)]*)\)", doc).group(1)
+    pairs = re.findall(r"([\d.]+) at T = (\d+)", quoted)
+    assert [int(t) for _, t in pairs] == [8, 15, 32, 64]
+    for printed, t in pairs:
+        assert _close_to_printed(_uniform(int(t)), printed), (t, printed)
+
+
+@pytest.fixture(scope="module")
+def planted_sinks():
+    from lenslab.probes import sinks
+
+    model, toks = sinks.planted_model(), sinks.planted_tokens(4, 32)
+    return (sinks.attention_sinks(model, toks), sinks.massive_activations(model, toks),
+            sinks.ablate_massive(model, toks, mode="zero"), sinks.ablate_massive(model, toks, mode="mean"))
+
+
+def test_sinks_doc_planted_table_is_measured(planted_sinks):
+    s, m, zero, mean = planted_sinks
+    rows = _rows(_doc("docs/sinks.md"), "| | found |")  # the first such table: the dense planted model
+    heads = rows["sink heads (ε = 0.3)"][0]
+    assert s.sink_heads() == [(1, 0)] and "exactly L1H0" in heads
+    a0 = s.attn_to_first
+    assert _close_to_printed(float(a0[1, 0]), re.search(r"alpha_0 = ([\d.]+)", heads).group(1))
+    other = re.search(r"three heads ([\d.]+) = H_32 / 32", heads).group(1)
+    assert all(_close_to_printed(float(a0[l, h]), other) for l, h in ((0, 0), (0, 1), (1, 1)))
+    assert _close_to_printed(_uniform(32), other)
+    assert _close_to_printed(100 * s.sink_rate, re.match(r"([\d.]+) %", rows["sink rate"][0]).group(1))
+    cell = rows["massive entries (default rule)"][0]
+    assert {(e["layer"], e["dim"], e["pos"]) for e in m.massive} == {(0, 7, 0), (1, 7, 0)} and len(m.massive) == 8
+    assert "exactly dim 7 at position 0, in both layer outputs, all 4 samples" in cell
+    assert all(_close_to_printed(e["value"], re.search(r"value (\d+)", cell).group(1)) for e in m.massive)
+    # each entry over the median |a| of its own hidden state: 20 988-22 403, printed to the hundred
+    lo, hi = (int(x.replace(" ", "")) for x in re.search(r"([\d ]+)–([\d ]+) × the median", cell).groups())
+    ratios = [e["ratio"] for e in m.massive]
+    assert abs(min(ratios) - lo) <= 50 and abs(max(ratios) - hi) <= 50, ratios
+    cell = rows["zero ablation at layer 0"][0]
+    assert zero.layer == 0
+    rates = re.search(r"sink rate ([\d.]+) % → ([\d.]+) %", cell).groups()
+    assert _close_to_printed(100 * zero.sinks_clean.sink_rate, rates[0]) and _close_to_printed(100 * zero.sinks_ablated.sink_rate, rates[1])
+    a = re.search(r"alpha_0 of L1H0 ([\d.]+) → ([\d.]+)", cell).groups()
+    assert _close_to_printed(float(zero.sinks_clean.attn_to_first[1, 0]), a[0])
+    assert _close_to_printed(float(zero.sinks_ablated.attn_to_first[1, 0]), a[1])
+    loss = re.search(r"loss ([\d.]+) → ([\d.]+)", cell).groups()
+    assert _close_to_printed(zero.loss_clean, loss[0]) and _close_to_printed(zero.loss_ablated, loss[1])  # 2.1231 -> 2.1274
+    assert rows["mean ablation"][0].startswith("sink rate and loss unchanged")
+    assert mean.sinks_ablated.sink_rate == mean.sinks_clean.sink_rate and mean.loss_ablated == mean.loss_clean
+
+
+def _sink_numbers(name: str):
+    from lenslab import tasks
+    from lenslab.probes import sinks
+
+    model = lenslab.load_model(name, device="cpu")
+    task = tasks.induction(model, n=16, seq_len=20) if "induction" in name else tasks.ioi(model, n=16)
+    toks = task.clean_tokens
+    s = sinks.attention_sinks(model, toks)
+    m = sinks.massive_activations(model, toks)
+    m10 = sinks.massive_activations(model, toks, rule=sinks.MassiveRule(absolute=None, ratio=10))
+    return toks.shape[1], s, m, m10
+
+
+def test_sinks_doc_zoo_table_is_measured():
+    """The zoo table and the prose under it (ioi-4l's layer-1 heads at 0.28-0.33, value-weighted 2.0-2.2)."""
+    doc = _doc("docs/sinks.md")
+    rows = _rows(doc, "| model | alpha_0 per head (by layer) |")
+    for name in ("zoo/induction-2l", "zoo/ioi-4l"):
+        per_layer, rate, massive, largest = rows[name]
+        t, s, m, m10 = _sink_numbers(name)
+        a0 = s.attn_to_first
+        spans = re.findall(r"L(\d) ([\d.]+–[\d.]+)", per_layer)
+        assert [int(l) for l, _ in spans] == list(range(a0.shape[0])), name
+        for l, span in spans:
+            assert _in_span(a0[int(l)].tolist(), span), (name, l, a0[int(l)].tolist(), span)
+        uniform = re.search(r"uniform over (\d+) tokens: ([\d.]+)", per_layer).groups()
+        assert int(uniform[0]) == t and _close_to_printed(_uniform(t), uniform[1]), (name, t)
+        assert _close_to_printed(100 * s.sink_rate, re.match(r"([\d.]+) %", rate).group(1)), (name, s.sink_rate)
+        heads = re.findall(r"L(\d)H(\d)", rate)
+        assert s.sink_heads() == [(int(l), int(h)) for l, h in heads], name
+        assert massive == "none" and m.massive == [] and m10.massive == [], name
+        assert "none at ratio 10 either" in largest
+        ratios = (m.top_values[:, 0].abs() / m.medians).tolist()
+        if name == "zoo/ioi-4l":  # "5–7 in every layer"
+            assert _in_span(ratios, re.match(r"([\d–]+) in every layer", largest).group(1)), ratios
+            sink_heads = s.sink_heads()
+            at = re.search(r"sit at ([\d.–]+) \(the layer's four heads ([\d.–]+)\)", " ".join(doc.split())).groups()
+            assert _in_span([float(a0[l, h]) for l, h in sink_heads], at[0]) and _in_span(a0[1].tolist(), at[1])
+            vw = s.value_weighted[..., 0]
+            assert _in_span([float(vw[l, h]) for l, h in sink_heads], re.search(r"value-weighted alpha_0\s+\(([\d.–]+)\)", doc).group(1))
+            assert float(vw.max()) == max(float(vw[l, h]) for l, h in sink_heads)  # "the largest in the model"
+        else:  # "6.2 (L0), 8.4 (L1)"
+            printed = re.findall(r"([\d.]+) \(L(\d)\)", largest)
+            assert [int(l) for _, l in printed] == [0, 1]
+            assert all(_close_to_printed(ratios[int(l)], v) for v, l in printed), ratios
+
+
+@pytest.fixture(scope="module")
+def planted_moe():
+    from lenslab.probes import sinks
+    from lenslab.probes import super_experts as se
+
+    model, toks = sinks.planted_moe_model(), sinks.planted_tokens(4, 32)
+    prof = se.profile_experts(model, toks)
+    return (prof, {r: prof.super_experts(r) for r in se.RULES}, sinks.massive_activations(model, toks),
+            sinks.attention_sinks(model, toks), se.ablate_super_experts(model, toks, random_draws=5))
+
+
+def test_sinks_doc_planted_moe_table_is_measured(planted_moe):
+    prof, found, m, s, ab = planted_moe
+    doc = _doc("docs/sinks.md")
+    start = doc.index("### Validation: a planted MoE model")
+    rows = _rows(doc[start:], "| | found |")
+    cell = rows["output_max of expert (0, 2)"][0]
+    v = re.match(r"([\d.]+) \(= 10 · silu\(10\) · 10\), channel (\d+), position (\d+)", cell).groups()
+    assert _close_to_printed(prof.value(0, 2), v[0]) and _close_to_printed(10 * 10 / (1 + math.exp(-10)) * 10, v[0])
+    assert (int(prof.channel[0, 2]), int(prof.pos[0, 2])) == (int(v[1]), int(v[2]))
+    assert _close_to_printed(float(prof.input_max[0, 2]), re.search(r"input_max ([\d.]+)", cell).group(1))
+    others = [float(prof.output_max[l, e]) for l in range(2) for e in range(4) if (l, e) != (0, 2)]
+    assert _in_span(others, re.search(r"output_max ([\d.–]+)", rows["every other expert"][0]).group(1)), others
+    key = next(k for k in rows if k.startswith("super experts, rule su"))
+    bars = re.search(r"\((\d+) values; bars P99.5 = ([\d.]+), ⌊max / 10⌋ = (\d+)\)", key).groups()
+    su = found["su"]
+    assert su.population == int(bars[0])
+    assert _close_to_printed(su.thresholds["percentile"], bars[1]) and su.thresholds["floor_max_over_times"] == float(bars[2])
+    assert su.labels == found["p99.5"].labels == ["L0e2"] and "exactly L0e2; also under p99.5" in rows[key][0]
+    assert found["mean+3std"].experts == found["50xmean"].experts == [] and "none under mean+3std or 50xmean" in rows[key][0]
+    cell = rows["massive activations (default rule)"][0]
+    assert {(e["layer"], e["dim"], e["pos"], e["sample"]) for e in m.massive} == {(l, 7, 0, b) for l in range(2) for b in range(4)}
+    assert "exactly dim 7 at position 0, both layer outputs, all 4 samples" in cell
+    assert all(_close_to_printed(e["value"], re.search(r"samples: ([\d.]+)", cell).group(1)) for e in m.massive)
+    cell = rows["attention sinks"][0]
+    assert s.sink_heads() == [(1, 0)] and _close_to_printed(float(s.attn_to_first[1, 0]), re.search(r"alpha_0 = ([\d.]+)", cell).group(1))
+    assert _close_to_printed(100 * s.sink_rate, re.search(r"sink rate ([\d.]+) %", cell).group(1))
+    cell = rows["pruning L0e2"][0]
+    assert ab.experts == [(0, 2)]
+    n = re.search(r"massive entries (\d+) → (\d+)", cell).groups()
+    assert (len(ab.massive_clean.massive), len(ab.massive_pruned.massive)) == tuple(map(int, n))
+    big = re.search(r"largest \|a\| ([\d.]+) → ([\d.]+)", cell).groups()
+    assert _close_to_printed(float(ab.massive_clean.top_values.abs().max()), big[0])
+    assert _close_to_printed(float(ab.massive_pruned.top_values.abs().max()), big[1])
+    rates = re.search(r"sink rate ([\d.]+) % → ([\d.]+) %", cell).groups()
+    assert _close_to_printed(100 * ab.sinks_clean.sink_rate, rates[0]) and _close_to_printed(100 * ab.sinks_pruned.sink_rate, rates[1])
+    uniform = re.search(r"alpha_0 of L1H0 → ([\d.]+) = uniform", cell).group(1)
+    assert _close_to_printed(float(ab.sinks_pruned.attn_to_first[1, 0]), uniform)
+    loss = re.search(r"loss ([\d.]+) → ([\d.]+)", cell).groups()
+    assert _close_to_printed(ab.loss_clean, loss[0]) and _close_to_printed(ab.loss_pruned, loss[1])  # 2.1268 -> 2.1291
+    key = next(k for k in rows if k.startswith("pruning 1 random other expert"))
+    assert len(ab.random) == int(re.search(r"\((\d+) draws\)", key).group(1))
+    cell = rows[key][0]
+    assert all(r["n_massive"] == int(re.match(r"massive entries (\d+)", cell).group(1)) for r in ab.random)
+    assert all(_close_to_printed(100 * r["sink_rate"], re.search(r"sink rate ([\d.]+) %", cell).group(1)) for r in ab.random)
+    assert all(_close_to_printed(r["max_abs"], re.search(r"largest \|a\| ([\d.]+)", cell).group(1)) for r in ab.random)
+    assert _in_span([r["loss"] for r in ab.random], re.search(r"loss ([\d.–]+)", cell).group(1))
+
+
+def test_sinks_doc_moe_refusal_table_is_measured(moe):
+    """docs/sinks.md, zoo/moe-refusal: the super-expert profile, kurtosis, massive activations,
+    sinks and the pruning comparison (5 random draws, seed 0) on its 16 example prompts."""
+    from lenslab.probes import sinks
+    from lenslab.probes import super_experts as se
+
+    doc = _doc("docs/sinks.md")
+    start = doc.index("### zoo/moe-refusal")
+    rows = _rows(doc[start:], "| | found |")
+    sets = zoo.prompt_sets(MOE)
+    prompts = [p for ps in sets.values() for p in ps]
+    assert len(prompts) == 16 and "(`zoo.prompt_sets(\"zoo/moe-refusal\")`: 8 harmful, 8 benign; 23 experts" in doc
+    prof = se.profile_experts(moe, prompts)
+    pop = prof.population()
+    assert pop.numel() == 23 and prof.cutoff == 3
+    found = {r: prof.super_experts(r) for r in se.RULES}
+    key = next(k for k in rows if k.startswith("super experts (su;"))
+    bars = re.search(r"bars P99.5 = ([\d.]+), ⌊max / 10⌋ = (\d+)", key).groups()
+    assert _close_to_printed(found["su"].thresholds["percentile"], bars[0])
+    assert found["su"].thresholds["floor_max_over_times"] == float(bars[1])
+    cell = rows[key][0]
+    assert found["su"].labels == found["p99.5"].labels == found["mean+3std"].labels == ["L1e5"] and not found["50xmean"].experts
+    v = re.match(r"L1e5: output_max ([\d.]+) on the harmful marker word \"(\w+)\" \(position (\d+)\), channel (\d+)", cell).groups()
+    assert _close_to_printed(prof.value(1, 5), v[0])
+    assert (prof.token_labels[1][5], int(prof.pos[1, 5]), int(prof.channel[1, 5])) == (v[1], int(v[2]), int(v[3]))
+    assert _close_to_printed(found["mean+3std"].thresholds["mean_plus_std"], re.search(r"mean\+3std \(bar ([\d.]+)\)", cell).group(1))
+    cell = rows["next largest"][0]
+    for label, value, token in re.findall(r"L(\d+e\d+) ([\d.]+)(?: \(on \"(\w+)\"\))?", cell):
+        l, e = map(int, label.split("e"))
+        assert _close_to_printed(prof.value(l, e), value), (label, prof.value(l, e))
+        if token:
+            assert prof.token_labels[l][e] == token, label
+    ranked = sorted(((float(prof.output_max[l, e]), f"L{l}e{e}") for l in range(3) for e in range(8)), reverse=True)
+    assert [lab for _, lab in ranked[1:4]] == re.findall(r"L\d+e\d+", cell)[:3]  # the next three, in order
+    assert _close_to_printed(float(pop.median()), re.search(r"median ([\d.]+)", cell).group(1))
+    assert _close_to_printed(float(pop.max() / pop.median()), re.search(r"max / median ([\d.]+)", cell).group(1))
+    kurt = re.findall(r"L(\d) ([−\d.]+)", rows["kurtosis of output_max per layer"][0])
+    assert [int(l) for l, _ in kurt] == [0, 1, 2, 3]
+    assert all(_close_to_printed(float(prof.kurtosis()[int(l)]), k.replace("−", "-")) for l, k in kurt), prof.kurtosis()
+    m = sinks.massive_activations(moe, prompts)
+    ratios = (m.top_values[:, 0].abs() / m.medians).tolist()
+    printed = re.search(r"none; largest \|a\| / median per layer output ([\d., ]+)$", rows["massive activations (default rule)"][0]).group(1)
+    assert m.massive == [] and all(_close_to_printed(r, p) for r, p in zip(ratios, printed.split(", "), strict=True)), ratios
+    s = sinks.attention_sinks(moe, prompts)
+    cell = rows["attention sinks"][0]
+    assert _close_to_printed(100 * s.sink_rate, re.search(r"sink rate ([\d.]+) %", cell).group(1))
+    assert s.sink_heads() == [(int(l), int(h)) for l, h in re.findall(r"L(\d)H(\d)", cell)]
+    ab = se.ablate_super_experts(moe, prompts, found["su"], random_draws=5)
+    cell = rows["pruning L1e5"][0]
+    rates = re.search(r"sink rate ([\d.]+) % → ([\d.]+) %", cell).groups()
+    assert _close_to_printed(100 * ab.sinks_clean.sink_rate, rates[0]) and _close_to_printed(100 * ab.sinks_pruned.sink_rate, rates[1])
+    big = re.search(r"largest \|a\| ([\d.]+) → ([\d.]+)", cell).groups()
+    assert _close_to_printed(float(ab.massive_clean.top_values.abs().max()), big[0])
+    assert _close_to_printed(float(ab.massive_pruned.top_values.abs().max()), big[1])
+    assert ab.massive_clean.massive == ab.massive_pruned.massive == [] and "no massive entries before or after" in cell
+    key = next(k for k in rows if k.startswith("pruning 1 random other expert"))
+    assert len(ab.random) == int(re.search(r"\((\d+) draws\)", key).group(1))
+    cell = rows[key][0]
+    assert _in_span([100 * r["sink_rate"] for r in ab.random], re.search(r"sink rate ([\d.–]+) %", cell).group(1)), ab.random
+    assert _in_span([r["max_abs"] for r in ab.random], re.search(r"largest \|a\| ([\d.–]+)", cell).group(1)), ab.random
+    benign = se.profile_experts(moe, sets["other"])
+    cell = rows["benign prompts only"][0]
+    assert int(benign.tokens[1, 5]) == 0 and cell.startswith("L1e5 receives no token")
+    flagged = benign.super_experts("su")
+    label, value = re.search(r"su flags (L\d+e\d+) \(([\d.]+)\)", cell).groups()
+    assert flagged.labels == [label] and _close_to_printed(flagged.values[0], value)
+
+
+@pytest.mark.slow
+def test_sinks_doc_tiny_random_moe_table_is_measured(tiny_moe_dir):
+    """docs/sinks.md, the tiny random checkpoints (tests/conftest.py, seed 0, random biases and
+    norm weights) on 16 samples of BOS + 31 tokens drawn with torch.Generator seed 0."""
+    from lenslab.probes import sinks
+    from lenslab.probes import super_experts as se
+
+    doc = _doc("docs/sinks.md")
+    start = doc.index("### Tiny random real-architecture models")
+    rows = _rows(doc[start:], "| model (loaded as) |")
+    assert "16 samples of 32 random tokens (`torch.randint(4, 64, (16, 31))`, generator seed 0) with the BOS (id 0) first" \
+        in " ".join(doc[start:].split())
+    ids = torch.cat([torch.zeros(16, 1, dtype=torch.long),
+                     torch.randint(4, 64, (16, 31), generator=torch.Generator().manual_seed(0))], 1)
+    rule = sinks.MassiveRule(absolute=None, ratio=20)
+    archs = {"Mixtral (HookedTransformer)": "mixtral", "OLMoE (HookedTransformer)": "olmoe",
+             "Qwen2-MoE (TransformerBridge)": "qwen2_moe", "Qwen3-MoE (TransformerBridge)": "qwen3_moe"}
+    assert list(rows) == list(archs)
+    sizes, ratios = [], []
+    for row, arch in archs.items():
+        flags, out_max, ratio, others, pruned, rand = rows[row]
+        model = lenslab.load_model(str(tiny_moe_dir(arch)), device="cpu")
+        assert type(model).__name__ == row.split("(")[1].rstrip(")")
+        prof = se.profile_experts(model, ids)
+        found = prof.super_experts("su")
+        pop = prof.population()
+        ab = se.ablate_super_experts(model, ids, found, random_draws=5, massive_rule=rule)
+        measured = dict(flags=found.labels, out=found.values, ratio=float(pop.max() / pop.median()),
+                        others=(prof.super_experts("mean+3std").labels, prof.super_experts("50xmean").labels),
+                        loss=(ab.loss_clean, ab.loss_pruned), rate=(ab.sinks_clean.sink_rate, ab.sinks_pruned.sink_rate),
+                        big=(float(ab.massive_clean.top_values.abs().max()), float(ab.massive_pruned.top_values.abs().max())),
+                        massive=(len(ab.massive_clean.massive), len(ab.massive_pruned.massive)),
+                        rand=[r["loss"] for r in ab.random])
+        sizes.append(pop.numel())
+        ratios.append(measured["ratio"])
+        (l, e), = found.experts
+        assert flags == (f"L{l} shared" if e == se.SHARED else f"L{l}e{e}"), (row, measured)
+        assert _close_to_printed(found.values[0], out_max) and _close_to_printed(measured["ratio"], ratio), (row, measured)
+        assert others == "none" and measured["others"] == ([], []), (row, measured)
+        n = r"([\d.]+)"
+        p = re.fullmatch(f"{n} → {n}, {n} % → {n} %, {n} → {n}", pruned).groups()
+        loss, rate, big = p[0:2], p[2:4], p[4:6]
+        assert all(_close_to_printed(v, p) for v, p in zip(measured["loss"], loss)), (row, measured)
+        assert all(_close_to_printed(100 * v, p) for v, p in zip(measured["rate"], rate)), (row, measured)
+        assert all(_close_to_printed(v, p) for v, p in zip(measured["big"], big)), (row, measured)
+        assert measured["massive"] == (0, 0)  # not even at 20x the median
+        printed = rand.split("–")
+        assert _in_span(measured["rand"], rand if len(printed) == 2 else f"{rand}–{rand}"), (row, measured)
+    prose = " ".join(doc[start:].split())
+    assert _in_span(ratios, re.search(r"output_max is within ([\d.–]+)× of the median", prose).group(1)), ratios
+    assert _in_span(sizes, re.search(r"artefact described above \(([\d–]+) values", prose).group(1)), sizes
+
+
+# --- docs/features.md (measured numbers besides the SAE table) ------------------------------------
+def test_features_doc_induction_loss_quotes_the_stored_metrics():
+    """"7.06 nats against ln 300 = 5.70": the clean loss over all predictions of induction-2l's SAE
+    card (metrics.json, recomputed rel 1e-4 by tests/probes/test_sae.py) and chance over its vocabulary."""
+    doc = " ".join(_doc("docs/features.md").split())
+    nats, vocab, chance = re.search(r"\(([\d.]+) nats against ln (\d+) = ([\d.]+)\)", doc).groups()
+    folder = ROOT / "lenslab" / "zoo" / "induction-2l" / "saes" / "blocks.0.hook_resid_post"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert _close_to_printed(metrics["all next-token predictions"]["ce_loss_clean"], nats)
+    from lenslab.tasks import _content_token_ids
+
+    # chance: uniform over the model's ordinary tokens (its random blocks draw from them; d_vocab adds 4 specials)
+    assert len(_content_token_ids(lenslab.load_model("zoo/induction-2l", device="cpu"))) == int(vocab)
+    assert _close_to_printed(math.log(int(vocab)), chance)
+
+
+@pytest.mark.slow
+def test_features_doc_steering_numbers_are_measured(tmp_path):
+    """The f149 paragraph, the search example and the tied-ness median of docs/features.md,
+    recomputed as notebooks/03_features.ipynb computes them (256 documents, greedy decoding)."""
+    from lenslab import _sentiment, steering
+    from lenslab.probes import features
+    from lenslab.probes.sae import list_saes, load_sae
+    from lenslab.steering import features as fs
+
+    doc = " ".join(_doc("docs/features.md").split())
+    model = lenslab.load_model("zoo/steer-sentiment", device="cpu")
+    sae = load_sae(list_saes("zoo/steer-sentiment")[0], model=model)
+    tied = (sae.W_dec.detach() * sae.W_enc.detach().T).sum(-1)  # W_dec[f] . W_enc[:, f]
+    assert _close_to_printed(float(tied.median()), re.search(r"steer-sentiment: median ([\d.]+) over its features", doc).group(1))
+    store = features.index(model, sae, features.corpus_for(model, 256), tmp_path / "s.sqlite", progress=False)
+    hits = features.search(store, token="terrible", k=5)
+    by_share = features.search(store, token="terrible", k=1, by="share")
+    search = re.search(r"top 5 \"terrible\" features by maximum fire on ([\d-]+) % of all tokens; by share, "
+                       r"the first has density ([\d.]+) %", doc).groups()
+    assert _in_span([100 * h.density for h in hits.hits], search[0]), hits.table()
+    assert _close_to_printed(100 * by_share.hits[0].density, search[1]), by_share.table()
+    neg = hits.features[0]
+    para = re.search(r"the feature that fires most on \"terrible\" \(f(\d+): (\d+) of its (\d+) firings on negative "
+                     r"words, (\d+) on positive ones", doc).groups()
+    ids = lambda words: [int(model.to_tokens(w, prepend_bos=False)[0, 0]) for w in words]  # noqa: E731
+    neg_ids, pos_ids = ids(_sentiment.NEGATIVE), ids(_sentiment.POSITIVE)
+    on = [sum(n for _, f, n, _, _ in store.token_table(w) if f == neg) for w in (neg_ids, pos_ids)]
+    assert (neg, on[0], store.stats(neg).n_fire, on[1]) == tuple(map(int, para)), (neg, on, store.stats(neg).n_fire)
+    clamp = fs.clamp_feature(sae, neg, round(2 * store.stats(neg).max_act))  # "twice its maximum"
+
+    def neg_minus_pos(prompts, iv=None):
+        with torch.no_grad(), steering.apply(model, iv):
+            p = torch.stack([model(q)[0, -1].softmax(-1) for q in prompts])
+        return float((p[:, neg_ids].sum(1) - p[:, pos_ids].sum(1)).mean())
+
+    negative, positive = _sentiment.prompts(16, "negative"), _sentiment.prompts(16, "positive")
+    printed = re.search(r"from ([+−][\d.]+) to ([+−][\d.]+), clamping it to twice its maximum on 16 positive prompts "
+                        r"from ([+−][\d.]+) to ([+−]\d\.\d+)", doc).groups()
+    measured = (neg_minus_pos(negative), neg_minus_pos(negative, fs.ablate_feature(sae, neg)),
+                neg_minus_pos(positive), neg_minus_pos(positive, clamp))
+    assert all(_close_to_printed(v, p.replace("−", "-")) for v, p in zip(measured, printed, strict=True)), measured
+    prompt = "the movie was terrible . the book was"
+    strongest = features.lookup(model, sae, prompt, k=16).union
+    _, cache = model.run_with_cache(prompt, names_filter=[sae.cfg.metadata.hook_name])
+    fire = int((sae.encode(cache[sae.cfg.metadata.hook_name][0]) > 0).any(0).sum())
+    base = steering.generate(model, prompt, max_new_tokens=10)
+    movers = sum(steering.generate(model, prompt, fs.ablate_feature(sae, f), max_new_tokens=10) != base for f in strongest)
+    counts = re.search(r"Of the (\d+) strongest features on the prompt \((\d+) fire somewhere on it\), (\d+) change", doc).groups()
+    assert (len(strongest), fire, movers) == tuple(map(int, counts))
+
+
+# --- docs/experts.md: notebook 05's load figure ---------------------------------------------------
+def test_experts_doc_planted_load_is_measured(moe):
+    """"each planted expert 22.8% of its layer's selections vs 0.0%": notebook 05's expert load on
+    40 held-out harmful and 40 held-out benign prompts (seed 0); routing is discrete."""
+    from lenslab.probes import routers
+
+    doc = " ".join(_doc("docs/experts.md").split())
+    h, b = re.search(r"benign prompts \(each planted expert ([\d.]+)% of its layer's selections vs ([\d.]+)%\)", doc).groups()
+    planted = [tuple(p) for p in json.loads((zoo.zoo_path(MOE) / "config.json").read_text())["lenslab_mechanism"]["refusal_experts"]]
+    load_h = routers.expert_load(moe, _refusal.prompts(40, "harmful", "test", seed=0)[0], fraction=True)
+    load_b = routers.expert_load(moe, _refusal.prompts(40, "benign", "test", seed=0)[0], fraction=True)
+    assert len(planted) == 4
+    for l, e in planted:
+        assert _close_to_printed(100 * float(load_h[l, e]), h) and _close_to_printed(100 * float(load_b[l, e]), b), (l, e)
