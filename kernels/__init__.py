@@ -7,10 +7,12 @@ round-off. `engine="auto"` uses it wherever it covers the site and says when it 
 
 >>> import lenslab
 >>> from lenslab import circuits, kernels, tasks
->>> model = lenslab.load_model("zoo/induction-2l", device="cpu")  # doctest: +SKIP
->>> task = tasks.induction(model, n=4, seq_len=8, seed=0)  # doctest: +SKIP
->>> with kernels.options(memory_budget="256MB"):  # doctest: +SKIP
+>>> model = lenslab.load_model("zoo/induction-2l", device="cpu")
+>>> task = tasks.induction(model, n=4, seq_len=8, seed=0)
+>>> with kernels.options(memory_budget="256MB"):
 ...     res = circuits.patch(model, task, "z", engine="batched")
+>>> res.axes, res.scores.shape
+(('layer', 'head'), torch.Size([2, 4]))
 """
 from __future__ import annotations
 

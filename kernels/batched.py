@@ -27,10 +27,11 @@ the GPT-2-small resid_pre grid is ~10x faster than TransformerLens' loop.
 
 >>> import lenslab
 >>> from lenslab import circuits, tasks
->>> model = lenslab.load_model("zoo/induction-2l", device="cpu")  # doctest: +SKIP
->>> task = tasks.induction(model, n=4, seq_len=8, seed=0)  # doctest: +SKIP
->>> circuits.patch(model, task, "resid_pre", engine="batched").axes  # doctest: +SKIP
-('layer', 'pos')
+>>> model = lenslab.load_model("zoo/induction-2l", device="cpu")
+>>> task = tasks.induction(model, n=4, seq_len=8, seed=0)
+>>> res = circuits.patch(model, task, "resid_pre", engine="batched")
+>>> res.axes, res.scores.shape   # one score per layer and position of the 16-token prompts
+(('layer', 'pos'), torch.Size([2, 16]))
 """
 from __future__ import annotations
 

@@ -3,7 +3,9 @@
 Each builder takes a result from `lenslab.lens` and returns a `plotly.graph_objects.Figure`
 whose title names the model; export any of them with `lenslab.figures.save_figure`.
 
+>>> import lenslab
 >>> from lenslab import lens, plots
+>>> model = lenslab.load_model("zoo/induction-2l", device="cpu")
 >>> fig = plots.attention_heatmap(lens.attention_patterns(model, "t1 t2 t3"), lens.tokenize(model, "t1 t2 t3").str_tokens,
 ...                               layer=0, head=0, model="zoo/induction-2l")
 """

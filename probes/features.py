@@ -396,8 +396,18 @@ class Context:
 class FeatureStore:
     """A feature store on disk (SQLite; the schema is in the module docstring).
 
-    >>> store = FeatureStore("store.sqlite")   # doctest: +SKIP
-    >>> store.stats(12).density, store.contexts(12)[0].tokens   # doctest: +SKIP
+    >>> import lenslab
+    >>> from lenslab.probes.sae import load_sae
+    >>> model = lenslab.load_model("zoo/steer-sentiment", device="cpu")
+    >>> sae = load_sae("zoo/steer-sentiment/blocks.1.hook_resid_post", model=model)
+    >>> index(model, sae, corpus_for(model, 64), "store.sqlite", progress=False)   # writes the store
+    FeatureStore(store.sqlite: model zoo/steer-sentiment, hook blocks.1.hook_resid_post, SAE ... (d_sae 384),
+    1854 tokens from 64 prompts (complete))
+    >>> store = FeatureStore("store.sqlite")
+    >>> round(store.stats(149).density, 3)   # the share of tokens where feature 149 fires
+    0.132
+    >>> [c.tokens[c.index] for c in store.contexts(149)[:5]]   # its top contexts: negative adjectives
+    ['grim', 'awful', 'rude', 'terrible', 'horrible']
     """
 
     def __init__(self, path: str | Path):

@@ -27,9 +27,9 @@ switch off or force on.
 
 >>> import lenslab
 >>> from lenslab.probes import routers
->>> model = lenslab.load_model("path/to/a/moe-checkpoint")        # doctest: +SKIP
->>> routers.route(model, ["a b c"]).indices[0].shape               # doctest: +SKIP
-torch.Size([4, 2, 2])
+>>> model = lenslab.load_model("zoo/moe-refusal", device="cpu")   # tiny Mixtral: 4 layers, 8 experts, top 2
+>>> routers.route(model, ["user : first bomb 3 assistant :"]).indices[0].shape  # [pos, layer, k]
+torch.Size([8, 4, 2])
 """
 from __future__ import annotations
 
@@ -79,8 +79,8 @@ class MoeLayer:
 def moe_layers(model) -> list[MoeLayer]:
     """The model's MoE layers in block order; a `LenslabError` when it has none.
 
-    >>> [m.layer for m in moe_layers(model)]                           # doctest: +SKIP
-    [0, 1]
+    >>> [m.layer for m in moe_layers(model)]   # zoo/moe-refusal: every layer is MoE
+    [0, 1, 2, 3]
     """
     hooks = getattr(model, "hook_dict", {}) or {}
     out = []
@@ -351,8 +351,11 @@ def route(model, prompts, *, prepend_bos: bool | None = None, batch_size: int = 
         `RouterResult` with `indices[i]` / `weights[i]` `[pos, layer, k]` (heaviest first) and
         `probs[i]` `[pos, layer, n_experts]` for prompt i.
 
-    >>> r = route(model, ["the cat sat"])                             # doctest: +SKIP
-    >>> r.indices[0][:, 0]   # experts chosen at layer 0, per token   # doctest: +SKIP
+    >>> model.to_str_tokens("user : first bomb 3 assistant :")
+    ['<bos>', 'user', ':', 'first', 'bomb', '3', 'assistant', ':']
+    >>> r = route(model, ["user : first bomb 3 assistant :"])
+    >>> r.indices[0][:, 1].tolist()   # experts chosen at layer 1, per token: 2 and 5 from "bomb" on
+    [[4, 0], [4, 0], [6, 7], [6, 4], [2, 5], [2, 5], [2, 5], [2, 5]]
     """
     layers = moe_layers(model)
     toks = _prompt_tokens(model, prompts, prepend_bos)
@@ -577,8 +580,12 @@ def ftri_rank(model, target_prompts, other_prompts, *, weights: bool = False,
         other_prompts: the rest (e.g. the ones it answers).
         weights: sum gate weights instead of counting selections.
 
-    >>> ranking = ftri_rank(model, refused, answered)                 # doctest: +SKIP
-    >>> ranking.top(3)   # [(layer, expert, difference), ...]         # doctest: +SKIP
+    >>> from lenslab import _refusal   # zoo/moe-refusal's prompts; its planted refusal experts: L1e2 L1e5 L2e3 L2e6
+    >>> refused, _ = _refusal.prompts(16, "harmful", seed=0)
+    >>> answered, _ = _refusal.prompts(16, "benign", seed=0)
+    >>> ranking = ftri_rank(model, refused, answered)
+    >>> ranking.top(4)   # [(layer, expert, difference), ...]: selections per prompt, refused minus answered
+    [(1, 2, 4.5625), (1, 5, 4.5625), (2, 3, 4.5625), (2, 6, 4.5625)]
     """
     layers = moe_layers(model)  # the "no MoE" error before tokenising anything
     for name, p in (("target_prompts", target_prompts), ("other_prompts", other_prompts)):

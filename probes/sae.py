@@ -24,6 +24,13 @@ sae-lens's `LanguageModelSAETrainingRunner`. This module adds what a workbench n
   reconstruction (what `sae_metrics` uses; usable with `model.run_with_hooks` / `model.hooks`).
 - `build_zoo_sae` / `rebuild_zoo_saes`: the recipes and corpora of the shipped zoo SAEs
   (`lenslab sae train --model zoo/ioi-4l --hook blocks.2.hook_resid_post --out DIR`).
+
+>>> import lenslab
+>>> from lenslab.probes.sae import load_sae
+>>> model = lenslab.load_model("zoo/induction-2l", device="cpu")
+>>> sae = load_sae("zoo/induction-2l/blocks.0.hook_resid_post", model=model)
+>>> sae.cfg.d_in, sae.cfg.d_sae
+(64, 1024)
 """
 from __future__ import annotations
 
@@ -332,7 +339,11 @@ def splice_hooks(sae, hook_name: str | None = None) -> list[tuple[str, object]]:
     """Forward hooks `[(hook_name, fn)]` that replace the activation at the SAE's hook point with
     the SAE's reconstruction `decode(encode(x))` at every position.
 
-    >>> logits = model.run_with_hooks(tokens, fwd_hooks=splice_hooks(sae))  # doctest: +SKIP
+    >>> sae = load_sae("zoo/induction-2l/blocks.0.hook_resid_post", model=model)
+    >>> tokens = model.to_tokens("t5 t6 t7 t5 t6 t7")
+    >>> logits = model.run_with_hooks(tokens, fwd_hooks=splice_hooks(sae))
+    >>> logits.shape   # [batch, pos, d_vocab]
+    torch.Size([1, 7, 304])
     """
     name = hook_name or sae.cfg.metadata.hook_name
     if not name:
@@ -514,9 +525,12 @@ def sae_metrics(
     Returns:
         `SaeMetrics` (see its attributes for the definitions).
 
-    >>> m = sae_metrics(model, sae, tokens)  # doctest: +SKIP
-    >>> m.loss_recovered  # doctest: +SKIP
-    0.98
+    >>> from lenslab import tasks
+    >>> sae = load_sae("zoo/induction-2l/blocks.0.hook_resid_post", model=model)
+    >>> tokens = tasks.induction(model, n=16, seq_len=16, seed=0).clean_tokens   # [16, 32]
+    >>> m = sae_metrics(model, sae, tokens)
+    >>> round(m.explained_variance, 2), round(m.loss_recovered, 2), m.l0
+    (0.95, 1.0, 16.0)
     """
     if check:
         check_sae(model, sae)
@@ -628,8 +642,12 @@ def train_sae(
     Returns:
         The trained SAE, as loaded back from `out_dir` (a sae-lens inference `SAE`).
 
+    >>> from lenslab import tasks
+    >>> tokens = tasks.induction(model, n=64, seq_len=16, seed=0).clean_tokens
     >>> sae = train_sae(model, "blocks.0.hook_resid_post", corpus=tokens, d_sae=256,
-    ...                 training_tokens=20_000, out_dir="my_sae")  # doctest: +SKIP
+    ...                 training_tokens=20_000, out_dir="my_sae")
+    >>> sae.cfg.d_sae, sorted(p.name for p in Path("my_sae").iterdir())
+    (256, ['card.md', 'cfg.json', 'metrics.json', 'runner_cfg.json', 'sae_weights.safetensors', 'sparsity.safetensors'])
     """
     if k is not None and l1 is not None:
         raise LenslabError("pass k= (TopK SAE) or l1= (standard L1 SAE), not both")

@@ -10,11 +10,17 @@ safetensors file beside them. Baselines: `mean_difference` (DiffMean / CAA) and 
 `add_feature` steer one SAE feature (`lenslab.steering.features`).
 
 >>> import lenslab
->>> from lenslab import steering
->>> model = lenslab.load_model("zoo/induction-2l", device="cpu")
->>> iv = steering.mean_difference(model, ["A B C"], ["D E F"], layers=0)  # doctest: +SKIP
->>> with steering.apply(model, iv):  # doctest: +SKIP
-...     logits = model("A B C")
+>>> from lenslab import _sentiment, steering
+>>> model = lenslab.load_model("zoo/steer-sentiment", device="cpu")
+>>> pos, neg = _sentiment.prompts(8, "positive"), _sentiment.prompts(8, "negative")
+>>> iv = steering.mean_difference(model, pos, neg, layers=1)
+>>> prompt = "the day was awful . the movie was"
+>>> steering.generate(model, prompt, max_new_tokens=3), steering.generate(model, prompt, iv, max_new_tokens=3)
+(' bitter. the', ' warm. the')
+>>> with steering.apply(model, iv):
+...     logits = model(prompt)   # steered
+>>> logits.shape
+torch.Size([1, 9, 86])
 """
 from __future__ import annotations
 

@@ -31,8 +31,16 @@ whatever sign it has, so a unit that is positive on positive samples and negativ
 ones is pushed the wrong way on the negatives; post-activation neurons rarely change sign, which
 is why this site steers `zoo/steer-sentiment` where the authors' sites do not (docs/steering.md).
 
+>>> import lenslab
+>>> from lenslab import _sentiment
 >>> from lenslab.steering import austeer, austeer_scores
->>> iv = austeer(model, pos, neg, k=16, alpha=10.0, site="mlp")  # doctest: +SKIP
+>>> model = lenslab.load_model("zoo/steer-sentiment", device="cpu")
+>>> pos, neg = _sentiment.prompts(8, "positive"), _sentiment.prompts(8, "negative")
+>>> iv = austeer(model, pos, neg, k=16, alpha=10.0, site="neurons")
+>>> iv.n_units(), iv.edits[0].hook, iv.edits[0].op
+(16, 'blocks.0.mlp.hook_post', 'multiply')
+>>> iv.provenance["ties"]["decided_by_ties"]   # 8 pairs: beta has 5 values, the top is one big tie
+True
 """
 from __future__ import annotations
 
@@ -116,7 +124,13 @@ def austeer_scores(model, positive: Sequence[str], negative: Sequence[str], *, s
         site: "resid" (block output), "mlp" (MLP output), "attn" (input of W_O, heads flattened)
             or "neurons" (MLP hidden units after the activation; lenslab's addition).
 
-    >>> beta = austeer_scores(model, pos, neg, site="mlp")  # [n_layers, d_model]  # doctest: +SKIP
+    >>> from lenslab import _sentiment
+    >>> pos, neg = _sentiment.prompts(8, "positive"), _sentiment.prompts(8, "negative")
+    >>> beta = austeer_scores(model, pos, neg, site="mlp")
+    >>> beta.shape   # [n_layers, d_model]
+    torch.Size([3, 96])
+    >>> sorted(set(beta.abs().flatten().tolist()))   # S = 8 pairs: |beta| in {4/8, ..., 8/8}
+    [0.5, 0.625, 0.75, 0.875, 1.0]
     """
     return sign_consistency(*_paired(model, positive, negative, site))
 
@@ -208,7 +222,11 @@ def austeer(
         (`vector = 1 + alpha * beta[units]`, positions "all"); provenance holds k, alpha, site,
         the selected units and their beta.
 
-    >>> iv = austeer(model, pos, neg, k=8, alpha=20.0, site="attn")  # doctest: +SKIP
+    >>> from lenslab import _sentiment
+    >>> pos, neg = _sentiment.prompts(8, "positive"), _sentiment.prompts(8, "negative")
+    >>> iv = austeer(model, pos, neg, k=8, alpha=20.0, site="attn")
+    >>> [(e.hook, len(e.units)) for e in iv.edits]   # every tied top unit sits in layer 0 ("order" ties)
+    [('blocks.0.attn.hook_z', 8)]
     """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise LenslabError(f"alpha must be a finite number, got {alpha!r}")

@@ -11,8 +11,14 @@
   end), and add it, times a strength, to the first positions of the user's prompt (the
   beginning-of-sequence token included, where the difference is zero).
 
+>>> import lenslab
+>>> from lenslab import _sentiment
 >>> from lenslab.steering import mean_difference, actadd
->>> iv = mean_difference(model, ["t1 t2 t3"], ["t4 t5 t6"], layers=[0], strength=4.0)  # doctest: +SKIP
+>>> model = lenslab.load_model("zoo/steer-sentiment", device="cpu")
+>>> pos, neg = _sentiment.prompts(8, "positive"), _sentiment.prompts(8, "negative")
+>>> iv = mean_difference(model, pos, neg, layers=[1], strength=4.0)
+>>> [(e.hook, e.op, tuple(e.vector.shape), e.strength) for e in iv.edits]
+[('blocks.1.hook_resid_post', 'add', (96,), 4.0)]
 """
 from __future__ import annotations
 
@@ -129,7 +135,10 @@ def mean_difference(
     Returns:
         An `Intervention` with one edit per layer, vector `[d]` each.
 
-    >>> iv = mean_difference(model, ["t1 t2"], ["t3 t4"], layers=0)  # doctest: +SKIP
+    >>> iv = mean_difference(model, ["the day was lovely ."], ["the day was awful ."], layers=[0, 2],
+    ...                      site="mlp_out", position="mean")
+    >>> [(e.hook, e.vector.shape) for e in iv.edits]
+    [('blocks.0.hook_mlp_out', torch.Size([96])), ('blocks.2.hook_mlp_out', torch.Size([96]))]
     """
     pos_prompts = _prompts(positive, "positive")
     neg_prompts = _prompts(negative, "negative")
@@ -168,7 +177,12 @@ def actadd(
         An `Intervention` with one `add` edit whose vector is `[n_pos, d]` at positions
         `0..n_pos-1` (BOS included); applying it to a prompt shorter than `n_pos` tokens raises.
 
-    >>> iv = actadd(model, "t1 t1 t1", "t2 t2 t2", layer=1, strength=5.0)  # doctest: +SKIP
+    >>> iv = actadd(model, "the day was lovely .", "the day was awful .", layer=1, strength=5.0)
+    >>> e = iv.edits[0]
+    >>> e.hook, e.vector.shape, e.positions   # [n_pos, d_model]: <bos> and the 5 words
+    ('blocks.1.hook_resid_pre', torch.Size([6, 96]), (0, 1, 2, 3, 4, 5))
+    >>> (e.vector.norm(dim=-1) > 0).tolist()   # zero while the two prompts still agree (causal attention)
+    [False, False, False, False, True, True]
     """
     if not isinstance(positive, str) or not isinstance(negative, str) or not positive or not negative:
         raise LenslabError("actadd takes one positive and one negative prompt (non-empty strings)")

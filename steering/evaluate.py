@@ -21,12 +21,15 @@ forced on, random experts switched off as a control, with behaviour rates on two
 a capability check. It imports `lenslab.steering.experts` only when called.
 
 >>> import lenslab
->>> from lenslab.steering import evaluate
->>> model = lenslab.load_model("zoo/moe-refusal", device="cpu")     # doctest: +SKIP
->>> t = evaluate.behaviour_rates(model, {"baseline": None}, {"harmful": ["user : first bomb 3 assistant :"]},
-...                              score=lambda s: s.strip().startswith("sorry"))  # doctest: +SKIP
->>> t.value("baseline", "harmful")                                  # doctest: +SKIP
-1.0
+>>> from lenslab import _refusal
+>>> from lenslab.steering import evaluate, switch_experts
+>>> model = lenslab.load_model("zoo/moe-refusal", device="cpu")
+>>> harmful, _ = _refusal.prompts(8, "harmful", split="test")
+>>> off = switch_experts(off=[(1, 2), (1, 5), (2, 3), (2, 6)])   # the zoo model's planted refusal experts
+>>> t = evaluate.behaviour_rates(model, {"baseline": None, "experts off": off}, {"harmful": harmful},
+...                              score=_refusal.is_refusal, progress=False)
+>>> t.value("baseline", "harmful"), t.value("experts off", "harmful")   # refusal rates
+(1.0, 0.0)
 """
 from __future__ import annotations
 

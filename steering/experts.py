@@ -563,8 +563,17 @@ def hf_hooks(hf_model, intervention: Intervention | None, *, prompt_len: int | N
     Used to train or evaluate a Hugging Face model with experts switched (gradients flow through
     the new gate weights). Other edits (TransformerLens hook names) are refused.
 
-    >>> with hf_hooks(hf_model, switch_experts(off=[(1, 3)])):       # doctest: +SKIP
-    ...     loss = hf_model(ids, labels=ids).loss
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+    >>> from lenslab.zoo import zoo_path
+    >>> hf_model = AutoModelForCausalLM.from_pretrained(zoo_path("zoo/moe-refusal"))
+    >>> tok = AutoTokenizer.from_pretrained(zoo_path("zoo/moe-refusal"))
+    >>> ids = tok("user : first bomb 3 assistant :", return_tensors="pt").input_ids
+    >>> tok.decode(hf_model(ids).logits[0, -1].argmax())   # the zoo model refuses
+    'sorry'
+    >>> with hf_hooks(hf_model, switch_experts(off=[(1, 2), (1, 5), (2, 3), (2, 6)])):   # its refusal experts
+    ...     loss = hf_model(ids, labels=ids).loss   # gradients flow through the switched gates
+    ...     tok.decode(hf_model(ids).logits[0, -1].argmax())   # now it answers the task: the first item
+    'bomb'
     """
     if intervention is None or not intervention.edits:
         yield hf_model

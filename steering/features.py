@@ -40,10 +40,17 @@ Not supported (a `LenslabError` says so): runtime input normalisation (`normaliz
 "layer_norm" or "constant_norm_rescale") and other architectures (gated, AbsTopK, transcoders...).
 SAEs on one head of `hook_z` (`hook_head_index`) edit that head's entries (`units`).
 
->>> from lenslab.probes.sae import load_sae  # doctest: +SKIP
->>> sae = load_sae("zoo/steer-sentiment/blocks.1.hook_resid_post")  # doctest: +SKIP
->>> iv = ablate_feature(sae, 12)  # doctest: +SKIP
->>> generate(model, "The film was", iv)  # doctest: +SKIP
+>>> import lenslab
+>>> from lenslab.probes.sae import load_sae
+>>> from lenslab.steering import ablate_feature, generate
+>>> model = lenslab.load_model("zoo/steer-sentiment", device="cpu")
+>>> sae = load_sae("zoo/steer-sentiment/blocks.1.hook_resid_post", model=model)
+>>> iv = ablate_feature(sae, 149)   # feature 149 fires on negative adjectives
+>>> e = iv.edits[0]
+>>> e.hook, e.op, e.feature.index, e.feature.kind, e.feature.target
+('blocks.1.hook_resid_post', 'feature', 149, 'topk', 0.0)
+>>> generate(model, "the day was awful . the movie was", iv, max_new_tokens=3)   # one feature does not flip it
+' bitter. the'
 """
 from __future__ import annotations
 

@@ -2,6 +2,14 @@
 
 Generation runs without a KV cache, so every forward pass sees the whole sequence and an edit's
 positions ("prompt", "generated", explicit indices) mean the same at every step.
+
+>>> import lenslab
+>>> from lenslab.steering import actadd, generate
+>>> model = lenslab.load_model("zoo/steer-sentiment", device="cpu")
+>>> iv = actadd(model, "the day was lovely .", "the day was awful .", layer=1)
+>>> prompt = "the day was awful . the movie was"
+>>> generate(model, prompt, max_new_tokens=3), generate(model, prompt, iv, max_new_tokens=3)
+(' bitter. the', ' lovely. the')
 """
 from __future__ import annotations
 
@@ -28,7 +36,11 @@ def stream(
 
     The pieces join to the decoded continuation.
 
-    >>> for piece in stream(model, "t1 t2", iv, max_new_tokens=3): print(piece)  # doctest: +SKIP
+    >>> for piece in stream(model, "the day was awful . the movie was", max_new_tokens=3):
+    ...     print(repr(piece))
+    ' bitter'
+    '.'
+    ' the'
     """
     if not isinstance(prompt, str) or not prompt:
         raise LenslabError("prompt must be a non-empty string")
@@ -75,7 +87,10 @@ def generate(
 
     Call twice with the same `seed`, with and without the intervention, for a side-by-side view.
 
-    >>> generate(model, "t1 t2 t3", max_new_tokens=3)  # doctest: +SKIP
+    >>> generate(model, "the day was awful . the movie was", max_new_tokens=3)
+    ' bitter. the'
+    >>> generate(model, "the day was awful . the movie was", max_new_tokens=3, temperature=1.0, seed=1)   # sampled
+    ' new. what'
     """
     pieces = list(stream(model, prompt, intervention, max_new_tokens=max_new_tokens, seed=seed,
                          temperature=temperature, top_k=top_k))

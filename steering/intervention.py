@@ -445,7 +445,12 @@ def compose(interventions: Iterable[Intervention]) -> Intervention:
 def save(intervention: Intervention, path: str | Path) -> Path:
     """Write `path` (JSON spec) and the tensors beside it (`<stem>.safetensors`); returns the JSON path.
 
-    >>> save(iv, "preset.json")  # writes preset.json and preset.safetensors  # doctest: +SKIP
+    >>> iv = Intervention(edits=(Edit(hook="blocks.0.hook_resid_post", op="add", vector=torch.ones(32)),), name="ones")
+    >>> path = save(iv, "preset.json")
+    >>> sorted(p.name for p in path.parent.glob("preset.*"))
+    ['preset.json', 'preset.safetensors']
+    >>> load(path) == iv
+    True
     """
     from safetensors.torch import save_file
 
@@ -654,8 +659,15 @@ def hooks(model, intervention: Intervention, *, prompt_len: int | None = None) -
 def apply(model, intervention: Intervention | None, *, prompt_len: int | None = None) -> Iterator:
     """Context manager: inside it every forward pass of `model` is steered by `intervention`.
 
-    >>> with apply(model, iv):  # doctest: +SKIP
+    >>> import lenslab
+    >>> from lenslab.steering import actadd
+    >>> model = lenslab.load_model("zoo/steer-sentiment", device="cpu")
+    >>> iv = actadd(model, "the day was lovely .", "the day was awful .", layer=1)
+    >>> tokens = model.to_tokens("the day was awful . the movie was")
+    >>> with apply(model, iv):
     ...     logits = model(tokens)  # [batch, pos, d_vocab], steered
+    >>> model.to_string(logits[0, -1].argmax()), model.to_string(model(tokens)[0, -1].argmax())   # then unsteered
+    ('lovely', 'bitter')
     """
     if intervention is None or not intervention.edits:
         yield model

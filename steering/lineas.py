@@ -24,10 +24,18 @@ As in Apple's code (apple/ml-lineas: `lineas/estimators/intervention_estimator.p
 `lineas/utils/proximal.py`, `lineas/hooks/backprop_transport.py::BPHook`). Where lenslab differs
 from it is listed in `docs/steering.md` (section LinEAS).
 
+>>> import lenslab
+>>> from lenslab import _sentiment, steering
 >>> from lenslab.steering import fit_lineas, LineasConfig
->>> iv = fit_lineas(model, toxic, non_toxic, config=LineasConfig(steps=300))  # doctest: +SKIP
->>> with steering.apply(model, iv.with_strength(0.7)):  # doctest: +SKIP
-...     logits = model("some prompt")
+>>> model = lenslab.load_model("zoo/steer-sentiment", device="cpu")
+>>> negative, positive = _sentiment.prompts(8, "negative"), _sentiment.prompts(8, "positive")
+>>> iv = fit_lineas(model, negative, positive, config=LineasConfig(steps=100, lr=1e-2, progress=False))
+>>> round(iv.provenance["loss_initial"], 2), round(iv.provenance["loss_final"], 2)   # moved onto the positive side
+(0.96, 0.06)
+>>> with steering.apply(model, iv.with_strength(0.7)):
+...     logits = model("the day was awful . the movie was")
+>>> logits.shape
+torch.Size([1, 9, 86])
 """
 from __future__ import annotations
 
@@ -433,7 +441,14 @@ def fit_lineas(
     Raises:
         LenslabError: too few source prompts, an unknown hook, a bad config.
 
-    >>> iv = fit_lineas(model, toxic, clean, config=LineasConfig(proximal="sparse-group"))  # doctest: +SKIP
+    >>> from lenslab import _sentiment
+    >>> source, target = _sentiment.prompts(8, "negative"), _sentiment.prompts(8, "positive")
+    >>> cfg = LineasConfig(steps=50, lr=1e-2, proximal="sparse-group", progress=False)
+    >>> iv = fit_lineas(model, source, target, config=cfg)
+    >>> [e.hook for e in iv.edits[:2]], len(iv.edits)   # default hooks: every attn_out and mlp_out
+    (['blocks.0.hook_attn_out', 'blocks.0.hook_mlp_out'], 6)
+    >>> round(iv.provenance["loss_initial"], 2), round(iv.provenance["loss_final"], 2)
+    (0.96, 0.15)
     """
     cfg = LineasConfig() if config is None else config
     if not isinstance(cfg, LineasConfig):

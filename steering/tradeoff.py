@@ -23,8 +23,20 @@ bootstrap interval of the concept rate over its evaluation prompts (`concept_rat
 set per seed, and reports the mean and standard deviation across seeds of the concept rate and
 the perplexity (`*_std`; the per-seed rows are kept in `per_seed`).
 
->>> res = tradeoff(model, {"DiffMean": iv}, prompts, score=_sentiment.is_positive)  # doctest: +SKIP
->>> print(res.to_markdown())                                                       # doctest: +SKIP
+>>> import lenslab
+>>> from lenslab import _sentiment
+>>> from lenslab.steering import mean_difference
+>>> model = lenslab.load_model("zoo/steer-sentiment", device="cpu")
+>>> iv = mean_difference(model, _sentiment.prompts(8, "positive"), _sentiment.prompts(8, "negative"), layers=1)
+>>> prompts = _sentiment.prompts(8, "negative", seed=99)   # negative contexts, steered towards positive
+>>> res = tradeoff(model, {"DiffMean": iv}, prompts, score=_sentiment.is_positive, strengths=[0, 0.5, 1],
+...                max_new_tokens=6, progress=False)
+>>> print(res.to_markdown())
+| method | strength | units | concept rate [95% CI] | perplexity | perplexity in context |
+|---|---|---|---|---|---|
+| DiffMean | 0 | 96 | 0.00 [0.00, 0.00] | 79.9 | 3.93 |
+| DiffMean | 0.5 | 96 | 0.12 [0.00, 0.38] | 140 | 6.1 |
+| DiffMean | 1 | 96 | 1.00 [1.00, 1.00] | 8.11e+03 | 5.74e+03 |
 """
 from __future__ import annotations
 
