@@ -107,6 +107,40 @@ def test_no_test_markers_have_a_reason_and_a_block():
                 assert len(b["skip"]) >= 8, f"{_rel(page)}:{b['line']}: say why the block cannot run"
 
 
+def _transcripts():
+    """(page, line, expression, error type, message) for every `>>>` line of a skipped REPL-transcript
+    block that an `Error: message` line follows."""
+    for page in PAGES:
+        for b in _python(page):
+            if b["skip"] is None or not b["code"].lstrip().startswith(">>>"):
+                continue
+            lines = b["code"].splitlines()
+            for i, line in enumerate(lines[:-1]):
+                m = re.match(r"^(\w+(?:Error|Exception)): (.*)$", lines[i + 1])
+                if line.startswith(">>> ") and m:
+                    yield _rel(page), b["line"] + 1 + i, line[4:], m.group(1), m.group(2)
+
+
+_TRANSCRIPTS = list(_transcripts())
+
+
+def test_transcripts_were_found():
+    assert len(_TRANSCRIPTS) >= 1  # docs/getting-started.md shows load_model's errors
+
+
+@pytest.mark.parametrize("page,line,expr,err,message", _TRANSCRIPTS, ids=[f"{p}:{l}" for p, l, *_ in _TRANSCRIPTS])
+def test_repl_transcript_shows_the_real_error(page, line, expr, err, message):
+    """What the page shows after `>>> expr` is what the library raises: the exception's class and its
+    message (`...` in the page stands for any text)."""
+    import lenslab
+
+    with pytest.raises(Exception) as info:
+        eval(expr, {"lenslab": lenslab})
+    assert type(info.value).__name__ == err, f"{page}:{line}: raises {type(info.value).__name__}, the page shows {err}"
+    pattern = "^" + ".*".join(map(re.escape, message.split("..."))) + "$"
+    assert re.match(pattern, str(info.value), re.S), f"{page}:{line}: the page shows\n  {message}\nthe library says\n  {info.value}"
+
+
 def _named_commands():
     """(page, line, argv) for every `lenslab ...` command line of the bash blocks."""
     for page in PAGES:
