@@ -67,6 +67,21 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def zoo_models():
+    """`zoo_models(name)`: the zoo model `name` on CPU, loaded once per test module (for tests that only read it)."""
+    import lenslab
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = lenslab.load_model(name, device="cpu")
+        return cache[name]
+
+    return get
+
+
 class DocNumbers:
     """Numbers that a card or a doc prints, checked against a measurement. One thread and fixed
     seeds make the runs bit-reproducible on a machine; across CPUs float32 sums may reorder, so a

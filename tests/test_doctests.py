@@ -55,21 +55,6 @@ def _modules_with_examples() -> dict[str, Path]:
 MODULES = _modules_with_examples()
 
 
-@pytest.fixture(scope="module")
-def zoo_models():
-    """Zoo name -> model, loaded once for the module (docstrings only read them)."""
-    import lenslab
-
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = lenslab.load_model(name, device="cpu")
-        return cache[name]
-
-    return get
-
-
 def _tests(name: str):
     mod = importlib.import_module(name)
     return [t for t in doctest.DocTestFinder().find(mod, name) if t.examples]

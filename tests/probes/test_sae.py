@@ -23,20 +23,6 @@ SHIPPED = [
 ]
 
 
-@pytest.fixture(scope="module")
-def models():
-    import lenslab
-
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = lenslab.load_model(name, device="cpu")
-        return cache[name]
-
-    return get
-
-
 def _random_sae(d_in: int, d_sae: int, hook: str, seed: int = 0, arch: str = "topk"):
     """An untrained sae-lens inference SAE with random weights (b_enc shifted so that features fire)."""
     from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
@@ -264,11 +250,11 @@ def test_cli_sae_train(tiny_zoo_dir, tmp_path, capsys):
 
 # --- the shipped zoo SAEs -----------------------------------------------------------------------
 @pytest.mark.parametrize("name,rec_all,rec_obj,ev", SHIPPED, ids=[s[0].split("/")[1] for s in SHIPPED])
-def test_shipped_sae_matches_its_card(models, name, rec_all, rec_obj, ev):
+def test_shipped_sae_matches_its_card(zoo_models, name, rec_all, rec_obj, ev):
     from lenslab.probes import _sae_zoo
 
     model_name = "/".join(name.split("/")[:2])
-    model = models(model_name)
+    model = zoo_models(model_name)
     sae = S.load_sae(name, model=model)
     held = _sae_zoo.held_out(model_name, model)
     got = _sae_zoo.measure(model, sae, held)
