@@ -407,9 +407,12 @@ class SwitchTable(JsonResult):
             for c, col in enumerate(self.columns):
                 m, s = float(self.mean[r, c]), float(self.std[r, c])
                 pct = col != "perplexity"
-                cell = f"{100 * m:.1f}%" if pct else f"{m:.3f}"
+                # perplexities: 4 significant digits, never fewer than 0 decimals (58025, 1.309); the
+                # 5th digit of a five-figure perplexity differs between CPUs (summation order)
+                dec = max(0, 3 - math.floor(math.log10(abs(m)))) if m and math.isfinite(m) else 3
+                cell = f"{100 * m:.1f}%" if pct else f"{m:.{dec}f}"
                 if row.startswith("random"):
-                    cell += f" ± {100 * s:.1f}" if pct else f" ± {s:.3f}"
+                    cell += f" ± {100 * s:.1f}" if pct else f" ± {s:.{dec}f}"
                 cells.append(cell)
             out.append(f"| {row} | " + " | ".join(cells) + " |")
         return "\n".join(out)

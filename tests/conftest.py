@@ -263,9 +263,8 @@ class TinyHF:
         return GPT2TokenizerFast(vocab=vocab, merges=merges)
 
     def build(self, name: str, out, plant: bool = False):
-        """Save tiny random HF model `name` (+ tokenizer) to `out` (uncached; seed 0). Unplanted models
-        also get random biases and norm weights (`randomize_params`); planted ones keep the 0/1 init,
-        which the planted routing is derived for."""
+        """Save tiny random HF model `name` (+ tokenizer) to `out` (uncached; seed 0), with random
+        biases and norm weights (`randomize_params`) on planted models too."""
         from transformers import AutoModelForCausalLM
 
         from lenslab import zoo
@@ -281,10 +280,11 @@ class TinyHF:
                 if hasattr(gate, "e_score_correction_bias"):
                     gate.e_score_correction_bias.copy_(0.05 * torch.randn(gate.e_score_correction_bias.shape))
         tok = self.gpt2_tokenizer() if name == "gpt2" else zoo.word_tokenizer(self.WORDS)
+        # random biases and norm weights (a conversion that drops one no longer matches HF); planted
+        # models get them too, before the plant overwrites what the planted routing is derived from
+        randomize_params(model, seed=0)
         if plant:
             self.plant(model, tok.convert_tokens_to_ids(self.PLANT_TOKEN))
-        else:  # random biases and norm weights: a conversion that drops one no longer matches HF
-            randomize_params(model, seed=0)
         model.save_pretrained(out)
         tok.save_pretrained(out)
         return out

@@ -37,7 +37,7 @@ def moe():
 # --- docs/experts.md ------------------------------------------------------------------------------
 def test_experts_doc_drop_rows_quote_the_card(doc_numbers):
     """The drop rows of docs/experts.md's switch table are the card's (which
-    tests/test_zoo_moe_refusal.py recomputes), rounded as printed (58025.130 -> 58025)."""
+    tests/test_zoo_moe_refusal.py recomputes), at the digits each prints."""
     card = doc_numbers.table(zoo.read_card(MOE), "| switch | refusal, held-out harmful")
     card = {r[0]: r[1:] for r in card}
     doc = {r[0]: r[1:] for r in doc_numbers.table(_doc("docs/experts.md"), "| switch (k = 4) |")}

@@ -109,6 +109,9 @@ def test_text_prompts_of_different_lengths(dirs):
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
 def test_ftri_ranks_the_planted_expert_first(tiny_moe_dir, name):
+    hf = _hf(tiny_moe_dir(name, plant=True))  # the plant runs on random norm weights (not the 1-init)
+    norms = [p for n, p in hf.named_parameters() if "norm" in n]
+    assert len(norms) >= 2 * LAYERS + 1 and not any(bool((p == p.flatten()[0]).all()) for p in norms)
     model = lenslab.load_model(str(tiny_moe_dir(name, plant=True)), device="cpu")
     target = [f"w3 {PLANT_TOKEN} w9 w12", f"w20 w21 {PLANT_TOKEN}", f"{PLANT_TOKEN} w30 w31 w32 w33"]
     other = ["w3 w8 w9 w12", "w20 w21 w22", "w40 w30 w31 w32 w33", "w50 w51"]

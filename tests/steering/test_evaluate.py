@@ -183,3 +183,15 @@ def test_expert_switch_table_on_a_planted_moe(tiny_moe_dir):
     back = ev.SwitchTable.from_json(table.to_json())
     assert torch.equal(back.mean, table.mean) and back.experts == [tuple(e) for e in table.experts]
     assert "random-1 off" in table.to_markdown() and len(table.figure().data) == 4
+
+
+def test_switch_table_prints_perplexity_at_four_significant_digits():
+    """A five-figure perplexity is printed without decimals (its 5th digit already differs between
+    CPUs); small ones keep 3 decimals, and a random row's std takes its mean's decimals."""
+    mean = torch.tensor([[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 58025.13], [0.997, 0.0, 0.923, 1.30912]], dtype=torch.float64)
+    std = torch.tensor([[0.0] * 4, [0.0] * 4, [0.003, 0.0, 0.069, 0.28949]], dtype=torch.float64)
+    table = ev.SwitchTable(mean=mean, std=std, rows=("baseline", "top-4 on", "random-4 off"), experts=[],
+                           random_draws=[], per_draw=torch.zeros(1, 4), n=(200, 200, 200, 200))
+    rows = table.to_markdown().splitlines()[2:]
+    assert rows[0].endswith("| 100.0% | 1.000 |") and rows[1].endswith("| 0.0% | 58025 |")
+    assert rows[2].endswith("| 92.3% ± 6.9 | 1.309 ± 0.289 |")
