@@ -82,7 +82,7 @@ def call(what: str, fn, *args, **kwargs):
     try:
         with st.spinner(f"{what}…"), (model_lock(model) if model is not None else contextlib.nullcontext()):
             return fn(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - everything becomes a message, never a traceback
+    except Exception as exc:
         show_error(what, exc)
         return FAILED
 

@@ -3,7 +3,6 @@ circuit graphs on a task, with every figure and JSON downloadable. Numerics live
 `lenslab.circuits`, tasks in `lenslab.tasks`, export in `lenslab.figures`."""
 from __future__ import annotations
 
-
 import streamlit as st
 
 from lenslab import circuits, tasks

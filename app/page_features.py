@@ -42,7 +42,7 @@ def _slug(text: str) -> str:
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
-def _load_sae(source: str, device: str, stamp: float):  # noqa: ARG001 - stamp: reload when the files change
+def _load_sae(source: str, device: str, stamp: float):
     sae = saes.load_sae(source, device=device)
     sae.lenslab_source = source
     return sae
@@ -57,7 +57,7 @@ def _stamp(source: str) -> float:
     folder = Path(source).expanduser()
     try:
         folder = folder if folder.is_dir() else saes.zoo_sae_path(source)
-    except Exception:  # noqa: BLE001 - load_sae explains
+    except Exception:
         return 0.0
     return max((p.stat().st_mtime for p in folder.glob("*") if p.is_file()), default=0.0)
 
@@ -203,7 +203,7 @@ with dash_tab:
     if not have_store:
         c2.info("Build the index (Index tab) for contexts, histogram and density; the logit effects need no index.")
         pos, neg = _shell.call("Logit effects", F.logit_effects, model, sae, f) or ([], [])
-        tok = lambda i: _shell.token_text(model.to_single_str_token(int(i)))  # noqa: E731
+        tok = lambda i: _shell.token_text(model.to_single_str_token(int(i)))
         a, b = st.columns(2)
         a.dataframe([{"promoted": tok(i), "logit": v} for i, v in pos], hide_index=True)
         b.dataframe([{"suppressed": tok(i), "logit": v} for i, v in neg], hide_index=True)

@@ -37,7 +37,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-import torch  # noqa: E402
+import torch
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -242,8 +242,8 @@ def main(argv=None) -> None:
               f"({mem / 2**20 / row['in_flight']:.2f} MiB per in-flight patch, up to {row['in_flight']} per chunk), "
               f"{row['chunks']} chunks, triton {det['triton']}")
         if not args.skip_tl:
-            def tl_run():
-                return tl_fns[site](model, task.corrupt_tokens, clean_cache, tl_metric)
+            def tl_run():  # called within this iteration only
+                return tl_fns[site](model, task.corrupt_tokens, clean_cache, tl_metric)  # noqa: B023
 
             with torch.inference_mode():
                 _, clean_cache = model.run_with_cache(task.clean_tokens)

@@ -100,7 +100,7 @@ def closure(roots: list[str], env: dict | None = None, stop=None) -> dict[str, m
     SKIP and what the GPU image has)."""
     env = env or TARGET_ENV
     if stop is None:
-        stop = lambda n: n in NEVER or n in SKIP or gpu_has(n)  # noqa: E731
+        stop = lambda n: n in NEVER or n in SKIP or gpu_has(n)
     seen: dict[str, md.Distribution | None] = {}
     todo = list(roots)
     while todo:

@@ -142,7 +142,7 @@ def main() -> None:
     assert torch.equal(toks.view(bs, -1), rows[:bs])
     diff = (acts.view(bs, args.context_size, -1) - cache[hook]).abs().max().item()
 
-    none = lambda: None  # noqa: E731
+    none = lambda: None
     lines = [("sae-lens `ActivationsStore.get_raw_llm_batch`", store, sae_lens_acts(False)),
              ("sae-lens activations + `sae.encode`", store, sae_lens_acts(True)),
              ("lenslab `feature_acts` (forward + encode)", none, lenslab_acts),

@@ -18,11 +18,11 @@ else:
     from lenslab.circuits.edges import EdgeScores, attribute_edges, node_names, patch_edge
     from lenslab.circuits.faithfulness import Faithfulness, faithfulness, pearson, spearman
     from lenslab.circuits.graph import CircuitGraph
-    from lenslab.circuits.patching import DIRECTIONS, SITES, Site, patch, path_patch, resolve_site
+    from lenslab.circuits.patching import DIRECTIONS, SITES, Site, batched_patch, patch, path_patch, resolve_site
     from lenslab.results import PatchResult
 
     __all__ = [
         "DIRECTIONS", "METHODS", "SITES", "CircuitGraph", "EdgeScores", "Faithfulness", "PatchResult", "Site",
-        "attribute", "attribute_edges", "faithfulness", "node_names", "patch", "patch_edge", "path_patch",
+        "attribute", "attribute_edges", "batched_patch", "faithfulness", "node_names", "patch", "patch_edge", "path_patch",
         "pearson", "resolve_site", "spearman",
     ]

@@ -32,10 +32,9 @@ import torch
 from torch import Tensor
 
 from lenslab._errors import LenslabError, did_you_mean
-from lenslab.circuits.patching import (
-    DIRECTIONS, Site, _check_layers, _labels, _model_device, _progress, resolve_site, validate_task,
-)
+from lenslab.circuits.patching import _check_layers, _model_device, _progress, validate_task
 from lenslab.results import PatchResult, provenance
+from lenslab.sites import DIRECTIONS, Site, axis_labels, resolve_site
 from lenslab.tasks import Metric, MetricLike, Task, get_metric
 
 METHODS = ("atp", "atp*", "relp", "ig")
@@ -123,7 +122,7 @@ def attribute(
         out[st.name] = PatchResult(
             scores=scores[st.name].detach().cpu().float(),
             axes=st.axes,
-            labels=_labels(model, task, st, grid),
+            labels=axis_labels(model, task, st, grid),
             site=st.name,
             method=method,
             metric=bound.name,

@@ -24,8 +24,9 @@ import torch
 from torch import Tensor
 
 from lenslab._errors import LenslabError
-from lenslab.circuits.patching import DIRECTIONS, _model_device, _progress, validate_task
+from lenslab.circuits.patching import _model_device, _progress, validate_task
 from lenslab.results import JsonResult, provenance
+from lenslab.sites import DIRECTIONS
 from lenslab.tasks import MetricLike, Task, get_metric
 
 

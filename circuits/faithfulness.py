@@ -17,8 +17,9 @@ from torch import Tensor
 
 from lenslab._errors import LenslabError
 from lenslab.circuits.attribution import METHODS, attribute
-from lenslab.circuits.patching import patch, resolve_site
+from lenslab.circuits.patching import patch
 from lenslab.results import JsonResult, PatchResult
+from lenslab.sites import resolve_site
 from lenslab.tasks import MetricLike, Task
 
 

@@ -24,64 +24,21 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lenslab import kernels, sites
 from lenslab._errors import LenslabError, did_you_mean
+from lenslab.kernels import ENGINES
 from lenslab.results import PatchResult, provenance
+from lenslab.sites import DIRECTIONS, SITE_ALIASES, SITES, Site, patch_result, position_labels, resolve_site
 from lenslab.tasks import MetricLike, Task, get_metric
 
-
-@dataclass(frozen=True)
-class Site:
-    """A patchable site: which hook per layer, which axes are iterated, how a patch is applied.
-
-    `kind` says how the activation is indexed: "pos" (`[batch, pos, ...]`), "head" (`[batch, pos,
-    head, d_head]`, all positions), "pos_head" (`[batch, pos, head, ...]` one position),
-    "pattern" (`[batch, head, dest, src]`, all destinations), "pattern_dest" (one destination
-    row), "neuron" (`[batch, pos, d_mlp]`, all positions, one chosen layer).
-    """
-
-    name: str
-    hook: str  # format string with {layer}
-    kind: str
-    axes: tuple[str, ...]
-    description: str
-
-
-SITES: dict[str, Site] = {s.name: s for s in [
-    Site("resid_pre", "blocks.{layer}.hook_resid_pre", "pos", ("layer", "pos"), "residual stream before each block"),
-    Site("resid_mid", "blocks.{layer}.hook_resid_mid", "pos", ("layer", "pos"), "residual stream between attention and MLP"),
-    Site("resid_post", "blocks.{layer}.hook_resid_post", "pos", ("layer", "pos"), "residual stream after each block"),
-    Site("attn_out", "blocks.{layer}.hook_attn_out", "pos", ("layer", "pos"), "attention layer output"),
-    Site("mlp_out", "blocks.{layer}.hook_mlp_out", "pos", ("layer", "pos"), "MLP layer output"),
-    Site("z", "blocks.{layer}.attn.hook_z", "head", ("layer", "head"), "head output (z), all positions"),
-    Site("z_by_pos", "blocks.{layer}.attn.hook_z", "pos_head", ("layer", "pos", "head"), "head output (z) by position"),
-    Site("q", "blocks.{layer}.attn.hook_q", "head", ("layer", "head"), "head queries, all positions"),
-    Site("k", "blocks.{layer}.attn.hook_k", "head", ("layer", "head"), "head keys, all positions"),
-    Site("v", "blocks.{layer}.attn.hook_v", "head", ("layer", "head"), "head values, all positions"),
-    Site("q_by_pos", "blocks.{layer}.attn.hook_q", "pos_head", ("layer", "pos", "head"), "head queries by position"),
-    Site("k_by_pos", "blocks.{layer}.attn.hook_k", "pos_head", ("layer", "pos", "head"), "head keys by position"),
-    Site("v_by_pos", "blocks.{layer}.attn.hook_v", "pos_head", ("layer", "pos", "head"), "head values by position"),
-    Site("pattern", "blocks.{layer}.attn.hook_pattern", "pattern", ("layer", "head"), "attention pattern, all destinations"),
-    Site("pattern_by_pos", "blocks.{layer}.attn.hook_pattern", "pattern_dest", ("layer", "head", "dest_pos"), "attention pattern by destination position"),
-    Site("mlp_neuron", "blocks.{layer}.mlp.hook_post", "neuron", ("neuron",), "MLP neurons of one layer (pass layer=), all positions"),
-]}
-SITE_ALIASES = {"head_out": "z", "head_out_by_pos": "z_by_pos", "attn_head_out": "z", "neuron": "mlp_neuron"}
-DIRECTIONS = ("denoise", "noise")
-
-
-def resolve_site(site: str) -> Site:
-    """The `Site` for a name (aliases: head_out -> z, head_out_by_pos -> z_by_pos, neuron -> mlp_neuron)."""
-    name = SITE_ALIASES.get(site, site)
-    if name not in SITES:
-        raise LenslabError(
-            f"site {site!r} is not one of {', '.join(SITES)}{did_you_mean(str(site), list(SITES) + list(SITE_ALIASES))}"
-        )
-    return SITES[name]
+exact_result = patch_result  # the name engines used before lenslab.sites
+__all__ = ["DIRECTIONS", "SITES", "SITE_ALIASES", "Site", "batched_patch", "exact_result", "patch", "path_patch", "position_labels",
+           "resolve_site", "validate_task"]
 
 
 def patch(
@@ -133,15 +90,20 @@ def patch(
     task = task.to(_model_device(model))
     bound = get_metric(metric, model, task)
     if engine != "reference":
-        return get_engine(engine)(model, task, st, direction=direction, metric=bound, layers=layer_list,
-                                  layer=layer, progress=progress)
+        if engine not in ENGINES:
+            raise LenslabError(f"engine {engine!r} is not available; use one of {', '.join(['reference', *ENGINES])}"
+                               f"{did_you_mean(str(engine), ['reference', *ENGINES])}")
+        result = ENGINES[engine](model, task, st, direction=direction, metric=bound, layers=layer_list, layer=layer,
+                                 progress=progress)
+        if result is not None:  # None: the engine does not cover this site or model (it said why, once)
+            return result
     base_tokens, source_tokens = (
         (task.corrupt_tokens, task.clean_tokens) if direction == "denoise" else (task.clean_tokens, task.corrupt_tokens)
     )
     hooks = [st.hook.format(layer=layer if st.kind == "neuron" else l) for l in (layer_list if st.kind != "neuron" else [layer])]
     with torch.no_grad():
         _, source_cache = model.run_with_cache(source_tokens, names_filter=lambda n: n in set(hooks))
-    grid = _grid(model, st, task, layer_list, source_cache, layer)
+    grid = sites.grid(model, st, task, layer_list, source_cache, layer)
     shape = [len(values) for values in grid]
     scores = torch.zeros(shape)
     cells = list(itertools.product(*[range(n) for n in shape]))
@@ -157,36 +119,24 @@ def patch(
             scores[cell] = float(bound(logits))
             report()
     report(close=True)
-    return exact_result(model, task, st, grid, scores, bound, direction, engine=engine, layer=layer)
+    return patch_result(model, task, st, grid, scores, bound, direction, engine="reference", layer=layer)
 
 
-def exact_result(model, task: Task, st: Site, grid, scores: Tensor, metric, direction: str, **prov) -> PatchResult:
-    """The `PatchResult` of an exact-patching engine: `scores` on `grid`, labels, the bound metric's
-    baselines and provenance (`prov` adds engine details). Shared by every engine."""
-    return PatchResult(
-        scores=scores,
-        axes=st.axes,
-        labels=_labels(model, task, st, grid),
-        site=st.name,
-        method="exact",
-        metric=metric.name,
-        direction=direction,
-        clean_value=metric.clean_value,
-        corrupt_value=metric.corrupt_value,
-        provenance=provenance(model, task, hook=st.hook, **prov),
-    )
+def batched_patch(model, task: Task, site: str, *, direction: str = "denoise", metric: MetricLike = "logit_diff",
+                  layer: int | None = None, layers: Sequence[int] | None = None,
+                  progress: bool | Callable[[int, int], None] = True, **engine_options) -> PatchResult:
+    """`patch(..., engine="batched")` with engine options for this call only.
 
+    Args:
+        engine_options: fields of `lenslab.kernels.EngineOptions` (memory_budget="512MB", max_rows=...,
+            position_skip=..., fused_metric=..., triton=..., compile=...).
 
-def get_engine(name: str):
-    """A fast patching engine by name; engines register in `lenslab.kernels.ENGINES` (looked up
-    lazily so `circuits` never imports `kernels` at load)."""
-    import importlib
-
-    kernels = importlib.import_module("lenslab.kernels")
-    engines = getattr(kernels, "ENGINES", {})
-    if name not in engines:
-        raise LenslabError(f"engine {name!r} is not available; use one of {', '.join(['reference', *engines])}")
-    return engines[name]
+    Returns:
+        The same `PatchResult` as the reference engine (provenance says engine="batched").
+    """
+    with kernels.options(**engine_options):
+        return patch(model, task, site, direction=direction, metric=metric, engine="batched", layer=layer,
+                     layers=layers, progress=progress)
 
 
 # --- validation ----------------------------------------------------------------------------
@@ -224,21 +174,6 @@ def _model_device(model) -> torch.device:
 # --- grid, setters, labels -----------------------------------------------------------------
 
 
-def _grid(model, st: Site, task: Task, layer_list, source_cache, layer) -> list[list[int]]:
-    """Values iterated along each axis of the site (layer indices, positions, heads, ...)."""
-    pos = list(range(task.seq_len))
-    if st.kind == "neuron":
-        return [list(range(source_cache[st.hook.format(layer=layer)].shape[-1]))]
-    first = source_cache[st.hook.format(layer=layer_list[0])]
-    if st.kind == "pos":
-        return [layer_list, pos]
-    if st.kind in ("head", "pos_head"):
-        heads = list(range(first.shape[2]))  # key/value heads for k, v under grouped-query attention
-        return [layer_list, heads] if st.kind == "head" else [layer_list, pos, heads]
-    heads = list(range(first.shape[1]))
-    return [layer_list, heads] if st.kind == "pattern" else [layer_list, heads, pos]
-
-
 def _setter(kind: str, index: tuple[int, ...], source: Tensor):
     """A forward hook writing `source` into the activation at `index` (TransformerLens's setters)."""
 
@@ -259,29 +194,6 @@ def _setter(kind: str, index: tuple[int, ...], source: Tensor):
         return act
 
     return hook
-
-
-def position_labels(model, task: Task) -> list[str]:
-    """'i:token' for each position of the first clean prompt (tokens can repeat, so the index leads)."""
-    try:
-        toks = model.to_str_tokens(task.clean_tokens[0])
-    except Exception:  # a model without a tokenizer
-        toks = [str(t) for t in task.clean_tokens[0].tolist()]
-    return [f"{i}:{t}" for i, t in enumerate(toks)]
-
-
-def _labels(model, task: Task, st: Site, grid) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for ax, values in zip(st.axes, grid):
-        if ax == "layer":
-            out[ax] = [f"L{l}" for l in values]
-        elif ax in ("pos", "dest_pos"):
-            out[ax] = position_labels(model, task)
-        elif ax == "head":
-            out[ax] = [f"H{h}" for h in values]
-        elif ax == "neuron":
-            out[ax] = [f"N{n}" for n in values]
-    return out
 
 
 def _progress(progress, total: int, desc: str):
@@ -401,7 +313,7 @@ def path_patch(
     report = _progress(progress, len(send), "path patching")
     with torch.no_grad():
         for l_s, h_s in send:
-            def freeze(act, hook, _l=None):
+            def freeze(act, hook, l_s=l_s, h_s=h_s):
                 layer = int(hook.name.split(".")[1])
                 out = base_cache[hook.name].clone()
                 if layer == l_s:
@@ -415,12 +327,12 @@ def path_patch(
             else:
                 stored: dict[str, Tensor] = {}
 
-                def keep(act, hook):
+                def keep(act, hook, stored=stored):
                     stored[hook.name] = act.detach().clone()
 
                 model.run_with_hooks(base_tokens, fwd_hooks=hooks + [(n, keep) for n in recv_hooks])
 
-                def put(act, hook):
+                def put(act, hook, stored=stored):
                     act = act.clone()
                     for h in recv_hooks[hook.name]:
                         act[:, :, h] = stored[hook.name][:, :, h]

@@ -185,6 +185,7 @@ class _DoctestFences(Preprocessor):
         out: list[str] = []
         fence: str | None = None  # the marker of the fenced block we are in
         in_test = False
+        test_indent = ""
         for line in lines:
             stripped = line.lstrip()
             indent = line[: len(line) - len(stripped)]
@@ -207,7 +208,7 @@ class _DoctestFences(Preprocessor):
 class DoctestExtension(Extension):
     """Markdown extension: fence bare doctest examples (used for pages and docstrings alike)."""
 
-    def extendMarkdown(self, md) -> None:  # noqa: N802 (Markdown's API)
+    def extendMarkdown(self, md) -> None:
         md.preprocessors.register(_DoctestFences(md), "lenslab_doctest_fences", 40)
 
 

@@ -29,7 +29,6 @@ else:
         EngineOptions,
         auto_engine,
         batched_engine,
-        batched_patch,
         configure,
         coverage,
         current_options,
@@ -44,7 +43,6 @@ else:
         "EngineOptions",
         "auto_engine",
         "batched_engine",
-        "batched_patch",
         "configure",
         "coverage",
         "current_options",
@@ -52,3 +50,16 @@ else:
         "options",
         "parse_bytes",
     ]
+
+    def __getattr__(name: str):
+        """`lenslab.kernels.batched_patch` moved to `lenslab.circuits.batched_patch` (kernels sits
+        below circuits and imports none of it); this alias stays for one release."""
+        if name == "batched_patch":
+            import warnings
+
+            from lenslab.circuits import batched_patch  # deprecated alias only (pyproject: ignore_imports)
+
+            warnings.warn("lenslab.kernels.batched_patch moved to lenslab.circuits.batched_patch", DeprecationWarning,
+                          stacklevel=2)
+            return batched_patch
+        raise AttributeError(f"module 'lenslab.kernels' has no attribute {name!r}")

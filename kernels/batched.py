@@ -47,6 +47,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from lenslab import sites
 from lenslab._errors import LenslabError
 from lenslab.results import PatchResult
 
@@ -462,14 +463,14 @@ def _logit_diff_affine(metric, batch: int, d_vocab: int, answers: Tensor):
 
 
 def batched_engine(model, task, site, *, direction: str, metric, layers: Sequence[int], layer: int | None = None,
-                   progress=True) -> PatchResult:
-    """The `engine="batched"` entry point of `lenslab.circuits.patch` (same result layout as the reference)."""
-    from lenslab.circuits import patching as P
-
+                   progress=True) -> PatchResult | None:
+    """The `engine="batched"` entry point of `lenslab.circuits.patch` (same result layout as the
+    reference engine); None where it does not cover the site or model (said once): circuits then
+    runs the reference engine."""
     reason = coverage(model, site)
     if reason is not None:
         say_once(f"{reason}; falling back to the reference engine (one forward per patch)")
-        return _reference(model, task, site, direction, metric, layers, layer, progress)
+        return None
     opt = current_options()
     dev = next(model.parameters()).device
     use_triton = _want_triton(opt, dev)
@@ -489,7 +490,7 @@ def batched_engine(model, task, site, *, direction: str, metric, layers: Sequenc
         top = max(hook_layers) + 1  # the source run stops after the last patched layer
         _, source_cache = model.run_with_cache(source_tokens, names_filter=lambda n: n in set(src_names),
                                                return_type=None, stop_at_layer=top if top < n_layers else None)
-        grid = P._grid(model, st, task, hook_layers if st.kind != "neuron" else list(layers), source_cache, layer)
+        grid = sites.grid(model, st, task, hook_layers if st.kind != "neuron" else list(layers), source_cache, layer)
         exps = _experiments(st, grid, n_layers, pos_skip, layer)
         min_join = min(e.join for e in exps)
         base_names = {f"blocks.{l}.hook_resid_pre" for l in range(min_join, n_layers)}
@@ -529,7 +530,7 @@ def batched_engine(model, task, site, *, direction: str, metric, layers: Sequenc
             f"metric {metric.name!r} returned nan/inf for some patches: check the model's logits for NaN/inf "
             "(e.g. float16 overflow: try dtype='float32') or the metric for a division by zero"
         )
-    return P.exact_result(
+    return sites.patch_result(
         model, task, st, grid, scores.reshape(shape), metric, direction, engine="batched", layer=layer,
         engine_details={"position_skip": pos_skip, "layer_skip": True, "metric_path": mplan.mode,
                         "chunks": len(chunks), "max_chunk_experiments": max(len(c.exps) for c in chunks),
@@ -538,23 +539,15 @@ def batched_engine(model, task, site, *, direction: str, metric, layers: Sequenc
     )
 
 
-def auto_engine(model, task, site, *, direction: str, metric, layers, layer=None, progress=True) -> PatchResult:
-    """`engine="auto"`: the batched engine where it covers the site, else the reference engine (said once)."""
+def auto_engine(model, task, site, *, direction: str, metric, layers, layer=None, progress=True) -> PatchResult | None:
+    """`engine="auto"`: the batched engine where it covers the site, else None (said once), so
+    `lenslab.circuits.patch` runs the reference engine."""
     reason = coverage(model, site)
     if reason is None:
         return batched_engine(model, task, site, direction=direction, metric=metric, layers=layers, layer=layer,
                               progress=progress)
     say_once(f"{reason}; using the reference engine (one forward per patch)")
-    return _reference(model, task, site, direction, metric, layers, layer, progress)
-
-
-def _reference(model, task, site, direction, metric, layers, layer, progress) -> PatchResult:
-    from lenslab.circuits import patching as P
-
-    n_layers = int(model.cfg.n_layers)
-    return P.patch(model, task, site.name, direction=direction, metric=metric, engine="reference", layer=layer,
-                   layers=None if list(layers) == list(range(n_layers)) or site.kind == "neuron" else list(layers),
-                   progress=progress)
+    return None
 
 
 def _want_triton(opt: EngineOptions, dev: torch.device) -> bool:
@@ -831,21 +824,3 @@ class _Runner:
 
 
 ENGINES = {"batched": batched_engine, "auto": auto_engine}
-
-
-def batched_patch(model, task, site: str, *, direction: str = "denoise", metric="logit_diff", layer: int | None = None,
-                  layers=None, progress=True, **engine_options):
-    """`lenslab.circuits.patch(..., engine="batched")` with engine options for this call.
-
-    Args:
-        engine_options: fields of `EngineOptions` (memory_budget="512MB", max_rows=..., position_skip=...,
-            fused_metric=..., triton=...).
-
-    Returns:
-        The same `PatchResult` as the reference engine (provenance says engine="batched").
-    """
-    from lenslab import circuits
-
-    with options(**engine_options):
-        return circuits.patch(model, task, site, direction=direction, metric=metric, engine="batched", layer=layer,
-                              layers=layers, progress=progress)

@@ -32,7 +32,7 @@ def interpreted() -> bool:
 def available() -> bool:
     """True when `import triton` works."""
     try:
-        import triton  # noqa: F401
+        import triton
         import triton.language  # noqa: F401
     except Exception:
         return False

@@ -225,34 +225,3 @@ def is_refusal(text: str) -> bool:
     the whole refusal phrase."""
     t = normalize(text)
     return t.split(" ", 1)[0] == "sorry" or normalize(REFUSAL)[:-2] in t
-
-
-def mote_table(model, *, n_rank: int = 64, n_eval: int = 100, k: int = 4, n_random: int = 5, seed: int = 0,
-               mode: str = "drop", batch_size: int = 64, progress: bool = True):
-    """The MoTE switch table (issue 9) on a model of this language, e.g. `zoo/moe-refusal`.
-
-    fTRI ranks experts on `n_rank` harmful plus `n_rank` benign train-split prompts, labelled by
-    the model's own greedy behaviour (refused vs answered, as MoTE labels responses). The top
-    `k` experts are switched off (`mode`) and forced on, and `n_random` random sets of `k`
-    other experts are switched off. Measured on `n_eval` held-out ("test" split) harmful and
-    `n_eval` benign prompts: refusal rate on both, exact-match accuracy and answer perplexity
-    on the benign ones. Returns a `lenslab.steering.evaluate.SwitchTable`.
-    """
-    from lenslab.steering import evaluate
-
-    harmful_r, _ = prompts(n_rank, "harmful", "train", seed=seed + 100)
-    benign_r, _ = prompts(n_rank, "benign", "train", seed=seed + 100)
-    texts = evaluate.continuations(model, {"baseline": None}, {"rank": harmful_r + benign_r}, max_new_tokens=2,
-                                   batch_size=batch_size, progress=progress)["baseline"]["rank"]
-    refused = [p for p, t in zip(harmful_r + benign_r, texts) if is_refusal(t)]
-    answered = [p for p, t in zip(harmful_r + benign_r, texts) if not is_refusal(t)]
-    if not refused or not answered:
-        raise LenslabError(f"the model refused {len(refused)} and answered {len(answered)} of the ranking prompts; "
-                           "fTRI needs both behaviours (is this a model trained on lenslab._refusal?)")
-    harmful_t, _ = prompts(n_eval, "harmful", "test", seed=seed)
-    benign_t, answers_t = prompts(n_eval, "benign", "test", seed=seed)
-    return evaluate.expert_switch_table(
-        model, rank_target=refused, rank_other=answered, target=harmful_t, other=benign_t, capability=benign_t,
-        capability_answers=answers_t, score=is_refusal, k=k, n_random=n_random, seed=seed, mode=mode,
-        max_new_tokens=10, batch_size=batch_size, progress=progress,
-    )

@@ -89,10 +89,42 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_zoo_train(args: argparse.Namespace) -> int:
-    from lenslab import zoo
+def train_zoo(name: str, out_dir: str | Path | None = None, seed: int = 0, steps: int | None = None) -> Path:
+    """Rebuild zoo model `name` by running its training recipe (`lenslab/zoo/train_*.py`); returns
+    the output folder. `steps` overrides the recipe's number of optimiser steps (None: its own; a
+    few steps make a quick, still deterministic, smoke run)."""
+    import dataclasses
+    import inspect
 
-    out = zoo.train(args.name, out_dir=args.out, seed=args.seed, steps=args.steps)
+    # deferred: the recipes import the areas they measure their cards with (docs/design.md, "Layers")
+    from lenslab import zoo
+    from lenslab.zoo import train_induction_2l, train_ioi_4l, train_moe_refusal, train_steer_sentiment
+
+    recipes = {"induction-2l": train_induction_2l, "ioi-4l": train_ioi_4l, "moe-refusal": train_moe_refusal,
+               "steer-sentiment": train_steer_sentiment}
+    assert sorted(zoo.PREFIX + r for r in recipes) == zoo.trainable_names(), "a recipe is missing from train_zoo"
+    short = name.removeprefix(zoo.PREFIX)
+    if short not in recipes:
+        names = zoo.trainable_names()
+        raise LenslabError(f"no training script for {name!r}{did_you_mean(zoo.PREFIX + short, names)}; "
+                           f"trainable: {', '.join(names)}")
+    if steps is not None and steps < 1:
+        raise LenslabError(f"--steps must be at least 1, got {steps}")
+    module = recipes[short]
+    out = Path(out_dir) if out_dir is not None else zoo.ZOO_DIR / short
+    out.mkdir(parents=True, exist_ok=True)
+    kwargs = {}
+    if steps is not None:
+        if "steps" in inspect.signature(module.train).parameters:
+            kwargs["steps"] = steps
+        else:  # induction-2l keeps its recipe in a frozen TrainConfig
+            kwargs["config"] = dataclasses.replace(module.TrainConfig(), steps=steps)
+    module.train(out, seed=seed, **kwargs)
+    return out
+
+
+def _cmd_zoo_train(args: argparse.Namespace) -> int:
+    out = train_zoo(args.name, out_dir=args.out, seed=args.seed, steps=args.steps)
     print(f"lenslab: wrote {args.name} to {out}")
     return 0
 

@@ -41,7 +41,7 @@ def result_heatmap(result, normalize: bool = False):
     if normalize and result.direction == "noise":
         centre = 1.0
     label = "normalised metric" if normalize else (result.metric if result.method == "exact" else "attribution")
-    lab = lambda ax, n: result.labels.get(ax, [str(i) for i in range(n)])  # noqa: E731
+    lab = lambda ax, n: result.labels.get(ax, [str(i) for i in range(n)])
     span = float((scores - centre).abs().max()) or 1.0
     common = dict(colorscale="RdBu", zmid=centre, zmin=centre - span, zmax=centre + span)
     if scores.ndim == 1:
@@ -151,56 +151,6 @@ def faithfulness_scatter(faith):
     p = ex.provenance
     fig.update_layout(height=420, width=max(500, 380 * len(sites)))
     return style(fig, f"Faithfulness vs exact patching · model {p.get('model', '?')} · task {p.get('task', '?')} · metric {ex.metric}")
-
-
-def _node_sizes(graph) -> list[float]:
-    """16 px per node, or 10-40 px by |node score| for graphs built from node scores."""
-    if not graph.node_scores:
-        return [16.0] * len(graph.nodes)
-    top = max(abs(v) for v in graph.node_scores.values()) or 1.0
-    return [10 + 30 * abs(graph.node_scores[n]) / top if n in graph.node_scores else 16.0 for n in graph.nodes]
-
-
-def circuit_figure(graph):
-    """Draw a `CircuitGraph` with plotly: nodes by layer, edges coloured by sign, width by |weight|."""
-    import plotly.graph_objects as go
-
-    from lenslab.circuits.graph import node_position
-
-    heads = [int(n.split("H")[1]) for n in graph.nodes if n.startswith("L") and "H" in n]
-    n_heads = max(heads) + 1 if heads else 1
-    pos = {n: node_position(n, n_heads) for n in graph.nodes}
-    right = max([x for x, _ in pos.values()] + [0.0]) + 1.5
-    pos = {n: ((right if x < 0 else x), y) for n, (x, y) in pos.items()}
-    wmax = max([abs(w) for _, _, w in graph.edges] + [1e-12])
-    fig = go.Figure()
-    for u, v, w in graph.edges:
-        (x0, y0), (x1, y1) = pos[u], pos[v]
-        bend = 0.12 * (x1 - x0) * (1 if (graph.nodes.index(u) + graph.nodes.index(v)) % 2 else -1)  # arcs keep long edges from hiding short ones
-        ts = [i / 12 for i in range(13)]
-        xs = [x0 + (x1 - x0) * t for t in ts]
-        ys = [y0 + (y1 - y0) * t + bend * 4 * t * (1 - t) for t in ts]
-        fig.add_trace(go.Scatter(
-            x=xs, y=ys, mode="lines",
-            line=dict(width=1 + 7 * abs(w) / wmax, color="#1f5fb4" if w > 0 else "#c0392b"),
-            opacity=0.35 + 0.6 * abs(w) / wmax, hoverinfo="text", text=[f"{u} → {v}: {w:.4g}"] * len(xs), showlegend=False,
-        ))
-    kinds = {"input": "#555555", "logits": "#555555"}
-    fig.add_trace(go.Scatter(
-        x=[pos[n][0] for n in graph.nodes], y=[pos[n][1] for n in graph.nodes], mode="markers+text",
-        text=graph.nodes, textposition="top center", hoverinfo="text", showlegend=False,
-        marker=dict(size=_node_sizes(graph), line=dict(width=1, color="#222"),
-                    color=[kinds.get(n, "#f5b041" if n.startswith("MLP") else "#7fb3d5") for n in graph.nodes]),
-        hovertext=[f"{n}: {graph.node_scores[n]:+.4g}" if n in graph.node_scores else n for n in graph.nodes],
-    ))
-    fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color="#1f5fb4", width=4), name="positive (helps the answer)"))
-    fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color="#c0392b", width=4), name="negative"))
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False, range=[n_heads - 0.5 + 0.15 * right, -0.9 - 0.15 * right])
-    fig.update_layout(height=max(380, 70 * n_heads + 160), width=max(600, int(110 * right)), legend=dict(orientation="h", y=-0.05))
-    p = graph.provenance
-    size = f"{len(graph.edges)} edges" if graph.edges or not graph.node_scores else f"{len(graph.node_scores)} nodes"
-    return style(fig, f"Circuit ({graph.method}, {size}) · model {p.get('model', '?')} · task {p.get('task', '?')} · metric {graph.metric}")
 
 
 def export(result, path: str | Path) -> Path:

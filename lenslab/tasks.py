@@ -388,11 +388,11 @@ def get_metric(metric: MetricLike, model, task: Task) -> Metric:
         clean_last, corrupt_last = last_logits(model, task.clean_tokens), last_logits(model, task.corrupt_tokens)
     ans = task.answer_tokens.to(clean_last.device)
     if metric == "logit_diff":
-        per = lambda last: logit_diff_per_prompt(last, ans)  # noqa: E731
+        per = lambda last: logit_diff_per_prompt(last, ans)
     elif metric == "answer_prob":
-        per = lambda last: answer_prob_per_prompt(last, ans)  # noqa: E731
+        per = lambda last: answer_prob_per_prompt(last, ans)
     elif metric == "kl_to_clean":
-        per = lambda last: kl_to_clean_per_prompt(last, clean_last)  # noqa: E731
+        per = lambda last: kl_to_clean_per_prompt(last, clean_last)
     else:
         ld_clean = float(logit_diff_per_prompt(clean_last, ans).mean())
         ld_corrupt = float(logit_diff_per_prompt(corrupt_last, ans).mean())
@@ -401,8 +401,8 @@ def get_metric(metric: MetricLike, model, task: Task) -> Metric:
                 f"logit_diff_normalized is undefined: the clean and corrupt logit differences are equal "
                 f"({ld_clean:.4g}); the corruption does not change the answer. Use metric='logit_diff'"
             )
-        per = lambda last: (logit_diff_per_prompt(last, ans) - ld_corrupt) / (ld_clean - ld_corrupt)  # noqa: E731
-    fn = lambda logits: per(logits[:, -1]).mean()  # noqa: E731
+        per = lambda last: (logit_diff_per_prompt(last, ans) - ld_corrupt) / (ld_clean - ld_corrupt)
+    fn = lambda logits: per(logits[:, -1]).mean()
     return Metric(
         name=metric,
         fn=fn,

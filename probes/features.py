@@ -185,7 +185,7 @@ def model_identity(model) -> dict:
     name = getattr(model, "lenslab_name", None) or getattr(model.cfg, "model_name", "unknown")
     try:
         fp = _sha([model.W_E, model.W_U])
-    except Exception:  # noqa: BLE001 - a model without W_E / W_U: compare by name and sizes only
+    except Exception:
         fp = None
     return {"model": str(name), "model_fingerprint": fp, "d_model": int(model.cfg.d_model),
             "d_vocab": int(model.cfg.d_vocab)}
@@ -645,7 +645,7 @@ def _logit_summary(v: Tensor, k: int) -> list[tuple[list[int], list[float], list
 def _logit_rows(model, sae, k: int, chunk: int = 256):
     try:
         W_U = model.W_U.float()
-    except Exception:  # noqa: BLE001 - no unembedding: no logit effects
+    except Exception:
         return
     W_dec = sae.W_dec.float().to(W_U.device)
     for lo in range(0, W_dec.shape[0], chunk):

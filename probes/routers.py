@@ -374,7 +374,7 @@ def route(model, prompts, *, prepend_bos: bool | None = None, batch_size: int = 
     by_len: dict[int, list[int]] = {}
     for i, t in enumerate(toks):
         by_len.setdefault(t.shape[0], []).append(i)
-    for pos, members in by_len.items():
+    for members in by_len.values():
         for start in range(0, len(members), batch_size):
             chunk = members[start:start + batch_size]
             batch = torch.stack([toks[i] for i in chunk]).to(device)
@@ -534,7 +534,7 @@ class ExpertRanking(JsonResult):
 
     @classmethod
     def from_dict(cls, d: dict) -> ExpertRanking:
-        t = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+        t = lambda x: torch.tensor(x, dtype=torch.float32)
         return cls(
             diff=t(d["diff"]), target_mean=t(d["target_mean"]), other_mean=t(d["other_mean"]),
             layers=tuple(d["layers"]), weights=bool(d.get("weights", False)), n_target=d.get("n_target", 0),

@@ -349,7 +349,7 @@ def splice_hooks(sae, hook_name: str | None = None) -> list[tuple[str, object]]:
     if not name:
         raise LenslabError("the SAE names no hook point: pass hook_name= or set sae.cfg.metadata.hook_name")
 
-    def hook(act, hook=None):  # noqa: ARG001
+    def hook(act, hook=None):
         return _reconstruct(sae, act)
 
     return [(name, hook)]
@@ -358,7 +358,7 @@ def splice_hooks(sae, hook_name: str | None = None) -> list[tuple[str, object]]:
 def _zero_hooks(sae, hook_name: str) -> list[tuple[str, object]]:
     head = sae.cfg.metadata.hook_head_index
 
-    def hook(act, hook=None):  # noqa: ARG001
+    def hook(act, hook=None):
         if head is None:
             return torch.zeros_like(act)
         out = act.clone()

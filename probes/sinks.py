@@ -488,7 +488,7 @@ def _massive(model, batches: list[Tensor], rule: MassiveRule, top_k: int, layers
             k = min(top_k, a[0].numel())
             vals, idx = a.flatten(1).topk(k, dim=1)
             for s in range(x.shape[0]):
-                for v, j in zip(vals[s].tolist(), idx[s].tolist()):
+                for j in idx[s].tolist():
                     p, d = divmod(j, d_model)
                     cand[i].append((float(x[s, p, d]), d, p, offset + s))
             mask = rule.mask(x, med[:, None, None])
@@ -499,7 +499,7 @@ def _massive(model, batches: list[Tensor], rule: MassiveRule, top_k: int, layers
     n = offset
     k = min(top_k, min(len(c) for c in cand))
     top = [_distinct(sorted(c, key=lambda r: -abs(r[0])), k) for c in cand]
-    tok_str = lambda s, p: _str_tokens(model, tokens_of[s][p:p + 1])[0]  # noqa: E731
+    tok_str = lambda s, p: _str_tokens(model, tokens_of[s][p:p + 1])[0]
     for m in massive:
         m["token"] = tok_str(m["sample"], m["pos"])
     return MassiveResult(
@@ -638,7 +638,7 @@ def planted_model(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     D = PLANTED["massive_dim"]
     sd = model.state_dict()
-    small = lambda *s: 0.1 * torch.randn(*s, generator=g)  # noqa: E731
+    small = lambda *s: 0.1 * torch.randn(*s, generator=g)
     with torch.no_grad():
         for k in sd:
             if sd[k].is_floating_point() and "IGNORE" not in k and "mask" not in k:
@@ -714,7 +714,7 @@ def planted_moe_model(seed: int = 0):
     D, M = PLANTED_MOE["massive_dim"], PLANTED_MOE["marker_dim"]
     se_layer, se = PLANTED_MOE["super_expert"]
     sd = model.state_dict()
-    small = lambda *s: 0.1 * torch.randn(*s, generator=g)  # noqa: E731
+    small = lambda *s: 0.1 * torch.randn(*s, generator=g)
 
     def blind(w: Tensor, dim: int) -> Tensor:  # nobody reads or writes dimensions 6 and 7 ...
         w.narrow(dim, M, 2).zero_()

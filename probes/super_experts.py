@@ -524,7 +524,7 @@ class ExpertProfile(JsonResult):
 
     @classmethod
     def from_dict(cls, d: dict) -> ExpertProfile:
-        long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+        long = lambda x: torch.tensor(x, dtype=torch.long)
         return cls(output_max=torch.tensor(d["output_max"], dtype=torch.float32),
                    input_max=torch.tensor(d["input_max"], dtype=torch.float32), channel=long(d["channel"]),
                    pos=long(d["pos"]), sample=long(d["sample"]), tokens=long(d["tokens"]),
@@ -775,7 +775,7 @@ class SuperExpertAblation(JsonResult):
         runs = ["clean", "SE pruned"] + (["random"] if self.random else [])
         colours = ["#3b6ea8", "#c0392b", "#7f8c8d"][:len(runs)]
         mc, mp = _summary(self.massive_clean), _summary(self.massive_pruned)
-        mean = lambda k: sum(r[k] for r in self.random) / len(self.random)  # noqa: E731
+        mean = lambda k: sum(r[k] for r in self.random) / len(self.random)
         panels = [("loss", self.loss_clean, self.loss_pruned, 1), ("sink_rate", self.sinks_clean.sink_rate,
                   self.sinks_pruned.sink_rate, 100), ("max_abs", mc["max_abs"], mp["max_abs"], 1)]
         for col, (key, clean, pruned, scale) in enumerate(panels, 1):

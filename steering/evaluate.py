@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from lenslab import _refusal
 from lenslab._errors import LenslabError
 from lenslab.results import JsonResult, provenance
 from lenslab.steering.intervention import Intervention, apply
@@ -338,7 +339,7 @@ def perplexity(model, interventions: Interventions, prompts: PromptSets, answers
                     toks = torch.stack([t for t, _ in chunk]).to(device)
                     with torch.no_grad(), apply(model, iv):
                         logp = model(toks).float().log_softmax(-1)  # [batch, pos, vocab]
-                    for b, (t, plen) in enumerate(chunk):
+                    for b, (_, plen) in enumerate(chunk):
                         tgt = toks[b, plen:]
                         nll -= float(logp[b, plen - 1: -1].gather(-1, tgt[:, None]).sum())
                         count += int(tgt.numel())
@@ -425,7 +426,7 @@ class SwitchTable(JsonResult):
 
     @classmethod
     def from_dict(cls, d: dict) -> SwitchTable:
-        t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+        t = lambda x: torch.tensor(x, dtype=torch.float64)
         return cls(mean=t(d["mean"]), std=t(d["std"]), rows=tuple(d["rows"]), columns=tuple(d["columns"]),
                    experts=[tuple(e) for e in d["experts"]], random_draws=[[tuple(p) for p in dr] for dr in d["random_draws"]],
                    per_draw=t(d["per_draw"]), n=tuple(d["n"]), mode=d.get("mode", "drop"), provenance=d.get("provenance") or {})
@@ -526,3 +527,32 @@ def expert_switch_table(model, *, rank_target: Sequence[str], rank_other: Sequen
     return SwitchTable(mean=mean, std=std, rows=("baseline", f"top-{k} off", f"top-{k} on", f"random-{k} off"),
                        experts=[tuple(t) for t in top], random_draws=draws, per_draw=rand,
                        n=(len(target), len(other), len(capability), len(capability)), mode=mode, provenance=prov)
+
+
+def mote_table(model, *, n_rank: int = 64, n_eval: int = 100, k: int = 4, n_random: int = 5, seed: int = 0,
+               mode: str = "drop", batch_size: int = 64, progress: bool = True) -> SwitchTable:
+    """The MoTE switch table on a model of the refusal language (`lenslab._refusal`), e.g. `zoo/moe-refusal`.
+
+    fTRI ranks experts on `n_rank` harmful plus `n_rank` benign train-split prompts, labelled by
+    the model's own greedy behaviour (refused vs answered, as MoTE labels responses). The top
+    `k` experts are switched off (`mode`) and forced on, and `n_random` random sets of `k`
+    other experts are switched off. Measured on `n_eval` held-out ("test" split) harmful and
+    `n_eval` benign prompts: refusal rate on both, exact-match accuracy and answer perplexity
+    on the benign ones. Returns a `SwitchTable`.
+    """
+    harmful_r, _ = _refusal.prompts(n_rank, "harmful", "train", seed=seed + 100)
+    benign_r, _ = _refusal.prompts(n_rank, "benign", "train", seed=seed + 100)
+    texts = continuations(model, {"baseline": None}, {"rank": harmful_r + benign_r}, max_new_tokens=2,
+                          batch_size=batch_size, progress=progress)["baseline"]["rank"]
+    refused = [p for p, t in zip(harmful_r + benign_r, texts) if _refusal.is_refusal(t)]
+    answered = [p for p, t in zip(harmful_r + benign_r, texts) if not _refusal.is_refusal(t)]
+    if not refused or not answered:
+        raise LenslabError(f"the model refused {len(refused)} and answered {len(answered)} of the ranking prompts; "
+                           "fTRI needs both behaviours (is this a model trained on lenslab._refusal?)")
+    harmful_t, _ = _refusal.prompts(n_eval, "harmful", "test", seed=seed)
+    benign_t, answers_t = _refusal.prompts(n_eval, "benign", "test", seed=seed)
+    return expert_switch_table(
+        model, rank_target=refused, rank_other=answered, target=harmful_t, other=benign_t, capability=benign_t,
+        capability_answers=answers_t, score=_refusal.is_refusal, k=k, n_random=n_random, seed=seed, mode=mode,
+        max_new_tokens=10, batch_size=batch_size, progress=progress,
+    )

@@ -81,7 +81,7 @@ def _kind(sae) -> str:
     try:
         from sae_lens.saes.abstopk_sae import AbsTopKSAE
     except ImportError:  # older sae-lens
-        AbsTopKSAE = ()  # noqa: N806
+        AbsTopKSAE = ()
     norm = getattr(sae.cfg, "normalize_activations", "none")
     if norm in ("layer_norm", "constant_norm_rescale"):
         raise LenslabError(

@@ -25,7 +25,7 @@ def _is_root(entry: str) -> bool:
 
 sys.path[:] = [p for p in sys.path if not _is_root(p)]
 
-import pytest  # noqa: E402
+import pytest  # noqa: E402 (after the sys.path cleanup above)
 import torch  # noqa: E402
 
 

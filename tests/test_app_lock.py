@@ -74,7 +74,7 @@ def _race(_shell, model, iv) -> dict:
                 text = _shell.call("Generating steered", steering.generate, model, PROMPT, iv, max_new_tokens=6)
                 assert text is not _shell.FAILED
                 time.sleep(0)  # let the other thread take the lock between generations
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+        except BaseException as exc:
             out["errors"].append(exc)
         finally:
             a_running.clear()
@@ -93,7 +93,7 @@ def _race(_shell, model, iv) -> dict:
                 if not torch.equal(logits, solo):
                     out["mismatch"] += 1
                     out["max_diff"] = max(out["max_diff"], float((logits - solo).abs().max()))
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             out["errors"].append(exc)
 
     threads = [threading.Thread(target=session_a), threading.Thread(target=session_b)]

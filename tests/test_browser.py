@@ -43,7 +43,7 @@ def _need_browser() -> None:
     if not Path(CHROMIUM).exists():
         missing.append(f"{CHROMIUM} (Debian: apt-get install chromium)")
     try:
-        import playwright.sync_api  # noqa: F401
+        import playwright.sync_api  # noqa: F401 (availability check)
     except ImportError:
         missing.append("the playwright package (pip install playwright)")
     if missing:

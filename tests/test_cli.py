@@ -8,6 +8,7 @@ import pytest
 
 from lenslab.cli import build_parser, main
 
+
 def _all_subcommands(parser, prefix=()):
     import argparse
 

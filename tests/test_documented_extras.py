@@ -118,7 +118,7 @@ def test_cli_sinks_ablate_equals_the_library(planted_dir, tmp_path, capsys, mode
     toks = model.to_tokens(prompts)
     with torch.no_grad():
         clean = float(model(toks, return_type="loss"))
-        zeroed = lambda r, hook: torch.cat([r[:, :1].index_fill(-1, torch.tensor([7]), 0.0), r[:, 1:]], 1)  # noqa: E731
+        zeroed = lambda r, hook: torch.cat([r[:, :1].index_fill(-1, torch.tensor([7]), 0.0), r[:, 1:]], 1)
         ablated = float(model.run_with_hooks(toks, return_type="loss", fwd_hooks=[("blocks.0.hook_resid_post", zeroed)]))
     assert got["loss_clean"] == pytest.approx(clean, abs=1e-5)
     if mode == "zero":
@@ -184,7 +184,7 @@ def test_from_spec_file_equals_the_in_memory_task(ln_attn_model, tmp_path):
     assert torch.equal(from_file.clean_tokens, direct.clean_tokens)
     assert torch.equal(from_file.corrupt_tokens, direct.corrupt_tokens)
     assert torch.equal(from_file.answer_tokens, direct.answer_tokens)
-    ids = lambda words: [TOK.convert_tokens_to_ids(w) for w in words]  # noqa: E731
+    ids = lambda words: [TOK.convert_tokens_to_ids(w) for w in words]
     assert from_file.answer_tokens.tolist() == [ids(["t3", "t9"]), ids(["t7", "t8"])]
     assert from_file.clean_tokens[0].tolist() == [TOK.bos_token_id, *ids("t1 t2 t3 t1 t2".split())]
     bad = tmp_path / "bad.json"
@@ -201,7 +201,7 @@ def test_per_prompt_metrics_are_hand_computed_and_average_to_the_metric(ln_attn_
         clean, corrupt = model(t.clean_tokens)[:, -1], model(t.corrupt_tokens)[:, -1]
         mixed = 0.5 * (clean + corrupt)  # a third set of logits, neither clean nor corrupt
     rows, c, i = torch.arange(5), t.answer_tokens[:, 0], t.answer_tokens[:, 1]
-    ld = lambda z: (z[rows, c] - z[rows, i]).double()  # noqa: E731
+    ld = lambda z: (z[rows, c] - z[rows, i]).double()
 
     def hand(z):
         if name == "logit_diff":

@@ -58,7 +58,7 @@ def test_experts_doc_mask_rows_and_finer_switches_are_measured(moe, doc_numbers)
     from lenslab.steering import switch_experts
 
     doc = _doc("docs/experts.md")
-    table = _refusal.mote_table(moe, n_eval=200, k=4, n_random=5, seed=0, mode="mask", progress=False)
+    table = ev.mote_table(moe, n_eval=200, k=4, n_random=5, seed=0, mode="mask", progress=False)
     rows = {r[0]: r[1:] for r in doc_numbers.table(doc, "| switch (k = 4) |")}
     for doc_row, row in (("top-4 off (mask: next expert enters)", "top-4 off"), ("random-4 off, mask (same draws)", "random-4 off")):
         r = table.rows.index(row)
@@ -520,7 +520,7 @@ def test_features_doc_steering_numbers_are_measured(tmp_path, doc_numbers):
     neg = hits.features[0]
     para = re.search(r"the feature that fires most on \"terrible\" \(f(\d+): (\d+) of its (\d+) firings on negative "
                      r"words, (\d+) on positive ones", doc).groups()
-    ids = lambda words: [int(model.to_tokens(w, prepend_bos=False)[0, 0]) for w in words]  # noqa: E731
+    ids = lambda words: [int(model.to_tokens(w, prepend_bos=False)[0, 0]) for w in words]
     neg_ids, pos_ids = ids(_sentiment.NEGATIVE), ids(_sentiment.POSITIVE)
     on = [sum(n for _, f, n, _, _ in store.token_table(w) if f == neg) for w in (neg_ids, pos_ids)]
     assert (neg, on[0], store.stats(neg).n_fire, on[1]) == tuple(map(int, para)), (neg, on, store.stats(neg).n_fire)

@@ -37,7 +37,7 @@ def test_root_is_off_sys_path_in_the_tests():
 def test_transformers_and_a_zoo_model_from_the_root():
     code = (
         "import sys, transformers.activations, kernels, lenslab;"
-        f"assert sys.path[0] == '', sys.path[0];"  # the root is on sys.path: the case under test
+        "assert sys.path[0] == '', sys.path[0];"  # the root is on sys.path: the case under test
         "m = lenslab.load_model('zoo/ioi-4l', device='cpu');"
         "import lenslab.kernels;"
         "print('HF', kernels.__file__); print('OURS', lenslab.kernels.__file__); print(m.cfg.n_layers)"

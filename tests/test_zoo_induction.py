@@ -36,7 +36,7 @@ def _repeated(model, seq_len: int, n: int, seed: int) -> torch.Tensor:
     """`[n, 1 + 2 * seq_len]`: `<bos> A A`, `A` distinct random ordinary tokens."""
     gen = torch.Generator().manual_seed(seed)
     rows = []
-    for r in range(n):
+    for _ in range(n):
         perm = torch.randperm(300, generator=gen)[:seq_len]
         a = " ".join(f"t{int(i)}" for i in perm)
         rows.append(model.to_tokens(f"{a} {a}")[0])
@@ -151,7 +151,7 @@ def test_card_all_heads_and_task_logit_diffs_are_measured(verified, doc_numbers)
         assert doc_numbers.close(at10["L1"]["induction"][h], ind[str(h)]), (h, ind)
         assert doc_numbers.close(at10["L0"]["prev_token"][h], prev[str(h)]), (h, prev)
     # the head lists of config.json / the card: every head past its bar, strongest first
-    order = lambda xs, bar: [h for h in sorted(range(4), key=lambda h: -xs[h]) if xs[h] > bar]  # noqa: E731
+    order = lambda xs, bar: [h for h in sorted(range(4), key=lambda h: -xs[h]) if xs[h] > bar]
     mech = json.loads((zoo.zoo_path(NAME) / "config.json").read_text())["mechanism"]
     assert mech["induction_heads"] == [f"L1H{h}" for h in order(at10["L1"]["induction"], 0.5)]
     assert mech["previous_token_heads"] == [f"L0H{h}" for h in order(at10["L0"]["prev_token"], 0.3)]

@@ -138,7 +138,7 @@ def card_run(model):
     return {
         "behaviour": train_moe_refusal.evaluate(model, n=200),
         "spec": train_moe_refusal.specialisation(model, n=200),
-        "mote": _refusal.mote_table(model, n_eval=200, k=4, n_random=5, seed=0, progress=False),
+        "mote": ev.mote_table(model, n_eval=200, k=4, n_random=5, seed=0, progress=False),
     }
 
 

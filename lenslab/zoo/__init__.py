@@ -15,8 +15,6 @@ Two formats:
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,34 +117,6 @@ def prompt_sets(name: str) -> dict[str, list[str]]:
     return {str(k): [str(p) for p in v] for k, v in sets.items() if isinstance(v, list)}
 
 
-def train(name: str, out_dir: str | Path | None = None, seed: int = 0, steps: int | None = None) -> Path:
-    """Rebuild zoo model `name` by running its training script; returns the output folder.
-
-    `steps` overrides the script's number of optimiser steps (None: the recipe's own; a few
-    steps make a quick, still deterministic, smoke run).
-    """
-    short = name.removeprefix(PREFIX)
-    if PREFIX + short not in trainable_names():
-        raise LenslabError(
-            f"no training script for {name!r}{did_you_mean(PREFIX + short, trainable_names())}; "
-            f"trainable: {', '.join(trainable_names())}"
-        )
-    module = importlib.import_module(f"lenslab.zoo.train_{short.replace('-', '_')}")
-    out = Path(out_dir) if out_dir is not None else ZOO_DIR / short
-    out.mkdir(parents=True, exist_ok=True)
-    kwargs = {}
-    if steps is not None:
-        if steps < 1:
-            raise LenslabError(f"--steps must be at least 1, got {steps}")
-        params = inspect.signature(module.train).parameters
-        if "steps" in params:
-            kwargs["steps"] = steps
-        else:  # induction-2l keeps its recipe in a frozen TrainConfig
-            kwargs["config"] = dataclasses.replace(module.TrainConfig(), steps=steps)
-    module.train(out, seed=seed, **kwargs)
-    return out
-
-
 # --- helpers shared by the training scripts -------------------------------------------------
 
 
@@ -229,8 +199,6 @@ def load_hooked(folder: str | Path, device: torch.device, dtype: torch.dtype):
 
 
 def _cfg_init_fields() -> set[str]:
-    import dataclasses
-
     from transformer_lens import HookedTransformerConfig
 
     return {f.name for f in dataclasses.fields(HookedTransformerConfig) if f.init} - {"device", "dtype", "n_devices"}

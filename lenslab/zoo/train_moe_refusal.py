@@ -290,13 +290,14 @@ def write_card(out_dir, n: int = 200) -> None:
     """Evaluate the saved model in `out_dir` (loaded with `lenslab.load_model`) and write card.md
     and config.json's "evaluation"."""
     import lenslab
+    from lenslab.steering.evaluate import mote_table
 
     out_dir = Path(out_dir)
     cfg = json.loads((out_dir / "config.json").read_text())
     model = lenslab.load_model(str(out_dir), device="cpu")
     ev = evaluate(model, n=n)
     spec = specialisation(model, n=n)
-    table = _refusal.mote_table(model, n_eval=n, k=len(planted()), n_random=5, seed=0, progress=False)
+    table = mote_table(model, n_eval=n, k=len(planted()), n_random=5, seed=0, progress=False)
     top = [(int(a), int(b)) for a, b, _ in table.experts]
     evaluation = {"behaviour": ev, "specialisation": spec,
                   "mote": {k: v for k, v in table.to_dict().items() if k != "provenance"}

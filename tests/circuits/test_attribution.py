@@ -103,7 +103,7 @@ def test_ig_completeness(mlp_model):
 def test_graddrop_scores_are_magnitudes(mlp_model):
     task = tasks.induction(mlp_model, n=2, seq_len=4, seed=0)
     star = circuits.attribute(mlp_model, task, "atp*", ["resid_pre", "z", "q"], progress=False)
-    for site, r in star.items():
+    for r in star.values():
         assert (r.scores >= 0).all() and r.provenance["estimate"] == "magnitude"
     # a last-layer node has no indirect path: GradDrop reduces to |AtP| * (L-1 terms)/(L-1)
     atp = circuits.attribute(mlp_model, task, "atp", "z", progress=False)["z"].scores

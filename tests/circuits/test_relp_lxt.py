@@ -8,16 +8,15 @@ and its dependencies pull in a CUDA torchvision); only `lxt.explicit` is used.
 """
 from __future__ import annotations
 
+# Plain imports: a missing LXT fails the run (it is pinned in requirements-lock.txt; `run.py test`
+# installs it with --no-deps, which pyproject's extras cannot express).
+import lxt.explicit.functional as lxt_f
+import lxt.explicit.rules as lxt_r
 import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from lenslab.circuits.attribution import _relp_hooks
-
-# Plain imports: a missing LXT fails the run (it is pinned in requirements-lock.txt; `run.py test`
-# installs it with --no-deps, which pyproject's extras cannot express).
-import lxt.explicit.functional as lxt_f  # noqa: E402
-import lxt.explicit.rules as lxt_r  # noqa: E402
 
 TOL = 1e-4
 
@@ -73,7 +72,7 @@ def test_activation_identity_rule_matches_lxt(act):
     model = _model(act_fn=act, normalization_type=None)
     mlp = model.blocks[0].mlp
     gen = torch.Generator().manual_seed(3)
-    x, g = torch.randn(2, 5, 16, generator=gen), torch.randn(2, 5, 16, generator=gen)
+    x = torch.randn(2, 5, 16, generator=gen)
     # relevance at the MLP's hidden pre-activation: run only W_in -> act -> hook_post
     pre = (x @ mlp.W_in + mlp.b_in).detach().requires_grad_(True)
     g_post = torch.randn(pre.shape, generator=gen)

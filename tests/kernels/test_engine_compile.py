@@ -15,7 +15,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import lenslab
-from lenslab import kernels, tasks
+from lenslab import circuits, kernels, tasks
 from lenslab.kernels import batched
 
 TOL = 1e-5
@@ -63,8 +63,8 @@ def test_compiled_capture_equals_eager(randomize_params, site):
     patch is a hook), so chunks of two experiments (max_rows=6) leave later blocks to compile."""
     model, task = _model(randomize_params, n_layers=3), _task()
     backend = CountingBackend()
-    eager = kernels.batched_patch(model, task, site, progress=False, max_rows=6)
-    comp = kernels.batched_patch(model, task, site, progress=False, max_rows=6, compile=True, compile_backend=backend)
+    eager = circuits.batched_patch(model, task, site, progress=False, max_rows=6)
+    comp = circuits.batched_patch(model, task, site, progress=False, max_rows=6, compile=True, compile_backend=backend)
     assert comp.provenance["engine_details"]["compile"] == "default"
     assert eager.provenance["engine_details"]["compile"] is False
     assert backend.graphs >= 1 and backend.calls >= 1  # graphs were captured and ran
@@ -78,19 +78,19 @@ def test_inductor_compile_equals_eager(randomize_params):
     """compile=True (inductor, C++ on CPU) on a position-skipping grid and a hook-site grid."""
     model, task = _model(randomize_params), _task()
     for site in ("resid_pre", "z_by_pos"):
-        eager = kernels.batched_patch(model, task, site, progress=False)
-        comp = kernels.batched_patch(model, task, site, progress=False, compile=True)
+        eager = circuits.batched_patch(model, task, site, progress=False)
+        comp = circuits.batched_patch(model, task, site, progress=False, compile=True)
         assert comp.provenance["engine_details"]["compile"] == "default"
         assert (comp.scores - eager.scores).abs().max() <= TOL
 
 
 def test_compile_under_inference_mode_runs_eager_and_says_so(randomize_params):
     model, task = _model(randomize_params), _task()
-    eager = kernels.batched_patch(model, task, "resid_pre", progress=False)
+    eager = circuits.batched_patch(model, task, "resid_pre", progress=False)
     backend = CountingBackend()
     batched._SAID.clear()
     with torch.inference_mode(), pytest.warns(UserWarning, match="not used under torch.inference_mode"):
-        res = kernels.batched_patch(model, task, "resid_pre", progress=False, compile=True, compile_backend=backend)
+        res = circuits.batched_patch(model, task, "resid_pre", progress=False, compile=True, compile_backend=backend)
     assert res.provenance["engine_details"]["compile"] is False and backend.graphs == 0
     assert (res.scores - eager.scores).abs().max() <= TOL
 
@@ -110,9 +110,9 @@ def test_compile_cuda_equals_eager(randomize_params, mode):
     """On CUDA, float32: inductor (Triton kernels) and "reduce-overhead" (CUDA graphs) equal eager."""
     model, task = _model(randomize_params, "cuda", n_layers=4, d_model=128, d_head=32, d_mlp=512), _task(device="cuda", batch=4, seq=8)
     for site in ("resid_pre", "z"):
-        eager = kernels.batched_patch(model, task, site, progress=False)
-        comp = kernels.batched_patch(model, task, site, progress=False, compile=mode)
-        again = kernels.batched_patch(model, task, site, progress=False, compile=mode)  # graphs replayed
+        eager = circuits.batched_patch(model, task, site, progress=False)
+        comp = circuits.batched_patch(model, task, site, progress=False, compile=mode)
+        again = circuits.batched_patch(model, task, site, progress=False, compile=mode)  # graphs replayed
         assert comp.provenance["engine_details"]["compile"] == mode
         assert (comp.scores - eager.scores).abs().max() <= TOL
         assert (again.scores - eager.scores).abs().max() <= TOL

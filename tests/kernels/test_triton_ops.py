@@ -21,8 +21,9 @@ from lenslab.kernels import triton_ops
 
 @pytest.mark.parametrize("norm", ["LN", "RMS", None])
 def test_torch_twin_equals_final_norm_and_full_unembedding(norm):
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
     import warnings
+
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

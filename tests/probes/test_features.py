@@ -156,7 +156,7 @@ def test_planted_feature_fires_exactly_on_its_token(model, sae, docs, store_path
     # lookup on a new prompt: the planted feature is top-1 on each 'terrible' and absent elsewhere
     res = F.lookup(model, sae, "the walk was terrible and i felt terrible about the terrible movie .", k=3)
     assert [i for i, tok in enumerate(res.tokens) if tok == WORD] == [4, 8, 11]
-    for i, row in enumerate(res.rows()):
+    for row in res.rows():
         feats = [f for f, _ in row["features"]]
         if row["token"] == WORD:
             assert feats[0] == PLANTED
@@ -268,7 +268,7 @@ def test_dashboard_logits_and_exports(model, sae, store_path, tmp_path):
     assert d["pos_str"] == [t for t, _ in pos] and len(d["freq_hist_data_bar_values"]) == len(d["freq_hist_data_bar_heights"])
     assert d["frac_nonzero"] == pytest.approx(dash.n_fire / dash.total_tokens)
     assert d["maxActApprox"] == pytest.approx(dash.max_act) and d["maxActApprox"] > 0
-    for a, c in zip(d["activations"], dash.contexts):
+    for a in d["activations"]:
         assert a["tokens"][a["maxValueTokenIndex"]] == WORD and a["values"][a["maxValueTokenIndex"]] == a["maxValue"]
     back = F.FeatureDashboard.from_json(dash.to_json(tmp_path / "f.json"))
     assert back.to_dict() == dash.to_dict()

@@ -57,7 +57,7 @@ def test_zeroing_the_massive_activation_removes_the_sink_and_the_mean_keeps_it(p
 def test_numbers_equal_a_hand_computation(tiny_model):
     prompts = ["t1 t2 t3 t4 t5 t6", "t9 t8 t7 t6 t5 t4 t3 t2 t1"]  # two lengths
     r = S.attention_sinks(tiny_model, prompts, threshold=0.2)
-    alpha, vw, counts = [], [], []
+    alpha, vw = [], []
     for p in prompts:
         _, cache = tiny_model.run_with_cache(tiny_model.to_tokens(p))
         for_l, vw_l = [], []

@@ -225,7 +225,7 @@ def test_rules_match_the_authors_formulas():
     prof = _synthetic(vals, n_layers=16)
     assert prof.cutoff == 12
     pop = vals[:12].flatten().float().double().numpy()
-    flag = lambda bar: sorted((l, e) for l in range(12) for e in range(64) if float(vals[l, e].float()) > bar)  # noqa: E731
+    flag = lambda bar: sorted((l, e) for l in range(12) for e in range(64) if float(vals[l, e].float()) > bar)
     p995 = np.percentile(pop, 99.5)
     su = prof.super_experts("su")
     assert sorted(su.experts) == flag(max(p995, np.max(pop) // 10)) == [(1, 5), (3, 17)]  # 150 < floor(2000/10)

@@ -18,7 +18,7 @@ HOOKS = {"resid": "blocks.{L}.hook_resid_post", "mlp": "blocks.{L}.hook_mlp_out"
 def _hand_beta(model, site):
     rows = []
     for L in range(model.cfg.n_layers):
-        def last(p):
+        def last(p, L=L):
             _, cache = model.run_with_cache(p)
             return cache[HOOKS[site].format(L=L)][0, -1].flatten()  # [n_units]
         d = torch.stack([last(p) - last(n) for p, n in zip(POS, NEG)])  # [S, n_units]
@@ -155,7 +155,7 @@ def test_austeer_pushes_ioi_towards_positive_name():
             after = model(user)[0, -1].log_softmax(-1)
         with S.apply(model, iv.with_strength(0.5)):
             half = model(user)[0, -1].log_softmax(-1)
-    gap = lambda lp: (lp[mary] - lp[john]).item()  # noqa: E731
+    gap = lambda lp: (lp[mary] - lp[john]).item()
     assert gap(before) < -20
     assert gap(after) - gap(before) > 10  # measured 16.4
     assert gap(before) < gap(half) < gap(after)  # strength interpolates

@@ -292,7 +292,7 @@ def test_force_puts_the_expert_in_every_token(loaded, name):
             hs = [routers._hf_router(model, l).register_forward_hook(lambda m, i, o, l=l: seen.__setitem__(l, o[2]))
                   for l in range(LAYERS)]
             try:
-                got = model(ids)
+                model(ids)
             finally:
                 for h in hs:
                     h.remove()
@@ -410,7 +410,7 @@ def test_generate_with_a_switch_on_the_planted_model(behaviour_model):
     assert (got[-1] - base[-1]).norm() > 0.5 * base[-1].norm()
     # the behaviour: w7 makes the model say TARGET next; switching the expert off stops it,
     # forcing it on makes every token say it
-    first = lambda prompt, iv=None: S.generate(model, prompt, iv, max_new_tokens=1).strip()  # noqa: E731
+    first = lambda prompt, iv=None: S.generate(model, prompt, iv, max_new_tokens=1).strip()
     assert first(with_token) == TARGET and first(without) != TARGET
     assert first(with_token, off) != TARGET
     assert S.generate(model, without, on, max_new_tokens=4).split() == [TARGET] * 4

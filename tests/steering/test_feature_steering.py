@@ -84,7 +84,7 @@ def _double(sae):
 
 def _sae_lens_reference(sae, x, f, target):
     """sae-lens, in float64: forward with the error term, feature f of hook_sae_acts_post set to `target`."""
-    def set_f(a, hook):  # noqa: ARG001
+    def set_f(a, hook):
         a = a.clone()
         a[..., f] = target
         return a
@@ -187,7 +187,7 @@ def test_add_feature_equals_a_hand_written_hook(model):
     f, coeff = 5, 4.0
     toks = model.to_tokens(PROMPTS[0])
 
-    def hand(act, hook):  # noqa: ARG001
+    def hand(act, hook):
         return act + coeff * sae.W_dec[f].detach()
 
     with torch.no_grad():

@@ -31,7 +31,7 @@ def _logits(model, tokens, iv=None):
 
 def _all_ops(d=32, heads=4, d_head=8):
     g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g)
     return Intervention(edits=(
         Edit(hook="blocks.0.hook_resid_post", op="add", vector=r(d)),
         Edit(hook="blocks.1.attn.hook_z", op="multiply", vector=r(5), units=(0, 3, 9, 17, 31), positions="last"),
@@ -194,7 +194,7 @@ def test_mean_difference_matches_run_with_cache(tiny_model, position):
     iv = S.mean_difference(tiny_model, pos, neg, layers=[0, 1], site="resid_post", position=position, strength=3.0)
     assert [e.hook for e in iv.edits] == ["blocks.0.hook_resid_post", HOOK] and iv.strengths() == [3.0, 3.0]
     for L, e in enumerate(iv.edits):
-        def mean(prompts):
+        def mean(prompts, L=L):
             rows = []
             for p in prompts:
                 _, cache = tiny_model.run_with_cache(p)
