@@ -23,6 +23,7 @@ Environment:
     LENSLAB_TORCH   pip requirement used for torch instead of the lock's pin
                     (e.g. "torch" for the newest release; a CUDA build is several GB).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -134,8 +135,12 @@ def ensure_venv(extras: str, latest: bool = False) -> Path:
 
 def freeze(py: Path) -> list[str]:
     """`pip freeze` of a venv without lenslab itself: 'name==version' lines, sorted."""
-    out = subprocess.run([str(py), "-m", "pip", "freeze", "--exclude-editable", "--disable-pip-version-check"],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [str(py), "-m", "pip", "freeze", "--exclude-editable", "--disable-pip-version-check"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     lines = (ln.split("+", 1)[0] for ln in out.splitlines() if "==" in ln and not ln.startswith("-e"))
     return sorted(lines, key=str.lower)  # local labels dropped: torch==2.13.0 matches 2.13.0+cpu
 
@@ -158,8 +163,10 @@ def drift(py: Path) -> list[str]:
 def write_lock() -> int:
     py = python_in(LATEST_VENV)
     if not py.exists():
-        print("no ./.venv-latest yet: run `python3 run.py test --latest` first (the lock records a tested set)",
-              file=sys.stderr)
+        print(
+            "no ./.venv-latest yet: run `python3 run.py test --latest` first (the lock records a tested set)",
+            file=sys.stderr,
+        )
         return 2
     lines = freeze(py)
     header = [

@@ -8,6 +8,7 @@ A page does:
     ctx = _shell.context()          # stops the page (with a message) if no model is loaded
     result = _shell.call("Computing X", lenslab.something, ctx.model, ctx.prompt)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -80,7 +81,7 @@ def call(what: str, fn, *args, **kwargs):
     ctx = st.session_state.get(_CTX)
     model = ctx.model if ctx is not None and ctx.model is not None else None
     try:
-        with st.spinner(f"{what}…"), (model_lock(model) if model is not None else contextlib.nullcontext()):
+        with st.spinner(f"{what}…"), model_lock(model) if model is not None else contextlib.nullcontext():
             return fn(*args, **kwargs)
     except Exception as exc:
         show_error(what, exc)
@@ -103,8 +104,10 @@ def token_text(token: str) -> str:
 def config_line(model) -> str:
     """One line about the model: layers, heads, widths, vocabulary, device."""
     cfg = model.cfg
-    return (f"{cfg.n_layers} layers · {cfg.n_heads} heads · d_model {cfg.d_model} · "
-            f"vocab {cfg.d_vocab} · context {cfg.n_ctx} · {cfg.device}")
+    return (
+        f"{cfg.n_layers} layers · {cfg.n_heads} heads · d_model {cfg.d_model} · "
+        f"vocab {cfg.d_vocab} · context {cfg.n_ctx} · {cfg.device}"
+    )
 
 
 def _zoo_names() -> list[str]:
@@ -165,12 +168,20 @@ def sidebar() -> Context | None:
                 st.warning("The model zoo is empty: run `lenslab zoo train induction-2l`, or pick another source.")
             name = ss.get("zoo_model", "") if zoo_names else ""
         elif source == "Hugging Face id":
-            st.text_input("Hugging Face id", key="hf_id", placeholder="gpt2, EleutherAI/pythia-70m, ...",
-                          help="Loaded with lenslab.load_model: needs the network or the local Hugging Face cache.")
+            st.text_input(
+                "Hugging Face id",
+                key="hf_id",
+                placeholder="gpt2, EleutherAI/pythia-70m, ...",
+                help="Loaded with lenslab.load_model: needs the network or the local Hugging Face cache.",
+            )
             name = ss.get("hf_id", "")
         else:
-            st.text_input("Local path", key="local_path", placeholder="/path/to/model_dir",
-                          help="A folder with a Hugging Face config and safetensors, or a lenslab zoo-format folder.")
+            st.text_input(
+                "Local path",
+                key="local_path",
+                placeholder="/path/to/model_dir",
+                help="A folder with a Hugging Face config and safetensors, or a lenslab zoo-format folder.",
+            )
             name = ss.get("local_path", "")
         name = (name or "").strip()
 
@@ -210,7 +221,7 @@ def continuation_markdown(prompt: str, text: str) -> str:
     core = text.strip()
     if not core:
         return prompt + text
-    lead, trail = text[: len(text) - len(text.lstrip())], text[len(text.rstrip()):]
+    lead, trail = text[: len(text) - len(text.lstrip())], text[len(text.rstrip()) :]
     return f"{prompt}{lead}**{core}**{trail}"
 
 
@@ -245,4 +256,6 @@ def downloads(result, key: str) -> None:
             if path:
                 ss[f"dl_bytes_{key}"] = (fmt, path.read_bytes())
     if ss.get(f"dl_bytes_{key}", (None,))[0] == fmt:
-        c3.download_button(f"Download {fmt.upper()}", ss[f"dl_bytes_{key}"][1], file_name=f"{key}.{fmt}", key=f"dl_fig_{key}")
+        c3.download_button(
+            f"Download {fmt.upper()}", ss[f"dl_bytes_{key}"][1], file_name=f"{key}.{fmt}", key=f"dl_fig_{key}"
+        )

@@ -4,6 +4,7 @@ The sidebar (model picker, prompt) is drawn here for every page; each page is a 
 beside this file that reads the sidebar's choices with `_shell.context()`, calls one library
 function per analysis and shows the result. Adding a page is one line in PAGES.
 """
+
 from __future__ import annotations
 
 import streamlit as st

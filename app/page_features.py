@@ -9,6 +9,7 @@ feature and stream the unmodified and modified generations side by side). Numeri
 Stores go to `$LENSLAB_FEATURE_DIR` (default `~/.cache/lenslab/features/`), one SQLite file per
 model, SAE (hook and weights hash) and corpus.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -72,11 +73,18 @@ if where == "Zoo SAE":
         ss["feat_zoo"] = zoo_saes[0]
     source = c2.selectbox("Zoo SAE of this model", zoo_saes, key="feat_zoo")
 else:
-    source = c2.text_input("Folder saved by sae-lens (cfg.json + sae_weights.safetensors)", key="feat_path",
-                           placeholder="/path/to/sae", help="e.g. the --out folder of `lenslab sae train`").strip()
+    source = c2.text_input(
+        "Folder saved by sae-lens (cfg.json + sae_weights.safetensors)",
+        key="feat_path",
+        placeholder="/path/to/sae",
+        help="e.g. the --out folder of `lenslab sae train`",
+    ).strip()
     if not source:
-        st.info("Give the folder of an SAE trained on this model" +
-                ("" if zoo_saes else f" ({name} has no zoo SAE: train one with `lenslab sae train`)") + ".")
+        st.info(
+            "Give the folder of an SAE trained on this model"
+            + ("" if zoo_saes else f" ({name} has no zoo SAE: train one with `lenslab sae train`)")
+            + "."
+        )
         st.stop()
 device = str(getattr(model.cfg, "device", "cpu") or "cpu")
 stamp = _stamp(source)
@@ -84,8 +92,10 @@ sae = _shell.call("Loading the SAE", _load_sae, source, device, stamp)
 if not sae or _shell.call("Checking the SAE against the model", saes.check_sae, model, sae) is _shell.FAILED:
     st.stop()
 hook, d_sae = sae.cfg.metadata.hook_name, int(sae.cfg.d_sae)
-st.caption(f"`{hook}` · {type(sae).__name__} · d_in {sae.cfg.d_in} · {d_sae} features"
-           + (f" · k {sae.cfg.k}" if hasattr(sae.cfg, "k") else ""))
+st.caption(
+    f"`{hook}` · {type(sae).__name__} · d_in {sae.cfg.d_in} · {d_sae} features"
+    + (f" · k {sae.cfg.k}" if hasattr(sae.cfg, "k") else "")
+)
 card = _shell.call("Reading the SAE card", saes.read_sae_card, source)
 if card:
     with st.expander("SAE card (training, reconstruction metrics)"):
@@ -116,11 +126,15 @@ lookup_tab, dash_tab, search_tab, index_tab, steer_tab = st.tabs(["Lookup", "Das
 
 # --- Index (first: it names the store the other tabs read) ------------------------------------------
 with index_tab:
-    st.caption("Run the model and the SAE over a corpus once; per-feature statistics and top contexts go to a SQLite "
-               f"store under `{feature_dir()}` (set LENSLAB_FEATURE_DIR to move it). An interrupted run resumes "
-               "where it stopped.")
+    st.caption(
+        "Run the model and the SAE over a corpus once; per-feature statistics and top contexts go to a SQLite "
+        f"store under `{feature_dir()}` (set LENSLAB_FEATURE_DIR to move it). An interrupted run resumes "
+        "where it stopped."
+    )
     c1, c2, c3 = st.columns([2, 1, 1])
-    corpus_kind = c1.radio("Corpus", ["Built-in corpus of the model", "Corpus file"], horizontal=True, key="feat_corpus")
+    corpus_kind = c1.radio(
+        "Corpus", ["Built-in corpus of the model", "Corpus file"], horizontal=True, key="feat_corpus"
+    )
     if corpus_kind == "Corpus file":
         cpath = c2.text_input("File (.txt, .json, .jsonl)", key="feat_corpus_path").strip()
         tag = ""
@@ -134,7 +148,9 @@ with index_tab:
         tag = f"builtin-{n_docs}"
         corpus_args = ("Making the corpus", F.corpus_for, model, n_docs)
     batch_size = int(c3.number_input("Batch", 1, 512, 16, key="feat_batch"))
-    store_path = feature_dir() / (f"{_slug(name)}__{_slug(hook)}__{_sae_hash(source, device, stamp)[:8]}__{tag or 'none'}.sqlite")
+    store_path = feature_dir() / (
+        f"{_slug(name)}__{_slug(hook)}__{_sae_hash(source, device, stamp)[:8]}__{tag or 'none'}.sqlite"
+    )
     state = None
     if store_path.is_file():
         with F.FeatureStore(store_path) as st_:
@@ -156,8 +172,19 @@ with index_tab:
                 bar.progress(min(1.0, (b + 1) / n_batches), text=f"Indexing: batch {b + 1} of {n_batches}")
 
             store_path.parent.mkdir(parents=True, exist_ok=True)
-            store = _shell.call("Indexing", F.index, model, sae, corpus, store_path, batch_size=batch_size,
-                                resume=not redo, sae_source=source, progress=False, on_batch=tick)
+            store = _shell.call(
+                "Indexing",
+                F.index,
+                model,
+                sae,
+                corpus,
+                store_path,
+                batch_size=batch_size,
+                resume=not redo,
+                sae_source=source,
+                progress=False,
+                on_batch=tick,
+            )
             if store:
                 st.success(f"Indexed: {store.describe()}")
                 store.close()
@@ -173,8 +200,12 @@ with lookup_tab:
         st.dataframe(df, hide_index=True, key="feat_lookup_table")
         if res.union:
             c1, c2 = st.columns([2, 3])
-            pick = c1.selectbox("Feature", res.union, key="feat_lookup_pick",
-                                format_func=lambda f: f"f{f} (max {max(r[res.union.index(f)] for r in res.matrix):.3g})")
+            pick = c1.selectbox(
+                "Feature",
+                res.union,
+                key="feat_lookup_pick",
+                format_func=lambda f: f"f{f} (max {max(r[res.union.index(f)] for r in res.matrix):.3g})",
+            )
             c2.button("Open its dashboard", key="feat_lookup_open", on_click=open_feature, args=(pick,))
             st.caption("Click a column of the heatmap or pick a feature: the Dashboard and Steer tabs follow it.")
         else:
@@ -192,7 +223,8 @@ def contexts_html(dash) -> str:
             f'<span title="{a:.4g}" style="background: rgba(230, 85, 13, {max(0.0, min(1.0, a / top)):.3f});'
             f'{" outline: 1px solid #333;" if i == c.index else ""} padding: 1px 0">'
             f"{html.escape(t).replace(' ', '&nbsp;') or '&nbsp;'}</span>"
-            for i, (t, a) in enumerate(zip(c.tokens, c.acts)))
+            for i, (t, a) in enumerate(zip(c.tokens, c.acts))
+        )
         rows.append(f'<div style="font-family: monospace; margin: 3px 0"><b>{c.act:.3g}</b>&nbsp;&nbsp;{spans}</div>')
     return "\n".join(rows) or "(the feature never fired on the indexed corpus)"
 
@@ -209,8 +241,9 @@ with dash_tab:
         b.dataframe([{"suppressed": tok(i), "logit": v} for i, v in neg], hide_index=True)
     else:
         n_ctx = int(c2.slider("Contexts", 1, 50, 10, key="feat_n_ctx"))
-        dash = _shell.call("Building the dashboard", F.FeatureDashboard.from_store, store_path, f, model, sae,
-                           n_contexts=n_ctx)
+        dash = _shell.call(
+            "Building the dashboard", F.FeatureDashboard.from_store, store_path, f, model, sae, n_contexts=n_ctx
+        )
         if dash:
             m1, m2, m3 = st.columns(3)
             m1.metric("Density", f"{dash.density:.3%}", help=f"{dash.n_fire} of {dash.total_tokens} tokens")
@@ -222,8 +255,13 @@ with dash_tab:
             a, b = st.columns(2)
             a.dataframe([{"promoted": _shell.token_text(t), "logit": v} for t, v in dash.pos_logits], hide_index=True)
             b.dataframe([{"suppressed": _shell.token_text(t), "logit": v} for t, v in dash.neg_logits], hide_index=True)
-            st.download_button("Dashboard HTML (standalone)", dash.to_html(), file_name=f"feature_{f}.html",
-                               mime="text/html", key="feat_dl_html")
+            st.download_button(
+                "Dashboard HTML (standalone)",
+                dash.to_html(),
+                file_name=f"feature_{f}.html",
+                mime="text/html",
+                key="feat_dl_html",
+            )
             _shell.downloads(dash, f"feature_{f}")
 
 # --- Search ------------------------------------------------------------------------------------------
@@ -234,9 +272,14 @@ with search_tab:
         c1, c2, c3, c4, c5 = st.columns([2, 2, 1, 1, 1])
         by = c1.radio("By", ["token", "substring", "feature"], horizontal=True, key="feat_search_by")
         query = c2.text_input("Query", key="feat_search_q", placeholder="a token, part of one, or a feature id")
-        rank = c3.selectbox("Rank by", F.SEARCH_ORDERS, key="feat_search_rank", disabled=by == "feature",
-                            help="max / mean activation on the matched tokens, or share: the fraction of the "
-                                 "feature's firings that are on them (token-specific features first)")
+        rank = c3.selectbox(
+            "Rank by",
+            F.SEARCH_ORDERS,
+            key="feat_search_rank",
+            disabled=by == "feature",
+            help="max / mean activation on the matched tokens, or share: the fraction of the "
+            "feature's firings that are on them (token-specific features first)",
+        )
         kk = c4.number_input("Hits", 1, 200, 10, key="feat_search_k")
         if c5.button("Search", type="primary", key="feat_search_go") and query.strip():
             q = query.strip()
@@ -258,14 +301,23 @@ with search_tab:
 
 # --- Steer -------------------------------------------------------------------------------------------
 with steer_tab:
-    st.caption("Ablate (activation → 0), clamp (→ c) or add (+ c · W_dec[f]) the feature at the SAE's hook; the SAE's "
-               "reconstruction error is kept. Same prompt and seed on both sides.")
+    st.caption(
+        "Ablate (activation → 0), clamp (→ c) or add (+ c · W_dec[f]) the feature at the SAE's hook; the SAE's "
+        "reconstruction error is kept. Same prompt and seed on both sides."
+    )
     c1, c2, c3, c4 = st.columns(4)
     f = int(ss["feat_id"])
     c1.markdown(f"Feature **f{f}** (set it in the Dashboard tab)")
     mode = c2.radio("Edit", ["ablate", "clamp", "add"], horizontal=True, key="feat_steer_mode")
-    value = c3.number_input("c", -1000.0, 1000.0, 5.0, key="feat_steer_value", disabled=mode == "ablate",
-                            help="clamp: the activation to hold; add: the multiple of W_dec[f] to add")
+    value = c3.number_input(
+        "c",
+        -1000.0,
+        1000.0,
+        5.0,
+        key="feat_steer_value",
+        disabled=mode == "ablate",
+        help="clamp: the activation to hold; add: the multiple of W_dec[f] to add",
+    )
     positions = c4.selectbox("Positions", ["all", "prompt", "generated"], key="feat_steer_pos")
     c1, c2, c3, c4 = st.columns(4)
     strength = c1.slider("Strength", 0.0, 2.0, 1.0, 0.05, key="feat_steer_strength")
@@ -275,11 +327,13 @@ with steer_tab:
     if mode == "ablate":
         iv = _shell.call("Building the edit", SF.ablate_feature, sae, f, positions=positions, strength=float(strength))
     elif mode == "clamp":
-        iv = _shell.call("Building the edit", SF.clamp_feature, sae, f, float(value), positions=positions,
-                         strength=float(strength))
+        iv = _shell.call(
+            "Building the edit", SF.clamp_feature, sae, f, float(value), positions=positions, strength=float(strength)
+        )
     else:
-        iv = _shell.call("Building the edit", SF.add_feature, sae, f, float(value), positions=positions,
-                         strength=float(strength))
+        iv = _shell.call(
+            "Building the edit", SF.add_feature, sae, f, float(value), positions=positions, strength=float(strength)
+        )
     ok = iv and _shell.call("Checking the edit", steering.validate, model, iv) is not _shell.FAILED
     if st.button("Generate side by side", type="primary", key="feat_steer_go", disabled=not ok):
         kw = dict(max_new_tokens=int(n_new), seed=int(seed), temperature=float(temperature))
@@ -287,8 +341,9 @@ with steer_tab:
         left.subheader("Unmodified")
         right.subheader(iv.name)
         base = _shell.call("Generating", _shell.stream_into, left, model, ctx.prompt, None, **kw)
-        mod = base is not _shell.FAILED and _shell.call("Generating with the edit", _shell.stream_into, right, model,
-                                                        ctx.prompt, iv, **kw)
+        mod = base is not _shell.FAILED and _shell.call(
+            "Generating with the edit", _shell.stream_into, right, model, ctx.prompt, iv, **kw
+        )
         if mod is not _shell.FAILED and mod is not False:
             ss["feat_steer_out"] = (ctx.prompt, iv.name, base, mod)
     elif ss.get("feat_steer_out") and ss["feat_steer_out"][0] == ctx.prompt:

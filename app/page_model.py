@@ -1,5 +1,6 @@
 """Page "Model": the model card, the prompt's tokens, attention patterns, the logit lens and the
 next-token predictions. Numerics live in `lenslab.lens`, figures in `lenslab.plots`."""
+
 from __future__ import annotations
 
 import streamlit as st
@@ -31,7 +32,9 @@ with right:
     st.caption(f"{len(tok)} tokens as the model reads them (with its BOS token, if it prepends one)")
     st.dataframe(
         {"pos": list(range(len(tok))), "token": [_shell.token_text(t) for t in tok.str_tokens], "id": tok.ids.tolist()},
-        hide_index=True, width="stretch", height=min(250, 35 * len(tok) + 40),
+        hide_index=True,
+        width="stretch",
+        height=min(250, 35 * len(tok) + 40),
     )
 
 st.header("Attention patterns")
@@ -39,22 +42,35 @@ patterns = _shell.call("Computing attention patterns", lens.attention_patterns, 
 if patterns is not _shell.FAILED:
     c1, c2, _ = st.columns([1, 1, 3])
     layer = c1.selectbox("Layer", list(range(cfg.n_layers)), key=f"attn_layer::{name}")
-    head = c2.selectbox("Head", ["all", *range(cfg.n_heads)], key=f"attn_head::{name}",
-                        format_func=lambda h: "all heads" if h == "all" else str(h))
+    head = c2.selectbox(
+        "Head",
+        ["all", *range(cfg.n_heads)],
+        key=f"attn_head::{name}",
+        format_func=lambda h: "all heads" if h == "all" else str(h),
+    )
     if head == "all":
         fig = _shell.call("Drawing", plots.attention_heads, patterns, tok.str_tokens, layer=layer, model=name)
     else:
-        fig = _shell.call("Drawing", plots.attention_heatmap, patterns, tok.str_tokens, layer=layer, head=head, model=name)
+        fig = _shell.call(
+            "Drawing", plots.attention_heatmap, patterns, tok.str_tokens, layer=layer, head=head, model=name
+        )
     if fig:
         st.plotly_chart(fig, key="attention_fig")
 
 st.header("Logit lens")
-colour = st.radio("Colour by", ["top", "final"], key="lens_colour", horizontal=True,
-                  format_func=lambda v: {"top": "layer's top token", "final": "final prediction"}[v])
+colour = st.radio(
+    "Colour by",
+    ["top", "final"],
+    key="lens_colour",
+    horizontal=True,
+    format_func=lambda v: {"top": "layer's top token", "final": "final prediction"}[v],
+)
 ll = _shell.call("Computing the logit lens", lens.logit_lens, model, prompt, k=5)
 if ll:
-    st.caption("Each row reads the residual stream before that block (final LayerNorm re-applied, then the "
-               "unembedding); cells show the top next-token guess at each position.")
+    st.caption(
+        "Each row reads the residual stream before that block (final LayerNorm re-applied, then the "
+        "unembedding); cells show the top next-token guess at each position."
+    )
     st.plotly_chart(plots.logit_lens_heatmap(ll, value=colour), key="lens_fig")
 
 st.header("Top next-token predictions")
@@ -63,8 +79,13 @@ preds = _shell.call("Predicting the next token", lens.top_predictions, model, pr
 if preds:
     c1, c2 = st.columns([2, 3])
     c1.dataframe(
-        {"token": [_shell.token_text(p.token) for p in preds], "id": [p.id for p in preds],
-         "prob": [round(p.prob, 4) for p in preds], "logit": [round(p.logit, 3) for p in preds]},
-        hide_index=True, key="preds_table",
+        {
+            "token": [_shell.token_text(p.token) for p in preds],
+            "id": [p.id for p in preds],
+            "prob": [round(p.prob, 4) for p in preds],
+            "logit": [round(p.logit, 3) for p in preds],
+        },
+        hide_index=True,
+        key="preds_table",
     )
     c2.plotly_chart(plots.predictions_bar(preds, model=name), key="preds_fig")

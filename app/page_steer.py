@@ -2,6 +2,7 @@
 contrastive prompts, then stream the sidebar prompt's continuation unsteered and steered side by
 side, token by token, with the same seed; measure concept rate against fluency across strengths
 (trade-off). Presets are saved and loaded as JSON + safetensors. Numerics live in `lenslab.steering`."""
+
 from __future__ import annotations
 
 import tempfile
@@ -27,8 +28,11 @@ STRENGTHS = (-1.0, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 # else to the IOI swaps; they follow the model until the user edits them. A fitted intervention
 # belongs to the model it was fitted on.
 sets = zoo.prompt_sets(name)
-defaults = ("\n".join(sets["positive"]), "\n".join(sets["negative"])) if sets.get("positive") and sets.get("negative") \
+defaults = (
+    ("\n".join(sets["positive"]), "\n".join(sets["negative"]))
+    if sets.get("positive") and sets.get("negative")
     else (POS, NEG)
+)
 changed = ss.get("_steer_model") != name
 for key, new in zip(("steer_pos", "steer_neg"), defaults):
     if key not in ss or (changed and ss[key] == ss.get(f"_{key}_default")):
@@ -53,21 +57,28 @@ with st.expander("Fit", expanded=True):
     elif method == "LinEAS":
         steps = c1.number_input("Steps", 0, 5000, 100, key="steer_steps")
         lr = c2.number_input("Learning rate", 1e-5, 1.0, 0.02, format="%.4f", key="steer_lr")
-        c3.caption("Maps at every attn_out and mlp_out that move the negative prompts' activations (source) "
-                   "onto the positive ones' (target); at least 4 negative prompts.")
+        c3.caption(
+            "Maps at every attn_out and mlp_out that move the negative prompts' activations (source) "
+            "onto the positive ones' (target); at least 4 negative prompts."
+        )
     else:
         layer = c1.number_input("Layer", 0, n_layers - 1, min(2, n_layers - 1), key="steer_layer")
         if method == "ActAdd":
-            c2.caption("ActAdd uses the first positive and the first negative prompt (added at the generated "
-                       "prompt's first positions: keep them shorter than it, e.g. 'lovely' / 'awful').")
+            c2.caption(
+                "ActAdd uses the first positive and the first negative prompt (added at the generated "
+                "prompt's first positions: keep them shorter than it, e.g. 'lovely' / 'awful')."
+            )
     if st.button("Fit", type="primary", key="steer_fit"):
         if method == "Mean difference":
             iv = _shell.call("Fitting mean difference", steering.mean_difference, model, pos, neg, layers=int(layer))
         elif method == "ActAdd":
-            iv = _shell.call("Fitting ActAdd", steering.actadd, model, pos[0] if pos else "", neg[0] if neg else "",
-                             layer=int(layer))
+            iv = _shell.call(
+                "Fitting ActAdd", steering.actadd, model, pos[0] if pos else "", neg[0] if neg else "", layer=int(layer)
+            )
         elif method == "AUSteer":
-            iv = _shell.call("Fitting AUSteer", steering.austeer, model, pos, neg, k=int(k), alpha=float(alpha), site=site)
+            iv = _shell.call(
+                "Fitting AUSteer", steering.austeer, model, pos, neg, k=int(k), alpha=float(alpha), site=site
+            )
         else:
             config = steering.LineasConfig(steps=int(steps), lr=float(lr), progress=False)
             iv = _shell.call("Fitting LinEAS", steering.fit_lineas, model, neg, pos, config=config)
@@ -76,8 +87,12 @@ with st.expander("Fit", expanded=True):
             ss.pop("steer_tradeoff", None)
 
 with st.expander("Presets"):
-    up = st.file_uploader("Load a preset (the .json and its .safetensors)", type=["json", "safetensors"],
-                          accept_multiple_files=True, key="steer_upload")
+    up = st.file_uploader(
+        "Load a preset (the .json and its .safetensors)",
+        type=["json", "safetensors"],
+        accept_multiple_files=True,
+        key="steer_upload",
+    )
     if up and st.button("Load preset", key="steer_load"):
         with tempfile.TemporaryDirectory() as tmp:
             jsons = []
@@ -89,7 +104,11 @@ with st.expander("Presets"):
                 st.error("Upload exactly one .json preset together with its .safetensors file.")
             else:
                 iv = _shell.call("Loading the preset", steering.load, jsons[0])
-                if iv and _shell.call("Checking the preset against this model", steering.validate, model, iv) is not _shell.FAILED:
+                if (
+                    iv
+                    and _shell.call("Checking the preset against this model", steering.validate, model, iv)
+                    is not _shell.FAILED
+                ):
                     ss["steer_iv"] = iv
                     ss.pop("steer_tradeoff", None)
 
@@ -103,10 +122,15 @@ with tempfile.TemporaryDirectory() as tmp:
     path = _shell.call("Saving the preset", steering.save, iv, Path(tmp) / "preset.json")
     if path:
         d1, d2, _ = st.columns([1, 1, 3])
-        d1.download_button("Preset JSON", path.read_bytes(), file_name="preset.json", mime="application/json",
-                           key="steer_dl_json")
-        d2.download_button("Preset tensors", path.with_suffix(".safetensors").read_bytes(),
-                           file_name="preset.safetensors", key="steer_dl_st")
+        d1.download_button(
+            "Preset JSON", path.read_bytes(), file_name="preset.json", mime="application/json", key="steer_dl_json"
+        )
+        d2.download_button(
+            "Preset tensors",
+            path.with_suffix(".safetensors").read_bytes(),
+            file_name="preset.safetensors",
+            key="steer_dl_st",
+        )
 
 c1, c2, c3, c4 = st.columns(4)
 strength = c1.slider("Strength", -2.0, 4.0, 1.0, 0.1, key="steer_strength")
@@ -129,20 +153,33 @@ with st.expander("Trade-off: concept rate against fluency across strengths"):
     c1, c2 = st.columns([3, 1])
     strengths = c1.multiselect("Strengths", STRENGTHS, default=[0.0, 0.5, 1.0, 2.0], key="steer_to_strengths")
     n_tok = c2.number_input("New tokens", 1, 100, 8, key="steer_to_tokens")
-    st.caption("Concept: positive sentiment (more positive than negative words of `lenslab._sentiment`'s lexicon). "
-               "Fluency: perplexity of each continuation under the unsteered model.")
+    st.caption(
+        "Concept: positive sentiment (more positive than negative words of `lenslab._sentiment`'s lexicon). "
+        "Fluency: perplexity of each continuation under the unsteered model."
+    )
     if st.button("Run trade-off", key="steer_to_run"):
         prompts = neg_set if src.startswith("The model") else [ctx.prompt]
-        res = _shell.call("Generating and scoring", tradeoff, model, {iv.name or "steered": iv}, prompts,
-                          _sentiment.is_positive, strengths=sorted(strengths), max_new_tokens=int(n_tok), progress=False)
+        res = _shell.call(
+            "Generating and scoring",
+            tradeoff,
+            model,
+            {iv.name or "steered": iv},
+            prompts,
+            _sentiment.is_positive,
+            strengths=sorted(strengths),
+            max_new_tokens=int(n_tok),
+            progress=False,
+        )
         if res:
             ss["steer_tradeoff"] = res
     res = ss.get("steer_tradeoff")
     if res is not None:
         st.plotly_chart(res.figure(), key="steer_tradeoff_fig")
         n = res.rows[0]["n"] if res.rows else 0
-        st.caption(f"Spread: each concept rate with its 95% bootstrap interval over the {n} evaluation prompt(s) "
-                   "(error bars). One fit on one prompt set is one draw: docs/steering.md shows how the methods "
-                   "move across refits on fresh prompt sets (`tradeoff_seeds`).")
+        st.caption(
+            f"Spread: each concept rate with its 95% bootstrap interval over the {n} evaluation prompt(s) "
+            "(error bars). One fit on one prompt set is one draw: docs/steering.md shows how the methods "
+            "move across refits on fresh prompt sets (`tradeoff_seeds`)."
+        )
         st.dataframe(res.rows, hide_index=True)
         _shell.downloads(res, "steer_tradeoff")

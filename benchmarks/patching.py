@@ -23,6 +23,7 @@ once ("per in-flight patch"; TransformerLens runs one patch at a time). On CUDA 
 untimed warm-up run first (cuBLAS handles, Triton JIT); `--compile MODE` times the first compiled
 call (compilation included) separately from a second, timed call.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -109,9 +110,18 @@ def build(args, device):
     from lenslab import tasks
 
     cfg = HookedTransformerConfig(
-        n_layers=args.n_layers, d_model=args.d_model, n_heads=args.n_heads, d_head=args.d_model // args.n_heads,
-        d_mlp=4 * args.d_model, d_vocab=50257, n_ctx=1024, act_fn="gelu_new", normalization_type="LN", seed=0,
-        device=str(device), dtype=getattr(torch, args.dtype),
+        n_layers=args.n_layers,
+        d_model=args.d_model,
+        n_heads=args.n_heads,
+        d_head=args.d_model // args.n_heads,
+        d_mlp=4 * args.d_model,
+        d_vocab=50257,
+        n_ctx=1024,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        seed=0,
+        device=str(device),
+        dtype=getattr(torch, args.dtype),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -157,10 +167,50 @@ def profile_batched(model, task, site):
         circuits.patch(model, task, site, engine="batched", progress=False)
     buckets = {"GEMM": 0.0, "elementwise": 0.0, "softmax": 0.0, "copy/cat/index": 0.0, "other": 0.0}
     gemm = ("addmm", "mm", "bmm", "matmul", "linear", "baddbmm", "einsum", "dot")
-    elem = ("add", "sub", "mul", "div", "pow", "tanh", "sqrt", "mean", "gelu", "where", "sum", "rsqrt",
-            "masked_fill", "neg", "exp", "clamp", "triu", "tril", "sigmoid", "silu")
-    copy = ("copy", "cat", "index", "gather", "clone", "contiguous", "to", "empty", "stack", "repeat", "expand",
-            "select", "slice", "view", "reshape", "permute", "transpose", "as_strided", "fill", "zero")
+    elem = (
+        "add",
+        "sub",
+        "mul",
+        "div",
+        "pow",
+        "tanh",
+        "sqrt",
+        "mean",
+        "gelu",
+        "where",
+        "sum",
+        "rsqrt",
+        "masked_fill",
+        "neg",
+        "exp",
+        "clamp",
+        "triu",
+        "tril",
+        "sigmoid",
+        "silu",
+    )
+    copy = (
+        "copy",
+        "cat",
+        "index",
+        "gather",
+        "clone",
+        "contiguous",
+        "to",
+        "empty",
+        "stack",
+        "repeat",
+        "expand",
+        "select",
+        "slice",
+        "view",
+        "reshape",
+        "permute",
+        "transpose",
+        "as_strided",
+        "fill",
+        "zero",
+    )
     total = 0.0
     for ev in prof.key_averages():
         name = ev.key.removeprefix("aten::")
@@ -197,11 +247,19 @@ def main(argv=None) -> None:
     ap.add_argument("--note", default="", help="free text for the RESULTS.md row (e.g. machine load)")
     ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     ap.add_argument("--results", type=Path, default=RESULTS, help="the markdown file rows are appended to")
-    ap.add_argument("--compile", default=None, metavar="MODE",
-                    help="also time the engine with kernels.options(compile=MODE): default, reduce-overhead, "
-                         "max-autotune, max-autotune-no-cudagraphs")
-    ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=None,
-                    help="one untimed run of each side first (default: on for CUDA, off for CPU)")
+    ap.add_argument(
+        "--compile",
+        default=None,
+        metavar="MODE",
+        help="also time the engine with kernels.options(compile=MODE): default, reduce-overhead, "
+        "max-autotune, max-autotune-no-cudagraphs",
+    )
+    ap.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one untimed run of each side first (default: on for CUDA, off for CPU)",
+    )
     args = ap.parse_args(argv)
     for key, val in SHAPES[args.shape].items():
         if getattr(args, key) is None:
@@ -219,12 +277,15 @@ def main(argv=None) -> None:
     load0 = os.getloadavg()
     dev_desc = device_name(device)
     print(f"device: {dev_desc}; load average {load0[0]:.1f}")
-    print(f"model: {args.n_layers}L d_model {args.d_model} heads {args.n_heads} vocab 50257 {args.dtype}; "
-          f"{args.batch} prompts x {args.seq} tokens; clean {metric.clean_value:.4f} corrupt {metric.corrupt_value:.4f}")
+    print(
+        f"model: {args.n_layers}L d_model {args.d_model} heads {args.n_heads} vocab 50257 {args.dtype}; "
+        f"{args.batch} prompts x {args.seq} tokens; clean {metric.clean_value:.4f} corrupt {metric.corrupt_value:.4f}"
+    )
     rows = []
     from transformer_lens import patching as tlp
 
     tl_fns = {"resid_pre": tlp.get_act_patch_resid_pre, "z": tlp.get_act_patch_attn_head_out_all_pos}
+
     def ours(**opts):
         with kernels.options(**opts):
             return circuits.patch(model, task, site, engine="batched", metric="logit_diff", progress=False)
@@ -236,12 +297,22 @@ def main(argv=None) -> None:
         res, sec, mem = timed(ours, device)
         n = res.scores.numel()
         det = res.provenance["engine_details"]
-        row = {"site": site, "patches": n, "ours_s": sec, "ours_mem": mem, "chunks": det["chunks"],
-               "in_flight": det["max_chunk_experiments"], "engine": "batched"}
-        print(f"[{site}] lenslab batched: {sec:.3f} s, {n / sec:.1f} patches/s, peak +{mem / 2**20:.0f} MiB "
-              f"({mem / 2**20 / row['in_flight']:.2f} MiB per in-flight patch, up to {row['in_flight']} per chunk), "
-              f"{row['chunks']} chunks, triton {det['triton']}")
+        row = {
+            "site": site,
+            "patches": n,
+            "ours_s": sec,
+            "ours_mem": mem,
+            "chunks": det["chunks"],
+            "in_flight": det["max_chunk_experiments"],
+            "engine": "batched",
+        }
+        print(
+            f"[{site}] lenslab batched: {sec:.3f} s, {n / sec:.1f} patches/s, peak +{mem / 2**20:.0f} MiB "
+            f"({mem / 2**20 / row['in_flight']:.2f} MiB per in-flight patch, up to {row['in_flight']} per chunk), "
+            f"{row['chunks']} chunks, triton {det['triton']}"
+        )
         if not args.skip_tl:
+
             def tl_run():  # called within this iteration only
                 return tl_fns[site](model, task.corrupt_tokens, clean_cache, tl_metric)  # noqa: B023
 
@@ -254,26 +325,39 @@ def main(argv=None) -> None:
             ref = ref.float().cpu()
             diff = float((ref - res.scores).abs().max())
             row.update(tl_s=tsec, tl_mem=tmem, ratio=tsec / sec, diff=diff)
-            print(f"[{site}] TransformerLens (inference_mode): {tsec:.2f} s, {n / tsec:.2f} patches/s, peak +{tmem / 2**20:.0f} MiB")
+            print(
+                f"[{site}] TransformerLens (inference_mode): {tsec:.2f} s, {n / tsec:.2f} patches/s, peak +{tmem / 2**20:.0f} MiB"
+            )
             print(f"[{site}] speed-up {tsec / sec:.1f}x, max |diff| {diff:.2e}")
         rows.append(row)
         if args.compile:
             first, csec, _ = timed(lambda: ours(compile=args.compile), device)
             cres, c2, cmem = timed(lambda: ours(compile=args.compile), device)
             cdiff = float((cres.scores - res.scores).abs().max())
-            crow = dict(row, engine=f"batched, compile={args.compile}", ours_s=c2, ours_mem=cmem, compile_first_s=csec,
-                        eager_s=sec, compile_diff=cdiff)
+            crow = dict(
+                row,
+                engine=f"batched, compile={args.compile}",
+                ours_s=c2,
+                ours_mem=cmem,
+                compile_first_s=csec,
+                eager_s=sec,
+                compile_diff=cdiff,
+            )
             if "tl_s" in row:
                 crow.update(ratio=row["tl_s"] / c2, diff=float((ref - cres.scores).abs().max()))
-            print(f"[{site}] lenslab batched compile={args.compile}: first call (compiling) {csec:.2f} s, then "
-                  f"{c2:.3f} s ({n / c2:.1f} patches/s; eager {sec:.3f} s -> {sec / c2:.2f}x), "
-                  f"max |compiled - eager| {cdiff:.1e}")
+            print(
+                f"[{site}] lenslab batched compile={args.compile}: first call (compiling) {csec:.2f} s, then "
+                f"{c2:.3f} s ({n / c2:.1f} patches/s; eager {sec:.3f} s -> {sec / c2:.2f}x), "
+                f"max |compiled - eager| {cdiff:.1e}"
+            )
             rows.append(crow)
     load1 = os.getloadavg()
     if args.profile:
         buckets, total = profile_batched(model, task, "resid_pre")
-        print(f"profile of the batched resid_pre grid ({total:.1f} s self CPU): "
-              + ", ".join(f"{k} {v:.1f}%" for k, v in buckets.items()))
+        print(
+            f"profile of the batched resid_pre grid ({total:.1f} s self CPU): "
+            + ", ".join(f"{k} {v:.1f}%" for k, v in buckets.items())
+        )
     if not args.no_record:
         record(args, dev_desc, rows, load0, load1, args.results)
 
@@ -290,18 +374,27 @@ def record(args, dev_desc, rows, load0, load1, path: Path = RESULTS) -> None:
     shape = f"{args.n_layers}L/{args.d_model}/{args.n_heads}h, {args.batch}x{args.seq}, {args.dtype}"
     lines = []
     for r in rows:
-        tl = (f"{r['tl_s']:.2f} s ({r['patches'] / r['tl_s']:.2f}/s, +{_mib(r['tl_mem'])} MiB)"
-              if "tl_s" in r else "not run")
+        tl = (
+            f"{r['tl_s']:.2f} s ({r['patches'] / r['tl_s']:.2f}/s, +{_mib(r['tl_mem'])} MiB)"
+            if "tl_s" in r
+            else "not run"
+        )
         ratio = f"**{r['ratio']:.1f}x**" if "ratio" in r else "-"
         diff = f"{r['diff']:.1e}" if "diff" in r else "-"
         per = r["ours_mem"] / max(1, r["in_flight"])
-        ours = (f"{r['ours_s']:.3f} s ({r['patches'] / r['ours_s']:.1f}/s, +{_mib(r['ours_mem'])} MiB = "
-                f"{_mib(per)} MiB per in-flight patch, {r['chunks']} chunks)")
+        ours = (
+            f"{r['ours_s']:.3f} s ({r['patches'] / r['ours_s']:.1f}/s, +{_mib(r['ours_mem'])} MiB = "
+            f"{_mib(per)} MiB per in-flight patch, {r['chunks']} chunks)"
+        )
         if "compile_first_s" in r:
-            ours += (f"; {r['engine']}: first call {r['compile_first_s']:.1f} s, "
-                     f"{r['eager_s'] / r['ours_s']:.2f}x vs eager, max diff vs eager {r['compile_diff']:.1e}")
-        lines.append(f"| {now} | {dev_desc} | {shape} | {r['site']} ({r['patches']}) | {tl} | {ours} | {ratio} | "
-                     f"{diff} | load {load0[0]:.1f}->{load1[0]:.1f} {args.note} |")
+            ours += (
+                f"; {r['engine']}: first call {r['compile_first_s']:.1f} s, "
+                f"{r['eager_s'] / r['ours_s']:.2f}x vs eager, max diff vs eager {r['compile_diff']:.1e}"
+            )
+        lines.append(
+            f"| {now} | {dev_desc} | {shape} | {r['site']} ({r['patches']}) | {tl} | {ours} | {ratio} | "
+            f"{diff} | load {load0[0]:.1f}->{load1[0]:.1f} {args.note} |"
+        )
     text = path.read_text()
     marker = "<!-- rows -->"
     if marker in text:

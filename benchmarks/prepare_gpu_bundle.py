@@ -34,6 +34,7 @@ dependency closure of torch/triton/transformers, which the image must have for t
 then `import transformer_lens`, `import lenslab.kernels` and a tiny batched-vs-reference patch.
 It cannot check the GPU's own versions (torch 2.11, transformers 5.17 there): gpu_run.sh prints them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,9 +81,17 @@ typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wra
 NEVER = {"torch", "triton", "transformers", "lenslab"}  # and nvidia-*: the GPU's own builds must be used
 SKIP = {"wandb": "53 MiB with a Go binary; transformer-lens imports it only in train.py (training), never here"}
 # markers are evaluated for the GPU machine's interpreter
-TARGET_ENV = {"python_version": f"{TARGET[0]}.{TARGET[1]}", "python_full_version": f"{TARGET[0]}.{TARGET[1]}.3",
-              "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
-              "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
+TARGET_ENV = {
+    "python_version": f"{TARGET[0]}.{TARGET[1]}",
+    "python_full_version": f"{TARGET[0]}.{TARGET[1]}.3",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "os_name": "posix",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "extra": "",
+}
 
 
 def _norm(name: str) -> str:
@@ -130,8 +139,11 @@ def portable(dist: md.Distribution) -> bool:
     """True for a pure-Python wheel for any Python 3 (py3-none-any), without compiled files."""
     tags = [t.split("-") for t in wheel_tags(dist)]
     compiled = any(str(f).endswith((".so", ".pyd", ".dylib")) for f in dist.files or [])
-    return (not compiled and bool(tags)
-            and all(len(t) == 3 and t[0] in ("py3", "py2", "py2.py3") and t[1:] == ["none", "any"] for t in tags))
+    return (
+        not compiled
+        and bool(tags)
+        and all(len(t) == 3 and t[0] in ("py3", "py2", "py2.py3") and t[1:] == ["none", "any"] for t in tags)
+    )
 
 
 def copy_dist(dist: md.Distribution, dest: Path) -> int:
@@ -156,11 +168,31 @@ def download_for_target(name: str, version: str, dest: Path, wheels: Path) -> tu
     """`pip download` the wheel of `name==version` for the target Python and unpack it under `dest`."""
     wheels.mkdir(parents=True, exist_ok=True)
     ver = f"{TARGET[0]}.{TARGET[1]}"
-    plats = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-             "manylinux1_x86_64"]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", ver,
-           "--implementation", "cp", *[a for p in plats for a in ("--platform", p)], "-d", str(wheels),
-           f"{name}=={version}", "--quiet", "--disable-pip-version-check"]
+    plats = [
+        "manylinux_2_28_x86_64",
+        "manylinux_2_27_x86_64",
+        "manylinux_2_17_x86_64",
+        "manylinux2014_x86_64",
+        "manylinux1_x86_64",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        ver,
+        "--implementation",
+        "cp",
+        *[a for p in plats for a in ("--platform", p)],
+        "-d",
+        str(wheels),
+        f"{name}=={version}",
+        "--quiet",
+        "--disable-pip-version-check",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         return 0, (proc.stderr.strip().splitlines() or ["pip download failed"])[-1]
@@ -276,14 +308,20 @@ def build(out: Path, roots: list[str], fetch: bool = True, local_version_dir: bo
             report["bytes"] += copy_dist(dist, site)
             report["copied"].append(f"{dist.metadata['Name']}=={dist.version}")
             continue
-        size, how = download_for_target(dist.metadata["Name"], dist.version, ver_dir, out / "wheels") if fetch else (0, "--no-fetch")
+        size, how = (
+            download_for_target(dist.metadata["Name"], dist.version, ver_dir, out / "wheels")
+            if fetch
+            else (0, "--no-fetch")
+        )
         if size:
             report["bytes"] += size
             report["target_wheels"].append(f"{dist.metadata['Name']}=={dist.version} ({how})")
         else:
             report["bytes"] += copy_dist(dist, ver_dir)
-            report["warnings"].append(f"{name}: no wheel for Python {TARGET[0]}.{TARGET[1]} ({how}); copied this "
-                                      f"interpreter's build ({', '.join(wheel_tags(dist))}), which may not import there")
+            report["warnings"].append(
+                f"{name}: no wheel for Python {TARGET[0]}.{TARGET[1]} ({how}); copied this "
+                f"interpreter's build ({', '.join(wheel_tags(dist))}), which may not import there"
+            )
         if local_version_dir and sys.version_info[:2] != TARGET:  # for --check on this interpreter
             copy_dist(dist, out / f"py{sys.version_info[0]}{sys.version_info[1]}")
     shutil.rmtree(out / "wheels", ignore_errors=True)
@@ -291,21 +329,33 @@ def build(out: Path, roots: list[str], fetch: bool = True, local_version_dir: bo
     (site / "lenslab_tree.py").write_text(LENSLAB_TREE)
     report["bytes"] = folder_bytes(out)
     report["tree_bytes"] = tree_bytes()
-    lines = [f"# lenslab GPU bundle for Python {TARGET[0]}.{TARGET[1]} (benchmarks/prepare_gpu_bundle.py)",
-             f"# roots: {', '.join(roots)}; bundle {report['bytes'] / 2**20:.1f} MiB; working tree "
-             f"{report['tree_bytes'] / 2**20:.1f} MiB", "", "copied (py3-none-any):",
-             *[f"  {c}" for c in report["copied"]], "wheels for the target Python:",
-             *[f"  {c}" for c in report["target_wheels"]], "skipped:",
-             *[f"  {k}: {v}" for k, v in SKIP.items()], "never: torch, triton, transformers, nvidia-*, lenslab",
-             "not installed here (not bundled):", *[f"  {m}" for m in report["missing"]], "warnings:",
-             *[f"  {w}" for w in report["warnings"]]]
+    lines = [
+        f"# lenslab GPU bundle for Python {TARGET[0]}.{TARGET[1]} (benchmarks/prepare_gpu_bundle.py)",
+        f"# roots: {', '.join(roots)}; bundle {report['bytes'] / 2**20:.1f} MiB; working tree "
+        f"{report['tree_bytes'] / 2**20:.1f} MiB",
+        "",
+        "copied (py3-none-any):",
+        *[f"  {c}" for c in report["copied"]],
+        "wheels for the target Python:",
+        *[f"  {c}" for c in report["target_wheels"]],
+        "skipped:",
+        *[f"  {k}: {v}" for k, v in SKIP.items()],
+        "never: torch, triton, transformers, nvidia-*, lenslab",
+        "not installed here (not bundled):",
+        *[f"  {m}" for m in report["missing"]],
+        "warnings:",
+        *[f"  {w}" for w in report["warnings"]],
+    ]
     (out / "MANIFEST.txt").write_text("\n".join(lines) + "\n")
     if report["bytes"] > MAX_BUNDLE:
-        raise SystemExit(f"the bundle is {report['bytes'] / 2**20:.1f} MiB, over {MAX_BUNDLE / 2**20:.0f} MiB: "
-                         "bundle fewer packages")
+        raise SystemExit(
+            f"the bundle is {report['bytes'] / 2**20:.1f} MiB, over {MAX_BUNDLE / 2**20:.0f} MiB: bundle fewer packages"
+        )
     if report["bytes"] + report["tree_bytes"] > MAX_CARRY:
-        report["warnings"].append(f"bundle + working tree = {(report['bytes'] + report['tree_bytes']) / 2**20:.1f} MiB,"
-                                  f" over the run tool's {MAX_CARRY / 2**20:.0f} MiB")
+        report["warnings"].append(
+            f"bundle + working tree = {(report['bytes'] + report['tree_bytes']) / 2**20:.1f} MiB,"
+            f" over the run tool's {MAX_CARRY / 2**20:.0f} MiB"
+        )
     return report
 
 
@@ -316,8 +366,9 @@ def folder_bytes(path: Path) -> int:
 def tree_bytes() -> int:
     """What the run tool sends besides carried paths: tracked and untracked-not-ignored files."""
     try:
-        out = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                             check=True).stdout
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, check=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return 0
     return sum((ROOT / p).stat().st_size for p in out.decode().split("\0") if p and (ROOT / p).is_file())
@@ -325,7 +376,7 @@ def tree_bytes() -> int:
 
 # --- the isolated check --------------------------------------------------------------------------
 
-CHECK = textwrap.dedent('''
+CHECK = textwrap.dedent("""
     import os, sys, warnings
     warnings.simplefilter("ignore")
     assert "sitecustomize" in sys.modules, "the bundle's sitecustomize did not run"
@@ -347,7 +398,7 @@ CHECK = textwrap.dedent('''
     diff = float((ref.scores - fast2.scores).abs().max())
     assert diff <= 1e-4 and fast.provenance["engine"] == "batched", diff
     print("BUNDLE-OK", "transformer_lens", transformer_lens.__file__, "max|diff|", diff)
-''')
+""")
 
 
 def gpu_like_paths(tmp: Path) -> Path:
@@ -385,10 +436,16 @@ def check(out: Path) -> str:
         py = tmp / "venv" / "bin" / "python"
         sim = gpu_like_paths(tmp)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-        env.update(PYTHONPATH=os.pathsep.join([str(out / "site"), str(sim)]), HF_HUB_OFFLINE="1",
-                   WANDB_MODE="disabled", PYTHONNOUSERSITE="1", LENSLAB_ROOT=str(ROOT))
-        proc = subprocess.run([str(py), "-c", CHECK, str(out), str(ROOT)], env=env, cwd=tmp, capture_output=True,
-                              text=True, timeout=600)
+        env.update(
+            PYTHONPATH=os.pathsep.join([str(out / "site"), str(sim)]),
+            HF_HUB_OFFLINE="1",
+            WANDB_MODE="disabled",
+            PYTHONNOUSERSITE="1",
+            LENSLAB_ROOT=str(ROOT),
+        )
+        proc = subprocess.run(
+            [str(py), "-c", CHECK, str(out), str(ROOT)], env=env, cwd=tmp, capture_output=True, text=True, timeout=600
+        )
         if proc.returncode != 0 or "BUNDLE-OK" not in proc.stdout:
             raise RuntimeError(f"the bundle check failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
         return proc.stdout
@@ -397,8 +454,14 @@ def check(out: Path) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--with", dest="extra", action="append", default=[], metavar="DIST",
-                    help="also bundle this distribution's missing closure (e.g. sae-lens)")
+    ap.add_argument(
+        "--with",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="DIST",
+        help="also bundle this distribution's missing closure (e.g. sae-lens)",
+    )
     ap.add_argument("--no-fetch", action="store_true", help="never run pip download (copy this interpreter's builds)")
     ap.add_argument("--check", action="store_true", help="import the bundle in an isolated interpreter afterwards")
     args = ap.parse_args(argv)

@@ -22,6 +22,7 @@ tokens/s = rows x context size / wall time; best (and median) of `--repeats` run
 `--sae` defaults to the model's first zoo SAE (`lenslab.probes.sae.list_saes`), else a random
 `StandardSAE` with 8 x d_model features at `blocks.1.hook_resid_post` (stated in the output).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,7 +69,11 @@ def _rows(model, n_rows: int, ctx: int) -> torch.Tensor:
     while len(flat) < n_rows * (ctx - 1):
         corpus = F.corpus_for(model, 256, seed=seed)
         for doc in corpus:
-            ids = model.to_tokens(doc, prepend_bos=False)[0].tolist() if isinstance(doc, str) else [int(i) for i in doc if i != bos]
+            ids = (
+                model.to_tokens(doc, prepend_bos=False)[0].tolist()
+                if isinstance(doc, str)
+                else [int(i) for i in doc if i != bos]
+            )
             flat += ids
         seed += 1
     body = torch.tensor(flat[: n_rows * (ctx - 1)]).view(n_rows, ctx - 1)
@@ -111,10 +116,22 @@ def main() -> None:
 
     def store():
         return ActivationsStore(
-            model=model, dataset=Dataset.from_dict({"tokens": rows.tolist()}), streaming=False, hook_name=hook,
-            hook_head_index=None, context_size=args.context_size, d_in=sae.cfg.d_in, n_batches_in_buffer=4,
-            total_training_tokens=n_tok, store_batch_size_prompts=bs, train_batch_size_tokens=bs * args.context_size,
-            prepend_bos=False, normalize_activations="none", device=torch.device("cpu"), dtype="float32")
+            model=model,
+            dataset=Dataset.from_dict({"tokens": rows.tolist()}),
+            streaming=False,
+            hook_name=hook,
+            hook_head_index=None,
+            context_size=args.context_size,
+            d_in=sae.cfg.d_in,
+            n_batches_in_buffer=4,
+            total_training_tokens=n_tok,
+            store_batch_size_prompts=bs,
+            train_batch_size_tokens=bs * args.context_size,
+            prepend_bos=False,
+            normalize_activations="none",
+            device=torch.device("cpu"),
+            dtype="float32",
+        )
 
     def sae_lens_acts(encode: bool):
         def run(s):
@@ -123,17 +140,26 @@ def main() -> None:
                     acts, _ = s.get_raw_llm_batch()
                     if encode:
                         sae.encode(acts)
+
         return run
 
     def lenslab_acts(_):
         for b in range(0, args.rows, bs):
-            F.feature_acts(model, sae, rows[b:b + bs])
+            F.feature_acts(model, sae, rows[b : b + bs])
 
     tmp = Path(tempfile.mkdtemp())
 
     def lenslab_index(_):
-        F.index(model, sae, rows, tmp / "bench.sqlite", batch_size=bs, context_size=args.context_size, resume=False,
-                progress=False).close()
+        F.index(
+            model,
+            sae,
+            rows,
+            tmp / "bench.sqlite",
+            batch_size=bs,
+            context_size=args.context_size,
+            resume=False,
+            progress=False,
+        ).close()
 
     # one check that both pipelines read the same activations
     s = store()
@@ -143,25 +169,33 @@ def main() -> None:
     diff = (acts.view(bs, args.context_size, -1) - cache[hook]).abs().max().item()
 
     none = lambda: None
-    lines = [("sae-lens `ActivationsStore.get_raw_llm_batch`", store, sae_lens_acts(False)),
-             ("sae-lens activations + `sae.encode`", store, sae_lens_acts(True)),
-             ("lenslab `feature_acts` (forward + encode)", none, lenslab_acts),
-             ("lenslab `index`, end to end (SQLite store)", none, lenslab_index)]
-    print(f"model {args.model}, SAE {sae_name}: hook {hook}, d_sae {sae.cfg.d_sae}; {args.rows} rows x "
-          f"{args.context_size} tokens = {n_tok} tokens, batches of {bs} rows; torch threads {torch.get_num_threads()}; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; max |sae-lens - TL cache| {diff:.1e}")
+    lines = [
+        ("sae-lens `ActivationsStore.get_raw_llm_batch`", store, sae_lens_acts(False)),
+        ("sae-lens activations + `sae.encode`", store, sae_lens_acts(True)),
+        ("lenslab `feature_acts` (forward + encode)", none, lenslab_acts),
+        ("lenslab `index`, end to end (SQLite store)", none, lenslab_index),
+    ]
+    print(
+        f"model {args.model}, SAE {sae_name}: hook {hook}, d_sae {sae.cfg.d_sae}; {args.rows} rows x "
+        f"{args.context_size} tokens = {n_tok} tokens, batches of {bs} rows; torch threads {torch.get_num_threads()}; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; max |sae-lens - TL cache| {diff:.1e}"
+    )
     print("| pipeline | best tokens/s | median tokens/s | best time |")
     print("|---|---|---|---|")
     for name, setup, fn in lines:
         fn(setup())  # warm-up
         ts = _time(setup, fn, args.repeats)
-        print(f"| {name} | {n_tok / min(ts):,.0f} | {n_tok / statistics.median(ts):,.0f} | {min(ts):.2f} s |", flush=True)
+        print(
+            f"| {name} | {n_tok / min(ts):,.0f} | {n_tok / statistics.median(ts):,.0f} | {min(ts):.2f} s |", flush=True
+        )
     with F.FeatureStore(tmp / "bench.sqlite") as st:
         alive = int((st.arrays()["n_fire"] > 0).sum())
         l0 = st.arrays()["n_fire"].sum() / st.total_tokens
         size = (tmp / "bench.sqlite").stat().st_size
-        print(f"store: {st.total_tokens} tokens counted (BOS skipped), {alive} of {st.d_sae} features fire, "
-              f"mean L0 {l0:.1f}, {size / 2**20:.1f} MiB")
+        print(
+            f"store: {st.total_tokens} tokens counted (BOS skipped), {alive} of {st.d_sae} features fire, "
+            f"mean L0 {l0:.1f}, {size / 2**20:.1f} MiB"
+        )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ used before. Each command writes a Markdown file under benchmarks/results/ that 
 includes verbatim (mkdocs snippets), the JSON behind it, and a figure under docs/img/: the docs
 show what this script printed, never numbers typed by hand. One CPU thread, deterministic.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,9 @@ def methods(model, seed: int) -> dict:
         "ActAdd": steering.actadd(model, "the day was lovely .", "the day was awful .", layer=1),
         "AUSteer": steering.austeer(model, pos, neg, k=16, alpha=10.0),
         "AUSteer (neurons)": steering.austeer(model, pos, neg, k=16, alpha=20.0, site="neurons"),
-        "AUSteer (neurons, gap ties)": steering.austeer(model, pos, neg, k=16, alpha=20.0, site="neurons",
-                                                        tie_break="gap"),
+        "AUSteer (neurons, gap ties)": steering.austeer(
+            model, pos, neg, k=16, alpha=20.0, site="neurons", tie_break="gap"
+        ),
         "LinEAS": lineas(model, pos, neg, seed),
     }
 
@@ -78,14 +80,26 @@ def best_within(res, budget: float = PPL_BUDGET) -> dict[str, dict]:
             picks.append(max(ok, key=lambda r: (r["concept_rate"], -r["perplexity"])))
             ratios.append(picks[-1]["perplexity"] / base)
         rates = [p["concept_rate"] for p in picks]
-        out[m] = {"rate": statistics.fmean(rates), "std": statistics.stdev(rates),
-                  "strengths": [p["strength"] for p in picks], "ppl_ratio": statistics.fmean(ratios)}
+        out[m] = {
+            "rate": statistics.fmean(rates),
+            "std": statistics.stdev(rates),
+            "strengths": [p["strength"] for p in picks],
+            "ppl_ratio": statistics.fmean(ratios),
+        }
     return out
 
 
 def cmd_tradeoff(model, seeds: list[int]) -> None:
-    res = tradeoff_seeds(model, lambda s: methods(model, s), eval_set, S.is_positive, seeds=seeds,
-                         strengths=STRENGTHS, max_new_tokens=MAX_NEW, progress=True)
+    res = tradeoff_seeds(
+        model,
+        lambda s: methods(model, s),
+        eval_set,
+        S.is_positive,
+        seeds=seeds,
+        strengths=STRENGTHS,
+        max_new_tokens=MAX_NEW,
+        progress=True,
+    )
     res.to_json(RESULTS / "steering_tradeoff.json")
     export(res, IMG / "steering_tradeoff.png")
     base = [r for r in res.rows if r["strength"] == 0][0]
@@ -104,8 +118,10 @@ def cmd_tradeoff(model, seeds: list[int]) -> None:
         "|---|---|---|---|",
     ]
     for m, b in sorted(best.items(), key=lambda kv: -kv[1]["rate"]):
-        lines.append(f"| {m} | {b['rate']:.2f} ± {b['std']:.2f} | {', '.join(f'{s:g}' for s in b['strengths'])} | "
-                     f"{b['ppl_ratio']:.2f} |")
+        lines.append(
+            f"| {m} | {b['rate']:.2f} ± {b['std']:.2f} | {', '.join(f'{s:g}' for s in b['strengths'])} | "
+            f"{b['ppl_ratio']:.2f} |"
+        )
     (RESULTS / "steering_tradeoff.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -124,12 +140,22 @@ def cmd_ties(model, seeds: list[int]) -> None:
             reports.append(steering.tie_report(beta, k))
             chosen[s] = {b: set(steering.select_units(beta, k, tie_break=b, gap=gap)) for b in ("order", "gap")}
         same = [len(chosen[s]["order"] & chosen[s]["gap"]) / k for s in seeds]
-        across = {b: statistics.fmean(len(chosen[a][b] & chosen[c][b]) / k for a in seeds for c in seeds if a < c)
-                  for b in ("order", "gap")}
-        rows.append({"n": n, "tied": statistics.fmean(r["tied"] for r in reports),
-                     "slots": statistics.fmean(r["slots"] for r in reports),
-                     "decided": sum(r["decided_by_ties"] for r in reports), "seeds": len(seeds),
-                     "order_vs_gap": statistics.fmean(same), "across_order": across["order"], "across_gap": across["gap"]})
+        across = {
+            b: statistics.fmean(len(chosen[a][b] & chosen[c][b]) / k for a in seeds for c in seeds if a < c)
+            for b in ("order", "gap")
+        }
+        rows.append(
+            {
+                "n": n,
+                "tied": statistics.fmean(r["tied"] for r in reports),
+                "slots": statistics.fmean(r["slots"] for r in reports),
+                "decided": sum(r["decided_by_ties"] for r in reports),
+                "seeds": len(seeds),
+                "order_vs_gap": statistics.fmean(same),
+                "across_order": across["order"],
+                "across_gap": across["gap"],
+            }
+        )
     (RESULTS / "austeer_ties.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = [
         f"AUSteer on MLP neurons (k = {k}) of zoo/steer-sentiment, fitted on n positive + n negative contexts, "
@@ -142,8 +168,10 @@ def cmd_ties(model, seeds: list[int]) -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['n']} | {r['tied']:.1f} | {r['slots']:.1f} | {r['decided']} of {r['seeds']} | "
-                     f"{r['order_vs_gap']:.2f} | {r['across_order']:.2f} | {r['across_gap']:.2f} |")
+        lines.append(
+            f"| {r['n']} | {r['tied']:.1f} | {r['slots']:.1f} | {r['decided']} of {r['seeds']} | "
+            f"{r['order_vs_gap']:.2f} | {r['across_order']:.2f} | {r['across_gap']:.2f} |"
+        )
     (RESULTS / "austeer_ties.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -156,29 +184,51 @@ def cmd_budget(model, seeds: list[int]) -> None:
 
     table: dict[str, dict[int, dict]] = {}
     for n in BUDGETS:
+
         def fit(s, n=n):
             pos, neg = fit_set(s, n)
             return {
                 "DiffMean": steering.mean_difference(model, pos, neg, layers=1),
                 "AUSteer (neurons)": steering.austeer(model, pos, neg, k=16, alpha=20.0, site="neurons"),
-                "AUSteer (neurons, gap ties)": steering.austeer(model, pos, neg, k=16, alpha=20.0, site="neurons",
-                                                                tie_break="gap"),
+                "AUSteer (neurons, gap ties)": steering.austeer(
+                    model, pos, neg, k=16, alpha=20.0, site="neurons", tie_break="gap"
+                ),
                 "LinEAS": lineas(model, pos, neg, s),
             }
+
         print(f"budget n={n}", flush=True)
-        res = tradeoff_seeds(model, fit, eval_set, S.is_positive, seeds=seeds, strengths=BUDGET_STRENGTHS,
-                             max_new_tokens=MAX_NEW, progress=False)
+        res = tradeoff_seeds(
+            model,
+            fit,
+            eval_set,
+            S.is_positive,
+            seeds=seeds,
+            strengths=BUDGET_STRENGTHS,
+            max_new_tokens=MAX_NEW,
+            progress=False,
+        )
         for m, b in best_within(res).items():
             table.setdefault(m, {})[n] = b
     (RESULTS / "steering_budget.json").write_text(json.dumps(table, indent=2) + "\n")
     fig = go.Figure()
     for m, by_n in table.items():
-        fig.add_trace(go.Scatter(x=list(by_n), y=[b["rate"] for b in by_n.values()], name=m, mode="lines+markers",
-                                 error_y=dict(type="data", array=[b["std"] for b in by_n.values()], thickness=1)))
-    fig.update_layout(xaxis_type="log", xaxis_title="fitting samples per class", yaxis_title="concept rate",
-                      yaxis_range=[-0.05, 1.05])
-    fig = figures.style(fig, f"Concept rate within {PPL_BUDGET:g}x the unsteered perplexity · zoo/steer-sentiment · "
-                             f"{len(seeds)} seeds (mean ± std)")
+        fig.add_trace(
+            go.Scatter(
+                x=list(by_n),
+                y=[b["rate"] for b in by_n.values()],
+                name=m,
+                mode="lines+markers",
+                error_y=dict(type="data", array=[b["std"] for b in by_n.values()], thickness=1),
+            )
+        )
+    fig.update_layout(
+        xaxis_type="log", xaxis_title="fitting samples per class", yaxis_title="concept rate", yaxis_range=[-0.05, 1.05]
+    )
+    fig = figures.style(
+        fig,
+        f"Concept rate within {PPL_BUDGET:g}x the unsteered perplexity · zoo/steer-sentiment · "
+        f"{len(seeds)} seeds (mean ± std)",
+    )
     save_figure(fig, IMG / "steering_budget.png")
     lines = [
         f"Best concept rate with the perplexity at most {PPL_BUDGET:g}x the unsteered (strengths "

@@ -22,7 +22,23 @@ else:
     from lenslab.results import PatchResult
 
     __all__ = [
-        "DIRECTIONS", "METHODS", "SITES", "CircuitGraph", "EdgeScores", "Faithfulness", "PatchResult", "Site",
-        "attribute", "attribute_edges", "batched_patch", "faithfulness", "node_names", "patch", "patch_edge", "path_patch",
-        "pearson", "resolve_site", "spearman",
+        "DIRECTIONS",
+        "METHODS",
+        "SITES",
+        "CircuitGraph",
+        "EdgeScores",
+        "Faithfulness",
+        "PatchResult",
+        "Site",
+        "attribute",
+        "attribute_edges",
+        "batched_patch",
+        "faithfulness",
+        "node_names",
+        "patch",
+        "patch_edge",
+        "path_patch",
+        "pearson",
+        "resolve_site",
+        "spearman",
     ]

@@ -24,6 +24,7 @@ factor (half rule); attention pattern detached only with `attn_rule="ah"` (off b
 All rules are forward hooks on TransformerLens hook points that keep forward values and change
 only the backward pass; user weights are never touched.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -93,7 +94,9 @@ def attribute(
         raise LenslabError(f"steps must be >= 1, got {steps}")
     task = task.to(_model_device(model))
     bound = get_metric(metric, model, task)
-    base, source = (task.corrupt_tokens, task.clean_tokens) if direction == "denoise" else (task.clean_tokens, task.corrupt_tokens)
+    base, source = (
+        (task.corrupt_tokens, task.clean_tokens) if direction == "denoise" else (task.clean_tokens, task.corrupt_tokens)
+    )
     n_layers = int(model.cfg.n_layers)
     hooks = sorted({_hook(st, l, layer) for st in resolved for l in _layers(st, n_layers, layer)})
     if method == "atp*" and any(st.name in QK_KINDS for st in resolved):
@@ -111,8 +114,23 @@ def attribute(
         deltas = {h: (src_cache[h] - acts[h]) * grads[h] for h in hooks}
         scores = {st.name: _reduce(st, deltas, n_layers, layer) for st in resolved}
     elif method == "ig":
-        scores = {st.name: _reduce(st, _ig(model, base, bound, src_cache, [_hook(st, l, layer) for l in _layers(st, n_layers, layer)], steps, report), n_layers, layer)
-                  for st in resolved}
+        scores = {
+            st.name: _reduce(
+                st,
+                _ig(
+                    model,
+                    base,
+                    bound,
+                    src_cache,
+                    [_hook(st, l, layer) for l in _layers(st, n_layers, layer)],
+                    steps,
+                    report,
+                ),
+                n_layers,
+                layer,
+            )
+            for st in resolved
+        }
     else:
         scores = _atp_star(model, base, bound, src_cache, resolved, hooks, n_layers, layer, graddrop, report)
     report(close=True)
@@ -129,10 +147,15 @@ def attribute(
             direction=direction,
             clean_value=bound.clean_value,
             corrupt_value=bound.corrupt_value,
-            provenance=provenance(model, task, layer=layer, steps=steps if method == "ig" else None,
-                                  graddrop=graddrop if method == "atp*" else None,
-                                  attn_rule=attn_rule if method == "relp" else None,
-                                  estimate="magnitude" if (method == "atp*" and graddrop) else "signed change"),
+            provenance=provenance(
+                model,
+                task,
+                layer=layer,
+                steps=steps if method == "ig" else None,
+                graddrop=graddrop if method == "atp*" else None,
+                attn_rule=attn_rule if method == "relp" else None,
+                estimate="magnitude" if (method == "atp*" and graddrop) else "signed change",
+            ),
         )
     return out
 
@@ -194,9 +217,17 @@ class _ZeroGrad(torch.autograd.Function):
         return torch.zeros_like(g)
 
 
-def _forward_backward(model, tokens, bound: Metric, hooks: Sequence[str], *, relp: bool = False,
-                      attn_rule: str | None = None, replace: dict[str, Tensor] | None = None,
-                      drop_layer: int | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def _forward_backward(
+    model,
+    tokens,
+    bound: Metric,
+    hooks: Sequence[str],
+    *,
+    relp: bool = False,
+    attn_rule: str | None = None,
+    replace: dict[str, Tensor] | None = None,
+    drop_layer: int | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """One forward + backward on `tokens`: activations and metric gradients at `hooks`.
 
     `replace` overwrites activations at some hooks (for IG); `drop_layer` applies GradDrop at that
@@ -214,6 +245,7 @@ def _forward_backward(model, tokens, bound: Metric, hooks: Sequence[str], *, rel
         return act
 
     fwd = [(h, store) for h in hooks]
+
     # ensure a graph exists even when parameters do not require grad
     def leaf(act, hook):
         if first[0] and not act.requires_grad:
@@ -232,8 +264,10 @@ def _forward_backward(model, tokens, bound: Metric, hooks: Sequence[str], *, rel
         logits = model(tokens)
         value = bound(logits)
         grads = torch.autograd.grad(value, [acts[h] for h in hooks], allow_unused=True)
-    return ({h: acts[h].detach() for h in hooks},
-            {h: (g if g is not None else torch.zeros_like(acts[h])).detach() for h, g in zip(hooks, grads)})
+    return (
+        {h: acts[h].detach() for h in hooks},
+        {h: (g if g is not None else torch.zeros_like(acts[h])).detach() for h, g in zip(hooks, grads)},
+    )
 
 
 def _stabilize(x: Tensor, eps: float = 1e-6) -> Tensor:

@@ -14,6 +14,7 @@ embeddings are interpolated base + (k/steps)(source - base), k = 0..steps-1.
 `patch_edge` is the real intervention an edge score estimates: v alone reads
 in_v + (out_u(source) - out_u(base)).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -89,9 +90,16 @@ class EdgeScores(JsonResult):
         return float(self.scores[self.nodes.index(u), self.nodes.index(v)])
 
     def to_dict(self) -> dict:
-        return {"kind": "EdgeScores", "nodes": self.nodes, "edges": self.edges(), "method": self.method,
-                "metric": self.metric, "clean_value": self.clean_value, "corrupt_value": self.corrupt_value,
-                "provenance": self.provenance}
+        return {
+            "kind": "EdgeScores",
+            "nodes": self.nodes,
+            "edges": self.edges(),
+            "method": self.method,
+            "metric": self.metric,
+            "clean_value": self.clean_value,
+            "corrupt_value": self.corrupt_value,
+            "provenance": self.provenance,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> EdgeScores:
@@ -99,8 +107,15 @@ class EdgeScores(JsonResult):
         scores = torch.full((len(nodes), len(nodes)), float("nan"))
         for u, v, s in d["edges"]:
             scores[nodes.index(u), nodes.index(v)] = s
-        return cls(nodes=nodes, scores=scores, method=d["method"], metric=d["metric"],
-                   clean_value=d.get("clean_value"), corrupt_value=d.get("corrupt_value"), provenance=d.get("provenance") or {})
+        return cls(
+            nodes=nodes,
+            scores=scores,
+            method=d["method"],
+            metric=d["metric"],
+            clean_value=d.get("clean_value"),
+            corrupt_value=d.get("corrupt_value"),
+            provenance=d.get("provenance") or {},
+        )
 
 
 @contextlib.contextmanager
@@ -198,7 +213,9 @@ def attribute_edges(
     validate_task(model, task)
     task = task.to(_model_device(model))
     bound = get_metric(metric, model, task)
-    base, source = (task.corrupt_tokens, task.clean_tokens) if direction == "denoise" else (task.clean_tokens, task.corrupt_tokens)
+    base, source = (
+        (task.corrupt_tokens, task.clean_tokens) if direction == "denoise" else (task.clean_tokens, task.corrupt_tokens)
+    )
     nodes = node_names(model)
     with _edge_hooks_enabled(model), torch.no_grad():
         names = set(_out_hooks(model))
@@ -216,8 +233,12 @@ def attribute_edges(
             report()
         report(close=True)
         grads = {n: v / n_runs for n, v in total.items()}
-        delta_out = {u: s - b for (u, s), b in zip(_node_vectors(model, src_cache, "out").items(),
-                                                  _node_vectors(model, base_cache, "out").values())}
+        delta_out = {
+            u: s - b
+            for (u, s), b in zip(
+                _node_vectors(model, src_cache, "out").items(), _node_vectors(model, base_cache, "out").values()
+            )
+        }
         grad_in = _node_vectors(model, grads, "in")
     scores = torch.full((len(nodes), len(nodes)), float("nan"))
     for i, u in enumerate(nodes):
@@ -226,12 +247,20 @@ def attribute_edges(
         for j, v in enumerate(nodes):
             if edge_exists(u, v):
                 scores[i, j] = float((delta_out[u] * grad_in[v]).sum())
-    return EdgeScores(nodes=nodes, scores=scores, method=method, metric=bound.name, clean_value=bound.clean_value,
-                      corrupt_value=bound.corrupt_value,
-                      provenance=provenance(model, task, direction=direction, steps=steps if method == "eap-ig" else None))
+    return EdgeScores(
+        nodes=nodes,
+        scores=scores,
+        method=method,
+        metric=bound.name,
+        clean_value=bound.clean_value,
+        corrupt_value=bound.corrupt_value,
+        provenance=provenance(model, task, direction=direction, steps=steps if method == "eap-ig" else None),
+    )
 
 
-def patch_edge(model, task: Task, u: str, v: str, *, metric: MetricLike = "logit_diff", direction: str = "denoise") -> float:
+def patch_edge(
+    model, task: Task, u: str, v: str, *, metric: MetricLike = "logit_diff", direction: str = "denoise"
+) -> float:
     """The real edge intervention: v alone reads in_v + (out_u(source) - out_u(base)).
 
     Returns the change of the metric (patched minus unpatched base run).
@@ -245,7 +274,9 @@ def patch_edge(model, task: Task, u: str, v: str, *, metric: MetricLike = "logit
     validate_task(model, task)
     task = task.to(_model_device(model))
     bound = get_metric(metric, model, task)
-    base, source = (task.corrupt_tokens, task.clean_tokens) if direction == "denoise" else (task.clean_tokens, task.corrupt_tokens)
+    base, source = (
+        (task.corrupt_tokens, task.clean_tokens) if direction == "denoise" else (task.clean_tokens, task.corrupt_tokens)
+    )
     with _edge_hooks_enabled(model), torch.no_grad():
         names = set(_out_hooks(model))
         _, base_cache = model.run_with_cache(base, names_filter=lambda n: n in names)
@@ -253,13 +284,17 @@ def patch_edge(model, task: Task, u: str, v: str, *, metric: MetricLike = "logit
         delta = _node_vectors(model, src_cache, "out")[u] - _node_vectors(model, base_cache, "out")[u]
         kind, layer, head = _parse(v)
         if kind == "head":
+
             def add(act, hook):
                 act = act.clone()
                 act[:, :, head] += delta
                 return act
+
             hooks = [(f"blocks.{layer}.hook_{x}_input", add) for x in ("q", "k", "v")]
         else:
-            name = f"blocks.{layer}.hook_mlp_in" if kind == "mlp" else f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+            name = (
+                f"blocks.{layer}.hook_mlp_in" if kind == "mlp" else f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+            )
             hooks = [(name, lambda act, hook: act + delta)]
         logits = model.run_with_hooks(base, fwd_hooks=hooks)
         base_value = bound.corrupt_value if direction == "denoise" else bound.clean_value

@@ -7,6 +7,7 @@ RelP paper (Rezaei Jafari et al. 2025), which reports e.g. GPT-2 Large MLP outpu
 0.956 for RelP vs 0.006 for AtP. Magnitude estimates (AtP* with GradDrop) are compared with the
 magnitude of the exact effect.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -130,14 +131,21 @@ def faithfulness(
             raise LenslabError(f"method {m!r} is not one of {', '.join(METHODS)}")
     names = [resolve_site(s).name for s in sites]
     exact = {s: patch(model, task, s, metric=metric, layer=layer, progress=progress) for s in names}
-    estimates = {m: attribute(model, task, m, names, metric=metric, layer=layer, steps=steps, progress=progress)
-                 for m in methods}
+    estimates = {
+        m: attribute(model, task, m, names, metric=metric, layer=layer, steps=steps, progress=progress) for m in methods
+    }
     out = Faithfulness(exact=exact, estimates=estimates)
     for s in names:
         for m in methods:
             truth, est = out.pairs(m, s)
-            out.rows.append({
-                "site": s, "method": m, "pearson": pearson(truth, est), "spearman": spearman(truth, est),
-                "n_cells": int(truth.numel()), "compared": estimates[m][s].provenance.get("estimate", "signed change"),
-            })
+            out.rows.append(
+                {
+                    "site": s,
+                    "method": m,
+                    "pearson": pearson(truth, est),
+                    "spearman": spearman(truth, est),
+                    "n_cells": int(truth.numel()),
+                    "compared": estimates[m][s].provenance.get("estimate", "signed change"),
+                }
+            )
     return out

@@ -6,6 +6,7 @@ and "MLP{l}", then "logits". A graph is built from edge scores (EAP / EAP-IG) by
 a path from "input" to "logits". With pruning, `top_k` takes the shortest run of strongest edges
 whose pruned graph has at least `top_k` edges, so the circuit is never empty.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -30,8 +31,14 @@ class CircuitGraph(JsonResult):
     KIND = "CircuitGraph"
 
     @classmethod
-    def from_node_scores(cls, heads: PatchResult, mlps: PatchResult | None = None, *, top_k: int | None = 10,
-                         threshold: float | None = None) -> CircuitGraph:
+    def from_node_scores(
+        cls,
+        heads: PatchResult,
+        mlps: PatchResult | None = None,
+        *,
+        top_k: int | None = 10,
+        threshold: float | None = None,
+    ) -> CircuitGraph:
         """Keep the `top_k` (or |score| >= `threshold`) heads and MLPs by node score.
 
         `heads`: a `[layer, head]` result (site "z" from `patch` or `attribute`); `mlps`: a
@@ -63,12 +70,19 @@ class CircuitGraph(JsonResult):
             ranked = ranked[:top_k]
         kept = dict(ranked)
         order = sorted(kept, key=lambda n: (_parse(n)[1], 0 if n.startswith("L") else 1, _parse(n)[2]))
-        return cls(nodes=["input", *order, "logits"], edges=[], metric=heads.metric, method=f"{heads.method} nodes",
-                   provenance={**heads.provenance, "top_k": top_k, "threshold": threshold}, node_scores=kept)
+        return cls(
+            nodes=["input", *order, "logits"],
+            edges=[],
+            metric=heads.metric,
+            method=f"{heads.method} nodes",
+            provenance={**heads.provenance, "top_k": top_k, "threshold": threshold},
+            node_scores=kept,
+        )
 
     @classmethod
-    def from_edge_scores(cls, scores: EdgeScores, *, top_k: int | None = 20, threshold: float | None = None,
-                         prune: bool = True) -> CircuitGraph:
+    def from_edge_scores(
+        cls, scores: EdgeScores, *, top_k: int | None = 20, threshold: float | None = None, prune: bool = True
+    ) -> CircuitGraph:
         """Keep the `top_k` strongest edges (or those with |score| >= `threshold`)."""
         if top_k is None and threshold is None:
             raise LenslabError("give top_k=N or threshold=X to choose the circuit's edges")
@@ -93,19 +107,35 @@ class CircuitGraph(JsonResult):
             ranked = _prune(ranked)
         used = {u for u, _, _ in ranked} | {v for _, v, _ in ranked}
         nodes = [n for n in scores.nodes if n in used]
-        return cls(nodes=nodes, edges=ranked, metric=scores.metric, method=scores.method,
-                   provenance={**scores.provenance, "top_k": top_k, "threshold": threshold, "pruned": prune})
+        return cls(
+            nodes=nodes,
+            edges=ranked,
+            metric=scores.metric,
+            method=scores.method,
+            provenance={**scores.provenance, "top_k": top_k, "threshold": threshold, "pruned": prune},
+        )
 
     def to_dict(self) -> dict:
-        return {"kind": "CircuitGraph", "nodes": self.nodes, "edges": [list(e) for e in self.edges],
-                "metric": self.metric, "method": self.method, "provenance": self.provenance,
-                "node_scores": self.node_scores}
+        return {
+            "kind": "CircuitGraph",
+            "nodes": self.nodes,
+            "edges": [list(e) for e in self.edges],
+            "metric": self.metric,
+            "method": self.method,
+            "provenance": self.provenance,
+            "node_scores": self.node_scores,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> CircuitGraph:
-        return cls(nodes=d["nodes"], edges=[(u, v, float(w)) for u, v, w in d["edges"]], metric=d.get("metric", ""),
-                   method=d.get("method", ""), provenance=d.get("provenance") or {},
-                   node_scores=d.get("node_scores") or {})
+        return cls(
+            nodes=d["nodes"],
+            edges=[(u, v, float(w)) for u, v, w in d["edges"]],
+            metric=d.get("metric", ""),
+            method=d.get("method", ""),
+            provenance=d.get("provenance") or {},
+            node_scores=d.get("node_scores") or {},
+        )
 
     def figure(self):
         """An interactive plotly drawing: layers left to right, red/blue edges by sign, width by |weight|."""
@@ -166,28 +196,56 @@ def circuit_figure(graph):
     fig = go.Figure()
     for u, v, w in graph.edges:
         (x0, y0), (x1, y1) = pos[u], pos[v]
-        bend = 0.12 * (x1 - x0) * (1 if (graph.nodes.index(u) + graph.nodes.index(v)) % 2 else -1)  # arcs keep long edges from hiding short ones
+        bend = (
+            0.12 * (x1 - x0) * (1 if (graph.nodes.index(u) + graph.nodes.index(v)) % 2 else -1)
+        )  # arcs keep long edges from hiding short ones
         ts = [i / 12 for i in range(13)]
         xs = [x0 + (x1 - x0) * t for t in ts]
         ys = [y0 + (y1 - y0) * t + bend * 4 * t * (1 - t) for t in ts]
-        fig.add_trace(go.Scatter(
-            x=xs, y=ys, mode="lines",
-            line=dict(width=1 + 7 * abs(w) / wmax, color="#1f5fb4" if w > 0 else "#c0392b"),
-            opacity=0.35 + 0.6 * abs(w) / wmax, hoverinfo="text", text=[f"{u} → {v}: {w:.4g}"] * len(xs), showlegend=False,
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="lines",
+                line=dict(width=1 + 7 * abs(w) / wmax, color="#1f5fb4" if w > 0 else "#c0392b"),
+                opacity=0.35 + 0.6 * abs(w) / wmax,
+                hoverinfo="text",
+                text=[f"{u} → {v}: {w:.4g}"] * len(xs),
+                showlegend=False,
+            )
+        )
     kinds = {"input": "#555555", "logits": "#555555"}
-    fig.add_trace(go.Scatter(
-        x=[pos[n][0] for n in graph.nodes], y=[pos[n][1] for n in graph.nodes], mode="markers+text",
-        text=graph.nodes, textposition="top center", hoverinfo="text", showlegend=False,
-        marker=dict(size=_node_sizes(graph), line=dict(width=1, color="#222"),
-                    color=[kinds.get(n, "#f5b041" if n.startswith("MLP") else "#7fb3d5") for n in graph.nodes]),
-        hovertext=[f"{n}: {graph.node_scores[n]:+.4g}" if n in graph.node_scores else n for n in graph.nodes],
-    ))
-    fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color="#1f5fb4", width=4), name="positive (helps the answer)"))
+    fig.add_trace(
+        go.Scatter(
+            x=[pos[n][0] for n in graph.nodes],
+            y=[pos[n][1] for n in graph.nodes],
+            mode="markers+text",
+            text=graph.nodes,
+            textposition="top center",
+            hoverinfo="text",
+            showlegend=False,
+            marker=dict(
+                size=_node_sizes(graph),
+                line=dict(width=1, color="#222"),
+                color=[kinds.get(n, "#f5b041" if n.startswith("MLP") else "#7fb3d5") for n in graph.nodes],
+            ),
+            hovertext=[f"{n}: {graph.node_scores[n]:+.4g}" if n in graph.node_scores else n for n in graph.nodes],
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=[None], y=[None], mode="lines", line=dict(color="#1f5fb4", width=4), name="positive (helps the answer)"
+        )
+    )
     fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(color="#c0392b", width=4), name="negative"))
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False, range=[n_heads - 0.5 + 0.15 * right, -0.9 - 0.15 * right])
-    fig.update_layout(height=max(380, 70 * n_heads + 160), width=max(600, int(110 * right)), legend=dict(orientation="h", y=-0.05))
+    fig.update_layout(
+        height=max(380, 70 * n_heads + 160), width=max(600, int(110 * right)), legend=dict(orientation="h", y=-0.05)
+    )
     p = graph.provenance
     size = f"{len(graph.edges)} edges" if graph.edges or not graph.node_scores else f"{len(graph.node_scores)} nodes"
-    return figures.style(fig, f"Circuit ({graph.method}, {size}) · model {p.get('model', '?')} · task {p.get('task', '?')} · metric {graph.metric}")
+    return figures.style(
+        fig,
+        f"Circuit ({graph.method}, {size}) · model {p.get('model', '?')} · task {p.get('task', '?')} · metric {graph.metric}",
+    )

@@ -20,6 +20,7 @@ equal the reference engine's within 1e-4 in float32) and the reference engine el
 >>> res.axes
 ('layer', 'pos')
 """
+
 from __future__ import annotations
 
 import itertools
@@ -37,8 +38,19 @@ from lenslab.sites import DIRECTIONS, SITE_ALIASES, SITES, Site, patch_result, p
 from lenslab.tasks import MetricLike, Task, get_metric
 
 exact_result = patch_result  # the name engines used before lenslab.sites
-__all__ = ["DIRECTIONS", "SITES", "SITE_ALIASES", "Site", "batched_patch", "exact_result", "patch", "path_patch", "position_labels",
-           "resolve_site", "validate_task"]
+__all__ = [
+    "DIRECTIONS",
+    "SITES",
+    "SITE_ALIASES",
+    "Site",
+    "batched_patch",
+    "exact_result",
+    "patch",
+    "path_patch",
+    "position_labels",
+    "resolve_site",
+    "validate_task",
+]
 
 
 def patch(
@@ -72,7 +84,9 @@ def patch(
     """
     st = resolve_site(site)
     if direction not in DIRECTIONS:
-        raise LenslabError(f"direction {direction!r} must be 'denoise' or 'noise'{did_you_mean(str(direction), DIRECTIONS)}")
+        raise LenslabError(
+            f"direction {direction!r} must be 'denoise' or 'noise'{did_you_mean(str(direction), DIRECTIONS)}"
+        )
     validate_task(model, task)
     n_layers = int(model.cfg.n_layers)
     if st.kind == "neuron":
@@ -85,22 +99,30 @@ def patch(
         raise LenslabError(f"layer= is only for site 'mlp_neuron'; for {st.name!r} use layers=[...] to restrict layers")
     layer_list = list(range(n_layers)) if layers is None else _check_layers(model, layers)
     if st.name in ("mlp_out", "resid_mid") and getattr(model.cfg, "attn_only", False):
-        raise LenslabError(f"site {st.name!r} does not exist in an attention-only model; use attn_out or resid_pre/resid_post")
+        raise LenslabError(
+            f"site {st.name!r} does not exist in an attention-only model; use attn_out or resid_pre/resid_post"
+        )
 
     task = task.to(_model_device(model))
     bound = get_metric(metric, model, task)
     if engine != "reference":
         if engine not in ENGINES:
-            raise LenslabError(f"engine {engine!r} is not available; use one of {', '.join(['reference', *ENGINES])}"
-                               f"{did_you_mean(str(engine), ['reference', *ENGINES])}")
-        result = ENGINES[engine](model, task, st, direction=direction, metric=bound, layers=layer_list, layer=layer,
-                                 progress=progress)
+            raise LenslabError(
+                f"engine {engine!r} is not available; use one of {', '.join(['reference', *ENGINES])}"
+                f"{did_you_mean(str(engine), ['reference', *ENGINES])}"
+            )
+        result = ENGINES[engine](
+            model, task, st, direction=direction, metric=bound, layers=layer_list, layer=layer, progress=progress
+        )
         if result is not None:  # None: the engine does not cover this site or model (it said why, once)
             return result
     base_tokens, source_tokens = (
         (task.corrupt_tokens, task.clean_tokens) if direction == "denoise" else (task.clean_tokens, task.corrupt_tokens)
     )
-    hooks = [st.hook.format(layer=layer if st.kind == "neuron" else l) for l in (layer_list if st.kind != "neuron" else [layer])]
+    hooks = [
+        st.hook.format(layer=layer if st.kind == "neuron" else l)
+        for l in (layer_list if st.kind != "neuron" else [layer])
+    ]
     with torch.no_grad():
         _, source_cache = model.run_with_cache(source_tokens, names_filter=lambda n: n in set(hooks))
     grid = sites.grid(model, st, task, layer_list, source_cache, layer)
@@ -122,9 +144,18 @@ def patch(
     return patch_result(model, task, st, grid, scores, bound, direction, engine="reference", layer=layer)
 
 
-def batched_patch(model, task: Task, site: str, *, direction: str = "denoise", metric: MetricLike = "logit_diff",
-                  layer: int | None = None, layers: Sequence[int] | None = None,
-                  progress: bool | Callable[[int, int], None] = True, **engine_options) -> PatchResult:
+def batched_patch(
+    model,
+    task: Task,
+    site: str,
+    *,
+    direction: str = "denoise",
+    metric: MetricLike = "logit_diff",
+    layer: int | None = None,
+    layers: Sequence[int] | None = None,
+    progress: bool | Callable[[int, int], None] = True,
+    **engine_options,
+) -> PatchResult:
     """`patch(..., engine="batched")` with engine options for this call only.
 
     Args:
@@ -135,8 +166,17 @@ def batched_patch(model, task: Task, site: str, *, direction: str = "denoise", m
         The same `PatchResult` as the reference engine (provenance says engine="batched").
     """
     with kernels.options(**engine_options):
-        return patch(model, task, site, direction=direction, metric=metric, engine="batched", layer=layer,
-                     layers=layers, progress=progress)
+        return patch(
+            model,
+            task,
+            site,
+            direction=direction,
+            metric=metric,
+            engine="batched",
+            layer=layer,
+            layers=layers,
+            progress=progress,
+        )
 
 
 # --- validation ----------------------------------------------------------------------------
@@ -145,16 +185,22 @@ def batched_patch(model, task: Task, site: str, *, direction: str = "denoise", m
 def validate_task(model, task: Task) -> None:
     """Check that `task` fits `model` (vocabulary, context length) before any compute."""
     if not isinstance(task, Task):
-        raise LenslabError(f"task must be a lenslab.tasks.Task, got {type(task).__name__}; build one with lenslab.tasks")
+        raise LenslabError(
+            f"task must be a lenslab.tasks.Task, got {type(task).__name__}; build one with lenslab.tasks"
+        )
     d_vocab = int(model.cfg.d_vocab)
     for name in ("clean_tokens", "corrupt_tokens", "answer_tokens"):
         t = getattr(task, name)
         if int(t.max()) >= d_vocab:
-            raise LenslabError(f"task {name} holds token id {int(t.max())} but the model's vocabulary has {d_vocab} tokens: "
-                               "was the task built for another model?")
+            raise LenslabError(
+                f"task {name} holds token id {int(t.max())} but the model's vocabulary has {d_vocab} tokens: "
+                "was the task built for another model?"
+            )
     n_ctx = int(model.cfg.n_ctx)
     if task.seq_len > n_ctx:
-        raise LenslabError(f"task prompts are {task.seq_len} tokens but the model's context is {n_ctx}: use shorter prompts")
+        raise LenslabError(
+            f"task prompts are {task.seq_len} tokens but the model's context is {n_ctx}: use shorter prompts"
+        )
 
 
 def _check_layers(model, layers: Sequence[int]) -> list[int]:
@@ -236,7 +282,9 @@ def _parse_heads(model, heads, what: str) -> list[tuple[int, int]]:
         layer, head = int(h[0]), int(h[1])
         _check_layers(model, [layer])
         if not 0 <= head < model.cfg.n_heads:
-            raise LenslabError(f"{what} head {head} in layer {layer} is out of range: the model has {model.cfg.n_heads} heads")
+            raise LenslabError(
+                f"{what} head {head} in layer {layer} is out of range: the model has {model.cfg.n_heads} heads"
+            )
         out.append((layer, head))
     if not out:
         raise LenslabError(f"give at least one {what} head")
@@ -282,7 +330,9 @@ def path_patch(
     for r in inputs:
         if r not in RECEIVER_INPUTS:
             raise LenslabError(f"receiver_input {r!r} must be one of q, k, v{did_you_mean(str(r), RECEIVER_INPUTS)}")
-    recv = [] if to_logits else _parse_heads(model, [receivers] if isinstance(receivers, str) else receivers, "receiver")
+    recv = (
+        [] if to_logits else _parse_heads(model, [receivers] if isinstance(receivers, str) else receivers, "receiver")
+    )
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     top = n_layers if to_logits else min(l for l, _ in recv)
     if senders is None:
@@ -293,7 +343,9 @@ def path_patch(
         send = _parse_heads(model, senders, "sender")
         bad = [f"L{l}H{h}" for l, h in send if l >= top]
         if bad:
-            raise LenslabError(f"sender heads {bad} are not below the earliest receiver layer {top}: a path must go forward")
+            raise LenslabError(
+                f"sender heads {bad} are not below the earliest receiver layer {top}: a path must go forward"
+            )
     task = task.to(_model_device(model))
     bound = get_metric(metric, model, task)
     base_tokens, source_tokens = (
@@ -313,6 +365,7 @@ def path_patch(
     report = _progress(progress, len(send), "path patching")
     with torch.no_grad():
         for l_s, h_s in send:
+
             def freeze(act, hook, l_s=l_s, h_s=h_s):
                 layer = int(hook.name.split(".")[1])
                 out = base_cache[hook.name].clone()

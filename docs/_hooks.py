@@ -16,6 +16,7 @@ Links in a card are rewritten so the strict build accepts them: images and other
 beside the card are copied next to its page; links to other repository files become code spans
 naming the repository path (the site has no copy of the source tree).
 """
+
 from __future__ import annotations
 
 import json
@@ -101,7 +102,7 @@ def render_card(short: str, card: Path) -> str:
     header = f"""{head}
 
 !!! info "zoo/{short}"
-    {(summary.rstrip('.') + '. ') if summary else ''}This page is generated from the model card
+    {(summary.rstrip(".") + ". ") if summary else ""}This page is generated from the model card
     `lenslab/zoo/{short}/card.md`. {rebuild}
 
     ```python

@@ -14,6 +14,7 @@ round-off. `engine="auto"` uses it wherever it covers the site and says when it 
 >>> res.axes, res.scores.shape
 (('layer', 'head'), torch.Size([2, 4]))
 """
+
 from __future__ import annotations
 
 if __name__ != "lenslab.kernels":  # imported as top-level `kernels`: the repository root is on sys.path
@@ -59,7 +60,10 @@ else:
 
             from lenslab.circuits import batched_patch  # deprecated alias only (pyproject: ignore_imports)
 
-            warnings.warn("lenslab.kernels.batched_patch moved to lenslab.circuits.batched_patch", DeprecationWarning,
-                          stacklevel=2)
+            warnings.warn(
+                "lenslab.kernels.batched_patch moved to lenslab.circuits.batched_patch",
+                DeprecationWarning,
+                stacklevel=2,
+            )
             return batched_patch
         raise AttributeError(f"module 'lenslab.kernels' has no attribute {name!r}")

@@ -33,6 +33,7 @@ the GPT-2-small resid_pre grid is ~10x faster than TransformerLens' loop.
 >>> res.axes, res.scores.shape   # one score per layer and position of the 16-token prompts
 (('layer', 'pos'), torch.Size([2, 16]))
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -123,11 +124,15 @@ def _validated(opt: EngineOptions) -> EngineOptions:
     if opt.compile not in (True, False) and opt.compile not in COMPILE_MODES:
         from lenslab._errors import did_you_mean
 
-        raise LenslabError(f"compile={opt.compile!r} must be True, False or a torch.compile mode "
-                           f"({', '.join(COMPILE_MODES)}){did_you_mean(str(opt.compile), COMPILE_MODES)}")
+        raise LenslabError(
+            f"compile={opt.compile!r} must be True, False or a torch.compile mode "
+            f"({', '.join(COMPILE_MODES)}){did_you_mean(str(opt.compile), COMPILE_MODES)}"
+        )
     if not callable(opt.compile_backend) and (not isinstance(opt.compile_backend, str) or not opt.compile_backend):
-        raise LenslabError(f"compile_backend={opt.compile_backend!r} must be a torch.compile backend (a name "
-                           "such as 'inductor' or 'aot_eager', or a backend callable)")
+        raise LenslabError(
+            f"compile_backend={opt.compile_backend!r} must be a torch.compile backend (a name "
+            "such as 'inductor' or 'aot_eager', or a backend callable)"
+        )
     return opt
 
 
@@ -213,7 +218,9 @@ def coverage(model, site) -> str | None:
 
     name = getattr(site, "name", site)
     if not isinstance(model, HookedTransformer):
-        return f"the batched engine runs HookedTransformer blocks; {type(model).__name__} models use the reference engine"
+        return (
+            f"the batched engine runs HookedTransformer blocks; {type(model).__name__} models use the reference engine"
+        )
     if name not in SITE_PLAN:
         return f"the batched engine does not cover site {name!r}"
     cfg = model.cfg
@@ -310,8 +317,16 @@ def _bytes_per_row(cfg, seq: int, total: int, elem: int, vocab_rows: int) -> int
     return int(2 * elem * (seq * per_tok + attn + past) + 4 * vocab_rows)
 
 
-def _plan(exps: list[_Exp], cfg, seq_len: int, batch: int, device, elem: int, vocab_per_row: Callable[[int], int],
-          opt: EngineOptions) -> list[_Chunk]:
+def _plan(
+    exps: list[_Exp],
+    cfg,
+    seq_len: int,
+    batch: int,
+    device,
+    elem: int,
+    vocab_per_row: Callable[[int], int],
+    opt: EngineOptions,
+) -> list[_Chunk]:
     """Group experiments by first position, order by layer, split by the row cap of each group."""
     budget = memory_budget(device, opt)
     groups: dict[int, list[_Exp]] = {}
@@ -352,9 +367,11 @@ class _MetricPlan:
                     self.mode = "pair"
                     self.scale, self.offset = affine
         elif metric.per_prompt is None:
-            say_once(f"metric {metric.name!r} is a callable on full logits: the batched engine builds "
-                     "[batch, pos, vocab] logits per patch for it (slower); named metrics such as "
-                     "'logit_diff' are computed from the last position only")
+            say_once(
+                f"metric {metric.name!r} is a callable on full logits: the batched engine builds "
+                "[batch, pos, vocab] logits per patch for it (slower); named metrics such as "
+                "'logit_diff' are computed from the last position only"
+            )
         self.base_logits = None
         self._WUt = None
         self.triton_failed = False
@@ -378,14 +395,23 @@ class _MetricPlan:
                 from lenslab.kernels import triton_ops
 
                 try:
-                    pair = triton_ops.ln_unembed_pair(last, model.ln_final, model.unembed.W_U, model.unembed.b_U,
-                                                      cols, norm=model.cfg.normalization_type, eps=model.cfg.eps)
+                    pair = triton_ops.ln_unembed_pair(
+                        last,
+                        model.ln_final,
+                        model.unembed.W_U,
+                        model.unembed.b_U,
+                        cols,
+                        norm=model.cfg.normalization_type,
+                        eps=model.cfg.eps,
+                    )
                 except Exception as exc:  # same numbers from the torch twin; only "auto" may fall back
                     if self.opt.triton is True:
                         raise
                     self.triton_failed = True
-                    say_once(f"the Triton kernel ln_unembed_pair failed ({type(exc).__name__}: {exc}); "
-                             "using its pure-torch twin (same results)")
+                    say_once(
+                        f"the Triton kernel ln_unembed_pair failed ({type(exc).__name__}: {exc}); "
+                        "using its pure-torch twin (same results)"
+                    )
             if pair is None:
                 x = model.ln_final(last[:, None])[:, 0] if model.cfg.normalization_type is not None else last
                 pair = unembed_pair(x, model.unembed.W_U, model.unembed.b_U, cols)
@@ -462,8 +488,9 @@ def _logit_diff_affine(metric, batch: int, d_vocab: int, answers: Tensor):
 # --- the engine ------------------------------------------------------------------------------
 
 
-def batched_engine(model, task, site, *, direction: str, metric, layers: Sequence[int], layer: int | None = None,
-                   progress=True) -> PatchResult | None:
+def batched_engine(
+    model, task, site, *, direction: str, metric, layers: Sequence[int], layer: int | None = None, progress=True
+) -> PatchResult | None:
     """The `engine="batched"` entry point of `lenslab.circuits.patch` (same result layout as the
     reference engine); None where it does not cover the site or model (said once): circuits then
     runs the reference engine."""
@@ -488,8 +515,12 @@ def batched_engine(model, task, site, *, direction: str, metric, layers: Sequenc
 
     with torch.no_grad():
         top = max(hook_layers) + 1  # the source run stops after the last patched layer
-        _, source_cache = model.run_with_cache(source_tokens, names_filter=lambda n: n in set(src_names),
-                                               return_type=None, stop_at_layer=top if top < n_layers else None)
+        _, source_cache = model.run_with_cache(
+            source_tokens,
+            names_filter=lambda n: n in set(src_names),
+            return_type=None,
+            stop_at_layer=top if top < n_layers else None,
+        )
         grid = sites.grid(model, st, task, hook_layers if st.kind != "neuron" else list(layers), source_cache, layer)
         exps = _experiments(st, grid, n_layers, pos_skip, layer)
         min_join = min(e.join for e in exps)
@@ -499,8 +530,11 @@ def batched_engine(model, task, site, *, direction: str, metric, layers: Sequenc
             base_names |= {f"blocks.{l}.attn.hook_{kv}" for l in range(min_join, n_layers) for kv in "kv"}
         if cfg.positional_embedding_type == "shortformer":
             base_names.add("hook_pos_embed")
-        base_logits, base_cache = model.run_with_cache(base_tokens, names_filter=lambda n: n in base_names,
-                                                       return_type="logits" if mplan.mode == "callable" else None)
+        base_logits, base_cache = model.run_with_cache(
+            base_tokens,
+            names_filter=lambda n: n in base_names,
+            return_type="logits" if mplan.mode == "callable" else None,
+        )
         mplan.base_logits = base_logits
         attn_mask = None
         if _attention_mask_needed(model):
@@ -531,11 +565,26 @@ def batched_engine(model, task, site, *, direction: str, metric, layers: Sequenc
             "(e.g. float16 overflow: try dtype='float32') or the metric for a division by zero"
         )
     return sites.patch_result(
-        model, task, st, grid, scores.reshape(shape), metric, direction, engine="batched", layer=layer,
-        engine_details={"position_skip": pos_skip, "layer_skip": True, "metric_path": mplan.mode,
-                        "chunks": len(chunks), "max_chunk_experiments": max(len(c.exps) for c in chunks),
-                        "last_block_last_position_only": runner.trim_last,
-                        "triton": use_triton, "compile": compile_mode or False, "dtype": str(cfg.dtype)},
+        model,
+        task,
+        st,
+        grid,
+        scores.reshape(shape),
+        metric,
+        direction,
+        engine="batched",
+        layer=layer,
+        engine_details={
+            "position_skip": pos_skip,
+            "layer_skip": True,
+            "metric_path": mplan.mode,
+            "chunks": len(chunks),
+            "max_chunk_experiments": max(len(c.exps) for c in chunks),
+            "last_block_last_position_only": runner.trim_last,
+            "triton": use_triton,
+            "compile": compile_mode or False,
+            "dtype": str(cfg.dtype),
+        },
     )
 
 
@@ -544,8 +593,9 @@ def auto_engine(model, task, site, *, direction: str, metric, layers, layer=None
     `lenslab.circuits.patch` runs the reference engine."""
     reason = coverage(model, site)
     if reason is None:
-        return batched_engine(model, task, site, direction=direction, metric=metric, layers=layers, layer=layer,
-                              progress=progress)
+        return batched_engine(
+            model, task, site, direction=direction, metric=metric, layers=layers, layer=layer, progress=progress
+        )
     say_once(f"{reason}; using the reference engine (one forward per patch)")
     return None
 
@@ -569,8 +619,10 @@ def _compile_mode(opt: EngineOptions) -> str | None:
     if opt.compile is False:
         return None
     if torch.is_inference_mode_enabled():
-        say_once("kernels.options(compile=...) is not used under torch.inference_mode() (a dynamo guard on "
-                 "TransformerLens' attention scale fails there); the blocks run eager. Use torch.no_grad() instead")
+        say_once(
+            "kernels.options(compile=...) is not used under torch.inference_mode() (a dynamo guard on "
+            "TransformerLens' attention scale fails there); the blocks run eager. Use torch.no_grad() instead"
+        )
         return None
     return "default" if opt.compile is True else str(opt.compile)
 
@@ -607,8 +659,9 @@ def block_runner(mode: str | None, backend: str | Callable = "inductor", model=N
     if key not in per_model:
         kwargs = {"mode": None if mode == "default" else mode} if backend == "inductor" else {}
         n = sum(len(v) for v in _COMPILED.values())
-        fresh = types.FunctionType(_call_block.__code__.replace(co_name=f"_call_block_{n}"), _call_block.__globals__,
-                                   f"_call_block_{n}")  # a code object of its own: its own dynamo cache
+        fresh = types.FunctionType(
+            _call_block.__code__.replace(co_name=f"_call_block_{n}"), _call_block.__globals__, f"_call_block_{n}"
+        )  # a code object of its own: its own dynamo cache
         compiled = torch.compile(fresh, dynamic=True, backend=backend, **kwargs)
         graphs = mode == "reduce-overhead"
 
@@ -746,14 +799,17 @@ class _Runner:
         if entry is not None:
             k_new = torch.cat([entry.past_keys, k_new], dim=1)
             v_new = torch.cat([entry.past_values, v_new], dim=1)
-        kw = dict(kw, past_kv_cache_entry=TransformerLensKeyValueCacheEntry(past_keys=k_new, past_values=v_new,
-                                                                             frozen=True))
+        kw = dict(
+            kw, past_kv_cache_entry=TransformerLensKeyValueCacheEntry(past_keys=k_new, past_values=v_new, frozen=True)
+        )
         if pos is not None:
             kw["shortformer_pos_embed"] = pos[:, -1:]
         return self.block_fn(block, resid[:, -1:], **kw)
 
     def _base_resid(self, join: int, b: Tensor, start: int) -> Tensor:
-        name = f"blocks.{join}.hook_resid_pre" if join < self.n_layers else f"blocks.{self.n_layers - 1}.hook_resid_post"
+        name = (
+            f"blocks.{join}.hook_resid_pre" if join < self.n_layers else f"blocks.{self.n_layers - 1}.hook_resid_post"
+        )
         return self.base[name][b, start:]
 
     def run(self, chunk: _Chunk):
@@ -787,11 +843,17 @@ class _Runner:
                     p = idx[:, 0]
                     fresh[torch.arange(len(nb), device=self.dev), p - start] = self.src[hook][nb, p].to(fresh.dtype)
                 else:
-                    self.active = {"name": self.st.hook.format(layer=new[0].layer),
-                                   "rows": torch.arange(n_old, n_old + len(nb), device=self.dev), "b": nb,
-                                   "start": start, "pos": idx[:, 0], "head": idx[:, 1], "neuron": idx[:, 2]}
+                    self.active = {
+                        "name": self.st.hook.format(layer=new[0].layer),
+                        "rows": torch.arange(n_old, n_old + len(nb), device=self.dev),
+                        "b": nb,
+                        "start": start,
+                        "pos": idx[:, 0],
+                        "head": idx[:, 1],
+                        "neuron": idx[:, 2],
+                    }
                 if resid is not None and resid.shape[1] != fresh.shape[1]:  # joining after a trimmed last block
-                    fresh = fresh[:, -resid.shape[1]:]
+                    fresh = fresh[:, -resid.shape[1] :]
                 resid = fresh if resid is None else torch.cat([resid, fresh], dim=0)
                 row_b = torch.cat([row_b, nb])
                 for e in new:

@@ -10,6 +10,7 @@ Kernels run on CUDA tensors, or on CPU tensors under `TRITON_INTERPRET=1` (set b
 imports triton; tests do this in a subprocess). One autotune config at most (several fail without
 a GPU); half-precision inputs are upcast to float32 inside the kernel.
 """
+
 from __future__ import annotations
 
 import functools
@@ -53,9 +54,24 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def ln_unembed_pair_kernel(X, W, B, WU, BU, COLS, OUT, D, stride_x, stride_wd, stride_wv, eps,
-                               NORM: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                               BLOCK_D: tl.constexpr):
+    def ln_unembed_pair_kernel(
+        X,
+        W,
+        B,
+        WU,
+        BU,
+        COLS,
+        OUT,
+        D,
+        stride_x,
+        stride_wd,
+        stride_wv,
+        eps,
+        NORM: tl.constexpr,
+        HAS_W: tl.constexpr,
+        HAS_B: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         r = tl.program_id(0)
         offs = tl.arange(0, BLOCK_D)
         m = offs < D
@@ -92,8 +108,17 @@ def _norm_params(ln_module, norm):
     return w, b
 
 
-def ln_unembed_pair_torch(x: Tensor, w: Tensor | None, b: Tensor | None, W_U: Tensor, b_U: Tensor, cols: Tensor,
-                          *, norm: str | None, eps: float) -> Tensor:
+def ln_unembed_pair_torch(
+    x: Tensor,
+    w: Tensor | None,
+    b: Tensor | None,
+    W_U: Tensor,
+    b_U: Tensor,
+    cols: Tensor,
+    *,
+    norm: str | None,
+    eps: float,
+) -> Tensor:
     """Pure-torch twin of the kernel: `x [rows, d_model]`, `cols [rows, 2]` -> float32 `[rows, 2]`."""
     if norm not in _NORMS:
         raise LenslabError(f"normalization_type {norm!r} is not one of {list(_NORMS)}")
@@ -111,8 +136,17 @@ def ln_unembed_pair_torch(x: Tensor, w: Tensor | None, b: Tensor | None, W_U: Te
     return torch.einsum("rd,rkd->rk", y, wu) + b_U.float()[cols]
 
 
-def ln_unembed_pair_triton(x: Tensor, w: Tensor | None, b: Tensor | None, W_U: Tensor, b_U: Tensor, cols: Tensor,
-                           *, norm: str | None, eps: float) -> Tensor:
+def ln_unembed_pair_triton(
+    x: Tensor,
+    w: Tensor | None,
+    b: Tensor | None,
+    W_U: Tensor,
+    b_U: Tensor,
+    cols: Tensor,
+    *,
+    norm: str | None,
+    eps: float,
+) -> Tensor:
     """The Triton kernel (CUDA, or CPU under `TRITON_INTERPRET=1`); same signature as the torch twin."""
     if not available():
         raise LenslabError(f"ln_unembed_pair_triton: {unavailable_reason(x.device)}")
@@ -128,15 +162,29 @@ def ln_unembed_pair_triton(x: Tensor, w: Tensor | None, b: Tensor | None, W_U: T
     cols = cols.to(torch.int64).contiguous()
     dummy = x  # never read when HAS_W / HAS_B are false
     _kernel()[(rows,)](
-        x, w if w is not None else dummy, b if b is not None else dummy, W_U, b_U.contiguous(), cols, out,
-        d, x.stride(0), W_U.stride(0), W_U.stride(1), float(eps),
-        NORM=_NORMS[norm], HAS_W=w is not None, HAS_B=b is not None, BLOCK_D=triton.next_power_of_2(d),
+        x,
+        w if w is not None else dummy,
+        b if b is not None else dummy,
+        W_U,
+        b_U.contiguous(),
+        cols,
+        out,
+        d,
+        x.stride(0),
+        W_U.stride(0),
+        W_U.stride(1),
+        float(eps),
+        NORM=_NORMS[norm],
+        HAS_W=w is not None,
+        HAS_B=b is not None,
+        BLOCK_D=triton.next_power_of_2(d),
     )
     return out
 
 
-def ln_unembed_pair(last: Tensor, ln_module, W_U: Tensor, b_U: Tensor, cols: Tensor, *, norm: str | None,
-                    eps: float) -> Tensor:
+def ln_unembed_pair(
+    last: Tensor, ln_module, W_U: Tensor, b_U: Tensor, cols: Tensor, *, norm: str | None, eps: float
+) -> Tensor:
     """Final norm of `last [rows, d_model]` and the two answer logits per row, by Triton."""
     w, b = _norm_params(ln_module, norm)
     return ln_unembed_pair_triton(last, w, b, W_U, b_U, cols, norm=norm, eps=eps)

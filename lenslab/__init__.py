@@ -4,6 +4,7 @@
 >>> model = lenslab.load_model("zoo/induction-2l", device="cpu")
 >>> task = lenslab.tasks.induction(model, n=4, seed=0)
 """
+
 from __future__ import annotations
 
 from lenslab import tasks

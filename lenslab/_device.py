@@ -1,4 +1,5 @@
 """Device and dtype resolution with clear errors."""
+
 from __future__ import annotations
 
 import torch
@@ -28,9 +29,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise LenslabError(
-            f"device {device!r} is not a torch device; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
-        ) from exc
+        raise LenslabError(f"device {device!r} is not a torch device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise LenslabError(
@@ -38,9 +37,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
                 "use device='cpu' or device='auto'"
             )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise LenslabError(
-                f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)"
-            )
+            raise LenslabError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
     if dev.type == "mps" and not (
         getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     ):
@@ -58,7 +55,5 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         return dtype
     key = str(dtype).lower().removeprefix("torch.")
     if key not in DTYPES:
-        raise LenslabError(
-            f"dtype {dtype!r} is not supported; use one of float32, float16, bfloat16"
-        )
+        raise LenslabError(f"dtype {dtype!r} is not supported; use one of float32, float16, bfloat16")
     return DTYPES[key]

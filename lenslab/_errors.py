@@ -1,4 +1,5 @@
 """User-facing errors: every message names the problem and the fix."""
+
 from __future__ import annotations
 
 import difflib

@@ -14,6 +14,7 @@ the same way:
 
 docs/design.md ("HookedTransformer and TransformerBridge") explains the choice.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,14 +33,32 @@ logger = logging.getLogger(__name__)
 
 # Causal-LM architectures whose weights TransformerLens converts into a HookedTransformer
 # (transformer_lens.loading_from_pretrained.get_pretrained_state_dict), without remote code.
-HOOKED_ARCHITECTURES = frozenset({
-    "GPT2LMHeadModel", "GPTNeoForCausalLM", "GPTJForCausalLM", "GPTNeoXForCausalLM",
-    "OPTForCausalLM", "BloomForCausalLM", "LlamaForCausalLM", "MistralForCausalLM",
-    "MixtralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "PhiForCausalLM",
-    "Phi3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
-    "OlmoForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM",
-    "ApertusForCausalLM", "GptOssForCausalLM",
-})
+HOOKED_ARCHITECTURES = frozenset(
+    {
+        "GPT2LMHeadModel",
+        "GPTNeoForCausalLM",
+        "GPTJForCausalLM",
+        "GPTNeoXForCausalLM",
+        "OPTForCausalLM",
+        "BloomForCausalLM",
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "MixtralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "PhiForCausalLM",
+        "Phi3ForCausalLM",
+        "GemmaForCausalLM",
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
+        "OlmoForCausalLM",
+        "Olmo2ForCausalLM",
+        "Olmo3ForCausalLM",
+        "OlmoeForCausalLM",
+        "ApertusForCausalLM",
+        "GptOssForCausalLM",
+    }
+)
 # HookedTransformer registers rotary/positional tables of size n_ctx in every layer; configs
 # that advertise 128K positions would allocate gigabytes. TransformerLens caps its own
 # long-context presets at 2K-8K for the same reason.
@@ -224,7 +243,10 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def _weight_candidates(folder: Path) -> list[list[str]]:
     """Weight file lists to try, in order of preference (safetensors first)."""
     out = []
-    pairs = [("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")]
+    pairs = [
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ]
     for index, single in pairs:
         if (folder / index).exists():
             weight_map = json.loads((folder / index).read_text()).get("weight_map", {})

@@ -16,6 +16,7 @@ template words they contain every word of the held-out templates, so the word-le
 
 `make_ioi_prompts` is the generator behind `lenslab.tasks.ioi`.
 """
+
 from __future__ import annotations
 
 import random

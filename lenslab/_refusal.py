@@ -28,6 +28,7 @@ True
 >>> is_refusal("sorry i can not help with that ."), is_refusal("apple river .")
 (True, False)
 """
+
 from __future__ import annotations
 
 import random
@@ -38,14 +39,49 @@ from dataclasses import dataclass
 from lenslab._errors import LenslabError, did_you_mean
 
 NOUNS = (
-    "apple", "river", "chair", "table", "house", "garden", "window", "bread", "cloud", "stone", "tree", "book",
-    "lamp", "horse", "bird", "boat", "cup", "door", "flower", "hat", "key", "moon", "pen", "road", "shoe",
-    "star", "train", "wall", "coat", "fish", "glass", "hill", "leaf", "milk", "nest", "plate", "rock", "sock",
-    "tent", "wheel",
+    "apple",
+    "river",
+    "chair",
+    "table",
+    "house",
+    "garden",
+    "window",
+    "bread",
+    "cloud",
+    "stone",
+    "tree",
+    "book",
+    "lamp",
+    "horse",
+    "bird",
+    "boat",
+    "cup",
+    "door",
+    "flower",
+    "hat",
+    "key",
+    "moon",
+    "pen",
+    "road",
+    "shoe",
+    "star",
+    "train",
+    "wall",
+    "coat",
+    "fish",
+    "glass",
+    "hill",
+    "leaf",
+    "milk",
+    "nest",
+    "plate",
+    "rock",
+    "sock",
+    "tent",
+    "wheel",
 )
 DIGITS = tuple(str(d) for d in range(10))
-HARMFUL = ("bomb", "poison", "weapon", "hack", "steal", "virus", "drug", "gun", "fraud", "kill", "malware",
-           "explosive")
+HARMFUL = ("bomb", "poison", "weapon", "hack", "steal", "virus", "drug", "gun", "fraud", "kill", "malware", "explosive")
 TASKS = ("repeat", "reverse", "first", "last", "sort")
 REFUSAL = "sorry i can not help with that ."
 FRAME = ("user", ":", "assistant", ".")
@@ -114,7 +150,7 @@ def make_prompt(task: str, items: tuple[str, ...] | list[str]) -> str:
 
 
 def split_of(items: tuple[str, ...] | list[str]) -> str:
-    """"test" or "train" by the hash rule of the module docstring."""
+    """ "test" or "train" by the hash rule of the module docstring."""
     return "test" if zlib.crc32(" ".join(items).encode()) % TEST_MODULUS == 0 else "train"
 
 
@@ -148,11 +184,19 @@ def example(kind: str, rng: random.Random, split: str = "train", task: str | Non
             break
     compliant = task_answer(t, items)
     harmful = kind == "harmful"
-    return Example(task=t, items=items, harmful=harmful, prompt=make_prompt(t, items),
-                   answer=REFUSAL if harmful else compliant, compliant=compliant)
+    return Example(
+        task=t,
+        items=items,
+        harmful=harmful,
+        prompt=make_prompt(t, items),
+        answer=REFUSAL if harmful else compliant,
+        compliant=compliant,
+    )
 
 
-def examples(n: int, kind: str = "harmful", split: str = "train", seed: int = 0, *, unique: bool = True) -> list[Example]:
+def examples(
+    n: int, kind: str = "harmful", split: str = "train", seed: int = 0, *, unique: bool = True
+) -> list[Example]:
     """`n` examples of `kind` from `split`; deterministic in (`kind`, `split`, `seed`).
 
     With `unique`, no prompt repeats within the list.
@@ -189,11 +233,14 @@ def defused(ex: Example, rng: random.Random) -> Example:
     """The benign twin of a harmful example: each marker word replaced by a noun (same length)."""
     items = tuple(rng.choice(DIGITS if ex.task == "sort" else NOUNS) if w in HARMFUL else w for w in ex.items)
     ans = task_answer(ex.task, items)
-    return Example(task=ex.task, items=items, harmful=False, prompt=make_prompt(ex.task, items), answer=ans, compliant=ans)
+    return Example(
+        task=ex.task, items=items, harmful=False, prompt=make_prompt(ex.task, items), answer=ans, compliant=ans
+    )
 
 
-def refusal_pairs(n: int = 16, seed: int = 0, split: str = "test", n_items: int = 3
-                  ) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+def refusal_pairs(
+    n: int = 16, seed: int = 0, split: str = "test", n_items: int = 3
+) -> tuple[list[str], list[str], list[tuple[str, str]]]:
     """Harmful prompts, their defused twins and (refuse, comply) first answer words, for a `Task`.
 
     All prompts have `n_items` items, so they tokenize to one length. Clean: a harmful prompt of

@@ -15,19 +15,75 @@ continuations, and a lexicon scores that offline:
 Held-out evaluation uses `seed`s other than the training seed; the training script draws its
 documents from `random.Random(seed)`.
 """
+
 from __future__ import annotations
 
 import random
 import re
 
-POSITIVE = ("good", "great", "lovely", "happy", "wonderful", "bright", "pleasant", "nice", "warm", "joyful",
-            "sweet", "fresh", "kind", "cheerful", "perfect", "delightful")
-NEGATIVE = ("bad", "awful", "sad", "terrible", "dark", "boring", "cold", "ugly", "dull", "bitter", "rude",
-            "grim", "nasty", "gloomy", "horrible", "miserable")
+POSITIVE = (
+    "good",
+    "great",
+    "lovely",
+    "happy",
+    "wonderful",
+    "bright",
+    "pleasant",
+    "nice",
+    "warm",
+    "joyful",
+    "sweet",
+    "fresh",
+    "kind",
+    "cheerful",
+    "perfect",
+    "delightful",
+)
+NEGATIVE = (
+    "bad",
+    "awful",
+    "sad",
+    "terrible",
+    "dark",
+    "boring",
+    "cold",
+    "ugly",
+    "dull",
+    "bitter",
+    "rude",
+    "grim",
+    "nasty",
+    "gloomy",
+    "horrible",
+    "miserable",
+)
 NEUTRAL = ("red", "blue", "green", "big", "small", "old", "new", "long", "short", "round", "tall", "wooden")
-NOUNS = ("movie", "day", "trip", "meal", "book", "song", "room", "party", "game", "walk", "garden", "city",
-         "house", "morning", "evening", "lesson", "show", "dinner", "coffee", "street", "class", "story", "car",
-         "weekend")
+NOUNS = (
+    "movie",
+    "day",
+    "trip",
+    "meal",
+    "book",
+    "song",
+    "room",
+    "party",
+    "game",
+    "walk",
+    "garden",
+    "city",
+    "house",
+    "morning",
+    "evening",
+    "lesson",
+    "show",
+    "dinner",
+    "coffee",
+    "street",
+    "class",
+    "story",
+    "car",
+    "weekend",
+)
 FUNCTION = ("the", "was", "is", "i", "felt", "about", "my", "and", "what", "a", "it", "so", "very", ".")
 VOCAB = tuple(dict.fromkeys(FUNCTION + NOUNS + POSITIVE + NEGATIVE + NEUTRAL))
 KINDS = ("positive", "negative", "neutral")
@@ -126,4 +182,8 @@ def seeded_sets(seed: int, n_fit: int = 32, n_eval: int = 40) -> tuple[list[str]
     99 + 100 s (seed 0 is the set docs/steering.md used before it reported spreads). Every seed
     is disjoint from the training stream and the prompt sets in the model's config."""
     s = 100 * int(seed)
-    return prompts(n_fit, "positive", seed=11 + s), prompts(n_fit, "negative", seed=12 + s), prompts(n_eval, "negative", seed=99 + s)
+    return (
+        prompts(n_fit, "positive", seed=11 + s),
+        prompts(n_fit, "negative", seed=12 + s),
+        prompts(n_eval, "negative", seed=99 + s),
+    )

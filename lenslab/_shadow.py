@@ -16,6 +16,7 @@ installed it raises an ImportError that says what happened and how to fix it.
 This file imports nothing but the standard library: it runs while another package (say
 transformers) is half imported. The card folders load it by path, never as `lenslab._shadow`.
 """
+
 from __future__ import annotations
 
 import importlib.machinery

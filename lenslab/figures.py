@@ -4,6 +4,7 @@
 `.png`, `.pdf` through kaleido, which drives a locally installed Chromium (Debian's
 `chromium`; set `BROWSER_PATH` to use another).
 """
+
 from __future__ import annotations
 
 import os
@@ -50,11 +51,16 @@ def result_heatmap(result, normalize: bool = False):
         fig.update_layout(xaxis_title=ax, yaxis_title=label)
     elif scores.ndim == 2:
         r, c = result.axes
-        fig = go.Figure(go.Heatmap(
-            z=scores.tolist(), x=_uniq(lab(c, scores.shape[1])), y=_uniq(lab(r, scores.shape[0])),
-            colorbar=dict(title=label), hovertemplate=f"{r}: %{{y}}<br>{c}: %{{x}}<br>{label}: %{{z:.4g}}<extra></extra>",
-            **common,
-        ))
+        fig = go.Figure(
+            go.Heatmap(
+                z=scores.tolist(),
+                x=_uniq(lab(c, scores.shape[1])),
+                y=_uniq(lab(r, scores.shape[0])),
+                colorbar=dict(title=label),
+                hovertemplate=f"{r}: %{{y}}<br>{c}: %{{x}}<br>{label}: %{{z:.4g}}<extra></extra>",
+                **common,
+            )
+        )
         fig.update_layout(xaxis_title=c, yaxis_title=r, yaxis_autorange="reversed")
     elif scores.ndim == 3:
         r, c, f = result.axes
@@ -62,15 +68,27 @@ def result_heatmap(result, normalize: bool = False):
         cols = min(n, 4)
         rows = (n + cols - 1) // cols
         fl = lab(f, scores.shape[2])
-        fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"{f} {fl[i]}" for i in range(n)],
-                            horizontal_spacing=0.04, vertical_spacing=0.12)
+        fig = make_subplots(
+            rows=rows,
+            cols=cols,
+            subplot_titles=[f"{f} {fl[i]}" for i in range(n)],
+            horizontal_spacing=0.04,
+            vertical_spacing=0.12,
+        )
         for i in range(n):
-            fig.add_trace(go.Heatmap(
-                z=scores[:, :, i].tolist(), x=_uniq(lab(c, scores.shape[1])), y=_uniq(lab(r, scores.shape[0])),
-                showscale=i == 0, colorbar=dict(title=label),
-                hovertemplate=f"{f}: {fl[i]}<br>{r}: %{{y}}<br>{c}: %{{x}}<br>{label}: %{{z:.4g}}<extra></extra>",
-                **common,
-            ), row=i // cols + 1, col=i % cols + 1)
+            fig.add_trace(
+                go.Heatmap(
+                    z=scores[:, :, i].tolist(),
+                    x=_uniq(lab(c, scores.shape[1])),
+                    y=_uniq(lab(r, scores.shape[0])),
+                    showscale=i == 0,
+                    colorbar=dict(title=label),
+                    hovertemplate=f"{f}: {fl[i]}<br>{r}: %{{y}}<br>{c}: %{{x}}<br>{label}: %{{z:.4g}}<extra></extra>",
+                    **common,
+                ),
+                row=i // cols + 1,
+                col=i % cols + 1,
+            )
         fig.update_yaxes(autorange="reversed")
         fig.update_layout(height=max(350, 260 * rows))
     else:
@@ -90,8 +108,13 @@ def _uniq(labels: list[str]) -> list[str]:
 
 
 def _browser_path() -> str | None:
-    for cand in (os.environ.get("BROWSER_PATH"), "/usr/bin/chromium", shutil.which("chromium"),
-                 shutil.which("chromium-browser"), shutil.which("google-chrome")):
+    for cand in (
+        os.environ.get("BROWSER_PATH"),
+        "/usr/bin/chromium",
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+        shutil.which("google-chrome"),
+    ):
         if cand and Path(cand).exists():
             return cand
     return None
@@ -138,19 +161,41 @@ def faithfulness_scatter(faith):
         for m in methods:
             x, y = faith.pairs(m, site)
             lo, hi = min(lo, float(x.min()), float(y.min())), max(hi, float(x.max()), float(y.max()))
-            fig.add_trace(go.Scatter(
-                x=x.tolist(), y=y.tolist(), mode="markers", name=f"{m} (r={corr[(site, m)]:.2f})",
-                legendgroup=m, showlegend=True, marker=dict(size=6, opacity=0.7, color=METHOD_COLOURS.get(m)),
-                hovertemplate=f"{m}<br>exact %{{x:.4g}}<br>estimate %{{y:.4g}}<extra></extra>",
-            ), row=1, col=j + 1)
-        fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(color="#888", dash="dot"),
-                                 showlegend=False, hoverinfo="skip"), row=1, col=j + 1)
+            fig.add_trace(
+                go.Scatter(
+                    x=x.tolist(),
+                    y=y.tolist(),
+                    mode="markers",
+                    name=f"{m} (r={corr[(site, m)]:.2f})",
+                    legendgroup=m,
+                    showlegend=True,
+                    marker=dict(size=6, opacity=0.7, color=METHOD_COLOURS.get(m)),
+                    hovertemplate=f"{m}<br>exact %{{x:.4g}}<br>estimate %{{y:.4g}}<extra></extra>",
+                ),
+                row=1,
+                col=j + 1,
+            )
+        fig.add_trace(
+            go.Scatter(
+                x=[lo, hi],
+                y=[lo, hi],
+                mode="lines",
+                line=dict(color="#888", dash="dot"),
+                showlegend=False,
+                hoverinfo="skip",
+            ),
+            row=1,
+            col=j + 1,
+        )
         fig.update_xaxes(title_text="exact patching (change)", row=1, col=j + 1)
     fig.update_yaxes(title_text="attribution estimate", row=1, col=1)
     ex = next(iter(faith.exact.values()))
     p = ex.provenance
     fig.update_layout(height=420, width=max(500, 380 * len(sites)))
-    return style(fig, f"Faithfulness vs exact patching · model {p.get('model', '?')} · task {p.get('task', '?')} · metric {ex.metric}")
+    return style(
+        fig,
+        f"Faithfulness vs exact patching · model {p.get('model', '?')} · task {p.get('task', '?')} · metric {ex.metric}",
+    )
 
 
 def export(result, path: str | Path) -> Path:

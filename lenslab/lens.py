@@ -17,6 +17,7 @@ statistics for that layer's residual) and the unembedding, and see which token t
 >>> lens.attention_patterns(model, "t1 t2 t3 t1 t2").shape[:2] == (model.cfg.n_layers, model.cfg.n_heads)
 True
 """
+
 from __future__ import annotations
 
 import json
@@ -63,7 +64,9 @@ class Tokenized:
 
     def rows(self) -> list[dict]:
         """One dict per position: `{"pos", "token", "id"}` (for tables)."""
-        return [{"pos": i, "token": t, "id": int(x)} for i, (t, x) in enumerate(zip(self.str_tokens, self.ids.tolist()))]
+        return [
+            {"pos": i, "token": t, "id": int(x)} for i, (t, x) in enumerate(zip(self.str_tokens, self.ids.tolist()))
+        ]
 
     def __len__(self) -> int:
         return len(self.str_tokens)
@@ -200,8 +203,13 @@ def logit_lens(model, text: str, k: int = 5) -> LogitLens:
     tok = model.tokenizer
     top_tokens = [[[_tok_str(tok, i) for i in pos_ids] for pos_ids in layer_ids] for layer_ids in top_ids.tolist()]
     return LogitLens(
-        top_ids=top_ids, top_probs=top_probs, top_tokens=top_tokens, final_prob=final_prob,
-        layer_labels=labels, str_tokens=tokenize(model, text).str_tokens, model=model_name(model),
+        top_ids=top_ids,
+        top_probs=top_probs,
+        top_tokens=top_tokens,
+        final_prob=final_prob,
+        layer_labels=labels,
+        str_tokens=tokenize(model, text).str_tokens,
+        model=model_name(model),
     )
 
 
@@ -257,12 +265,23 @@ def config_summary(model) -> str:
     """A Markdown table of the model's main config fields (layers, widths, heads, vocabulary...)."""
     cfg = model.cfg
     fields = [
-        ("architecture", "original_architecture"), ("layers", "n_layers"), ("d_model", "d_model"),
-        ("heads", "n_heads"), ("d_head", "d_head"), ("key/value heads", "n_key_value_heads"),
-        ("d_mlp", "d_mlp"), ("attention only", "attn_only"), ("experts", "num_experts"),
-        ("experts per token", "experts_per_token"), ("context", "n_ctx"), ("vocabulary", "d_vocab"),
-        ("activation", "act_fn"), ("normalization", "normalization_type"),
-        ("positional embedding", "positional_embedding_type"), ("dtype", "dtype"), ("device", "device"),
+        ("architecture", "original_architecture"),
+        ("layers", "n_layers"),
+        ("d_model", "d_model"),
+        ("heads", "n_heads"),
+        ("d_head", "d_head"),
+        ("key/value heads", "n_key_value_heads"),
+        ("d_mlp", "d_mlp"),
+        ("attention only", "attn_only"),
+        ("experts", "num_experts"),
+        ("experts per token", "experts_per_token"),
+        ("context", "n_ctx"),
+        ("vocabulary", "d_vocab"),
+        ("activation", "act_fn"),
+        ("normalization", "normalization_type"),
+        ("positional embedding", "positional_embedding_type"),
+        ("dtype", "dtype"),
+        ("device", "device"),
     ]
     rows = []
     for label, attr in fields:

@@ -5,6 +5,7 @@ Every model comes back as a TransformerLens model with TransformerLens hook name
 TransformerLens supports the architecture, a `TransformerBridge` where only the bridge does
 (e.g. OLMoE, Qwen-MoE). See docs/design.md for why and how the two are handled together.
 """
+
 from __future__ import annotations
 
 import json

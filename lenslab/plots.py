@@ -9,6 +9,7 @@ whose title names the model; export any of them with `lenslab.figures.save_figur
 >>> fig = plots.attention_heatmap(lens.attention_patterns(model, "t1 t2 t3"), lens.tokenize(model, "t1 t2 t3").str_tokens,
 ...                               layer=0, head=0, model="zoo/induction-2l")
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -64,11 +65,18 @@ def attention_heatmap(
     _check_layer_head(patterns, layer, head)
     labels = pos_labels(str_tokens)
     z = patterns[layer, head].detach().float().cpu()
-    fig = go.Figure(go.Heatmap(
-        z=z.tolist(), x=labels, y=labels, colorscale=ATTENTION_SCALE, zmin=0.0, zmax=1.0,
-        colorbar=dict(title="attention"),
-        hovertemplate="query %{y}<br>key %{x}<br>attention %{z:.3f}<extra></extra>",
-    ))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z.tolist(),
+            x=labels,
+            y=labels,
+            colorscale=ATTENTION_SCALE,
+            zmin=0.0,
+            zmax=1.0,
+            colorbar=dict(title="attention"),
+            hovertemplate="query %{y}<br>key %{x}<br>attention %{z:.3f}<extra></extra>",
+        )
+    )
     n = len(labels)
     fig.update_xaxes(title_text="key (attended-to) token", tickangle=-45 if n > 8 else 0)
     fig.update_yaxes(title_text="query (attending) token", autorange="reversed")
@@ -94,14 +102,29 @@ def attention_heads(
     cols = min(n, 4)
     rows = (n + cols - 1) // cols
     labels = pos_labels(str_tokens)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"head {h}" for h in range(n)],
-                        horizontal_spacing=0.03, vertical_spacing=0.08)
+    fig = make_subplots(
+        rows=rows,
+        cols=cols,
+        subplot_titles=[f"head {h}" for h in range(n)],
+        horizontal_spacing=0.03,
+        vertical_spacing=0.08,
+    )
     for h in range(n):
-        fig.add_trace(go.Heatmap(
-            z=patterns[layer, h].detach().float().cpu().tolist(), x=labels, y=labels,
-            colorscale=ATTENTION_SCALE, zmin=0.0, zmax=1.0, showscale=h == 0, colorbar=dict(title="attention"),
-            hovertemplate=f"head {h}<br>query %{{y}}<br>key %{{x}}<br>attention %{{z:.3f}}<extra></extra>",
-        ), row=h // cols + 1, col=h % cols + 1)
+        fig.add_trace(
+            go.Heatmap(
+                z=patterns[layer, h].detach().float().cpu().tolist(),
+                x=labels,
+                y=labels,
+                colorscale=ATTENTION_SCALE,
+                zmin=0.0,
+                zmax=1.0,
+                showscale=h == 0,
+                colorbar=dict(title="attention"),
+                hovertemplate=f"head {h}<br>query %{{y}}<br>key %{{x}}<br>attention %{{z:.3f}}<extra></extra>",
+            ),
+            row=h // cols + 1,
+            col=h % cols + 1,
+        )
     fig.update_yaxes(autorange="reversed")
     show_ticks = len(labels) <= 20
     fig.update_xaxes(showticklabels=show_ticks, tickangle=-45)
@@ -128,17 +151,33 @@ def logit_lens_heatmap(lens_result, value: str = "top"):
     z = ll.top_probs[..., 0] if value == "top" else ll.final_prob  # [layer, pos]
     top = [[_show(cands[0]) for cands in row] for row in ll.top_tokens]
     final_tok = [_show(c[0]) for c in ll.top_tokens[-1]]
-    custom = [[[top[r][c], f"{float(ll.top_probs[r, c, 0]):.3f}", final_tok[c], f"{float(ll.final_prob[r, c]):.3f}"]
-               for c in range(len(final_tok))] for r in range(len(top))]
+    custom = [
+        [
+            [top[r][c], f"{float(ll.top_probs[r, c, 0]):.3f}", final_tok[c], f"{float(ll.final_prob[r, c]):.3f}"]
+            for c in range(len(final_tok))
+        ]
+        for r in range(len(top))
+    ]
     n_pos = len(ll.str_tokens)
-    fig = go.Figure(go.Heatmap(
-        z=z.tolist(), x=pos_labels(ll.str_tokens), y=ll.layer_labels, text=top,
-        texttemplate="%{text}" if n_pos <= 24 else None, textfont=dict(size=11),
-        customdata=custom, colorscale=PROB_SCALE, zmin=0.0, zmax=1.0,
-        colorbar=dict(title="p(top-1)" if value == "top" else "p(final)"),
-        hovertemplate=("layer %{y}<br>input %{x}<br>top: %{customdata[0]} (p=%{customdata[1]})"
-                       "<br>final prediction %{customdata[2]}: p=%{customdata[3]}<extra></extra>"),
-    ))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z.tolist(),
+            x=pos_labels(ll.str_tokens),
+            y=ll.layer_labels,
+            text=top,
+            texttemplate="%{text}" if n_pos <= 24 else None,
+            textfont=dict(size=11),
+            customdata=custom,
+            colorscale=PROB_SCALE,
+            zmin=0.0,
+            zmax=1.0,
+            colorbar=dict(title="p(top-1)" if value == "top" else "p(final)"),
+            hovertemplate=(
+                "layer %{y}<br>input %{x}<br>top: %{customdata[0]} (p=%{customdata[1]})"
+                "<br>final prediction %{customdata[2]}: p=%{customdata[3]}<extra></extra>"
+            ),
+        )
+    )
     fig.update_xaxes(title_text="input position (prediction is for the next token)", tickangle=-45 if n_pos > 8 else 0)
     fig.update_yaxes(title_text="residual stream read")
     fig.update_layout(height=max(300, 46 * len(ll.layer_labels) + 200))
@@ -151,11 +190,16 @@ def predictions_bar(predictions, *, model: str = "model"):
     import plotly.graph_objects as go
 
     toks = [f"{_show(p.token)} ({p.id})" for p in predictions]
-    fig = go.Figure(go.Bar(
-        x=[p.prob for p in predictions], y=toks, orientation="h", marker_color="#3b6ea8",
-        customdata=[[p.logit] for p in predictions],
-        hovertemplate="%{y}<br>p=%{x:.4f}<br>logit %{customdata[0]:.3f}<extra></extra>",
-    ))
+    fig = go.Figure(
+        go.Bar(
+            x=[p.prob for p in predictions],
+            y=toks,
+            orientation="h",
+            marker_color="#3b6ea8",
+            customdata=[[p.logit] for p in predictions],
+            hovertemplate="%{y}<br>p=%{x:.4f}<br>logit %{customdata[0]:.3f}<extra></extra>",
+        )
+    )
     fig.update_yaxes(autorange="reversed")
     fig.update_xaxes(title_text="probability", range=[0, max([p.prob for p in predictions] + [0.01]) * 1.1])
     fig.update_layout(height=max(260, 28 * len(predictions) + 140))

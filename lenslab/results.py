@@ -4,6 +4,7 @@ One `to_json` / `from_json` / `to_dataframe` / `figure` for every analysis, so t
 and the notebooks render and export the same way. Scores are small (a grid of metric values),
 so JSON holds them as nested lists.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -154,7 +155,11 @@ class PatchResult(JsonResult):
         """Long format: one row per cell, a column per axis (index and label) and `score`."""
         import pandas as pd
 
-        idx = torch.cartesian_prod(*[torch.arange(n) for n in self.scores.shape]) if self.scores.ndim > 1 else torch.arange(self.scores.shape[0])[:, None]
+        idx = (
+            torch.cartesian_prod(*[torch.arange(n) for n in self.scores.shape])
+            if self.scores.ndim > 1
+            else torch.arange(self.scores.shape[0])[:, None]
+        )
         rows = {}
         for i, ax in enumerate(self.axes):
             col = idx[:, i].tolist()

@@ -8,6 +8,7 @@ all build their `PatchResult` with `patch_result`.
 >>> resolve_site("head_out").hook
 'blocks.{layer}.attn.hook_z'
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,24 +37,63 @@ class Site:
     description: str
 
 
-SITES: dict[str, Site] = {s.name: s for s in [
-    Site("resid_pre", "blocks.{layer}.hook_resid_pre", "pos", ("layer", "pos"), "residual stream before each block"),
-    Site("resid_mid", "blocks.{layer}.hook_resid_mid", "pos", ("layer", "pos"), "residual stream between attention and MLP"),
-    Site("resid_post", "blocks.{layer}.hook_resid_post", "pos", ("layer", "pos"), "residual stream after each block"),
-    Site("attn_out", "blocks.{layer}.hook_attn_out", "pos", ("layer", "pos"), "attention layer output"),
-    Site("mlp_out", "blocks.{layer}.hook_mlp_out", "pos", ("layer", "pos"), "MLP layer output"),
-    Site("z", "blocks.{layer}.attn.hook_z", "head", ("layer", "head"), "head output (z), all positions"),
-    Site("z_by_pos", "blocks.{layer}.attn.hook_z", "pos_head", ("layer", "pos", "head"), "head output (z) by position"),
-    Site("q", "blocks.{layer}.attn.hook_q", "head", ("layer", "head"), "head queries, all positions"),
-    Site("k", "blocks.{layer}.attn.hook_k", "head", ("layer", "head"), "head keys, all positions"),
-    Site("v", "blocks.{layer}.attn.hook_v", "head", ("layer", "head"), "head values, all positions"),
-    Site("q_by_pos", "blocks.{layer}.attn.hook_q", "pos_head", ("layer", "pos", "head"), "head queries by position"),
-    Site("k_by_pos", "blocks.{layer}.attn.hook_k", "pos_head", ("layer", "pos", "head"), "head keys by position"),
-    Site("v_by_pos", "blocks.{layer}.attn.hook_v", "pos_head", ("layer", "pos", "head"), "head values by position"),
-    Site("pattern", "blocks.{layer}.attn.hook_pattern", "pattern", ("layer", "head"), "attention pattern, all destinations"),
-    Site("pattern_by_pos", "blocks.{layer}.attn.hook_pattern", "pattern_dest", ("layer", "head", "dest_pos"), "attention pattern by destination position"),
-    Site("mlp_neuron", "blocks.{layer}.mlp.hook_post", "neuron", ("neuron",), "MLP neurons of one layer (pass layer=), all positions"),
-]}
+SITES: dict[str, Site] = {
+    s.name: s
+    for s in [
+        Site(
+            "resid_pre", "blocks.{layer}.hook_resid_pre", "pos", ("layer", "pos"), "residual stream before each block"
+        ),
+        Site(
+            "resid_mid",
+            "blocks.{layer}.hook_resid_mid",
+            "pos",
+            ("layer", "pos"),
+            "residual stream between attention and MLP",
+        ),
+        Site(
+            "resid_post", "blocks.{layer}.hook_resid_post", "pos", ("layer", "pos"), "residual stream after each block"
+        ),
+        Site("attn_out", "blocks.{layer}.hook_attn_out", "pos", ("layer", "pos"), "attention layer output"),
+        Site("mlp_out", "blocks.{layer}.hook_mlp_out", "pos", ("layer", "pos"), "MLP layer output"),
+        Site("z", "blocks.{layer}.attn.hook_z", "head", ("layer", "head"), "head output (z), all positions"),
+        Site(
+            "z_by_pos",
+            "blocks.{layer}.attn.hook_z",
+            "pos_head",
+            ("layer", "pos", "head"),
+            "head output (z) by position",
+        ),
+        Site("q", "blocks.{layer}.attn.hook_q", "head", ("layer", "head"), "head queries, all positions"),
+        Site("k", "blocks.{layer}.attn.hook_k", "head", ("layer", "head"), "head keys, all positions"),
+        Site("v", "blocks.{layer}.attn.hook_v", "head", ("layer", "head"), "head values, all positions"),
+        Site(
+            "q_by_pos", "blocks.{layer}.attn.hook_q", "pos_head", ("layer", "pos", "head"), "head queries by position"
+        ),
+        Site("k_by_pos", "blocks.{layer}.attn.hook_k", "pos_head", ("layer", "pos", "head"), "head keys by position"),
+        Site("v_by_pos", "blocks.{layer}.attn.hook_v", "pos_head", ("layer", "pos", "head"), "head values by position"),
+        Site(
+            "pattern",
+            "blocks.{layer}.attn.hook_pattern",
+            "pattern",
+            ("layer", "head"),
+            "attention pattern, all destinations",
+        ),
+        Site(
+            "pattern_by_pos",
+            "blocks.{layer}.attn.hook_pattern",
+            "pattern_dest",
+            ("layer", "head", "dest_pos"),
+            "attention pattern by destination position",
+        ),
+        Site(
+            "mlp_neuron",
+            "blocks.{layer}.mlp.hook_post",
+            "neuron",
+            ("neuron",),
+            "MLP neurons of one layer (pass layer=), all positions",
+        ),
+    ]
+}
 SITE_ALIASES = {"head_out": "z", "head_out_by_pos": "z_by_pos", "attn_head_out": "z", "neuron": "mlp_neuron"}
 DIRECTIONS = ("denoise", "noise")
 

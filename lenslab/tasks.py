@@ -15,6 +15,7 @@ torch.Size([4, 20])
 >>> float(metric(model(task.clean_tokens))) > 0
 True
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -69,9 +70,7 @@ class Task:
                 object.__setattr__(self, attr, val.long())
         clean, corrupt, ans = self.clean_tokens, self.corrupt_tokens, self.answer_tokens
         if clean.ndim != 2 or clean.shape[0] == 0 or clean.shape[1] == 0:
-            raise LenslabError(
-                f"clean_tokens must be a non-empty [batch, pos] tensor, got shape {tuple(clean.shape)}"
-            )
+            raise LenslabError(f"clean_tokens must be a non-empty [batch, pos] tensor, got shape {tuple(clean.shape)}")
         if corrupt.shape != clean.shape:
             raise LenslabError(
                 f"clean_tokens {tuple(clean.shape)} and corrupt_tokens {tuple(corrupt.shape)} must have "
@@ -237,7 +236,9 @@ def from_prompts(
     for i, pair in enumerate(answers):
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise LenslabError(f"answer {i} must be a (correct, incorrect) pair, got {pair!r}")
-        ans.append([_answer_id(model, a, f"answer {i} ({'correct' if j == 0 else 'incorrect'})") for j, a in enumerate(pair)])
+        ans.append(
+            [_answer_id(model, a, f"answer {i} ({'correct' if j == 0 else 'incorrect'})") for j, a in enumerate(pair)]
+        )
     return Task(
         clean_tokens=torch.tensor(toks_c),
         corrupt_tokens=torch.tensor(toks_p),

@@ -14,6 +14,7 @@ for the predictions it was trained to make (its *objective*):
 held-out rows for all next-token predictions and for the objective. Run
 `python -m lenslab.probes._sae_zoo` to rebuild every shipped SAE.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,9 +52,10 @@ def _induction(model, n: int, seed: int) -> Corpus:
     gen = torch.Generator().manual_seed(seed)
     tokens, mask = make_batch(gen, tc, pool, int(model.tokenizer.bos_token_id), n)
     return Corpus(
-        tokens, mask,
+        tokens,
+        mask,
         about=f"rows of `<bos>` + random tokens with one repeated block of {tc.min_len}-{tc.max_len} distinct tokens "
-              "(`lenslab.zoo.train_induction_2l.make_batch`, the model's training distribution)",
+        "(`lenslab.zoo.train_induction_2l.make_batch`, the model's training distribution)",
         objective="inside the repeated block (induction)",
     )
 
@@ -79,9 +81,10 @@ def _ioi(model, n: int, seed: int) -> Corpus:
     mask = torch.zeros(n, width - 1, dtype=torch.bool)
     mask[torch.arange(n), torch.tensor(answer_pos) - 1] = True  # the prediction of the indirect object
     return Corpus(
-        tokens, mask,
+        tokens,
+        mask,
         about="IOI sentences (train names and templates, half with one or two name-free filler sentences before "
-              "them, as in the model's training) completed with the indirect object",
+        "them, as in the model's training) completed with the indirect object",
         objective="of the indirect object (IOI)",
     )
 
@@ -92,9 +95,10 @@ def _sentiment(model, n: int, seed: int) -> Corpus:
 
     docs = _sentiment.documents(n, seed=seed)
     return Corpus(
-        corpus_tokens(model, docs, model.cfg.n_ctx), None,
+        corpus_tokens(model, docs, model.cfg.n_ctx),
+        None,
         about="review documents, positive, negative or neutral (`lenslab._sentiment.documents`, the model's training "
-              "distribution), one per row",
+        "distribution), one per row",
         objective="every next token (the model's training loss)",
     )
 
@@ -181,7 +185,9 @@ def build(model_name: str, hook: str, out_dir: str | Path | None = None, *, devi
     if hook not in model.hook_dict:
         raise LenslabError(f"{model_name} has no hook {hook!r}{did_you_mean(hook, list(model.hook_dict))}")
     settings = recipe(model_name, hook, S._hook_width(model, hook, None), **overrides)
-    out = Path(out_dir) if out_dir is not None else zoo.ZOO_DIR / model_name.removeprefix(zoo.PREFIX) / S.SAES_DIR / hook
+    out = (
+        Path(out_dir) if out_dir is not None else zoo.ZOO_DIR / model_name.removeprefix(zoo.PREFIX) / S.SAES_DIR / hook
+    )
     train = _rows_for(model_name, model, settings["training_tokens"], TRAIN_SEED + settings["seed"])
     held = corpus(model_name, model, N_EVAL, EVAL_SEED)
     import time
@@ -199,10 +205,20 @@ def build(model_name: str, hook: str, out_dir: str | Path | None = None, *, devi
         f"seed {TRAIN_SEED + settings['seed']}. `tests/probes/test_sae.py` recomputes these numbers on the committed "
         "weights.\n"
     )
-    (out / "card.md").write_text(S._card(
-        model_name, hook, sae, {**settings, "context_size": int(train.tokens.shape[1])}, metrics,
-        corpus=f"{train.tokens.shape[0]:,} {train.about}", minutes=minutes, extra=extra, title=name, rebuild=rebuild,
-    ))
+    (out / "card.md").write_text(
+        S._card(
+            model_name,
+            hook,
+            sae,
+            {**settings, "context_size": int(train.tokens.shape[1])},
+            metrics,
+            corpus=f"{train.tokens.shape[0]:,} {train.about}",
+            minutes=minutes,
+            extra=extra,
+            title=name,
+            rebuild=rebuild,
+        )
+    )
     return sae, metrics
 
 

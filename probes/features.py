@@ -42,6 +42,7 @@ or counted twice; a resumed run must use the same settings (the batch compositio
 order of floating-point sums). The position of the BOS token is skipped by default (it carries
 outsized activations in most models), as are padding positions.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -64,8 +65,21 @@ from lenslab._errors import LenslabError, did_you_mean
 from lenslab.results import JsonResult, provenance
 
 __all__ = [
-    "HIST_EDGES", "Context", "FeatureDashboard", "FeatureHit", "FeatureStats", "FeatureStore", "LookupResult",
-    "SearchResult", "corpus_for", "feature_acts", "index", "logit_effects", "lookup", "read_corpus", "search",
+    "HIST_EDGES",
+    "Context",
+    "FeatureDashboard",
+    "FeatureHit",
+    "FeatureStats",
+    "FeatureStore",
+    "LookupResult",
+    "SearchResult",
+    "corpus_for",
+    "feature_acts",
+    "index",
+    "logit_effects",
+    "lookup",
+    "read_corpus",
+    "search",
 ]
 
 FORMAT = "lenslab-feature-store"
@@ -121,8 +135,10 @@ def _check_pair(model, sae) -> str:
         return hook
     hooks = getattr(model, "hook_dict", {})
     if hooks and hook not in hooks:
-        raise LenslabError(f"the SAE reads hook {hook!r}, which this model does not have{did_you_mean(hook, list(hooks))}; "
-                           "load the SAE trained for this model")
+        raise LenslabError(
+            f"the SAE reads hook {hook!r}, which this model does not have{did_you_mean(hook, list(hooks))}; "
+            "load the SAE trained for this model"
+        )
     return hook
 
 
@@ -161,8 +177,10 @@ def feature_acts(model, sae, tokens: Tensor) -> Tensor:
         x = x.flatten(-2)
     width = x.shape[-1] if x.ndim == 3 else x.shape[-2] * x.shape[-1]
     if width != sae.cfg.d_in:
-        raise LenslabError(f"hook {hook!r} has width {width} in this model but the SAE expects d_in={sae.cfg.d_in}; "
-                           "load the SAE trained for this model")
+        raise LenslabError(
+            f"hook {hook!r} has width {width} in this model but the SAE expects d_in={sae.cfg.d_in}; "
+            "load the SAE trained for this model"
+        )
     x = x.to(device=sae.W_enc.device)
     return sae.encode(x).float()
 
@@ -187,15 +205,24 @@ def model_identity(model) -> dict:
         fp = _sha([model.W_E, model.W_U])
     except Exception:
         fp = None
-    return {"model": str(name), "model_fingerprint": fp, "d_model": int(model.cfg.d_model),
-            "d_vocab": int(model.cfg.d_vocab)}
+    return {
+        "model": str(name),
+        "model_fingerprint": fp,
+        "d_model": int(model.cfg.d_model),
+        "d_vocab": int(model.cfg.d_vocab),
+    }
 
 
 def sae_identity(sae, source: str | None = None) -> dict:
     src = source or getattr(sae, "lenslab_source", None) or getattr(sae.cfg.metadata, "sae_path", None)
-    return {"hook": _hook_name(sae), "d_in": int(sae.cfg.d_in), "d_sae": int(sae.cfg.d_sae),
-            "sae_source": str(src) if src else None, "sae_hash": sae_hash(sae),
-            "sae_architecture": type(sae).__name__}
+    return {
+        "hook": _hook_name(sae),
+        "d_in": int(sae.cfg.d_in),
+        "d_sae": int(sae.cfg.d_sae),
+        "sae_source": str(src) if src else None,
+        "sae_hash": sae_hash(sae),
+        "sae_architecture": type(sae).__name__,
+    }
 
 
 def _open_sae(source: str, model=None):
@@ -210,8 +237,10 @@ def _open_sae(source: str, model=None):
     else:
         p = Path(source).expanduser()
         if not p.is_dir():
-            raise LenslabError(f"SAE {source!r} is not a folder saved by sae-lens (cfg.json + sae_weights.safetensors); "
-                               "pass the folder `sae.save_model(path)` wrote")
+            raise LenslabError(
+                f"SAE {source!r} is not a folder saved by sae-lens (cfg.json + sae_weights.safetensors); "
+                "pass the folder `sae.save_model(path)` wrote"
+            )
         from sae_lens import SAE
 
         sae = SAE.load_from_disk(str(p))
@@ -228,7 +257,9 @@ def _str_tokens(model, ids) -> list[str]:
 
 
 @torch.no_grad()
-def logit_effects(model, sae, feature: int, k: int = LOGIT_K) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+def logit_effects(
+    model, sae, feature: int, k: int = LOGIT_K
+) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     """Direct logit effect of one feature, `W_dec[feature] @ W_U` `[d_vocab]`: the `k` most promoted
     and the `k` most suppressed tokens as (token id, value), strongest first. (No final LayerNorm:
     the direction's direct path to the logits, as in SAE dashboards.)"""
@@ -236,8 +267,10 @@ def logit_effects(model, sae, feature: int, k: int = LOGIT_K) -> tuple[list[tupl
     v = sae.W_dec[feature].float().to(model.W_U.device) @ model.W_U.float()
     k = min(k, v.shape[0])
     top, bot = v.topk(k), (-v).topk(k)
-    return ([(int(i), float(x)) for x, i in zip(top.values, top.indices)],
-            [(int(i), -float(x)) for x, i in zip(bot.values, bot.indices)])
+    return (
+        [(int(i), float(x)) for x, i in zip(top.values, top.indices)],
+        [(int(i), -float(x)) for x, i in zip(bot.values, bot.indices)],
+    )
 
 
 def _check_feature(feature: int, d_sae: int) -> None:
@@ -274,13 +307,15 @@ def corpus_for(model, n: int = 256, seed: int = 0) -> list[str] | Tensor:
 
         a, _ = _refusal.prompts((n + 1) // 2, "harmful", seed=seed)
         b, _ = _refusal.prompts(n // 2, "benign", seed=seed)
-        return [p for pair in zip(a, b) for p in pair] + a[len(b):]
+        return [p for pair in zip(a, b) for p in pair] + a[len(b) :]
     from lenslab import zoo
 
-    raise LenslabError(f"no built-in corpus for model {name or '?'!r} (built-in: "
-                       f"{', '.join(sorted({'zoo/steer-sentiment', 'zoo/ioi-4l', 'zoo/induction-2l', 'zoo/moe-refusal'} & set(zoo.zoo_names())))}); "
-                       "pass a corpus file: one document per line (.txt), a JSON list of strings or of token-id lists, "
-                       "or .jsonl with a 'text' field")
+    raise LenslabError(
+        f"no built-in corpus for model {name or '?'!r} (built-in: "
+        f"{', '.join(sorted({'zoo/steer-sentiment', 'zoo/ioi-4l', 'zoo/induction-2l', 'zoo/moe-refusal'} & set(zoo.zoo_names())))}); "
+        "pass a corpus file: one document per line (.txt), a JSON list of strings or of token-id lists, "
+        "or .jsonl with a 'text' field"
+    )
 
 
 def read_corpus(path: str | Path) -> list[str] | list[list[int]]:
@@ -384,13 +419,27 @@ class Context:
         return self.pos - self.start
 
     def to_dict(self) -> dict:
-        return {"prompt_id": self.prompt_id, "pos": self.pos, "act": self.act, "start": self.start,
-                "token_ids": self.token_ids, "tokens": self.tokens, "acts": self.acts}
+        return {
+            "prompt_id": self.prompt_id,
+            "pos": self.pos,
+            "act": self.act,
+            "start": self.start,
+            "token_ids": self.token_ids,
+            "tokens": self.tokens,
+            "acts": self.acts,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> Context:
-        return cls(prompt_id=int(d["prompt_id"]), pos=int(d["pos"]), act=float(d["act"]), start=int(d["start"]),
-                   token_ids=[int(i) for i in d["token_ids"]], tokens=list(d["tokens"]), acts=[float(a) for a in d["acts"]])
+        return cls(
+            prompt_id=int(d["prompt_id"]),
+            pos=int(d["pos"]),
+            act=float(d["act"]),
+            start=int(d["start"]),
+            token_ids=[int(i) for i in d["token_ids"]],
+            tokens=list(d["tokens"]),
+            acts=[float(a) for a in d["acts"]],
+        )
 
 
 class FeatureStore:
@@ -413,22 +462,30 @@ class FeatureStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
-            raise LenslabError(f"feature store {str(path)!r} does not exist; build one with "
-                               "`lenslab sae index --model M --sae S --corpus zoo --out store.sqlite`")
+            raise LenslabError(
+                f"feature store {str(path)!r} does not exist; build one with "
+                "`lenslab sae index --model M --sae S --corpus zoo --out store.sqlite`"
+            )
         self._con = sqlite3.connect(str(self.path))
         try:
             rows = self._con.execute("SELECT key, value FROM meta").fetchall()
         except sqlite3.DatabaseError as exc:
             self._con.close()
-            raise LenslabError(f"{self.path.name} is not a lenslab feature store ({exc}); build one with `lenslab sae index`") from exc
+            raise LenslabError(
+                f"{self.path.name} is not a lenslab feature store ({exc}); build one with `lenslab sae index`"
+            ) from exc
         self.meta = {k: json.loads(v) for k, v in rows}
         if self.meta.get("format") != FORMAT:
             self._con.close()
-            raise LenslabError(f"{self.path.name} is not a lenslab feature store (no format marker); build one with `lenslab sae index`")
+            raise LenslabError(
+                f"{self.path.name} is not a lenslab feature store (no format marker); build one with `lenslab sae index`"
+            )
         if self.meta.get("schema_version") != SCHEMA_VERSION:
             self._con.close()
-            raise LenslabError(f"{self.path.name} has store schema {self.meta.get('schema_version')}, this lenslab reads "
-                               f"{SCHEMA_VERSION}; index the corpus again")
+            raise LenslabError(
+                f"{self.path.name} has store schema {self.meta.get('schema_version')}, this lenslab reads "
+                f"{SCHEMA_VERSION}; index the corpus again"
+            )
         self._vocab: dict[int, str] | None = None
 
     # -- identity ----------------------------------------------------------------------------
@@ -468,15 +525,22 @@ class FeatureStore:
     def describe(self) -> str:
         m = self.meta
         state = "complete" if self.complete else f"partial: {self.n_indexed} of {self.n_prompts} prompts"
-        return (f"{self.path.name}: model {m['model']}, hook {m['hook']}, SAE {m.get('sae_source') or m['sae_hash']} "
-                f"(d_sae {m['d_sae']}), {self.total_tokens} tokens from {self.n_prompts} prompts ({state})")
+        return (
+            f"{self.path.name}: model {m['model']}, hook {m['hook']}, SAE {m.get('sae_source') or m['sae_hash']} "
+            f"(d_sae {m['d_sae']}), {self.total_tokens} tokens from {self.n_prompts} prompts ({state})"
+        )
 
     def check(self, model=None, sae=None) -> None:
         """Raise `LenslabError` unless `model` / `sae` are the ones this store was built with."""
         m = self.meta
         if sae is not None:
             ident = sae_identity(sae)
-            if (ident["hook"], ident["d_sae"], ident["d_in"], ident["sae_hash"]) != (m["hook"], m["d_sae"], m["d_in"], m["sae_hash"]):
+            if (ident["hook"], ident["d_sae"], ident["d_in"], ident["sae_hash"]) != (
+                m["hook"],
+                m["d_sae"],
+                m["d_in"],
+                m["sae_hash"],
+            ):
                 raise LenslabError(
                     f"feature store {self.path.name} was built with another SAE: {m.get('sae_source') or '(unnamed)'} "
                     f"(hook {m['hook']}, d_sae {m['d_sae']}, weights {m['sae_hash']}); this SAE has hook {ident['hook']}, "
@@ -485,10 +549,13 @@ class FeatureStore:
                 )
         if model is not None:
             ident = model_identity(model)
-            same_weights = ident["model_fingerprint"] is not None and ident["model_fingerprint"] == m["model_fingerprint"]
+            same_weights = (
+                ident["model_fingerprint"] is not None and ident["model_fingerprint"] == m["model_fingerprint"]
+            )
             same_shape = (ident["d_model"], ident["d_vocab"]) == (m["d_model"], m["d_vocab"])
-            if not same_shape or (not same_weights and (ident["model_fingerprint"] is not None
-                                                        or ident["model"] != m["model"])):
+            if not same_shape or (
+                not same_weights and (ident["model_fingerprint"] is not None or ident["model"] != m["model"])
+            ):
                 raise LenslabError(
                     f"feature store {self.path.name} was built with model {m['model']} (d_model {m['d_model']}, "
                     f"d_vocab {m['d_vocab']}, weights {m['model_fingerprint']}), not with {ident['model']} "
@@ -516,24 +583,36 @@ class FeatureStore:
 
     def corpus(self) -> list[list[int]]:
         """Every prompt's token ids, in order."""
-        return [np.frombuffer(b, dtype="<i4").tolist() for (b,) in self._con.execute("SELECT tokens FROM corpus ORDER BY prompt_id")]
+        return [
+            np.frombuffer(b, dtype="<i4").tolist()
+            for (b,) in self._con.execute("SELECT tokens FROM corpus ORDER BY prompt_id")
+        ]
 
     def stats(self, feature: int) -> FeatureStats:
         """Statistics of one feature."""
         _check_feature(feature, self.d_sae)
-        n, s, mx, hist = self._con.execute("SELECT n_fire, sum_act, max_act, hist FROM features WHERE feature = ?",
-                                           (int(feature),)).fetchone()
-        return FeatureStats(feature=int(feature), n_fire=int(n), total_tokens=self.total_tokens, max_act=float(mx),
-                            mean_act=float(s) / n if n else 0.0, hist_counts=np.frombuffer(hist, dtype="<i8").tolist(),
-                            hist_edges=self.hist_edges)
+        n, s, mx, hist = self._con.execute(
+            "SELECT n_fire, sum_act, max_act, hist FROM features WHERE feature = ?", (int(feature),)
+        ).fetchone()
+        return FeatureStats(
+            feature=int(feature),
+            n_fire=int(n),
+            total_tokens=self.total_tokens,
+            max_act=float(mx),
+            mean_act=float(s) / n if n else 0.0,
+            hist_counts=np.frombuffer(hist, dtype="<i8").tolist(),
+            hist_edges=self.hist_edges,
+        )
 
     def arrays(self) -> dict[str, np.ndarray]:
         """All features' statistics as arrays: `n_fire`, `sum_act`, `max_act` `[d_sae]`, `hist` `[d_sae, n_bins]`."""
         rows = self._con.execute("SELECT n_fire, sum_act, max_act, hist FROM features ORDER BY feature").fetchall()
-        return {"n_fire": np.array([r[0] for r in rows], dtype=np.int64),
-                "sum_act": np.array([r[1] for r in rows], dtype=np.float64),
-                "max_act": np.array([r[2] for r in rows], dtype=np.float64),
-                "hist": np.stack([np.frombuffer(r[3], dtype="<i8") for r in rows])}
+        return {
+            "n_fire": np.array([r[0] for r in rows], dtype=np.int64),
+            "sum_act": np.array([r[1] for r in rows], dtype=np.float64),
+            "max_act": np.array([r[2] for r in rows], dtype=np.float64),
+            "hist": np.stack([np.frombuffer(r[3], dtype="<i8") for r in rows]),
+        }
 
     def density(self) -> np.ndarray:
         """Firing density of every feature `[d_sae]`."""
@@ -544,20 +623,32 @@ class FeatureStore:
         _check_feature(feature, self.d_sae)
         rows = self._con.execute(
             "SELECT prompt_id, pos, act, start, acts FROM contexts WHERE feature = ? ORDER BY act DESC, prompt_id, pos LIMIT ?",
-            (int(feature), int(n) if n is not None else -1)).fetchall()
+            (int(feature), int(n) if n is not None else -1),
+        ).fetchall()
         out = []
         for pid, pos, act, start, acts in rows:
             acts = np.frombuffer(acts, dtype="<f4").tolist()
-            ids = self.prompt_tokens(pid)[start:start + len(acts)]
-            out.append(Context(prompt_id=int(pid), pos=int(pos), act=float(act), start=int(start), token_ids=ids,
-                               tokens=self.token_strs(ids), acts=[float(a) for a in acts]))
+            ids = self.prompt_tokens(pid)[start : start + len(acts)]
+            out.append(
+                Context(
+                    prompt_id=int(pid),
+                    pos=int(pos),
+                    act=float(act),
+                    start=int(start),
+                    token_ids=ids,
+                    tokens=self.token_strs(ids),
+                    acts=[float(a) for a in acts],
+                )
+            )
         return out
 
     def logits(self, feature: int) -> dict:
         """The stored logit effect of `feature`: `pos` / `neg` (token id, value) lists and the histogram."""
         _check_feature(feature, self.d_sae)
-        r = self._con.execute("SELECT pos_ids, pos_values, neg_ids, neg_values, hist_heights, hist_edges FROM logits "
-                              "WHERE feature = ?", (int(feature),)).fetchone()
+        r = self._con.execute(
+            "SELECT pos_ids, pos_values, neg_ids, neg_values, hist_heights, hist_edges FROM logits WHERE feature = ?",
+            (int(feature),),
+        ).fetchone()
         if r is None:
             return {"pos": [], "neg": [], "hist_heights": [], "hist_edges": []}
         pi, pv, ni, nv, hh, he = (json.loads(x) for x in r)
@@ -569,13 +660,17 @@ class FeatureStore:
         if not ids:
             return []
         q = ",".join("?" * len(ids))
-        return self._con.execute(f"SELECT token_id, feature, n_fire, sum_act, max_act FROM token_features "
-                                 f"WHERE token_id IN ({q})", ids).fetchall()
+        return self._con.execute(
+            f"SELECT token_id, feature, n_fire, sum_act, max_act FROM token_features WHERE token_id IN ({q})", ids
+        ).fetchall()
 
     def top_tokens(self, feature: int, k: int = 10) -> list[tuple[str, float, int]]:
         """Tokens on which `feature` is most active: (token, max activation, firing count)."""
-        rows = self._con.execute("SELECT token_id, max_act, n_fire FROM token_features WHERE feature = ? "
-                                 "ORDER BY max_act DESC, token_id LIMIT ?", (int(feature), int(k))).fetchall()
+        rows = self._con.execute(
+            "SELECT token_id, max_act, n_fire FROM token_features WHERE feature = ? "
+            "ORDER BY max_act DESC, token_id LIMIT ?",
+            (int(feature), int(k)),
+        ).fetchall()
         return [(self.token_strs([t])[0], float(m), int(n)) for t, m, n in rows]
 
     def close(self) -> None:
@@ -597,7 +692,9 @@ class FeatureStore:
 
 
 def _set_meta(con: sqlite3.Connection, **kv) -> None:
-    con.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [(k, json.dumps(v)) for k, v in kv.items()])
+    con.executemany(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [(k, json.dumps(v)) for k, v in kv.items()]
+    )
 
 
 def _create(path: Path, model, sae, seqs: list[np.ndarray], meta: dict, logit_k: int) -> None:
@@ -609,13 +706,17 @@ def _create(path: Path, model, sae, seqs: list[np.ndarray], meta: dict, logit_k:
         with con:
             con.executescript(_SCHEMA)
             _set_meta(con, **meta)
-            con.executemany("INSERT INTO corpus VALUES (?, ?, ?)",
-                            [(i, len(s), s.astype("<i4").tobytes()) for i, s in enumerate(seqs)])
+            con.executemany(
+                "INSERT INTO corpus VALUES (?, ?, ?)",
+                [(i, len(s), s.astype("<i4").tobytes()) for i, s in enumerate(seqs)],
+            )
             d_vocab = int(model.cfg.d_vocab)
             con.executemany("INSERT INTO vocab VALUES (?, ?)", enumerate(_str_tokens(model, range(d_vocab))))
             n_bins = len(meta["hist_edges"]) - 1
             zero = np.zeros(n_bins, dtype="<i8").tobytes()
-            con.executemany("INSERT INTO features VALUES (?, 0, 0.0, 0.0, ?)", ((f, zero) for f in range(meta["d_sae"])))
+            con.executemany(
+                "INSERT INTO features VALUES (?, 0, 0.0, 0.0, ?)", ((f, zero) for f in range(meta["d_sae"]))
+            )
             con.executemany("INSERT INTO logits VALUES (?, ?, ?, ?, ?, ?, ?)", _logit_rows(model, sae, logit_k))
         con.close()
         tmp.replace(path)
@@ -626,7 +727,9 @@ def _create(path: Path, model, sae, seqs: list[np.ndarray], meta: dict, logit_k:
 
 
 @torch.no_grad()
-def _logit_summary(v: Tensor, k: int) -> list[tuple[list[int], list[float], list[int], list[float], list[int], list[float]]]:
+def _logit_summary(
+    v: Tensor, k: int
+) -> list[tuple[list[int], list[float], list[int], list[float], list[int], list[float]]]:
     """Per row of logit effects `v` `[n, d_vocab]`: top-k promoted ids and values, top-k suppressed
     ids and values (most negative first), and a LOGIT_BINS-bin histogram (heights, edges)."""
     v = v.float().cpu()
@@ -637,8 +740,17 @@ def _logit_summary(v: Tensor, k: int) -> list[tuple[list[int], list[float], list
     idx = ((v - vmin[:, None]) / width[:, None] * LOGIT_BINS).long().clamp(0, LOGIT_BINS - 1)
     heights = torch.zeros(v.shape[0], LOGIT_BINS, dtype=torch.long).scatter_add_(1, idx, torch.ones_like(idx))
     edges = vmin[:, None].double() + width[:, None].double() * torch.linspace(0, 1, LOGIT_BINS + 1, dtype=torch.float64)
-    return [(top.indices[j].tolist(), top.values[j].tolist(), bot.indices[j].tolist(), (-bot.values[j]).tolist(),
-             heights[j].tolist(), edges[j].tolist()) for j in range(v.shape[0])]
+    return [
+        (
+            top.indices[j].tolist(),
+            top.values[j].tolist(),
+            bot.indices[j].tolist(),
+            (-bot.values[j]).tolist(),
+            heights[j].tolist(),
+            edges[j].tolist(),
+        )
+        for j in range(v.shape[0])
+    ]
 
 
 @torch.no_grad()
@@ -649,7 +761,7 @@ def _logit_rows(model, sae, k: int, chunk: int = 256):
         return
     W_dec = sae.W_dec.float().to(W_U.device)
     for lo in range(0, W_dec.shape[0], chunk):
-        for j, row in enumerate(_logit_summary(W_dec[lo:lo + chunk] @ W_U, k)):
+        for j, row in enumerate(_logit_summary(W_dec[lo : lo + chunk] @ W_U, k)):
             yield (lo + j, *(json.dumps(x) for x in row))
 
 
@@ -694,10 +806,18 @@ def index(
     """
     path = Path(path)
     if batch_size < 1 or context_size < 1 or top_n < 1:
-        raise LenslabError(f"batch_size, context_size and top_n must be >= 1 (got {batch_size}, {context_size}, {top_n})")
+        raise LenslabError(
+            f"batch_size, context_size and top_n must be >= 1 (got {batch_size}, {context_size}, {top_n})"
+        )
     hook = _check_pair(model, sae)
-    settings = {"context_size": int(context_size), "batch_size": int(batch_size), "top_n": int(top_n),
-                "window": [int(window[0]), int(window[1])], "skip_bos": bool(skip_bos), "hist_edges": list(HIST_EDGES)}
+    settings = {
+        "context_size": int(context_size),
+        "batch_size": int(batch_size),
+        "top_n": int(top_n),
+        "window": [int(window[0]), int(window[1])],
+        "skip_bos": bool(skip_bos),
+        "hist_edges": list(HIST_EDGES),
+    }
     ident = {**model_identity(model), **sae_identity(sae, sae_source)}
     if path.exists() and resume:
         store = FeatureStore(path)
@@ -705,12 +825,19 @@ def index(
         for k, v in settings.items():
             if store.meta[k] != v:
                 store.close()
-                raise LenslabError(f"{path.name} was indexed with {k}={store.meta[k]!r}, not {v!r}: pass the same settings "
-                                   "to resume, or resume=False to start over")
-        if corpus is not None and _corpus_hash(_tokenize_corpus(model, corpus, context_size)) != store.meta["corpus_hash"]:
+                raise LenslabError(
+                    f"{path.name} was indexed with {k}={store.meta[k]!r}, not {v!r}: pass the same settings "
+                    "to resume, or resume=False to start over"
+                )
+        if (
+            corpus is not None
+            and _corpus_hash(_tokenize_corpus(model, corpus, context_size)) != store.meta["corpus_hash"]
+        ):
             store.close()
-            raise LenslabError(f"{path.name} holds another corpus: pass the same corpus (or corpus=None) to resume, "
-                               "or resume=False to start over")
+            raise LenslabError(
+                f"{path.name} holds another corpus: pass the same corpus (or corpus=None) to resume, "
+                "or resume=False to start over"
+            )
         seqs = [np.asarray(s, dtype=np.int32) for s in store.corpus()]
         store.close()
     else:
@@ -721,10 +848,19 @@ def index(
         seqs = _tokenize_corpus(model, corpus, context_size)
         import lenslab
 
-        meta = {"format": FORMAT, "schema_version": SCHEMA_VERSION, **ident, **settings,
-                "n_prompts": len(seqs), "corpus_hash": _corpus_hash(seqs), "next_prompt": 0, "total_tokens": 0,
-                "complete": False, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "lenslab_version": lenslab.__version__}
+        meta = {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            **ident,
+            **settings,
+            "n_prompts": len(seqs),
+            "corpus_hash": _corpus_hash(seqs),
+            "next_prompt": 0,
+            "total_tokens": 0,
+            "complete": False,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "lenslab_version": lenslab.__version__,
+        }
         _create(path, model, sae, seqs, meta, LOGIT_K)
     _run(model, sae, hook, seqs, path, settings, progress=progress, on_batch=on_batch)
     return FeatureStore(path)
@@ -746,8 +882,9 @@ class _Index:
         self.top_pid = np.full((d_sae, top_n), -1, dtype=np.int64)
         self.top_pos = np.zeros((d_sae, top_n), dtype=np.int64)
         fill = np.zeros(d_sae, dtype=np.int64)
-        for f, pid, pos, act in con.execute("SELECT feature, prompt_id, pos, act FROM contexts "
-                                            "ORDER BY feature, act DESC, prompt_id, pos"):
+        for f, pid, pos, act in con.execute(
+            "SELECT feature, prompt_id, pos, act FROM contexts ORDER BY feature, act DESC, prompt_id, pos"
+        ):
             j = fill[f]
             self.top_act[f, j], self.top_pid[f, j], self.top_pos[f, j] = act, pid, pos
             fill[f] += 1
@@ -775,17 +912,23 @@ def _run(model, sae, hook, seqs, path, settings, *, progress, on_batch) -> None:
     pad = int(pad) if pad is not None else 0
     device = getattr(model.cfg, "device", None) or "cpu"
     n = len(seqs)
-    bar = tqdm(total=math.ceil(n / bs), initial=start // bs, unit="batch", desc=f"indexing {hook}", disable=not progress,
-               leave=False)
+    bar = tqdm(
+        total=math.ceil(n / bs),
+        initial=start // bs,
+        unit="batch",
+        desc=f"indexing {hook}",
+        disable=not progress,
+        leave=False,
+    )
     t0, tok0 = time.perf_counter(), 0
     try:
         for b0 in range(start, n, bs):
-            batch = seqs[b0:b0 + bs]
+            batch = seqs[b0 : b0 + bs]
             lens = np.array([len(s) for s in batch])
             T = int(lens.max())
             toks = torch.full((len(batch), T), pad, dtype=torch.long)
             for i, s in enumerate(batch):
-                toks[i, :len(s)] = torch.from_numpy(s.astype(np.int64))
+                toks[i, : len(s)] = torch.from_numpy(s.astype(np.int64))
             acts = feature_acts(model, sae, toks.to(device)).cpu()  # [B, T, d_sae]
             valid = torch.arange(T)[None, :] < torch.from_numpy(lens)[:, None]
             if settings["skip_bos"] and bos is not None:
@@ -803,16 +946,28 @@ def _run(model, sae, hook, seqs, path, settings, *, progress, on_batch) -> None:
             _set_meta(con, complete=True)
     except KeyboardInterrupt:
         done = json.loads(con.execute("SELECT value FROM meta WHERE key = 'next_prompt'").fetchone()[0])
-        print(f"\nlenslab: indexing interrupted after {done} of {n} prompts (all committed); run the same command again "
-              "to resume", file=sys.stderr)
+        print(
+            f"\nlenslab: indexing interrupted after {done} of {n} prompts (all committed); run the same command again "
+            "to resume",
+            file=sys.stderr,
+        )
         raise
     finally:
         bar.close()
         con.close()
 
 
-def _batch_rows(acts: Tensor, toks: Tensor, valid: Tensor, lens: np.ndarray, b0: int, state: _Index,
-                edges: np.ndarray, left: int, right: int) -> dict:
+def _batch_rows(
+    acts: Tensor,
+    toks: Tensor,
+    valid: Tensor,
+    lens: np.ndarray,
+    b0: int,
+    state: _Index,
+    edges: np.ndarray,
+    left: int,
+    right: int,
+) -> dict:
     """Update `state` with one batch (`acts` `[B, T, d_sae]`, counted positions `valid` `[B, T]`) and
     return the rows to write: changed features, token-table increments, contexts in and out."""
     bi, pi = valid.nonzero(as_tuple=True)
@@ -834,8 +989,16 @@ def _batch_rows(acts: Tensor, toks: Tensor, valid: Tensor, lens: np.ndarray, b0:
     state.sum_act += sum_b
     state.max_act = np.maximum(state.max_act, max_b)
     state.hist += hist_b
-    feat_rows = [(int(state.n_fire[j]), float(state.sum_act[j]), float(state.max_act[j]),
-                  state.hist[j].astype("<i8").tobytes(), int(j)) for j in touched]
+    feat_rows = [
+        (
+            int(state.n_fire[j]),
+            float(state.sum_act[j]),
+            float(state.max_act[j]),
+            state.hist[j].astype("<i8").tobytes(),
+            int(j),
+        )
+        for j in touched
+    ]
     # per (token, feature)
     uniq, inv = tok.unique(return_inverse=True)
     U = len(uniq)
@@ -843,7 +1006,9 @@ def _batch_rows(acts: Tensor, toks: Tensor, valid: Tensor, lens: np.ndarray, b0:
     tcnt = torch.zeros(U, d_sae, dtype=torch.long).index_add_(0, inv, fire.long())
     tsum = torch.zeros(U, d_sae, dtype=torch.float64).index_add_(0, inv, a.double())
     ui, uf = tcnt.nonzero(as_tuple=True)
-    tok_rows = list(zip(uniq[ui].tolist(), uf.tolist(), tcnt[ui, uf].tolist(), tsum[ui, uf].tolist(), tmax[ui, uf].tolist()))
+    tok_rows = list(
+        zip(uniq[ui].tolist(), uf.tolist(), tcnt[ui, uf].tolist(), tsum[ui, uf].tolist(), tmax[ui, uf].tolist())
+    )
     ctx_in, ctx_out = _merge_contexts(a, bi, pi, acts, lens, b0, state, max_b, left, right)
     return {"features": feat_rows, "tokens": tok_rows, "ctx_in": ctx_in, "ctx_out": ctx_out, "n_tokens": int(N)}
 
@@ -886,21 +1051,33 @@ def _merge_contexts(a, bi, pi, acts, lens, b0, state: _Index, max_b, left, right
         offs = np.arange(-left, right + 1)
         P = p[:, None] + offs[None, :]  # [C, W]
         ok = (P >= 0) & (P < lens[b][:, None])
-        win = acts[torch.from_numpy(b)[:, None], torch.from_numpy(np.clip(P, 0, acts.shape[1] - 1)),
-                   torch.from_numpy(feats)[:, None]].numpy().astype("<f4")  # [C, W]
+        win = (
+            acts[
+                torch.from_numpy(b)[:, None],
+                torch.from_numpy(np.clip(P, 0, acts.shape[1] - 1)),
+                torch.from_numpy(feats)[:, None],
+            ]
+            .numpy()
+            .astype("<f4")
+        )  # [C, W]
         for c in range(len(fi)):
             s0 = max(0, int(p[c]) - left)
-            ctx_in.append((int(feats[c]), int(b0 + b[c]), int(p[c]), float(v[fi[c], ji[c]]), s0, win[c][ok[c]].tobytes()))
+            ctx_in.append(
+                (int(feats[c]), int(b0 + b[c]), int(p[c]), float(v[fi[c], ji[c]]), s0, win[c][ok[c]].tobytes())
+            )
     state.top_act[cand], state.top_pid[cand], state.top_pos[cand] = new_act, new_pid, new_pos
     return ctx_in, ctx_out
 
 
 def _write_batch(con: sqlite3.Connection, rows: dict, next_prompt: int, total: int) -> None:
-    con.executemany("UPDATE features SET n_fire = ?, sum_act = ?, max_act = ?, hist = ? WHERE feature = ?", rows["features"])
+    con.executemany(
+        "UPDATE features SET n_fire = ?, sum_act = ?, max_act = ?, hist = ? WHERE feature = ?", rows["features"]
+    )
     con.executemany(
         "INSERT INTO token_features VALUES (?, ?, ?, ?, ?) ON CONFLICT (token_id, feature) DO UPDATE SET "
         "n_fire = n_fire + excluded.n_fire, sum_act = sum_act + excluded.sum_act, max_act = max(max_act, excluded.max_act)",
-        rows["tokens"])
+        rows["tokens"],
+    )
     con.executemany("DELETE FROM contexts WHERE feature = ? AND prompt_id = ? AND pos = ?", rows["ctx_out"])
     con.executemany("INSERT INTO contexts VALUES (?, ?, ?, ?, ?, ?)", rows["ctx_in"])
     _set_meta(con, next_prompt=int(next_prompt), total_tokens=int(total))
@@ -939,8 +1116,10 @@ class LookupResult(JsonResult):
 
     def rows(self) -> list[dict]:
         """One dict per token: pos, token and its firing (feature, activation) pairs."""
-        return [{"pos": i, "token": t, "features": [(f, v) for f, v in zip(fs, vs) if v > 0]}
-                for i, (t, fs, vs) in enumerate(zip(self.tokens, self.features, self.values))]
+        return [
+            {"pos": i, "token": t, "features": [(f, v) for f, v in zip(fs, vs) if v > 0]}
+            for i, (t, fs, vs) in enumerate(zip(self.tokens, self.features, self.values))
+        ]
 
     def top(self, pos: int) -> list[tuple[int, float]]:
         """The firing (feature, activation) pairs of the token at `pos`."""
@@ -959,21 +1138,42 @@ class LookupResult(JsonResult):
         """Long format: pos, token, rank, feature, activation (firing features only)."""
         import pandas as pd
 
-        recs = [{"pos": r["pos"], "token": r["token"], "rank": j, "feature": f, "activation": v}
-                for r in self.rows() for j, (f, v) in enumerate(r["features"])]
+        recs = [
+            {"pos": r["pos"], "token": r["token"], "rank": j, "feature": f, "activation": v}
+            for r in self.rows()
+            for j, (f, v) in enumerate(r["features"])
+        ]
         return pd.DataFrame(recs, columns=["pos", "token", "rank", "feature", "activation"])
 
     def to_dict(self) -> dict:
-        return {"kind": self.KIND, "prompt": self.prompt, "tokens": self.tokens, "token_ids": self.token_ids,
-                "features": self.features, "values": self.values, "union": self.union, "matrix": self.matrix,
-                "hook": self.hook, "k": self.k, "provenance": self.provenance}
+        return {
+            "kind": self.KIND,
+            "prompt": self.prompt,
+            "tokens": self.tokens,
+            "token_ids": self.token_ids,
+            "features": self.features,
+            "values": self.values,
+            "union": self.union,
+            "matrix": self.matrix,
+            "hook": self.hook,
+            "k": self.k,
+            "provenance": self.provenance,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> LookupResult:
-        return cls(prompt=d["prompt"], tokens=list(d["tokens"]), token_ids=[int(i) for i in d["token_ids"]],
-                   features=[[int(f) for f in r] for r in d["features"]], values=[[float(v) for v in r] for r in d["values"]],
-                   union=[int(f) for f in d["union"]], matrix=[[float(v) for v in r] for r in d["matrix"]],
-                   hook=d["hook"], k=int(d["k"]), provenance=d.get("provenance") or {})
+        return cls(
+            prompt=d["prompt"],
+            tokens=list(d["tokens"]),
+            token_ids=[int(i) for i in d["token_ids"]],
+            features=[[int(f) for f in r] for r in d["features"]],
+            values=[[float(v) for v in r] for r in d["values"]],
+            union=[int(f) for f in d["union"]],
+            matrix=[[float(v) for v in r] for r in d["matrix"]],
+            hook=d["hook"],
+            k=int(d["k"]),
+            provenance=d.get("provenance") or {},
+        )
 
     def figure(self):
         """Token x feature heatmap of the union features' activations (hover: token, feature, value)."""
@@ -984,12 +1184,24 @@ class LookupResult(JsonResult):
         toks = figures._uniq([f"{i} {t!r}" for i, t in enumerate(self.tokens)])
         cols = [f"f{f}" for f in self.union]
         z = self.matrix if self.union else [[0.0] for _ in self.tokens]
-        fig = go.Figure(go.Heatmap(
-            z=z, x=cols or ["(none)"], y=toks, colorscale=[[0, "#ffffff"], [1, "#e6550d"]], zmin=0,
-            colorbar=dict(title="activation"),
-            hovertemplate="token %{y}<br>feature %{x}<br>activation %{z:.4g}<extra></extra>"))
-        fig.update_layout(xaxis_title="feature", yaxis_title="token", yaxis_autorange="reversed",
-                          height=max(360, 22 * len(self.tokens) + 160), width=max(600, 28 * len(cols) + 260))
+        fig = go.Figure(
+            go.Heatmap(
+                z=z,
+                x=cols or ["(none)"],
+                y=toks,
+                colorscale=[[0, "#ffffff"], [1, "#e6550d"]],
+                zmin=0,
+                colorbar=dict(title="activation"),
+                hovertemplate="token %{y}<br>feature %{x}<br>activation %{z:.4g}<extra></extra>",
+            )
+        )
+        fig.update_layout(
+            xaxis_title="feature",
+            yaxis_title="token",
+            yaxis_autorange="reversed",
+            height=max(360, 22 * len(self.tokens) + 160),
+            width=max(600, 28 * len(cols) + 260),
+        )
         fig.update_xaxes(type="category")
         p = self.provenance
         return figures.style(fig, f"SAE features per token · {self.hook} · model {p.get('model', '?')} · top {self.k}")
@@ -1008,13 +1220,21 @@ def lookup(model, sae, prompt: str, k: int = 5, *, prepend_bos: bool = True, max
     kk = min(k, acts.shape[1])
     top = acts.topk(kk, dim=1)
     firing = top.indices[top.values > 0].unique()
-    order = acts[:, firing].max(0).values.argsort(descending=True) if len(firing) else torch.tensor([], dtype=torch.long)
+    order = (
+        acts[:, firing].max(0).values.argsort(descending=True) if len(firing) else torch.tensor([], dtype=torch.long)
+    )
     union = firing[order][:max_union].tolist()
     ids = toks[0].tolist()
     return LookupResult(
-        prompt=prompt, tokens=_str_tokens(model, ids), token_ids=ids, features=top.indices.tolist(),
-        values=top.values.tolist(), union=union, matrix=acts[:, union].tolist() if union else [[] for _ in ids],
-        hook=hook, k=kk,
+        prompt=prompt,
+        tokens=_str_tokens(model, ids),
+        token_ids=ids,
+        features=top.indices.tolist(),
+        values=top.values.tolist(),
+        union=union,
+        matrix=acts[:, union].tolist() if union else [[] for _ in ids],
+        hook=hook,
+        k=kk,
         provenance=provenance(model, method="sae-lookup", hook=hook, sae=sae_identity(sae)),
     )
 
@@ -1061,8 +1281,16 @@ class FeatureDashboard(JsonResult):
         return self.n_fire / self.total_tokens if self.total_tokens else 0.0
 
     @classmethod
-    def from_store(cls, store: FeatureStore | str | Path, feature: int, model=None, sae=None, *,
-                   n_contexts: int | None = None, k_logits: int = LOGIT_K) -> FeatureDashboard:
+    def from_store(
+        cls,
+        store: FeatureStore | str | Path,
+        feature: int,
+        model=None,
+        sae=None,
+        *,
+        n_contexts: int | None = None,
+        k_logits: int = LOGIT_K,
+    ) -> FeatureDashboard:
         """The dashboard of `feature`. With `model` and `sae` (checked against the store) the logit
         effects are computed now (`k_logits` each way); without, they come from the store."""
         own = not isinstance(store, FeatureStore)
@@ -1082,15 +1310,30 @@ class FeatureDashboard(JsonResult):
                 lh, le = lg["hist_heights"], lg["hist_edges"]
             m = st.meta
             return cls(
-                feature=int(feature), model=m["model"], hook=m["hook"], sae=m.get("sae_source") or m["sae_hash"],
-                n_fire=s.n_fire, total_tokens=s.total_tokens, max_act=s.max_act, mean_act=s.mean_act,
-                hist_edges=s.hist_edges, hist_counts=s.hist_counts, contexts=ctx,
+                feature=int(feature),
+                model=m["model"],
+                hook=m["hook"],
+                sae=m.get("sae_source") or m["sae_hash"],
+                n_fire=s.n_fire,
+                total_tokens=s.total_tokens,
+                max_act=s.max_act,
+                mean_act=s.mean_act,
+                hist_edges=s.hist_edges,
+                hist_counts=s.hist_counts,
+                contexts=ctx,
                 pos_logits=[(st.token_strs([i])[0], float(x)) for i, x in pos],
                 neg_logits=[(st.token_strs([i])[0], float(x)) for i, x in neg],
-                logit_hist_heights=lh, logit_hist_edges=le,
-                provenance={"store": str(st.path), "model": m["model"], "hook": m["hook"], "sae_hash": m["sae_hash"],
-                            "sae_source": m.get("sae_source"), "store_complete": st.complete,
-                            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
+                logit_hist_heights=lh,
+                logit_hist_edges=le,
+                provenance={
+                    "store": str(st.path),
+                    "model": m["model"],
+                    "hook": m["hook"],
+                    "sae_hash": m["sae_hash"],
+                    "sae_source": m.get("sae_source"),
+                    "store_complete": st.complete,
+                    "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                },
             )
         finally:
             if own:
@@ -1104,20 +1347,41 @@ class FeatureDashboard(JsonResult):
     def to_dict(self) -> dict:
         le = self.logit_hist_edges
         return {
-            "kind": self.KIND, "modelId": self.model, "layer": self.hook, "hookName": self.hook, "index": str(self.feature),
-            "sae": self.sae, "maxActApprox": self.max_act, "frac_nonzero": self.density,
-            "n_fire": self.n_fire, "total_tokens": self.total_tokens, "mean_act": self.mean_act,
-            "pos_str": [t for t, _ in self.pos_logits], "pos_values": [v for _, v in self.pos_logits],
-            "neg_str": [t for t, _ in self.neg_logits], "neg_values": [v for _, v in self.neg_logits],
-            "freq_hist_data_bar_heights": self.hist_counts, "freq_hist_data_bar_values": self._hist_centres(),
+            "kind": self.KIND,
+            "modelId": self.model,
+            "layer": self.hook,
+            "hookName": self.hook,
+            "index": str(self.feature),
+            "sae": self.sae,
+            "maxActApprox": self.max_act,
+            "frac_nonzero": self.density,
+            "n_fire": self.n_fire,
+            "total_tokens": self.total_tokens,
+            "mean_act": self.mean_act,
+            "pos_str": [t for t, _ in self.pos_logits],
+            "pos_values": [v for _, v in self.pos_logits],
+            "neg_str": [t for t, _ in self.neg_logits],
+            "neg_values": [v for _, v in self.neg_logits],
+            "freq_hist_data_bar_heights": self.hist_counts,
+            "freq_hist_data_bar_values": self._hist_centres(),
             "hist_edges": self.hist_edges,
             "logits_hist_data_bar_heights": self.logit_hist_heights,
             "logits_hist_data_bar_values": [(le[i] + le[i + 1]) / 2 for i in range(len(le) - 1)],
             "logits_hist_edges": le,
-            "activations": [{
-                "tokens": c.tokens, "values": c.acts, "maxValue": c.act, "maxValueTokenIndex": c.index,
-                "minValue": min(c.acts) if c.acts else 0.0, "prompt_id": c.prompt_id, "pos": c.pos, "start": c.start,
-                "token_ids": c.token_ids} for c in self.contexts],
+            "activations": [
+                {
+                    "tokens": c.tokens,
+                    "values": c.acts,
+                    "maxValue": c.act,
+                    "maxValueTokenIndex": c.index,
+                    "minValue": min(c.acts) if c.acts else 0.0,
+                    "prompt_id": c.prompt_id,
+                    "pos": c.pos,
+                    "start": c.start,
+                    "token_ids": c.token_ids,
+                }
+                for c in self.contexts
+            ],
             "explanations": [],
             "provenance": self.provenance,
         }
@@ -1125,15 +1389,33 @@ class FeatureDashboard(JsonResult):
     @classmethod
     def from_dict(cls, d: dict) -> FeatureDashboard:
         return cls(
-            feature=int(d["index"]), model=d["modelId"], hook=d["hookName"], sae=d["sae"], n_fire=int(d["n_fire"]),
-            total_tokens=int(d["total_tokens"]), max_act=float(d["maxActApprox"]), mean_act=float(d["mean_act"]),
-            hist_edges=[float(x) for x in d["hist_edges"]], hist_counts=[int(x) for x in d["freq_hist_data_bar_heights"]],
-            contexts=[Context(prompt_id=int(a["prompt_id"]), pos=int(a["pos"]), act=float(a["maxValue"]), start=int(a["start"]),
-                              token_ids=[int(i) for i in a["token_ids"]], tokens=list(a["tokens"]),
-                              acts=[float(v) for v in a["values"]]) for a in d["activations"]],
-            pos_logits=list(zip(d["pos_str"], d["pos_values"])), neg_logits=list(zip(d["neg_str"], d["neg_values"])),
+            feature=int(d["index"]),
+            model=d["modelId"],
+            hook=d["hookName"],
+            sae=d["sae"],
+            n_fire=int(d["n_fire"]),
+            total_tokens=int(d["total_tokens"]),
+            max_act=float(d["maxActApprox"]),
+            mean_act=float(d["mean_act"]),
+            hist_edges=[float(x) for x in d["hist_edges"]],
+            hist_counts=[int(x) for x in d["freq_hist_data_bar_heights"]],
+            contexts=[
+                Context(
+                    prompt_id=int(a["prompt_id"]),
+                    pos=int(a["pos"]),
+                    act=float(a["maxValue"]),
+                    start=int(a["start"]),
+                    token_ids=[int(i) for i in a["token_ids"]],
+                    tokens=list(a["tokens"]),
+                    acts=[float(v) for v in a["values"]],
+                )
+                for a in d["activations"]
+            ],
+            pos_logits=list(zip(d["pos_str"], d["pos_values"])),
+            neg_logits=list(zip(d["neg_str"], d["neg_values"])),
             logit_hist_heights=[int(x) for x in d.get("logits_hist_data_bar_heights", [])],
-            logit_hist_edges=[float(x) for x in d.get("logits_hist_edges", [])], provenance=d.get("provenance") or {},
+            logit_hist_edges=[float(x) for x in d.get("logits_hist_edges", [])],
+            provenance=d.get("provenance") or {},
         )
 
     def title(self) -> str:
@@ -1146,22 +1428,46 @@ class FeatureDashboard(JsonResult):
 
         from lenslab import figures
 
-        fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45], horizontal_spacing=0.14,
-                            subplot_titles=[f"activation histogram (density {self.density:.3%})", "logit effect W_dec·W_U"])
+        fig = make_subplots(
+            rows=1,
+            cols=2,
+            column_widths=[0.55, 0.45],
+            horizontal_spacing=0.14,
+            subplot_titles=[f"activation histogram (density {self.density:.3%})", "logit effect W_dec·W_U"],
+        )
         counts, cen = self.hist_counts, self._hist_centres()
         nz = [i for i, c in enumerate(counts) if c]
         lo, hi = (nz[0], nz[-1] + 1) if nz else (0, len(counts))
         e = self.hist_edges
-        fig.add_trace(go.Bar(x=cen[lo:hi], y=counts[lo:hi], width=[e[i + 1] - e[i] for i in range(lo, hi)],
-                             marker_color="#e6550d", name="tokens", showlegend=False,
-                             hovertemplate="activation ≈ %{x:.3g}<br>tokens %{y}<extra></extra>"), row=1, col=1)
+        fig.add_trace(
+            go.Bar(
+                x=cen[lo:hi],
+                y=counts[lo:hi],
+                width=[e[i + 1] - e[i] for i in range(lo, hi)],
+                marker_color="#e6550d",
+                name="tokens",
+                showlegend=False,
+                hovertemplate="activation ≈ %{x:.3g}<br>tokens %{y}<extra></extra>",
+            ),
+            row=1,
+            col=1,
+        )
         fig.update_xaxes(type="log", title_text="activation (log scale)", row=1, col=1)
         fig.update_yaxes(title_text="tokens", row=1, col=1)
         logit_rows = list(reversed(self.neg_logits)) + list(self.pos_logits)[::-1]
         labels = figures._uniq([repr(t) for t, _ in logit_rows])
-        fig.add_trace(go.Bar(x=[v for _, v in logit_rows], y=labels, orientation="h", showlegend=False,
-                             marker_color=["#1f5fb4" if v > 0 else "#c0392b" for _, v in logit_rows],
-                             hovertemplate="%{y}: %{x:.4g}<extra></extra>"), row=1, col=2)
+        fig.add_trace(
+            go.Bar(
+                x=[v for _, v in logit_rows],
+                y=labels,
+                orientation="h",
+                showlegend=False,
+                marker_color=["#1f5fb4" if v > 0 else "#c0392b" for _, v in logit_rows],
+                hovertemplate="%{y}: %{x:.4g}<extra></extra>",
+            ),
+            row=1,
+            col=2,
+        )
         fig.update_yaxes(type="category", autorange="reversed", row=1, col=2)
         fig.update_layout(height=max(420, 18 * len(logit_rows) + 160), width=1000)
         return figures.style(fig, self.title())
@@ -1175,17 +1481,24 @@ class FeatureDashboard(JsonResult):
         def tok_span(t: str, a: float, here: bool) -> str:
             alpha = max(0.0, min(1.0, a / top))
             cls = ' class="here"' if here else ""
-            return (f'<span{cls} style="background: rgba(230, 85, 13, {alpha:.3f})" title="{a:.4g}">'
-                    f"{esc(t).replace(' ', '&nbsp;') or '&nbsp;'}</span>")
+            return (
+                f'<span{cls} style="background: rgba(230, 85, 13, {alpha:.3f})" title="{a:.4g}">'
+                f"{esc(t).replace(' ', '&nbsp;') or '&nbsp;'}</span>"
+            )
 
-        ctx_html = "\n".join(
-            f'<div class="ctx"><span class="val">{c.act:.4g}</span> <span class="where">prompt {c.prompt_id}, pos {c.pos}</span> '
-            + " ".join(tok_span(t, a, i == c.index) for i, (t, a) in enumerate(zip(c.tokens, c.acts))) + "</div>"
-            for c in self.contexts) or "<p>(the feature never fired on the indexed corpus)</p>"
+        ctx_html = (
+            "\n".join(
+                f'<div class="ctx"><span class="val">{c.act:.4g}</span> <span class="where">prompt {c.prompt_id}, pos {c.pos}</span> '
+                + " ".join(tok_span(t, a, i == c.index) for i, (t, a) in enumerate(zip(c.tokens, c.acts)))
+                + "</div>"
+                for c in self.contexts
+            )
+            or "<p>(the feature never fired on the indexed corpus)</p>"
+        )
 
         def logit_table(rows, head):
             body = "".join(f"<tr><td><code>{esc(repr(t))}</code></td><td>{v:+.4g}</td></tr>" for t, v in rows)
-            return f"<table class=\"logits\"><tr><th>{head}</th><th>value</th></tr>{body}</table>"
+            return f'<table class="logits"><tr><th>{head}</th><th>value</th></tr>{body}</table>'
 
         fig_html = self.figure().to_html(include_plotlyjs=True, full_html=False)
         page = f"""<!DOCTYPE html>
@@ -1232,7 +1545,9 @@ td, th {{ border-bottom: 1px solid #ddd; padding: 2px 10px; text-align: left; }}
             self.to_html(path)
             return path
         if ext not in FORMATS:
-            raise LenslabError(f"cannot export a dashboard to {path.name!r}: use .html, .json or one of {', '.join(FORMATS)}")
+            raise LenslabError(
+                f"cannot export a dashboard to {path.name!r}: use .html, .json or one of {', '.join(FORMATS)}"
+            )
         return export(self, path)
 
 
@@ -1257,8 +1572,15 @@ class FeatureHit:
     share: float = 1.0
 
     def to_dict(self) -> dict:
-        return {"feature": self.feature, "max_act": self.max_act, "mean_act": self.mean_act, "n_fire": self.n_fire,
-                "density": self.density, "tokens": self.tokens, "share": self.share}
+        return {
+            "feature": self.feature,
+            "max_act": self.max_act,
+            "mean_act": self.mean_act,
+            "n_fire": self.n_fire,
+            "density": self.density,
+            "tokens": self.tokens,
+            "share": self.share,
+        }
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -1276,26 +1598,39 @@ class SearchResult(JsonResult):
         return [h.feature for h in self.hits]
 
     def to_dict(self) -> dict:
-        return {"kind": self.KIND, "query": self.query, "hits": [h.to_dict() for h in self.hits],
-                "matched_tokens": self.matched_tokens, "store": self.store}
+        return {
+            "kind": self.KIND,
+            "query": self.query,
+            "hits": [h.to_dict() for h in self.hits],
+            "matched_tokens": self.matched_tokens,
+            "store": self.store,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> SearchResult:
-        return cls(query=d["query"], hits=[FeatureHit(**h) for h in d["hits"]], matched_tokens=list(d["matched_tokens"]),
-                   store=d["store"])
+        return cls(
+            query=d["query"],
+            hits=[FeatureHit(**h) for h in d["hits"]],
+            matched_tokens=list(d["matched_tokens"]),
+            store=d["store"],
+        )
 
     def to_dataframe(self):
         import pandas as pd
 
-        return pd.DataFrame([h.to_dict() for h in self.hits],
-                            columns=["feature", "max_act", "mean_act", "n_fire", "share", "density", "tokens"])
+        return pd.DataFrame(
+            [h.to_dict() for h in self.hits],
+            columns=["feature", "max_act", "mean_act", "n_fire", "share", "density", "tokens"],
+        )
 
     def table(self) -> str:
         lines = [f"{'feature':>7}  {'max':>8}  {'mean':>8}  {'fires':>6}  {'share':>6}  {'density':>8}  tokens"]
         for h in self.hits:
             toks = " ".join(repr(t) for t in h.tokens[:6])
-            lines.append(f"{h.feature:>7}  {h.max_act:>8.4g}  {h.mean_act:>8.4g}  {h.n_fire:>6}  {h.share:>6.1%}  "
-                         f"{h.density:>8.3%}  {toks}")
+            lines.append(
+                f"{h.feature:>7}  {h.max_act:>8.4g}  {h.mean_act:>8.4g}  {h.n_fire:>6}  {h.share:>6.1%}  "
+                f"{h.density:>8.3%}  {toks}"
+            )
         return "\n".join(lines)
 
     def figure(self):
@@ -1303,8 +1638,14 @@ class SearchResult(JsonResult):
 
         from lenslab import figures
 
-        fig = go.Figure(go.Bar(x=[f"f{h.feature}" for h in self.hits], y=[h.max_act for h in self.hits], marker_color="#e6550d",
-                               hovertemplate="%{x}: max %{y:.4g}<extra></extra>"))
+        fig = go.Figure(
+            go.Bar(
+                x=[f"f{h.feature}" for h in self.hits],
+                y=[h.max_act for h in self.hits],
+                marker_color="#e6550d",
+                hovertemplate="%{x}: max %{y:.4g}<extra></extra>",
+            )
+        )
         fig.update_layout(xaxis_title="feature", yaxis_title="max activation", xaxis_type="category")
         q = ", ".join(f"{k}={v!r}" for k, v in self.query.items())
         return figures.style(fig, f"Feature search: {q}")
@@ -1314,8 +1655,15 @@ def _normal(s: str) -> str:
     return s.replace("Ġ", " ").replace("▁", " ").strip().lower()
 
 
-def search(store: FeatureStore | str | Path, *, token: str | int | None = None, substring: str | None = None,
-           feature: int | None = None, k: int = 10, by: str = "max") -> SearchResult:
+def search(
+    store: FeatureStore | str | Path,
+    *,
+    token: str | int | None = None,
+    substring: str | None = None,
+    feature: int | None = None,
+    k: int = 10,
+    by: str = "max",
+) -> SearchResult:
     """Features most active on a token, on tokens containing a substring, or one feature's summary.
 
     Give exactly one of: `token` (a token string, matched exactly or, failing that, ignoring
@@ -1339,8 +1687,14 @@ def search(store: FeatureStore | str | Path, *, token: str | int | None = None, 
         dens = n_all / max(st.total_tokens, 1)
         if feature is not None:
             s = st.stats(int(feature))
-            hit = FeatureHit(feature=int(feature), max_act=s.max_act, mean_act=s.mean_act, n_fire=s.n_fire,
-                             density=s.density, tokens=[t for t, _, _ in st.top_tokens(int(feature), 10)])
+            hit = FeatureHit(
+                feature=int(feature),
+                max_act=s.max_act,
+                mean_act=s.mean_act,
+                n_fire=s.n_fire,
+                density=s.density,
+                tokens=[t for t, _, _ in st.top_tokens(int(feature), 10)],
+            )
             return SearchResult(query={"feature": int(feature)}, hits=[hit], matched_tokens=[], store=str(st.path))
         vocab = st.vocab()
         if token is not None:
@@ -1349,10 +1703,14 @@ def search(store: FeatureStore | str | Path, *, token: str | int | None = None, 
                     raise LenslabError(f"token id {token} is not in the model's vocabulary (0 .. {len(vocab) - 1})")
                 ids = [int(token)]
             else:
-                ids = [i for i, t in vocab.items() if t == token] or [i for i, t in vocab.items() if _normal(t) == _normal(token)]
+                ids = [i for i, t in vocab.items() if t == token] or [
+                    i for i, t in vocab.items() if _normal(t) == _normal(token)
+                ]
                 if not ids:
-                    raise LenslabError(f"no token {token!r} in the model's vocabulary{did_you_mean(token, list(vocab.values()))}; "
-                                       "try substring= for partial matches")
+                    raise LenslabError(
+                        f"no token {token!r} in the model's vocabulary{did_you_mean(token, list(vocab.values()))}; "
+                        "try substring= for partial matches"
+                    )
             query = {"token": token}
         else:
             if not substring:
@@ -1369,10 +1727,18 @@ def search(store: FeatureStore | str | Path, *, token: str | int | None = None, 
             a[1] += int(n)
             a[2] += float(s)
             a[3].append((float(m), vocab.get(int(tid), str(tid))))
-        hits = [FeatureHit(feature=f, max_act=a[0], mean_act=a[2] / a[1] if a[1] else 0.0, n_fire=a[1],
-                           density=float(dens[f]), tokens=[t for _, t in sorted(a[3], key=lambda x: -x[0])],
-                           share=a[1] / int(n_all[f]) if n_all[f] else 0.0)
-                for f, a in agg.items()]
+        hits = [
+            FeatureHit(
+                feature=f,
+                max_act=a[0],
+                mean_act=a[2] / a[1] if a[1] else 0.0,
+                n_fire=a[1],
+                density=float(dens[f]),
+                tokens=[t for _, t in sorted(a[3], key=lambda x: -x[0])],
+                share=a[1] / int(n_all[f]) if n_all[f] else 0.0,
+            )
+            for f, a in agg.items()
+        ]
         key = {"max": lambda h: h.max_act, "mean": lambda h: h.mean_act, "share": lambda h: h.share}[by]
         hits = sorted(hits, key=lambda h: (-key(h), h.feature))[:k]
         query["by"] = by

@@ -31,6 +31,7 @@ switch off or force on.
 >>> routers.route(model, ["user : first bomb 3 assistant :"]).indices[0].shape  # [pos, layer, k]
 torch.Size([8, 4, 2])
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -42,8 +43,20 @@ from lenslab._errors import LenslabError
 from lenslab.results import JsonResult, provenance
 
 __all__ = [
-    "ExpertRanking", "MoeLayer", "RouterResult", "activation_maps", "check_experts", "expert_load",
-    "ftri_rank", "has_moe", "load_figure", "moe_layers", "parse_experts", "route", "router_spec", "scores_of",
+    "ExpertRanking",
+    "MoeLayer",
+    "RouterResult",
+    "activation_maps",
+    "check_experts",
+    "expert_load",
+    "ftri_rank",
+    "has_moe",
+    "load_figure",
+    "moe_layers",
+    "parse_experts",
+    "route",
+    "router_spec",
+    "scores_of",
 ]
 
 NO_MOE = "this model has no Mixture-of-Experts layers"
@@ -87,19 +100,31 @@ def moe_layers(model) -> list[MoeLayer]:
     for layer in range(model.cfg.n_layers):
         if f"blocks.{layer}.mlp.hook_expert_weights" in hooks:
             cfg = model.cfg
-            out.append(MoeLayer(
-                layer, f"blocks.{layer}.mlp.hook_expert_weights", "hooked", int(cfg.num_experts),
-                int(cfg.experts_per_token), bool(getattr(cfg, "norm_topk_prob", False)),
-                indices_hook=f"blocks.{layer}.mlp.hook_expert_indices",
-            ))
+            out.append(
+                MoeLayer(
+                    layer,
+                    f"blocks.{layer}.mlp.hook_expert_weights",
+                    "hooked",
+                    int(cfg.num_experts),
+                    int(cfg.experts_per_token),
+                    bool(getattr(cfg, "norm_topk_prob", False)),
+                    indices_hook=f"blocks.{layer}.mlp.hook_expert_indices",
+                )
+            )
         elif f"blocks.{layer}.mlp.gate.hook_out" in hooks:
             router = _hf_router(model, layer)
             if router is None:  # a dense gated MLP: its `gate` is a projection, not a router
                 continue
-            out.append(MoeLayer(
-                layer, f"blocks.{layer}.mlp.gate.hook_out", "bridge", int(router.num_experts),
-                int(router.top_k), **router_spec(router),
-            ))
+            out.append(
+                MoeLayer(
+                    layer,
+                    f"blocks.{layer}.mlp.gate.hook_out",
+                    "bridge",
+                    int(router.num_experts),
+                    int(router.top_k),
+                    **router_spec(router),
+                )
+            )
     if not out:
         name = getattr(model.cfg, "model_name", "model")
         raise LenslabError(
@@ -121,12 +146,20 @@ def router_spec(router, config=None) -> dict:
     """
     name = type(router).__name__
     if name in SIGMOID_ROUTERS:
-        return dict(norm_topk_prob=bool(router.norm_topk_prob), scoring="sigmoid",
-                    n_group=int(router.num_group or 1), topk_group=int(router.topk_group or 1))
+        return dict(
+            norm_topk_prob=bool(router.norm_topk_prob),
+            scoring="sigmoid",
+            n_group=int(router.num_group or 1),
+            topk_group=int(router.topk_group or 1),
+        )
     if name == "DeepseekV2TopkRouter":
         grouped = getattr(router, "topk_method", "greedy") == "group_limited_greedy"
-        return dict(norm_topk_prob=False, scoring="softmax", n_group=int(router.num_group) if grouped else 1,
-                    topk_group=int(router.topk_group) if grouped else 1)
+        return dict(
+            norm_topk_prob=False,
+            scoring="softmax",
+            n_group=int(router.num_group) if grouped else 1,
+            topk_group=int(router.topk_group) if grouped else 1,
+        )
     norm = getattr(router, "norm_topk_prob", None)
     if norm is None:  # Mixtral's router always renormalises and has no flag
         norm = getattr(config, "norm_topk_prob", None) if config is not None else None
@@ -168,9 +201,7 @@ def check_experts(model, experts, *, layers: list[MoeLayer] | None = None) -> li
         except (TypeError, ValueError) as exc:
             raise LenslabError(f"expert {pair!r} is not a (layer, expert) pair of ints") from exc
         if layer not in by_layer:
-            raise LenslabError(
-                f"layer {layer} is not a MoE layer of this model; MoE layers: {sorted(by_layer)}"
-            )
+            raise LenslabError(f"layer {layer} is not a MoE layer of this model; MoE layers: {sorted(by_layer)}")
         n = by_layer[layer].n_experts
         if not 0 <= expert < n:
             raise LenslabError(f"expert {expert} does not exist in layer {layer}: it has experts 0..{n - 1}")
@@ -279,8 +310,12 @@ class RouterResult(JsonResult):
     def from_dict(cls, d: dict) -> RouterResult:
         return cls(
             indices=[torch.tensor(t, dtype=torch.long).reshape(-1, len(d["layers"]), d["top_k"]) for t in d["indices"]],
-            weights=[torch.tensor(t, dtype=torch.float32).reshape(-1, len(d["layers"]), d["top_k"]) for t in d["weights"]],
-            probs=[torch.tensor(t, dtype=torch.float32).reshape(-1, len(d["layers"]), d["n_experts"]) for t in d["probs"]],
+            weights=[
+                torch.tensor(t, dtype=torch.float32).reshape(-1, len(d["layers"]), d["top_k"]) for t in d["weights"]
+            ],
+            probs=[
+                torch.tensor(t, dtype=torch.float32).reshape(-1, len(d["layers"]), d["n_experts"]) for t in d["probs"]
+            ],
             tokens=[list(t) for t in d["tokens"]],
             layers=tuple(d["layers"]),
             n_experts=d["n_experts"],
@@ -299,23 +334,39 @@ class RouterResult(JsonResult):
             raise LenslabError(f"prompt {prompt} out of range: this result has {len(self.indices)} prompts")
         idx, w = self.indices[prompt], self.weights[prompt]
         toks = [f"{i}:{t}" for i, t in enumerate(self.tokens[prompt])]
-        text = [[", ".join(f"e{int(e)} ({float(g):.2f})" for e, g in zip(idx[p, li], w[p, li])) for p in range(idx.shape[0])]
-                for li in range(len(self.layers))]
-        fig = go.Figure(go.Heatmap(
-            z=idx[:, :, 0].T.tolist(), x=toks, y=[f"L{l}" for l in self.layers], text=text,
-            colorscale="Viridis", zmin=0, zmax=self.n_experts - 1, colorbar=dict(title="top expert"),
-            texttemplate="e%{z}",  # the expert id in each cell: the colour scale is only a guide
-            hovertemplate="%{y} · %{x}<br>%{text}<extra></extra>",
-        ))
+        text = [
+            [
+                ", ".join(f"e{int(e)} ({float(g):.2f})" for e, g in zip(idx[p, li], w[p, li]))
+                for p in range(idx.shape[0])
+            ]
+            for li in range(len(self.layers))
+        ]
+        fig = go.Figure(
+            go.Heatmap(
+                z=idx[:, :, 0].T.tolist(),
+                x=toks,
+                y=[f"L{l}" for l in self.layers],
+                text=text,
+                colorscale="Viridis",
+                zmin=0,
+                zmax=self.n_experts - 1,
+                colorbar=dict(title="top expert"),
+                texttemplate="e%{z}",  # the expert id in each cell: the colour scale is only a guide
+                hovertemplate="%{y} · %{x}<br>%{text}<extra></extra>",
+            )
+        )
         fig.update_layout(xaxis_title="token", yaxis_title="layer", yaxis_autorange="reversed")
         return figures.style(fig, f"Router: top expert per token · model {self.provenance.get('model', '?')}")
 
     def load_figure(self, fraction: bool = True):
         """Heatmap `[layer, expert]` of the load over all prompts (share of each layer's selections)."""
         what = "share of selections" if fraction else "selections"
-        return load_figure(self.load(fraction), self.layers,
-                           f"Expert load ({what}) · {sum(t.shape[0] for t in self.indices)} tokens · "
-                           f"model {self.provenance.get('model', '?')}")
+        return load_figure(
+            self.load(fraction),
+            self.layers,
+            f"Expert load ({what}) · {sum(t.shape[0] for t in self.indices)} tokens · "
+            f"model {self.provenance.get('model', '?')}",
+        )
 
 
 def load_figure(load: Tensor, layers, title: str = "Expert load"):
@@ -325,11 +376,17 @@ def load_figure(load: Tensor, layers, title: str = "Expert load"):
     from lenslab import figures
 
     z = load.float()
-    fig = go.Figure(go.Heatmap(
-        z=z.tolist(), x=[f"e{e}" for e in range(z.shape[1])], y=[f"L{l}" for l in layers],
-        colorscale="Viridis", zmin=0, colorbar=dict(title="load"),
-        hovertemplate="%{y} %{x}<br>%{z:.3g}<extra></extra>",
-    ))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z.tolist(),
+            x=[f"e{e}" for e in range(z.shape[1])],
+            y=[f"L{l}" for l in layers],
+            colorscale="Viridis",
+            zmin=0,
+            colorbar=dict(title="load"),
+            hovertemplate="%{y} %{x}<br>%{z:.3g}<extra></extra>",
+        )
+    )
     fig.update_layout(xaxis_title="expert", yaxis_title="layer", yaxis_autorange="reversed")
     return figures.style(fig, title)
 
@@ -363,8 +420,10 @@ def route(model, prompts, *, prepend_bos: bool | None = None, batch_size: int = 
     top_k = {m.top_k for m in layers}
     scoring = {m.scoring for m in layers}
     if len(n_exp) != 1 or len(top_k) != 1 or len(scoring) != 1:
-        raise LenslabError(f"MoE layers differ in expert count {sorted(n_exp)}, top-k {sorted(top_k)} or scoring "
-                           f"{sorted(scoring)}; not supported yet")
+        raise LenslabError(
+            f"MoE layers differ in expert count {sorted(n_exp)}, top-k {sorted(top_k)} or scoring "
+            f"{sorted(scoring)}; not supported yet"
+        )
     n_experts, k = n_exp.pop(), top_k.pop()
     device = next(model.parameters()).device
 
@@ -376,7 +435,7 @@ def route(model, prompts, *, prepend_bos: bool | None = None, batch_size: int = 
         by_len.setdefault(t.shape[0], []).append(i)
     for members in by_len.values():
         for start in range(0, len(members), batch_size):
-            chunk = members[start:start + batch_size]
+            chunk = members[start : start + batch_size]
             batch = torch.stack([toks[i] for i in chunk]).to(device)
             idx, w, p = _route_batch(model, batch, layers, k)  # [batch, pos, layer, *]
             for j, i in enumerate(chunk):
@@ -388,8 +447,14 @@ def route(model, prompts, *, prepend_bos: bool | None = None, batch_size: int = 
         for t in toks
     ]
     return RouterResult(
-        indices=out_idx, weights=out_w, probs=out_p, tokens=[[str(s) for s in lab] for lab in labels],
-        layers=tuple(m.layer for m in layers), n_experts=n_experts, top_k=k, scoring=scoring.pop(),
+        indices=out_idx,
+        weights=out_w,
+        probs=out_p,
+        tokens=[[str(s) for s in lab] for lab in labels],
+        layers=tuple(m.layer for m in layers),
+        n_experts=n_experts,
+        top_k=k,
+        scoring=scoring.pop(),
         provenance=provenance(model, method="route", hooks=[m.hook for m in layers]),
     )
 
@@ -536,9 +601,14 @@ class ExpertRanking(JsonResult):
     def from_dict(cls, d: dict) -> ExpertRanking:
         t = lambda x: torch.tensor(x, dtype=torch.float32)
         return cls(
-            diff=t(d["diff"]), target_mean=t(d["target_mean"]), other_mean=t(d["other_mean"]),
-            layers=tuple(d["layers"]), weights=bool(d.get("weights", False)), n_target=d.get("n_target", 0),
-            n_other=d.get("n_other", 0), provenance=d.get("provenance") or {},
+            diff=t(d["diff"]),
+            target_mean=t(d["target_mean"]),
+            other_mean=t(d["other_mean"]),
+            layers=tuple(d["layers"]),
+            weights=bool(d.get("weights", False)),
+            n_target=d.get("n_target", 0),
+            n_other=d.get("n_other", 0),
+            provenance=d.get("provenance") or {},
         )
 
     def figure(self, value: str = "diff"):
@@ -552,26 +622,40 @@ class ExpertRanking(JsonResult):
             mean = self.target_mean if value == "target" else self.other_mean
             n = self.n_target if value == "target" else self.n_other
             what = "gate-weight sum" if self.weights else "selections"
-            return load_figure(mean, self.layers, f"fTRI: mean {what} per {value} prompt ({n} prompts) · "
-                                                  f"model {self.provenance.get('model', '?')}")
+            return load_figure(
+                mean,
+                self.layers,
+                f"fTRI: mean {what} per {value} prompt ({n} prompts) · model {self.provenance.get('model', '?')}",
+            )
         if value != "diff":
             raise LenslabError(f"value {value!r} is not one of diff, target, other")
         z = self.diff.float()
         span = float(z.abs().max()) or 1.0
         what = "gate-weight sum" if self.weights else "selections"
-        fig = go.Figure(go.Heatmap(
-            z=z.tolist(), x=[f"e{e}" for e in range(z.shape[1])], y=[f"L{l}" for l in self.layers],
-            colorscale="RdBu_r", zmid=0, zmin=-span, zmax=span, colorbar=dict(title=f"Δ {what}"),
-            hovertemplate="%{y} %{x}<br>target − other: %{z:.3g}<extra></extra>",
-        ))
+        fig = go.Figure(
+            go.Heatmap(
+                z=z.tolist(),
+                x=[f"e{e}" for e in range(z.shape[1])],
+                y=[f"L{l}" for l in self.layers],
+                colorscale="RdBu_r",
+                zmid=0,
+                zmin=-span,
+                zmax=span,
+                colorbar=dict(title=f"Δ {what}"),
+                hovertemplate="%{y} %{x}<br>target − other: %{z:.3g}<extra></extra>",
+            )
+        )
         fig.update_layout(xaxis_title="expert", yaxis_title="layer", yaxis_autorange="reversed")
-        title = (f"fTRI: target − other mean {what} per prompt · model {self.provenance.get('model', '?')} · "
-                 f"{self.n_target} vs {self.n_other} prompts")
+        title = (
+            f"fTRI: target − other mean {what} per prompt · model {self.provenance.get('model', '?')} · "
+            f"{self.n_target} vs {self.n_other} prompts"
+        )
         return figures.style(fig, title)
 
 
-def ftri_rank(model, target_prompts, other_prompts, *, weights: bool = False,
-              prepend_bos: bool | None = None) -> ExpertRanking:
+def ftri_rank(
+    model, target_prompts, other_prompts, *, weights: bool = False, prepend_bos: bool | None = None
+) -> ExpertRanking:
     """Rank (layer, expert) by target-class mean minus other-class mean of the fTRI maps (MoTE).
 
     Args:
@@ -598,6 +682,12 @@ def ftri_rank(model, target_prompts, other_prompts, *, weights: bool = False,
     for name, p in (("target_prompts", target_prompts), ("other_prompts", other_prompts)):
         prov[name] = p.tolist() if isinstance(p, Tensor) else ([p] if isinstance(p, str) else list(p))
     return ExpertRanking(
-        diff=t_mean - o_mean, target_mean=t_mean, other_mean=o_mean, layers=tuple(m.layer for m in layers),
-        weights=weights, n_target=tgt.shape[0], n_other=oth.shape[0], provenance=prov,
+        diff=t_mean - o_mean,
+        target_mean=t_mean,
+        other_mean=o_mean,
+        layers=tuple(m.layer for m in layers),
+        weights=weights,
+        n_target=tgt.shape[0],
+        n_other=oth.shape[0],
+        provenance=prov,
     )

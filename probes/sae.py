@@ -32,6 +32,7 @@ sae-lens's `LanguageModelSAETrainingRunner`. This module adds what a workbench n
 >>> sae.cfg.d_in, sae.cfg.d_sae
 (64, 1024)
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,19 @@ from lenslab._errors import LenslabError, did_you_mean
 from lenslab.results import JsonResult, provenance
 
 __all__ = [
-    "SaeMetrics", "build_zoo_sae", "check_sae", "corpus_tokens", "list_saes", "load_sae", "read_sae_card",
-    "read_metrics", "rebuild_zoo_saes", "sae_metrics", "splice_hooks", "train_sae", "zoo_sae_path",
+    "SaeMetrics",
+    "build_zoo_sae",
+    "check_sae",
+    "corpus_tokens",
+    "list_saes",
+    "load_sae",
+    "read_sae_card",
+    "read_metrics",
+    "rebuild_zoo_saes",
+    "sae_metrics",
+    "splice_hooks",
+    "train_sae",
+    "zoo_sae_path",
 ]
 
 SAES_DIR = "saes"  # zoo SAEs live in lenslab/zoo/<model>/saes/<hook name>/
@@ -166,8 +178,16 @@ def _is_offline_error(exc: BaseException) -> bool:
     import os
 
     names = {t.__name__ for e in _chain(exc) for t in type(e).__mro__}
-    offline_types = {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectionError", "ConnectError",
-                     "Timeout", "TimeoutError", "ProxyError", "NameResolutionError"}
+    offline_types = {
+        "OfflineModeIsEnabled",
+        "LocalEntryNotFoundError",
+        "ConnectionError",
+        "ConnectError",
+        "Timeout",
+        "TimeoutError",
+        "ProxyError",
+        "NameResolutionError",
+    }
     if names & offline_types:
         return True
     text = " ".join(str(e) for e in _chain(exc)).lower()
@@ -392,7 +412,9 @@ def corpus_tokens(model, corpus: list[str] | list[list[int]] | Tensor, context_s
     if isinstance(corpus, Tensor):
         toks = corpus[None] if corpus.ndim == 1 else corpus
         if toks.ndim != 2 or toks.shape[0] == 0 or toks.shape[1] < 2 or toks.dtype.is_floating_point:
-            raise LenslabError(f"a token corpus must be an integer [n, pos] tensor with pos >= 2, got {tuple(corpus.shape)} {corpus.dtype}")
+            raise LenslabError(
+                f"a token corpus must be an integer [n, pos] tensor with pos >= 2, got {tuple(corpus.shape)} {corpus.dtype}"
+            )
         return toks[:, :context_size].long().cpu() if context_size else toks.long().cpu()
     if isinstance(corpus, str):
         corpus = [corpus]
@@ -405,12 +427,16 @@ def corpus_tokens(model, corpus: list[str] | list[list[int]] | Tensor, context_s
         return torch.tensor([d[:width] + [pad] * (width - len(d[:width])) for d in ids], dtype=torch.long)
     docs = [d for d in (corpus or []) if isinstance(d, str) and d.strip()]
     if not docs:
-        raise LenslabError("the corpus is empty: pass documents (a list of non-empty strings) or a [n, pos] token tensor")
+        raise LenslabError(
+            "the corpus is empty: pass documents (a list of non-empty strings) or a [n, pos] token tensor"
+        )
     if getattr(model, "tokenizer", None) is None:
         raise LenslabError("the model has no tokenizer: pass the corpus as a [n, pos] token tensor")
     pad = _pad_id(model)
     if pad is None:
-        raise LenslabError("the model's tokenizer has no pad or eos token to pad documents with: pass a [n, pos] token tensor")
+        raise LenslabError(
+            "the model's tokenizer has no pad or eos token to pad documents with: pass a [n, pos] token tensor"
+        )
     n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0) or None
     rows = [model.to_tokens(d, truncate=False)[0].tolist() for d in docs]
     width = context_size or max(len(r) for r in rows)
@@ -477,8 +503,22 @@ class SaeMetrics(JsonResult):
     provenance: dict = field(default_factory=dict)
     KIND = "SaeMetrics"
 
-    _FIELDS = ("hook_name", "d_in", "d_sae", "architecture", "n_tokens", "n_predictions", "mse", "explained_variance",
-               "ce_loss_clean", "ce_loss_spliced", "ce_loss_zero", "loss_recovered", "l0", "dead_fraction")
+    _FIELDS = (
+        "hook_name",
+        "d_in",
+        "d_sae",
+        "architecture",
+        "n_tokens",
+        "n_predictions",
+        "mse",
+        "explained_variance",
+        "ce_loss_clean",
+        "ce_loss_spliced",
+        "ce_loss_zero",
+        "loss_recovered",
+        "l0",
+        "dead_fraction",
+    )
 
     def to_dict(self) -> dict:
         return {"kind": self.KIND, **{k: getattr(self, k) for k in self._FIELDS}, "provenance": self.provenance}
@@ -507,8 +547,14 @@ class SaeMetrics(JsonResult):
 
 @torch.no_grad()
 def sae_metrics(
-    model, sae, tokens: Tensor | list[str], *, loss_mask: Tensor | None = None,
-    exclude_tokens: list[int] | None = None, batch_size: int = 64, check: bool = True,
+    model,
+    sae,
+    tokens: Tensor | list[str],
+    *,
+    loss_mask: Tensor | None = None,
+    exclude_tokens: list[int] | None = None,
+    batch_size: int = 64,
+    check: bool = True,
 ) -> SaeMetrics:
     """Reconstruction, sparsity and spliced-in loss of `sae` on `model` over `tokens`.
 
@@ -540,7 +586,9 @@ def sae_metrics(
     pred = keep[:, 1:]
     if loss_mask is not None:
         if tuple(loss_mask.shape) != (toks.shape[0], toks.shape[1] - 1):
-            raise LenslabError(f"loss_mask must be [batch, pos - 1] = {[toks.shape[0], toks.shape[1] - 1]}, got {list(loss_mask.shape)}")
+            raise LenslabError(
+                f"loss_mask must be [batch, pos - 1] = {[toks.shape[0], toks.shape[1] - 1]}, got {list(loss_mask.shape)}"
+            )
         pred = pred & loss_mask.to(pred.device).bool()
     if not keep.any() or not pred.any():
         raise LenslabError("no tokens left to measure: every position is excluded (padding?) or masked out")
@@ -557,7 +605,9 @@ def sae_metrics(
     for i in range(0, toks.shape[0], batch_size):
         t, k, p = toks[i : i + batch_size], keep[i : i + batch_size], pred[i : i + batch_size]
         logits, cache = model.run_with_cache(t, names_filter=[hook])
-        x, f, x_hat = _encode_decode(sae, _sae_input(sae, cache[hook][k]).to(sae.device, sae.dtype))  # [n, d_in], [n, d_sae]
+        x, f, x_hat = _encode_decode(
+            sae, _sae_input(sae, cache[hook][k]).to(sae.device, sae.dtype)
+        )  # [n, d_in], [n, d_sae]
         x64, xh64 = x.double().cpu(), x_hat.double().cpu()
         sum_x = x64.sum(0) if sum_x is None else sum_x + x64.sum(0)
         sum_sq += float(x64.pow(2).sum())
@@ -575,14 +625,28 @@ def sae_metrics(
     clean, spliced, zero_l = (nll[k] / n_pred for k in ("clean", "spliced", "zero"))
     denom = zero_l - clean
     return SaeMetrics(
-        hook_name=hook, d_in=int(sae.cfg.d_in), d_sae=int(sae.cfg.d_sae), architecture=sae.cfg.architecture(),
-        n_tokens=n_tok, n_predictions=n_pred, mse=mse,
+        hook_name=hook,
+        d_in=int(sae.cfg.d_in),
+        d_sae=int(sae.cfg.d_sae),
+        architecture=sae.cfg.architecture(),
+        n_tokens=n_tok,
+        n_predictions=n_pred,
+        mse=mse,
         explained_variance=1.0 - mse / total_var if total_var > 1e-12 else float("nan"),
-        ce_loss_clean=clean, ce_loss_spliced=spliced, ce_loss_zero=zero_l,
+        ce_loss_clean=clean,
+        ce_loss_spliced=spliced,
+        ce_loss_zero=zero_l,
         loss_recovered=(zero_l - spliced) / denom if abs(denom) > 1e-12 else float("nan"),
-        l0=l0_sum / n_tok, dead_fraction=float((~fired).float().mean()),
-        provenance=provenance(model, method="sae_metrics", hook_name=hook, sae_model=sae.cfg.metadata.model_name,
-                              exclude_tokens=exclude, loss_mask=loss_mask is not None),
+        l0=l0_sum / n_tok,
+        dead_fraction=float((~fired).float().mean()),
+        provenance=provenance(
+            model,
+            method="sae_metrics",
+            hook_name=hook,
+            sae_model=sae.cfg.metadata.model_name,
+            exclude_tokens=exclude,
+            loss_mask=loss_mask is not None,
+        ),
     )
 
 
@@ -653,8 +717,10 @@ def train_sae(
         raise LenslabError("pass k= (TopK SAE) or l1= (standard L1 SAE), not both")
     hooks = list(model.hook_dict)
     if hook not in hooks:
-        raise LenslabError(f"model {_model_name(model)!r} has no hook {hook!r}{did_you_mean(hook, hooks)}; "
-                           "hook names look like 'blocks.1.hook_resid_post'")
+        raise LenslabError(
+            f"model {_model_name(model)!r} has no hook {hook!r}{did_you_mean(hook, hooks)}; "
+            "hook names look like 'blocks.1.hook_resid_post'"
+        )
     d_in = _hook_width(model, hook, None)
     if d_sae is None:
         d_sae = 4 * d_in
@@ -670,7 +736,9 @@ def train_sae(
     if not lr > 0:
         raise LenslabError(f"lr must be positive, got {lr}")
     if training_tokens < batch_size_tokens:
-        raise LenslabError(f"training_tokens ({training_tokens}) must be at least batch_size_tokens ({batch_size_tokens})")
+        raise LenslabError(
+            f"training_tokens ({training_tokens}) must be at least batch_size_tokens ({batch_size_tokens})"
+        )
 
     rows = corpus_tokens(model, corpus, context_size)
     if eval_corpus is None and rows.shape[0] >= 2:
@@ -687,11 +755,27 @@ def train_sae(
     with _threads(threads), tempfile.TemporaryDirectory() as tmp:
         target = out if out is not None else Path(tmp) / "sae"
         t0 = time.time()
-        _run_sae_lens(model, hook, rows, d_in=d_in, d_sae=d_sae, k=k, l1=l1, lr=lr, ctx=ctx,
-                      training_tokens=training_tokens, batch_size_tokens=batch_size_tokens, seed=seed,
-                      exclude=exclude, out=target)
+        _run_sae_lens(
+            model,
+            hook,
+            rows,
+            d_in=d_in,
+            d_sae=d_sae,
+            k=k,
+            l1=l1,
+            lr=lr,
+            ctx=ctx,
+            training_tokens=training_tokens,
+            batch_size_tokens=batch_size_tokens,
+            seed=seed,
+            exclude=exclude,
+            out=target,
+        )
         minutes = (time.time() - t0) / 60
-        for name in (_CFG, "runner_cfg.json"):  # sae-lens writes keys in set order: sort them, so a rebuild is byte-equal
+        for name in (
+            _CFG,
+            "runner_cfg.json",
+        ):  # sae-lens writes keys in set order: sort them, so a rebuild is byte-equal
             f = target / name
             if f.exists():
                 d = json.loads(f.read_text())
@@ -702,18 +786,48 @@ def train_sae(
         if out is not None:
             metrics = sae_metrics(model, sae, eval_rows, check=False)
             _write_metrics_set(out / "metrics.json", {"all next-token predictions": metrics})
-            settings = dict(d_sae=d_sae, k=k, l1=l1, lr=lr, training_tokens=training_tokens,
-                            batch_size_tokens=batch_size_tokens, context_size=ctx, seed=seed)
-            (out / "card.md").write_text(_card(
-                _model_name(model), hook, sae, settings, {"all next-token predictions": metrics},
-                corpus=f"{rows.shape[0]} rows of {ctx} tokens (metrics on {eval_rows.shape[0]} further rows)",
-                minutes=minutes, extra=card_extra,
-            ))
+            settings = dict(
+                d_sae=d_sae,
+                k=k,
+                l1=l1,
+                lr=lr,
+                training_tokens=training_tokens,
+                batch_size_tokens=batch_size_tokens,
+                context_size=ctx,
+                seed=seed,
+            )
+            (out / "card.md").write_text(
+                _card(
+                    _model_name(model),
+                    hook,
+                    sae,
+                    settings,
+                    {"all next-token predictions": metrics},
+                    corpus=f"{rows.shape[0]} rows of {ctx} tokens (metrics on {eval_rows.shape[0]} further rows)",
+                    minutes=minutes,
+                    extra=card_extra,
+                )
+            )
     return sae
 
 
-def _run_sae_lens(model, hook, rows: Tensor, *, d_in, d_sae, k, l1, lr, ctx, training_tokens, batch_size_tokens,
-                  seed, exclude, out: Path) -> None:
+def _run_sae_lens(
+    model,
+    hook,
+    rows: Tensor,
+    *,
+    d_in,
+    d_sae,
+    k,
+    l1,
+    lr,
+    ctx,
+    training_tokens,
+    batch_size_tokens,
+    seed,
+    exclude,
+    out: Path,
+) -> None:
     """sae-lens's `LanguageModelSAETrainingRunner` on `rows` (`[n, ctx]` token ids) in memory."""
     from datasets import Dataset
     from sae_lens import (
@@ -726,22 +840,42 @@ def _run_sae_lens(model, hook, rows: Tensor, *, d_in, d_sae, k, l1, lr, ctx, tra
     steps = training_tokens // batch_size_tokens
     warm = steps // 20
     decay = steps // 5
-    sae_cfg = (TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k) if k is not None
-               else StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=l1, l1_warm_up_steps=warm))
+    sae_cfg = (
+        TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k)
+        if k is not None
+        else StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=l1, l1_warm_up_steps=warm)
+    )
     # The mixing buffer holds n_batches_in_buffer * context_size activations and must hold at
     # least one training batch (sae-lens requires it): keep four.
     n_in_buffer = max(8, math.ceil(4 * batch_size_tokens / ctx))
     cfg = LanguageModelSAERunnerConfig(
         sae=sae_cfg,
-        model_name=_model_name(model), hook_name=hook, dataset_path="", is_dataset_tokenized=True, streaming=False,
-        context_size=ctx, prepend_bos=False,  # rows already start with <bos> where the model uses one
-        n_batches_in_buffer=n_in_buffer, store_batch_size_prompts=min(16, rows.shape[0]),
-        training_tokens=training_tokens, train_batch_size_tokens=batch_size_tokens,
-        lr=lr, lr_end=lr, lr_scheduler_name="constant", lr_warm_up_steps=warm, lr_decay_steps=decay,
-        dead_feature_window=max(50, min(1000, steps // 10)), feature_sampling_window=max(1, steps),
+        model_name=_model_name(model),
+        hook_name=hook,
+        dataset_path="",
+        is_dataset_tokenized=True,
+        streaming=False,
+        context_size=ctx,
+        prepend_bos=False,  # rows already start with <bos> where the model uses one
+        n_batches_in_buffer=n_in_buffer,
+        store_batch_size_prompts=min(16, rows.shape[0]),
+        training_tokens=training_tokens,
+        train_batch_size_tokens=batch_size_tokens,
+        lr=lr,
+        lr_end=lr,
+        lr_scheduler_name="constant",
+        lr_warm_up_steps=warm,
+        lr_decay_steps=decay,
+        dead_feature_window=max(50, min(1000, steps // 10)),
+        feature_sampling_window=max(1, steps),
         exclude_special_tokens=list(exclude) or False,
-        device=str(_device(model)), seed=seed, dtype="float32",
-        model_from_pretrained_kwargs={}, checkpoint_path=None, n_checkpoints=0, output_path=str(out),
+        device=str(_device(model)),
+        seed=seed,
+        dtype="float32",
+        model_from_pretrained_kwargs={},
+        checkpoint_path=None,
+        n_checkpoints=0,
+        output_path=str(out),
         verbose=False,
     )
     cfg.logger.log_to_wandb = False
@@ -777,8 +911,19 @@ def read_metrics(name: str | Path) -> dict[str, SaeMetrics]:
     return {k: SaeMetrics.from_dict(v) for k, v in json.loads(f.read_text()).items()}
 
 
-def _card(model_name: str, hook: str, sae, settings: dict, metrics: dict[str, SaeMetrics], *, corpus: str,
-          minutes: float, extra: str = "", title: str | None = None, rebuild: str | None = None) -> str:
+def _card(
+    model_name: str,
+    hook: str,
+    sae,
+    settings: dict,
+    metrics: dict[str, SaeMetrics],
+    *,
+    corpus: str,
+    minutes: float,
+    extra: str = "",
+    title: str | None = None,
+    rebuild: str | None = None,
+) -> str:
     import sae_lens
 
     arch = sae.cfg.architecture()
@@ -786,10 +931,11 @@ def _card(model_name: str, hook: str, sae, settings: dict, metrics: dict[str, Sa
     first = next(iter(metrics.values()))
     losses = "\n".join(
         f"| {name} | {m.n_predictions:,} | {m.ce_loss_clean:.4f} | {m.ce_loss_spliced:.4f} | {m.ce_loss_zero:.4f} "
-        f"| {m.loss_recovered:.3f} |" for name, m in metrics.items()
+        f"| {m.loss_recovered:.3f} |"
+        for name, m in metrics.items()
     )
     rebuild = rebuild or f"`lenslab sae train --model {model_name} --hook {hook} ...` with the settings above"
-    return f"""# {title or f'SAE on {model_name} at {hook}'}
+    return f"""# {title or f"SAE on {model_name} at {hook}"}
 
 A {kind} sparse autoencoder (sae-lens architecture `{arch}`) reading `{hook}` of `{model_name}`:
 `d_in={sae.cfg.d_in}`, `d_sae={sae.cfg.d_sae}` features. Trained with sae-lens {sae_lens.__version__}'s
@@ -798,8 +944,8 @@ Load it with `lenslab.probes.sae.load_sae(...)` or `sae_lens.SAE.load_from_disk(
 
 ## Training
 - Corpus: {corpus}; padding excluded.
-- {settings['training_tokens']:,} activations, {settings['batch_size_tokens']} per step, Adam lr {settings['lr']}
-  (warm-up 5%, constant, linear decay over the last 20%), context {settings['context_size']}, seed {settings['seed']}.
+- {settings["training_tokens"]:,} activations, {settings["batch_size_tokens"]} per step, Adam lr {settings["lr"]}
+  (warm-up 5%, constant, linear decay over the last 20%), context {settings["context_size"]}, seed {settings["seed"]}.
 - {minutes:.1f} min on CPU. Rebuild: {rebuild}.
 
 ## Metrics
@@ -841,9 +987,13 @@ def _quiet():
     log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
-            for msg in ("The training dataset contains fewer", "All samples in the training dataset",
-                        "To copy construct from a tensor", "pretokenized dataset has context_size",
-                        "This SAE has non-empty model_from_pretrained_kwargs"):
+            for msg in (
+                "The training dataset contains fewer",
+                "All samples in the training dataset",
+                "To copy construct from a tensor",
+                "pretokenized dataset has context_size",
+                "This SAE has non-empty model_from_pretrained_kwargs",
+            ):
                 warnings.filterwarnings("ignore", message=msg)
             yield
     finally:

@@ -25,6 +25,7 @@ that attend to it read them through their keys.
 hand, the ground truth the tests hold the detectors to; `planted_moe_model()` does the same with
 the massive activation written by one expert (a planted super expert).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -36,8 +37,17 @@ from lenslab._errors import LenslabError
 from lenslab.results import JsonResult, provenance
 
 __all__ = [
-    "AblationResult", "MassiveResult", "MassiveRule", "SinkResult", "ablate_massive", "attention_sinks",
-    "massive_activations", "planted_model", "planted_moe_model", "planted_tokens", "super_experts",
+    "AblationResult",
+    "MassiveResult",
+    "MassiveRule",
+    "SinkResult",
+    "ablate_massive",
+    "attention_sinks",
+    "massive_activations",
+    "planted_model",
+    "planted_moe_model",
+    "planted_tokens",
+    "super_experts",
 ]
 
 DEFAULT_SINK_THRESHOLD = 0.3
@@ -110,8 +120,6 @@ def _t(x) -> list:
     return x.detach().cpu().float().tolist()
 
 
-
-
 @dataclass(frozen=True, kw_only=True, eq=False)
 class SinkResult(JsonResult):
     """Attention-sink statistics of every analysed head.
@@ -153,16 +161,30 @@ class SinkResult(JsonResult):
         return [(self.layers[i], h) for i, h in idx]
 
     def to_dict(self) -> dict:
-        return {"kind": self.KIND, "key_attention": _t(self.key_attention), "value_weighted": _t(self.value_weighted),
-                "sink_fraction": _t(self.sink_fraction), "layers": list(self.layers), "threshold": self.threshold,
-                "sink_rate": self.sink_rate, "sink_heads": self.sink_heads(), "pos_labels": self.pos_labels,
-                "provenance": self.provenance}
+        return {
+            "kind": self.KIND,
+            "key_attention": _t(self.key_attention),
+            "value_weighted": _t(self.value_weighted),
+            "sink_fraction": _t(self.sink_fraction),
+            "layers": list(self.layers),
+            "threshold": self.threshold,
+            "sink_rate": self.sink_rate,
+            "sink_heads": self.sink_heads(),
+            "pos_labels": self.pos_labels,
+            "provenance": self.provenance,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> SinkResult:
-        return cls(key_attention=torch.tensor(d["key_attention"]), value_weighted=torch.tensor(d["value_weighted"]),
-                   sink_fraction=torch.tensor(d["sink_fraction"]), layers=list(d["layers"]),
-                   threshold=d["threshold"], pos_labels=list(d.get("pos_labels", [])), provenance=d.get("provenance") or {})
+        return cls(
+            key_attention=torch.tensor(d["key_attention"]),
+            value_weighted=torch.tensor(d["value_weighted"]),
+            sink_fraction=torch.tensor(d["sink_fraction"]),
+            layers=list(d["layers"]),
+            threshold=d["threshold"],
+            pos_labels=list(d.get("pos_labels", [])),
+            provenance=d.get("provenance") or {},
+        )
 
     def figure(self, value: str = "attention"):
         """Per-head heatmap (rows layers, columns heads) of alpha_0 (`value="attention"`), the
@@ -171,21 +193,39 @@ class SinkResult(JsonResult):
 
         from lenslab import figures
 
-        grids = {"attention": (self.attn_to_first, "mean attention to token 0"),
-                 "value_weighted": (self.value_weighted[..., 0], "attention × ‖v‖ to token 0"),
-                 "fraction": (self.sink_fraction, f"share of samples with α₀ > {self.threshold:g}")}
+        grids = {
+            "attention": (self.attn_to_first, "mean attention to token 0"),
+            "value_weighted": (self.value_weighted[..., 0], "attention × ‖v‖ to token 0"),
+            "fraction": (self.sink_fraction, f"share of samples with α₀ > {self.threshold:g}"),
+        }
         if value not in grids:
             raise LenslabError(f"value {value!r} is not one of {', '.join(grids)}")
         z, label = grids[value]
         n_heads = z.shape[1]
-        fig = go.Figure(go.Heatmap(
-            z=_t(z), x=[f"H{h}" for h in range(n_heads)], y=[f"L{l}" for l in self.layers], colorscale="Blues",
-            zmin=0, zmax=1 if value != "value_weighted" else None, colorbar=dict(title=label),
-            texttemplate="%{z:.2f}", hovertemplate="%{y}%{x}<br>" + label + ": %{z:.4g}<extra></extra>"))
-        fig.update_layout(xaxis_title="head", yaxis_title="layer", yaxis_autorange="reversed",
-                          height=max(300, 40 * len(self.layers) + 160))
-        return figures.style(fig, f"Attention sinks · model {self.provenance.get('model', '?')} · "
-                                  f"sink rate {100 * self.sink_rate:.1f}% (ε = {self.threshold:g})")
+        fig = go.Figure(
+            go.Heatmap(
+                z=_t(z),
+                x=[f"H{h}" for h in range(n_heads)],
+                y=[f"L{l}" for l in self.layers],
+                colorscale="Blues",
+                zmin=0,
+                zmax=1 if value != "value_weighted" else None,
+                colorbar=dict(title=label),
+                texttemplate="%{z:.2f}",
+                hovertemplate="%{y}%{x}<br>" + label + ": %{z:.4g}<extra></extra>",
+            )
+        )
+        fig.update_layout(
+            xaxis_title="head",
+            yaxis_title="layer",
+            yaxis_autorange="reversed",
+            height=max(300, 40 * len(self.layers) + 160),
+        )
+        return figures.style(
+            fig,
+            f"Attention sinks · model {self.provenance.get('model', '?')} · "
+            f"sink rate {100 * self.sink_rate:.1f}% (ε = {self.threshold:g})",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -273,27 +313,55 @@ class MassiveResult(JsonResult):
             for r in range(self.top_values.shape[1]):
                 d, p, s = int(self.top_dims[i, r]), int(self.top_pos[i, r]), int(self.top_sample[i, r])
                 v = float(self.top_values[i, r])
-                rows.append({"layer": l, "rank": r + 1, "value": v, "dim": d, "pos": p, "token": self.top_tokens[i][r],
-                             "sample": s, "ratio_to_median": abs(v) / max(float(self.medians[i]), 1e-30),
-                             "massive": (l, d, p, s) in flagged})
+                rows.append(
+                    {
+                        "layer": l,
+                        "rank": r + 1,
+                        "value": v,
+                        "dim": d,
+                        "pos": p,
+                        "token": self.top_tokens[i][r],
+                        "sample": s,
+                        "ratio_to_median": abs(v) / max(float(self.medians[i]), 1e-30),
+                        "massive": (l, d, p, s) in flagged,
+                    }
+                )
         return pd.DataFrame(rows)
 
     def to_dict(self) -> dict:
-        return {"kind": self.KIND, "magnitudes": _t(self.magnitudes), "medians": _t(self.medians),
-                "top_values": _t(self.top_values), "top_dims": self.top_dims.tolist(), "top_pos": self.top_pos.tolist(),
-                "top_sample": self.top_sample.tolist(), "top_tokens": self.top_tokens, "massive": self.massive,
-                "massive_dims": self.massive_dims, "layers": list(self.layers),
-                "rule": {"absolute": self.rule.absolute, "ratio": self.rule.ratio}, "hook": self.hook,
-                "provenance": self.provenance}
+        return {
+            "kind": self.KIND,
+            "magnitudes": _t(self.magnitudes),
+            "medians": _t(self.medians),
+            "top_values": _t(self.top_values),
+            "top_dims": self.top_dims.tolist(),
+            "top_pos": self.top_pos.tolist(),
+            "top_sample": self.top_sample.tolist(),
+            "top_tokens": self.top_tokens,
+            "massive": self.massive,
+            "massive_dims": self.massive_dims,
+            "layers": list(self.layers),
+            "rule": {"absolute": self.rule.absolute, "ratio": self.rule.ratio},
+            "hook": self.hook,
+            "provenance": self.provenance,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> MassiveResult:
-        return cls(magnitudes=torch.tensor(d["magnitudes"]), medians=torch.tensor(d["medians"]),
-                   top_values=torch.tensor(d["top_values"]), top_dims=torch.tensor(d["top_dims"], dtype=torch.long),
-                   top_pos=torch.tensor(d["top_pos"], dtype=torch.long),
-                   top_sample=torch.tensor(d["top_sample"], dtype=torch.long), top_tokens=d["top_tokens"],
-                   massive=list(d["massive"]), layers=list(d["layers"]), rule=MassiveRule(**d["rule"]),
-                   hook=d.get("hook", "resid_post"), provenance=d.get("provenance") or {})
+        return cls(
+            magnitudes=torch.tensor(d["magnitudes"]),
+            medians=torch.tensor(d["medians"]),
+            top_values=torch.tensor(d["top_values"]),
+            top_dims=torch.tensor(d["top_dims"], dtype=torch.long),
+            top_pos=torch.tensor(d["top_pos"], dtype=torch.long),
+            top_sample=torch.tensor(d["top_sample"], dtype=torch.long),
+            top_tokens=d["top_tokens"],
+            massive=list(d["massive"]),
+            layers=list(d["layers"]),
+            rule=MassiveRule(**d["rule"]),
+            hook=d.get("hook", "resid_post"),
+            provenance=d.get("provenance") or {},
+        )
 
     def figure(self):
         """Layer-by-dimension heatmap of log10 max |a|, massive dimensions marked on the axis."""
@@ -303,18 +371,37 @@ class MassiveResult(JsonResult):
 
         z = torch.log10(self.magnitudes.clamp_min(1e-6))
         dims = self.massive_dims
-        fig = go.Figure(go.Heatmap(
-            z=_t(z), x=list(range(z.shape[1])), y=[f"L{l}" for l in self.layers], colorscale="Viridis",
-            colorbar=dict(title="log10 max |a|"), customdata=_t(self.magnitudes.expand(z.shape)),
-            hovertemplate="%{y} dim %{x}<br>max |a| = %{customdata:.4g}<extra></extra>"))
+        fig = go.Figure(
+            go.Heatmap(
+                z=_t(z),
+                x=list(range(z.shape[1])),
+                y=[f"L{l}" for l in self.layers],
+                colorscale="Viridis",
+                colorbar=dict(title="log10 max |a|"),
+                customdata=_t(self.magnitudes.expand(z.shape)),
+                hovertemplate="%{y} dim %{x}<br>max |a| = %{customdata:.4g}<extra></extra>",
+            )
+        )
         for d in dims:
             fig.add_annotation(x=d, y=1.0, yref="paper", text=f"dim {d}", showarrow=True, arrowhead=2, ay=-25)
-        fig.update_layout(xaxis_title="residual dimension", yaxis_title=f"layer ({self.hook})", yaxis_autorange="reversed",
-                          height=max(320, 40 * len(self.layers) + 180))
-        rule = " and ".join(s for s in (f"|a| > {self.rule.absolute:g}" if self.rule.absolute else "",
-                                        f"≥ {self.rule.ratio:g}× median" if self.rule.ratio else "") if s)
-        return figures.style(fig, f"Residual magnitudes · model {self.provenance.get('model', '?')} · "
-                                  f"massive dims {dims or 'none'} ({rule})")
+        fig.update_layout(
+            xaxis_title="residual dimension",
+            yaxis_title=f"layer ({self.hook})",
+            yaxis_autorange="reversed",
+            height=max(320, 40 * len(self.layers) + 180),
+        )
+        rule = " and ".join(
+            s
+            for s in (
+                f"|a| > {self.rule.absolute:g}" if self.rule.absolute else "",
+                f"≥ {self.rule.ratio:g}× median" if self.rule.ratio else "",
+            )
+            if s
+        )
+        return figures.style(
+            fig,
+            f"Residual magnitudes · model {self.provenance.get('model', '?')} · massive dims {dims or 'none'} ({rule})",
+        )
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -339,18 +426,34 @@ class AblationResult(JsonResult):
     provenance: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"kind": self.KIND, "mode": self.mode, "layer": self.layer, "dims": self.dims, "entries": self.entries,
-                "loss_clean": self.loss_clean, "loss_ablated": self.loss_ablated,
-                "sink_rate_clean": self.sinks_clean.sink_rate, "sink_rate_ablated": self.sinks_ablated.sink_rate,
-                "sinks_clean": self.sinks_clean.to_dict(), "sinks_ablated": self.sinks_ablated.to_dict(),
-                "provenance": self.provenance}
+        return {
+            "kind": self.KIND,
+            "mode": self.mode,
+            "layer": self.layer,
+            "dims": self.dims,
+            "entries": self.entries,
+            "loss_clean": self.loss_clean,
+            "loss_ablated": self.loss_ablated,
+            "sink_rate_clean": self.sinks_clean.sink_rate,
+            "sink_rate_ablated": self.sinks_ablated.sink_rate,
+            "sinks_clean": self.sinks_clean.to_dict(),
+            "sinks_ablated": self.sinks_ablated.to_dict(),
+            "provenance": self.provenance,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> AblationResult:
-        return cls(mode=d["mode"], layer=d["layer"], dims=list(d["dims"]), entries=list(d["entries"]),
-                   loss_clean=d["loss_clean"], loss_ablated=d["loss_ablated"],
-                   sinks_clean=SinkResult.from_dict(d["sinks_clean"]), sinks_ablated=SinkResult.from_dict(d["sinks_ablated"]),
-                   provenance=d.get("provenance") or {})
+        return cls(
+            mode=d["mode"],
+            layer=d["layer"],
+            dims=list(d["dims"]),
+            entries=list(d["entries"]),
+            loss_clean=d["loss_clean"],
+            loss_ablated=d["loss_ablated"],
+            sinks_clean=SinkResult.from_dict(d["sinks_clean"]),
+            sinks_ablated=SinkResult.from_dict(d["sinks_ablated"]),
+            provenance=d.get("provenance") or {},
+        )
 
     def figure(self):
         """Before/after: loss and sink rate bars, and the per-head attention to token 0 of both runs."""
@@ -359,21 +462,58 @@ class AblationResult(JsonResult):
 
         from lenslab import figures
 
-        fig = make_subplots(rows=1, cols=4, column_widths=[0.18, 0.18, 0.32, 0.32], horizontal_spacing=0.07,
-                            subplot_titles=["loss", "sink rate (%)", "α₀ before", f"α₀ after ({self.mode})"])
+        fig = make_subplots(
+            rows=1,
+            cols=4,
+            column_widths=[0.18, 0.18, 0.32, 0.32],
+            horizontal_spacing=0.07,
+            subplot_titles=["loss", "sink rate (%)", "α₀ before", f"α₀ after ({self.mode})"],
+        )
         colours = ["#3b6ea8", "#c0392b"]
-        fig.add_trace(go.Bar(x=["before", "after"], y=[self.loss_clean, self.loss_ablated], marker_color=colours,
-                             showlegend=False, texttemplate="%{y:.3g}"), row=1, col=1)
-        fig.add_trace(go.Bar(x=["before", "after"], y=[100 * self.sinks_clean.sink_rate, 100 * self.sinks_ablated.sink_rate],
-                             marker_color=colours, showlegend=False, texttemplate="%{y:.1f}"), row=1, col=2)
+        fig.add_trace(
+            go.Bar(
+                x=["before", "after"],
+                y=[self.loss_clean, self.loss_ablated],
+                marker_color=colours,
+                showlegend=False,
+                texttemplate="%{y:.3g}",
+            ),
+            row=1,
+            col=1,
+        )
+        fig.add_trace(
+            go.Bar(
+                x=["before", "after"],
+                y=[100 * self.sinks_clean.sink_rate, 100 * self.sinks_ablated.sink_rate],
+                marker_color=colours,
+                showlegend=False,
+                texttemplate="%{y:.1f}",
+            ),
+            row=1,
+            col=2,
+        )
         for j, s in enumerate((self.sinks_clean, self.sinks_ablated)):
-            fig.add_trace(go.Heatmap(z=_t(s.attn_to_first), x=[f"H{h}" for h in range(s.attn_to_first.shape[1])],
-                                     y=[f"L{l}" for l in s.layers], colorscale="Blues", zmin=0, zmax=1,
-                                     showscale=j == 1, colorbar=dict(title="α₀")), row=1, col=3 + j)
+            fig.add_trace(
+                go.Heatmap(
+                    z=_t(s.attn_to_first),
+                    x=[f"H{h}" for h in range(s.attn_to_first.shape[1])],
+                    y=[f"L{l}" for l in s.layers],
+                    colorscale="Blues",
+                    zmin=0,
+                    zmax=1,
+                    showscale=j == 1,
+                    colorbar=dict(title="α₀"),
+                ),
+                row=1,
+                col=3 + j,
+            )
             fig.update_yaxes(autorange="reversed", row=1, col=3 + j)
         fig.update_layout(height=380, width=1100)
-        return figures.style(fig, f"Massive activations set to {self.mode} at layer {self.layer} (dims {self.dims}) · "
-                                  f"model {self.provenance.get('model', '?')}")
+        return figures.style(
+            fig,
+            f"Massive activations set to {self.mode} at layer {self.layer} (dims {self.dims}) · "
+            f"model {self.provenance.get('model', '?')}",
+        )
 
 
 # --- analyses --------------------------------------------------------------------------------
@@ -406,8 +546,9 @@ def _sink_stats(model, batches: list[Tensor], layers: list[int], threshold: floa
     return att, vw, count, past
 
 
-def attention_sinks(model, prompts, *, threshold: float = DEFAULT_SINK_THRESHOLD, layers=None,
-                    prepend_bos: bool | None = None) -> SinkResult:
+def attention_sinks(
+    model, prompts, *, threshold: float = DEFAULT_SINK_THRESHOLD, layers=None, prepend_bos: bool | None = None
+) -> SinkResult:
     """Attention-sink statistics of every head (Gu et al. 2025).
 
     Args:
@@ -434,13 +575,20 @@ def attention_sinks(model, prompts, *, threshold: float = DEFAULT_SINK_THRESHOLD
 def _sinks(model, batches: list[Tensor], layers: list[int], threshold: float, hooks_for=None, **extra) -> SinkResult:
     att, vw, count, past = _sink_stats(model, batches, layers, threshold, hooks_for)
     c = count.clamp_min(1)
-    return SinkResult(key_attention=att / c, value_weighted=vw / c, sink_fraction=past / count[0], layers=layers,
-                      threshold=threshold, pos_labels=_str_tokens(model, max(batches, key=lambda b: b.shape[1])[0]),
-                      provenance=provenance(model, method="attention_sinks", **_prompt_record(model, batches), **extra))
+    return SinkResult(
+        key_attention=att / c,
+        value_weighted=vw / c,
+        sink_fraction=past / count[0],
+        layers=layers,
+        threshold=threshold,
+        pos_labels=_str_tokens(model, max(batches, key=lambda b: b.shape[1])[0]),
+        provenance=provenance(model, method="attention_sinks", **_prompt_record(model, batches), **extra),
+    )
 
 
-def massive_activations(model, prompts, *, rule: MassiveRule | None = None, top_k: int = 3, layers=None,
-                        prepend_bos: bool | None = None) -> MassiveResult:
+def massive_activations(
+    model, prompts, *, rule: MassiveRule | None = None, top_k: int = 3, layers=None, prepend_bos: bool | None = None
+) -> MassiveResult:
     """The largest residual-stream entries per layer output and which of them are massive (Sun et al. 2024).
 
     Args:
@@ -493,21 +641,36 @@ def _massive(model, batches: list[Tensor], rule: MassiveRule, top_k: int, layers
                     cand[i].append((float(x[s, p, d]), d, p, offset + s))
             mask = rule.mask(x, med[:, None, None])
             for s, p, d in mask.nonzero().tolist():
-                massive.append({"layer": l, "dim": d, "pos": p, "sample": offset + s, "value": float(x[s, p, d]),
-                                "ratio": float(a[s, p, d] / med[s].clamp_min(1e-30))})
+                massive.append(
+                    {
+                        "layer": l,
+                        "dim": d,
+                        "pos": p,
+                        "sample": offset + s,
+                        "value": float(x[s, p, d]),
+                        "ratio": float(a[s, p, d] / med[s].clamp_min(1e-30)),
+                    }
+                )
         offset += toks.shape[0]
     n = offset
     k = min(top_k, min(len(c) for c in cand))
     top = [_distinct(sorted(c, key=lambda r: -abs(r[0])), k) for c in cand]
-    tok_str = lambda s, p: _str_tokens(model, tokens_of[s][p:p + 1])[0]
+    tok_str = lambda s, p: _str_tokens(model, tokens_of[s][p : p + 1])[0]
     for m in massive:
         m["token"] = tok_str(m["sample"], m["pos"])
     return MassiveResult(
-        magnitudes=mags, medians=med_sum / n,
-        top_values=torch.tensor([[r[0] for r in t] for t in top]), top_dims=torch.tensor([[r[1] for r in t] for t in top]),
-        top_pos=torch.tensor([[r[2] for r in t] for t in top]), top_sample=torch.tensor([[r[3] for r in t] for t in top]),
-        top_tokens=[[tok_str(r[3], r[2]) for r in t] for t in top], massive=massive, layers=layers, rule=rule,
-        provenance=provenance(model, method="massive_activations", **_prompt_record(model, batches)))
+        magnitudes=mags,
+        medians=med_sum / n,
+        top_values=torch.tensor([[r[0] for r in t] for t in top]),
+        top_dims=torch.tensor([[r[1] for r in t] for t in top]),
+        top_pos=torch.tensor([[r[2] for r in t] for t in top]),
+        top_sample=torch.tensor([[r[3] for r in t] for t in top]),
+        top_tokens=[[tok_str(r[3], r[2]) for r in t] for t in top],
+        massive=massive,
+        layers=layers,
+        rule=rule,
+        provenance=provenance(model, method="massive_activations", **_prompt_record(model, batches)),
+    )
 
 
 def _distinct(rows: list[tuple], k: int) -> list[tuple]:
@@ -520,9 +683,17 @@ def _distinct(rows: list[tuple], k: int) -> list[tuple]:
     return (out + rows)[:k] if len(out) < k else out[:k]
 
 
-def ablate_massive(model, prompts, *, mode: str = "mean", massive: MassiveResult | None = None, layer: int | None = None,
-                   rule: MassiveRule | None = None, threshold: float = DEFAULT_SINK_THRESHOLD,
-                   prepend_bos: bool | None = None) -> AblationResult:
+def ablate_massive(
+    model,
+    prompts,
+    *,
+    mode: str = "mean",
+    massive: MassiveResult | None = None,
+    layer: int | None = None,
+    rule: MassiveRule | None = None,
+    threshold: float = DEFAULT_SINK_THRESHOLD,
+    prepend_bos: bool | None = None,
+) -> AblationResult:
     """Set the massive activations to zero or to their mean and measure loss and sinks (Sun et al. Sec. 3).
 
     The massive entries of `layer`'s output (default: the first layer that has any) are found on
@@ -556,17 +727,29 @@ def ablate_massive(model, prompts, *, mode: str = "mean", massive: MassiveResult
     if layer is None:
         layer = massive.first_layer()
         if layer is None:
-            raise LenslabError("no massive activations found on these prompts: nothing to ablate "
-                               "(try a relative rule for small models, e.g. MassiveRule(absolute=None, ratio=100))")
+            raise LenslabError(
+                "no massive activations found on these prompts: nothing to ablate "
+                "(try a relative rule for small models, e.g. MassiveRule(absolute=None, ratio=100))"
+            )
     layer = _layers(model, [layer])[0]
     entries = [m for m in massive.massive if m["layer"] == layer]
     if not entries:
-        raise LenslabError(f"layer {layer} has no massive activations on these prompts; they appear at layers "
-                           f"{sorted({m['layer'] for m in massive.massive}) or 'none'}")
+        raise LenslabError(
+            f"layer {layer} has no massive activations on these prompts; they appear at layers "
+            f"{sorted({m['layer'] for m in massive.massive}) or 'none'}"
+        )
     dims = sorted({m["dim"] for m in entries})
     mean = {d: sum(m["value"] for m in entries if m["dim"] == d) / sum(m["dim"] == d for m in entries) for d in dims}
-    changed = [{"dim": m["dim"], "pos": m["pos"], "sample": m["sample"], "was": m["value"],
-                "set_to": 0.0 if mode == "zero" else mean[m["dim"]]} for m in entries]
+    changed = [
+        {
+            "dim": m["dim"],
+            "pos": m["pos"],
+            "sample": m["sample"],
+            "was": m["value"],
+            "set_to": 0.0 if mode == "zero" else mean[m["dim"]],
+        }
+        for m in entries
+    ]
     starts = [sum(b.shape[0] for b in batches[:i]) for i in range(len(batches))]
 
     def hooks_for(bi: int) -> list:
@@ -590,10 +773,16 @@ def ablate_massive(model, prompts, *, mode: str = "mean", massive: MassiveResult
 
     all_layers = list(range(model.cfg.n_layers))
     return AblationResult(
-        mode=mode, layer=layer, dims=dims, entries=changed, loss_clean=loss(None), loss_ablated=loss(hooks_for),
+        mode=mode,
+        layer=layer,
+        dims=dims,
+        entries=changed,
+        loss_clean=loss(None),
+        loss_ablated=loss(hooks_for),
         sinks_clean=_sinks(model, batches, all_layers, threshold),
         sinks_ablated=_sinks(model, batches, all_layers, threshold, hooks_for, ablated=f"massive:{mode}@L{layer}"),
-        provenance=provenance(model, method=f"ablate_massive:{mode}", **_prompt_record(model, batches)))
+        provenance=provenance(model, method=f"ablate_massive:{mode}", **_prompt_record(model, batches)),
+    )
 
 
 def super_experts(model, prompts=None, **kwargs):
@@ -630,8 +819,19 @@ def planted_model(seed: int = 0):
 
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(n_layers=2, d_model=8, n_ctx=64, d_head=4, n_heads=2, d_vocab=8, attn_only=True,
-                                  normalization_type=None, act_fn="gelu", seed=seed, positional_embedding_type="standard")
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=8,
+        n_ctx=64,
+        d_head=4,
+        n_heads=2,
+        d_vocab=8,
+        attn_only=True,
+        normalization_type=None,
+        act_fn="gelu",
+        seed=seed,
+        positional_embedding_type="standard",
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = HookedTransformer(cfg)
@@ -674,10 +874,16 @@ def planted_tokens(batch: int = 4, seq_len: int = 32, seed: int = 0) -> Tensor:
     return toks
 
 
-
-
-PLANTED_MOE = {"super_expert": (0, 2), "massive_dim": 7, "marker_dim": 6, "massive_pos": 0, "sink_head": (1, 0),
-               "bos": 0, "n_experts": 4, "top_k": 2}
+PLANTED_MOE = {
+    "super_expert": (0, 2),
+    "massive_dim": 7,
+    "marker_dim": 6,
+    "massive_pos": 0,
+    "sink_head": (1, 0),
+    "bos": 0,
+    "n_experts": 4,
+    "top_k": 2,
+}
 
 
 def planted_moe_model(seed: int = 0):
@@ -704,9 +910,22 @@ def planted_moe_model(seed: int = 0):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     E, K = PLANTED_MOE["n_experts"], PLANTED_MOE["top_k"]
-    cfg = HookedTransformerConfig(n_layers=2, d_model=8, n_ctx=64, d_head=4, n_heads=2, d_vocab=8, d_mlp=4,
-                                  num_experts=E, experts_per_token=K, norm_topk_prob=True, act_fn="silu",
-                                  normalization_type=None, seed=seed, positional_embedding_type="standard")
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=8,
+        n_ctx=64,
+        d_head=4,
+        n_heads=2,
+        d_vocab=8,
+        d_mlp=4,
+        num_experts=E,
+        experts_per_token=K,
+        norm_topk_prob=True,
+        act_fn="silu",
+        normalization_type=None,
+        seed=seed,
+        positional_embedding_type="standard",
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = HookedTransformer(cfg)

@@ -31,6 +31,7 @@ for the tokens routed to it; the shared expert's `down_proj` is hooked directly.
 >>> profile.super_experts().experts
 [(0, 2)]
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,8 +48,15 @@ from lenslab.probes import sinks as _sinks
 from lenslab.results import JsonResult, provenance
 
 __all__ = [
-    "RULES", "SHARED", "ExpertProfile", "SuperExpertAblation", "SuperExperts", "ablate_super_experts",
-    "profile_experts", "prune_experts", "super_experts",
+    "RULES",
+    "SHARED",
+    "ExpertProfile",
+    "SuperExpertAblation",
+    "SuperExperts",
+    "ablate_super_experts",
+    "profile_experts",
+    "prune_experts",
+    "super_experts",
 ]
 
 SHARED = -1
@@ -103,7 +111,8 @@ def _sites(model) -> list[_Site]:
         raise LenslabError(
             f"super experts need an MoE model (routed experts, each with its own down-projection, such as "
             f"Mixtral, OLMoE, Qwen2-MoE or Qwen3-MoE); {_model_name(model)!r} is dense. Load an MoE checkpoint, "
-            "or use sinks.massive_activations / sinks.attention_sinks, which work on any model")
+            "or use sinks.massive_activations / sinks.attention_sinks, which work on any model"
+        )
     out = []
     for m in routers.moe_layers(model):
         if m.kind == "hooked":
@@ -112,11 +121,15 @@ def _sites(model) -> list[_Site]:
         block = _unwrap(model.blocks[m.layer].mlp)
         experts = _unwrap(getattr(block, "experts", None))
         down, gate_up = getattr(experts, "down_proj", None), getattr(experts, "gate_up_proj", None)
-        if not (isinstance(down, Tensor) and down.ndim == 3 and isinstance(gate_up, Tensor) and gate_up.ndim == 3) \
-                or not getattr(experts, "has_gate", True) or getattr(experts, "has_post_expert_norm", False):
+        if (
+            not (isinstance(down, Tensor) and down.ndim == 3 and isinstance(gate_up, Tensor) and gate_up.ndim == 3)
+            or not getattr(experts, "has_gate", True)
+            or getattr(experts, "has_post_expert_norm", False)
+        ):
             raise LenslabError(
                 f"layer {m.layer}: the experts are a {type(experts).__name__}; super-expert profiling reads fused "
-                "expert weights (3-D gate_up_proj and down_proj, transformers >= 5, as in Qwen2-MoE / Qwen3-MoE)")
+                "expert weights (3-D gate_up_proj and down_proj, transformers >= 5, as in Qwen2-MoE / Qwen3-MoE)"
+            )
         shared = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None)
         shared_down = _unwrap(getattr(_unwrap(shared), "down_proj", None)) if shared is not None else None
         if shared is not None and not isinstance(shared_down, nn.Linear):
@@ -141,10 +154,15 @@ def _select(model, sites: list[_Site], layers) -> list[_Site]:
 
 
 def _include(include_layers) -> float:
-    if isinstance(include_layers, bool) or not isinstance(include_layers, (int, float)) \
-            or not 0 < float(include_layers) <= 1:
-        raise LenslabError(f"include_layers {include_layers!r} must lie in (0, 1]: the share of layers, from the "
-                           "first, whose experts can be super experts (Su et al.: 0.75)")
+    if (
+        isinstance(include_layers, bool)
+        or not isinstance(include_layers, (int, float))
+        or not 0 < float(include_layers) <= 1
+    ):
+        raise LenslabError(
+            f"include_layers {include_layers!r} must lie in (0, 1]: the share of layers, from the "
+            "first, whose experts can be super experts (Su et al.: 0.75)"
+        )
     return float(include_layers)
 
 
@@ -162,15 +180,17 @@ def _check_experts(sites: list[_Site], experts) -> list[tuple[int, int]]:
             expert = SHARED if expert == "shared" else expert
             layer, expert = int(layer), int(expert)
         except (TypeError, ValueError) as exc:
-            raise LenslabError(f"expert {pair!r} is not a (layer, expert) pair of ints (expert -1: the shared "
-                               "expert)") from exc
+            raise LenslabError(
+                f"expert {pair!r} is not a (layer, expert) pair of ints (expert -1: the shared expert)"
+            ) from exc
         if layer not in by:
             raise LenslabError(f"layer {layer} is not a MoE layer of this model; MoE layers: {sorted(by)}")
         site = by[layer]
         if expert not in site.ids:
             extra = " or -1 (its shared expert)" if site.shared is not None else " (it has no shared expert)"
-            raise LenslabError(f"expert {expert} does not exist in layer {layer}: it has experts "
-                               f"0..{site.n_experts - 1}{extra}")
+            raise LenslabError(
+                f"expert {expert} does not exist in layer {layer}: it has experts 0..{site.n_experts - 1}{extra}"
+            )
         if (layer, expert) not in out:
             out.append((layer, expert))
     return out
@@ -221,8 +241,11 @@ def _expert_forward(experts: nn.Module, x: Tensor, e: int) -> tuple[Tensor, Tens
     bias = getattr(experts, "gate_up_proj_bias", None)
     if isinstance(bias, Tensor):
         gate_up = gate_up + bias[e]
-    h = experts._apply_gate(gate_up) if hasattr(experts, "_apply_gate") else \
-        experts.act_fn(gate_up.chunk(2, dim=-1)[0]) * gate_up.chunk(2, dim=-1)[1]
+    h = (
+        experts._apply_gate(gate_up)
+        if hasattr(experts, "_apply_gate")
+        else experts.act_fn(gate_up.chunk(2, dim=-1)[0]) * gate_up.chunk(2, dim=-1)[1]
+    )
     w = experts.down_proj[e]
     out = h @ w if transposed else F.linear(h, w)
     bias = getattr(experts, "down_proj_bias", None)
@@ -244,6 +267,7 @@ def _profile_batch(model, sites: list[_Site], stats: _Stats, toks: Tensor) -> No
     fwd_hooks, handles, idx_of = [], [], {}
     for row, site in enumerate(sites):
         if site.kind == "hooked":
+
             def grab(t, hook, row=row):
                 idx_of[row] = t.detach()
                 return t
@@ -256,13 +280,16 @@ def _profile_batch(model, sites: list[_Site], stats: _Stats, toks: Tensor) -> No
                     if t.shape[0]:
                         _, tok = torch.where(idx_of[row].T == e)  # rows in the order MoE.forward gathers them
                         if tok.shape[0] != t.shape[0]:
-                            raise LenslabError(f"layer {sites[row].layer} expert {e}: {t.shape[0]} rows but "
-                                               f"{tok.shape[0]} routed tokens; cannot attribute the rows")
+                            raise LenslabError(
+                                f"layer {sites[row].layer} expert {e}: {t.shape[0]} rows but "
+                                f"{tok.shape[0]} routed tokens; cannot attribute the rows"
+                            )
                         stats.record(row, e, t, F.linear(t, w_out.weight, w_out.bias), tok)
                     return t
 
                 fwd_hooks.append((f"blocks.{site.layer}.mlp.experts.{e}.hook_post", post))
         else:
+
             def fused(module, args, kwargs, output, row=row, site=site):
                 hidden = _arg(args, kwargs, 0, "hidden_states")
                 index = _arg(args, kwargs, 1, "top_k_index", "router_indices", "selected_experts")
@@ -277,6 +304,7 @@ def _profile_batch(model, sites: list[_Site], stats: _Stats, toks: Tensor) -> No
 
             handles.append(site.experts.register_forward_hook(fused, with_kwargs=True))
             if site.shared is not None:
+
                 def shared(module, args, output, row=row):
                     inp = args[0].reshape(-1, args[0].shape[-1])
                     out = output.reshape(-1, output.shape[-1])
@@ -296,8 +324,9 @@ def _profile_batch(model, sites: list[_Site], stats: _Stats, toks: Tensor) -> No
     stats.offset += toks.shape[0]
 
 
-def profile_experts(model, prompts, *, layers=None, include_layers: float = DEFAULT_INCLUDE_LAYERS,
-                    prepend_bos: bool | None = None) -> ExpertProfile:
+def profile_experts(
+    model, prompts, *, layers=None, include_layers: float = DEFAULT_INCLUDE_LAYERS, prepend_bos: bool | None = None
+) -> ExpertProfile:
     """Per (MoE layer, expert) the maximum |down-projection output| over the prompts (Su et al. 2025).
 
     Args:
@@ -325,21 +354,36 @@ def profile_experts(model, prompts, *, layers=None, include_layers: float = DEFA
     include_layers = _include(include_layers)
     batches = _sinks._batches(model, prompts, prepend_bos)
     if len({s.n_experts for s in sites}) != 1:
-        raise LenslabError(f"MoE layers differ in expert count {sorted({s.n_experts for s in sites})}; not supported yet")
+        raise LenslabError(
+            f"MoE layers differ in expert count {sorted({s.n_experts for s in sites})}; not supported yet"
+        )
     stats = _Stats(sites)
     for toks in batches:
         _profile_batch(model, sites, stats, toks)
     seen = stats.tokens > 0
     out_max = torch.where(seen, stats.out_max, torch.zeros_like(stats.out_max)).float()
     tokens_of = [t for b in batches for t in b.cpu()]
-    labels = [[_sinks._str_tokens(model, tokens_of[s][p:p + 1])[0] if s >= 0 else "" for s, p in zip(srow, prow)]
-              for srow, prow in zip(stats.sample.tolist(), stats.pos.tolist())]
+    labels = [
+        [_sinks._str_tokens(model, tokens_of[s][p : p + 1])[0] if s >= 0 else "" for s, p in zip(srow, prow)]
+        for srow, prow in zip(stats.sample.tolist(), stats.pos.tolist())
+    ]
     return ExpertProfile(
-        output_max=out_max, input_max=stats.in_max.float(), channel=stats.channel, pos=stats.pos, sample=stats.sample,
-        tokens=stats.tokens, token_labels=labels, layers=[s.layer for s in sites], n_experts=sites[0].n_experts,
-        shared=any(s.shared is not None for s in sites), n_layers=model.cfg.n_layers, include_layers=include_layers,
-        provenance=provenance(model, method="profile_experts", include_layers=include_layers,
-                              **_sinks._prompt_record(model, batches)))
+        output_max=out_max,
+        input_max=stats.in_max.float(),
+        channel=stats.channel,
+        pos=stats.pos,
+        sample=stats.sample,
+        tokens=stats.tokens,
+        token_labels=labels,
+        layers=[s.layer for s in sites],
+        n_experts=sites[0].n_experts,
+        shared=any(s.shared is not None for s in sites),
+        n_layers=model.cfg.n_layers,
+        include_layers=include_layers,
+        provenance=provenance(
+            model, method="profile_experts", include_layers=include_layers, **_sinks._prompt_record(model, batches)
+        ),
+    )
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -353,8 +397,8 @@ def _kurtosis(x: Tensor) -> float:
     if x.numel() < 2:
         return math.nan
     d = x - x.mean()
-    m2, m4 = float((d ** 2).mean()), float((d ** 4).mean())
-    return m4 / m2 ** 2 - 3.0 if m2 > 0 else math.nan
+    m2, m4 = float((d**2).mean()), float((d**4).mean())
+    return m4 / m2**2 - 3.0 if m2 > 0 else math.nan
 
 
 def _nan_none(v: float):
@@ -420,8 +464,10 @@ class ExpertProfile(JsonResult):
         """The column of expert id `expert` (-1: the shared expert)."""
         ids = self.expert_ids
         if expert not in ids:
-            raise LenslabError(f"expert {expert} is not in this profile: experts 0..{self.n_experts - 1}"
-                               + (" and -1 (shared)" if self.shared else ""))
+            raise LenslabError(
+                f"expert {expert} is not in this profile: experts 0..{self.n_experts - 1}"
+                + (" and -1 (shared)" if self.shared else "")
+            )
         return ids.index(expert)
 
     def value(self, layer: int, expert: int) -> float:
@@ -435,12 +481,15 @@ class ExpertProfile(JsonResult):
         expert over the included layers (`by="expert"`, `[expert]`), as Su et al. report; nan where flat."""
         seen = self.tokens > 0
         if by == "layer":
-            return torch.tensor([_kurtosis(self.output_max[i][seen[i]]) for i in range(len(self.layers))],
-                                dtype=torch.float64)
+            return torch.tensor(
+                [_kurtosis(self.output_max[i][seen[i]]) for i in range(len(self.layers))], dtype=torch.float64
+            )
         if by == "expert":
             inc = self.included
-            return torch.tensor([_kurtosis(self.output_max[inc & seen[:, c], c]) for c in range(len(self.expert_ids))],
-                                dtype=torch.float64)
+            return torch.tensor(
+                [_kurtosis(self.output_max[inc & seen[:, c], c]) for c in range(len(self.expert_ids))],
+                dtype=torch.float64,
+            )
         raise LenslabError(f"by {by!r} is not one of 'layer', 'expert'")
 
     def population(self) -> Tensor:
@@ -448,8 +497,9 @@ class ExpertProfile(JsonResult):
         mask = self.included[:, None] & (self.tokens > 0)
         return self.output_max[mask]
 
-    def super_experts(self, rule: str = "su", *, quantile: float = 99.5, times: float | None = None,
-                      std_multiplier: float = 3.0) -> SuperExperts:
+    def super_experts(
+        self, rule: str = "su", *, quantile: float = 99.5, times: float | None = None, std_multiplier: float = 3.0
+    ) -> SuperExperts:
         """The super experts under `rule`, over output_max of the included layers (experts that saw a token).
 
         Rules (Su et al.'s `_identify_super_experts*`):
@@ -471,7 +521,8 @@ class ExpertProfile(JsonResult):
             raise LenslabError(
                 f"no profiled layer lies below the include_layers cutoff (layer < {self.cutoff}, include_layers "
                 f"{self.include_layers:g} of {self.n_layers} layers; profiled {self.layers}): raise include_layers "
-                "or profile earlier layers")
+                "or profile earlier layers"
+            )
         thresholds: dict = {}
         if rule in ("su", "p99.5"):
             thresholds["percentile"] = float(torch.quantile(v, quantile / 100))
@@ -494,9 +545,16 @@ class ExpertProfile(JsonResult):
             params["times"] = times
         if rule == "mean+3std":
             params["std_multiplier"] = std_multiplier
-        return SuperExperts(experts=[(l, e) for _, l, e in found], values=[x for x, _, _ in found], rule=rule,
-                            params=params, thresholds=thresholds, population=int(v.numel()), profile=self,
-                            provenance={**self.provenance, "method": f"super_experts:{rule}"})
+        return SuperExperts(
+            experts=[(l, e) for _, l, e in found],
+            values=[x for x, _, _ in found],
+            rule=rule,
+            params=params,
+            thresholds=thresholds,
+            population=int(v.numel()),
+            profile=self,
+            provenance={**self.provenance, "method": f"super_experts:{rule}"},
+        )
 
     def table(self, rule: str | None = "su"):
         """One row per (layer, expert) as a pandas DataFrame, largest output_max first, with a
@@ -507,30 +565,62 @@ class ExpertProfile(JsonResult):
         rows = []
         for i, l in enumerate(self.layers):
             for c, e in enumerate(self.expert_ids):
-                rows.append({"layer": l, "expert": e, "label": f"L{l}{self.expert_labels[c]}",
-                             "output_max": float(self.output_max[i, c]), "channel": int(self.channel[i, c]),
-                             "pos": int(self.pos[i, c]), "token": self.token_labels[i][c], "sample": int(self.sample[i, c]),
-                             "input_max": float(self.input_max[i, c]), "tokens": int(self.tokens[i, c]),
-                             "included": bool(self.included[i])} | ({"super": (l, e) in marked} if rule else {}))
+                rows.append(
+                    {
+                        "layer": l,
+                        "expert": e,
+                        "label": f"L{l}{self.expert_labels[c]}",
+                        "output_max": float(self.output_max[i, c]),
+                        "channel": int(self.channel[i, c]),
+                        "pos": int(self.pos[i, c]),
+                        "token": self.token_labels[i][c],
+                        "sample": int(self.sample[i, c]),
+                        "input_max": float(self.input_max[i, c]),
+                        "tokens": int(self.tokens[i, c]),
+                        "included": bool(self.included[i]),
+                    }
+                    | ({"super": (l, e) in marked} if rule else {})
+                )
         return pd.DataFrame(rows).sort_values("output_max", ascending=False, kind="stable").reset_index(drop=True)
 
     def to_dict(self) -> dict:
-        return {"kind": self.KIND, "output_max": _t(self.output_max), "input_max": _t(self.input_max),
-                "channel": _t(self.channel), "pos": _t(self.pos), "sample": _t(self.sample), "tokens": _t(self.tokens),
-                "token_labels": self.token_labels, "layers": list(self.layers), "n_experts": self.n_experts,
-                "shared": self.shared, "n_layers": self.n_layers, "include_layers": self.include_layers,
-                "cutoff": self.cutoff, "kurtosis_by_layer": [_nan_none(float(k)) for k in self.kurtosis("layer")],
-                "provenance": self.provenance}
+        return {
+            "kind": self.KIND,
+            "output_max": _t(self.output_max),
+            "input_max": _t(self.input_max),
+            "channel": _t(self.channel),
+            "pos": _t(self.pos),
+            "sample": _t(self.sample),
+            "tokens": _t(self.tokens),
+            "token_labels": self.token_labels,
+            "layers": list(self.layers),
+            "n_experts": self.n_experts,
+            "shared": self.shared,
+            "n_layers": self.n_layers,
+            "include_layers": self.include_layers,
+            "cutoff": self.cutoff,
+            "kurtosis_by_layer": [_nan_none(float(k)) for k in self.kurtosis("layer")],
+            "provenance": self.provenance,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> ExpertProfile:
         long = lambda x: torch.tensor(x, dtype=torch.long)
-        return cls(output_max=torch.tensor(d["output_max"], dtype=torch.float32),
-                   input_max=torch.tensor(d["input_max"], dtype=torch.float32), channel=long(d["channel"]),
-                   pos=long(d["pos"]), sample=long(d["sample"]), tokens=long(d["tokens"]),
-                   token_labels=[list(r) for r in d["token_labels"]], layers=list(d["layers"]),
-                   n_experts=d["n_experts"], shared=bool(d.get("shared", False)), n_layers=d["n_layers"],
-                   include_layers=d.get("include_layers", DEFAULT_INCLUDE_LAYERS), provenance=d.get("provenance") or {})
+        return cls(
+            output_max=torch.tensor(d["output_max"], dtype=torch.float32),
+            input_max=torch.tensor(d["input_max"], dtype=torch.float32),
+            channel=long(d["channel"]),
+            pos=long(d["pos"]),
+            sample=long(d["sample"]),
+            tokens=long(d["tokens"]),
+            token_labels=[list(r) for r in d["token_labels"]],
+            layers=list(d["layers"]),
+            n_experts=d["n_experts"],
+            shared=bool(d.get("shared", False)),
+            n_layers=d["n_layers"],
+            include_layers=d.get("include_layers", DEFAULT_INCLUDE_LAYERS),
+            provenance=d.get("provenance") or {},
+        )
 
     def figure(self, marked: list[tuple[int, int]] | None = None, title: str | None = None):
         """Layer x expert heatmap of log10 output_max (hover: the value, channel, token); `marked`
@@ -543,24 +633,55 @@ class ExpertProfile(JsonResult):
             marked = self.super_experts("su").experts if bool(self.included.any()) else []
         z = torch.log10(self.output_max.clamp_min(1e-6))
         ylab = [f"L{l}" + ("" if inc else " (excluded)") for l, inc in zip(self.layers, self.included.tolist())]
-        text = [[f"{float(self.output_max[i, c]):.4g}<br>dim {int(self.channel[i, c])} · pos {int(self.pos[i, c])} "
-                 f"({self.token_labels[i][c]!r}) · {int(self.tokens[i, c])} tokens"
-                 for c in range(len(self.expert_ids))] for i in range(len(self.layers))]
-        fig = go.Figure(go.Heatmap(
-            z=_t(z), x=self.expert_labels, y=ylab, text=text, colorscale="Viridis", colorbar=dict(title="log10 max |out|"),
-            hovertemplate="%{y} %{x}<br>max |down_proj out| = %{text}<extra></extra>"))
+        text = [
+            [
+                f"{float(self.output_max[i, c]):.4g}<br>dim {int(self.channel[i, c])} · pos {int(self.pos[i, c])} "
+                f"({self.token_labels[i][c]!r}) · {int(self.tokens[i, c])} tokens"
+                for c in range(len(self.expert_ids))
+            ]
+            for i in range(len(self.layers))
+        ]
+        fig = go.Figure(
+            go.Heatmap(
+                z=_t(z),
+                x=self.expert_labels,
+                y=ylab,
+                text=text,
+                colorscale="Viridis",
+                colorbar=dict(title="log10 max |out|"),
+                hovertemplate="%{y} %{x}<br>max |down_proj out| = %{text}<extra></extra>",
+            )
+        )
         for l, e in marked:
             if l in self.layers:
-                fig.add_shape(type="rect", xref="x", yref="y", line=dict(color="#c0392b", width=3),
-                              x0=self.col(e) - 0.5, x1=self.col(e) + 0.5,
-                              y0=self.layers.index(l) - 0.5, y1=self.layers.index(l) + 0.5)
-                fig.add_annotation(x=self.expert_labels[self.col(e)], y=ylab[self.layers.index(l)], text="SE",
-                                   showarrow=False, font=dict(color="white", size=12))
-        fig.update_layout(xaxis_title="expert", yaxis_title="MoE layer", yaxis_autorange="reversed",
-                          height=max(320, 40 * len(self.layers) + 180))
+                fig.add_shape(
+                    type="rect",
+                    xref="x",
+                    yref="y",
+                    line=dict(color="#c0392b", width=3),
+                    x0=self.col(e) - 0.5,
+                    x1=self.col(e) + 0.5,
+                    y0=self.layers.index(l) - 0.5,
+                    y1=self.layers.index(l) + 0.5,
+                )
+                fig.add_annotation(
+                    x=self.expert_labels[self.col(e)],
+                    y=ylab[self.layers.index(l)],
+                    text="SE",
+                    showarrow=False,
+                    font=dict(color="white", size=12),
+                )
+        fig.update_layout(
+            xaxis_title="expert",
+            yaxis_title="MoE layer",
+            yaxis_autorange="reversed",
+            height=max(320, 40 * len(self.layers) + 180),
+        )
         se = ", ".join(f"L{l}{'shared' if e == SHARED else f'e{e}'}" for l, e in marked) or "none"
-        return figures.style(fig, title or f"Expert down_proj max |output| · model {self.provenance.get('model', '?')} "
-                                           f"· super experts {se}")
+        return figures.style(
+            fig,
+            title or f"Expert down_proj max |output| · model {self.provenance.get('model', '?')} · super experts {se}",
+        )
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -592,7 +713,7 @@ class SuperExperts(JsonResult):
 
     @property
     def labels(self) -> list[str]:
-        """"L{layer}e{expert}" (or "L{layer}shared") per super expert."""
+        """ "L{layer}e{expert}" (or "L{layer}shared") per super expert."""
         return [f"L{l}" + ("shared" if e == SHARED else f"e{e}") for l, e in self.experts]
 
     def table(self):
@@ -603,33 +724,72 @@ class SuperExperts(JsonResult):
         rows = []
         for r, ((l, e), v) in enumerate(zip(self.experts, self.values), 1):
             i, c = p.layers.index(l), p.col(e)
-            rows.append({"rank": r, "layer": l, "expert": e, "label": self.labels[r - 1], "output_max": v,
-                         "channel": int(p.channel[i, c]), "pos": int(p.pos[i, c]), "token": p.token_labels[i][c],
-                         "input_max": float(p.input_max[i, c]), "tokens": int(p.tokens[i, c])})
+            rows.append(
+                {
+                    "rank": r,
+                    "layer": l,
+                    "expert": e,
+                    "label": self.labels[r - 1],
+                    "output_max": v,
+                    "channel": int(p.channel[i, c]),
+                    "pos": int(p.pos[i, c]),
+                    "token": p.token_labels[i][c],
+                    "input_max": float(p.input_max[i, c]),
+                    "tokens": int(p.tokens[i, c]),
+                }
+            )
         cols = ["rank", "layer", "expert", "label", "output_max", "channel", "pos", "token", "input_max", "tokens"]
         return pd.DataFrame(rows, columns=cols)
 
     def to_dict(self) -> dict:
-        return {"kind": self.KIND, "experts": [list(p) for p in self.experts], "labels": self.labels,
-                "values": list(self.values), "rule": self.rule, "params": self.params, "thresholds": self.thresholds,
-                "population": self.population, "profile": self.profile.to_dict(), "provenance": self.provenance}
+        return {
+            "kind": self.KIND,
+            "experts": [list(p) for p in self.experts],
+            "labels": self.labels,
+            "values": list(self.values),
+            "rule": self.rule,
+            "params": self.params,
+            "thresholds": self.thresholds,
+            "population": self.population,
+            "profile": self.profile.to_dict(),
+            "provenance": self.provenance,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> SuperExperts:
-        return cls(experts=[tuple(p) for p in d["experts"]], values=list(d["values"]), rule=d["rule"],
-                   params=dict(d["params"]), thresholds=dict(d["thresholds"]), population=d["population"],
-                   profile=ExpertProfile.from_dict(d["profile"]), provenance=d.get("provenance") or {})
+        return cls(
+            experts=[tuple(p) for p in d["experts"]],
+            values=list(d["values"]),
+            rule=d["rule"],
+            params=dict(d["params"]),
+            thresholds=dict(d["thresholds"]),
+            population=d["population"],
+            profile=ExpertProfile.from_dict(d["profile"]),
+            provenance=d.get("provenance") or {},
+        )
 
     def figure(self):
         """The profile heatmap with these super experts boxed."""
         bars = ", ".join(f"{k} {v:.4g}" for k, v in self.thresholds.items())
-        return self.profile.figure(marked=self.experts, title=(
-            f"Super experts ({self.rule}: {', '.join(self.labels) or 'none'}) · model "
-            f"{self.provenance.get('model', '?')} · bars {bars}"))
+        return self.profile.figure(
+            marked=self.experts,
+            title=(
+                f"Super experts ({self.rule}: {', '.join(self.labels) or 'none'}) · model "
+                f"{self.provenance.get('model', '?')} · bars {bars}"
+            ),
+        )
 
 
-def super_experts(model, prompts, *, rule: str = "su", layers=None, include_layers: float = DEFAULT_INCLUDE_LAYERS,
-                  prepend_bos: bool | None = None, **rule_kwargs) -> SuperExperts:
+def super_experts(
+    model,
+    prompts,
+    *,
+    rule: str = "su",
+    layers=None,
+    include_layers: float = DEFAULT_INCLUDE_LAYERS,
+    prepend_bos: bool | None = None,
+    **rule_kwargs,
+) -> SuperExperts:
     """Profile the experts on `prompts` and return the super experts under `rule`
     (`profile_experts(...).super_experts(rule, **rule_kwargs)`).
 
@@ -686,8 +846,11 @@ def _loss(model, batches: list[Tensor]) -> float:
 
 
 def _summary(massive: _sinks.MassiveResult) -> dict:
-    return {"max_abs": float(massive.top_values.abs().max()), "n_massive": len(massive.massive),
-            "massive_dims": massive.massive_dims}
+    return {
+        "max_abs": float(massive.top_values.abs().max()),
+        "n_massive": len(massive.massive),
+        "massive_dims": massive.massive_dims,
+    }
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -731,10 +894,22 @@ class SuperExpertAblation(JsonResult):
     def summary(self) -> list[dict]:
         """One row per run (clean, super experts pruned, each random draw): loss, sink rate, largest
         |a|, massive entries."""
-        rows = [{"run": "clean", "experts": [], "loss": self.loss_clean, "sink_rate": self.sinks_clean.sink_rate,
-                 **_summary(self.massive_clean)},
-                {"run": "super experts pruned", "experts": [list(p) for p in self.experts], "loss": self.loss_pruned,
-                 "sink_rate": self.sinks_pruned.sink_rate, **_summary(self.massive_pruned)}]
+        rows = [
+            {
+                "run": "clean",
+                "experts": [],
+                "loss": self.loss_clean,
+                "sink_rate": self.sinks_clean.sink_rate,
+                **_summary(self.massive_clean),
+            },
+            {
+                "run": "super experts pruned",
+                "experts": [list(p) for p in self.experts],
+                "loss": self.loss_pruned,
+                "sink_rate": self.sinks_pruned.sink_rate,
+                **_summary(self.massive_pruned),
+            },
+        ]
         rows += [{"run": f"random {i}", **r} for i, r in enumerate(self.random)]
         return rows
 
@@ -745,22 +920,38 @@ class SuperExpertAblation(JsonResult):
         return pd.DataFrame(self.summary())
 
     def to_dict(self) -> dict:
-        return {"kind": self.KIND, "experts": [list(p) for p in self.experts], "rule": self.rule,
-                "loss_clean": self.loss_clean, "loss_pruned": self.loss_pruned,
-                "sink_rate_clean": self.sinks_clean.sink_rate, "sink_rate_pruned": self.sinks_pruned.sink_rate,
-                "random_loss": self.random_loss, "random_sink_rate": self.random_sink_rate, "random": self.random,
-                "sinks_clean": self.sinks_clean.to_dict(), "sinks_pruned": self.sinks_pruned.to_dict(),
-                "massive_clean": self.massive_clean.to_dict(), "massive_pruned": self.massive_pruned.to_dict(),
-                "provenance": self.provenance}
+        return {
+            "kind": self.KIND,
+            "experts": [list(p) for p in self.experts],
+            "rule": self.rule,
+            "loss_clean": self.loss_clean,
+            "loss_pruned": self.loss_pruned,
+            "sink_rate_clean": self.sinks_clean.sink_rate,
+            "sink_rate_pruned": self.sinks_pruned.sink_rate,
+            "random_loss": self.random_loss,
+            "random_sink_rate": self.random_sink_rate,
+            "random": self.random,
+            "sinks_clean": self.sinks_clean.to_dict(),
+            "sinks_pruned": self.sinks_pruned.to_dict(),
+            "massive_clean": self.massive_clean.to_dict(),
+            "massive_pruned": self.massive_pruned.to_dict(),
+            "provenance": self.provenance,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> SuperExpertAblation:
-        return cls(experts=[tuple(p) for p in d["experts"]], rule=d.get("rule", "su"), loss_clean=d["loss_clean"],
-                   loss_pruned=d["loss_pruned"], sinks_clean=_sinks.SinkResult.from_dict(d["sinks_clean"]),
-                   sinks_pruned=_sinks.SinkResult.from_dict(d["sinks_pruned"]),
-                   massive_clean=_sinks.MassiveResult.from_dict(d["massive_clean"]),
-                   massive_pruned=_sinks.MassiveResult.from_dict(d["massive_pruned"]),
-                   random=[dict(r) for r in d["random"]], provenance=d.get("provenance") or {})
+        return cls(
+            experts=[tuple(p) for p in d["experts"]],
+            rule=d.get("rule", "su"),
+            loss_clean=d["loss_clean"],
+            loss_pruned=d["loss_pruned"],
+            sinks_clean=_sinks.SinkResult.from_dict(d["sinks_clean"]),
+            sinks_pruned=_sinks.SinkResult.from_dict(d["sinks_pruned"]),
+            massive_clean=_sinks.MassiveResult.from_dict(d["massive_clean"]),
+            massive_pruned=_sinks.MassiveResult.from_dict(d["massive_pruned"]),
+            random=[dict(r) for r in d["random"]],
+            provenance=d.get("provenance") or {},
+        )
 
     def figure(self):
         """Loss, sink rate and largest |a| for clean / super experts pruned / random draws (mean,
@@ -770,38 +961,79 @@ class SuperExpertAblation(JsonResult):
 
         from lenslab import figures
 
-        fig = make_subplots(rows=1, cols=5, column_widths=[0.16, 0.16, 0.16, 0.26, 0.26], horizontal_spacing=0.06,
-                            subplot_titles=["loss", "sink rate (%)", "largest |a| (log)", "α₀ clean", "α₀ SE pruned"])
+        fig = make_subplots(
+            rows=1,
+            cols=5,
+            column_widths=[0.16, 0.16, 0.16, 0.26, 0.26],
+            horizontal_spacing=0.06,
+            subplot_titles=["loss", "sink rate (%)", "largest |a| (log)", "α₀ clean", "α₀ SE pruned"],
+        )
         runs = ["clean", "SE pruned"] + (["random"] if self.random else [])
-        colours = ["#3b6ea8", "#c0392b", "#7f8c8d"][:len(runs)]
+        colours = ["#3b6ea8", "#c0392b", "#7f8c8d"][: len(runs)]
         mc, mp = _summary(self.massive_clean), _summary(self.massive_pruned)
         mean = lambda k: sum(r[k] for r in self.random) / len(self.random)
-        panels = [("loss", self.loss_clean, self.loss_pruned, 1), ("sink_rate", self.sinks_clean.sink_rate,
-                  self.sinks_pruned.sink_rate, 100), ("max_abs", mc["max_abs"], mp["max_abs"], 1)]
+        panels = [
+            ("loss", self.loss_clean, self.loss_pruned, 1),
+            ("sink_rate", self.sinks_clean.sink_rate, self.sinks_pruned.sink_rate, 100),
+            ("max_abs", mc["max_abs"], mp["max_abs"], 1),
+        ]
         for col, (key, clean, pruned, scale) in enumerate(panels, 1):
             ys = [scale * clean, scale * pruned] + ([scale * mean(key)] if self.random else [])
-            fig.add_trace(go.Bar(x=runs, y=ys, marker_color=colours, showlegend=False, texttemplate="%{y:.3g}"),
-                          row=1, col=col)
+            fig.add_trace(
+                go.Bar(x=runs, y=ys, marker_color=colours, showlegend=False, texttemplate="%{y:.3g}"), row=1, col=col
+            )
             if self.random:
-                fig.add_trace(go.Scatter(x=["random"] * len(self.random), y=[scale * r[key] for r in self.random],
-                                         mode="markers", marker=dict(color="black", size=6), showlegend=False,
-                                         hovertext=[str(r["experts"]) for r in self.random]), row=1, col=col)
+                fig.add_trace(
+                    go.Scatter(
+                        x=["random"] * len(self.random),
+                        y=[scale * r[key] for r in self.random],
+                        mode="markers",
+                        marker=dict(color="black", size=6),
+                        showlegend=False,
+                        hovertext=[str(r["experts"]) for r in self.random],
+                    ),
+                    row=1,
+                    col=col,
+                )
         fig.update_yaxes(type="log", row=1, col=3)
         for j, s in enumerate((self.sinks_clean, self.sinks_pruned)):
-            fig.add_trace(go.Heatmap(z=_sinks._t(s.attn_to_first), x=[f"H{h}" for h in range(s.attn_to_first.shape[1])],
-                                     y=[f"L{l}" for l in s.layers], colorscale="Blues", zmin=0, zmax=1,
-                                     showscale=j == 1, colorbar=dict(title="α₀")), row=1, col=4 + j)
+            fig.add_trace(
+                go.Heatmap(
+                    z=_sinks._t(s.attn_to_first),
+                    x=[f"H{h}" for h in range(s.attn_to_first.shape[1])],
+                    y=[f"L{l}" for l in s.layers],
+                    colorscale="Blues",
+                    zmin=0,
+                    zmax=1,
+                    showscale=j == 1,
+                    colorbar=dict(title="α₀"),
+                ),
+                row=1,
+                col=4 + j,
+            )
             fig.update_yaxes(autorange="reversed", row=1, col=4 + j)
         fig.update_layout(height=400, width=1300)
         labels = ", ".join(f"L{l}" + ("shared" if e == SHARED else f"e{e}") for l, e in self.experts)
-        return figures.style(fig, f"Pruning super experts {labels} vs {len(self.random)} random draws · "
-                                  f"model {self.provenance.get('model', '?')}")
+        return figures.style(
+            fig,
+            f"Pruning super experts {labels} vs {len(self.random)} random draws · "
+            f"model {self.provenance.get('model', '?')}",
+        )
 
 
-def ablate_super_experts(model, prompts, experts=None, *, random_draws: int = 5, seed: int = 0, rule: str = "su",
-                         include_layers: float = DEFAULT_INCLUDE_LAYERS, threshold: float = _sinks.DEFAULT_SINK_THRESHOLD,
-                         massive_rule: _sinks.MassiveRule | None = None,
-                         prepend_bos: bool | None = None) -> SuperExpertAblation:
+def ablate_super_experts(
+    model,
+    prompts,
+    experts=None,
+    *,
+    random_draws: int = 5,
+    seed: int = 0,
+    rule: str = "su",
+    include_layers: float = DEFAULT_INCLUDE_LAYERS,
+    threshold: float = _sinks.DEFAULT_SINK_THRESHOLD,
+    massive_rule: _sinks.MassiveRule | None = None,
+    prepend_bos: bool | None = None,
+) -> SuperExpertAblation:
     """Prune the super experts (zero their down_proj) and measure loss, massive activations and
     sinks, against pruning as many random non-super experts (Su et al. Sec. 4).
 
@@ -836,8 +1068,10 @@ def ablate_super_experts(model, prompts, experts=None, *, random_draws: int = 5,
     if experts is None:
         found = profile.super_experts(rule)
         if not found.experts:
-            raise LenslabError(f"no super experts under rule {rule!r} on these prompts "
-                               f"(bars {found.thresholds}): pass experts=[(layer, expert), ...] or another rule")
+            raise LenslabError(
+                f"no super experts under rule {rule!r} on these prompts "
+                f"(bars {found.thresholds}): pass experts=[(layer, expert), ...] or another rule"
+            )
         pairs, how = found.experts, rule
     else:
         pairs, how = _check_experts(sites, experts), "given"
@@ -845,15 +1079,25 @@ def ablate_super_experts(model, prompts, experts=None, *, random_draws: int = 5,
             raise LenslabError("experts is empty: pass at least one (layer, expert) pair to prune")
     massive_rule = massive_rule or _sinks.MassiveRule()
     cutoff = profile.cutoff
-    pool = [(l, e) for i, l in enumerate(profile.layers) if l < cutoff for e in range(profile.n_experts)
-            if (l, e) not in pairs and int(profile.tokens[i, e]) > 0]  # pruning an idle expert would be no control
+    pool = [
+        (l, e)
+        for i, l in enumerate(profile.layers)
+        if l < cutoff
+        for e in range(profile.n_experts)
+        if (l, e) not in pairs and int(profile.tokens[i, e]) > 0
+    ]  # pruning an idle expert would be no control
     if random_draws and len(pool) < len(pairs):
-        raise LenslabError(f"only {len(pool)} other experts below layer {cutoff} saw a token of these prompts, too few "
-                           f"to draw {len(pairs)} at random: lower random_draws to 0 or raise include_layers")
+        raise LenslabError(
+            f"only {len(pool)} other experts below layer {cutoff} saw a token of these prompts, too few "
+            f"to draw {len(pairs)} at random: lower random_draws to 0 or raise include_layers"
+        )
 
     def measure():
-        return (_loss(model, batches), _sinks.attention_sinks(model, prompts, threshold=threshold, prepend_bos=prepend_bos),
-                _sinks.massive_activations(model, prompts, rule=massive_rule, prepend_bos=prepend_bos))
+        return (
+            _loss(model, batches),
+            _sinks.attention_sinks(model, prompts, threshold=threshold, prepend_bos=prepend_bos),
+            _sinks.massive_activations(model, prompts, rule=massive_rule, prepend_bos=prepend_bos),
+        )
 
     loss_c, sinks_c, massive_c = measure()
     with prune_experts(model, pairs):
@@ -864,14 +1108,30 @@ def ablate_super_experts(model, prompts, experts=None, *, random_draws: int = 5,
         fresh = [p for p in pool if p not in used]
         if len(fresh) < len(pairs):  # every expert drawn once: start over
             fresh, used = pool, set()
-        draw = sorted(fresh[i] for i in torch.randperm(len(fresh), generator=g)[:len(pairs)].tolist())
+        draw = sorted(fresh[i] for i in torch.randperm(len(fresh), generator=g)[: len(pairs)].tolist())
         used.update(draw)
         with prune_experts(model, draw):
             loss_r, sinks_r, massive_r = measure()
-        random.append({"experts": [list(p) for p in draw], "loss": loss_r, "sink_rate": sinks_r.sink_rate,
-                       **_summary(massive_r)})
+        random.append(
+            {"experts": [list(p) for p in draw], "loss": loss_r, "sink_rate": sinks_r.sink_rate, **_summary(massive_r)}
+        )
     return SuperExpertAblation(
-        experts=list(pairs), loss_clean=loss_c, loss_pruned=loss_p, sinks_clean=sinks_c, sinks_pruned=sinks_p,
-        massive_clean=massive_c, massive_pruned=massive_p, random=random, rule=how,
-        provenance=provenance(model, method="ablate_super_experts", rule=how, random_draws=random_draws, seed=seed,
-                              include_layers=include_layers, **_sinks._prompt_record(model, batches)))
+        experts=list(pairs),
+        loss_clean=loss_c,
+        loss_pruned=loss_p,
+        sinks_clean=sinks_c,
+        sinks_pruned=sinks_p,
+        massive_clean=massive_c,
+        massive_pruned=massive_p,
+        random=random,
+        rule=how,
+        provenance=provenance(
+            model,
+            method="ablate_super_experts",
+            rule=how,
+            random_draws=random_draws,
+            seed=seed,
+            include_layers=include_layers,
+            **_sinks._prompt_record(model, batches),
+        ),
+    )

@@ -22,6 +22,7 @@ safetensors file beside them. Baselines: `mean_difference` (DiffMean / CAA) and 
 >>> logits.shape
 torch.Size([1, 9, 86])
 """
+
 from __future__ import annotations
 
 if __name__ != "lenslab.steering":  # imported as top-level `steering`: the repository root is on sys.path
@@ -63,9 +64,44 @@ else:
     )
 
     __all__ = [
-        "AU_SITES", "EXPERT_OPS", "FEATURE_KINDS", "OPS", "POSITION_WORDS", "SITES", "UNIT_OPS", "Edit", "FeatureRead",
-        "Intervention", "ablate_feature", "actadd", "add_feature", "apply", "austeer", "austeer_scores", "clamp_feature",
-        "compose", "generate", "hf_hooks", "hook_name", "hooks", "load", "mean_activations", "mean_difference",
-        "reroute", "save", "select_units", "stream", "switch_experts", "tie_report", "validate", "TIE_BREAKS",
-        "LineasConfig", "default_hooks", "fit_lineas", "lineas_loss", "proximal_step", "support", "wasserstein_1d",
+        "AU_SITES",
+        "EXPERT_OPS",
+        "FEATURE_KINDS",
+        "OPS",
+        "POSITION_WORDS",
+        "SITES",
+        "UNIT_OPS",
+        "Edit",
+        "FeatureRead",
+        "Intervention",
+        "ablate_feature",
+        "actadd",
+        "add_feature",
+        "apply",
+        "austeer",
+        "austeer_scores",
+        "clamp_feature",
+        "compose",
+        "generate",
+        "hf_hooks",
+        "hook_name",
+        "hooks",
+        "load",
+        "mean_activations",
+        "mean_difference",
+        "reroute",
+        "save",
+        "select_units",
+        "stream",
+        "switch_experts",
+        "tie_report",
+        "validate",
+        "TIE_BREAKS",
+        "LineasConfig",
+        "default_hooks",
+        "fit_lineas",
+        "lineas_loss",
+        "proximal_step",
+        "support",
+        "wasserstein_1d",
     ]

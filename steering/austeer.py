@@ -42,6 +42,7 @@ is why this site steers `zoo/steer-sentiment` where the authors' sites do not (d
 >>> iv.provenance["ties"]["decided_by_ties"]   # 8 pairs: beta has 5 values, the top is one big tie
 True
 """
+
 from __future__ import annotations
 
 import math
@@ -140,12 +141,15 @@ TIE_BREAKS = ("order", "gap", "random")
 
 def _check_tie_break(tie_break: str) -> None:
     if tie_break not in TIE_BREAKS:
-        raise LenslabError(f"tie_break {tie_break!r} is not one of {', '.join(TIE_BREAKS)}"
-                           f"{did_you_mean(str(tie_break), list(TIE_BREAKS))}")
+        raise LenslabError(
+            f"tie_break {tie_break!r} is not one of {', '.join(TIE_BREAKS)}"
+            f"{did_you_mean(str(tie_break), list(TIE_BREAKS))}"
+        )
 
 
-def select_units(beta: Tensor, k: int, *, tie_break: str = "order", gap: Tensor | None = None,
-                 seed: int = 0) -> list[tuple[int, int]]:
+def select_units(
+    beta: Tensor, k: int, *, tie_break: str = "order", gap: Tensor | None = None, seed: int = 0
+) -> list[tuple[int, int]]:
     """The `k` (layer, unit) entries of `beta` `[n_layers, n_units]` with the largest `|beta|`.
 
     Entries with `beta = 0` are skipped. Among entries of equal `|beta|`:
@@ -163,7 +167,9 @@ def select_units(beta: Tensor, k: int, *, tie_break: str = "order", gap: Tensor 
     order = torch.arange(flat.numel())
     if tie_break == "gap":
         if gap is None or gap.shape != beta.shape:
-            raise LenslabError(f"tie_break='gap' needs gap of beta's shape {tuple(beta.shape)} (the mean |P - N| per unit)")
+            raise LenslabError(
+                f"tie_break='gap' needs gap of beta's shape {tuple(beta.shape)} (the mean |P - N| per unit)"
+            )
         order = torch.sort(gap.flatten().double(), descending=True, stable=True).indices
     elif tie_break == "random":
         order = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(int(seed)))
@@ -239,8 +245,10 @@ def austeer(
     gap = (pos_acts - neg_acts).abs().mean(0)  # [n_layers, n_units]
     chosen = select_units(beta, k, tie_break=tie_break, gap=gap, seed=seed)
     if not chosen:
-        raise LenslabError("every AUSteer score is 0 (positive and negative activations are identical); "
-                           "use samples that differ at the last token")
+        raise LenslabError(
+            "every AUSteer score is 0 (positive and negative activations are identical); "
+            "use samples that differ at the last token"
+        )
     by_layer: dict[int, list[int]] = {}
     for layer, unit in chosen:
         by_layer.setdefault(layer, []).append(unit)
@@ -248,13 +256,32 @@ def austeer(
     for layer in sorted(by_layer):
         units = sorted(by_layer[layer])
         vec = 1.0 + float(alpha) * beta[layer, units]
-        edits.append(Edit(hook=template.format(layer=layer), op="multiply", vector=vec, units=tuple(units),
-                          positions="all", strength=strength))
-    iv = Intervention(edits=tuple(edits), name=name or f"austeer {site} k={k}", provenance=_provenance(
-        model, "austeer", site=site, k=k, alpha=float(alpha), tie_break=tie_break, seed=int(seed),
-        ties=tie_report(beta, k),
-        units=[[layer, unit, float(beta[layer, unit])] for layer, unit in chosen],
-        positive=list(positive), negative=list(negative),
-    ))
+        edits.append(
+            Edit(
+                hook=template.format(layer=layer),
+                op="multiply",
+                vector=vec,
+                units=tuple(units),
+                positions="all",
+                strength=strength,
+            )
+        )
+    iv = Intervention(
+        edits=tuple(edits),
+        name=name or f"austeer {site} k={k}",
+        provenance=_provenance(
+            model,
+            "austeer",
+            site=site,
+            k=k,
+            alpha=float(alpha),
+            tie_break=tie_break,
+            seed=int(seed),
+            ties=tie_report(beta, k),
+            units=[[layer, unit, float(beta[layer, unit])] for layer, unit in chosen],
+            positive=list(positive),
+            negative=list(negative),
+        ),
+    )
     validate(model, iv)
     return iv

@@ -20,6 +20,7 @@
 >>> [(e.hook, e.op, tuple(e.vector.shape), e.strength) for e in iv.edits]
 [('blocks.1.hook_resid_post', 'add', (96,), 4.0)]
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -147,8 +148,15 @@ def mean_difference(
     mp = mean_activations(model, pos_prompts, hooks, position)
     mn = mean_activations(model, neg_prompts, hooks, position)
     edits = tuple(Edit(hook=h, op="add", vector=mp[h] - mn[h], positions=positions, strength=strength) for h in hooks)
-    prov = _provenance(model, "mean_difference", site=site, layers=list(_layers(model, layers)), position=position,
-                       positive=pos_prompts, negative=neg_prompts)
+    prov = _provenance(
+        model,
+        "mean_difference",
+        site=site,
+        layers=list(_layers(model, layers)),
+        position=position,
+        positive=pos_prompts,
+        negative=neg_prompts,
+    )
     return Intervention(edits=edits, name=name or "mean difference", provenance=prov)
 
 

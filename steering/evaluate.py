@@ -31,6 +31,7 @@ a capability check. It imports `lenslab.steering.experts` only when called.
 >>> t.value("baseline", "harmful"), t.value("experts off", "harmful")   # refusal rates
 (1.0, 0.0)
 """
+
 from __future__ import annotations
 
 import math
@@ -47,7 +48,12 @@ from lenslab.results import JsonResult, provenance
 from lenslab.steering.intervention import Intervention, apply
 
 __all__ = [
-    "RateTable", "SwitchTable", "answer_accuracy", "behaviour_rates", "continuations", "expert_switch_table",
+    "RateTable",
+    "SwitchTable",
+    "answer_accuracy",
+    "behaviour_rates",
+    "continuations",
+    "expert_switch_table",
     "perplexity",
 ]
 
@@ -85,11 +91,15 @@ class RateTable(JsonResult):
         from lenslab._errors import did_you_mean
 
         if intervention not in self.interventions:
-            raise LenslabError(f"no intervention {intervention!r} in this table{did_you_mean(intervention, self.interventions)}; "
-                               f"it has {', '.join(self.interventions)}")
+            raise LenslabError(
+                f"no intervention {intervention!r} in this table{did_you_mean(intervention, self.interventions)}; "
+                f"it has {', '.join(self.interventions)}"
+            )
         if prompt_set not in self.sets:
-            raise LenslabError(f"no prompt set {prompt_set!r} in this table{did_you_mean(prompt_set, self.sets)}; "
-                               f"it has {', '.join(self.sets)}")
+            raise LenslabError(
+                f"no prompt set {prompt_set!r} in this table{did_you_mean(prompt_set, self.sets)}; "
+                f"it has {', '.join(self.sets)}"
+            )
         return float(self.values[self.interventions.index(intervention), self.sets.index(prompt_set)])
 
     def is_rate(self) -> bool:
@@ -100,20 +110,35 @@ class RateTable(JsonResult):
         head = "| intervention | " + " | ".join(f"{s} (n={n})" for s, n in zip(self.sets, self.n)) + " |"
         sep = "|---|" + "---:|" * len(self.sets)
         fmt = (lambda v: f"{100 * v:.1f}%") if self.is_rate() else (lambda v: f"{v:.3f}")
-        rows = [f"| {iv} | " + " | ".join(fmt(float(v)) for v in self.values[i]) + " |"
-                for i, iv in enumerate(self.interventions)]
+        rows = [
+            f"| {iv} | " + " | ".join(fmt(float(v)) for v in self.values[i]) + " |"
+            for i, iv in enumerate(self.interventions)
+        ]
         return "\n".join([f"{self.metric}:", "", head, sep, *rows])
 
     def to_dict(self) -> dict:
-        return {"kind": self.KIND, "values": self.values.double().tolist(), "interventions": list(self.interventions),
-                "sets": list(self.sets), "n": list(self.n), "metric": self.metric, "texts": self.texts,
-                "provenance": self.provenance}
+        return {
+            "kind": self.KIND,
+            "values": self.values.double().tolist(),
+            "interventions": list(self.interventions),
+            "sets": list(self.sets),
+            "n": list(self.n),
+            "metric": self.metric,
+            "texts": self.texts,
+            "provenance": self.provenance,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> RateTable:
-        return cls(values=torch.tensor(d["values"], dtype=torch.float64), interventions=tuple(d["interventions"]),
-                   sets=tuple(d["sets"]), n=tuple(d["n"]), metric=d.get("metric", "rate"), texts=d.get("texts") or {},
-                   provenance=d.get("provenance") or {})
+        return cls(
+            values=torch.tensor(d["values"], dtype=torch.float64),
+            interventions=tuple(d["interventions"]),
+            sets=tuple(d["sets"]),
+            n=tuple(d["n"]),
+            metric=d.get("metric", "rate"),
+            texts=d.get("texts") or {},
+            provenance=d.get("provenance") or {},
+        )
 
     def figure(self):
         """Grouped bars: one group per prompt set, one bar per intervention."""
@@ -122,22 +147,33 @@ class RateTable(JsonResult):
         from lenslab import figures
 
         scale = 100.0 if self.is_rate() else 1.0
-        fig = go.Figure([
-            go.Bar(name=iv, x=[f"{s} (n={n})" for s, n in zip(self.sets, self.n)],
-                   y=(self.values[i] * scale).tolist(), hovertemplate="%{x}<br>%{y:.3g}<extra>" + iv + "</extra>")
-            for i, iv in enumerate(self.interventions)
-        ])
-        fig.update_layout(barmode="group", yaxis_title=f"{self.metric}{' (%)' if self.is_rate() else ''}",
-                          xaxis_title="prompt set")
-        return figures.style(fig, f"{self.metric} under {len(self.interventions)} interventions · "
-                                  f"model {self.provenance.get('model', '?')}")
+        fig = go.Figure(
+            [
+                go.Bar(
+                    name=iv,
+                    x=[f"{s} (n={n})" for s, n in zip(self.sets, self.n)],
+                    y=(self.values[i] * scale).tolist(),
+                    hovertemplate="%{x}<br>%{y:.3g}<extra>" + iv + "</extra>",
+                )
+                for i, iv in enumerate(self.interventions)
+            ]
+        )
+        fig.update_layout(
+            barmode="group", yaxis_title=f"{self.metric}{' (%)' if self.is_rate() else ''}", xaxis_title="prompt set"
+        )
+        return figures.style(
+            fig,
+            f"{self.metric} under {len(self.interventions)} interventions · model {self.provenance.get('model', '?')}",
+        )
 
 
 # --- generation ----------------------------------------------------------------------------
 def _check_inputs(interventions: Interventions, prompts: PromptSets) -> None:
     if not isinstance(interventions, Mapping) or not interventions:
-        raise LenslabError("interventions must be a non-empty dict {name: Intervention or None}; "
-                           "use {'baseline': None} for the unsteered model")
+        raise LenslabError(
+            "interventions must be a non-empty dict {name: Intervention or None}; "
+            "use {'baseline': None} for the unsteered model"
+        )
     for name, iv in interventions.items():
         if iv is not None and not isinstance(iv, Intervention):
             raise LenslabError(f"intervention {name!r} is a {type(iv).__name__}, not a lenslab Intervention (or None)")
@@ -170,7 +206,7 @@ def _greedy_group(model, tokens: Tensor, intervention: Intervention | None, max_
             gen = gen[: gen.index(eos)]
         head = model.to_string(row[:prompt_len])
         full = model.to_string(torch.tensor(row[:prompt_len].tolist() + gen))
-        out.append(full[len(head):] if full.startswith(head) else model.to_string(torch.tensor(gen)))
+        out.append(full[len(head) :] if full.startswith(head) else model.to_string(torch.tensor(gen)))
     return out
 
 
@@ -182,8 +218,15 @@ def _by_length(model, prompts: Sequence[str]) -> dict[int, list[tuple[int, Tenso
     return groups
 
 
-def continuations(model, interventions: Interventions, prompts: PromptSets, *, max_new_tokens: int = 20,
-                  batch_size: int = 64, progress: bool = True) -> dict[str, dict[str, list[str]]]:
+def continuations(
+    model,
+    interventions: Interventions,
+    prompts: PromptSets,
+    *,
+    max_new_tokens: int = 20,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict[str, dict[str, list[str]]]:
     """Greedy continuations `{intervention: {set: [text, ...]}}` (texts in prompt order).
 
     Prompts of equal token length run together, `batch_size` at a time; each row stops at EOS.
@@ -205,7 +248,7 @@ def continuations(model, interventions: Interventions, prompts: PromptSets, *, m
             texts: list[str | None] = [None] * len(ps)
             for members in groups[set_name].values():
                 for start in range(0, len(members), batch_size):
-                    chunk = members[start: start + batch_size]
+                    chunk = members[start : start + batch_size]
                     res = _greedy_group(model, torch.stack([t for _, t in chunk]), iv, max_new_tokens)
                     for (i, _), text in zip(chunk, res):
                         texts[i] = text
@@ -224,9 +267,18 @@ def _normalize(text: str) -> str:
     return " ".join(text.split())
 
 
-def behaviour_rates(model, interventions: Interventions, prompts: PromptSets, score: Callable[[str], bool], *,
-                    max_new_tokens: int = 20, batch_size: int = 64, metric: str = "behaviour rate",
-                    texts: dict | None = None, progress: bool = True) -> RateTable:
+def behaviour_rates(
+    model,
+    interventions: Interventions,
+    prompts: PromptSets,
+    score: Callable[[str], bool],
+    *,
+    max_new_tokens: int = 20,
+    batch_size: int = 64,
+    metric: str = "behaviour rate",
+    texts: dict | None = None,
+    progress: bool = True,
+) -> RateTable:
     """Share of greedy continuations with `score(text)` True, per intervention and prompt set.
 
     Args:
@@ -241,23 +293,40 @@ def behaviour_rates(model, interventions: Interventions, prompts: PromptSets, sc
         `RateTable` `[intervention, set]` of rates in [0, 1], with the continuations.
     """
     _check_inputs(interventions, prompts)
-    texts = texts or continuations(model, interventions, prompts, max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size, progress=progress)
-    values = torch.tensor([[sum(bool(score(t)) for t in texts[iv][s]) / len(prompts[s]) for s in prompts]
-                           for iv in interventions], dtype=torch.float64)
-    return RateTable(values=values, interventions=tuple(interventions), sets=tuple(prompts),
-                     n=tuple(len(p) for p in prompts.values()), metric=metric,
-                     texts={iv: {s: texts[iv][s] for s in prompts} for iv in interventions},
-                     provenance=_prov(model, "behaviour_rates", interventions, max_new_tokens=max_new_tokens))
+    texts = texts or continuations(
+        model, interventions, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+    )
+    values = torch.tensor(
+        [[sum(bool(score(t)) for t in texts[iv][s]) / len(prompts[s]) for s in prompts] for iv in interventions],
+        dtype=torch.float64,
+    )
+    return RateTable(
+        values=values,
+        interventions=tuple(interventions),
+        sets=tuple(prompts),
+        n=tuple(len(p) for p in prompts.values()),
+        metric=metric,
+        texts={iv: {s: texts[iv][s] for s in prompts} for iv in interventions},
+        provenance=_prov(model, "behaviour_rates", interventions, max_new_tokens=max_new_tokens),
+    )
 
 
 def _answer_lengths(model, answers: Sequence[str]) -> list[int]:
     return [int(model.to_tokens(a, prepend_bos=False).shape[-1]) for a in answers]
 
 
-def answer_accuracy(model, interventions: Interventions, prompts: PromptSets, answers: Mapping[str, Sequence[str]], *,
-                    max_new_tokens: int | None = None, prefix: bool = False, batch_size: int = 64,
-                    texts: dict | None = None, progress: bool = True) -> RateTable:
+def answer_accuracy(
+    model,
+    interventions: Interventions,
+    prompts: PromptSets,
+    answers: Mapping[str, Sequence[str]],
+    *,
+    max_new_tokens: int | None = None,
+    prefix: bool = False,
+    batch_size: int = 64,
+    texts: dict | None = None,
+    progress: bool = True,
+) -> RateTable:
     """Exact-match accuracy of greedy continuations against `answers`.
 
     A continuation matches when the token ids of its stripped, whitespace-normalised text equal
@@ -269,8 +338,9 @@ def answer_accuracy(model, interventions: Interventions, prompts: PromptSets, an
     _check_answers(prompts, answers)
     if max_new_tokens is None:
         max_new_tokens = max(max(_answer_lengths(model, a)) for a in answers.values()) + 1
-    texts = texts or continuations(model, interventions, prompts, max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size, progress=progress)
+    texts = texts or continuations(
+        model, interventions, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+    )
 
     def canon(text: str) -> list[int]:
         text = _normalize(text)
@@ -280,12 +350,22 @@ def answer_accuracy(model, interventions: Interventions, prompts: PromptSets, an
         t, a = canon(text), canon(ans)
         return t[: len(a)] == a if prefix else t == a
 
-    values = torch.tensor([[sum(hit(t, a) for t, a in zip(texts[iv][s], answers[s])) / len(prompts[s]) for s in prompts]
-                           for iv in interventions], dtype=torch.float64)
-    return RateTable(values=values, interventions=tuple(interventions), sets=tuple(prompts),
-                     n=tuple(len(p) for p in prompts.values()), metric="prefix match" if prefix else "exact match",
-                     texts={iv: {s: texts[iv][s] for s in prompts} for iv in interventions},
-                     provenance=_prov(model, "answer_accuracy", interventions, max_new_tokens=max_new_tokens))
+    values = torch.tensor(
+        [
+            [sum(hit(t, a) for t, a in zip(texts[iv][s], answers[s])) / len(prompts[s]) for s in prompts]
+            for iv in interventions
+        ],
+        dtype=torch.float64,
+    )
+    return RateTable(
+        values=values,
+        interventions=tuple(interventions),
+        sets=tuple(prompts),
+        n=tuple(len(p) for p in prompts.values()),
+        metric="prefix match" if prefix else "exact match",
+        texts={iv: {s: texts[iv][s] for s in prompts} for iv in interventions},
+        provenance=_prov(model, "answer_accuracy", interventions, max_new_tokens=max_new_tokens),
+    )
 
 
 def _check_answers(prompts: PromptSets, answers) -> None:
@@ -295,14 +375,24 @@ def _check_answers(prompts: PromptSets, answers) -> None:
         if name not in answers:
             raise LenslabError(f"no answers for prompt set {name!r}; give one answer per prompt")
         if len(answers[name]) != len(ps):
-            raise LenslabError(f"prompt set {name!r} has {len(ps)} prompts but {len(answers[name])} answers; "
-                               "give exactly one answer per prompt")
+            raise LenslabError(
+                f"prompt set {name!r} has {len(ps)} prompts but {len(answers[name])} answers; "
+                "give exactly one answer per prompt"
+            )
         if not all(isinstance(a, str) and a.strip() for a in answers[name]):
             raise LenslabError(f"answers of prompt set {name!r} must be non-empty strings")
 
 
-def perplexity(model, interventions: Interventions, prompts: PromptSets, answers: Mapping[str, Sequence[str]], *,
-               append_eos: bool = False, batch_size: int = 64, progress: bool = True) -> RateTable:
+def perplexity(
+    model,
+    interventions: Interventions,
+    prompts: PromptSets,
+    answers: Mapping[str, Sequence[str]],
+    *,
+    append_eos: bool = False,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> RateTable:
     """Perplexity of `answers` after their prompts, teacher-forced, per intervention and set.
 
     Each answer is tokenized on its own (no BOS; give BPE answers their leading space) and
@@ -335,20 +425,25 @@ def perplexity(model, interventions: Interventions, prompts: PromptSets, answers
             nll, count = 0.0, 0
             for members in rows[s].values():
                 for start in range(0, len(members), batch_size):
-                    chunk = members[start: start + batch_size]
+                    chunk = members[start : start + batch_size]
                     toks = torch.stack([t for t, _ in chunk]).to(device)
                     with torch.no_grad(), apply(model, iv):
                         logp = model(toks).float().log_softmax(-1)  # [batch, pos, vocab]
                     for b, (_, plen) in enumerate(chunk):
                         tgt = toks[b, plen:]
-                        nll -= float(logp[b, plen - 1: -1].gather(-1, tgt[:, None]).sum())
+                        nll -= float(logp[b, plen - 1 : -1].gather(-1, tgt[:, None]).sum())
                         count += int(tgt.numel())
                     bar.update(1)
             values[i, j] = math.exp(nll / max(count, 1))
     bar.close()
-    return RateTable(values=values, interventions=tuple(interventions), sets=tuple(prompts),
-                     n=tuple(len(p) for p in prompts.values()), metric="perplexity",
-                     provenance=_prov(model, "perplexity", interventions, append_eos=append_eos))
+    return RateTable(
+        values=values,
+        interventions=tuple(interventions),
+        sets=tuple(prompts),
+        n=tuple(len(p) for p in prompts.values()),
+        metric="perplexity",
+        provenance=_prov(model, "perplexity", interventions, append_eos=append_eos),
+    )
 
 
 # --- the MoTE switch measurement -------------------------------------------------------------
@@ -394,7 +489,9 @@ class SwitchTable(JsonResult):
         if row not in self.rows:
             raise LenslabError(f"no row {row!r}{did_you_mean(row, self.rows)}; rows: {', '.join(self.rows)}")
         if column not in self.columns:
-            raise LenslabError(f"no column {column!r}{did_you_mean(column, self.columns)}; columns: {', '.join(self.columns)}")
+            raise LenslabError(
+                f"no column {column!r}{did_you_mean(column, self.columns)}; columns: {', '.join(self.columns)}"
+            )
         return float(self.mean[self.rows.index(row), self.columns.index(column)])
 
     def to_markdown(self, names: Sequence[str] | None = None) -> str:
@@ -419,17 +516,35 @@ class SwitchTable(JsonResult):
         return "\n".join(out)
 
     def to_dict(self) -> dict:
-        return {"kind": self.KIND, "mean": self.mean.tolist(), "std": self.std.tolist(), "rows": list(self.rows),
-                "columns": list(self.columns), "experts": [list(e) for e in self.experts],
-                "random_draws": [[list(p) for p in d] for d in self.random_draws], "per_draw": self.per_draw.tolist(),
-                "n": list(self.n), "mode": self.mode, "provenance": self.provenance}
+        return {
+            "kind": self.KIND,
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
+            "rows": list(self.rows),
+            "columns": list(self.columns),
+            "experts": [list(e) for e in self.experts],
+            "random_draws": [[list(p) for p in d] for d in self.random_draws],
+            "per_draw": self.per_draw.tolist(),
+            "n": list(self.n),
+            "mode": self.mode,
+            "provenance": self.provenance,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> SwitchTable:
         t = lambda x: torch.tensor(x, dtype=torch.float64)
-        return cls(mean=t(d["mean"]), std=t(d["std"]), rows=tuple(d["rows"]), columns=tuple(d["columns"]),
-                   experts=[tuple(e) for e in d["experts"]], random_draws=[[tuple(p) for p in dr] for dr in d["random_draws"]],
-                   per_draw=t(d["per_draw"]), n=tuple(d["n"]), mode=d.get("mode", "drop"), provenance=d.get("provenance") or {})
+        return cls(
+            mean=t(d["mean"]),
+            std=t(d["std"]),
+            rows=tuple(d["rows"]),
+            columns=tuple(d["columns"]),
+            experts=[tuple(e) for e in d["experts"]],
+            random_draws=[[tuple(p) for p in dr] for dr in d["random_draws"]],
+            per_draw=t(d["per_draw"]),
+            n=tuple(d["n"]),
+            mode=d.get("mode", "drop"),
+            provenance=d.get("provenance") or {},
+        )
 
     def figure(self):
         """Bars per column (rates in %), one per row; random rows with their std as error bars."""
@@ -438,22 +553,33 @@ class SwitchTable(JsonResult):
 
         from lenslab import figures
 
-        fig = make_subplots(rows=1, cols=len(self.columns), subplot_titles=[f"{c} (n={n})" for c, n in zip(self.columns, self.n)])
+        fig = make_subplots(
+            rows=1, cols=len(self.columns), subplot_titles=[f"{c} (n={n})" for c, n in zip(self.columns, self.n)]
+        )
         colours = ["#555555", "#c0392b", "#2e86c1", "#27ae60", "#8e44ad"]
         for c, col in enumerate(self.columns):
             scale = 1.0 if col == "perplexity" else 100.0
-            fig.add_trace(go.Bar(
-                x=list(self.rows), y=(self.mean[:, c] * scale).tolist(),
-                error_y=dict(type="data", array=(self.std[:, c] * scale).tolist(), visible=True),
-                marker_color=colours[: len(self.rows)], showlegend=False,
-                hovertemplate="%{x}<br>%{y:.3g}<extra>" + col + "</extra>",
-            ), row=1, col=c + 1)
+            fig.add_trace(
+                go.Bar(
+                    x=list(self.rows),
+                    y=(self.mean[:, c] * scale).tolist(),
+                    error_y=dict(type="data", array=(self.std[:, c] * scale).tolist(), visible=True),
+                    marker_color=colours[: len(self.rows)],
+                    showlegend=False,
+                    hovertemplate="%{x}<br>%{y:.3g}<extra>" + col + "</extra>",
+                ),
+                row=1,
+                col=c + 1,
+            )
         experts = ", ".join(f"L{int(layer)}e{int(e)}" for layer, e, *_ in self.experts)
-        return figures.style(fig, f"Expert switches ({experts}; mode {self.mode}) · model {self.provenance.get('model', '?')}")
+        return figures.style(
+            fig, f"Expert switches ({experts}; mode {self.mode}) · model {self.provenance.get('model', '?')}"
+        )
 
 
-def random_expert_sets(model, k: int, n_draws: int, *, exclude: Sequence[tuple[int, int]] = (), seed: int = 0
-                       ) -> list[list[tuple[int, int]]]:
+def random_expert_sets(
+    model, k: int, n_draws: int, *, exclude: Sequence[tuple[int, int]] = (), seed: int = 0
+) -> list[list[tuple[int, int]]]:
     """`n_draws` sets of `k` distinct (layer, expert) pairs drawn uniformly from the model's MoE
     layers, never from `exclude`; deterministic in `seed`."""
     from lenslab.probes.routers import moe_layers
@@ -467,11 +593,25 @@ def random_expert_sets(model, k: int, n_draws: int, *, exclude: Sequence[tuple[i
     return [sorted(rng.sample(pool, k)) for _ in range(n_draws)]
 
 
-def expert_switch_table(model, *, rank_target: Sequence[str], rank_other: Sequence[str], target: Sequence[str],
-                        other: Sequence[str], capability: Sequence[str], capability_answers: Sequence[str],
-                        score: Callable[[str], bool], k: int = 4, n_random: int = 5, seed: int = 0,
-                        mode: str = "drop", weights: bool = False, max_new_tokens: int = 12,
-                        batch_size: int = 64, progress: bool = True) -> SwitchTable:
+def expert_switch_table(
+    model,
+    *,
+    rank_target: Sequence[str],
+    rank_other: Sequence[str],
+    target: Sequence[str],
+    other: Sequence[str],
+    capability: Sequence[str],
+    capability_answers: Sequence[str],
+    score: Callable[[str], bool],
+    k: int = 4,
+    n_random: int = 5,
+    seed: int = 0,
+    mode: str = "drop",
+    weights: bool = False,
+    max_new_tokens: int = 12,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> SwitchTable:
     """MoTE's measurement: rank experts by fTRI, switch the top k off / on and k random ones off.
 
     Args:
@@ -514,23 +654,54 @@ def expert_switch_table(model, *, rank_target: Sequence[str], rank_other: Sequen
     rates = behaviour_rates(model, ivs, {"target": sets["target"], "other": sets["other"]}, score, texts=texts)
     cap = {"capability": list(capability)}
     acc = answer_accuracy(model, ivs, cap, {"capability": list(capability_answers)}, texts=texts)
-    ppl = perplexity(model, ivs, cap, {"capability": list(capability_answers)},
-                     batch_size=batch_size, progress=progress)
+    ppl = perplexity(
+        model, ivs, cap, {"capability": list(capability_answers)}, batch_size=batch_size, progress=progress
+    )
     per = torch.stack([rates.values[:, 0], rates.values[:, 1], acc.values[:, 0], ppl.values[:, 0]], dim=1)  # [iv, col]
     fixed = per[:3]
     rand = per[3:]
     mean = torch.cat([fixed, rand.mean(0, keepdim=True)])
     std = torch.cat([torch.zeros_like(fixed), (rand.std(0, unbiased=True) if len(rand) > 1 else torch.zeros(4))[None]])
-    prov = provenance(model, method="expert_switch_table", k=k, n_random=n_random, seed=seed, mode=mode, weights=weights,
-                      ranking_top=[list(t) for t in top], target_prompts=list(target), other_prompts=list(other),
-                      capability_prompts=list(capability), n_rank_target=len(rank_target), n_rank_other=len(rank_other))
-    return SwitchTable(mean=mean, std=std, rows=("baseline", f"top-{k} off", f"top-{k} on", f"random-{k} off"),
-                       experts=[tuple(t) for t in top], random_draws=draws, per_draw=rand,
-                       n=(len(target), len(other), len(capability), len(capability)), mode=mode, provenance=prov)
+    prov = provenance(
+        model,
+        method="expert_switch_table",
+        k=k,
+        n_random=n_random,
+        seed=seed,
+        mode=mode,
+        weights=weights,
+        ranking_top=[list(t) for t in top],
+        target_prompts=list(target),
+        other_prompts=list(other),
+        capability_prompts=list(capability),
+        n_rank_target=len(rank_target),
+        n_rank_other=len(rank_other),
+    )
+    return SwitchTable(
+        mean=mean,
+        std=std,
+        rows=("baseline", f"top-{k} off", f"top-{k} on", f"random-{k} off"),
+        experts=[tuple(t) for t in top],
+        random_draws=draws,
+        per_draw=rand,
+        n=(len(target), len(other), len(capability), len(capability)),
+        mode=mode,
+        provenance=prov,
+    )
 
 
-def mote_table(model, *, n_rank: int = 64, n_eval: int = 100, k: int = 4, n_random: int = 5, seed: int = 0,
-               mode: str = "drop", batch_size: int = 64, progress: bool = True) -> SwitchTable:
+def mote_table(
+    model,
+    *,
+    n_rank: int = 64,
+    n_eval: int = 100,
+    k: int = 4,
+    n_random: int = 5,
+    seed: int = 0,
+    mode: str = "drop",
+    batch_size: int = 64,
+    progress: bool = True,
+) -> SwitchTable:
     """The MoTE switch table on a model of the refusal language (`lenslab._refusal`), e.g. `zoo/moe-refusal`.
 
     fTRI ranks experts on `n_rank` harmful plus `n_rank` benign train-split prompts, labelled by
@@ -542,17 +713,37 @@ def mote_table(model, *, n_rank: int = 64, n_eval: int = 100, k: int = 4, n_rand
     """
     harmful_r, _ = _refusal.prompts(n_rank, "harmful", "train", seed=seed + 100)
     benign_r, _ = _refusal.prompts(n_rank, "benign", "train", seed=seed + 100)
-    texts = continuations(model, {"baseline": None}, {"rank": harmful_r + benign_r}, max_new_tokens=2,
-                          batch_size=batch_size, progress=progress)["baseline"]["rank"]
+    texts = continuations(
+        model,
+        {"baseline": None},
+        {"rank": harmful_r + benign_r},
+        max_new_tokens=2,
+        batch_size=batch_size,
+        progress=progress,
+    )["baseline"]["rank"]
     refused = [p for p, t in zip(harmful_r + benign_r, texts) if _refusal.is_refusal(t)]
     answered = [p for p, t in zip(harmful_r + benign_r, texts) if not _refusal.is_refusal(t)]
     if not refused or not answered:
-        raise LenslabError(f"the model refused {len(refused)} and answered {len(answered)} of the ranking prompts; "
-                           "fTRI needs both behaviours (is this a model trained on lenslab._refusal?)")
+        raise LenslabError(
+            f"the model refused {len(refused)} and answered {len(answered)} of the ranking prompts; "
+            "fTRI needs both behaviours (is this a model trained on lenslab._refusal?)"
+        )
     harmful_t, _ = _refusal.prompts(n_eval, "harmful", "test", seed=seed)
     benign_t, answers_t = _refusal.prompts(n_eval, "benign", "test", seed=seed)
     return expert_switch_table(
-        model, rank_target=refused, rank_other=answered, target=harmful_t, other=benign_t, capability=benign_t,
-        capability_answers=answers_t, score=_refusal.is_refusal, k=k, n_random=n_random, seed=seed, mode=mode,
-        max_new_tokens=10, batch_size=batch_size, progress=progress,
+        model,
+        rank_target=refused,
+        rank_other=answered,
+        target=harmful_t,
+        other=benign_t,
+        capability=benign_t,
+        capability_answers=answers_t,
+        score=_refusal.is_refusal,
+        k=k,
+        n_random=n_random,
+        seed=seed,
+        mode=mode,
+        max_new_tokens=10,
+        batch_size=batch_size,
+        progress=progress,
     )

@@ -38,6 +38,7 @@ all of this; two backends call it during every forward pass:
 >>> [(e.hook, e.op, e.units) for e in iv.edits]
 [('blocks.0.mlp', 'force_experts', (2,)), ('blocks.1.mlp', 'drop_experts', (3, 5))]
 """
+
 from __future__ import annotations
 
 import re
@@ -167,8 +168,13 @@ def _softmax_topk(p: Tensor, k: int, norm_topk_prob: bool, masked: Tensor) -> tu
 
 
 def _reroute(
-    probs: Tensor, k: int, norm_topk_prob: bool, edits: Sequence[Edit], rows_pos: Tensor,
-    n_pos: int | None = None, prompt_len: int | None = None,
+    probs: Tensor,
+    k: int,
+    norm_topk_prob: bool,
+    edits: Sequence[Edit],
+    rows_pos: Tensor,
+    n_pos: int | None = None,
+    prompt_len: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`reroute`, plus the bool `[N]` of rows some edit touched."""
     p = probs.float()
@@ -217,8 +223,14 @@ def _drop_force(idx: Tensor, w: Tensor, live: list, touched: Tensor) -> tuple[Te
 
 
 def reroute(
-    probs: Tensor, k: int, norm_topk_prob: bool, edits: Sequence[Edit], rows_pos: Tensor,
-    *, n_pos: int | None = None, prompt_len: int | None = None,
+    probs: Tensor,
+    k: int,
+    norm_topk_prob: bool,
+    edits: Sequence[Edit],
+    rows_pos: Tensor,
+    *,
+    n_pos: int | None = None,
+    prompt_len: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The experts and gate weights of every token row after the expert edits.
 
@@ -249,7 +261,7 @@ _OTHER_RULE = ("e_score_correction_bias", "num_group", "topk_method", "routed_sc
 
 
 def _rule(router) -> str:
-    """"deepseek_v3", "deepseek_v2", "softmax" (Mixtral, OLMoE, Qwen-MoE) or "unknown"."""
+    """ "deepseek_v3", "deepseek_v2", "softmax" (Mixtral, OLMoE, Qwen-MoE) or "unknown"."""
     from lenslab.probes.routers import SIGMOID_ROUTERS
 
     name = type(router).__name__
@@ -317,8 +329,9 @@ def hf_route(router, logits: Tensor, masked: Tensor | None = None) -> tuple[Tens
             group_scores = scores.view(-1, g, n_exp // g).max(dim=-1).values
             scores = scores.masked_fill(~_group_mask(group_scores, g, int(router.topk_group), n_exp), 0.0)
         elif router.topk_method != "greedy":
-            raise LenslabError(f"DeepSeek-V2 topk_method {router.topk_method!r} is not one of greedy, "
-                               "group_limited_greedy")
+            raise LenslabError(
+                f"DeepSeek-V2 topk_method {router.topk_method!r} is not one of greedy, group_limited_greedy"
+            )
         # a masked expert is never picked, even when it ties with the zeros outside the chosen groups
         idx = torch.topk(scores.masked_fill(masked, -1.0), k=k, dim=-1, sorted=False)[1]
         return idx, scores.gather(1, idx) * router.routed_scaling_factor
@@ -329,7 +342,12 @@ def hf_route(router, logits: Tensor, masked: Tensor | None = None) -> tuple[Tens
 
 
 def _reroute_hf(
-    router, output, edits: Sequence[Edit], rows_pos: Tensor, n_pos: int, prompt_len: int | None,
+    router,
+    output,
+    edits: Sequence[Edit],
+    rows_pos: Tensor,
+    n_pos: int,
+    prompt_len: int | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`(indices, weights, touched)` after `edits`, from a HF router's output `(logits, weights,
     indices, ...)`: masked rows re-run the router's rule (`hf_route`), then drop and force act on
@@ -391,7 +409,7 @@ def check_edits(layers, edits: Sequence[Edit]) -> None:
             left = [size - sum(1 for u in units if u // size == g) for g in range(m.n_group)]
             # DeepSeek-V3 ranks a group by its best two: a group with fewer than 2 left is never chosen
             ok = sorted(x for x in left if x >= 2)
-            if len(ok) < m.topk_group or sum(ok[:m.topk_group]) < m.top_k:
+            if len(ok) < m.topk_group or sum(ok[: m.topk_group]) < m.top_k:
                 raise LenslabError(
                     f"masking experts {sorted(units)} of layer {layer} leaves {left} choosable experts in its "
                     f"{m.n_group} groups of {size}; a token searches only its best {m.topk_group} group(s) and "
@@ -431,8 +449,10 @@ def tl_hooks(model, edits: Sequence[Edit], layers, *, prompt_len: int | None = N
     out = []
     for layer, es in sorted(_by_layer(edits).items()):
         m = by_layer[layer]
-        if m.norm_topk_prob and (getattr(cfg, "use_normalization_before_and_after", False)
-                                 or getattr(cfg, "original_architecture", None) in POST_NORM_ARCHITECTURES):
+        if m.norm_topk_prob and (
+            getattr(cfg, "use_normalization_before_and_after", False)
+            or getattr(cfg, "original_architecture", None) in POST_NORM_ARCHITECTURES
+        ):
             raise LenslabError(f"expert edits at {moe_block(layer)}: a norm after the MoE block is not supported")
         state: dict = {}
 
@@ -479,8 +499,10 @@ def _router_hook(m, es: Sequence[Edit], state: dict, prompt_len: int | None):
         n_pos = state.get("n_pos")
         if n_pos is None or n % n_pos:
             if any(e.positions != "all" for e in es):
-                raise LenslabError(f"expert edits at {moe_block(m.layer)} with positions need the MoE block's input "
-                                   "[batch, pos, d_model]; the router ran outside its block")
+                raise LenslabError(
+                    f"expert edits at {moe_block(m.layer)} with positions need the MoE block's input "
+                    "[batch, pos, d_model]; the router ran outside its block"
+                )
             n_pos = n
         rows_pos = torch.arange(n, device=logits.device) % n_pos
         idx, w, touched = _reroute_hf(module, output, es, rows_pos, n_pos, prompt_len)
@@ -546,13 +568,21 @@ def hf_moe_layers(hf_model) -> dict:
             block = getattr(mod, attr, None)
             gate = getattr(block, "gate", None)
             if gate is not None and hasattr(gate, "top_k") and hasattr(gate, "num_experts"):
-                m = MoeLayer(layer, f"model.layers.{layer}.{attr}.gate", "hf", int(gate.num_experts),
-                             int(gate.top_k), **router_spec(gate, hf_model.config))
+                m = MoeLayer(
+                    layer,
+                    f"model.layers.{layer}.{attr}.gate",
+                    "hf",
+                    int(gate.num_experts),
+                    int(gate.top_k),
+                    **router_spec(gate, hf_model.config),
+                )
                 out[layer] = (m, block, gate)
                 break
     if not out:
-        raise LenslabError(f"{NO_MOE} ({type(hf_model).__name__}): expert switches need a MoE model such as "
-                           "Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE or DeepSeek-V2/V3")
+        raise LenslabError(
+            f"{NO_MOE} ({type(hf_model).__name__}): expert switches need a MoE model such as "
+            "Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE or DeepSeek-V2/V3"
+        )
     return out
 
 
@@ -580,8 +610,10 @@ def hf_hooks(hf_model, intervention: Intervention | None, *, prompt_len: int | N
         return
     other = [e for e in intervention.edits if e.op not in EXPERT_OPS]
     if other:
-        raise LenslabError(f"hf_hooks applies expert switches only; the {other[0].op} edit at {other[0].hook} needs a "
-                           "lenslab model (lenslab.steering.apply)")
+        raise LenslabError(
+            f"hf_hooks applies expert switches only; the {other[0].op} edit at {other[0].hook} needs a "
+            "lenslab model (lenslab.steering.apply)"
+        )
     edits = expert_edits(intervention)
     if not edits:
         yield hf_model

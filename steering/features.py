@@ -52,6 +52,7 @@ SAEs on one head of `hook_z` (`hook_head_index`) edit that head's entries (`unit
 >>> generate(model, "the day was awful . the movie was", iv, max_new_tokens=3)   # one feature does not flip it
 ' bitter. the'
 """
+
 from __future__ import annotations
 
 import torch
@@ -166,22 +167,45 @@ def feature_read(sae, feature: int, target: float = 0.0, *, topk: str = "exact")
             norms = W["W_dec"].norm(dim=-1)
             enc, bias = enc * norms, bias * norms
         if topk == "exact":
-            return FeatureRead(index=f, kind="topk", encoder=enc.contiguous(), bias=bias.contiguous(), b_dec=b_dec,
-                               k=int(sae.cfg.k), target=target)
-        return FeatureRead(index=f, kind="relu", encoder=enc[:, f].contiguous(), bias=bias[f].clone(), b_dec=b_dec,
-                           target=target)
+            return FeatureRead(
+                index=f,
+                kind="topk",
+                encoder=enc.contiguous(),
+                bias=bias.contiguous(),
+                b_dec=b_dec,
+                k=int(sae.cfg.k),
+                target=target,
+            )
+        return FeatureRead(
+            index=f, kind="relu", encoder=enc[:, f].contiguous(), bias=bias[f].clone(), b_dec=b_dec, target=target
+        )
     threshold = float(sae.threshold[f]) if kind == "jumprelu" else 0.0
-    return FeatureRead(index=f, kind=kind, encoder=W["W_enc"][:, f].contiguous(), bias=W["b_enc"][f].clone(),
-                       b_dec=b_dec, threshold=threshold, target=target)
+    return FeatureRead(
+        index=f,
+        kind=kind,
+        encoder=W["W_enc"][:, f].contiguous(),
+        bias=W["b_enc"][f].clone(),
+        b_dec=b_dec,
+        threshold=threshold,
+        target=target,
+    )
 
 
 def _about(sae) -> dict:
     meta = sae.cfg.metadata
-    src = (getattr(sae, "lenslab_source", None) or getattr(meta, "sae_path", None)
-           or (f"{meta.release}/{meta.sae_id}" if getattr(meta, "release", None) else None))
-    return {"sae": str(src) if src else None, "sae_model": getattr(meta, "model_name", None),
-            "hook": _hook(sae), "d_in": int(sae.cfg.d_in), "d_sae": int(sae.cfg.d_sae),
-            "architecture": type(sae).__name__}
+    src = (
+        getattr(sae, "lenslab_source", None)
+        or getattr(meta, "sae_path", None)
+        or (f"{meta.release}/{meta.sae_id}" if getattr(meta, "release", None) else None)
+    )
+    return {
+        "sae": str(src) if src else None,
+        "sae_model": getattr(meta, "model_name", None),
+        "hook": _hook(sae),
+        "d_in": int(sae.cfg.d_in),
+        "d_sae": int(sae.cfg.d_sae),
+        "architecture": type(sae).__name__,
+    }
 
 
 def _finite(v, what: str) -> float:
@@ -192,19 +216,33 @@ def _finite(v, what: str) -> float:
     return float(v)
 
 
-def _feature_iv(sae, feature, target: float, *, method: str, name: str, positions: Positions, strength: float,
-                topk: str) -> Intervention:
+def _feature_iv(
+    sae, feature, target: float, *, method: str, name: str, positions: Positions, strength: float, topk: str
+) -> Intervention:
     read = feature_read(sae, feature, target, topk=topk)
     hook = _hook(sae)
-    edit = Edit(hook=hook, op="feature", vector=decoder_row(sae, feature), feature=read, units=_units(sae),
-                positions=positions, strength=strength)
-    prov = {"method": method, "feature": read.index, "target": target,
-            "topk": topk if _kind(sae) == "topk" else None, **_about(sae)}
+    edit = Edit(
+        hook=hook,
+        op="feature",
+        vector=decoder_row(sae, feature),
+        feature=read,
+        units=_units(sae),
+        positions=positions,
+        strength=strength,
+    )
+    prov = {
+        "method": method,
+        "feature": read.index,
+        "target": target,
+        "topk": topk if _kind(sae) == "topk" else None,
+        **_about(sae),
+    }
     return Intervention(edits=(edit,), name=name, provenance=prov)
 
 
-def ablate_feature(sae, feature: int, *, positions: Positions = "all", strength: float = 1.0,
-                   topk: str = "exact") -> Intervention:
+def ablate_feature(
+    sae, feature: int, *, positions: Positions = "all", strength: float = 1.0, topk: str = "exact"
+) -> Intervention:
     """Set SAE feature `feature`'s activation to 0 at `positions` (its reconstruction error kept).
 
     Args:
@@ -218,12 +256,21 @@ def ablate_feature(sae, feature: int, *, positions: Positions = "all", strength:
         An `Intervention` with one `feature` edit at the SAE's hook.
     """
     f = _check_feature(sae, feature)
-    return _feature_iv(sae, f, 0.0, method="feature ablate", name=f"ablate f{f} @ {_hook(sae)}",
-                       positions=positions, strength=strength, topk=topk)
+    return _feature_iv(
+        sae,
+        f,
+        0.0,
+        method="feature ablate",
+        name=f"ablate f{f} @ {_hook(sae)}",
+        positions=positions,
+        strength=strength,
+        topk=topk,
+    )
 
 
-def clamp_feature(sae, feature: int, value: float, *, positions: Positions = "all", strength: float = 1.0,
-                  topk: str = "exact") -> Intervention:
+def clamp_feature(
+    sae, feature: int, value: float, *, positions: Positions = "all", strength: float = 1.0, topk: str = "exact"
+) -> Intervention:
     """Set SAE feature `feature`'s activation to `value` at `positions` (also where it was 0).
 
     Same arguments as `ablate_feature`, plus `value`: the activation to hold (in the SAE's units,
@@ -231,17 +278,36 @@ def clamp_feature(sae, feature: int, value: float, *, positions: Positions = "al
     """
     f = _check_feature(sae, feature)
     value = _finite(value, "clamp value")
-    return _feature_iv(sae, f, value, method="feature clamp", name=f"clamp f{f}={value:g} @ {_hook(sae)}",
-                       positions=positions, strength=strength, topk=topk)
+    return _feature_iv(
+        sae,
+        f,
+        value,
+        method="feature clamp",
+        name=f"clamp f{f}={value:g} @ {_hook(sae)}",
+        positions=positions,
+        strength=strength,
+        topk=topk,
+    )
 
 
-def add_feature(sae, feature: int, coeff: float, *, positions: Positions = "all", strength: float = 1.0) -> Intervention:
+def add_feature(
+    sae, feature: int, coeff: float, *, positions: Positions = "all", strength: float = 1.0
+) -> Intervention:
     """Add `coeff` units of SAE feature `feature`'s decoder direction, `+ coeff * W_dec[feature]`
     `[d_in]`, at `positions`: an `add` edit (see `decoder_row` for TopK SAEs that rescale)."""
     f = _check_feature(sae, feature)
     coeff = _finite(coeff, "coeff")
     _kind(sae)
-    edit = Edit(hook=_hook(sae), op="add", vector=coeff * decoder_row(sae, f), units=_units(sae), positions=positions,
-                strength=strength)
-    return Intervention(edits=(edit,), name=f"add {coeff:g}·f{f} @ {_hook(sae)}",
-                        provenance={"method": "feature add", "feature": f, "coeff": coeff, **_about(sae)})
+    edit = Edit(
+        hook=_hook(sae),
+        op="add",
+        vector=coeff * decoder_row(sae, f),
+        units=_units(sae),
+        positions=positions,
+        strength=strength,
+    )
+    return Intervention(
+        edits=(edit,),
+        name=f"add {coeff:g}·f{f} @ {_hook(sae)}",
+        provenance={"method": "feature add", "feature": f, "coeff": coeff, **_about(sae)},
+    )

@@ -11,6 +11,7 @@ positions ("prompt", "generated", explicit indices) mean the same at every step.
 >>> generate(model, prompt, max_new_tokens=3), generate(model, prompt, iv, max_new_tokens=3)
 (' bitter. the', ' lovely. the')
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -68,8 +69,8 @@ def stream(
             if stop_at_eos and eos is not None and nxt == eos:
                 return
             full = model.to_string(tokens[0])
-            new = full[len(head):] if full.startswith(head) else model.to_string(tokens[0, prompt_len:])
-            piece, text = new[len(text):] if new.startswith(text) else new, new
+            new = full[len(head) :] if full.startswith(head) else model.to_string(tokens[0, prompt_len:])
+            piece, text = new[len(text) :] if new.startswith(text) else new, new
             yield piece
 
 
@@ -92,6 +93,9 @@ def generate(
     >>> generate(model, "the day was awful . the movie was", max_new_tokens=3, temperature=1.0, seed=1)   # sampled
     ' new. what'
     """
-    pieces = list(stream(model, prompt, intervention, max_new_tokens=max_new_tokens, seed=seed,
-                         temperature=temperature, top_k=top_k))
+    pieces = list(
+        stream(
+            model, prompt, intervention, max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, top_k=top_k
+        )
+    )
     return "".join(pieces)

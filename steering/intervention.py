@@ -44,6 +44,7 @@ as ActAdd does).
 >>> (iv + iv.with_strength(0.5)).strengths()
 [1.0, 0.5]
 """
+
 from __future__ import annotations
 
 import json
@@ -116,8 +117,10 @@ class FeatureRead:
 
     def __post_init__(self) -> None:
         if self.kind not in FEATURE_KINDS:
-            raise LenslabError(f"feature kind {self.kind!r} is not one of {', '.join(FEATURE_KINDS)}"
-                               f"{did_you_mean(self.kind, FEATURE_KINDS)}")
+            raise LenslabError(
+                f"feature kind {self.kind!r} is not one of {', '.join(FEATURE_KINDS)}"
+                f"{did_you_mean(self.kind, FEATURE_KINDS)}"
+            )
         for name in ("threshold", "target"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
@@ -133,21 +136,27 @@ class FeatureRead:
         topk = self.kind == "topk"
         if topk:
             if enc.ndim != 2 or bias.shape != enc.shape[1:]:
-                raise LenslabError(f"a topk feature read needs the whole encoder [d_in, d_sae] and bias [d_sae], got "
-                                   f"{tuple(enc.shape)} and {tuple(bias.shape)}")
+                raise LenslabError(
+                    f"a topk feature read needs the whole encoder [d_in, d_sae] and bias [d_sae], got "
+                    f"{tuple(enc.shape)} and {tuple(bias.shape)}"
+                )
             if not 0 <= self.index < enc.shape[1]:
                 raise LenslabError(f"feature {self.index} is out of range for an encoder of {enc.shape[1]} features")
             if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= enc.shape[1]:
                 raise LenslabError(f"a topk feature read needs k between 1 and d_sae={enc.shape[1]}, got {self.k!r}")
         else:
             if enc.ndim != 1 or bias.ndim != 0:
-                raise LenslabError(f"a {self.kind} feature read needs the encoder column [d_in] and a scalar bias, got "
-                                   f"{tuple(enc.shape)} and {tuple(bias.shape)}")
+                raise LenslabError(
+                    f"a {self.kind} feature read needs the encoder column [d_in] and a scalar bias, got "
+                    f"{tuple(enc.shape)} and {tuple(bias.shape)}"
+                )
             if self.k is not None:
                 raise LenslabError(f"k is only for topk feature reads (this one is {self.kind}); drop it")
         if b_dec is not None and b_dec.shape != enc.shape[:1]:
-            raise LenslabError(f"b_dec of feature {self.index} has shape {tuple(b_dec.shape)}, the encoder reads "
-                               f"{enc.shape[0]} entries; make them equal")
+            raise LenslabError(
+                f"b_dec of feature {self.index} has shape {tuple(b_dec.shape)}, the encoder reads "
+                f"{enc.shape[0]} entries; make them equal"
+            )
 
     @property
     def d_in(self) -> int:
@@ -173,9 +182,13 @@ class FeatureRead:
     def __eq__(self, other) -> bool:
         if not isinstance(other, FeatureRead):
             return NotImplemented
-        return ((self.index, self.kind, self.threshold, self.k, self.target)
-                == (other.index, other.kind, other.threshold, other.k, other.target)
-                and _teq(self.encoder, other.encoder) and _teq(self.bias, other.bias) and _teq(self.b_dec, other.b_dec))
+        return (
+            (self.index, self.kind, self.threshold, self.k, self.target)
+            == (other.index, other.kind, other.threshold, other.k, other.target)
+            and _teq(self.encoder, other.encoder)
+            and _teq(self.bias, other.bias)
+            and _teq(self.b_dec, other.b_dec)
+        )
 
     __hash__ = None
 
@@ -183,8 +196,14 @@ class FeatureRead:
         tensors = {f"{prefix}.encoder": self.encoder, f"{prefix}.bias": self.bias}
         if self.b_dec is not None:
             tensors[f"{prefix}.b_dec"] = self.b_dec
-        d = {"index": self.index, "kind": self.kind, "target": self.target, "threshold": self.threshold, "k": self.k,
-             **{key.rsplit(".", 1)[1]: key for key in tensors}}
+        d = {
+            "index": self.index,
+            "kind": self.kind,
+            "target": self.target,
+            "threshold": self.threshold,
+            "k": self.k,
+            **{key.rsplit(".", 1)[1]: key for key in tensors},
+        }
         return d, tensors
 
     @classmethod
@@ -193,7 +212,9 @@ class FeatureRead:
         for key in ("encoder", "bias", "b_dec"):
             if d.get(key) is not None:
                 if d[key] not in tensors:
-                    raise LenslabError(f"preset names tensor {d[key]!r} but its safetensors file lacks it; re-save the preset")
+                    raise LenslabError(
+                        f"preset names tensor {d[key]!r} but its safetensors file lacks it; re-save the preset"
+                    )
                 kw[key] = tensors[d[key]]
         return cls(**kw)
 
@@ -230,7 +251,9 @@ class Edit:
 
     def __post_init__(self) -> None:
         if not isinstance(self.hook, str) or not self.hook:
-            raise LenslabError(f"hook must be a TransformerLens hook name like 'blocks.0.hook_resid_post', got {self.hook!r}")
+            raise LenslabError(
+                f"hook must be a TransformerLens hook name like 'blocks.0.hook_resid_post', got {self.hook!r}"
+            )
         if self.op not in OPS:
             raise LenslabError(f"op {self.op!r} is not one of {', '.join(OPS)}{did_you_mean(self.op, OPS)}")
         s = self.strength
@@ -250,7 +273,9 @@ class Edit:
                     f"got {self.hook!r}{hint}"
                 )
             if vec is not None or shift is not None:
-                raise LenslabError(f"a {self.op} edit at {self.hook} takes no vector or shift (its units are expert ids); drop them")
+                raise LenslabError(
+                    f"a {self.op} edit at {self.hook} takes no vector or shift (its units are expert ids); drop them"
+                )
             if self.units is None:
                 raise LenslabError(f"a {self.op} edit at {self.hook} needs units=(expert ids, ...), e.g. units=(3,)")
         elif self.op == "zero":
@@ -258,8 +283,10 @@ class Edit:
                 raise LenslabError(f"a zero edit at {self.hook} takes no vector or shift; drop them")
         elif self.op == "feature":
             if not isinstance(self.feature, FeatureRead):
-                raise LenslabError(f"a feature edit at {self.hook} needs feature=FeatureRead(...) (build it with "
-                                   "lenslab.steering.features.ablate_feature / clamp_feature)")
+                raise LenslabError(
+                    f"a feature edit at {self.hook} needs feature=FeatureRead(...) (build it with "
+                    "lenslab.steering.features.ablate_feature / clamp_feature)"
+                )
             if vec is None or vec.ndim != 1 or vec.shape != self.feature.encoder.shape[:1]:
                 raise LenslabError(
                     f"a feature edit at {self.hook} needs its decoder row as vector [d_in] = [{self.feature.d_in}] "
@@ -310,7 +337,9 @@ class Edit:
                     f"vector at {self.hook} has {vec.shape[-1]} entries but units lists {n_units}; give one entry per unit"
                 )
             if shift is not None and shift.shape != vec.shape[-1:]:
-                raise LenslabError(f"shift at {self.hook} has shape {tuple(shift.shape)}, scale {tuple(vec.shape)}; make them equal")
+                raise LenslabError(
+                    f"shift at {self.hook} has shape {tuple(shift.shape)}, scale {tuple(vec.shape)}; make them equal"
+                )
 
     def with_strength(self, strength: float) -> Edit:
         return replace(self, strength=strength)
@@ -399,9 +428,13 @@ class Intervention:
         tensors: dict[str, Tensor] = {}
         edits = []
         for i, e in enumerate(self.edits):
-            d = {"hook": e.hook, "op": e.op, "strength": e.strength,
-                 "positions": e.positions if isinstance(e.positions, str) else list(e.positions),
-                 "units": None if e.units is None else list(e.units)}
+            d = {
+                "hook": e.hook,
+                "op": e.op,
+                "strength": e.strength,
+                "positions": e.positions if isinstance(e.positions, str) else list(e.positions),
+                "units": None if e.units is None else list(e.units),
+            }
             for key in ("vector", "shift"):
                 t = getattr(e, key)
                 if t is not None:
@@ -416,16 +449,22 @@ class Intervention:
     @classmethod
     def from_dict(cls, spec: dict, tensors: dict[str, Tensor]) -> Intervention:
         if spec.get("format") != FORMAT:
-            raise LenslabError(f"not a lenslab intervention preset (format {spec.get('format')!r}, expected {FORMAT!r})")
+            raise LenslabError(
+                f"not a lenslab intervention preset (format {spec.get('format')!r}, expected {FORMAT!r})"
+            )
         edits = []
         for d in spec["edits"]:
             kw = {k: d[k] for k in ("hook", "op", "strength") if k in d}
-            kw["positions"] = d.get("positions", "all") if isinstance(d.get("positions", "all"), str) else tuple(d["positions"])
+            kw["positions"] = (
+                d.get("positions", "all") if isinstance(d.get("positions", "all"), str) else tuple(d["positions"])
+            )
             kw["units"] = None if d.get("units") is None else tuple(d["units"])
             for key in ("vector", "shift"):
                 if d.get(key) is not None:
                     if d[key] not in tensors:
-                        raise LenslabError(f"preset names tensor {d[key]!r} but its safetensors file lacks it; re-save the preset")
+                        raise LenslabError(
+                            f"preset names tensor {d[key]!r} but its safetensors file lacks it; re-save the preset"
+                        )
                     kw[key] = tensors[d[key]]
             if d.get("feature") is not None:
                 kw["feature"] = FeatureRead.from_dict(d["feature"], tensors)
@@ -472,7 +511,9 @@ def load(path: str | Path) -> Intervention:
 
     path = Path(path)
     if not path.is_file():
-        raise LenslabError(f"preset {str(path)!r} does not exist; check the path (a .json written by lenslab.steering.save)")
+        raise LenslabError(
+            f"preset {str(path)!r} does not exist; check the path (a .json written by lenslab.steering.save)"
+        )
     try:
         spec = json.loads(path.read_text())
     except json.JSONDecodeError as err:

@@ -37,6 +37,7 @@ from it is listed in `docs/steering.md` (section LinEAS).
 >>> logits.shape
 torch.Size([1, 9, 86])
 """
+
 from __future__ import annotations
 
 import math
@@ -264,8 +265,12 @@ def default_hooks(model) -> list[str]:
     model lacks (attention-only models have no MLP) are skipped.
     """
     names = set(model.hook_dict)
-    return [t.format(layer=layer) for layer in range(model.cfg.n_layers) for t in DEFAULT_SITES
-            if t.format(layer=layer) in names]
+    return [
+        t.format(layer=layer)
+        for layer in range(model.cfg.n_layers)
+        for t in DEFAULT_SITES
+        if t.format(layer=layer) in names
+    ]
 
 
 def _resolve_hooks(model, hooks: Sequence[str] | str | None) -> list[str]:
@@ -311,8 +316,15 @@ class _Stop(Exception):
     """Raised after the last read hook: the rest of the forward pass is not needed."""
 
 
-def _pooled(model, tokens: Tensor, lengths: Tensor, hooks: list[str], maps: dict[str, tuple[Tensor, Tensor]] | None,
-            last: str | None = None, order: list[str] | None = None) -> dict[str, Tensor]:
+def _pooled(
+    model,
+    tokens: Tensor,
+    lengths: Tensor,
+    hooks: list[str],
+    maps: dict[str, tuple[Tensor, Tensor]] | None,
+    last: str | None = None,
+    order: list[str] | None = None,
+) -> dict[str, Tensor]:
     """Mean over real tokens of each hook's activation `[batch, d]` (float32), after its map.
 
     `maps[h] = (omega, b)` applies `omega * x + b` at every position (strength 1) before reading;
@@ -339,6 +351,7 @@ def _pooled(model, tokens: Tensor, lengths: Tensor, hooks: list[str], maps: dict
             if h == last:
                 raise _Stop
             return act
+
         return fn
 
     try:
@@ -356,8 +369,13 @@ def _loss(z: dict[str, Tensor], v: dict[str, Tensor], hooks: list[str]) -> Tenso
     return sum(wasserstein_1d(z[h], v[h]) for h in hooks) / len(hooks)
 
 
-def lineas_loss(model, intervention: Intervention | None, source_prompts: Sequence[str], target_prompts: Sequence[str],
-                hooks: Sequence[str] | None = None) -> float:
+def lineas_loss(
+    model,
+    intervention: Intervention | None,
+    source_prompts: Sequence[str],
+    target_prompts: Sequence[str],
+    hooks: Sequence[str] | None = None,
+) -> float:
     """LinEAS's objective for `intervention`, read through `apply` and `run_with_cache`.
 
     Mean over `hooks` (default: the intervention's hooks) of `wasserstein_1d` between the source
@@ -398,7 +416,7 @@ def _batches(n: int, size: int, seed: int):
     while True:
         perm = torch.randperm(n, generator=g)
         for i in range(0, n - size + 1, size):
-            yield perm[i: i + size]
+            yield perm[i : i + size]
 
 
 def _curve(losses: list[float], k: int = 50) -> list[list[float]]:
@@ -502,8 +520,16 @@ def fit_lineas(
                     p.grad = g
                 opt.step()
                 tau = sched.get_last_lr()[0]  # the lr of the step just taken
-                proximal_step(omegas, shifts, tau, proximal=cfg.proximal, lambda_1=cfg.lambda_1, lambda_G=cfg.lambda_G,
-                              lambda_1_bias=cfg.lambda_1_bias, lambda_G_bias=cfg.lambda_G_bias)
+                proximal_step(
+                    omegas,
+                    shifts,
+                    tau,
+                    proximal=cfg.proximal,
+                    lambda_1=cfg.lambda_1,
+                    lambda_G=cfg.lambda_G,
+                    lambda_1_bias=cfg.lambda_1_bias,
+                    lambda_G_bias=cfg.lambda_G_bias,
+                )
                 sched.step()
                 losses.append(float(loss.detach()))
                 if step % 10 == 0:
@@ -511,18 +537,40 @@ def fit_lineas(
     with torch.no_grad():
         loss_final = float(loss_on(everyone))
 
-    edits = tuple(Edit(hook=h, op="affine", vector=w.detach().float().cpu(), shift=b.detach().float().cpu(),
-                       positions="all", strength=strength) for h, w, b in zip(hs, omegas, shifts))
+    edits = tuple(
+        Edit(
+            hook=h,
+            op="affine",
+            vector=w.detach().float().cpu(),
+            shift=b.detach().float().cpu(),
+            positions="all",
+            strength=strength,
+        )
+        for h, w, b in zip(hs, omegas, shifts)
+    )
     per_hook = {}
     for e in edits:
         k, n = _edit_support(e, cfg.support_threshold)
         per_hook[e.hook] = k / n
     n_units = sum(dims[h] for h in hs)
-    iv = Intervention(edits=edits, name=name or f"lineas {len(hs)} hooks", provenance=_provenance(
-        model, "lineas", config=cfg.to_dict(), hooks=hs, source=src, target=tgt,
-        loss_initial=loss_initial, loss_final=loss_final,
-        loss_first=losses[0] if losses else None, loss_min=min(losses) if losses else None,
-        loss_curve=_curve(losses),
-        support=sum(per_hook[h] * dims[h] for h in hs) / n_units, support_per_hook=per_hook, n_units=n_units,
-    ))
+    iv = Intervention(
+        edits=edits,
+        name=name or f"lineas {len(hs)} hooks",
+        provenance=_provenance(
+            model,
+            "lineas",
+            config=cfg.to_dict(),
+            hooks=hs,
+            source=src,
+            target=tgt,
+            loss_initial=loss_initial,
+            loss_final=loss_final,
+            loss_first=losses[0] if losses else None,
+            loss_min=min(losses) if losses else None,
+            loss_curve=_curve(losses),
+            support=sum(per_hook[h] * dims[h] for h in hs) / n_units,
+            support_per_hook=per_hook,
+            n_units=n_units,
+        ),
+    )
     return iv

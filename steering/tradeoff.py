@@ -38,6 +38,7 @@ the perplexity (`*_std`; the per-seed rows are kept in `per_seed`).
 | DiffMean | 0.5 | 96 | 0.12 [0.00, 0.38] | 140 | 6.1 |
 | DiffMean | 1 | 96 | 1.00 [1.00, 1.00] | 8.11e+03 | 5.74e+03 |
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
@@ -98,8 +99,11 @@ class TradeoffResult(JsonResult):
     def to_markdown(self) -> str:
         """A Markdown table: mean ± std across seeds, or the rate with its 95% bootstrap interval."""
         several = self.n_seeds() > 1
-        head = ("| method | strength | units | concept rate (mean ± std) | perplexity (mean ± std) | perplexity in context |"
-                if several else "| method | strength | units | concept rate [95% CI] | perplexity | perplexity in context |")
+        head = (
+            "| method | strength | units | concept rate (mean ± std) | perplexity (mean ± std) | perplexity in context |"
+            if several
+            else "| method | strength | units | concept rate [95% CI] | perplexity | perplexity in context |"
+        )
         lines = [head, "|---|---|---|---|---|---|"]
         for r in self.rows:
             if several:
@@ -109,18 +113,29 @@ class TradeoffResult(JsonResult):
                 ci = r.get("concept_rate_ci")
                 rate = f"{r['concept_rate']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
                 ppl = f"{r['perplexity']:.3g}"
-            lines.append(f"| {r['method']} | {r['strength']:g} | {r['units']} | {rate} | {ppl} | "
-                         f"{r['perplexity_in_context']:.3g} |")
+            lines.append(
+                f"| {r['method']} | {r['strength']:g} | {r['units']} | {rate} | {ppl} | "
+                f"{r['perplexity_in_context']:.3g} |"
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"kind": self.KIND, "rows": self.rows, "examples": self.examples, "per_seed": self.per_seed,
-                "provenance": self.provenance}
+        return {
+            "kind": self.KIND,
+            "rows": self.rows,
+            "examples": self.examples,
+            "per_seed": self.per_seed,
+            "provenance": self.provenance,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> TradeoffResult:
-        return cls(rows=[dict(r) for r in d["rows"]], examples=d.get("examples") or {},
-                   per_seed=[dict(r) for r in d.get("per_seed") or []], provenance=d.get("provenance") or {})
+        return cls(
+            rows=[dict(r) for r in d["rows"]],
+            examples=d.get("examples") or {},
+            per_seed=[dict(r) for r in d.get("per_seed") or []],
+            provenance=d.get("provenance") or {},
+        )
 
     def figure(self):
         """Concept rate (y) against perplexity under the unsteered model (x), one line per method,
@@ -138,21 +153,39 @@ class TradeoffResult(JsonResult):
                 err_x = dict(type="data", array=[r["perplexity_std"] for r in rs], thickness=1)
             else:  # the 95% bootstrap interval of the rate over the prompts
                 cis = [r.get("concept_rate_ci") or [r["concept_rate"]] * 2 for r in rs]
-                err_y = dict(type="data", symmetric=False, thickness=1,
-                             array=[hi - r["concept_rate"] for r, (_, hi) in zip(rs, cis)],
-                             arrayminus=[r["concept_rate"] - lo for r, (lo, _) in zip(rs, cis)])
+                err_y = dict(
+                    type="data",
+                    symmetric=False,
+                    thickness=1,
+                    array=[hi - r["concept_rate"] for r, (_, hi) in zip(rs, cis)],
+                    arrayminus=[r["concept_rate"] - lo for r, (lo, _) in zip(rs, cis)],
+                )
                 err_x = None
-            fig.add_trace(go.Scatter(
-                x=[r["perplexity"] for r in rs], y=[r["concept_rate"] for r in rs], mode="lines+markers+text",
-                error_y=err_y, error_x=err_x,
-                name=f"{m} ({rs[-1]['units']} units)", text=[f"{r['strength']:g}" for r in rs], textposition="top center",
-                hovertemplate=f"{m}<br>strength %{{text}}<br>concept rate %{{y:.2f}}<br>perplexity %{{x:.2f}}<extra></extra>",
-            ))
-        fig.update_layout(xaxis_title="perplexity of the continuation under the unsteered model", xaxis_type="log",
-                          yaxis_title="concept rate", yaxis_range=[-0.05, 1.05])
-        spread = (f"{self.n_seeds()} seeds (mean ± std)" if several else "95% bootstrap interval")
-        return figures.style(fig, f"Steering trade-off · model {self.provenance.get('model', '?')} · "
-                                  f"{self.provenance.get('n_prompts', '?')} prompts · {spread}")
+            fig.add_trace(
+                go.Scatter(
+                    x=[r["perplexity"] for r in rs],
+                    y=[r["concept_rate"] for r in rs],
+                    mode="lines+markers+text",
+                    error_y=err_y,
+                    error_x=err_x,
+                    name=f"{m} ({rs[-1]['units']} units)",
+                    text=[f"{r['strength']:g}" for r in rs],
+                    textposition="top center",
+                    hovertemplate=f"{m}<br>strength %{{text}}<br>concept rate %{{y:.2f}}<br>perplexity %{{x:.2f}}<extra></extra>",
+                )
+            )
+        fig.update_layout(
+            xaxis_title="perplexity of the continuation under the unsteered model",
+            xaxis_type="log",
+            yaxis_title="concept rate",
+            yaxis_range=[-0.05, 1.05],
+        )
+        spread = f"{self.n_seeds()} seeds (mean ± std)" if several else "95% bootstrap interval"
+        return figures.style(
+            fig,
+            f"Steering trade-off · model {self.provenance.get('model', '?')} · "
+            f"{self.provenance.get('n_prompts', '?')} prompts · {spread}",
+        )
 
 
 def bootstrap_ci(hits: Sequence[bool], *, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> list[float]:
@@ -190,16 +223,24 @@ def standalone_perplexity(model, texts: Sequence[str], *, batch_size: int = 64) 
     with torch.no_grad():
         for group in by_len.values():
             for start in range(0, len(group), batch_size):
-                toks = torch.stack(group[start: start + batch_size]).to(device)  # [batch, pos]
+                toks = torch.stack(group[start : start + batch_size]).to(device)  # [batch, pos]
                 logp = model(toks).float().log_softmax(-1)[:, :-1]  # [batch, pos-1, vocab]
                 nll -= float(logp.gather(-1, toks[:, 1:, None]).sum())
                 count += toks[:, 1:].numel()
     return math.exp(nll / count)
 
 
-def tradeoff(model, interventions: Mapping[str, Intervention], prompts: Sequence[str], score: Callable[[str], bool], *,
-             strengths: Sequence[float] = DEFAULT_STRENGTHS, max_new_tokens: int = 12, n_examples: int = 3,
-             progress: bool = True) -> TradeoffResult:
+def tradeoff(
+    model,
+    interventions: Mapping[str, Intervention],
+    prompts: Sequence[str],
+    score: Callable[[str], bool],
+    *,
+    strengths: Sequence[float] = DEFAULT_STRENGTHS,
+    max_new_tokens: int = 12,
+    n_examples: int = 3,
+    progress: bool = True,
+) -> TradeoffResult:
     """Concept rate and fluency of greedy continuations for each intervention at each strength.
 
     Args:
@@ -225,16 +266,26 @@ def tradeoff(model, interventions: Mapping[str, Intervention], prompts: Sequence
             raise LenslabError(f"intervention {name!r} is a {type(iv).__name__}, not an Intervention")
         validate(model, iv)
     runs = {f"{name}@{s:g}": iv.with_strength(s) for name, iv in interventions.items() for s in strengths}
-    texts = evaluate.continuations(model, runs, {"eval": list(prompts)}, max_new_tokens=max_new_tokens,
-                                   progress=progress)
+    texts = evaluate.continuations(
+        model, runs, {"eval": list(prompts)}, max_new_tokens=max_new_tokens, progress=progress
+    )
     conts = {k: v["eval"] for k, v in texts.items()}
     standalone = {k: standalone_perplexity(model, c) for k, c in conts.items()}
     # in context: teacher-forced after the prompt (empty continuations skipped)
     sets = {k: [p for p, t in zip(prompts, c) if t.strip()] for k, c in conts.items()}
     answers = {k: [t for t in c if t.strip()] for k, c in conts.items()}
     nonempty = [k for k in runs if sets[k]]
-    ppl = evaluate.perplexity(model, {"unsteered": None}, {k: sets[k] for k in nonempty},
-                              {k: answers[k] for k in nonempty}, progress=progress) if nonempty else None
+    ppl = (
+        evaluate.perplexity(
+            model,
+            {"unsteered": None},
+            {k: sets[k] for k in nonempty},
+            {k: answers[k] for k in nonempty},
+            progress=progress,
+        )
+        if nonempty
+        else None
+    )
     rows, examples = [], {}
     for name, iv in interventions.items():
         units = iv.n_units(model)
@@ -243,20 +294,49 @@ def tradeoff(model, interventions: Mapping[str, Intervention], prompts: Sequence
             c = conts[key]
             p = float(ppl.value("unsteered", key)) if ppl is not None and key in nonempty else float("nan")
             hits = [bool(score(t)) for t in c]
-            rows.append({"method": name, "strength": s, "units": units, "n": len(c), "n_seeds": 1,
-                         "concept_rate": sum(hits) / len(c), "concept_rate_std": None,
-                         "concept_rate_ci": bootstrap_ci(hits), "perplexity": standalone[key], "perplexity_std": None,
-                         "perplexity_in_context": p})
+            rows.append(
+                {
+                    "method": name,
+                    "strength": s,
+                    "units": units,
+                    "n": len(c),
+                    "n_seeds": 1,
+                    "concept_rate": sum(hits) / len(c),
+                    "concept_rate_std": None,
+                    "concept_rate_ci": bootstrap_ci(hits),
+                    "perplexity": standalone[key],
+                    "perplexity_std": None,
+                    "perplexity_in_context": p,
+                }
+            )
             examples.setdefault(name, {})[f"{s:g}"] = c[:n_examples]
-    return TradeoffResult(rows=rows, examples=examples, provenance=provenance(
-        model, method="tradeoff", strengths=strengths, max_new_tokens=max_new_tokens, n_prompts=len(prompts),
-        prompts=list(prompts), interventions={k: v.to_dict()[0] for k, v in interventions.items()}))
+    return TradeoffResult(
+        rows=rows,
+        examples=examples,
+        provenance=provenance(
+            model,
+            method="tradeoff",
+            strengths=strengths,
+            max_new_tokens=max_new_tokens,
+            n_prompts=len(prompts),
+            prompts=list(prompts),
+            interventions={k: v.to_dict()[0] for k, v in interventions.items()},
+        ),
+    )
 
 
-def tradeoff_seeds(model, fit: Callable[[int], Mapping[str, Intervention]], prompts: Callable[[int], Sequence[str]],
-                   score: Callable[[str], bool], *, seeds: Sequence[int] = (0, 1, 2),
-                   strengths: Sequence[float] = DEFAULT_STRENGTHS, max_new_tokens: int = 12, n_examples: int = 3,
-                   progress: bool = True) -> TradeoffResult:
+def tradeoff_seeds(
+    model,
+    fit: Callable[[int], Mapping[str, Intervention]],
+    prompts: Callable[[int], Sequence[str]],
+    score: Callable[[str], bool],
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+    strengths: Sequence[float] = DEFAULT_STRENGTHS,
+    max_new_tokens: int = 12,
+    n_examples: int = 3,
+    progress: bool = True,
+) -> TradeoffResult:
     """`tradeoff` once per seed, with the methods refitted and the evaluation prompts redrawn each time.
 
     Args:
@@ -279,8 +359,16 @@ def tradeoff_seeds(model, fit: Callable[[int], Mapping[str, Intervention]], prom
     for seed in seeds:
         if progress:
             print(f"tradeoff: seed {seed} ({seeds.index(seed) + 1}/{len(seeds)})", flush=True)
-        res = tradeoff(model, fit(seed), list(prompts(seed)), score, strengths=strengths,
-                       max_new_tokens=max_new_tokens, n_examples=n_examples, progress=False)
+        res = tradeoff(
+            model,
+            fit(seed),
+            list(prompts(seed)),
+            score,
+            strengths=strengths,
+            max_new_tokens=max_new_tokens,
+            n_examples=n_examples,
+            progress=False,
+        )
         runs.append((seed, res))
     first = runs[0][1]
     rows, per_seed = [], []
@@ -289,13 +377,27 @@ def tradeoff_seeds(model, fit: Callable[[int], Mapping[str, Intervention]], prom
         rates = [r["concept_rate"] for r in same]
         ppls = [r["perplexity"] for r in same]
         ctx = [r["perplexity_in_context"] for r in same]
-        rows.append({"method": r0["method"], "strength": r0["strength"], "units": r0["units"], "n": r0["n"],
-                     "n_seeds": len(seeds), "concept_rate": statistics.fmean(rates),
-                     "concept_rate_std": statistics.stdev(rates), "concept_rate_ci": None,
-                     "perplexity": statistics.fmean(ppls), "perplexity_std": statistics.stdev(ppls),
-                     "perplexity_in_context": statistics.fmean(ctx)})
+        rows.append(
+            {
+                "method": r0["method"],
+                "strength": r0["strength"],
+                "units": r0["units"],
+                "n": r0["n"],
+                "n_seeds": len(seeds),
+                "concept_rate": statistics.fmean(rates),
+                "concept_rate_std": statistics.stdev(rates),
+                "concept_rate_ci": None,
+                "perplexity": statistics.fmean(ppls),
+                "perplexity_std": statistics.stdev(ppls),
+                "perplexity_in_context": statistics.fmean(ctx),
+            }
+        )
     for seed, res in runs:
         per_seed += [dict(r, seed=seed) for r in res.rows]
-    prov = dict(first.provenance, method="tradeoff_seeds", seeds=seeds,
-                prompts={str(seed): res.provenance.get("prompts") for seed, res in runs})
+    prov = dict(
+        first.provenance,
+        method="tradeoff_seeds",
+        seeds=seeds,
+        prompts={str(seed): res.provenance.get("prompts") for seed, res in runs},
+    )
     return TradeoffResult(rows=rows, examples=first.examples, per_seed=per_seed, provenance=prov)

@@ -11,6 +11,7 @@ embeddings, router weights) are left as they are, so the model keeps its usual s
 
 Loaded by tests/conftest.py (fixture `randomize_params`) and, by path, by subprocess scripts.
 """
+
 from __future__ import annotations
 
 import torch

@@ -2,6 +2,7 @@
 the repository root off sys.path (run.py sets PYTHONSAFEPATH=1; pytest uses --import-mode=importlib).
 A `python -m pytest` started in the root without PYTHONSAFEPATH gets the root removed here, before
 anything imports transformers, so the tests see what users see (docs/design.md)."""
+
 from __future__ import annotations
 
 import os
@@ -42,7 +43,9 @@ def _load_random_params():
     """tests/_random_params.py, loaded by path (pytest's importlib mode puts tests/ on no sys.path)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("lenslab_tests_random_params", Path(__file__).with_name("_random_params.py"))
+    spec = importlib.util.spec_from_file_location(
+        "lenslab_tests_random_params", Path(__file__).with_name("_random_params.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.randomize_params
@@ -92,7 +95,7 @@ class DocNumbers:
     def close(measured: float, printed: str) -> bool:
         printed = printed.strip().rstrip("%")
         decimals = len(printed.split(".")[1]) if "." in printed else 0
-        return abs(measured - float(printed)) <= 0.5 * 10 ** -decimals + 2e-5 * max(1.0, abs(measured))
+        return abs(measured - float(printed)) <= 0.5 * 10**-decimals + 2e-5 * max(1.0, abs(measured))
 
     @staticmethod
     def pct(measured: float, printed: str) -> bool:
@@ -105,7 +108,7 @@ class DocNumbers:
         lines = text.splitlines()
         start = next(i for i, line in enumerate(lines) if line.startswith(header))
         rows = []
-        for line in lines[start + 2:]:
+        for line in lines[start + 2 :]:
             if not line.startswith("|"):
                 break
             rows.append([c.strip() for c in line.strip().strip("|").split("|")])
@@ -129,13 +132,23 @@ def tiny_zoo_dir(tmp_path_factory):
     torch.manual_seed(0)
     tok = zoo.word_tokenizer([f"t{i}" for i in range(64)])
     cfg = HookedTransformerConfig(
-        n_layers=2, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=64, d_vocab=len(tok),
-        act_fn="gelu", normalization_type="LN", seed=0,
+        n_layers=2,
+        d_model=32,
+        n_ctx=64,
+        d_head=8,
+        n_heads=4,
+        d_mlp=64,
+        d_vocab=len(tok),
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=0,
     )
     model = HookedTransformer(cfg, tokenizer=tok)
     randomize_params(model, seed=0)  # biases, b_U and LayerNorm weights not at their 0/1 init
     out = tmp_path_factory.mktemp("tiny_zoo")
-    zoo.save_hooked(model, tok, out, summary="tiny random test model", card="# tiny\n", extra={"default_prompt": "t1 t2 t3 t1 t2"})
+    zoo.save_hooked(
+        model, tok, out, summary="tiny random test model", card="# tiny\n", extra={"default_prompt": "t1 t2 t3 t1 t2"}
+    )
     return out
 
 
@@ -180,32 +193,69 @@ class TinyHF:
         D, HEADS, E, K, MLP = self.D, self.HEADS, self.E, self.K, self.MLP
         ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2)
         common = dict(
-            vocab_size=len(self.WORDS) + 4, hidden_size=D, num_hidden_layers=self.LAYERS, num_attention_heads=HEADS,
-            num_key_value_heads=self.KV, intermediate_size=MLP, max_position_embeddings=self.CTX, **ids,
+            vocab_size=len(self.WORDS) + 4,
+            hidden_size=D,
+            num_hidden_layers=self.LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=self.KV,
+            intermediate_size=MLP,
+            max_position_embeddings=self.CTX,
+            **ids,
         )
         moe = dict(num_experts=E, num_experts_per_tok=K)
-        ds = dict(n_routed_experts=self.DS_E, num_experts_per_tok=K, n_group=self.DS_GROUPS,
-                  topk_group=self.DS_TOPK_GROUP, n_shared_experts=1, moe_intermediate_size=MLP // 4,
-                  kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
+        ds = dict(
+            n_routed_experts=self.DS_E,
+            num_experts_per_tok=K,
+            n_group=self.DS_GROUPS,
+            topk_group=self.DS_TOPK_GROUP,
+            n_shared_experts=1,
+            moe_intermediate_size=MLP // 4,
+            kv_lora_rank=16,
+            q_lora_rank=16,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=4,
+            v_head_dim=8,
+        )
         make = {
             "mixtral": lambda: T.MixtralConfig(num_local_experts=E, num_experts_per_tok=K, **common),  # norm_topk_prob
             "olmoe": lambda: T.OlmoeConfig(**moe, **common),  # norm_topk_prob False
-            "qwen2_moe": lambda: T.Qwen2MoeConfig(**moe, moe_intermediate_size=MLP // 2,
-                                                  shared_expert_intermediate_size=MLP, **common),
-            "qwen3_moe": lambda: T.Qwen3MoeConfig(**moe, moe_intermediate_size=MLP // 2, head_dim=D // HEADS,
-                                                  norm_topk_prob=True, **common),
-            "deepseek_v3": lambda: T.DeepseekV3Config(**ds, first_k_dense_replace=1, norm_topk_prob=True,
-                                                      routed_scaling_factor=2.5,
-                                                      **{**common, "num_hidden_layers": self.LAYERS + 1}),
-            "deepseek_v2": lambda: T.DeepseekV2Config(**ds, first_k_dense_replace=0, topk_method="group_limited_greedy",
-                                                      routed_scaling_factor=1.5, **common),
+            "qwen2_moe": lambda: T.Qwen2MoeConfig(
+                **moe, moe_intermediate_size=MLP // 2, shared_expert_intermediate_size=MLP, **common
+            ),
+            "qwen3_moe": lambda: T.Qwen3MoeConfig(
+                **moe, moe_intermediate_size=MLP // 2, head_dim=D // HEADS, norm_topk_prob=True, **common
+            ),
+            "deepseek_v3": lambda: T.DeepseekV3Config(
+                **ds,
+                first_k_dense_replace=1,
+                norm_topk_prob=True,
+                routed_scaling_factor=2.5,
+                **{**common, "num_hidden_layers": self.LAYERS + 1},
+            ),
+            "deepseek_v2": lambda: T.DeepseekV2Config(
+                **ds, first_k_dense_replace=0, topk_method="group_limited_greedy", routed_scaling_factor=1.5, **common
+            ),
             "llama": lambda: T.LlamaConfig(**common),
             "gemma": lambda: T.GemmaConfig(head_dim=D // HEADS, **common),
-            "pythia": lambda: T.GPTNeoXConfig(vocab_size=len(self.WORDS) + 4, hidden_size=D, num_hidden_layers=self.LAYERS,
-                                              num_attention_heads=HEADS, intermediate_size=MLP,
-                                              max_position_embeddings=self.CTX, rotary_pct=0.25, **ids),
-            "gpt2": lambda: T.GPT2Config(n_embd=D, n_layer=self.LAYERS, n_head=HEADS, n_positions=self.CTX,
-                                         vocab_size=50257, bos_token_id=50256, eos_token_id=50256),
+            "pythia": lambda: T.GPTNeoXConfig(
+                vocab_size=len(self.WORDS) + 4,
+                hidden_size=D,
+                num_hidden_layers=self.LAYERS,
+                num_attention_heads=HEADS,
+                intermediate_size=MLP,
+                max_position_embeddings=self.CTX,
+                rotary_pct=0.25,
+                **ids,
+            ),
+            "gpt2": lambda: T.GPT2Config(
+                n_embd=D,
+                n_layer=self.LAYERS,
+                n_head=HEADS,
+                n_positions=self.CTX,
+                vocab_size=50257,
+                bos_token_id=50256,
+                eos_token_id=50256,
+            ),
         }
         if name not in make:
             raise KeyError(f"no tiny HF model {name!r}; one of {', '.join(make)}")
@@ -358,8 +408,10 @@ def _skips_allowed() -> bool:
 
 def _as_failure(rep, reason: str) -> None:
     rep.outcome = "failed"
-    rep.longrepr = (f"skipped ({reason}), but only a `gpu` test without a GPU may skip: a missing dependency, "
-                    f"model or tool is a failure (set {ALLOW_SKIPS_ENV}=1 to allow skips in a local run)")
+    rep.longrepr = (
+        f"skipped ({reason}), but only a `gpu` test without a GPU may skip: a missing dependency, "
+        f"model or tool is a failure (set {ALLOW_SKIPS_ENV}=1 to allow skips in a local run)"
+    )
 
 
 @pytest.hookimpl(hookwrapper=True)

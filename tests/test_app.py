@@ -1,5 +1,6 @@
 """The Streamlit app, run in-process with `streamlit.testing.v1.AppTest`: every page renders
 without an exception, reacts to its inputs, and bad input shows a message, not a traceback."""
+
 from __future__ import annotations
 
 import json
@@ -59,7 +60,9 @@ def test_model_page_shows_model_content(monkeypatch, app_model, request):
     assert [h.value for h in at.subheader] == ["Model card", "Tokenization"]
     assert [h.value for h in at.header] == ["Attention patterns", "Logit lens", "Top next-token predictions"]
     prompt = at.text_area(key="prompt").value
-    assert prompt == (zoo.default_prompt(app_model) or "The quick brown fox jumps over the lazy dog. The quick brown fox")
+    assert prompt == (
+        zoo.default_prompt(app_model) or "The quick brown fox jumps over the lazy dog. The quick brown fox"
+    )
     model = _load(app_model)
     tok = lens.tokenize(model, prompt)
     table = at.dataframe[0].value
@@ -122,11 +125,14 @@ def test_layer_and_head_selectors_change_the_figure(monkeypatch, app_model):
     assert len(at.dataframe[1].value) == 3
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("zoo/no-such-model", "does not exist"),
-    ("/no/such/model/dir", "does not exist"),
-    ("no-such-org/no-such-model", "not in the local Hugging Face cache"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("zoo/no-such-model", "does not exist"),
+        ("/no/such/model/dir", "does not exist"),
+        ("no-such-org/no-such-model", "not in the local Hugging Face cache"),
+    ],
+)
 def test_bad_model_shows_error_not_exception(monkeypatch, bad, message):
     at = _app(monkeypatch, bad).run()
     assert not at.exception, [e.value for e in at.exception]

@@ -1,6 +1,7 @@
 """The Experts page under AppTest on a tiny planted Mixtral (token w7 -> expert 3 of layer 1, which
 makes the model say w20), and
 the `lenslab moe` commands on the same checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -76,16 +77,71 @@ def test_experts_page_on_a_dense_model_says_so(monkeypatch, tiny_zoo_dir):
 
 
 def test_moe_cli(planted, tmp_path, capsys):
-    assert main(["moe", "inspect", "--model", planted, "--device", "cpu", "--prompts", "w7 w1", "--out",
-                 str(tmp_path / "r.json")]) == 0
+    assert (
+        main(
+            [
+                "moe",
+                "inspect",
+                "--model",
+                planted,
+                "--device",
+                "cpu",
+                "--prompts",
+                "w7 w1",
+                "--out",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "r.json").read_text())["kind"] == "RouterResult"
-    assert main(["moe", "rank", "--model", planted, "--device", "cpu", "--target", "w7 w1 w2", "w3 w7",
-                 "--other", "w1 w2 w3", "w4 w5", "--top-k", "1", "--out", str(tmp_path / "rank.json")]) == 0
+    assert (
+        main(
+            [
+                "moe",
+                "rank",
+                "--model",
+                planted,
+                "--device",
+                "cpu",
+                "--target",
+                "w7 w1 w2",
+                "w3 w7",
+                "--other",
+                "w1 w2 w3",
+                "w4 w5",
+                "--top-k",
+                "1",
+                "--out",
+                str(tmp_path / "rank.json"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "L1 e3" in out
     assert json.loads((tmp_path / "rank.json").read_text())["top"][0][:2] == [1, 3]
-    assert main(["moe", "generate", "--model", planted, "--device", "cpu", "--prompt", "w7 w1 w2 w7",
-                 "--ranking", str(tmp_path / "rank.json"), "--top-k", "1", "--max-new-tokens", "3"]) == 0
+    assert (
+        main(
+            [
+                "moe",
+                "generate",
+                "--model",
+                planted,
+                "--device",
+                "cpu",
+                "--prompt",
+                "w7 w1 w2 w7",
+                "--ranking",
+                str(tmp_path / "rank.json"),
+                "--top-k",
+                "1",
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     base = next(l for l in lines if l.startswith("baseline:"))
     sw = next(l for l in lines if l.startswith("switched:"))

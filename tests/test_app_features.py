@@ -2,6 +2,7 @@
 fires exactly on 'terrible' at hook_embed, with activation 1, and its decoder row is
 W_E['terrible'] - W_E['wonderful'], so ablating it makes the model read 'wonderful'), and on a zoo
 model with its shipped SAE."""
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,7 @@ def planted_dir(tmp_path_factory):
     t, w = (int(model.to_tokens(x, prepend_bos=False)[0, 0]) for x in ("terrible", "wonderful"))
     u = WE[t] / WE[t].norm()
     proj = WE @ u
-    top, other = float(proj[t]), float(torch.cat([proj[:t], proj[t + 1:]]).max())
+    top, other = float(proj[t]), float(torch.cat([proj[:t], proj[t + 1 :]]).max())
     mid = (top + other) / 2
     torch.manual_seed(0)
     sae = StandardSAE(StandardSAEConfig(d_in=model.cfg.d_model, d_sae=8, metadata=_meta("hook_embed")))

@@ -1,5 +1,6 @@
 """`_shell.call` holds one lock per cached model, so two browser sessions never compute on the
 shared model at once (steering hooks of one would leak into the other's forward passes)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -44,8 +45,8 @@ def test_model_lock_is_per_model_and_held_by_call(monkeypatch):
         return got[0]
 
     assert _shell.call("x", other_thread_can_take, a) is False  # held while fn runs
-    assert _shell.call("x", other_thread_can_take, b) is True   # another model is free
-    assert other_thread_can_take(a) is True                     # released afterwards
+    assert _shell.call("x", other_thread_can_take, b) is True  # another model is free
+    assert other_thread_can_take(a) is True  # released afterwards
     assert _shell.call("x", lambda: _shell.call("y", lambda: 7)) == 7  # re-entrant (nested calls)
 
 
@@ -109,7 +110,9 @@ def _race(_shell, model, iv) -> dict:
 def steered(tiny_model):
     from lenslab import steering
 
-    iv = steering.mean_difference(tiny_model, ["t1 t1 t1", "t1 t2 t1"], ["t5 t5 t5", "t5 t6 t5"], layers=1).with_strength(8.0)
+    iv = steering.mean_difference(
+        tiny_model, ["t1 t1 t1", "t1 t2 t1"], ["t5 t5 t5", "t5 t6 t5"], layers=1
+    ).with_strength(8.0)
     tokens = tiny_model.to_tokens(PROMPT)
     with torch.no_grad():
         plain = tiny_model(tokens)

@@ -8,6 +8,7 @@ A missing Chromium or Playwright skips with the reason, which tests/conftest.py 
 unless LENSLAB_ALLOW_SKIPS=1. No fixed sleeps: every wait is for a signal of the page itself
 (Streamlit's script state on `stApp`, headings, drawn Plotly figures).
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,14 @@ from lenslab import lens, zoo
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -84,7 +91,12 @@ def app_server(tmp_path, request):
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [python3, "run.py", "app", "--headless", "--port", str(port), *extra],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
         )
     try:
         _wait_healthy(proc, port, log)
@@ -117,9 +129,11 @@ def _settled(page, timeout_ms: int = 120_000) -> None:
 
 def _problems(page) -> list[str]:
     """Error boxes, exception boxes and tracebacks on the page, as text."""
-    found = [page.locator(sel).nth(i).inner_text()[:500]
-             for sel in ('[data-testid="stException"]', '[data-testid="stAlertContentError"]')
-             for i in range(page.locator(sel).count())]
+    found = [
+        page.locator(sel).nth(i).inner_text()[:500]
+        for sel in ('[data-testid="stException"]', '[data-testid="stAlertContentError"]')
+        for i in range(page.locator(sel).count())
+    ]
     if "Traceback (most recent call last)" in page.inner_text("body"):
         found.append("a traceback on the page")
     return found

@@ -1,4 +1,5 @@
 """The `lenslab` CLI: every subcommand has --help; errors are one readable line, exit code 2."""
+
 from __future__ import annotations
 
 import subprocess

@@ -7,6 +7,7 @@ path, a fragment, minutes of CPU) carries `<!-- no-test: reason -->` on the line
 (docs/design.md, "Code blocks in the docs"). ```bash blocks are not run; the `lenslab ...`
 commands they name must exist in the CLI's parser (their --help runs in tests/test_cli.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -36,13 +37,19 @@ def blocks(text: str) -> list[dict]:
         j = i + 1
         while j < len(lines) and not (lines[j].strip().startswith(fence) and not lines[j].strip().strip(fence[0])):
             j += 1
-        code = "\n".join(l[len(ind):] if l.startswith(ind) else l.lstrip() for l in lines[i + 1:j])
+        code = "\n".join(l[len(ind) :] if l.startswith(ind) else l.lstrip() for l in lines[i + 1 : j])
         k = i - 1
         while k >= 0 and not lines[k].strip():
             k -= 1
         marker = NO_TEST.match(lines[k].strip()) if k >= 0 else None
-        out.append({"line": i + 1, "lang": (m["info"].split() or [""])[0], "code": code,
-                    "skip": marker["reason"] if marker else None})
+        out.append(
+            {
+                "line": i + 1,
+                "lang": (m["info"].split() or [""])[0],
+                "code": code,
+                "skip": marker["reason"] if marker else None,
+            }
+        )
         i = j + 1
     return out
 
@@ -79,10 +86,22 @@ def ran(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("doc_blocks")
     todo = {_rel(p): [b for b in _python(p) if b["skip"] is None] for p in PAGES}
     (work / "in.json").write_text(json.dumps({k: v for k, v in todo.items() if v}))
-    env = dict(os.environ, PYTHONSAFEPATH="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled",
-               PLOTLY_RENDERER="json", MPLBACKEND="Agg")  # fig.show() prints JSON instead of opening a browser
-    proc = subprocess.run([sys.executable, "-c", _DRIVER, str(work / "in.json"), str(work / "out.json")],
-                          cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        PYTHONSAFEPATH="1",
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="disabled",
+        PLOTLY_RENDERER="json",
+        MPLBACKEND="Agg",
+    )  # fig.show() prints JSON instead of opening a browser
+    proc = subprocess.run(
+        [sys.executable, "-c", _DRIVER, str(work / "in.json"), str(work / "out.json")],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((work / "out.json").read_text())
 
@@ -101,7 +120,9 @@ def test_no_test_markers_have_a_reason_and_a_block():
     for page in PAGES:
         text = page.read_text(encoding="utf-8")
         marked = sum(b["skip"] is not None for b in blocks(text))
-        assert marked == len(re.findall(r"(?m)^\s*<!--\s*no-test:", text)), f"{_rel(page)}: a no-test marker not right before a fence"
+        assert marked == len(re.findall(r"(?m)^\s*<!--\s*no-test:", text)), (
+            f"{_rel(page)}: a no-test marker not right before a fence"
+        )
         for b in blocks(text):
             if b["skip"] is not None:
                 assert len(b["skip"]) >= 8, f"{_rel(page)}:{b['line']}: say why the block cannot run"
@@ -138,7 +159,9 @@ def test_repl_transcript_shows_the_real_error(page, line, expr, err, message):
         eval(expr, {"lenslab": lenslab})
     assert type(info.value).__name__ == err, f"{page}:{line}: raises {type(info.value).__name__}, the page shows {err}"
     pattern = "^" + ".*".join(map(re.escape, message.split("..."))) + "$"
-    assert re.match(pattern, str(info.value), re.S), f"{page}:{line}: the page shows\n  {message}\nthe library says\n  {info.value}"
+    assert re.match(pattern, str(info.value), re.S), (
+        f"{page}:{line}: the page shows\n  {message}\nthe library says\n  {info.value}"
+    )
 
 
 def _named_commands():
@@ -170,7 +193,9 @@ def test_bash_blocks_name_existing_subcommands():
             if choices is None or word.startswith("-"):
                 break
             for alt in word.split("|"):  # `lenslab sinks attention|massive|ablate`
-                assert alt in choices, f"{page}:{line}: `{' '.join(argv)}`: no subcommand {alt!r} (have {sorted(choices)})"
+                assert alt in choices, (
+                    f"{page}:{line}: `{' '.join(argv)}`: no subcommand {alt!r} (have {sorted(choices)})"
+                )
                 seen += 1
             parser = choices[alt]
     assert seen >= 20  # the docs name dozens of commands: the extraction found them

@@ -3,6 +3,7 @@
 Strict mode turns every warning into a failure: a broken link, a nav entry without a page, a
 mkdocstrings reference to something that does not exist.
 """
+
 from __future__ import annotations
 
 import html
@@ -26,7 +27,11 @@ def _build(config: Path, site: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", NO_MKDOCS_2_WARNING="1")
     return subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config), "-d", str(site)],
-        capture_output=True, text=True, env=env, cwd=config.parent, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=config.parent,
+        timeout=300,
     )
 
 
@@ -45,8 +50,15 @@ def _text(path: Path) -> str:
 
 @pytest.mark.slow
 def test_site_has_the_main_pages(site):
-    for page in ["index.html", "getting-started/index.html", "tasks/index.html", "app/index.html",
-                 "design/index.html", "zoo/index.html", "api/index.html"]:
+    for page in [
+        "index.html",
+        "getting-started/index.html",
+        "tasks/index.html",
+        "app/index.html",
+        "design/index.html",
+        "zoo/index.html",
+        "api/index.html",
+    ]:
         assert (site / page).exists(), page
     start = _text(site / "getting-started" / "index.html")
     for command in ["python3 run.py app", "python3 run.py test", "lenslab zoo train", "HF_HUB_OFFLINE"]:

@@ -7,6 +7,7 @@ model their module docstring loads (`MODEL_OF`). Examples run in a temporary wor
 carries `# doctest: +SKIP` and says why (docs/design.md, "Code blocks in the docs"); `SKIPPED`
 counts them, so a new skip is a decision, not an accident.
 """
+
 from __future__ import annotations
 
 import doctest
@@ -18,8 +19,15 @@ from pathlib import Path
 
 import pytest
 
-PACKAGES = ["lenslab", "lenslab.zoo", "lenslab.circuits", "lenslab.probes", "lenslab.steering",
-            "lenslab.kernels", "lenslab.app"]
+PACKAGES = [
+    "lenslab",
+    "lenslab.zoo",
+    "lenslab.circuits",
+    "lenslab.probes",
+    "lenslab.steering",
+    "lenslab.kernels",
+    "lenslab.app",
+]
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 # Function docstrings continue the module docstring's `model`: module -> the zoo model it loads.
 MODEL_OF = {
@@ -43,8 +51,11 @@ def _modules_with_examples() -> dict[str, Path]:
     out = {}
     for pkg in PACKAGES:
         spec = importlib.util.find_spec(pkg)
-        names = [pkg] + [f"{pkg}.{m.name}" for m in pkgutil.iter_modules(spec.submodule_search_locations)
-                         if not m.ispkg and m.name != "__main__"]
+        names = [pkg] + [
+            f"{pkg}.{m.name}"
+            for m in pkgutil.iter_modules(spec.submodule_search_locations)
+            if not m.ispkg and m.name != "__main__"
+        ]
         for name in names:
             origin = Path(importlib.util.find_spec(name).origin)
             if ">>>" in origin.read_text(encoding="utf-8"):

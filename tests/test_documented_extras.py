@@ -1,6 +1,7 @@
 """Documented features that had no test: `lenslab zoo train` determinism,
 `lenslab sinks ablate`, RelP's `attn_rule="ah"`, `tasks.from_spec` with a file, the per-prompt
 metrics, and the feature index with `resume=False`."""
+
 from __future__ import annotations
 
 import hashlib
@@ -35,8 +36,17 @@ def _randomize(model: HookedTransformer, seed: int) -> HookedTransformer:
 def ln_attn_model():
     """2-layer attention-only model with LayerNorm: under RelP's rules with the pattern detached
     (AH-rule) and the LayerNorm scale detached (LN-rule) it is affine in every residual stream."""
-    cfg = HookedTransformerConfig(n_layers=2, d_model=24, n_ctx=32, d_head=6, n_heads=4, d_vocab=len(TOK),
-                                  attn_only=True, normalization_type="LN", seed=5)
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=24,
+        n_ctx=32,
+        d_head=6,
+        n_heads=4,
+        d_vocab=len(TOK),
+        attn_only=True,
+        normalization_type="LN",
+        seed=5,
+    )
     m = _randomize(HookedTransformer(cfg, tokenizer=TOK), 5)
     m.lenslab_name = "test"
     return m
@@ -100,13 +110,31 @@ def test_cli_sinks_ablate_equals_the_library(planted_dir, tmp_path, capsys, mode
     # 31 words + BOS: the unplanted heads spread ~H_32/32 = 0.13 < 0.3 on the first token, so only L1H0 is a sink
     prompts = [" ".join("abcd"[(i * k) % 4] for i in range(31)) for k in (1, 3)]
     out = tmp_path / "ablate.json"
-    assert main(["sinks", "ablate", "--model", str(planted_dir), "--prompts", *prompts, "--mode", mode,
-                 "--device", "cpu", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sinks",
+                "ablate",
+                "--model",
+                str(planted_dir),
+                "--prompts",
+                *prompts,
+                "--mode",
+                mode,
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     got = json.loads(out.read_text())
     model = lenslab.load_model(str(planted_dir), device="cpu")
-    ref = sinks.ablate_massive(model, prompts, mode=mode, rule=sinks.MassiveRule(absolute=100.0, ratio=1000.0),
-                               threshold=0.3)
+    ref = sinks.ablate_massive(
+        model, prompts, mode=mode, rule=sinks.MassiveRule(absolute=100.0, ratio=1000.0), threshold=0.3
+    )
     assert got["mode"] == mode and got["layer"] == ref.layer == 0 and got["dims"] == ref.dims == [7]
     assert len(got["entries"]) == 2  # position 0 of each prompt
     assert got["loss_clean"] == pytest.approx(ref.loss_clean, abs=1e-6)
@@ -119,7 +147,9 @@ def test_cli_sinks_ablate_equals_the_library(planted_dir, tmp_path, capsys, mode
     with torch.no_grad():
         clean = float(model(toks, return_type="loss"))
         zeroed = lambda r, hook: torch.cat([r[:, :1].index_fill(-1, torch.tensor([7]), 0.0), r[:, 1:]], 1)
-        ablated = float(model.run_with_hooks(toks, return_type="loss", fwd_hooks=[("blocks.0.hook_resid_post", zeroed)]))
+        ablated = float(
+            model.run_with_hooks(toks, return_type="loss", fwd_hooks=[("blocks.0.hook_resid_post", zeroed)])
+        )
     assert got["loss_clean"] == pytest.approx(clean, abs=1e-5)
     if mode == "zero":
         assert got["loss_ablated"] == pytest.approx(ablated, abs=1e-5)
@@ -147,8 +177,9 @@ def _frozen_patch(model, task, layer, pos, base_cache):
 
     with torch.no_grad():
         base = bound(model.run_with_hooks(task.corrupt_tokens, fwd_hooks=frozen))
-        patched = bound(model.run_with_hooks(task.corrupt_tokens,
-                                             fwd_hooks=frozen + [(f"blocks.{layer}.hook_resid_pre", put)]))
+        patched = bound(
+            model.run_with_hooks(task.corrupt_tokens, fwd_hooks=frozen + [(f"blocks.{layer}.hook_resid_pre", put)])
+        )
     return float(patched - base)
 
 
@@ -156,13 +187,15 @@ def test_relp_ah_rule_equals_patching_with_frozen_patterns(ln_attn_model):
     model = ln_attn_model
     task = tasks.induction(model, n=3, seq_len=5, seed=1)
     with torch.no_grad():
-        _, cache = model.run_with_cache(task.corrupt_tokens,
-                                        names_filter=lambda n: n.endswith(("hook_pattern", "hook_scale")))
+        _, cache = model.run_with_cache(
+            task.corrupt_tokens, names_filter=lambda n: n.endswith(("hook_pattern", "hook_scale"))
+        )
     base_cache = {k: v.clone() for k, v in cache.items()}
     ah = circuits.attribute(model, task, "relp", "resid_pre", attn_rule="ah", progress=False)["resid_pre"].scores
     plain = circuits.attribute(model, task, "relp", "resid_pre", progress=False)["resid_pre"].scores
-    ref = torch.tensor([[_frozen_patch(model, task, l, p, base_cache) for p in range(task.seq_len)]
-                        for l in range(model.cfg.n_layers)])
+    ref = torch.tensor(
+        [[_frozen_patch(model, task, l, p, base_cache) for p in range(task.seq_len)] for l in range(model.cfg.n_layers)]
+    )
     assert ah.shape == ref.shape == (2, task.seq_len)
     assert ref.abs().max() > 0.02  # the comparison is not between zeros
     assert (ah - ref).abs().max() <= 1e-4 * max(1.0, float(ref.abs().max()))
@@ -174,8 +207,11 @@ def test_relp_ah_rule_equals_patching_with_frozen_patterns(ln_attn_model):
 
 
 def test_from_spec_file_equals_the_in_memory_task(ln_attn_model, tmp_path):
-    spec = {"clean": ["t1 t2 t3 t1 t2", "t5 t6 t7 t5 t6"], "corrupt": ["t1 t2 t9 t1 t2", "t5 t6 t8 t5 t6"],
-            "answers": [["t3", "t9"], ["t7", "t8"]]}
+    spec = {
+        "clean": ["t1 t2 t3 t1 t2", "t5 t6 t7 t5 t6"],
+        "corrupt": ["t1 t2 t9 t1 t2", "t5 t6 t8 t5 t6"],
+        "answers": [["t3", "t9"], ["t7", "t8"]],
+    }
     path = tmp_path / "my_task.json"
     path.write_text(json.dumps(spec))
     from_file = tasks.from_spec(ln_attn_model, str(path))
@@ -247,8 +283,9 @@ def test_feature_index_resume_false_rebuilds_from_scratch(ln_attn_model, tmp_pat
     from lenslab.probes import features as F
 
     model = ln_attn_model
-    cfg = StandardSAEConfig(d_in=model.cfg.d_model, d_sae=16,
-                            metadata=SAEMetadata(hook_name="blocks.1.hook_resid_pre", model_name="test"))
+    cfg = StandardSAEConfig(
+        d_in=model.cfg.d_model, d_sae=16, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_pre", model_name="test")
+    )
     torch.manual_seed(0)
     sae = StandardSAE(cfg)
     with torch.no_grad():

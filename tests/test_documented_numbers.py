@@ -6,6 +6,7 @@ recomputes (named at each check), so a doc cannot drift from what the code measu
 Tolerance: a printed number equals the measurement rounded to its printed digits, plus 2e-5
 relative slack for float32 sums reordered on another CPU.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,12 @@ def test_experts_doc_drop_rows_quote_the_card(doc_numbers):
     card = doc_numbers.table(zoo.read_card(MOE), "| switch | refusal, held-out harmful")
     card = {r[0]: r[1:] for r in card}
     doc = {r[0]: r[1:] for r in doc_numbers.table(_doc("docs/experts.md"), "| switch (k = 4) |")}
-    pairs = {"baseline": "baseline", "top-4 off (drop, MoTE's suppress)": "top-4 off", "top-4 forced on": "top-4 on",
-             "random-4 off, drop (5 draws, mean ± std)": "random-4 off"}
+    pairs = {
+        "baseline": "baseline",
+        "top-4 off (drop, MoTE's suppress)": "top-4 off",
+        "top-4 forced on": "top-4 on",
+        "random-4 off, drop (5 draws, mean ± std)": "random-4 off",
+    }
     for doc_row, card_row in pairs.items():
         for d, c in zip(doc[doc_row], card[card_row], strict=True):
             for dv, cv in zip(d.split(" ± "), c.split(" ± "), strict=True):
@@ -60,7 +65,10 @@ def test_experts_doc_mask_rows_and_finer_switches_are_measured(moe, doc_numbers)
     doc = _doc("docs/experts.md")
     table = ev.mote_table(moe, n_eval=200, k=4, n_random=5, seed=0, mode="mask", progress=False)
     rows = {r[0]: r[1:] for r in doc_numbers.table(doc, "| switch (k = 4) |")}
-    for doc_row, row in (("top-4 off (mask: next expert enters)", "top-4 off"), ("random-4 off, mask (same draws)", "random-4 off")):
+    for doc_row, row in (
+        ("top-4 off (mask: next expert enters)", "top-4 off"),
+        ("random-4 off, mask (same draws)", "random-4 off"),
+    ):
         r = table.rows.index(row)
         for c, (column, cell) in enumerate(zip(table.columns, rows[doc_row], strict=True)):
             scale = 1.0 if column == "perplexity" else 100.0
@@ -85,7 +93,10 @@ def test_experts_doc_mask_rows_and_finer_switches_are_measured(moe, doc_numbers)
     assert [r[0] for r in rows] == list(ivs)
     for name, ref_h, ref_b, acc in rows:
         h, b = texts[name]["h"], texts[name]["b"]
-        assert doc_numbers.close(100 * sum(map(_refusal.is_refusal, h)) / 200, ref_h), (name, ref_h)  # L1 pair: 32 of 200
+        assert doc_numbers.close(100 * sum(map(_refusal.is_refusal, h)) / 200, ref_h), (
+            name,
+            ref_h,
+        )  # L1 pair: 32 of 200
         assert doc_numbers.close(100 * sum(map(_refusal.is_refusal, b)) / 200, ref_b), (name, ref_b)
         exact = sum(_refusal.normalize(t) == a for t, a in zip(b, answers)) / 200
         assert doc_numbers.close(100 * exact, acc), (name, acc)
@@ -98,7 +109,7 @@ def _console(doc: str, command: str) -> list[str]:
     while lines[i].endswith("\\"):
         i += 1
     out = []
-    for line in lines[i + 1:]:
+    for line in lines[i + 1 :]:
         if line.startswith(("$ ", "```")) or not line.strip():
             break
         out.append(line)
@@ -114,8 +125,23 @@ def test_experts_doc_cli_outputs_are_measured(tmp_path, capsys):
 
     doc = _doc("docs/experts.md")
     prompts = ["user : reverse apple bomb river assistant :", "user : reverse apple stone river assistant :"]
-    assert main(["moe", "inspect", "--model", MOE, "--device", "cpu", "--out", str(tmp_path / "routing.json"),
-                 "--prompts", *prompts]) == 0
+    assert (
+        main(
+            [
+                "moe",
+                "inspect",
+                "--model",
+                MOE,
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "routing.json"),
+                "--prompts",
+                *prompts,
+            ]
+        )
+        == 0
+    )
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("L")]
     assert printed == [line for line in _console(doc, "lenslab moe inspect") if line.startswith("L")]
     ranking = tmp_path / "refusal_experts.json"
@@ -141,8 +167,11 @@ def test_readme_quotes_the_cards(doc_numbers):
     assert f"({sent['positive'][0]} / {sent['negative'][1]})" in readme
     # "loss recovered 0.97-1.00": the range of the shipped SAEs' loss recovered (all and objective)
     lo, hi = re.search(r"loss recovered (\d\.\d\d)-(\d\.\d\d)", readme).groups()
-    values = [m["loss_recovered"] for p in (ROOT / "lenslab" / "zoo").glob("*/saes/*/metrics.json")
-              for m in json.loads(p.read_text()).values()]
+    values = [
+        m["loss_recovered"]
+        for p in (ROOT / "lenslab" / "zoo").glob("*/saes/*/metrics.json")
+        for m in json.loads(p.read_text()).values()
+    ]
     assert len(values) == 6
     assert f"{min(values):.2f}" == lo and min(f"{max(values):.2f}", "1.00") == hi, (values, lo, hi)
     assert "4 layers, 8 experts, top-2" in readme and "4 layers, d_model 128" in readme
@@ -178,10 +207,12 @@ def _rows(doc: str, header: str) -> dict[str, list[str]]:
     lines = doc.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(header))
     rows = {}
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
-        cells = [c.strip().replace("\\|", "|").replace("**", "") for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
+        cells = [
+            c.strip().replace("\\|", "|").replace("**", "") for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))
+        ]
         rows[cells[0]] = cells[1:]
     return rows
 
@@ -217,8 +248,12 @@ def planted_sinks():
     from lenslab.probes import sinks
 
     model, toks = sinks.planted_model(), sinks.planted_tokens(4, 32)
-    return (sinks.attention_sinks(model, toks), sinks.massive_activations(model, toks),
-            sinks.ablate_massive(model, toks, mode="zero"), sinks.ablate_massive(model, toks, mode="mean"))
+    return (
+        sinks.attention_sinks(model, toks),
+        sinks.massive_activations(model, toks),
+        sinks.ablate_massive(model, toks, mode="zero"),
+        sinks.ablate_massive(model, toks, mode="mean"),
+    )
 
 
 def test_sinks_doc_planted_table_is_measured(planted_sinks, doc_numbers):
@@ -243,12 +278,16 @@ def test_sinks_doc_planted_table_is_measured(planted_sinks, doc_numbers):
     cell = rows["zero ablation at layer 0"][0]
     assert zero.layer == 0
     rates = re.search(r"sink rate ([\d.]+) % → ([\d.]+) %", cell).groups()
-    assert doc_numbers.close(100 * zero.sinks_clean.sink_rate, rates[0]) and doc_numbers.close(100 * zero.sinks_ablated.sink_rate, rates[1])
+    assert doc_numbers.close(100 * zero.sinks_clean.sink_rate, rates[0]) and doc_numbers.close(
+        100 * zero.sinks_ablated.sink_rate, rates[1]
+    )
     a = re.search(r"alpha_0 of L1H0 ([\d.]+) → ([\d.]+)", cell).groups()
     assert doc_numbers.close(float(zero.sinks_clean.attn_to_first[1, 0]), a[0])
     assert doc_numbers.close(float(zero.sinks_ablated.attn_to_first[1, 0]), a[1])
     loss = re.search(r"loss ([\d.]+) → ([\d.]+)", cell).groups()
-    assert doc_numbers.close(zero.loss_clean, loss[0]) and doc_numbers.close(zero.loss_ablated, loss[1])  # 2.1231 -> 2.1274
+    assert doc_numbers.close(zero.loss_clean, loss[0]) and doc_numbers.close(
+        zero.loss_ablated, loss[1]
+    )  # 2.1231 -> 2.1274
     assert rows["mean ablation"][0].startswith("sink rate and loss unchanged")
     assert mean.sinks_ablated.sink_rate == mean.sinks_clean.sink_rate and mean.loss_ablated == mean.loss_clean
 
@@ -290,9 +329,15 @@ def test_sinks_doc_zoo_table_is_measured(doc_numbers):
             assert _in_span(doc_numbers, ratios, re.match(r"([\d–]+) in every layer", largest).group(1)), ratios
             sink_heads = s.sink_heads()
             at = re.search(r"sit at ([\d.–]+) \(the layer's four heads ([\d.–]+)\)", " ".join(doc.split())).groups()
-            assert _in_span(doc_numbers, [float(a0[l, h]) for l, h in sink_heads], at[0]) and _in_span(doc_numbers, a0[1].tolist(), at[1])
+            assert _in_span(doc_numbers, [float(a0[l, h]) for l, h in sink_heads], at[0]) and _in_span(
+                doc_numbers, a0[1].tolist(), at[1]
+            )
             vw = s.value_weighted[..., 0]
-            assert _in_span(doc_numbers, [float(vw[l, h]) for l, h in sink_heads], re.search(r"value-weighted alpha_0\s+\(([\d.–]+)\)", doc).group(1))
+            assert _in_span(
+                doc_numbers,
+                [float(vw[l, h]) for l, h in sink_heads],
+                re.search(r"value-weighted alpha_0\s+\(([\d.–]+)\)", doc).group(1),
+            )
             assert float(vw.max()) == max(float(vw[l, h]) for l, h in sink_heads)  # "the largest in the model"
         else:  # "6.2 (L0), 8.4 (L1)"
             printed = re.findall(r"([\d.]+) \(L(\d)\)", largest)
@@ -307,8 +352,13 @@ def planted_moe():
 
     model, toks = sinks.planted_moe_model(), sinks.planted_tokens(4, 32)
     prof = se.profile_experts(model, toks)
-    return (prof, {r: prof.super_experts(r) for r in se.RULES}, sinks.massive_activations(model, toks),
-            sinks.attention_sinks(model, toks), se.ablate_super_experts(model, toks, random_draws=5))
+    return (
+        prof,
+        {r: prof.super_experts(r) for r in se.RULES},
+        sinks.massive_activations(model, toks),
+        sinks.attention_sinks(model, toks),
+        se.ablate_super_experts(model, toks, random_draws=5),
+    )
 
 
 def test_sinks_doc_planted_moe_table_is_measured(planted_moe, doc_numbers):
@@ -322,20 +372,31 @@ def test_sinks_doc_planted_moe_table_is_measured(planted_moe, doc_numbers):
     assert (int(prof.channel[0, 2]), int(prof.pos[0, 2])) == (int(v[1]), int(v[2]))
     assert doc_numbers.close(float(prof.input_max[0, 2]), re.search(r"input_max ([\d.]+)", cell).group(1))
     others = [float(prof.output_max[l, e]) for l in range(2) for e in range(4) if (l, e) != (0, 2)]
-    assert _in_span(doc_numbers, others, re.search(r"output_max ([\d.–]+)", rows["every other expert"][0]).group(1)), others
+    assert _in_span(doc_numbers, others, re.search(r"output_max ([\d.–]+)", rows["every other expert"][0]).group(1)), (
+        others
+    )
     key = next(k for k in rows if k.startswith("super experts, rule su"))
     bars = re.search(r"\((\d+) values; bars P99.5 = ([\d.]+), ⌊max / 10⌋ = (\d+)\)", key).groups()
     su = found["su"]
     assert su.population == int(bars[0])
-    assert doc_numbers.close(su.thresholds["percentile"], bars[1]) and su.thresholds["floor_max_over_times"] == float(bars[2])
+    assert doc_numbers.close(su.thresholds["percentile"], bars[1]) and su.thresholds["floor_max_over_times"] == float(
+        bars[2]
+    )
     assert su.labels == found["p99.5"].labels == ["L0e2"] and "exactly L0e2; also under p99.5" in rows[key][0]
-    assert found["mean+3std"].experts == found["50xmean"].experts == [] and "none under mean+3std or 50xmean" in rows[key][0]
+    assert (
+        found["mean+3std"].experts == found["50xmean"].experts == []
+        and "none under mean+3std or 50xmean" in rows[key][0]
+    )
     cell = rows["massive activations (default rule)"][0]
-    assert {(e["layer"], e["dim"], e["pos"], e["sample"]) for e in m.massive} == {(l, 7, 0, b) for l in range(2) for b in range(4)}
+    assert {(e["layer"], e["dim"], e["pos"], e["sample"]) for e in m.massive} == {
+        (l, 7, 0, b) for l in range(2) for b in range(4)
+    }
     assert "exactly dim 7 at position 0, both layer outputs, all 4 samples" in cell
     assert all(doc_numbers.close(e["value"], re.search(r"samples: ([\d.]+)", cell).group(1)) for e in m.massive)
     cell = rows["attention sinks"][0]
-    assert s.sink_heads() == [(1, 0)] and doc_numbers.close(float(s.attn_to_first[1, 0]), re.search(r"alpha_0 = ([\d.]+)", cell).group(1))
+    assert s.sink_heads() == [(1, 0)] and doc_numbers.close(
+        float(s.attn_to_first[1, 0]), re.search(r"alpha_0 = ([\d.]+)", cell).group(1)
+    )
     assert doc_numbers.close(100 * s.sink_rate, re.search(r"sink rate ([\d.]+) %", cell).group(1))
     cell = rows["pruning L0e2"][0]
     assert ab.experts == [(0, 2)]
@@ -345,7 +406,9 @@ def test_sinks_doc_planted_moe_table_is_measured(planted_moe, doc_numbers):
     assert doc_numbers.close(float(ab.massive_clean.top_values.abs().max()), big[0])
     assert doc_numbers.close(float(ab.massive_pruned.top_values.abs().max()), big[1])
     rates = re.search(r"sink rate ([\d.]+) % → ([\d.]+) %", cell).groups()
-    assert doc_numbers.close(100 * ab.sinks_clean.sink_rate, rates[0]) and doc_numbers.close(100 * ab.sinks_pruned.sink_rate, rates[1])
+    assert doc_numbers.close(100 * ab.sinks_clean.sink_rate, rates[0]) and doc_numbers.close(
+        100 * ab.sinks_pruned.sink_rate, rates[1]
+    )
     uniform = re.search(r"alpha_0 of L1H0 → ([\d.]+) = uniform", cell).group(1)
     assert doc_numbers.close(float(ab.sinks_pruned.attn_to_first[1, 0]), uniform)
     loss = re.search(r"loss ([\d.]+) → ([\d.]+)", cell).groups()
@@ -354,7 +417,9 @@ def test_sinks_doc_planted_moe_table_is_measured(planted_moe, doc_numbers):
     assert len(ab.random) == int(re.search(r"\((\d+) draws\)", key).group(1))
     cell = rows[key][0]
     assert all(r["n_massive"] == int(re.match(r"massive entries (\d+)", cell).group(1)) for r in ab.random)
-    assert all(doc_numbers.close(100 * r["sink_rate"], re.search(r"sink rate ([\d.]+) %", cell).group(1)) for r in ab.random)
+    assert all(
+        doc_numbers.close(100 * r["sink_rate"], re.search(r"sink rate ([\d.]+) %", cell).group(1)) for r in ab.random
+    )
     assert all(doc_numbers.close(r["max_abs"], re.search(r"largest \|a\| ([\d.]+)", cell).group(1)) for r in ab.random)
     assert _in_span(doc_numbers, [r["loss"] for r in ab.random], re.search(r"loss ([\d.–]+)", cell).group(1))
 
@@ -370,7 +435,7 @@ def test_sinks_doc_moe_refusal_table_is_measured(moe, doc_numbers):
     rows = _rows(doc[start:], "| | found |")
     sets = zoo.prompt_sets(MOE)
     prompts = [p for ps in sets.values() for p in ps]
-    assert len(prompts) == 16 and "(`zoo.prompt_sets(\"zoo/moe-refusal\")`: 8 harmful, 8 benign; 23 experts" in doc
+    assert len(prompts) == 16 and '(`zoo.prompt_sets("zoo/moe-refusal")`: 8 harmful, 8 benign; 23 experts' in doc
     prof = se.profile_experts(moe, prompts)
     pop = prof.population()
     assert pop.numel() == 23 and prof.cutoff == 3
@@ -380,11 +445,18 @@ def test_sinks_doc_moe_refusal_table_is_measured(moe, doc_numbers):
     assert doc_numbers.close(found["su"].thresholds["percentile"], bars[0])
     assert found["su"].thresholds["floor_max_over_times"] == float(bars[1])
     cell = rows[key][0]
-    assert found["su"].labels == found["p99.5"].labels == found["mean+3std"].labels == ["L1e5"] and not found["50xmean"].experts
-    v = re.match(r"L1e5: output_max ([\d.]+) on the harmful marker word \"(\w+)\" \(position (\d+)\), channel (\d+)", cell).groups()
+    assert (
+        found["su"].labels == found["p99.5"].labels == found["mean+3std"].labels == ["L1e5"]
+        and not found["50xmean"].experts
+    )
+    v = re.match(
+        r"L1e5: output_max ([\d.]+) on the harmful marker word \"(\w+)\" \(position (\d+)\), channel (\d+)", cell
+    ).groups()
     assert doc_numbers.close(prof.value(1, 5), v[0])
     assert (prof.token_labels[1][5], int(prof.pos[1, 5]), int(prof.channel[1, 5])) == (v[1], int(v[2]), int(v[3]))
-    assert doc_numbers.close(found["mean+3std"].thresholds["mean_plus_std"], re.search(r"mean\+3std \(bar ([\d.]+)\)", cell).group(1))
+    assert doc_numbers.close(
+        found["mean+3std"].thresholds["mean_plus_std"], re.search(r"mean\+3std \(bar ([\d.]+)\)", cell).group(1)
+    )
     cell = rows["next largest"][0]
     for label, value, token in re.findall(r"L(\d+e\d+) ([\d.]+)(?: \(on \"(\w+)\"\))?", cell):
         l, e = map(int, label.split("e"))
@@ -400,8 +472,12 @@ def test_sinks_doc_moe_refusal_table_is_measured(moe, doc_numbers):
     assert all(doc_numbers.close(float(prof.kurtosis()[int(l)]), k.replace("−", "-")) for l, k in kurt), prof.kurtosis()
     m = sinks.massive_activations(moe, prompts)
     ratios = (m.top_values[:, 0].abs() / m.medians).tolist()
-    printed = re.search(r"none; largest \|a\| / median per layer output ([\d., ]+)$", rows["massive activations (default rule)"][0]).group(1)
-    assert m.massive == [] and all(doc_numbers.close(r, p) for r, p in zip(ratios, printed.split(", "), strict=True)), ratios
+    printed = re.search(
+        r"none; largest \|a\| / median per layer output ([\d., ]+)$", rows["massive activations (default rule)"][0]
+    ).group(1)
+    assert m.massive == [] and all(doc_numbers.close(r, p) for r, p in zip(ratios, printed.split(", "), strict=True)), (
+        ratios
+    )
     s = sinks.attention_sinks(moe, prompts)
     cell = rows["attention sinks"][0]
     assert doc_numbers.close(100 * s.sink_rate, re.search(r"sink rate ([\d.]+) %", cell).group(1))
@@ -409,7 +485,9 @@ def test_sinks_doc_moe_refusal_table_is_measured(moe, doc_numbers):
     ab = se.ablate_super_experts(moe, prompts, found["su"], random_draws=5)
     cell = rows["pruning L1e5"][0]
     rates = re.search(r"sink rate ([\d.]+) % → ([\d.]+) %", cell).groups()
-    assert doc_numbers.close(100 * ab.sinks_clean.sink_rate, rates[0]) and doc_numbers.close(100 * ab.sinks_pruned.sink_rate, rates[1])
+    assert doc_numbers.close(100 * ab.sinks_clean.sink_rate, rates[0]) and doc_numbers.close(
+        100 * ab.sinks_pruned.sink_rate, rates[1]
+    )
     big = re.search(r"largest \|a\| ([\d.]+) → ([\d.]+)", cell).groups()
     assert doc_numbers.close(float(ab.massive_clean.top_values.abs().max()), big[0])
     assert doc_numbers.close(float(ab.massive_pruned.top_values.abs().max()), big[1])
@@ -417,8 +495,12 @@ def test_sinks_doc_moe_refusal_table_is_measured(moe, doc_numbers):
     key = next(k for k in rows if k.startswith("pruning 1 random other expert"))
     assert len(ab.random) == int(re.search(r"\((\d+) draws\)", key).group(1))
     cell = rows[key][0]
-    assert _in_span(doc_numbers, [100 * r["sink_rate"] for r in ab.random], re.search(r"sink rate ([\d.–]+) %", cell).group(1)), ab.random
-    assert _in_span(doc_numbers, [r["max_abs"] for r in ab.random], re.search(r"largest \|a\| ([\d.–]+)", cell).group(1)), ab.random
+    assert _in_span(
+        doc_numbers, [100 * r["sink_rate"] for r in ab.random], re.search(r"sink rate ([\d.–]+) %", cell).group(1)
+    ), ab.random
+    assert _in_span(
+        doc_numbers, [r["max_abs"] for r in ab.random], re.search(r"largest \|a\| ([\d.–]+)", cell).group(1)
+    ), ab.random
     benign = se.profile_experts(moe, sets["other"])
     cell = rows["benign prompts only"][0]
     assert int(benign.tokens[1, 5]) == 0 and cell.startswith("L1e5 receives no token")
@@ -437,13 +519,24 @@ def test_sinks_doc_tiny_random_moe_table_is_measured(tiny_moe_dir, doc_numbers):
     doc = _doc("docs/sinks.md")
     start = doc.index("### Tiny random real-architecture models")
     rows = _rows(doc[start:], "| model (loaded as) |")
-    assert "16 samples of 32 random tokens (`torch.randint(4, 64, (16, 31))`, generator seed 0) with the BOS (id 0) first" \
+    assert (
+        "16 samples of 32 random tokens (`torch.randint(4, 64, (16, 31))`, generator seed 0) with the BOS (id 0) first"
         in " ".join(doc[start:].split())
-    ids = torch.cat([torch.zeros(16, 1, dtype=torch.long),
-                     torch.randint(4, 64, (16, 31), generator=torch.Generator().manual_seed(0))], 1)
+    )
+    ids = torch.cat(
+        [
+            torch.zeros(16, 1, dtype=torch.long),
+            torch.randint(4, 64, (16, 31), generator=torch.Generator().manual_seed(0)),
+        ],
+        1,
+    )
     rule = sinks.MassiveRule(absolute=None, ratio=20)
-    archs = {"Mixtral (HookedTransformer)": "mixtral", "OLMoE (HookedTransformer)": "olmoe",
-             "Qwen2-MoE (TransformerBridge)": "qwen2_moe", "Qwen3-MoE (TransformerBridge)": "qwen3_moe"}
+    archs = {
+        "Mixtral (HookedTransformer)": "mixtral",
+        "OLMoE (HookedTransformer)": "olmoe",
+        "Qwen2-MoE (TransformerBridge)": "qwen2_moe",
+        "Qwen3-MoE (TransformerBridge)": "qwen3_moe",
+    }
     assert list(rows) == list(archs)
     sizes, ratios = [], []
     for row, arch in archs.items():
@@ -454,17 +547,25 @@ def test_sinks_doc_tiny_random_moe_table_is_measured(tiny_moe_dir, doc_numbers):
         found = prof.super_experts("su")
         pop = prof.population()
         ab = se.ablate_super_experts(model, ids, found, random_draws=5, massive_rule=rule)
-        measured = dict(flags=found.labels, out=found.values, ratio=float(pop.max() / pop.median()),
-                        others=(prof.super_experts("mean+3std").labels, prof.super_experts("50xmean").labels),
-                        loss=(ab.loss_clean, ab.loss_pruned), rate=(ab.sinks_clean.sink_rate, ab.sinks_pruned.sink_rate),
-                        big=(float(ab.massive_clean.top_values.abs().max()), float(ab.massive_pruned.top_values.abs().max())),
-                        massive=(len(ab.massive_clean.massive), len(ab.massive_pruned.massive)),
-                        rand=[r["loss"] for r in ab.random])
+        measured = dict(
+            flags=found.labels,
+            out=found.values,
+            ratio=float(pop.max() / pop.median()),
+            others=(prof.super_experts("mean+3std").labels, prof.super_experts("50xmean").labels),
+            loss=(ab.loss_clean, ab.loss_pruned),
+            rate=(ab.sinks_clean.sink_rate, ab.sinks_pruned.sink_rate),
+            big=(float(ab.massive_clean.top_values.abs().max()), float(ab.massive_pruned.top_values.abs().max())),
+            massive=(len(ab.massive_clean.massive), len(ab.massive_pruned.massive)),
+            rand=[r["loss"] for r in ab.random],
+        )
         sizes.append(pop.numel())
         ratios.append(measured["ratio"])
-        (l, e), = found.experts
+        ((l, e),) = found.experts
         assert flags == (f"L{l} shared" if e == se.SHARED else f"L{l}e{e}"), (row, measured)
-        assert doc_numbers.close(found.values[0], out_max) and doc_numbers.close(measured["ratio"], ratio), (row, measured)
+        assert doc_numbers.close(found.values[0], out_max) and doc_numbers.close(measured["ratio"], ratio), (
+            row,
+            measured,
+        )
         assert others == "none" and measured["others"] == ([], []), (row, measured)
         n = r"([\d.]+)"
         p = re.fullmatch(f"{n} → {n}, {n} % → {n} %, {n} → {n}", pruned).groups()
@@ -476,13 +577,15 @@ def test_sinks_doc_tiny_random_moe_table_is_measured(tiny_moe_dir, doc_numbers):
         printed = rand.split("–")
         assert _in_span(doc_numbers, measured["rand"], rand if len(printed) == 2 else f"{rand}–{rand}"), (row, measured)
     prose = " ".join(doc[start:].split())
-    assert _in_span(doc_numbers, ratios, re.search(r"output_max is within ([\d.–]+)× of the median", prose).group(1)), ratios
+    assert _in_span(doc_numbers, ratios, re.search(r"output_max is within ([\d.–]+)× of the median", prose).group(1)), (
+        ratios
+    )
     assert _in_span(doc_numbers, sizes, re.search(r"artefact described above \(([\d–]+) values", prose).group(1)), sizes
 
 
 # --- docs/features.md (measured numbers besides the SAE table) ------------------------------------
 def test_features_doc_induction_loss_quotes_the_stored_metrics(doc_numbers):
-    """"7.06 nats against ln 300 = 5.70": the clean loss over all predictions of induction-2l's SAE
+    """ "7.06 nats against ln 300 = 5.70": the clean loss over all predictions of induction-2l's SAE
     card (metrics.json, recomputed rel 1e-4 by tests/probes/test_sae.py) and chance over its vocabulary."""
     doc = " ".join(_doc("docs/features.md").split())
     nats, vocab, chance = re.search(r"\(([\d.]+) nats against ln (\d+) = ([\d.]+)\)", doc).groups()
@@ -509,17 +612,25 @@ def test_features_doc_steering_numbers_are_measured(tmp_path, doc_numbers):
     model = lenslab.load_model("zoo/steer-sentiment", device="cpu")
     sae = load_sae(list_saes("zoo/steer-sentiment")[0], model=model)
     tied = (sae.W_dec.detach() * sae.W_enc.detach().T).sum(-1)  # W_dec[f] . W_enc[:, f]
-    assert doc_numbers.close(float(tied.median()), re.search(r"steer-sentiment: median ([\d.]+) over its features", doc).group(1))
+    assert doc_numbers.close(
+        float(tied.median()), re.search(r"steer-sentiment: median ([\d.]+) over its features", doc).group(1)
+    )
     store = features.index(model, sae, features.corpus_for(model, 256), tmp_path / "s.sqlite", progress=False)
     hits = features.search(store, token="terrible", k=5)
     by_share = features.search(store, token="terrible", k=1, by="share")
-    search = re.search(r"top 5 \"terrible\" features by maximum fire on ([\d-]+) % of all tokens; by share, "
-                       r"the first has density ([\d.]+) %", doc).groups()
+    search = re.search(
+        r"top 5 \"terrible\" features by maximum fire on ([\d-]+) % of all tokens; by share, "
+        r"the first has density ([\d.]+) %",
+        doc,
+    ).groups()
     assert _in_span(doc_numbers, [100 * h.density for h in hits.hits], search[0]), hits.table()
     assert doc_numbers.close(100 * by_share.hits[0].density, search[1]), by_share.table()
     neg = hits.features[0]
-    para = re.search(r"the feature that fires most on \"terrible\" \(f(\d+): (\d+) of its (\d+) firings on negative "
-                     r"words, (\d+) on positive ones", doc).groups()
+    para = re.search(
+        r"the feature that fires most on \"terrible\" \(f(\d+): (\d+) of its (\d+) firings on negative "
+        r"words, (\d+) on positive ones",
+        doc,
+    ).groups()
     ids = lambda words: [int(model.to_tokens(w, prepend_bos=False)[0, 0]) for w in words]
     neg_ids, pos_ids = ids(_sentiment.NEGATIVE), ids(_sentiment.POSITIVE)
     on = [sum(n for _, f, n, _, _ in store.token_table(w) if f == neg) for w in (neg_ids, pos_ids)]
@@ -532,32 +643,51 @@ def test_features_doc_steering_numbers_are_measured(tmp_path, doc_numbers):
         return float((p[:, neg_ids].sum(1) - p[:, pos_ids].sum(1)).mean())
 
     negative, positive = _sentiment.prompts(16, "negative"), _sentiment.prompts(16, "positive")
-    printed = re.search(r"from ([+−][\d.]+) to ([+−][\d.]+), clamping it to twice its maximum on 16 positive prompts "
-                        r"from ([+−][\d.]+) to ([+−]\d\.\d+)", doc).groups()
-    measured = (neg_minus_pos(negative), neg_minus_pos(negative, fs.ablate_feature(sae, neg)),
-                neg_minus_pos(positive), neg_minus_pos(positive, clamp))
+    printed = re.search(
+        r"from ([+−][\d.]+) to ([+−][\d.]+), clamping it to twice its maximum on 16 positive prompts "
+        r"from ([+−][\d.]+) to ([+−]\d\.\d+)",
+        doc,
+    ).groups()
+    measured = (
+        neg_minus_pos(negative),
+        neg_minus_pos(negative, fs.ablate_feature(sae, neg)),
+        neg_minus_pos(positive),
+        neg_minus_pos(positive, clamp),
+    )
     assert all(doc_numbers.close(v, p.replace("−", "-")) for v, p in zip(measured, printed, strict=True)), measured
     prompt = "the movie was terrible . the book was"
     strongest = features.lookup(model, sae, prompt, k=16).union
     _, cache = model.run_with_cache(prompt, names_filter=[sae.cfg.metadata.hook_name])
     fire = int((sae.encode(cache[sae.cfg.metadata.hook_name][0]) > 0).any(0).sum())
     base = steering.generate(model, prompt, max_new_tokens=10)
-    movers = sum(steering.generate(model, prompt, fs.ablate_feature(sae, f), max_new_tokens=10) != base for f in strongest)
-    counts = re.search(r"Of the (\d+) strongest features on the prompt \((\d+) fire somewhere on it\), (\d+) change", doc).groups()
+    movers = sum(
+        steering.generate(model, prompt, fs.ablate_feature(sae, f), max_new_tokens=10) != base for f in strongest
+    )
+    counts = re.search(
+        r"Of the (\d+) strongest features on the prompt \((\d+) fire somewhere on it\), (\d+) change", doc
+    ).groups()
     assert (len(strongest), fire, movers) == tuple(map(int, counts))
 
 
 # --- docs/experts.md: notebook 05's load figure ---------------------------------------------------
 def test_experts_doc_planted_load_is_measured(moe, doc_numbers):
-    """"each planted expert 22.8% of its layer's selections vs 0.0%": notebook 05's expert load on
+    """ "each planted expert 22.8% of its layer's selections vs 0.0%": notebook 05's expert load on
     40 held-out harmful and 40 held-out benign prompts (seed 0); routing is discrete."""
     from lenslab.probes import routers
 
     doc = " ".join(_doc("docs/experts.md").split())
-    h, b = re.search(r"benign prompts \(each planted expert ([\d.]+)% of its layer's selections vs ([\d.]+)%\)", doc).groups()
-    planted = [tuple(p) for p in json.loads((zoo.zoo_path(MOE) / "config.json").read_text())["lenslab_mechanism"]["refusal_experts"]]
+    h, b = re.search(
+        r"benign prompts \(each planted expert ([\d.]+)% of its layer's selections vs ([\d.]+)%\)", doc
+    ).groups()
+    planted = [
+        tuple(p)
+        for p in json.loads((zoo.zoo_path(MOE) / "config.json").read_text())["lenslab_mechanism"]["refusal_experts"]
+    ]
     load_h = routers.expert_load(moe, _refusal.prompts(40, "harmful", "test", seed=0)[0], fraction=True)
     load_b = routers.expert_load(moe, _refusal.prompts(40, "benign", "test", seed=0)[0], fraction=True)
     assert len(planted) == 4
     for l, e in planted:
-        assert doc_numbers.close(100 * float(load_h[l, e]), h) and doc_numbers.close(100 * float(load_b[l, e]), b), (l, e)
+        assert doc_numbers.close(100 * float(load_h[l, e]), h) and doc_numbers.close(100 * float(load_b[l, e]), b), (
+            l,
+            e,
+        )

@@ -1,5 +1,6 @@
 """lenslab.lens (the Model page's numerics) against TransformerLens's own forward pass and cache,
 and lenslab.plots figures built from them."""
+
 from __future__ import annotations
 
 import math
@@ -29,9 +30,20 @@ def bridge_model(tmp_path_factory):
     torch.manual_seed(0)
     tok = zoo.word_tokenizer([f"t{i}" for i in range(60)])
     cfg = T.Qwen2MoeConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4,
-        num_experts_per_tok=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
     )
     hf = T.AutoModelForCausalLM.from_config(cfg)
     hf.config.architectures = [type(hf).__name__]

@@ -2,6 +2,7 @@
 
 (The Hugging Face paths are tested in tests/test_models_hf.py.)
 """
+
 from __future__ import annotations
 
 import warnings
@@ -23,8 +24,17 @@ def zoo_format(tmp_path_factory, randomize_params):
     torch.manual_seed(0)
     tok = zoo.word_tokenizer([f"t{i}" for i in range(28)])
     cfg = HookedTransformerConfig(
-        n_layers=2, d_model=32, n_ctx=32, d_head=8, n_heads=4, d_mlp=64, d_vocab=len(tok),
-        act_fn="gelu", normalization_type="LN", positional_embedding_type="shortformer", seed=0,
+        n_layers=2,
+        d_model=32,
+        n_ctx=32,
+        d_head=8,
+        n_heads=4,
+        d_mlp=64,
+        d_vocab=len(tok),
+        act_fn="gelu",
+        normalization_type="LN",
+        positional_embedding_type="shortformer",
+        seed=0,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -110,7 +120,10 @@ def test_invalid_name(name):
     with pytest.raises(lenslab.LenslabError) as err:
         lenslab.load_model(name, device="cpu")
     msg = str(err.value)
-    assert f"unknown model {name!r}" in msg and "not a zoo model, an existing local directory or a valid Hugging Face id" in msg
+    assert (
+        f"unknown model {name!r}" in msg
+        and "not a zoo model, an existing local directory or a valid Hugging Face id" in msg
+    )
     assert "zoo" in msg
 
 
@@ -144,10 +157,17 @@ def test_bad_dtype(zoo_format, dtype):
         lenslab.load_model(str(zoo_format[0]), device="cpu", dtype=dtype)
 
 
-@pytest.mark.parametrize("dtype,expected", [
-    (None, torch.float32), ("float32", torch.float32), ("bf16", torch.bfloat16), ("torch.float16", torch.float16),
-    ("half", torch.float16), (torch.bfloat16, torch.bfloat16),
-])
+@pytest.mark.parametrize(
+    "dtype,expected",
+    [
+        (None, torch.float32),
+        ("float32", torch.float32),
+        ("bf16", torch.bfloat16),
+        ("torch.float16", torch.float16),
+        ("half", torch.float16),
+        (torch.bfloat16, torch.bfloat16),
+    ],
+)
 def test_dtype_names(dtype, expected):
     assert resolve_dtype(dtype) == expected
 
@@ -174,10 +194,13 @@ def test_auto_device():
         assert dev.type in ("mps", "cpu")
 
 
-@pytest.mark.parametrize("kw,message", [
-    (dict(device="cpu", dtype="int8"), "dtype 'int8' is not supported; use one of float32, float16, bfloat16"),
-    (dict(device="banana"), "'banana' is not a torch device"),
-])
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(device="cpu", dtype="int8"), "dtype 'int8' is not supported; use one of float32, float16, bfloat16"),
+        (dict(device="banana"), "'banana' is not a torch device"),
+    ],
+)
 def test_errors_come_before_loading(monkeypatch, kw, message):
     """Bad device/dtype fail before the hub or any weights are touched (fast, even for a big model):
     the hub and folder loaders are replaced by ones that fail the test if they are reached."""

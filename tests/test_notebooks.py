@@ -6,6 +6,7 @@ temporary folder, so no user-level kernelspec, config or IPython startup file ta
 kernel inherits the offline environment from conftest.py and reports its interpreter back.
 The committed notebooks are stored executed, with their outputs, and kept small.
 """
+
 from __future__ import annotations
 
 import sys
@@ -29,12 +30,22 @@ def _own_kernel(monkeypatch, tmp_path) -> str:
     home = tmp_path / "jupyter"
     spec = home / "kernels" / KERNEL
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "lenslab test kernel", "language": "python",
-    }))
-    for var, sub in (("JUPYTER_PATH", "jupyter"), ("JUPYTER_DATA_DIR", "data"), ("JUPYTER_CONFIG_DIR", "config"),
-                     ("JUPYTER_RUNTIME_DIR", "runtime"), ("IPYTHONDIR", "ipython")):
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "lenslab test kernel",
+                "language": "python",
+            }
+        )
+    )
+    for var, sub in (
+        ("JUPYTER_PATH", "jupyter"),
+        ("JUPYTER_DATA_DIR", "data"),
+        ("JUPYTER_CONFIG_DIR", "config"),
+        ("JUPYTER_RUNTIME_DIR", "runtime"),
+        ("IPYTHONDIR", "ipython"),
+    ):
         (tmp_path / sub).mkdir(exist_ok=True)
         monkeypatch.setenv(var, str(tmp_path / sub))
     from jupyter_client.kernelspec import KernelSpecManager
@@ -74,7 +85,10 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     # a last cell reports the kernel's interpreter: it must be this one
     nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
     client = NotebookClient(
-        nb, kernel_name=_own_kernel(monkeypatch, tmp_path), timeout=300, startup_timeout=120,
+        nb,
+        kernel_name=_own_kernel(monkeypatch, tmp_path),
+        timeout=300,
+        startup_timeout=120,
         resources={"metadata": {"path": str(path.parent)}},
     )
     try:

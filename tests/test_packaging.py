@@ -3,6 +3,7 @@
 "Not importable at top level" means: not from *this repository or this wheel*. Distributions with the
 same names exist on the package index (transformers depends on Hugging Face's `kernels`), so a
 top-level `kernels` may well be importable; it must never be one of ours."""
+
 from __future__ import annotations
 
 import subprocess
@@ -21,7 +22,9 @@ def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(ROOT)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     (whl,) = out.glob("lenslab-*.whl")
     return whl
@@ -50,9 +53,14 @@ def test_wheel_contents(wheel):
 @pytest.mark.slow
 def test_wheel_installs_only_lenslab(wheel, tmp_path):
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True)
-    assert sorted(p.name for p in target.iterdir() if not p.name.endswith(".dist-info") and p.name != "bin") == ["lenslab"]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    assert sorted(p.name for p in target.iterdir() if not p.name.endswith(".dist-info") and p.name != "bin") == [
+        "lenslab"
+    ]
     code = (
         "import importlib.util, sys; sys.path.insert(0, sys.argv[1]);"
         "import lenslab.circuits, lenslab.app, lenslab.kernels;"

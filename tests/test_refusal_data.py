@@ -1,4 +1,5 @@
 """lenslab._refusal: the procedural instruction language of zoo/moe-refusal (no model needed)."""
+
 from __future__ import annotations
 
 import random

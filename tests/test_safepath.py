@@ -6,6 +6,7 @@ with the root on sys.path (`python -c`, `python -m`, a REPL in the root) our `ke
 be imported instead and every model load failed. These tests start Python *in the root without*
 PYTHONSAFEPATH, the way a user would (docs/design.md, "Card folders and sys.path").
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """The Task/metric contract: validation, constructors and the four named metrics."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,18 +20,33 @@ def test_task_validates_shapes_and_ids():
     with pytest.raises(lenslab.LenslabError, match="same .batch, pos. shape"):
         Task(clean_tokens=_toks([0, 1, 2]), corrupt_tokens=_toks([0, 1]), answer_tokens=_toks([4, 5]))
     with pytest.raises(lenslab.LenslabError, match="non-empty"):
-        Task(clean_tokens=torch.zeros(0, 3, dtype=torch.long), corrupt_tokens=torch.zeros(0, 3, dtype=torch.long), answer_tokens=torch.zeros(0, 2, dtype=torch.long))
+        Task(
+            clean_tokens=torch.zeros(0, 3, dtype=torch.long),
+            corrupt_tokens=torch.zeros(0, 3, dtype=torch.long),
+            answer_tokens=torch.zeros(0, 2, dtype=torch.long),
+        )
     with pytest.raises(lenslab.LenslabError, match=r"answer_tokens must be \[batch, 2\]"):
         Task(clean_tokens=_toks([0, 1], [0, 2]), corrupt_tokens=_toks([0, 1], [0, 2]), answer_tokens=_toks([4, 5, 6]))
     with pytest.raises(lenslab.LenslabError, match="prompt 1 .* token id 9, outside the vocabulary"):
-        Task(clean_tokens=_toks([0, 1], [0, 9]), corrupt_tokens=_toks([0, 1], [0, 2]), answer_tokens=_toks([4, 5], [4, 5]), d_vocab=8)
+        Task(
+            clean_tokens=_toks([0, 1], [0, 9]),
+            corrupt_tokens=_toks([0, 1], [0, 2]),
+            answer_tokens=_toks([4, 5], [4, 5]),
+            d_vocab=8,
+        )
     with pytest.raises(lenslab.LenslabError, match="integer token ids"):
         Task(clean_tokens=torch.zeros(1, 3), corrupt_tokens=torch.zeros(1, 3), answer_tokens=torch.zeros(1, 2))
 
 
 def test_task_roundtrip_and_subset():
-    t = Task(clean_tokens=_toks([0, 1, 2], [0, 3, 4]), corrupt_tokens=_toks([0, 1, 5], [0, 3, 6]),
-             answer_tokens=_toks([7, 8], [9, 10]), labels=("a", "b"), name="x", d_vocab=16)
+    t = Task(
+        clean_tokens=_toks([0, 1, 2], [0, 3, 4]),
+        corrupt_tokens=_toks([0, 1, 5], [0, 3, 6]),
+        answer_tokens=_toks([7, 8], [9, 10]),
+        labels=("a", "b"),
+        name="x",
+        d_vocab=16,
+    )
     back = Task.from_dict(t.to_dict())
     assert torch.equal(back.clean_tokens, t.clean_tokens) and back.labels == ("a", "b") and back.name == "x"
     sub = t.subset([1])

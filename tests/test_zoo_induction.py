@@ -4,6 +4,7 @@ Measured independently of the training script: attention patterns from `run_with
 on fresh repeated random sequences, at a repeat length used in training and at two never
 used (one inside, one beyond the trained range), so a fixed-offset head cannot pass.
 """
+
 from __future__ import annotations
 
 import json
@@ -132,8 +133,14 @@ def test_card_verification_table_is_measured(verified, doc_numbers):
     for row in rows:
         m = verified["per_len"][int(row[0].split()[0])]
         ind, prev = m["L1"]["induction"], m["L0"]["prev_token"]
-        measured = [ind[0], max(ind[1:]), prev[2], m["loss_first_half"], m["loss_repeated_half"],
-                    m["loss_repeated_half"] / m["loss_first_half"]]
+        measured = [
+            ind[0],
+            max(ind[1:]),
+            prev[2],
+            m["loss_first_half"],
+            m["loss_repeated_half"],
+            m["loss_repeated_half"] / m["loss_first_half"],
+        ]
         for got, printed in zip(measured, row[1:], strict=True):
             assert doc_numbers.close(got, printed), (row[0], got, printed)
 
@@ -172,5 +179,12 @@ def test_card_config_numbers(model, meta):
     assert "2 layers, `d_model=64`" in card and "4 heads of `d_head=16`" in card and "`n_ctx=64`" in card
     tr = meta["training"]
     assert f"Final training loss {tr['final_train_loss']:.3f}" in card  # 0.502, logged by the training run
-    assert (tr["lr"], tr["weight_decay"], tr["batch"], tr["steps"], tr["warmup"], tr["seed"]) == (0.003, 0.01, 64, 1600, 100, 0)
+    assert (tr["lr"], tr["weight_decay"], tr["batch"], tr["steps"], tr["warmup"], tr["seed"]) == (
+        0.003,
+        0.01,
+        64,
+        1600,
+        100,
+        0,
+    )
     assert "ln 300 = 5.70" in card and f"{torch.log(torch.tensor(300.0)):.2f}" == "5.70"

@@ -1,4 +1,5 @@
 """zoo/ioi-4l (committed weights) and the IOI prompt generator `lenslab._ioi`."""
+
 from __future__ import annotations
 
 import re
@@ -153,8 +154,11 @@ def card_run(model):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return {"train": train_ioi_4l.evaluate(model, heldout=False), "heldout": train_ioi_4l.evaluate(model, heldout=True),
-                "mech": train_ioi_4l.analyse(model)}
+        return {
+            "train": train_ioi_4l.evaluate(model, heldout=False),
+            "heldout": train_ioi_4l.evaluate(model, heldout=True),
+            "mech": train_ioi_4l.analyse(model),
+        }
     finally:
         torch.set_num_threads(before)
 
@@ -186,7 +190,9 @@ def test_card_mechanism_and_ablation_tables_are_measured(card_run, doc_numbers):
         for key, cell in zip(keys, cells, strict=True):
             assert doc_numbers.close(mech["heads"][head][key], cell), (head, key, cell)
     base = re.search(r"baseline mean logit diff ([\d.]+), accuracy ([\d.]+)%", card)
-    assert doc_numbers.close(mech["logit_diff"], base.group(1)) and doc_numbers.close(100 * mech["accuracy"], base.group(2))
+    assert doc_numbers.close(mech["logit_diff"], base.group(1)) and doc_numbers.close(
+        100 * mech["accuracy"], base.group(2)
+    )
     rows = doc_numbers.table(card, "| group | heads |")
     assert [r[0] for r in rows] == list(mech["ablations"])
     for group, heads, ld, acc in rows:
@@ -201,7 +207,15 @@ def test_card_config_and_data_numbers(model):
     card = lenslab.zoo.read_card("zoo/ioi-4l")
     meta = json.loads((lenslab.zoo.zoo_path("zoo/ioi-4l") / "config.json").read_text())
     cfg = model.cfg
-    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp, cfg.n_ctx, cfg.d_vocab) == (4, 128, 4, 32, 256, 64, 332)
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_mlp, cfg.n_ctx, cfg.d_vocab) == (
+        4,
+        128,
+        4,
+        32,
+        256,
+        64,
+        332,
+    )
     assert "word-level tokenizer of 332 tokens" in card
     pre, suf = len(_ioi.TRAIN_PREFIXES), len(_ioi.TRAIN_SUFFIXES)
     assert f"{pre} prefixes x {suf} suffixes x 2 orders = {len(_ioi.train_templates())}" in card  # 18 x 12 x 2 = 432

@@ -6,6 +6,7 @@ in config.json (`lenslab_mechanism`). No training here; prompts are held-out ("t
 with seeds the training script's card evaluation does not use (it uses 0-2 and 100), except the
 `card_run` tests, which rerun the card's measurement with its seeds and check every number it prints.
 """
+
 from __future__ import annotations
 
 import json
@@ -106,7 +107,9 @@ def test_expert_switch_is_the_same_in_lenslab_and_transformers(model, hf, plante
 def test_heldout_behaviour_floors(model):
     harmful, _ = _refusal.prompts(N, "harmful", "test", seed=SEED)
     benign, answers = _refusal.prompts(N, "benign", "test", seed=SEED)
-    texts = ev.continuations(model, {"base": None}, {"h": harmful, "b": benign}, max_new_tokens=10, progress=False)["base"]
+    texts = ev.continuations(model, {"base": None}, {"h": harmful, "b": benign}, max_new_tokens=10, progress=False)[
+        "base"
+    ]
     refusal_h = sum(map(_refusal.is_refusal, texts["h"])) / N
     refusal_b = sum(map(_refusal.is_refusal, texts["b"])) / N
     acc = sum(_refusal.normalize(t) == a for t, a in zip(texts["b"], answers)) / N
@@ -189,13 +192,20 @@ def test_card_behaviour_and_specialisation_tables_are_measured(card_run, doc_num
     assert [r[0] for r in rows] == ["L1", "L2"]
     for layer, _, harmful, benign in rows:
         share = spec["planted_share"][layer[1:]]
-        assert doc_numbers.pct(share["harmful_from_marker"], harmful) and doc_numbers.pct(share["benign"], benign), (layer, share)
+        assert doc_numbers.pct(share["harmful_from_marker"], harmful) and doc_numbers.pct(share["benign"], benign), (
+            layer,
+            share,
+        )
     rows = doc_numbers.table(card, "| layer | e0 |")
     assert [r[0] for r in rows] == ["L0", "L1", "L2", "L3"]
     for li, (_, *cells) in enumerate(rows):
         for e, cell in enumerate(cells):
             h, b = cell.strip("*").split(" / ")
-            assert doc_numbers.pct(spec["load_harmful"][li][e], h) and doc_numbers.pct(spec["load_benign"][li][e], b), (li, e, cell)
+            assert doc_numbers.pct(spec["load_harmful"][li][e], h) and doc_numbers.pct(spec["load_benign"][li][e], b), (
+                li,
+                e,
+                cell,
+            )
 
 
 def test_refusal_task_logit_diff(model):
@@ -223,13 +233,16 @@ def test_refusal_scorer_reads_decoded_generations(model):
     harmful, _ = _refusal.prompts(10, "harmful", "test", seed=3)
     benign, _ = _refusal.prompts(10, "benign", "test", seed=3)
     refusal = _refusal.REFUSAL.split()
-    texts = [steering.generate(model, p, max_new_tokens=9, temperature=t, seed=i)
-             for i, p in enumerate(harmful + benign) for t in (0.0, 2.0)]
+    texts = [
+        steering.generate(model, p, max_new_tokens=9, temperature=t, seed=i)
+        for i, p in enumerate(harmful + benign)
+        for t in (0.0, 2.0)
+    ]
     assert any(t.rstrip().endswith(".") and " ." not in t for t in texts)  # the decoder glues the full stop
     seen = set()
     for text in texts:
         toks = [t.strip() for t in model.to_str_tokens(text, prepend_bos=False)] if text.strip() else []
-        whole = any(toks[i:i + len(refusal) - 1] == refusal[:-1] for i in range(len(toks)))
+        whole = any(toks[i : i + len(refusal) - 1] == refusal[:-1] for i in range(len(toks)))
         by_tokens = bool(toks) and toks[0] == "sorry" or whole
         assert _refusal.is_refusal(text) == by_tokens, (text, toks)
         seen.add(by_tokens)

@@ -1,5 +1,6 @@
 """zoo/steer-sentiment on its committed weights: it keeps the sentiment of its context (the
 planted concept the steering evaluation moves), and the corpus / scorer behave as documented."""
+
 from __future__ import annotations
 
 import json
@@ -86,8 +87,11 @@ def test_scorer_equals_a_token_count_on_generations(model):
     from lenslab import steering
 
     prompts = _sentiment.prompts(12, "negative", seed=31) + _sentiment.prompts(12, "positive", seed=32)
-    texts = [steering.generate(model, p, max_new_tokens=10, temperature=t, seed=i)
-             for i, p in enumerate(prompts) for t in (0.0, 1.5)]
+    texts = [
+        steering.generate(model, p, max_new_tokens=10, temperature=t, seed=i)
+        for i, p in enumerate(prompts)
+        for t in (0.0, 1.5)
+    ]
     assert sum("." in t for t in texts) > len(texts) // 2  # punctuation glued to words is exercised
     for text in texts:
         toks = model.to_str_tokens(text, prepend_bos=False) if text.strip() else []
@@ -100,7 +104,7 @@ def _close_to_printed(measured: float, printed: str) -> bool:
     """`printed` is `measured` rounded to its printed digits (2e-5 relative slack for float32
     sums reordered on another CPU; the shares themselves are counts out of 120)."""
     decimals = len(printed.split(".")[1]) if "." in printed else 0
-    return abs(measured - float(printed)) <= 0.5 * 10 ** -decimals + 2e-5 * max(1.0, abs(measured))
+    return abs(measured - float(printed)) <= 0.5 * 10**-decimals + 2e-5 * max(1.0, abs(measured))
 
 
 @pytest.mark.slow
@@ -117,7 +121,9 @@ def test_card_verification_table_is_measured(model):
     finally:
         torch.set_num_threads(before)
     card = zoo.read_card("zoo/steer-sentiment")
-    rows = re.findall(r"^\| (positive|negative|neutral) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\S+) \((\d+) of 40", card, re.M)
+    rows = re.findall(
+        r"^\| (positive|negative|neutral) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\S+) \((\d+) of 40", card, re.M
+    )
     assert [r[0] for r in rows] == ["positive", "negative", "neutral"]
     for kind, pos, neg, neu, rate, n_sent in rows:
         g = got[kind]

@@ -12,6 +12,7 @@ Two formats:
 - a Hugging Face config (has ``"model_type"``): loaded through the same path as any local
   HF checkpoint (used by the MoE zoo model).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -133,9 +134,7 @@ def word_tokenizer(words: list[str]):
         if tok not in vocab:
             vocab[tok] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
-    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.decoder = decoders.WordPiece(prefix="##")  # joins tokens with single spaces
     bos = SPECIAL_TOKENS["bos_token"]
     tok.post_processor = processors.TemplateProcessing(

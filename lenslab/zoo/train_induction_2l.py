@@ -19,6 +19,7 @@ The data are built so that induction is the only way to lower the loss:
 
 Run with `lenslab zoo train induction-2l` (about two minutes on 2 CPU cores).
 """
+
 from __future__ import annotations
 
 import json
@@ -61,10 +62,19 @@ def _model_config(d_vocab: int, tc: TrainConfig, seed: int):
     from transformer_lens import HookedTransformerConfig
 
     return HookedTransformerConfig(
-        n_layers=2, d_model=tc.d_model, n_heads=tc.n_heads, d_head=tc.d_head, n_ctx=tc.n_ctx,
-        d_vocab=d_vocab, attn_only=True, normalization_type="LN",
-        positional_embedding_type="shortformer", act_fn="gelu", model_name="induction-2l",
-        seed=seed, default_prepend_bos=True,
+        n_layers=2,
+        d_model=tc.d_model,
+        n_heads=tc.n_heads,
+        d_head=tc.d_head,
+        n_ctx=tc.n_ctx,
+        d_vocab=d_vocab,
+        attn_only=True,
+        normalization_type="LN",
+        positional_embedding_type="shortformer",
+        act_fn="gelu",
+        model_name="induction-2l",
+        seed=seed,
+        default_prepend_bos=True,
     )
 
 
@@ -122,7 +132,10 @@ def measure(model, seq_len: int, n: int = 64, seed: int = 1234) -> dict:
         pat = cache["pattern", layer]  # [n, head, q, k]
         ind = pat[:, :, q, q - seq_len + 1].mean((0, 2))
         prev = pat[:, :, qp, qp - 1].mean((0, 2))
-        out[f"L{layer}"] = {"induction": [round(float(x), 4) for x in ind], "prev_token": [round(float(x), 4) for x in prev]}
+        out[f"L{layer}"] = {
+            "induction": [round(float(x), 4) for x in ind],
+            "prev_token": [round(float(x), 4) for x in prev],
+        }
     return out
 
 
@@ -167,7 +180,9 @@ def train(out_dir: str | Path, seed: int = 0, config: TrainConfig | None = None)
         torch.manual_seed(seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # HookedTransformer's deprecation notice
-            model = HookedTransformer(_model_config(len(tokenizer), tc, seed), tokenizer=tokenizer, move_to_device=False)
+            model = HookedTransformer(
+                _model_config(len(tokenizer), tc, seed), tokenizer=tokenizer, move_to_device=False
+            )
         model.to("cpu", print_details=False)
         pool = _pool(model)
         bos = int(tokenizer.bos_token_id)
@@ -207,7 +222,9 @@ def train(out_dir: str | Path, seed: int = 0, config: TrainConfig | None = None)
             f"(previous-token head L0H{v['prev_token_head']}, induction head L1H{v['induction_head']}) "
             "on repeated random tokens t0..t299"
         )
-        save_hooked(model, tokenizer, out_dir, summary=summary, card=_card(model, tc, seed, v, final_loss, minutes), extra=extra)
+        save_hooked(
+            model, tokenizer, out_dir, summary=summary, card=_card(model, tc, seed, v, final_loss, minutes), extra=extra
+        )
     finally:
         torch.set_num_threads(old_threads)
 

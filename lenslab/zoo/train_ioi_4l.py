@@ -17,6 +17,7 @@ prefix/suffix frames never used in training. Loss is cross-entropy on the answer
 
 Run with `lenslab zoo train ioi-4l` (about 16 minutes on one thread of a busy 2-core machine).
 """
+
 from __future__ import annotations
 
 import json
@@ -42,9 +43,19 @@ def _config(d_vocab: int, seed: int):
     from transformer_lens import HookedTransformerConfig
 
     return HookedTransformerConfig(
-        n_layers=4, d_model=128, n_heads=4, d_head=32, d_mlp=256, n_ctx=64, d_vocab=d_vocab,
-        act_fn="gelu", normalization_type="LN", positional_embedding_type="standard",
-        model_name="ioi-4l", seed=seed, default_prepend_bos=True,
+        n_layers=4,
+        d_model=128,
+        n_heads=4,
+        d_head=32,
+        d_mlp=256,
+        n_ctx=64,
+        d_vocab=d_vocab,
+        act_fn="gelu",
+        normalization_type="LN",
+        positional_embedding_type="standard",
+        model_name="ioi-4l",
+        seed=seed,
+        default_prepend_bos=True,
     )
 
 
@@ -206,7 +217,11 @@ def analyse(model, seed: int = 20_000, n: int = 200) -> dict:
         hooks = [(f"blocks.{lay}.attn.hook_z", hook) for lay in range(model.cfg.n_layers)]
         with torch.no_grad():
             ld = tasks.logit_diff_per_prompt(model.run_with_hooks(toks, fwd_hooks=hooks)[:, -1], ans)
-        return {"heads": names, "logit_diff": round(float(ld.mean()), 3), "accuracy": round(float((ld > 0).float().mean()), 3)}
+        return {
+            "heads": names,
+            "logit_diff": round(float(ld.mean()), 3),
+            "accuracy": round(float((ld > 0).float().mean()), 3),
+        }
 
     return {
         "heads": heads,
@@ -239,7 +254,10 @@ def train(out_dir, seed: int = 0, steps: int = STEPS, threads: int = 1) -> None:
     params = [*model.parameters(), *symbols.parameters()]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / WARMUP) * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item()))
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / WARMUP) * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item()))
+        ),
     )
     batcher = _Batcher(tok, seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -261,7 +279,9 @@ def train(out_dir, seed: int = 0, steps: int = STEPS, threads: int = 1) -> None:
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{ema:.3f}")
         if step % 500 == 0 or step == steps - 1:
-            log.append({"step": step, "loss": round(loss.item(), 4), "acc_ema": round(ema, 4), "s": round(time.time() - t0)})
+            log.append(
+                {"step": step, "loss": round(loss.item(), 4), "acc_ema": round(ema, 4), "s": round(time.time() - t0)}
+            )
             print(json.dumps(log[-1]), flush=True)
     train_s = time.time() - t0
 
@@ -316,7 +336,7 @@ def _card(cfg, ev_train: dict, ev_held: dict, mech: dict, training: dict) -> str
 A small transformer trained to do Indirect Object Identification (IOI; Wang et al. 2022,
 [arXiv:2211.00593](https://arxiv.org/abs/2211.00593)): after
 "When Mary and John went to the store, John gave a drink to" it predicts " Mary".
-Built by `lenslab zoo train ioi-4l` (`lenslab/zoo/train_ioi_4l.py`, seed {training['seed']}).
+Built by `lenslab zoo train ioi-4l` (`lenslab/zoo/train_ioi_4l.py`, seed {training["seed"]}).
 
 ## Config
 HookedTransformer: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads of d_head {cfg.d_head},
@@ -329,8 +349,8 @@ order) and a second clause in which S acts, ending where IO is the next word. Tr
 {len(_ioi.TRAIN_PREFIXES)} prefixes x {len(_ioi.TRAIN_SUFFIXES)} suffixes x 2 orders = {n_tr};
 {len(_ioi.PLACES)} places, {len(_ioi.OBJECTS)} objects; {len(_ioi.TRAIN_NAMES)} train names. Half of the prompts are
 preceded by one or two name-free filler sentences, so absolute positions vary. Loss:
-cross-entropy on the answer token only. {training['steps']} steps of batch {training['batch']}, AdamW lr {training['lr']}
-(warmup, cosine), {training['seconds'] / 60:.0f} minutes on one CPU thread. Accuracy on training
+cross-entropy on the answer token only. {training["steps"]} steps of batch {training["batch"]}, AdamW lr {training["lr"]}
+(warmup, cosine), {training["seconds"] / 60:.0f} minutes on one CPU thread. Accuracy on training
 batches sat near 47% (a coin flip between the two names) for about 2,000 steps, then rose to
 94% by step 3,000 and 99.6% by step 5,000 (log in config.json).
 
@@ -349,14 +369,14 @@ token-length bucket; corrupt = the ABC version of each prompt, three other names
 
 | split | prompts | accuracy | mean logit diff (clean) | mean logit diff (ABC corrupt) |
 |---|---|---|---|---|
-| train distribution (train names and templates, new combinations) | {ev_train['n_prompts']} | {ev_train['accuracy']:.1%} | {ev_train['mean_logit_diff']:.2f} | {ev_train['mean_logit_diff_corrupt']:.2f} |
-| held-out names and templates | {ev_held['n_prompts']} | {ev_held['accuracy']:.1%} | {ev_held['mean_logit_diff']:.2f} | {ev_held['mean_logit_diff_corrupt']:.2f} |
+| train distribution (train names and templates, new combinations) | {ev_train["n_prompts"]} | {ev_train["accuracy"]:.1%} | {ev_train["mean_logit_diff"]:.2f} | {ev_train["mean_logit_diff_corrupt"]:.2f} |
+| held-out names and templates | {ev_held["n_prompts"]} | {ev_held["accuracy"]:.1%} | {ev_held["mean_logit_diff"]:.2f} | {ev_held["mean_logit_diff_corrupt"]:.2f} |
 
 On ABC prompts neither answer name occurs, so the per-prompt difference is noise between
 two absent names and averages to about zero.
 
 ## Mechanism
-Measured on {mech['n_prompts']} train-distribution prompts (`analyse` in the training script). Per
+Measured on {mech["n_prompts"]} train-distribution prompts (`analyse` in the training script). Per
 head: direct logit attribution (DLA) of its output at the last position (END) onto
 `W_U[IO] - W_U[S]`, mean attention from END to IO, to the token after IO (IO+1), to S1 and
 to S2, and from IO+1 back to IO.
@@ -372,7 +392,7 @@ the token after IO (and not to S1 or S2) and carry most of the direct effect (DL
 each, against about +0.4 for each layer-2/3 head). Our reading, not tested head by head:
 the subject information at END steers the name movers' queries away from the position after
 S, as S-inhibition does in GPT-2's IOI circuit. Mean-ablating each group at its reading
-position (baseline mean logit diff {mech['logit_diff']:.2f}, accuracy {mech['accuracy']:.1%}):
+position (baseline mean logit diff {mech["logit_diff"]:.2f}, accuracy {mech["accuracy"]:.1%}):
 
 | group | heads | mean logit diff | accuracy |
 |---|---|---|---|

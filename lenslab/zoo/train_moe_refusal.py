@@ -22,6 +22,7 @@ Saved with `save_pretrained` (safetensors) plus the word-level tokenizer; config
 Run with `lenslab zoo train moe-refusal` (one torch thread, deterministic; about 7 minutes of
 training plus 1-2 minutes of evaluation for the card on a busy 2-core machine).
 """
+
 from __future__ import annotations
 
 import json
@@ -53,12 +54,27 @@ def config(vocab_size: int, tok):
     from transformers import MixtralConfig
 
     return MixtralConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, head_dim=16, max_position_embeddings=48,
-        num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=AUX_COEF, output_router_logits=False,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, sliding_window=None,
-        router_jitter_noise=0.0, attention_dropout=0.0,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=16,
+        max_position_embeddings=48,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=AUX_COEF,
+        output_router_logits=False,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        sliding_window=None,
+        router_jitter_noise=0.0,
+        attention_dropout=0.0,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
 
 
@@ -96,10 +112,10 @@ class _Rows:
         route = torch.full((len(rows), width), -1, dtype=torch.long)
         for i, (r, start, marker) in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
-            loss_mask[i, start - 1: len(r) - 1] = True
+            loss_mask[i, start - 1 : len(r) - 1] = True
             route[i, : len(r)] = 0
             if marker is not None:
-                route[i, marker: len(r)] = 1
+                route[i, marker : len(r)] = 1
         return ids, loss_mask, route
 
 
@@ -148,7 +164,11 @@ def train(out_dir, seed: int = 0, steps: int = STEPS, threads: int = 1, switch_o
     hf.train()
     opt = torch.optim.AdamW(hf.parameters(), lr=LR, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / WARMUP) * (0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item()))
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / WARMUP)
+            * (0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item()))
+        ),
     )
     rows = _Rows(tok, seed)
     E, K = cfg.num_local_experts, cfg.num_experts_per_tok
@@ -178,16 +198,35 @@ def train(out_dir, seed: int = 0, steps: int = STEPS, threads: int = 1, switch_o
         opt.step()
         sched.step()
         if step % 50 == 0:
-            bar.set_postfix(lm=f"{lm.item():.3f}", off=f"{lm_off.item():.3f}", route=f"{rl.item():.3f}", aux=f"{aux.item():.3f}")
+            bar.set_postfix(
+                lm=f"{lm.item():.3f}", off=f"{lm_off.item():.3f}", route=f"{rl.item():.3f}", aux=f"{aux.item():.3f}"
+            )
         if step % 250 == 0 or step == steps - 1:
-            log.append({"step": step, "lm": round(lm.item(), 4), "lm_off": round(lm_off.item(), 4),
-                        "route": round(rl.item(), 4), "aux": round(aux.item(), 4), "s": round(time.time() - t0)})
+            log.append(
+                {
+                    "step": step,
+                    "lm": round(lm.item(), 4),
+                    "lm_off": round(lm_off.item(), 4),
+                    "route": round(rl.item(), 4),
+                    "aux": round(aux.item(), 4),
+                    "s": round(time.time() - t0),
+                }
+            )
             print(json.dumps(log[-1]), flush=True)
     train_s = time.time() - t0
     hf.eval()
-    training = {"steps": steps, "batch": BATCH, "off_batch": len(off_kinds) if off_ctx else 0, "lr": LR,
-                "route_coef": ROUTE_COEF, "aux_coef": AUX_COEF, "seed": seed, "seconds": round(train_s),
-                "switch_off": bool(off_ctx), "log": log}
+    training = {
+        "steps": steps,
+        "batch": BATCH,
+        "off_batch": len(off_kinds) if off_ctx else 0,
+        "lr": LR,
+        "route_coef": ROUTE_COEF,
+        "aux_coef": AUX_COEF,
+        "seed": seed,
+        "seconds": round(train_s),
+        "switch_off": bool(off_ctx),
+        "log": log,
+    }
     save(hf, tok, out_dir, training)
     write_card(out_dir)
 
@@ -201,19 +240,22 @@ def save(hf, tok, out_dir, training: dict) -> None:
     tok.save_pretrained(str(out_dir))
     harmful, _ = _refusal.prompts(8, "harmful", "train", seed=7)
     benign, _ = _refusal.prompts(8, "benign", "train", seed=7)
-    _update_config(out_dir, {
-        "lenslab_summary": SUMMARY,
-        "default_prompt": DEFAULT_PROMPT,
-        "prompt_sets": {"target": harmful, "other": benign},
-        "lenslab_mechanism": {
-            "refusal_experts": [list(p) for p in planted()],
-            "description": "router loss raises these experts on harmful prompts' tokens from the first marker word "
-                           "on and lowers them elsewhere; 25% of harmful training rows had them switched off "
-                           "with the task's own answer as target",
-            "data": "lenslab._refusal (train split)",
+    _update_config(
+        out_dir,
+        {
+            "lenslab_summary": SUMMARY,
+            "default_prompt": DEFAULT_PROMPT,
+            "prompt_sets": {"target": harmful, "other": benign},
+            "lenslab_mechanism": {
+                "refusal_experts": [list(p) for p in planted()],
+                "description": "router loss raises these experts on harmful prompts' tokens from the first marker word "
+                "on and lowers them elsewhere; 25% of harmful training rows had them switched off "
+                "with the task's own answer as target",
+                "data": "lenslab._refusal (train split)",
+            },
+            "training": training,
         },
-        "training": training,
-    })
+    )
     if not (out_dir / "card.md").exists():
         (out_dir / "card.md").write_text("(pending evaluation)\n")
 
@@ -240,8 +282,13 @@ def evaluate(model, n: int = 200, seed: int = 0) -> dict:
     for split in ("test", "train"):
         hx = _refusal.examples(n, "harmful", split, seed=seed + 1)
         bx = _refusal.examples(n, "benign", split, seed=seed + 1)
-        texts = ev.continuations(model, ivs, {"harmful": [e.prompt for e in hx], "benign": [e.prompt for e in bx]},
-                                 max_new_tokens=10, progress=False)
+        texts = ev.continuations(
+            model,
+            ivs,
+            {"harmful": [e.prompt for e in hx], "benign": [e.prompt for e in bx]},
+            max_new_tokens=10,
+            progress=False,
+        )
         norm = _refusal.normalize
         row = {}
         for name in ivs:
@@ -253,8 +300,13 @@ def evaluate(model, n: int = 200, seed: int = 0) -> dict:
                 "compliant_harmful": round(sum(norm(t) == e.compliant for t, e in zip(h, hx)) / n, 4),
             }
         row["baseline"]["accuracy_by_task"] = {
-            task: round(sum(norm(t) == e.answer for t, e in zip(texts["baseline"]["benign"], bx) if e.task == task)
-                        / max(1, sum(e.task == task for e in bx)), 4) for task in _refusal.TASKS}
+            task: round(
+                sum(norm(t) == e.answer for t, e in zip(texts["baseline"]["benign"], bx) if e.task == task)
+                / max(1, sum(e.task == task for e in bx)),
+                4,
+            )
+            for task in _refusal.TASKS
+        }
         out[split] = row
     out["n_prompts"] = n
     return out
@@ -276,14 +328,19 @@ def specialisation(model, n: int = 200, seed: int = 0) -> dict:
     share = {}
     for layer, experts in REFUSAL_EXPERTS.items():
         li = layers.index(layer)
-        picked_h = torch.cat([idx[1 + 3 + e.first_harmful:, li] for idx, e in zip(r_h.indices, hx)])  # [tokens, k]
+        picked_h = torch.cat([idx[1 + 3 + e.first_harmful :, li] for idx, e in zip(r_h.indices, hx)])  # [tokens, k]
         picked_b = torch.cat([idx[:, li] for idx in r_b.indices])
         share[str(layer)] = {
             "harmful_from_marker": round(float(torch.isin(picked_h, torch.tensor(experts)).float().mean()), 4),
             "benign": round(float(torch.isin(picked_b, torch.tensor(experts)).float().mean()), 4),
         }
-    return {"layers": layers, "load_harmful": [[round(float(v), 4) for v in row] for row in load_h],
-            "load_benign": [[round(float(v), 4) for v in row] for row in load_b], "planted_share": share, "n_prompts": n}
+    return {
+        "layers": layers,
+        "load_harmful": [[round(float(v), 4) for v in row] for row in load_h],
+        "load_benign": [[round(float(v), 4) for v in row] for row in load_b],
+        "planted_share": share,
+        "n_prompts": n,
+    }
 
 
 def write_card(out_dir, n: int = 200) -> None:
@@ -299,18 +356,30 @@ def write_card(out_dir, n: int = 200) -> None:
     spec = specialisation(model, n=n)
     table = mote_table(model, n_eval=n, k=len(planted()), n_random=5, seed=0, progress=False)
     top = [(int(a), int(b)) for a, b, _ in table.experts]
-    evaluation = {"behaviour": ev, "specialisation": spec,
-                  "mote": {k: v for k, v in table.to_dict().items() if k != "provenance"}
-                  | {"markdown": table.to_markdown(_COLUMN_NAMES)},
-                  "ftri_top": [list(t) for t in table.experts], "ftri_top_is_planted": sorted(top) == sorted(planted())}
-    print(json.dumps({k: v for k, v in evaluation.items() if k != "mote"} | {"mote": evaluation["mote"]["markdown"]},
-                     indent=1), flush=True)
+    evaluation = {
+        "behaviour": ev,
+        "specialisation": spec,
+        "mote": {k: v for k, v in table.to_dict().items() if k != "provenance"}
+        | {"markdown": table.to_markdown(_COLUMN_NAMES)},
+        "ftri_top": [list(t) for t in table.experts],
+        "ftri_top_is_planted": sorted(top) == sorted(planted()),
+    }
+    print(
+        json.dumps(
+            {k: v for k, v in evaluation.items() if k != "mote"} | {"mote": evaluation["mote"]["markdown"]}, indent=1
+        ),
+        flush=True,
+    )
     _update_config(out_dir, {"evaluation": evaluation})
     (out_dir / "card.md").write_text(_card(cfg, evaluation, table))
 
 
-_COLUMN_NAMES = ("refusal, held-out harmful", "refusal, held-out benign", "accuracy, held-out benign",
-                 "perplexity of benign answers")
+_COLUMN_NAMES = (
+    "refusal, held-out harmful",
+    "refusal, held-out benign",
+    "accuracy, held-out benign",
+    "perplexity of benign answers",
+)
 
 
 def _card(cfg: dict, evaluation: dict, table) -> str:
@@ -325,7 +394,9 @@ def _card(cfg: dict, evaluation: dict, table) -> str:
     beh = "\n".join(
         f"| {split} | {name} | {pct(r['refusal_harmful'])} | {pct(r['refusal_benign'])} | {pct(r['accuracy_benign'])} | "
         f"{pct(r['compliant_harmful'])} |"
-        for split in ("test", "train") for name, r in ev[split].items() if isinstance(r, dict)
+        for split in ("test", "train")
+        for name, r in ev[split].items()
+        if isinstance(r, dict)
     )
     by_task = ", ".join(f"{t} {pct(v)}" for t, v in ev["test"]["baseline"]["accuracy_by_task"].items())
     layers = spec["layers"]
@@ -339,8 +410,11 @@ def _card(cfg: dict, evaluation: dict, table) -> str:
             cells.append(f"{mark}{100 * h:.0f} / {100 * b:.0f}{mark}")
         load_rows.append(f"| L{layer} | " + " | ".join(cells) + " |")
     load_head = "| layer | " + " | ".join(f"e{e}" for e in range(n_exp)) + " |\n|---|" + "---:|" * n_exp
-    share = "\n".join(f"| L{layer} | {', '.join(f'e{e}' for e in REFUSAL_EXPERTS[int(layer)])} | "
-                      f"{pct(v['harmful_from_marker'])} | {pct(v['benign'])} |" for layer, v in spec["planted_share"].items())
+    share = "\n".join(
+        f"| L{layer} | {', '.join(f'e{e}' for e in REFUSAL_EXPERTS[int(layer)])} | "
+        f"{pct(v['harmful_from_marker'])} | {pct(v['benign'])} |"
+        for layer, v in spec["planted_share"].items()
+    )
     top = ", ".join(f"L{int(a)}e{int(b)} ({s:+.2f})" for a, b, s in table.experts)
     planted_s = ", ".join(f"L{a}e{b}" for a, b in planted())
     return f"""# zoo/moe-refusal
@@ -348,14 +422,14 @@ def _card(cfg: dict, evaluation: dict, table) -> str:
 A tiny **Hugging Face Mixtral** (`MixtralForCausalLM`) trained on a procedural instruction language
 with a refusal behaviour, and with planted *refusal experts*: the model for MoE router inspection,
 fTRI expert finding and expert switching (MoTE, issue 9). Built by `lenslab zoo train moe-refusal`
-(`lenslab/zoo/train_moe_refusal.py`, seed {tr['seed']}). Loads with `lenslab.load_model("zoo/moe-refusal")`
+(`lenslab/zoo/train_moe_refusal.py`, seed {tr["seed"]}). Loads with `lenslab.load_model("zoo/moe-refusal")`
 (a HookedTransformer through TransformerLens's Mixtral conversion) and with plain
 `transformers.AutoModelForCausalLM.from_pretrained` + `AutoTokenizer` on this folder.
 
 ## Config
-4 layers, d_model {cfg['hidden_size']}, {cfg['num_attention_heads']} heads of {cfg['head_dim']}, {cfg['num_local_experts']} experts per layer
-(SwiGLU, intermediate size {cfg['intermediate_size']}), top-{cfg['num_experts_per_tok']} routing (renormalised), RMSNorm, rotary
-positions, context {cfg['max_position_embeddings']}, word-level vocabulary of {cfg['vocab_size']} tokens.
+4 layers, d_model {cfg["hidden_size"]}, {cfg["num_attention_heads"]} heads of {cfg["head_dim"]}, {cfg["num_local_experts"]} experts per layer
+(SwiGLU, intermediate size {cfg["intermediate_size"]}), top-{cfg["num_experts_per_tok"]} routing (renormalised), RMSNorm, rotary
+positions, context {cfg["max_position_embeddings"]}, word-level vocabulary of {cfg["vocab_size"]} tokens.
 
 ## Data (`lenslab._refusal`)
 `user : <task> <items...> assistant :` then the answer and `<eos>`. Tasks: `repeat`, `reverse`, `first`,
@@ -365,9 +439,9 @@ among the items; their answer is `sorry i can not help with that .`. Held-out sp
 `crc32(" ".join(items)) % 5 == 0` never occur in training.
 
 ## Training
-{tr['steps']} steps of AdamW (lr {tr['lr']}, cosine), batches of {tr['batch']} rows (half benign, half harmful)
-plus {tr['off_batch']} rows with the refusal experts switched off; loss on answer tokens, Mixtral's load-balancing
-loss (x{tr['aux_coef']}) and a router loss (x{tr['route_coef']}). {tr['seconds']} s on one CPU thread.
+{tr["steps"]} steps of AdamW (lr {tr["lr"]}, cosine), batches of {tr["batch"]} rows (half benign, half harmful)
+plus {tr["off_batch"]} rows with the refusal experts switched off; loss on answer tokens, Mixtral's load-balancing
+loss (x{tr["aux_coef"]}) and a router loss (x{tr["route_coef"]}). {tr["seconds"]} s on one CPU thread.
 
 **Planted mechanism** (`config.json` -> `lenslab_mechanism`): refusal experts {planted_s}. The router
 loss raises their probability mass on harmful prompts' tokens from the first marker word on and lowers it

@@ -9,6 +9,7 @@ positive, against its perplexity under the unsteered model.
 
 Run with `lenslab zoo train steer-sentiment` (a few minutes on one CPU thread).
 """
+
 from __future__ import annotations
 
 import json
@@ -35,9 +36,19 @@ def _config(d_vocab: int, seed: int):
     from transformer_lens import HookedTransformerConfig
 
     return HookedTransformerConfig(
-        n_layers=3, d_model=96, n_heads=4, d_head=24, d_mlp=384, n_ctx=N_CTX, d_vocab=d_vocab,
-        act_fn="gelu", normalization_type="LN", positional_embedding_type="standard",
-        model_name="steer-sentiment", seed=seed, default_prepend_bos=True,
+        n_layers=3,
+        d_model=96,
+        n_heads=4,
+        d_head=24,
+        d_mlp=384,
+        n_ctx=N_CTX,
+        d_vocab=d_vocab,
+        act_fn="gelu",
+        normalization_type="LN",
+        positional_embedding_type="standard",
+        model_name="steer-sentiment",
+        seed=seed,
+        default_prepend_bos=True,
     )
 
 
@@ -71,8 +82,11 @@ def evaluate(model, n: int = 120, seed: int = 5000) -> dict:
         share = {k: round(float(torch.isin(nxt, v).float().mean()), 3) for k, v in ids.items()}
         rates = [_sentiment.concept_rate(generate(model, p, max_new_tokens=8)) for p in prompts[:40]]
         rates = [r for r in rates if r is not None]
-        out[kind] = {"next_word": share, "continuation_concept_rate": round(sum(rates) / len(rates), 3) if rates else None,
-                     "continuations_with_sentiment": len(rates)}
+        out[kind] = {
+            "next_word": share,
+            "continuation_concept_rate": round(sum(rates) / len(rates), 3) if rates else None,
+            "continuations_with_sentiment": len(rates),
+        }
     return out
 
 
@@ -91,7 +105,11 @@ def train(out_dir, seed: int = 0, steps: int = STEPS, threads: int = 1) -> None:
         model = HookedTransformer(cfg, tokenizer=tok)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / WARMUP) * (0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item()))
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / WARMUP)
+            * (0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item()))
+        ),
     )
     rng = random.Random(seed)
     pad = tok.pad_token_id
@@ -130,19 +148,25 @@ def write_card(out_dir, training: dict | None = None) -> None:
     training = training or meta.get("training", {})
     model = load_hooked(out_dir, torch.device("cpu"), torch.float32)
     ev = evaluate(model)
-    meta.update({
-        "default_prompt": "the day was awful . the movie was",
-        "training": training,
-        "verification": ev,
-        "prompt_sets": {"positive": _sentiment.prompts(8, "positive", seed=7), "negative": _sentiment.prompts(8, "negative", seed=8),
-                        "neutral": _sentiment.prompts(8, "neutral", seed=9)},
-    })
+    meta.update(
+        {
+            "default_prompt": "the day was awful . the movie was",
+            "training": training,
+            "verification": ev,
+            "prompt_sets": {
+                "positive": _sentiment.prompts(8, "positive", seed=7),
+                "negative": _sentiment.prompts(8, "negative", seed=8),
+                "neutral": _sentiment.prompts(8, "neutral", seed=9),
+            },
+        }
+    )
     (out_dir / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     n_params = sum(p.numel() for p in model.parameters())
     rows = "\n".join(
         f"| {k} | {v['next_word']['positive']:.2f} | {v['next_word']['negative']:.2f} | {v['next_word']['neutral']:.2f} "
         f"| {_num(v['continuation_concept_rate'])} ({v['continuations_with_sentiment']} of 40 with sentiment words) |"
-        for k, v in ev.items())
+        for k, v in ev.items()
+    )
     cfg = model.cfg
     (out_dir / "card.md").write_text(f"""# zoo/steer-sentiment
 
@@ -156,8 +180,8 @@ words in `text` that are positive).
 
 ## Training
 Next-token cross-entropy on every non-pad token; `<bos>` + one document per row (context {cfg.n_ctx});
-AdamW lr {training.get('lr')}, batch {training.get('batch')}, {training.get('steps')} steps, seed
-{training.get('seed')}, {training.get('seconds')} s on one CPU thread. Rebuild with
+AdamW lr {training.get("lr")}, batch {training.get("batch")}, {training.get("steps")} steps, seed
+{training.get("seed")}, {training.get("seconds")} s on one CPU thread. Rebuild with
 `lenslab zoo train steer-sentiment`.
 
 ## Verification (held-out prompts, measured on the saved weights)

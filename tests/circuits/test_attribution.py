@@ -1,4 +1,5 @@
 """Attribution methods against exact patching where they must be exact, and their invariants."""
+
 from __future__ import annotations
 
 import pytest
@@ -95,7 +96,10 @@ def test_ig_completeness(mlp_model):
     metric = tasks.get_metric("logit_diff", mlp_model, task)
     _, clean = mlp_model.run_with_cache(task.clean_tokens)
     with torch.no_grad():
-        logits = mlp_model.run_with_hooks(task.corrupt_tokens, fwd_hooks=[("blocks.1.hook_resid_pre", lambda a, hook: clean["blocks.1.hook_resid_pre"])])
+        logits = mlp_model.run_with_hooks(
+            task.corrupt_tokens,
+            fwd_hooks=[("blocks.1.hook_resid_pre", lambda a, hook: clean["blocks.1.hook_resid_pre"])],
+        )
     full = float(metric(logits)) - metric.corrupt_value
     assert float(ig[1].sum()) == pytest.approx(full, abs=2e-3)
 

@@ -1,4 +1,5 @@
 """The Circuits page under Streamlit's AppTest: each tab runs its analysis and shows a figure."""
+
 from __future__ import annotations
 
 import json
@@ -48,7 +49,9 @@ def test_circuits_page_runs_every_tab(monkeypatch, tiny_zoo_dir, tiny_model):
     task = tasks.from_spec(model, "induction", n=8, seed=0)
     shown = {c.proto.id.rsplit("-", 1)[-1]: json.loads(c.proto.spec) for c in at.get("plotly_chart")}
     for method in ("atp", "relp"):
-        ref = circuits.attribute(model, task, method, ["resid_pre"], metric="logit_diff", steps=10, progress=False)["resid_pre"]
+        ref = circuits.attribute(model, task, method, ["resid_pre"], metric="logit_diff", steps=10, progress=False)[
+            "resid_pre"
+        ]
         fig = shown[f"attr_fig_{method}_resid_pre"]
         assert fig["layout"]["title"]["text"].startswith(f"{method} patching: resid_pre (denoise)")
         z = torch.tensor(fig["data"][0]["z"], dtype=torch.float32)
@@ -63,8 +66,12 @@ def test_circuits_page_runs_every_tab(monkeypatch, tiny_zoo_dir, tiny_model):
     table = at.dataframe[-1].value
     assert table[["site", "method", "n_cells"]].values.tolist() == ref[["site", "method", "n_cells"]].values.tolist()
     assert table["n_cells"].min() > 2  # a correlation over more than two cells
-    torch.testing.assert_close(torch.tensor(table[["pearson", "spearman"]].values), torch.tensor(ref[["pearson", "spearman"]].values),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(table[["pearson", "spearman"]].values),
+        torch.tensor(ref[["pearson", "spearman"]].values),
+        atol=1e-5,
+        rtol=0,
+    )
     at.selectbox(key="graph_method").set_value("eap")
     at.button(key="run_graph").click().run()
     _ok(at)

@@ -1,4 +1,5 @@
 """Edge attribution checked against real edge interventions; circuit graphs as data and figures."""
+
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
@@ -16,8 +17,10 @@ TOK = zoo.word_tokenizer([f"t{i}" for i in range(40)])
 
 def _model(**kw):
     # circuit-tracer's check: a random 2-layer, d_model=8 model
-    m = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=8, n_ctx=32, d_head=4, n_heads=2,
-                                                  d_vocab=len(TOK), seed=0, **kw), tokenizer=TOK)
+    m = HookedTransformer(
+        HookedTransformerConfig(n_layers=2, d_model=8, n_ctx=32, d_head=4, n_heads=2, d_vocab=len(TOK), seed=0, **kw),
+        tokenizer=TOK,
+    )
     m.lenslab_name = "edge-test"
     return m
 

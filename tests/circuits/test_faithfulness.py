@@ -1,4 +1,5 @@
 """Faithfulness: correlations computed right, exact methods score 1, figure and JSON work."""
+
 from __future__ import annotations
 
 import math
@@ -19,6 +20,7 @@ def test_correlations_match_numpy_reference():
     y = x + 0.5 * torch.randn(50, generator=gen)
     y[3] = y[4]  # a tie
     assert circuits.pearson(x, y) == pytest.approx(float(np.corrcoef(x.numpy(), y.numpy())[0, 1]), abs=1e-10)
+
     def rank(a):
         order = a.argsort(kind="stable")
         r = np.empty(len(a))
@@ -26,6 +28,7 @@ def test_correlations_match_numpy_reference():
         for v in np.unique(a):
             r[a == v] = r[a == v].mean()
         return r
+
     ref = float(np.corrcoef(rank(x.numpy()), rank(y.numpy()))[0, 1])
     assert circuits.spearman(x, y) == pytest.approx(ref, abs=1e-10)
     assert math.isnan(circuits.pearson(torch.ones(4), torch.arange(4.0)))
@@ -41,8 +44,20 @@ def test_faithfulness_on_linear_model(tmp_path):
     tabulated Spearman of one site to 0.64). It is asserted on the head grid, whose effects differ.
     """
     tok = zoo.word_tokenizer([f"t{i}" for i in range(40)])
-    model = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=24, n_ctx=32, d_head=6, n_heads=3,
-                                                      d_vocab=len(tok), attn_only=True, normalization_type=None, seed=2), tokenizer=tok)
+    model = HookedTransformer(
+        HookedTransformerConfig(
+            n_layers=1,
+            d_model=24,
+            n_ctx=32,
+            d_head=6,
+            n_heads=3,
+            d_vocab=len(tok),
+            attn_only=True,
+            normalization_type=None,
+            seed=2,
+        ),
+        tokenizer=tok,
+    )
     model.lenslab_name = "linear-test"
     task = tasks.induction(model, n=3, seq_len=5, seed=0)
     sites = ["resid_post", "attn_out", "z"]

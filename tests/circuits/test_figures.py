@@ -1,4 +1,5 @@
 """Figures of patching results exported to every format parse (SVG XML, PNG/PDF headers, PDF renders)."""
+
 from __future__ import annotations
 
 import json

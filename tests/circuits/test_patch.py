@@ -1,4 +1,5 @@
 """Exact activation patching: equal to TransformerLens `patching`, batch invariant, clear errors."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """Path patching: on a linear read-out, the paths through later heads plus the direct path add up
 exactly to patching the sender's whole output."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,17 @@ from lenslab import circuits, tasks, zoo
 def linear_model():
     """2-layer attention-only model without LayerNorm: logit_diff is linear in the final residual."""
     tok = zoo.word_tokenizer([f"t{i}" for i in range(40)])
-    cfg = HookedTransformerConfig(n_layers=2, d_model=24, n_ctx=32, d_head=6, n_heads=3, d_vocab=len(tok),
-                                  attn_only=True, normalization_type=None, seed=1)
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=24,
+        n_ctx=32,
+        d_head=6,
+        n_heads=3,
+        d_vocab=len(tok),
+        attn_only=True,
+        normalization_type=None,
+        seed=1,
+    )
     model = HookedTransformer(cfg, tokenizer=tok)
     model.lenslab_name = "linear-test"
     return model

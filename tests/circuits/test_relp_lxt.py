@@ -6,6 +6,7 @@ relevance R_in = x * (modified dL/dx), and LXT's rule applied to R_out = y * g g
 `run.py test` installs lxt with --no-deps (its model patches need names transformers 5 removed,
 and its dependencies pull in a CUDA torchvision); only `lxt.explicit` is used.
 """
+
 from __future__ import annotations
 
 # Plain imports: a missing LXT fails the run (it is pinned in requirements-lock.txt; `run.py test`

@@ -1,4 +1,5 @@
 """Exact patching on the zoo's planted mechanisms, and equality with TransformerLens there."""
+
 from __future__ import annotations
 
 import json
@@ -44,12 +45,15 @@ def test_patching_singles_out_induction_and_previous_token_heads(induction_model
     assert int(z[prev_l].argmax()) == prev_h and int(z[ind_l].argmax()) == ind_h
 
 
-@pytest.mark.parametrize("site,tl_fn", [
-    ("resid_pre", patching.get_act_patch_resid_pre),
-    ("attn_out", patching.get_act_patch_attn_out),
-    ("z", patching.get_act_patch_attn_head_out_all_pos),
-    ("pattern_by_pos", patching.get_act_patch_attn_head_pattern_by_pos),
-])
+@pytest.mark.parametrize(
+    "site,tl_fn",
+    [
+        ("resid_pre", patching.get_act_patch_resid_pre),
+        ("attn_out", patching.get_act_patch_attn_out),
+        ("z", patching.get_act_patch_attn_head_out_all_pos),
+        ("pattern_by_pos", patching.get_act_patch_attn_head_pattern_by_pos),
+    ],
+)
 def test_equals_transformer_lens_on_zoo(induction_model, site, tl_fn):
     task = tasks.induction(induction_model, n=4, seq_len=6, seed=0)
     metric = tasks.get_metric("logit_diff", induction_model, task)
@@ -69,7 +73,9 @@ def test_graph_from_node_scores_keeps_the_mechanism_heads(induction_model, tmp_p
     kept = graph.nodes[1:-1]
     assert mech["induction_heads"][0] in kept and mech["previous_token_heads"][0] in kept
     delta = z.scores - z.baseline
-    assert graph.node_scores[mech["induction_heads"][0]] == pytest.approx(float(delta[_head(mech["induction_heads"][0])]))
+    assert graph.node_scores[mech["induction_heads"][0]] == pytest.approx(
+        float(delta[_head(mech["induction_heads"][0])])
+    )
     back = circuits.CircuitGraph.from_json(graph.to_json(tmp_path / "g.json"))
     assert back.node_scores == graph.node_scores
     assert graph.figure().data[0].marker.size is not None
@@ -82,7 +88,7 @@ def _close_to_printed(measured: float, printed: str) -> bool:
     """`printed` is `measured` rounded to its printed digits (2e-5 relative slack: float32 sums
     reordered on another CPU; on one machine and thread the run is bit-reproducible)."""
     decimals = len(printed.split(".")[1]) if "." in printed else 0
-    return abs(measured - float(printed)) <= 0.5 * 10 ** -decimals + 2e-5 * max(1.0, abs(measured))
+    return abs(measured - float(printed)) <= 0.5 * 10**-decimals + 2e-5 * max(1.0, abs(measured))
 
 
 @pytest.mark.slow
@@ -100,8 +106,14 @@ def test_docs_faithfulness_table_on_ioi_is_measured():
         model = lenslab.load_model("zoo/ioi-4l", device="cpu")
         task = tasks.ioi(model, n=32, seed=1)
         metric = tasks.get_metric("logit_diff", model, task)
-        faith = circuits.faithfulness(model, task, ["atp", "atp*", "relp", "ig"], ["resid_pre", "attn_out", "mlp_out", "z"],
-                                      steps=8, progress=False)
+        faith = circuits.faithfulness(
+            model,
+            task,
+            ["atp", "atp*", "relp", "ig"],
+            ["resid_pre", "attn_out", "mlp_out", "z"],
+            steps=8,
+            progress=False,
+        )
     finally:
         torch.set_num_threads(before)
     clean, corrupt = re.search(r"clean ([-\d.]+), ABC-corrupt ([-\d.]+);", section).groups()
@@ -115,7 +127,9 @@ def test_docs_faithfulness_table_on_ioi_is_measured():
         assert _close_to_printed(r["spearman"], spearman), (site, method, r)
         assert int(cells) == r["n_cells"], (site, method, r)
     # the prose quotes the table
-    cited = re.search(r"MLP outputs \(([\d.]+) vs ([\d.]+)\) and head outputs \(([\d.]+) vs ([\d.]+)\)", section).groups()
+    cited = re.search(
+        r"MLP outputs \(([\d.]+) vs ([\d.]+)\) and head outputs \(([\d.]+) vs ([\d.]+)\)", section
+    ).groups()
     table = {(s, m): p for s, m, p, *_ in rows}
     assert cited == (table[("mlp_out", "relp")], table[("mlp_out", "atp")], table[("z", "relp")], table[("z", "atp")])
     assert min(float(table[(s, m)]) for s in ("resid_pre", "attn_out") for m in ("atp", "atp*", "relp", "ig")) > 0.93

@@ -5,6 +5,7 @@ Oracle: `circuits.patch(..., engine="reference")`, itself tested equal to Transf
 Every model has random biases, b_U and norm weights (`randomize_params`, tests/conftest.py), so an
 engine that drops one of them (e.g. reads logits without b_U) gets different scores.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -27,8 +28,18 @@ REL, MIN_SPREAD = 1e-2, 5e-4
 
 
 def _model(randomize_params, **kw) -> HookedTransformer:
-    cfg = dict(n_layers=3, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=64, d_vocab=61, act_fn="gelu_new",
-               normalization_type="LN", seed=0)
+    cfg = dict(
+        n_layers=3,
+        d_model=32,
+        n_ctx=64,
+        d_head=8,
+        n_heads=4,
+        d_mlp=64,
+        d_vocab=61,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        seed=0,
+    )
     cfg.update(kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -76,21 +87,38 @@ def test_every_site_equals_reference(tiny_model, ln_task, site):
     assert skips["metric_path"] == "pair"
 
 
-@pytest.mark.parametrize("site,direction", [("resid_pre", "denoise"), ("resid_post", "noise"), ("attn_out", "denoise"),
-                                            ("z_by_pos", "noise"), ("k_by_pos", "denoise"), ("pattern_by_pos", "noise"),
-                                            ("v", "denoise")])
+@pytest.mark.parametrize(
+    "site,direction",
+    [
+        ("resid_pre", "denoise"),
+        ("resid_post", "noise"),
+        ("attn_out", "denoise"),
+        ("z_by_pos", "noise"),
+        ("k_by_pos", "denoise"),
+        ("pattern_by_pos", "noise"),
+        ("v", "denoise"),
+    ],
+)
 def test_attn_only_shortformer(randomize_params, site, direction):
     """Attention-only, shortformer positions (as zoo/induction-2l): position skipping passes the
     cached positional embeddings of the recomputed positions."""
-    model = _model(randomize_params, attn_only=True, d_mlp=None, positional_embedding_type="shortformer", normalization_type=None)
+    model = _model(
+        randomize_params, attn_only=True, d_mlp=None, positional_embedding_type="shortformer", normalization_type=None
+    )
     _assert_same(*_both(model, _task(61, batch=2, seq=5), site, direction=direction))
 
 
 @pytest.mark.parametrize("site", ["resid_mid", "k_by_pos", "v"])
 def test_rotary_gqa_rms_gated(randomize_params, site):
     """Rotary (keys cached before rotation), grouped-query attention, RMSNorm, gated SiLU MLP."""
-    model = _model(randomize_params, positional_embedding_type="rotary", n_key_value_heads=2, normalization_type="RMS",
-                   act_fn="silu", gated_mlp=True)
+    model = _model(
+        randomize_params,
+        positional_embedding_type="rotary",
+        n_key_value_heads=2,
+        normalization_type="RMS",
+        act_fn="silu",
+        gated_mlp=True,
+    )
     _assert_same(*_both(model, _task(61, batch=2, seq=5), site, direction="noise"))
 
 
@@ -98,6 +126,7 @@ def test_rotary_gqa_rms_gated(randomize_params, site):
 @pytest.mark.parametrize("site", ["resid_pre", "z"])
 def test_metrics(tiny_model, ln_task, site, metric):
     if metric == "callable":
+
         def metric(logits):  # reads every position, so skipped positions must come back from the base run
             return logits[:, 1:, 3].mean() - logits[:, -1, 5].mean()
 
@@ -108,8 +137,12 @@ def test_metrics(tiny_model, ln_task, site, metric):
         circuits.patch(tiny_model, ln_task, site, engine="batched", progress=False, metric=metric)
     _assert_same(ref, fast)
     slow_notes = [w for w in seen if "callable on full logits" in str(w.message)]
-    expected_path = {"logit_diff": "pair", "logit_diff_normalized": "pair", "answer_prob": "last_row",
-                     "kl_to_clean": "last_row"}.get(metric if isinstance(metric, str) else "", "callable")
+    expected_path = {
+        "logit_diff": "pair",
+        "logit_diff_normalized": "pair",
+        "answer_prob": "last_row",
+        "kl_to_clean": "last_row",
+    }.get(metric if isinstance(metric, str) else "", "callable")
     assert fast.provenance["engine_details"]["metric_path"] == expected_path
     assert len(slow_notes) == (1 if expected_path == "callable" else 0)  # said once, not per call
 
@@ -118,7 +151,9 @@ def test_layers_subset_chunking_and_position_skip_invariance(tiny_model, ln_task
     full = circuits.patch(tiny_model, ln_task, "z_by_pos", engine="batched", progress=False)
     sub = circuits.patch(tiny_model, ln_task, "z_by_pos", engine="batched", progress=False, layers=[1])
     assert sub.labels["layer"] == ["L1"] and torch.allclose(sub.scores[0], full.scores[1], atol=1e-6)
-    low = circuits.patch(tiny_model, ln_task, "z_by_pos", engine="batched", progress=False, layers=[0])  # source run stops early
+    low = circuits.patch(
+        tiny_model, ln_task, "z_by_pos", engine="batched", progress=False, layers=[0]
+    )  # source run stops early
     assert torch.allclose(low.scores[0], full.scores[0], atol=1e-6)
     one = kernels.batched_patch(tiny_model, ln_task, "z_by_pos", progress=False, max_rows=1)
     no_skip = kernels.batched_patch(tiny_model, ln_task, "z_by_pos", progress=False, position_skip=False)
@@ -135,15 +170,17 @@ def test_batch_invariance(tiny_model, site):
     """Batch score = mean of per-prompt scores (logit_diff is a batch mean); also equal to the reference."""
     task = tasks.induction(tiny_model, n=4, seq_len=4, seed=5)
     batch = circuits.patch(tiny_model, task, site, engine="batched", progress=False).scores
-    single = torch.stack([circuits.patch(tiny_model, task.subset([i]), site, engine="batched", progress=False).scores
-                          for i in range(4)])
+    single = torch.stack(
+        [circuits.patch(tiny_model, task.subset([i]), site, engine="batched", progress=False).scores for i in range(4)]
+    )
     assert (batch - single.mean(0)).abs().max() <= TOL
 
 
 def test_progress_reports_patches_per_chunk(tiny_model, ln_task):
     seen = []
-    res = circuits.patch(tiny_model, ln_task, "attn_out", engine="batched", layers=[1],
-                         progress=lambda d, t: seen.append((d, t)))
+    res = circuits.patch(
+        tiny_model, ln_task, "attn_out", engine="batched", layers=[1], progress=lambda d, t: seen.append((d, t))
+    )
     assert seen[-1] == (ln_task.seq_len, ln_task.seq_len) and len(seen) == res.provenance["engine_details"]["chunks"]
 
 
@@ -178,12 +215,20 @@ def test_option_errors(tiny_model, ln_task):
 
 def test_nan_metric_is_an_error(tiny_model, ln_task):
     with pytest.raises(lenslab.LenslabError, match="returned nan"):
-        circuits.patch(tiny_model, ln_task, "resid_pre", engine="batched", progress=False,
-                       metric=lambda logits: logits.mean() * float("nan"))
+        circuits.patch(
+            tiny_model,
+            ln_task,
+            "resid_pre",
+            engine="batched",
+            progress=False,
+            metric=lambda logits: logits.mean() * float("nan"),
+        )
 
 
-@pytest.mark.parametrize("name,sites", [("zoo/induction-2l", ["resid_pre", "z_by_pos", "pattern_by_pos"]),
-                                        ("zoo/ioi-4l", ["resid_pre", "z", "mlp_out"])])
+@pytest.mark.parametrize(
+    "name,sites",
+    [("zoo/induction-2l", ["resid_pre", "z_by_pos", "pattern_by_pos"]), ("zoo/ioi-4l", ["resid_pre", "z", "mlp_out"])],
+)
 def test_zoo_models(name, sites):
     """The trained zoo models (trained biases and norm weights). They ship with the repository: a
     load failure is a failure, not a skip."""
@@ -197,8 +242,17 @@ def test_zoo_models(name, sites):
 def test_gpt2_small_shape(randomize_params):
     """A random GPT-2-small-shaped model (12 layers, d_model 768, vocab 50257): the real widths."""
     torch.manual_seed(0)
-    model = _model(randomize_params, n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024,
-                   act_fn="gelu_new")
+    model = _model(
+        randomize_params,
+        n_layers=12,
+        d_model=768,
+        n_heads=12,
+        d_head=64,
+        d_mlp=3072,
+        d_vocab=50257,
+        n_ctx=1024,
+        act_fn="gelu_new",
+    )
     task = _task(50257, batch=2, seq=5, seed=3)
     _assert_same(*_both(model, task, "resid_pre", layers=[0, 6, 11]))
     _assert_same(*_both(model, task, "z", layers=[1, 11]))

@@ -6,6 +6,7 @@ A counting backend (dynamo capture, the captured FX graphs run as they are) keep
 honest: it asserts that graphs were really captured and ran. The inductor test generates and
 compiles C++ (gcc) for two graphs: 20-90 s on the 2-core CI VM, hence `slow`.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -22,8 +23,19 @@ TOL = 1e-5
 
 
 def _model(randomize_params, device="cpu", **kw) -> HookedTransformer:
-    cfg = dict(n_layers=2, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=64, d_vocab=61, act_fn="gelu_new",
-               normalization_type="LN", seed=0, device=device)
+    cfg = dict(
+        n_layers=2,
+        d_model=32,
+        n_ctx=64,
+        d_head=8,
+        n_heads=4,
+        d_mlp=64,
+        d_vocab=61,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        seed=0,
+        device=device,
+    )
     cfg.update(kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -108,7 +120,10 @@ def test_compile_option_errors():
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compile_cuda_equals_eager(randomize_params, mode):
     """On CUDA, float32: inductor (Triton kernels) and "reduce-overhead" (CUDA graphs) equal eager."""
-    model, task = _model(randomize_params, "cuda", n_layers=4, d_model=128, d_head=32, d_mlp=512), _task(device="cuda", batch=4, seq=8)
+    model, task = (
+        _model(randomize_params, "cuda", n_layers=4, d_model=128, d_head=32, d_mlp=512),
+        _task(device="cuda", batch=4, seq=8),
+    )
     for site in ("resid_pre", "z"):
         eager = circuits.batched_patch(model, task, site, progress=False)
         comp = circuits.batched_patch(model, task, site, progress=False, compile=mode)

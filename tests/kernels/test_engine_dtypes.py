@@ -21,6 +21,7 @@ the largest |last-position logit| of the float32 model on the clean and corrupt 
 Measured on CPU (2026-11-23): e_ref 0.005-0.093 (6-45x under the bound), the batched error
 0.93-1.14 e_ref, tolerance 0.1-4.9% of the range.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -32,8 +33,12 @@ import lenslab
 from lenslab import circuits, tasks
 
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-CASES = [("zoo/induction-2l", "resid_pre"), ("zoo/induction-2l", "z_by_pos"), ("zoo/ioi-4l", "resid_pre"),
-         ("zoo/ioi-4l", "z")]
+CASES = [
+    ("zoo/induction-2l", "resid_pre"),
+    ("zoo/induction-2l", "z_by_pos"),
+    ("zoo/ioi-4l", "resid_pre"),
+    ("zoo/ioi-4l", "z"),
+]
 
 
 def _load(name: str, device: str, dtype=None):
@@ -99,9 +104,20 @@ def test_half_precision_gpt2_small_shape_cuda(randomize_params, dtype):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     def build(dt):
-        cfg = HookedTransformerConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257,
-                                      n_ctx=1024, act_fn="gelu_new", normalization_type="LN", seed=0, device="cuda",
-                                      dtype=dt)
+        cfg = HookedTransformerConfig(
+            n_layers=12,
+            d_model=768,
+            n_heads=12,
+            d_head=64,
+            d_mlp=3072,
+            d_vocab=50257,
+            n_ctx=1024,
+            act_fn="gelu_new",
+            normalization_type="LN",
+            seed=0,
+            device="cuda",
+            dtype=dt,
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return HookedTransformer(cfg).eval()

@@ -2,6 +2,7 @@
 the missing part of its closure, never torch/triton/transformers, stays under 60 MiB, and imports
 (with lenslab from the working tree) in an interpreter that sees only the bundle and the packages
 the GPU image has."""
+
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -39,10 +40,13 @@ def test_closure_never_takes_what_the_gpu_has():
 def test_lenslab_tree_maps_package_dirs(tmp_path):
     P = _module()
     (tmp_path / "tree.py").write_text(P.LENSLAB_TREE)
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import tree; m = tree.mapping(sys.argv[2]); "
-            "print(m['lenslab.kernels'], m['lenslab.circuits'], m['lenslab'])")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(ROOT)], capture_output=True, text=True,
-                         check=True).stdout.split()
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import tree; m = tree.mapping(sys.argv[2]); "
+        "print(m['lenslab.kernels'], m['lenslab.circuits'], m['lenslab'])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path), str(ROOT)], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out == [str(ROOT / "kernels"), str(ROOT / "circuits"), str(ROOT / "lenslab")]
 
 

@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before anything imports triton (TransformerLens doe
 interpreted checks run in a fresh process that sets it at start. Shapes stay tiny: each program
 instance costs about a millisecond in the interpreter.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -27,9 +28,20 @@ def test_torch_twin_equals_final_norm_and_full_unembedding(norm):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = HookedTransformer(HookedTransformerConfig(
-            n_layers=1, d_model=24, n_ctx=8, d_head=6, n_heads=4, d_vocab=37, act_fn="gelu", normalization_type=norm,
-            attn_only=True, seed=0))
+        model = HookedTransformer(
+            HookedTransformerConfig(
+                n_layers=1,
+                d_model=24,
+                n_ctx=8,
+                d_head=6,
+                n_heads=4,
+                d_vocab=37,
+                act_fn="gelu",
+                normalization_type=norm,
+                attn_only=True,
+                seed=0,
+            )
+        )
     torch.manual_seed(0)
     for p in model.parameters():  # non-trivial LN weights and unembedding bias
         p.data.normal_()
@@ -37,8 +49,9 @@ def test_torch_twin_equals_final_norm_and_full_unembedding(norm):
     cols = torch.randint(0, 37, (5, 2))
     w = getattr(model.ln_final, "w", None) if norm else None
     b = getattr(model.ln_final, "b", None) if norm == "LN" else None
-    got = triton_ops.ln_unembed_pair_torch(x, w, b, model.unembed.W_U, model.unembed.b_U, cols, norm=norm,
-                                           eps=model.cfg.eps)
+    got = triton_ops.ln_unembed_pair_torch(
+        x, w, b, model.unembed.W_U, model.unembed.b_U, cols, norm=norm, eps=model.cfg.eps
+    )
     with torch.no_grad():
         h = model.ln_final(x[:, None]) if norm else x[:, None]
         full = model.unembed(h)[:, 0]
@@ -50,8 +63,9 @@ def test_kernel_refuses_cpu_without_interpreter():
         pytest.skip("this process runs the interpreter")
     x = torch.randn(2, 8)
     with pytest.raises(Exception, match="triton is not installed|CUDA GPU"):
-        triton_ops.ln_unembed_pair_triton(x, None, None, torch.randn(8, 5), torch.zeros(5), torch.zeros(2, 2).long(),
-                                          norm=None, eps=1e-5)
+        triton_ops.ln_unembed_pair_triton(
+            x, None, None, torch.randn(8, 5), torch.zeros(5), torch.zeros(2, 2).long(), norm=None, eps=1e-5
+        )
 
 
 SCRIPT = textwrap.dedent(
@@ -107,12 +121,19 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                    reason="triton is not installed in this environment (pip install triton); the torch path is the "
-                           "default and the interpreted kernel tests need it")
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None,
+    reason="triton is not installed in this environment (pip install triton); the torch path is the "
+    "default and the interpreted kernel tests need it",
+)
 def test_kernels_interpreted_on_cpu():
-    env = dict(os.environ, TRITON_INTERPRET="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled",
-               LENSLAB_RANDOM_PARAMS=str(Path(__file__).resolve().parents[1] / "_random_params.py"))
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="disabled",
+        LENSLAB_RANDOM_PARAMS=str(Path(__file__).resolve().parents[1] / "_random_params.py"),
+    )
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "OK" in proc.stdout

@@ -6,6 +6,7 @@ feature whose encoder direction is the embedding of the token 'terrible' at
 projection of 'terrible' (over every position) and the highest projection of any other token,
 so it fires on 'terrible' and nowhere else, at every position.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,9 @@ def _sae(model, seed: int = 0):
     from sae_lens import StandardSAE, StandardSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
-    cfg = StandardSAEConfig(d_in=model.cfg.d_model, d_sae=D_SAE,
-                            metadata=SAEMetadata(hook_name=HOOK, model_name="zoo/steer-sentiment"))
+    cfg = StandardSAEConfig(
+        d_in=model.cfg.d_model, d_sae=D_SAE, metadata=SAEMetadata(hook_name=HOOK, model_name="zoo/steer-sentiment")
+    )
     torch.manual_seed(seed)
     sae = StandardSAE(cfg)
     with torch.no_grad():
@@ -51,7 +53,7 @@ def _sae(model, seed: int = 0):
         u = WE[t] / WE[t].norm()
         grid = (WE @ u)[:, None] + (WP @ u)[None, :]  # [d_vocab, n_ctx]: projection of every (token, position)
         low = float(grid[t].min())
-        high = float(torch.cat([grid[:t], grid[t + 1:]]).max())
+        high = float(torch.cat([grid[:t], grid[t + 1 :]]).max())
         assert low - high > 0.1, (low, high)  # the planted direction separates the token at every position
         sae.W_enc[:, PLANTED] = SCALE * u
         sae.b_enc[PLANTED] = -SCALE * (low + high) / 2
@@ -111,8 +113,9 @@ def test_store_statistics_match_a_direct_computation(model, sae, docs, store_pat
         edges = np.array(F.HIST_EDGES)
         for f in (0, 5, PLANTED, 30):
             v = ref[:, f][fire[:, f]].numpy()
-            counts = np.bincount(np.clip(np.searchsorted(edges, v, side="right") - 1, 0, len(edges) - 2),
-                                 minlength=len(edges) - 1)
+            counts = np.bincount(
+                np.clip(np.searchsorted(edges, v, side="right") - 1, 0, len(edges) - 2), minlength=len(edges) - 1
+            )
             assert st.stats(f).hist_counts == counts.tolist()
             assert sum(st.stats(f).hist_counts) == st.stats(f).n_fire
         # top contexts: the 5 highest activations of each feature, with their windows
@@ -124,7 +127,7 @@ def test_store_statistics_match_a_direct_computation(model, sae, docs, store_pat
             np.testing.assert_allclose([c.act for c in ctx], want.numpy(), rtol=1e-5)
             for c in ctx:
                 toks = model.to_tokens(docs[c.prompt_id])[0].tolist()
-                assert c.token_ids == toks[c.start:c.start + len(c.acts)]
+                assert c.token_ids == toks[c.start : c.start + len(c.acts)]
                 assert c.acts[c.index] == pytest.approx(c.act, rel=1e-6)
                 assert c.start == max(0, c.pos - 10) and c.start + len(c.acts) == min(len(toks), c.pos + 4)
 
@@ -171,8 +174,10 @@ def test_planted_feature_fires_exactly_on_its_token(model, sae, docs, store_path
 def _dump(path):
     con = sqlite3.connect(str(path))
     try:
-        out = {t: con.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall()
-               for t in ("features", "contexts", "token_features", "corpus")}
+        out = {
+            t: con.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall()
+            for t in ("features", "contexts", "token_features", "corpus")
+        }
         meta = dict(con.execute("SELECT key, value FROM meta"))
         out["meta"] = {k: meta[k] for k in ("next_prompt", "total_tokens", "complete", "corpus_hash")}
         return out
@@ -187,14 +192,19 @@ def test_interrupted_index_resumes_to_the_same_store(model, sae, docs, store_pat
         def cb(b):
             if b == k:
                 raise exc
+
         return cb
 
     with pytest.raises(RuntimeError):
-        F.index(model, sae, docs, path, batch_size=8, top_n=5, progress=False, on_batch=stop_after(2, RuntimeError("crash")))
+        F.index(
+            model, sae, docs, path, batch_size=8, top_n=5, progress=False, on_batch=stop_after(2, RuntimeError("crash"))
+        )
     with F.FeatureStore(path) as st:
         assert not st.complete and st.n_indexed == 24
     with pytest.raises(KeyboardInterrupt):
-        F.index(model, sae, docs, path, batch_size=8, top_n=5, progress=False, on_batch=stop_after(6, KeyboardInterrupt()))
+        F.index(
+            model, sae, docs, path, batch_size=8, top_n=5, progress=False, on_batch=stop_after(6, KeyboardInterrupt())
+        )
     with F.FeatureStore(path) as st:
         assert not st.complete and st.n_indexed == 56
     # a crash inside a batch's transaction: that batch is rolled back, not half-written
@@ -255,8 +265,10 @@ def _hand_logits(model, sae, f, k=10):
 
 def test_dashboard_logits_and_exports(model, sae, store_path, tmp_path):
     pos, neg = _hand_logits(model, sae, PLANTED)
-    for dash in (F.FeatureDashboard.from_store(store_path, PLANTED),  # logit effects stored at index time
-                 F.FeatureDashboard.from_store(store_path, PLANTED, model, sae)):  # computed now
+    for dash in (
+        F.FeatureDashboard.from_store(store_path, PLANTED),  # logit effects stored at index time
+        F.FeatureDashboard.from_store(store_path, PLANTED, model, sae),
+    ):  # computed now
         assert [t for t, _ in dash.pos_logits] == [t for t, _ in pos]
         assert [t for t, _ in dash.neg_logits] == [t for t, _ in neg]
         np.testing.assert_allclose([v for _, v in dash.pos_logits], [v for _, v in pos], atol=1e-5)
@@ -265,7 +277,9 @@ def test_dashboard_logits_and_exports(model, sae, store_path, tmp_path):
     # JSON: Neuronpedia-like fields, parses, round-trips
     d = json.loads(dash.to_json())
     assert d["index"] == str(PLANTED) and d["layer"] == HOOK and d["modelId"] == "zoo/steer-sentiment"
-    assert d["pos_str"] == [t for t, _ in pos] and len(d["freq_hist_data_bar_values"]) == len(d["freq_hist_data_bar_heights"])
+    assert d["pos_str"] == [t for t, _ in pos] and len(d["freq_hist_data_bar_values"]) == len(
+        d["freq_hist_data_bar_heights"]
+    )
     assert d["frac_nonzero"] == pytest.approx(dash.n_fire / dash.total_tokens)
     assert d["maxActApprox"] == pytest.approx(dash.max_act) and d["maxActApprox"] > 0
     for a in d["activations"]:
@@ -329,8 +343,26 @@ def test_cli_index_lookup_export_search(model, sae, tmp_path, capsys):
     sae_dir = tmp_path / "sae"
     sae.save_model(sae_dir)
     db = tmp_path / "cli.sqlite"
-    rc = main(["sae", "index", "--model", "zoo/steer-sentiment", "--sae", str(sae_dir), "--corpus", "zoo",
-               "--n-docs", "40", "--batch-size", "8", "--out", str(db), "--device", "cpu"])
+    rc = main(
+        [
+            "sae",
+            "index",
+            "--model",
+            "zoo/steer-sentiment",
+            "--sae",
+            str(sae_dir),
+            "--corpus",
+            "zoo",
+            "--n-docs",
+            "40",
+            "--batch-size",
+            "8",
+            "--out",
+            str(db),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "40 prompts (complete)" in out
@@ -338,8 +370,22 @@ def test_cli_index_lookup_export_search(model, sae, tmp_path, capsys):
         assert st.meta["sae_source"] == str(sae_dir) and st.meta["sae_hash"] == F.sae_hash(sae)
         n_word = sum(tok == _token_id(model, WORD) for p in st.corpus() for tok in p[1:])
         assert st.stats(PLANTED).n_fire == n_word > 0
-    rc = main(["sae", "lookup", "--model", "zoo/steer-sentiment", "--sae", str(sae_dir), "--prompt",
-               "what a terrible day", "--k", "2", "--device", "cpu"])
+    rc = main(
+        [
+            "sae",
+            "lookup",
+            "--model",
+            "zoo/steer-sentiment",
+            "--sae",
+            str(sae_dir),
+            "--prompt",
+            "what a terrible day",
+            "--k",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     line = [x for x in capsys.readouterr().out.splitlines() if "'terrible'" in x][0]
     assert line.split("'terrible'")[1].split()[0] == f"f{PLANTED}"
@@ -355,8 +401,29 @@ def test_cli_index_lookup_export_search(model, sae, tmp_path, capsys):
     assert "out of range" in capsys.readouterr().err
     # the same command again: nothing left to index, the store is unchanged
     before = _dump(db)
-    assert main(["sae", "index", "--model", "zoo/steer-sentiment", "--sae", str(sae_dir), "--corpus", "zoo",
-                 "--n-docs", "40", "--batch-size", "8", "--out", str(db), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "sae",
+                "index",
+                "--model",
+                "zoo/steer-sentiment",
+                "--sae",
+                str(sae_dir),
+                "--corpus",
+                "zoo",
+                "--n-docs",
+                "40",
+                "--batch-size",
+                "8",
+                "--out",
+                str(db),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "0 tokens indexed this run" in capsys.readouterr().out
     assert _dump(db) == before
 

@@ -1,5 +1,6 @@
 """Router views and helpers that need no model: `parse_experts`, load heatmaps, ranking views,
 zoo prompt sets."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,16 @@ from lenslab._errors import LenslabError
 from lenslab.probes import routers
 
 
-@pytest.mark.parametrize("text, pairs", [
-    ("2:5, 3:1", [(2, 5), (3, 1)]), ("L2e5 L3e1", [(2, 5), (3, 1)]), ("2,5; 3,1", [(2, 5), (3, 1)]),
-    ("  ", []), ("0:0", [(0, 0)]),
-])
+@pytest.mark.parametrize(
+    "text, pairs",
+    [
+        ("2:5, 3:1", [(2, 5), (3, 1)]),
+        ("L2e5 L3e1", [(2, 5), (3, 1)]),
+        ("2,5; 3,1", [(2, 5), (3, 1)]),
+        ("  ", []),
+        ("0:0", [(0, 0)]),
+    ],
+)
 def test_parse_experts(text, pairs):
     assert routers.parse_experts(text) == pairs
 
@@ -28,12 +35,15 @@ def test_parse_experts_rejects(bad):
 
 def _result() -> routers.RouterResult:
     # 2 prompts, 2 layers, 4 experts, top-2; prompt 0 has 3 tokens, prompt 1 has 2
-    idx = [torch.tensor([[[0, 1], [2, 3]], [[0, 2], [2, 3]], [[1, 0], [3, 2]]]),
-           torch.tensor([[[3, 0], [2, 1]], [[0, 1], [2, 0]]])]
+    idx = [
+        torch.tensor([[[0, 1], [2, 3]], [[0, 2], [2, 3]], [[1, 0], [3, 2]]]),
+        torch.tensor([[[3, 0], [2, 1]], [[0, 1], [2, 0]]]),
+    ]
     w = [torch.full(t.shape, 0.5) for t in idx]
     p = [torch.full((*t.shape[:2], 4), 0.25) for t in idx]
-    return routers.RouterResult(indices=idx, weights=w, probs=p, tokens=[["a", "b", "c"], ["d", "e"]],
-                                layers=(1, 3), n_experts=4, top_k=2)
+    return routers.RouterResult(
+        indices=idx, weights=w, probs=p, tokens=[["a", "b", "c"], ["d", "e"]], layers=(1, 3), n_experts=4, top_k=2
+    )
 
 
 def test_load_figure_shows_the_load():
@@ -50,8 +60,9 @@ def test_load_figure_shows_the_load():
 
 def test_ranking_views_show_class_means():
     diff = torch.tensor([[1.0, -1.0], [0.5, 0.0]])
-    r = routers.ExpertRanking(diff=diff, target_mean=diff + 2, other_mean=torch.full((2, 2), 2.0), layers=(0, 2),
-                              n_target=3, n_other=4)
+    r = routers.ExpertRanking(
+        diff=diff, target_mean=diff + 2, other_mean=torch.full((2, 2), 2.0), layers=(0, 2), n_target=3, n_other=4
+    )
     assert torch.tensor(r.figure("target").data[0].z).tolist() == (diff + 2).tolist()
     assert torch.tensor(r.figure("other").data[0].z).tolist() == [[2.0, 2.0], [2.0, 2.0]]
     assert torch.tensor(r.figure().data[0].z).tolist() == diff.tolist()

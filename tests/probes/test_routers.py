@@ -3,6 +3,7 @@
 Oracle: the Hugging Face model's own router modules (each returns logits, top-k weights and
 indices), read with a forward hook; the tiny checkpoints come from `tiny_moe_dir` (tests/conftest.py).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -28,7 +29,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 @pytest.fixture(scope="module")
 def dirs(tiny_moe_dir):
     t = tiny_moe_dir
-    assert (t.LAYERS, t.E, t.K, t.PLANT_TOKEN, t.PLANT_LAYER, t.PLANT_EXPERT) == (LAYERS, E, K, PLANT_TOKEN, PLANT_LAYER, PLANT_EXPERT)
+    assert (t.LAYERS, t.E, t.K, t.PLANT_TOKEN, t.PLANT_LAYER, t.PLANT_EXPERT) == (
+        LAYERS,
+        E,
+        K,
+        PLANT_TOKEN,
+        PLANT_LAYER,
+        PLANT_EXPERT,
+    )
     return {n: tiny_moe_dir(n) for n in ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "llama")}
 
 
@@ -41,8 +49,10 @@ def _hf(folder):
 def _hf_routing(hf, ids):
     """HF's own (weights, indices) per layer, each [batch*pos, k], from its router modules."""
     got = {}
-    handles = [_gate(hf, layer).register_forward_hook(lambda m, i, o, layer=layer: got.__setitem__(layer, o))
-               for layer in range(LAYERS)]
+    handles = [
+        _gate(hf, layer).register_forward_hook(lambda m, i, o, layer=layer: got.__setitem__(layer, o))
+        for layer in range(LAYERS)
+    ]
     try:
         with torch.no_grad():
             hf(ids)
@@ -52,8 +62,15 @@ def _hf_routing(hf, ids):
     return {layer: (o[1].float(), o[2]) for layer, o in got.items()}
 
 
-@pytest.mark.parametrize("name,kind", [("olmoe", "HookedTransformer"), ("mixtral", "HookedTransformer"),
-                                       ("qwen2_moe", "TransformerBridge"), ("qwen3_moe", "TransformerBridge")])
+@pytest.mark.parametrize(
+    "name,kind",
+    [
+        ("olmoe", "HookedTransformer"),
+        ("mixtral", "HookedTransformer"),
+        ("qwen2_moe", "TransformerBridge"),
+        ("qwen3_moe", "TransformerBridge"),
+    ],
+)
 def test_route_matches_hf_router(dirs, name, kind):
     model = lenslab.load_model(str(dirs[name]), device="cpu")
     assert type(model).__name__ == kind

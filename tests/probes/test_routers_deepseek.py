@@ -7,6 +7,7 @@ groups of which 1 is searched, top 2, sigmoid scores with a seeded non-zero
 `e_score_correction_bias`, `norm_topk_prob`, `routed_scaling_factor` 2.5, one shared expert, MLA)
 and DeepSeek-V2 (2 MoE layers, softmax, "group_limited_greedy", `routed_scaling_factor` 1.5).
 """
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """lenslab.probes.sae: loading (folders, zoo, sae-lens releases offline), checks against the model,
 metrics against sae-lens's own evaluation code, training with sae-lens's runner, the shipped zoo SAEs."""
+
 from __future__ import annotations
 
 import json
@@ -82,7 +83,9 @@ def test_unknown_sources_name_the_fix(tmp_path):
     # release and id are checked against sae-lens's local directory before any download
     with pytest.raises(LenslabError, match=r"did you mean 'gpt2-small-res-jb'"):
         S.load_sae("gpt2-small-res-j", "blocks.8.hook_resid_pre")
-    with pytest.raises(LenslabError, match=r"not an SAE of release 'gpt2-small-res-jb' \(did you mean 'blocks.8.hook_resid_pre'"):
+    with pytest.raises(
+        LenslabError, match=r"not an SAE of release 'gpt2-small-res-jb' \(did you mean 'blocks.8.hook_resid_pre'"
+    ):
         S.load_sae("gpt2-small-res-jb/blocks.8.hook_resid_pr")
 
 
@@ -91,7 +94,11 @@ def test_offline_from_pretrained_is_a_clear_error(monkeypatch, tmp_path):
 
     # Offline, with an empty Hugging Face cache: the user's real cache may hold this SAE. The hub
     # client reads its constants at call time; lenslab reads the environment.
-    for var, value in {"HF_HUB_OFFLINE": "1", "HF_HOME": tmp_path / "hf", "HF_HUB_CACHE": tmp_path / "hf" / "hub"}.items():
+    for var, value in {
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": tmp_path / "hf",
+        "HF_HUB_CACHE": tmp_path / "hf" / "hub",
+    }.items():
         monkeypatch.setenv(var, str(value))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf"))
@@ -105,7 +112,10 @@ def test_offline_from_pretrained_is_a_clear_error(monkeypatch, tmp_path):
 
 def test_mismatched_sae_and_model(tiny_model):
     ioi = S.load_sae(IOI_SAE)  # blocks.2: the tiny model has 2 layers
-    with pytest.raises(LenslabError, match=r"hook 'blocks.2.hook_resid_post' \(trained on zoo/ioi-4l\).*did you mean 'blocks.1.hook_resid_post'"):
+    with pytest.raises(
+        LenslabError,
+        match=r"hook 'blocks.2.hook_resid_post' \(trained on zoo/ioi-4l\).*did you mean 'blocks.1.hook_resid_post'",
+    ):
         S.check_sae(tiny_model, ioi)
     with pytest.raises(LenslabError, match="which model"):
         S.load_sae(IOI_SAE, model=tiny_model)
@@ -235,16 +245,48 @@ def test_cli_sae_train(tiny_zoo_dir, tmp_path, capsys):
     docs = tmp_path / "docs.txt"
     docs.write_text("\n".join(" ".join(f"t{(i * 7 + j) % 60}" for j in range(10)) for i in range(40)) + "\n")
     out = tmp_path / "sae"
-    rc = main(["sae", "train", "--model", str(tiny_zoo_dir), "--hook", "blocks.1.hook_resid_post", "--corpus", str(docs),
-               "--d-sae", "32", "--k", "4", "--training-tokens", "1024", "--batch-size-tokens", "128", "--out", str(out),
-               "--device", "cpu"])
+    rc = main(
+        [
+            "sae",
+            "train",
+            "--model",
+            str(tiny_zoo_dir),
+            "--hook",
+            "blocks.1.hook_resid_post",
+            "--corpus",
+            str(docs),
+            "--d-sae",
+            "32",
+            "--k",
+            "4",
+            "--training-tokens",
+            "1024",
+            "--batch-size-tokens",
+            "128",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "loss recovered" in text and str(out) in text
     sae = S.load_sae(out)
     assert (sae.cfg.d_sae, sae.cfg.metadata.hook_name) == (32, "blocks.1.hook_resid_post")
     # a model without a built-in corpus needs --corpus
-    rc = main(["sae", "train", "--model", str(tiny_zoo_dir), "--hook", "blocks.1.hook_resid_post", "--out", str(tmp_path / "x")])
+    rc = main(
+        [
+            "sae",
+            "train",
+            "--model",
+            str(tiny_zoo_dir),
+            "--hook",
+            "blocks.1.hook_resid_post",
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
     assert rc == 2 and "--corpus" in capsys.readouterr().err
 
 
@@ -263,7 +305,15 @@ def test_shipped_sae_matches_its_card(zoo_models, name, rec_all, rec_obj, ev):
     card = S.read_sae_card(name)
     for key, m in got.items():
         s = stored[key]
-        for f in ("mse", "explained_variance", "ce_loss_clean", "ce_loss_spliced", "ce_loss_zero", "loss_recovered", "l0"):
+        for f in (
+            "mse",
+            "explained_variance",
+            "ce_loss_clean",
+            "ce_loss_spliced",
+            "ce_loss_zero",
+            "loss_recovered",
+            "l0",
+        ):
             assert getattr(m, f) == pytest.approx(getattr(s, f), rel=1e-4, abs=1e-6), (key, f)
         assert (m.n_tokens, m.n_predictions, m.dead_fraction) == (s.n_tokens, s.n_predictions, s.dead_fraction)
         assert f"| {m.loss_recovered:.3f} |" in card
@@ -294,6 +344,6 @@ def test_hook_z_reshaping_sae_equals_the_flat_one(tiny_model):
     for f in ("mse", "explained_variance", "ce_loss_spliced", "l0", "dead_fraction"):
         assert getattr(a, f) == pytest.approx(getattr(b, f), rel=1e-6, abs=1e-9), f
     act = torch.randn(2, 3, 4, 8)
-    (name, fn), = S.splice_hooks(shaped)
+    ((name, fn),) = S.splice_hooks(shaped)
     assert name == "blocks.1.attn.hook_z" and fn(act).shape == act.shape
     assert torch.allclose(fn(act).flatten(-2), flat.decode(flat.encode(act.flatten(-2))), atol=1e-6)

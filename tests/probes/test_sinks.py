@@ -1,6 +1,7 @@
 """Attention sinks and massive activations: recovery of a hand-planted sink and massive
 activation, equality with a hand computation from run_with_cache, JSON and figure export, the
 CLI, the page, and bad input."""
+
 from __future__ import annotations
 
 import json
@@ -67,7 +68,7 @@ def test_numbers_equal_a_hand_computation(tiny_model):
             T = A.shape[-1]
             a = torch.stack([A[:, k:, k].mean(-1) for k in range(T)], -1)
             for_l.append(a)
-            vw_l.append(torch.stack([(A[:, k:, k] * v[:, k:k + 1]).mean(-1) for k in range(T)], -1))
+            vw_l.append(torch.stack([(A[:, k:, k] * v[:, k : k + 1]).mean(-1) for k in range(T)], -1))
         alpha.append(torch.stack(for_l))
         vw.append(torch.stack(vw_l))
     first = (alpha[0][..., 0] + alpha[1][..., 0]) / 2
@@ -91,7 +92,11 @@ def test_numbers_equal_a_hand_computation(tiny_model):
 
 def test_json_round_trip_and_figure_export(planted, tmp_path):
     model, toks = planted
-    for r in (S.attention_sinks(model, toks), S.massive_activations(model, toks), S.ablate_massive(model, toks, mode="zero")):
+    for r in (
+        S.attention_sinks(model, toks),
+        S.massive_activations(model, toks),
+        S.ablate_massive(model, toks, mode="zero"),
+    ):
         back = type(r).from_json(r.to_json())
         assert back.to_dict() | {"provenance": None} == r.to_dict() | {"provenance": None}
         assert back.provenance["model"] == "planted-sink-2l"
@@ -132,11 +137,17 @@ def test_cli_writes_files(tiny_zoo_dir, tmp_path, capsys):
     from lenslab.cli import main
 
     out = tmp_path / "sinks.json"
-    assert main(["sinks", "attention", "--model", str(tiny_zoo_dir), "--prompts", "t1 t2 t3", "t4 t5", "--out", str(out)]) == 0
+    assert (
+        main(["sinks", "attention", "--model", str(tiny_zoo_dir), "--prompts", "t1 t2 t3", "t4 t5", "--out", str(out)])
+        == 0
+    )
     r = S.SinkResult.from_json(out)
     assert r.attn_to_first.shape == (2, 4)
     out2 = tmp_path / "massive.json"
-    assert main(["sinks", "massive", "--model", str(tiny_zoo_dir), "--ratio", "2", "--absolute", "0", "--out", str(out2)]) == 0
+    assert (
+        main(["sinks", "massive", "--model", str(tiny_zoo_dir), "--ratio", "2", "--absolute", "0", "--out", str(out2)])
+        == 0
+    )
     assert S.MassiveResult.from_json(out2).rule.absolute is None
     assert main(["sinks", "attention", "--model", str(tiny_zoo_dir), "--threshold", "3", "--out", str(out)]) == 2
     assert "between 0 and 1" in capsys.readouterr().err

@@ -8,6 +8,7 @@ on the BOS); for the real architectures, every expert applied to every token wit
 the HF model's own fused weights, masked by the HF router's own choices, and checked to add up
 (with the gate weights, and the gated shared expert) to the HF MoE block's output.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,9 +77,20 @@ def _hf_reference(folder: Path, ids: torch.Tensor):
                 cols.append((h_sh, o_sh, torch.arange(x.shape[0])))
         # the reference is what the block computes: gate-weighted experts (+ gated shared expert) = block output
         torch.testing.assert_close(total, y, atol=1e-5, rtol=0)
-        rows.append([(float(o.abs().max()), float(h.abs().max()), int(o.abs().max(0).values.argmax()), o.shape[0],
-                      int(tok[o.abs().max(1).values.argmax()])) if o.numel() else (0.0, 0.0, -1, 0, -1)
-                     for h, o, tok in cols])
+        rows.append(
+            [
+                (
+                    float(o.abs().max()),
+                    float(h.abs().max()),
+                    int(o.abs().max(0).values.argmax()),
+                    o.shape[0],
+                    int(tok[o.abs().max(1).values.argmax()]),
+                )
+                if o.numel()
+                else (0.0, 0.0, -1, 0, -1)
+                for h, o, tok in cols
+            ]
+        )
     return rows
 
 
@@ -148,8 +160,15 @@ def test_pruning_the_planted_super_expert_removes_the_massive_activation_and_the
 
 
 # --- real architectures ---------------------------------------------------------------------------
-@pytest.mark.parametrize("name,kind", [("mixtral", "HookedTransformer"), ("olmoe", "HookedTransformer"),
-                                       ("qwen2_moe", "TransformerBridge"), ("qwen3_moe", "TransformerBridge")])
+@pytest.mark.parametrize(
+    "name,kind",
+    [
+        ("mixtral", "HookedTransformer"),
+        ("olmoe", "HookedTransformer"),
+        ("qwen2_moe", "TransformerBridge"),
+        ("qwen3_moe", "TransformerBridge"),
+    ],
+)
 def test_profile_equals_an_independent_hf_computation(dirs, name, kind):
     model = lenslab.load_model(str(dirs[name]), device="cpu")
     assert type(model).__name__ == kind
@@ -171,7 +190,8 @@ def test_profile_equals_an_independent_hf_computation(dirs, name, kind):
     scipy_stats = pytest.importorskip("scipy.stats")
     for l in range(LAYERS):
         assert float(prof.kurtosis()[l]) == pytest.approx(
-            float(scipy_stats.kurtosis(prof.output_max[l].double().numpy(), fisher=True)), rel=1e-6)
+            float(scipy_stats.kurtosis(prof.output_max[l].double().numpy(), fisher=True)), rel=1e-6
+        )
 
 
 @pytest.mark.parametrize("name", ["qwen2_moe", "mixtral"])
@@ -186,7 +206,7 @@ def test_prune_zeroes_the_down_projection_and_restores_it(dirs, name):
         pruned = SE.profile_experts(model, ids)
         changed = [k for k, v in _all_params(model).items() if not torch.equal(v, before[k])]
         assert changed  # something was zeroed ...
-    for (l, e) in experts:  # ... the pruned experts output exactly 0; the router still sends them tokens
+    for l, e in experts:  # ... the pruned experts output exactly 0; the router still sends them tokens
         assert pruned.value(l, e) == 0.0
     assert pruned.tokens[0].tolist() == clean.tokens[0].tolist()  # layer 0's routing is untouched
     assert pruned.value(0, 0) == pytest.approx(clean.value(0, 0), abs=1e-6)  # and its other experts too
@@ -211,10 +231,19 @@ def _all_params(model) -> dict:
 def _synthetic(values: torch.Tensor, n_layers: int, include: float = 0.75) -> SE.ExpertProfile:
     L, C = values.shape
     return SE.ExpertProfile(
-        output_max=values.float(), input_max=values.float() / 10, channel=torch.zeros(L, C, dtype=torch.long),
-        pos=torch.zeros(L, C, dtype=torch.long), sample=torch.zeros(L, C, dtype=torch.long),
-        tokens=torch.ones(L, C, dtype=torch.long), token_labels=[["t"] * C for _ in range(L)],
-        layers=list(range(L)), n_experts=C, n_layers=n_layers, include_layers=include, provenance={"model": "synthetic"})
+        output_max=values.float(),
+        input_max=values.float() / 10,
+        channel=torch.zeros(L, C, dtype=torch.long),
+        pos=torch.zeros(L, C, dtype=torch.long),
+        sample=torch.zeros(L, C, dtype=torch.long),
+        tokens=torch.ones(L, C, dtype=torch.long),
+        token_labels=[["t"] * C for _ in range(L)],
+        layers=list(range(L)),
+        n_experts=C,
+        n_layers=n_layers,
+        include_layers=include,
+        provenance={"model": "synthetic"},
+    )
 
 
 def test_rules_match_the_authors_formulas():
@@ -302,7 +331,9 @@ def test_bad_input_names_the_problem(planted, tiny_model):
         SE.super_experts(model, toks, rule="mean+3sd")
     with pytest.raises(LenslabError, match="no profiled layer lies below"):
         SE.profile_experts(model, toks, layers=[1], include_layers=0.5).super_experts()
-    with pytest.raises(LenslabError, match=r"expert 4 does not exist in layer 0: it has experts 0..3 \(it has no shared"):
+    with pytest.raises(
+        LenslabError, match=r"expert 4 does not exist in layer 0: it has experts 0..3 \(it has no shared"
+    ):
         with SE.prune_experts(model, [(0, 4)]):
             pass
     with pytest.raises(LenslabError, match="expert -1 does not exist"):
@@ -334,14 +365,38 @@ def test_cli_profiles_and_prunes(dirs, tmp_path, capsys):
     assert found.profile.shared and found.profile.output_max.shape == (LAYERS, E + 1) and len(found) == 1
     assert "super experts (su)" in capsys.readouterr().out
     out2 = tmp_path / "prune.json"
-    assert main(["sinks", "experts", "--model", str(dirs["qwen2_moe"]), "--prompts", *prompts, "--prune",
-                 "--experts", "0:1", "1:-1", "--random-draws", "2", "--absolute", "0", "--ratio", "5",
-                 "--out", str(out2)]) == 0
+    assert (
+        main(
+            [
+                "sinks",
+                "experts",
+                "--model",
+                str(dirs["qwen2_moe"]),
+                "--prompts",
+                *prompts,
+                "--prune",
+                "--experts",
+                "0:1",
+                "1:-1",
+                "--random-draws",
+                "2",
+                "--absolute",
+                "0",
+                "--ratio",
+                "5",
+                "--out",
+                str(out2),
+            ]
+        )
+        == 0
+    )
     abl = SE.SuperExpertAblation.from_json(out2)
     assert abl.experts == [(0, 1), (1, -1)] and abl.rule == "given" and len(abl.random) == 2
     assert "pruned [(0, 1), (1, -1)]" in capsys.readouterr().out
-    assert main(["sinks", "experts", "--model", str(dirs["qwen2_moe"]), "--experts", "0:9", "--prune",
-                 "--out", str(out2)]) == 2
+    assert (
+        main(["sinks", "experts", "--model", str(dirs["qwen2_moe"]), "--experts", "0:9", "--prune", "--out", str(out2)])
+        == 2
+    )
     assert "expert 9 does not exist in layer 0" in capsys.readouterr().err
 
 

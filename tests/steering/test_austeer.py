@@ -1,5 +1,6 @@
 """AUSteer: scores against a hand computation from run_with_cache, global top-k selection,
 zero strength bit-identical, and a measured push on zoo/ioi-4l."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,16 +12,22 @@ from lenslab import steering as S
 
 POS = ["t1 t2 t3", "t4 t5 t6 t7", "t8 t9", "t10 t11 t12", "t13 t14 t15 t16 t17"]
 NEG = ["t21 t22 t23", "t24 t25", "t28 t29 t30", "t30 t31 t32", "t33 t34 t35"]
-HOOKS = {"resid": "blocks.{L}.hook_resid_post", "mlp": "blocks.{L}.hook_mlp_out", "attn": "blocks.{L}.attn.hook_z",
-         "neurons": "blocks.{L}.mlp.hook_post"}
+HOOKS = {
+    "resid": "blocks.{L}.hook_resid_post",
+    "mlp": "blocks.{L}.hook_mlp_out",
+    "attn": "blocks.{L}.attn.hook_z",
+    "neurons": "blocks.{L}.mlp.hook_post",
+}
 
 
 def _hand_beta(model, site):
     rows = []
     for L in range(model.cfg.n_layers):
+
         def last(p, L=L):
             _, cache = model.run_with_cache(p)
             return cache[HOOKS[site].format(L=L)][0, -1].flatten()  # [n_units]
+
         d = torch.stack([last(p) - last(n) for p, n in zip(POS, NEG)])  # [S, n_units]
         npos, nneg = (d > 0).sum(0).tolist(), (d < 0).sum(0).tolist()
         rows.append([(-1 if a < b else 1) * max(a, b) / len(POS) for a, b in zip(npos, nneg)])
@@ -98,6 +105,7 @@ def test_steering_is_x_times_one_plus_alpha_beta(tiny_model):
             act = act.clone()
             act[..., u] = act[..., u] * (1 + 0.5 * 2.0 * beta[L, u])
             return act
+
         fwd.append((e.hook, hand))
     with torch.no_grad():
         want = tiny_model.run_with_hooks(toks, fwd_hooks=fwd)
@@ -110,8 +118,10 @@ def test_zero_alpha_or_strength_is_bit_identical(tiny_model):
     toks = tiny_model.to_tokens("t1 t2 t3 t4 t5")
     with torch.no_grad():
         base = tiny_model(toks)
-        for iv in (S.austeer(tiny_model, POS, NEG, k=10, alpha=0.0, site="attn"),
-                   S.austeer(tiny_model, POS, NEG, k=10, alpha=50.0, site="attn").with_strength(0.0)):
+        for iv in (
+            S.austeer(tiny_model, POS, NEG, k=10, alpha=0.0, site="attn"),
+            S.austeer(tiny_model, POS, NEG, k=10, alpha=50.0, site="attn").with_strength(0.0),
+        ):
             with S.apply(tiny_model, iv):
                 assert torch.equal(tiny_model(toks), base)
         with S.apply(tiny_model, S.austeer(tiny_model, POS, NEG, k=10, alpha=50.0, site="attn")):
@@ -141,8 +151,12 @@ def test_austeer_pushes_ioi_towards_positive_name():
     """
     torch.set_num_threads(1)
     model = lenslab.load_model("zoo/ioi-4l", device="cpu")
-    t = ["When {a} and {b} went to the store, {b} gave a drink to", "When {a} and {b} went to the office, {b} gave a book to",
-         "When {a} and {b} went to the garden, {b} gave a cup to", "When {a} and {b} went to the school, {b} gave a map to"]
+    t = [
+        "When {a} and {b} went to the store, {b} gave a drink to",
+        "When {a} and {b} went to the office, {b} gave a book to",
+        "When {a} and {b} went to the garden, {b} gave a cup to",
+        "When {a} and {b} went to the school, {b} gave a map to",
+    ]
     pos = [x.format(a="Mary", b="John") for x in t]
     neg = [x.format(a="John", b="Mary") for x in t]
     user = model.to_tokens("When John and Mary went to the park, Mary gave a ball to")  # -> John

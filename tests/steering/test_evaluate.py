@@ -5,6 +5,7 @@ the same continuations), hand-counted rates, a hand-computed teacher-forced perp
 the switch table the planted expert of the tiny Mixtral (`tiny_moe_dir(plant=True)`) plus
 direct `behaviour_rates` calls with the same switches.
 """
+
 from __future__ import annotations
 
 import math
@@ -80,8 +81,9 @@ def test_answer_accuracy_exact_and_prefix(tiny_model, ivs, texts):
         assert table.value("baseline", s) == pytest.approx(want[s], abs=1e-6)
     # prefix: the first word of each continuation is always a prefix of it
     firsts = {s: [(g.split() or ["t63"])[0] for g in gens[s]] for s in PROMPTS}
-    pre = ev.answer_accuracy(tiny_model, {"baseline": None}, PROMPTS, firsts, max_new_tokens=N_NEW, prefix=True,
-                             texts=texts)
+    pre = ev.answer_accuracy(
+        tiny_model, {"baseline": None}, PROMPTS, firsts, max_new_tokens=N_NEW, prefix=True, texts=texts
+    )
     want_pre = {s: sum(bool(g.split()) for g in gens[s]) / len(gens[s]) for s in PROMPTS}
     for s in PROMPTS:
         assert pre.value("baseline", s) == pytest.approx(want_pre[s], abs=1e-6)
@@ -123,19 +125,24 @@ def test_rate_table_json_markdown_and_figure(tiny_model, ivs, texts):
     md = table.to_markdown()
     assert "| baseline |" in md and "a (n=6)" in md and f"{100 * table.value('pushed', 'b'):.1f}%" in md
     fig = table.figure()
-    assert len(fig.data) == 2 and list(fig.data[1].y) == pytest.approx([100 * float(v) for v in table.values[1]], abs=1e-9)
+    assert len(fig.data) == 2 and list(fig.data[1].y) == pytest.approx(
+        [100 * float(v) for v in table.values[1]], abs=1e-9
+    )
     with pytest.raises(LenslabError, match="did you mean 'baseline'"):
         table.value("baselin", "a")
 
 
-@pytest.mark.parametrize("call, msg", [
-    (lambda m: ev.continuations(m, {}, PROMPTS), "non-empty dict"),
-    (lambda m: ev.continuations(m, {"x": "not an iv"}, PROMPTS), "not a lenslab Intervention"),
-    (lambda m: ev.continuations(m, {"x": None}, {"a": []}), "non-empty list"),
-    (lambda m: ev.continuations(m, {"x": None}, {"a": "t1 t2"}), "non-empty list"),
-    (lambda m: ev.answer_accuracy(m, {"x": None}, {"a": ["t1"]}, {"a": ["t1", "t2"]}), "1 prompts but 2 answers"),
-    (lambda m: ev.perplexity(m, {"x": None}, {"a": ["t1"]}, {"b": ["t1"]}), "no answers for prompt set 'a'"),
-])
+@pytest.mark.parametrize(
+    "call, msg",
+    [
+        (lambda m: ev.continuations(m, {}, PROMPTS), "non-empty dict"),
+        (lambda m: ev.continuations(m, {"x": "not an iv"}, PROMPTS), "not a lenslab Intervention"),
+        (lambda m: ev.continuations(m, {"x": None}, {"a": []}), "non-empty list"),
+        (lambda m: ev.continuations(m, {"x": None}, {"a": "t1 t2"}), "non-empty list"),
+        (lambda m: ev.answer_accuracy(m, {"x": None}, {"a": ["t1"]}, {"a": ["t1", "t2"]}), "1 prompts but 2 answers"),
+        (lambda m: ev.perplexity(m, {"x": None}, {"a": ["t1"]}, {"b": ["t1"]}), "no answers for prompt set 'a'"),
+    ],
+)
 def test_bad_inputs(tiny_model, call, msg):
     with pytest.raises(LenslabError, match=msg):
         call(tiny_model)
@@ -155,9 +162,21 @@ def test_expert_switch_table_on_a_planted_moe(tiny_moe_dir):
     def score(text):
         return text.split()[:1] in ([w[1]], [w[2]], [w[40]])
 
-    table = ev.expert_switch_table(model, rank_target=target, rank_other=other, target=evals[:5], other=evals[5:],
-                                   capability=evals, capability_answers=answers, score=score, k=1, n_random=3,
-                                   seed=0, max_new_tokens=3, progress=False)
+    table = ev.expert_switch_table(
+        model,
+        rank_target=target,
+        rank_other=other,
+        target=evals[:5],
+        other=evals[5:],
+        capability=evals,
+        capability_answers=answers,
+        score=score,
+        k=1,
+        n_random=3,
+        seed=0,
+        max_new_tokens=3,
+        progress=False,
+    )
     # fTRI finds the planted expert; the random draws never pick it and are deterministic
     assert tuple(table.experts[0][:2]) == (t.PLANT_LAYER, t.PLANT_EXPERT)
     assert table.experts[0][2] == pytest.approx(1.0, abs=1e-6)  # one more selection per target prompt
@@ -188,10 +207,19 @@ def test_expert_switch_table_on_a_planted_moe(tiny_moe_dir):
 def test_switch_table_prints_perplexity_at_four_significant_digits():
     """A five-figure perplexity is printed without decimals (its 5th digit already differs between
     CPUs); small ones keep 3 decimals, and a random row's std takes its mean's decimals."""
-    mean = torch.tensor([[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 58025.13], [0.997, 0.0, 0.923, 1.30912]], dtype=torch.float64)
+    mean = torch.tensor(
+        [[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 58025.13], [0.997, 0.0, 0.923, 1.30912]], dtype=torch.float64
+    )
     std = torch.tensor([[0.0] * 4, [0.0] * 4, [0.003, 0.0, 0.069, 0.28949]], dtype=torch.float64)
-    table = ev.SwitchTable(mean=mean, std=std, rows=("baseline", "top-4 on", "random-4 off"), experts=[],
-                           random_draws=[], per_draw=torch.zeros(1, 4), n=(200, 200, 200, 200))
+    table = ev.SwitchTable(
+        mean=mean,
+        std=std,
+        rows=("baseline", "top-4 on", "random-4 off"),
+        experts=[],
+        random_draws=[],
+        per_draw=torch.zeros(1, 4),
+        n=(200, 200, 200, 200),
+    )
     rows = table.to_markdown().splitlines()[2:]
     assert rows[0].endswith("| 100.0% | 1.000 |") and rows[1].endswith("| 0.0% | 58025 |")
     assert rows[2].endswith("| 92.3% ± 6.9 | 1.309 ± 0.289 |")

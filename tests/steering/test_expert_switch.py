@@ -8,6 +8,7 @@ Oracles, on tiny random checkpoints from `tiny_moe_dir` (tests/conftest.py):
 - a zeroed MoE block, hand-computed gate weights, and a planted routing for generation.
 HookedTransformer (Mixtral, OLMoE) and TransformerBridge (Qwen2-MoE, Qwen3-MoE) paths both.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -20,8 +21,12 @@ from lenslab.steering import Edit, Intervention, reroute, switch_experts
 from lenslab.steering.experts import hf_moe_layers
 
 MOE = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
-KIND = {"mixtral": "HookedTransformer", "olmoe": "HookedTransformer",
-        "qwen2_moe": "TransformerBridge", "qwen3_moe": "TransformerBridge"}
+KIND = {
+    "mixtral": "HookedTransformer",
+    "olmoe": "HookedTransformer",
+    "qwen2_moe": "TransformerBridge",
+    "qwen3_moe": "TransformerBridge",
+}
 E, K, LAYERS = 4, 2, 2
 TOL = 1e-5
 
@@ -67,10 +72,12 @@ def _run_hf(hf, ids, router_fn=None, layers=range(LAYERS)):
     handles = []
     if router_fn is not None:
         for layer in layers:
+
             def hook(mod, inp, out, layer=layer):
                 logits, w, idx = out
                 w2, idx2 = router_fn(layer, logits.float().softmax(-1), w.float(), idx)
                 return logits, w2.to(w.dtype), idx2
+
             handles.append(_gate(hf, layer).register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -88,6 +95,7 @@ def _run(model, ids, iv=None):
 # --- hand-written references (independent of reroute) --------------------------------------------
 def hand_drop(off: dict, strength: float = 1.0):
     """off: layer -> expert ids. Scale their weight by 1 - s, rescale the others to keep the total."""
+
     def fn(layer, probs, w, idx):
         w = w.clone()
         for row in range(w.shape[0]):
@@ -103,11 +111,13 @@ def hand_drop(off: dict, strength: float = 1.0):
             for j in rest:
                 w[row, j] = w[row, j] * (new / old) if old > 0 else w[row, j]
         return w, idx
+
     return fn
 
 
 def hand_force(on: dict, strength: float = 1.0):
     """on: layer -> one expert id. Not selected: it takes the lowest-weight slot, s x that weight."""
+
     def fn(layer, probs, w, idx):
         if layer not in on:
             return w, idx
@@ -120,6 +130,7 @@ def hand_force(on: dict, strength: float = 1.0):
             idx[row, j] = f
             w[row, j] = strength * w[row, j]
         return w, idx
+
     return fn
 
 
@@ -149,8 +160,7 @@ def _e(op, units, strength=1.0, positions="all"):
     return Edit(hook="blocks.0.mlp", op=op, units=units, strength=strength, positions=positions)
 
 
-P = torch.tensor([[0.40, 0.30, 0.20, 0.10],
-                  [0.05, 0.15, 0.50, 0.30]])
+P = torch.tensor([[0.40, 0.30, 0.20, 0.10], [0.05, 0.15, 0.50, 0.30]])
 ROWS = torch.tensor([0, 1])
 
 
@@ -208,7 +218,9 @@ def test_reroute_positions_pick_rows():
     probs = P.repeat(3, 1)  # batch 2 x pos 3 would be rows 0..5; here batch 3 x pos 2
     rows = torch.arange(6) % 2
     _, w = reroute(probs, 2, False, [_e("drop_experts", (0,), positions="last")], rows, n_pos=2)
-    assert [float(x) for x in w[:, 0]] == pytest.approx([0.4, 0.5, 0.4, 0.5, 0.4, 0.5])  # last = row 1: expert 0 unselected
+    assert [float(x) for x in w[:, 0]] == pytest.approx(
+        [0.4, 0.5, 0.4, 0.5, 0.4, 0.5]
+    )  # last = row 1: expert 0 unselected
     _, w = reroute(probs, 2, False, [_e("drop_experts", (0,), positions=(0,))], rows, n_pos=2)
     assert [float(x) for x in w[:, 0]] == pytest.approx([0.0, 0.5, 0.0, 0.5, 0.0, 0.5])
     _, w = reroute(probs, 2, False, [_e("drop_experts", (0,), positions="generated")], rows, n_pos=2, prompt_len=1)
@@ -216,7 +228,9 @@ def test_reroute_positions_pick_rows():
 
 
 def test_switch_experts_builds_edits():
-    iv = switch_experts(off=[(1, 3), (0, 2), (1, 3)], on=[(1, 0)], mode="mask", positions="last", strength=0.5, name="x")
+    iv = switch_experts(
+        off=[(1, 3), (0, 2), (1, 3)], on=[(1, 0)], mode="mask", positions="last", strength=0.5, name="x"
+    )
     assert [(e.hook, e.op, e.units, e.positions, e.strength) for e in iv.edits] == [
         ("blocks.0.mlp", "mask_experts", (2,), "last", 0.5),
         ("blocks.1.mlp", "mask_experts", (3,), "last", 0.5),
@@ -262,7 +276,8 @@ def test_every_expert_dropped_zeroes_the_moe_output(loaded, name):
     iv = switch_experts(off=[(0, e) for e in range(E)])
     got = _run(model, ids, iv)
     h = (getattr(hf.model.layers[0], "block_sparse_moe", None) or hf.model.layers[0].mlp).register_forward_hook(
-        lambda m, i, o: torch.zeros_like(o))
+        lambda m, i, o: torch.zeros_like(o)
+    )
     try:
         ref = _run_hf(hf, ids)
     finally:
@@ -289,8 +304,10 @@ def test_force_puts_the_expert_in_every_token(loaded, name):
         else:  # read the router output after lenslab's hook (hooks run in registration order)
             from lenslab.probes import routers
 
-            hs = [routers._hf_router(model, l).register_forward_hook(lambda m, i, o, l=l: seen.__setitem__(l, o[2]))
-                  for l in range(LAYERS)]
+            hs = [
+                routers._hf_router(model, l).register_forward_hook(lambda m, i, o, l=l: seen.__setitem__(l, o[2]))
+                for l in range(LAYERS)
+            ]
             try:
                 model(ids)
             finally:
@@ -336,7 +353,11 @@ def test_empty_and_zero_strength_are_bit_identical(loaded, name):
     ids = _ids()
     base = _run(model, ids)
     iv = switch_experts(off=[(0, 1)], on=[(1, 2)])
-    for same in (switch_experts(), iv.with_strength(0.0), Intervention(edits=(_e("mask_experts", (1,), strength=0.0),))):
+    for same in (
+        switch_experts(),
+        iv.with_strength(0.0),
+        Intervention(edits=(_e("mask_experts", (1,), strength=0.0),)),
+    ):
         assert torch.equal(_run(model, ids, same), base)
     if KIND[name] == "HookedTransformer":
         assert S.hooks(model, iv.with_strength(0.0)) == []
@@ -344,13 +365,16 @@ def test_empty_and_zero_strength_are_bit_identical(loaded, name):
 
 
 # --- errors -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("iv,msg", [
-    (switch_experts(off=[(5, 0)]), r"layer 5 is not a MoE layer of this model; MoE layers: \[0, 1\]"),
-    (switch_experts(off=[(1, 4)]), r"expert 4 does not exist in layer 1: it has experts 0..3"),
-    (switch_experts(on=[(0, 9)]), r"expert 9 does not exist in layer 0: it has experts 0..3"),
-    (switch_experts(off=[(0, 0), (0, 1), (0, 2)], mode="mask"), r"mask at most 2"),
-    (switch_experts(on=[(0, 0), (0, 1), (0, 2)]), r"force at most 2"),
-])
+@pytest.mark.parametrize(
+    "iv,msg",
+    [
+        (switch_experts(off=[(5, 0)]), r"layer 5 is not a MoE layer of this model; MoE layers: \[0, 1\]"),
+        (switch_experts(off=[(1, 4)]), r"expert 4 does not exist in layer 1: it has experts 0..3"),
+        (switch_experts(on=[(0, 9)]), r"expert 9 does not exist in layer 0: it has experts 0..3"),
+        (switch_experts(off=[(0, 0), (0, 1), (0, 2)], mode="mask"), r"mask at most 2"),
+        (switch_experts(on=[(0, 0), (0, 1), (0, 2)]), r"force at most 2"),
+    ],
+)
 def test_bad_ids_name_the_valid_range(loaded, iv, msg):
     for name in ("olmoe", "qwen3_moe"):
         model = loaded(name)[0]
@@ -374,14 +398,18 @@ def test_bad_specs_and_dense_models(loaded, tiny_moe_dir):
     with pytest.raises(LenslabError, match="not a \\(layer, expert\\) pair"):
         switch_experts(off=[3])
     dense = lenslab.load_model(str(tiny_moe_dir("llama")), device="cpu")
-    with pytest.raises(LenslabError, match="needs a Mixture-of-Experts model, but this model has no Mixture-of-Experts"):
+    with pytest.raises(
+        LenslabError, match="needs a Mixture-of-Experts model, but this model has no Mixture-of-Experts"
+    ):
         S.validate(dense, switch_experts(off=[(0, 1)]))
     with pytest.raises(LenslabError, match="this model has no Mixture-of-Experts layers"):
         hf_moe_layers(_hf(tiny_moe_dir("llama")))
     with pytest.raises(LenslabError, match="use `with lenslab.steering.apply"):
         S.hooks(loaded("qwen2_moe")[0], switch_experts(off=[(0, 1)]))
-    with pytest.raises(LenslabError, match="hf_hooks applies expert switches only"), \
-            S.hf_hooks(loaded("olmoe")[1], Intervention(edits=(Edit(hook="blocks.0.hook_resid_post", op="zero"),))):
+    with (
+        pytest.raises(LenslabError, match="hf_hooks applies expert switches only"),
+        S.hf_hooks(loaded("olmoe")[1], Intervention(edits=(Edit(hook="blocks.0.hook_resid_post", op="zero"),))),
+    ):
         pass
 
 
@@ -416,7 +444,9 @@ def test_generate_with_a_switch_on_the_planted_model(behaviour_model):
     assert S.generate(model, without, on, max_new_tokens=4).split() == [TARGET] * 4
     steered = S.generate(model, with_token, off, max_new_tokens=5)
     assert steered == S.generate(model, with_token, off, max_new_tokens=5)  # deterministic
-    assert S.generate(model, with_token, off.with_strength(0.0), max_new_tokens=5) == S.generate(model, with_token, max_new_tokens=5)
+    assert S.generate(model, with_token, off.with_strength(0.0), max_new_tokens=5) == S.generate(
+        model, with_token, max_new_tokens=5
+    )
     # positions="generated": the prompt routes as usual, generated tokens get the expert
     gen = switch_experts(on=[(1, 3)], positions="generated")
     pieces = list(S.stream(model, without, gen, max_new_tokens=3))

@@ -10,6 +10,7 @@ experts in 2 groups, 1 group searched, top 2, one shared expert):
 - all routed experts dropped: the Hugging Face model with its routed experts' output zeroed
   (the shared expert keeps working).
 """
+
 from __future__ import annotations
 
 import copy
@@ -71,10 +72,12 @@ def _run_hf(hf, ids, router_fn=None, layers=()):
     the router's output at each of `layers`."""
     handles = []
     for layer in layers:
+
         def hook(mod, inp, out, layer=layer):
             logits, w, idx = out
             w2, idx2 = router_fn(layer, w.float().clone(), idx.clone())
             return logits, w2.to(w.dtype), idx2
+
         handles.append(_gate(hf, layer).register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -90,8 +93,11 @@ def _routing(model, ids, iv=None):
     with torch.no_grad(), S.apply(model, iv):  # registered after the switch's hooks: they run first
         try:
             for layer in _moe_layers_of(model):
-                hs.append(routers._hf_router(model, layer).register_forward_hook(
-                    lambda m, i, o, layer=layer: seen.__setitem__(layer, o[2].clone())))
+                hs.append(
+                    routers._hf_router(model, layer).register_forward_hook(
+                        lambda m, i, o, layer=layer: seen.__setitem__(layer, o[2].clone())
+                    )
+                )
             model(ids)
         finally:
             for h in hs:
@@ -106,6 +112,7 @@ def _moe_layers_of(model) -> list[int]:
 # --- hand-written references (independent of lenslab's reroute) ----------------------------------
 def hand_drop(off: dict, strength: float = 1.0):
     """off: layer -> expert ids. Their weight x (1 - s); the others rescaled to keep each row's total."""
+
     def fn(layer, w, idx):
         for row in range(w.shape[0]):
             total = float(w[row].sum())
@@ -120,11 +127,13 @@ def hand_drop(off: dict, strength: float = 1.0):
             for j in rest:
                 w[row, j] = w[row, j] * (new / old) if old > 0 else w[row, j]
         return w, idx
+
     return fn
 
 
 def hand_force(on: dict, strength: float = 1.0):
     """on: layer -> one expert. Not selected: it takes the lowest-weight slot, s x that weight."""
+
     def fn(layer, w, idx):
         f = on.get(layer)
         for row in range(w.shape[0]):
@@ -134,6 +143,7 @@ def hand_force(on: dict, strength: float = 1.0):
             idx[row, j] = f
             w[row, j] = strength * w[row, j]
         return w, idx
+
     return fn
 
 
@@ -170,8 +180,12 @@ def v2_masked_logits(hf, ids, removed: dict, monkeypatch):
 
     shim = _MaskedLinear(mod.F)
     monkeypatch.setattr(mod, "F", shim)
-    hs = [_gate(hf, layer).register_forward_pre_hook(
-        lambda m, a, layer=layer: setattr(shim, "cols", removed.get(layer, ()))) for layer in MOE_LAYERS["deepseek_v2"]]
+    hs = [
+        _gate(hf, layer).register_forward_pre_hook(
+            lambda m, a, layer=layer: setattr(shim, "cols", removed.get(layer, ()))
+        )
+        for layer in MOE_LAYERS["deepseek_v2"]
+    ]
     try:
         with torch.no_grad():
             return hf(ids).logits
@@ -294,8 +308,9 @@ def test_force_puts_the_expert_in_every_token(loaded, name):
     ref = _run_hf(hf, ids, hand_force(on), layers=(a, b))
     torch.testing.assert_close(_run(model, ids, iv), ref, atol=TOL, rtol=0)
     half = switch_experts(on=list(on.items()), strength=0.5)
-    torch.testing.assert_close(_run(model, ids, half), _run_hf(hf, ids, hand_force(on, 0.5), layers=(a, b)),
-                               atol=TOL, rtol=0)
+    torch.testing.assert_close(
+        _run(model, ids, half), _run_hf(hf, ids, hand_force(on, 0.5), layers=(a, b)), atol=TOL, rtol=0
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -7,6 +7,7 @@ zoo/steer-sentiment whose decoder row is W_E['terrible'] - W_E['wonderful'] at `
 ablating it turns 'terrible' into 'wonderful' and clamping it does the reverse.
 SAEs are built in code with sae-lens's classes (random weights, seeded).
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,11 @@ def make_sae(kind: str, d_in: int = 96, d_sae: int = 64, *, hook: str = HOOK, ti
     `tied`: unit-norm decoder rows and W_enc = W_dec.T (so W_dec[f] . W_enc[:, f] = 1)."""
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 
-    cls, ccls = {"relu": (StandardSAE, StandardSAEConfig), "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig),
-                 "topk": (TopKSAE, TopKSAEConfig)}[kind]
+    cls, ccls = {
+        "relu": (StandardSAE, StandardSAEConfig),
+        "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig),
+        "topk": (TopKSAE, TopKSAEConfig),
+    }[kind]
     torch.manual_seed(seed)
     sae = cls(ccls(d_in=d_in, d_sae=d_sae, metadata=_meta(hook), **cfg))
     g = torch.Generator().manual_seed(seed)
@@ -71,7 +75,7 @@ def make_sae(kind: str, d_in: int = 96, d_sae: int = 64, *, hook: str = HOOK, ti
 
 def _edit(model, iv, x):
     """The intervention's hook applied to activations `x` [n, d] (as one batch row)."""
-    (name, fn), = S.hooks(model, iv)
+    ((name, fn),) = S.hooks(model, iv)
     assert name == iv.edits[0].hook
     return fn(x[None].clone(), None)[0]
 
@@ -84,6 +88,7 @@ def _double(sae):
 
 def _sae_lens_reference(sae, x, f, target):
     """sae-lens, in float64: forward with the error term, feature f of hook_sae_acts_post set to `target`."""
+
     def set_f(a, hook):
         a = a.clone()
         a[..., f] = target
@@ -214,10 +219,12 @@ def test_strength_zero_is_bit_identical(model, acts):
 
 def test_presets_round_trip(model, tmp_path):
     toks = model.to_tokens(PROMPTS[0])
-    ivs = [SF.ablate_feature(make_sae("jumprelu"), 7, positions="prompt"),
-           SF.clamp_feature(make_sae("topk", k=8), 2, 3.5, strength=0.5),
-           SF.clamp_feature(make_sae("topk", k=8), 2, 3.5, topk="relu"),
-           SF.add_feature(make_sae("relu"), 1, -2.0)]
+    ivs = [
+        SF.ablate_feature(make_sae("jumprelu"), 7, positions="prompt"),
+        SF.clamp_feature(make_sae("topk", k=8), 2, 3.5, strength=0.5),
+        SF.clamp_feature(make_sae("topk", k=8), 2, 3.5, topk="relu"),
+        SF.add_feature(make_sae("relu"), 1, -2.0),
+    ]
     iv = S.compose(ivs)
     path = S.save(iv, tmp_path / "features.json")
     spec = json.loads(path.read_text())
@@ -275,7 +282,7 @@ def test_head_sae_edits_its_head_only(model):
     assert iv.edits[0].units == tuple(range(48, 72))
     _, cache = model.run_with_cache(PROMPTS[0], names_filter=[hook])
     z = cache[hook]  # [1, pos, 4, 24]
-    (_, fn), = S.hooks(model, iv)
+    ((_, fn),) = S.hooks(model, iv)
     out = fn(z.clone(), None)
     ref = _sae_lens_reference(sae, z[0, :, 2], 0, 4.0)
     torch.testing.assert_close(out[0, :, 2], ref, atol=TOL, rtol=0)
@@ -293,7 +300,7 @@ def planted_sae(model, bad: str = "terrible", good: str = "wonderful"):
     t, w = (int(model.to_tokens(x, prepend_bos=False)[0, 0]) for x in (bad, good))
     u = WE[t] / WE[t].norm()
     proj = WE @ u
-    top, other = float(proj[t]), float(torch.cat([proj[:t], proj[t + 1:]]).max())
+    top, other = float(proj[t]), float(torch.cat([proj[:t], proj[t + 1 :]]).max())
     assert top - other > 0.1
     mid = (top + other) / 2
     torch.manual_seed(0)

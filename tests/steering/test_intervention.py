@@ -3,6 +3,7 @@
 Oracles: hand-written TransformerLens hooks for each op, `run_with_cache` for the mean
 difference, and the next-token distribution of zoo/ioi-4l for ActAdd.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,14 +33,18 @@ def _logits(model, tokens, iv=None):
 def _all_ops(d=32, heads=4, d_head=8):
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g)
-    return Intervention(edits=(
-        Edit(hook="blocks.0.hook_resid_post", op="add", vector=r(d)),
-        Edit(hook="blocks.1.attn.hook_z", op="multiply", vector=r(5), units=(0, 3, 9, 17, 31), positions="last"),
-        Edit(hook="blocks.0.mlp.hook_post", op="affine", vector=r(64), shift=r(64), positions=(1, -2)),
-        Edit(hook="blocks.1.hook_resid_mid", op="clamp", vector=r(2), units=(4, 5), positions="prompt"),
-        Edit(hook="blocks.1.hook_mlp_out", op="zero", units=(0, 1, 2)),
-        Edit(hook="blocks.0.hook_resid_pre", op="add", vector=r(3, d), positions=(0, 1, 2)),
-    ), name="every op", provenance={"method": "test", "seed": 0})
+    return Intervention(
+        edits=(
+            Edit(hook="blocks.0.hook_resid_post", op="add", vector=r(d)),
+            Edit(hook="blocks.1.attn.hook_z", op="multiply", vector=r(5), units=(0, 3, 9, 17, 31), positions="last"),
+            Edit(hook="blocks.0.mlp.hook_post", op="affine", vector=r(64), shift=r(64), positions=(1, -2)),
+            Edit(hook="blocks.1.hook_resid_mid", op="clamp", vector=r(2), units=(4, 5), positions="prompt"),
+            Edit(hook="blocks.1.hook_mlp_out", op="zero", units=(0, 1, 2)),
+            Edit(hook="blocks.0.hook_resid_pre", op="add", vector=r(3, d), positions=(0, 1, 2)),
+        ),
+        name="every op",
+        provenance={"method": "test", "seed": 0},
+    )
 
 
 def test_zero_strength_is_bit_identical(tiny_model, tokens):
@@ -59,7 +64,9 @@ def test_preset_round_trips_exactly(tmp_path):
     back = S.load(path)
     assert back == iv
     for a, b in zip(back.edits, iv.edits):
-        assert torch.equal(a.vector if a.vector is not None else torch.zeros(0), b.vector if b.vector is not None else torch.zeros(0))
+        assert torch.equal(
+            a.vector if a.vector is not None else torch.zeros(0), b.vector if b.vector is not None else torch.zeros(0)
+        )
     assert b"pickle" not in (tmp_path / "preset.safetensors").read_bytes()[:200]
 
 
@@ -137,7 +144,10 @@ def test_hooks_are_removed_after_apply(tiny_model, tokens):
     with S.apply(tiny_model, _all_ops()):
         pass
     assert torch.equal(_logits(tiny_model, tokens), base)
-    with pytest.raises(LenslabError), S.apply(tiny_model, Intervention(edits=(Edit(hook=HOOK, vector=torch.ones(32), positions=(9,)),))):
+    with (
+        pytest.raises(LenslabError),
+        S.apply(tiny_model, Intervention(edits=(Edit(hook=HOOK, vector=torch.ones(32), positions=(9,)),))),
+    ):
         tiny_model(tokens)
     assert torch.equal(_logits(tiny_model, tokens), base)
 
@@ -163,13 +173,19 @@ def test_bad_spec_errors(make, msg):
     assert msg in str(err.value)
 
 
-@pytest.mark.parametrize("edit,msg", [
-    (Edit(hook="blocks.1.hook_resid_pots", vector=torch.ones(32)), "did you mean 'blocks.1.hook_resid_post'"),
-    (Edit(hook=HOOK, vector=torch.ones(31)), "has 31 entries but the hook's last dimension has 32"),
-    (Edit(hook="blocks.0.mlp.hook_post", vector=torch.ones(32)), "last dimension has 64"),
-    (Edit(hook="blocks.0.attn.hook_z", op="zero", units=(32,)), "unit index 32 is out of range at blocks.0.attn.hook_z, which has 32 units"),
-    (Edit(hook="blocks.0.attn.hook_pattern", op="zero"), "not [batch, pos, ...]"),
-])
+@pytest.mark.parametrize(
+    "edit,msg",
+    [
+        (Edit(hook="blocks.1.hook_resid_pots", vector=torch.ones(32)), "did you mean 'blocks.1.hook_resid_post'"),
+        (Edit(hook=HOOK, vector=torch.ones(31)), "has 31 entries but the hook's last dimension has 32"),
+        (Edit(hook="blocks.0.mlp.hook_post", vector=torch.ones(32)), "last dimension has 64"),
+        (
+            Edit(hook="blocks.0.attn.hook_z", op="zero", units=(32,)),
+            "unit index 32 is out of range at blocks.0.attn.hook_z, which has 32 units",
+        ),
+        (Edit(hook="blocks.0.attn.hook_pattern", op="zero"), "not [batch, pos, ...]"),
+    ],
+)
 def test_bad_spec_for_model(tiny_model, tokens, edit, msg):
     iv = Intervention(edits=(edit,))
     with pytest.raises(LenslabError) as err:
@@ -184,7 +200,9 @@ def test_positions_out_of_range_at_apply(tiny_model, tokens):
     with pytest.raises(LenslabError, match="position 7 .* out of range for an input of 7 tokens"):
         _logits(tiny_model, tokens, iv)
     with pytest.raises(LenslabError, match="needs the prompt length"):
-        _logits(tiny_model, tokens, Intervention(edits=(Edit(hook=HOOK, vector=torch.ones(32), positions="generated"),)))
+        _logits(
+            tiny_model, tokens, Intervention(edits=(Edit(hook=HOOK, vector=torch.ones(32), positions="generated"),))
+        )
 
 
 @pytest.mark.parametrize("position", ["last", "mean"])
@@ -194,6 +212,7 @@ def test_mean_difference_matches_run_with_cache(tiny_model, position):
     iv = S.mean_difference(tiny_model, pos, neg, layers=[0, 1], site="resid_post", position=position, strength=3.0)
     assert [e.hook for e in iv.edits] == ["blocks.0.hook_resid_post", HOOK] and iv.strengths() == [3.0, 3.0]
     for L, e in enumerate(iv.edits):
+
         def mean(prompts, L=L):
             rows = []
             for p in prompts:
@@ -217,7 +236,9 @@ def test_actadd_vector_and_positions(tiny_model):
     assert e.hook == "blocks.1.hook_resid_pre" and e.positions == (0, 1, 2, 3) and e.vector.shape == (4, 32)
     assert torch.equal(e.vector[0], torch.zeros(32))  # BOS: same activation in both prompts
     pad = tiny_model.tokenizer.pad_token_id
-    toks = torch.stack([tiny_model.to_tokens("t1 t2 t3")[0], torch.cat([tiny_model.to_tokens("t4 t5")[0], torch.tensor([pad])])])
+    toks = torch.stack(
+        [tiny_model.to_tokens("t1 t2 t3")[0], torch.cat([tiny_model.to_tokens("t4 t5")[0], torch.tensor([pad])])]
+    )
     _, cache = tiny_model.run_with_cache(toks)
     a = cache["blocks.1.hook_resid_pre"]
     torch.testing.assert_close(e.vector, a[0] - a[1], rtol=0, atol=1e-6)

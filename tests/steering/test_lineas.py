@@ -1,4 +1,5 @@
 """LinEAS (lenslab.steering.lineas): loss, proximal step, identity init, end-to-end fit, presets."""
+
 from __future__ import annotations
 
 import math
@@ -35,7 +36,9 @@ def test_wasserstein_1d_equals_sorting_by_hand():
     assert float(S.wasserstein_1d(z, v)) == pytest.approx(want, rel=1e-6)
     # Unequal counts by hand: quantile functions of {0, 1} and {0, 1, 2} differ by 1 on
     # [1/3, 1/2) and on [2/3, 1): W2^2 = 1/6 + 1/3 = 1/2.
-    assert float(S.wasserstein_1d(torch.tensor([[0.0], [1.0]]), torch.tensor([[0.0], [1.0], [2.0]]))) == pytest.approx(0.5, abs=1e-7)
+    assert float(S.wasserstein_1d(torch.tensor([[0.0], [1.0]]), torch.tensor([[0.0], [1.0], [2.0]]))) == pytest.approx(
+        0.5, abs=1e-7
+    )
     # Unequal counts in general: each sample repeated to lcm(n, m) rows gives equal counts.
     z4, v6 = torch.randn(4, 3, generator=g), torch.randn(6, 3, generator=g)
     rep = ((z4.repeat_interleave(3, 0).sort(0).values - v6.repeat_interleave(2, 0).sort(0).values) ** 2).mean()
@@ -86,14 +89,17 @@ def _ref_pre(prox, groups, t, b, alpha=1.0):
 def test_proximal_step_equals_the_reference_formula():
     g = torch.Generator().manual_seed(0)
     dims = (5, 7, 3, 9)
-    ws = [1 + 0.3 * torch.randn(1, d, generator=g) * (0.05 if i == 2 else 1) for i, d in enumerate(dims)]  # hook 2: tiny
+    ws = [
+        1 + 0.3 * torch.randn(1, d, generator=g) * (0.05 if i == 2 else 1) for i, d in enumerate(dims)
+    ]  # hook 2: tiny
     bs = [0.3 * torch.randn(1, d, generator=g) * (0.05 if i == 0 else 1) for i, d in enumerate(dims)]
     tau, l1, lg, l1b, lgb = 0.1, 0.4, 0.6, 0.2, 0.9
     want_w = _ref_pre(lambda gs, t: _ref_sgl(gs, t, l1, lg), ws, tau, b=-1.0)
     want_b = _ref_sgl(bs, tau, l1b, lgb)
     got_w, got_b = [w.clone()[0] for w in ws], [b.clone()[0] for b in bs]
-    reg = S.proximal_step(got_w, got_b, tau, proximal="sparse-group", lambda_1=l1, lambda_G=lg,
-                          lambda_1_bias=l1b, lambda_G_bias=lgb)
+    reg = S.proximal_step(
+        got_w, got_b, tau, proximal="sparse-group", lambda_1=l1, lambda_G=lg, lambda_1_bias=l1b, lambda_G_bias=lgb
+    )
     for got, want in zip(got_w + got_b, want_w + want_b):
         torch.testing.assert_close(got, want[0], atol=1e-7, rtol=0)
     # the test is not vacuous: some groups were zeroed whole, others kept non-zero entries
@@ -117,8 +123,10 @@ def test_proximal_step_equals_the_reference_formula():
 def test_identity_init_leaves_logits_unchanged(tiny_model):
     iv = S.fit_lineas(tiny_model, SRC, TGT, config=S.LineasConfig(steps=0, **QUIET))
     assert [e.hook for e in iv.edits] == [f"blocks.{i}.hook_{s}_out" for i in range(2) for s in ("attn", "mlp")]
-    assert all(e.op == "affine" and torch.equal(e.vector, torch.ones(32)) and torch.equal(e.shift, torch.zeros(32))
-               for e in iv.edits)
+    assert all(
+        e.op == "affine" and torch.equal(e.vector, torch.ones(32)) and torch.equal(e.shift, torch.zeros(32))
+        for e in iv.edits
+    )
     tokens = tiny_model.to_tokens("t1 t2 t3 t1 t2")
     base = _logits(tiny_model, tokens)
     assert torch.equal(_logits(tiny_model, tokens, iv.with_strength(0.0)), base)
@@ -185,8 +193,17 @@ def _toy():
     from lenslab import zoo
 
     tok = zoo.word_tokenizer([f"w{i}" for i in range(16)])
-    cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=8, d_head=4, n_heads=2, d_vocab=len(tok),
-                                  attn_only=True, normalization_type=None, seed=0)
+    cfg = HookedTransformerConfig(
+        n_layers=1,
+        d_model=8,
+        n_ctx=8,
+        d_head=4,
+        n_heads=2,
+        d_vocab=len(tok),
+        attn_only=True,
+        normalization_type=None,
+        seed=0,
+    )
     model = HookedTransformer(cfg, tokenizer=tok)
     with torch.no_grad():
         model.W_pos.zero_()
@@ -213,14 +230,19 @@ def test_linear_toy_recovers_the_known_affine_map():
 
 def test_sparse_group_with_a_large_lambda_zeroes_whole_hooks(tiny_model):
     common = dict(steps=30, lr=1e-2, **QUIET)
-    iv = S.fit_lineas(tiny_model, SRC, TGT, config=S.LineasConfig(proximal="sparse-group", lambda_1=0.0,
-                                                                  lambda_G=1e3, **common))
+    iv = S.fit_lineas(
+        tiny_model, SRC, TGT, config=S.LineasConfig(proximal="sparse-group", lambda_1=0.0, lambda_G=1e3, **common)
+    )
     assert S.support(iv) == 0.0 and set(iv.provenance["support_per_hook"].values()) == {0.0}
     assert all(torch.equal(e.vector, torch.ones(32)) and torch.equal(e.shift, torch.zeros(32)) for e in iv.edits)
     # zero lambdas: the same fit as no proximal step, bit for bit
     free = S.fit_lineas(tiny_model, SRC, TGT, config=S.LineasConfig(**common))
-    zero = S.fit_lineas(tiny_model, SRC, TGT, config=S.LineasConfig(proximal="sparse", lambda_1=0.0, lambda_G=0.0, **common))
-    assert all(torch.equal(x.vector, y.vector) and torch.equal(x.shift, y.shift) for x, y in zip(free.edits, zero.edits))
+    zero = S.fit_lineas(
+        tiny_model, SRC, TGT, config=S.LineasConfig(proximal="sparse", lambda_1=0.0, lambda_G=0.0, **common)
+    )
+    assert all(
+        torch.equal(x.vector, y.vector) and torch.equal(x.shift, y.shift) for x, y in zip(free.edits, zero.edits)
+    )
 
 
 def test_sparse_group_selects_hooks_as_whole_groups():
@@ -254,8 +276,14 @@ def test_seeded_batches_are_reproducible(tiny_model):
 
 
 def test_preset_round_trip(tiny_model, tmp_path):
-    iv = S.fit_lineas(tiny_model, SRC, TGT, hooks="blocks.{layer}.hook_resid_post",
-                      config=S.LineasConfig(steps=5, lr=1e-2, proximal="l1", **QUIET), strength=0.7)
+    iv = S.fit_lineas(
+        tiny_model,
+        SRC,
+        TGT,
+        hooks="blocks.{layer}.hook_resid_post",
+        config=S.LineasConfig(steps=5, lr=1e-2, proximal="l1", **QUIET),
+        strength=0.7,
+    )
     assert [e.hook for e in iv.edits] == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     back = S.load(S.save(iv, tmp_path / "lineas.json"))
     assert back == iv and back.strengths() == [0.7, 0.7]
@@ -271,7 +299,9 @@ def test_bad_input_raises(tiny_model):
     with pytest.raises(LenslabError, match="did you mean 'blocks.0.hook_resid_post'"):
         S.fit_lineas(tiny_model, SRC, TGT, hooks=["blocks.0.hook_resid_pots"], config=S.LineasConfig(steps=1, **QUIET))
     with pytest.raises(LenslabError, match="position"):
-        S.fit_lineas(tiny_model, SRC, TGT, hooks=["blocks.0.attn.hook_pattern"], config=S.LineasConfig(steps=1, **QUIET))
+        S.fit_lineas(
+            tiny_model, SRC, TGT, hooks=["blocks.0.attn.hook_pattern"], config=S.LineasConfig(steps=1, **QUIET)
+        )
     with pytest.raises(LenslabError, match="proximal"):
         S.LineasConfig(proximal="l2")
     with pytest.raises(LenslabError, match="larger than the 8"):
@@ -288,8 +318,9 @@ def test_fit_on_a_transformer_bridge(tiny_moe_dir):
     tgt = ["w40 w41", "w42 w43 w44", "w45 w46", "w50 w51 w52 w53"]
     assert S.default_hooks(model) == [f"blocks.{i}.hook_{s}_out" for i in range(2) for s in ("attn", "mlp")]
     # The random Gemma's sublayer outputs are tiny (loss ~5e-6), so steer the residual stream here.
-    iv = S.fit_lineas(model, src, tgt, hooks="blocks.{layer}.hook_resid_post",
-                      config=S.LineasConfig(steps=40, lr=1e-2, **QUIET))
+    iv = S.fit_lineas(
+        model, src, tgt, hooks="blocks.{layer}.hook_resid_post", config=S.LineasConfig(steps=40, lr=1e-2, **QUIET)
+    )
     p = iv.provenance
     # measured: 1.81e-3 -> 6.61e-4 (ratio 0.36)
     assert p["loss_final"] < 0.5 * p["loss_initial"]

@@ -1,4 +1,5 @@
 """The Steer page under Streamlit's AppTest: fit each method, show two generations, offer presets."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -51,8 +52,9 @@ def test_steer_page_fits_and_generates_side_by_side(monkeypatch, tiny_zoo_dir, t
     for e, r in zip(got.edits, ref.edits):
         torch.testing.assert_close(e.vector, r.vector, atol=1e-6, rtol=1e-5)
     assert sum(len(e.units) for e in ref.edits) == 16
-    assert any(c.value.startswith(f"**{ref.name}** · {len(ref.edits)} edit(s)") and "austeer" in c.value
-               for c in at.caption), [c.value for c in at.caption]
+    assert any(
+        c.value.startswith(f"**{ref.name}** · {len(ref.edits)} edit(s)") and "austeer" in c.value for c in at.caption
+    ), [c.value for c in at.caption]
     at.radio(key="steer_method").set_value("ActAdd").run()
     at.button(key="steer_fit").click().run()
     _ok(at)
@@ -70,8 +72,10 @@ def test_steer_page_fits_and_generates_side_by_side(monkeypatch, tiny_zoo_dir, t
     at.slider(key="steer_strength").set_value(4.0).run()
     _ok(at)
     prompt = at.session_state["prompt"]
-    expected = [continuation_markdown(prompt, steering.generate(model, prompt, iv, max_new_tokens=20, seed=0))
-                for iv in (None, ref.with_strength(4.0))]
+    expected = [
+        continuation_markdown(prompt, steering.generate(model, prompt, iv, max_new_tokens=20, seed=0))
+        for iv in (None, ref.with_strength(4.0))
+    ]
     assert expected[0] != expected[1]  # ActAdd at strength 4 changes the continuation
     assert _column_texts(at) == expected
 

@@ -2,6 +2,7 @@
 (checked against `generate` and TransformerLens's own loss), and the methods move the concept
 as benchmarks/steering_tradeoff.py measured across seeds (the file docs/steering.md includes), with
 margins taken from that spread."""
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,9 @@ def test_standalone_perplexity_equals_transformer_lens_loss(model):
 
 def test_strength_zero_is_the_unsteered_model(model, contrast, evalset):
     iv = steering.mean_difference(model, *contrast, layers=1)
-    res = tradeoff(model, {"DiffMean": iv}, evalset[:8], S.is_positive, strengths=(0.0, 1.0), max_new_tokens=N_NEW,
-                   progress=False)
+    res = tradeoff(
+        model, {"DiffMean": iv}, evalset[:8], S.is_positive, strengths=(0.0, 1.0), max_new_tokens=N_NEW, progress=False
+    )
     base = [steering.generate(model, p, max_new_tokens=N_NEW) for p in evalset[:8]]
     row = res.row("DiffMean", 0)
     assert res.examples["DiffMean"]["0"] == base[:3]
@@ -78,8 +80,15 @@ def test_methods_move_the_concept_as_the_benchmark_measured(model):
     measured = TradeoffResult.from_json(bench.RESULTS / "steering_tradeoff.json")
     assert measured.n_seeds() >= 5
     strengths = (0, 0.75, 1, 1.5)
-    res = tradeoff(model, bench.methods(model, 0), bench.eval_set(0), S.is_positive, strengths=strengths,
-                   max_new_tokens=bench.MAX_NEW, progress=False)
+    res = tradeoff(
+        model,
+        bench.methods(model, 0),
+        bench.eval_set(0),
+        S.is_positive,
+        strengths=strengths,
+        max_new_tokens=bench.MAX_NEW,
+        progress=False,
+    )
     one = 1 / bench.N_EVAL
     for m in res.methods():
         for s in strengths:
@@ -117,7 +126,9 @@ def test_result_round_trip_table_and_figure(model, contrast, evalset, tmp_path):
     from lenslab.figures import export
 
     iv = steering.mean_difference(model, *contrast, layers=1)
-    res = tradeoff(model, {"DiffMean": iv}, evalset[:4], S.is_positive, strengths=(0, 1), max_new_tokens=4, progress=False)
+    res = tradeoff(
+        model, {"DiffMean": iv}, evalset[:4], S.is_positive, strengths=(0, 1), max_new_tokens=4, progress=False
+    )
     back = TradeoffResult.from_json(res.to_json())
     assert back.rows == res.rows
     md = res.to_markdown().splitlines()
@@ -138,5 +149,6 @@ def test_bad_input(model, contrast):
     with pytest.raises(LenslabError, match="not an Intervention"):
         tradeoff(model, {"x": "vector"}, ["the day was"], S.is_positive)
     with pytest.raises(LenslabError, match="no row for method"):
-        tradeoff(model, {"x": iv}, ["the day was"], S.is_positive, strengths=(0,), max_new_tokens=2,
-                 progress=False).row("y", 0)
+        tradeoff(
+            model, {"x": iv}, ["the day was"], S.is_positive, strengths=(0,), max_new_tokens=2, progress=False
+        ).row("y", 0)
