@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import threading
 import traceback
 import weakref
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import streamlit as st
 
+import lenslab
+from lenslab import figures, steering, zoo
 from lenslab._errors import LenslabError
 
 GENERIC_PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
@@ -91,7 +94,6 @@ def call(what: str, fn, *args, **kwargs):
 @st.cache_resource(show_spinner=False, max_entries=4)
 def load_model(name: str):
     """`lenslab.load_model(name)`, cached across reruns and sessions (one copy per name)."""
-    import lenslab
 
     return lenslab.load_model(name, device="auto")
 
@@ -111,13 +113,11 @@ def config_line(model) -> str:
 
 
 def _zoo_names() -> list[str]:
-    from lenslab import zoo
 
     return zoo.zoo_names()
 
 
 def _initial_default() -> str | None:
-    from lenslab import zoo
 
     env = os.environ.get("LENSLAB_DEFAULT_MODEL", "").strip()
     if env:
@@ -130,7 +130,6 @@ def _initial_default() -> str | None:
 
 def default_prompt(name: str) -> str:
     """The model's own default prompt (zoo config `"default_prompt"`) or a generic sentence."""
-    from lenslab import zoo
 
     return zoo.default_prompt(name) or GENERIC_PROMPT
 
@@ -229,7 +228,6 @@ def stream_into(col, model, prompt: str, intervention, **kw) -> str:
     """Stream the continuation of `prompt` (steered by `intervention`, or None) into the column
     `col`, token by token; returns it. Run streams one after the other, never interleaved: each
     holds its hooks on the shared model while it generates."""
-    from lenslab import steering
 
     box, text = col.empty(), ""
     box.markdown(prompt)
@@ -242,9 +240,6 @@ def stream_into(col, model, prompt: str, intervention, **kw) -> str:
 def downloads(result, key: str) -> None:
     """Buttons to download `result` as JSON and its figure as SVG, PNG, PDF or HTML
     (exported with `lenslab.figures.export` on request: static formats take a few seconds)."""
-    import tempfile
-
-    from lenslab import figures
 
     ss = st.session_state
     c1, c2, c3 = st.columns([1, 1, 3])

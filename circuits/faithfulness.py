@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from lenslab import figures
 from lenslab._errors import LenslabError
 from lenslab.circuits.attribution import METHODS, attribute
 from lenslab.circuits.patching import patch
@@ -101,7 +102,6 @@ class Faithfulness(JsonResult):
 
     def figure(self):
         """Scatter of estimate vs exact change: one panel per site, one colour per method."""
-        from lenslab import figures
 
         return figures.faithfulness_scatter(self)
 

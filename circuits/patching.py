@@ -24,6 +24,7 @@ equal the reference engine's within 1e-4 in float32) and the reference engine el
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -271,8 +272,6 @@ def _parse_heads(model, heads, what: str) -> list[tuple[int, int]]:
     out = []
     for h in heads:
         if isinstance(h, str):
-            import re
-
             m = re.fullmatch(r"L(\d+)H(\d+)", h.strip())
             if not m:
                 raise LenslabError(f"{what} head {h!r} must look like 'L3H1' or (3, 1)")

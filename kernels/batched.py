@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import re
 import types
 import warnings
 import weakref
@@ -49,7 +50,8 @@ import torch
 from torch import Tensor
 
 from lenslab import sites
-from lenslab._errors import LenslabError
+from lenslab._errors import LenslabError, did_you_mean
+from lenslab.kernels import triton_ops
 from lenslab.results import PatchResult
 
 # --- options ---------------------------------------------------------------------------------
@@ -122,8 +124,6 @@ def _validated(opt: EngineOptions) -> EngineOptions:
     if opt.triton not in (True, False, "auto"):
         raise LenslabError(f"triton={opt.triton!r} must be True, False or 'auto'")
     if opt.compile not in (True, False) and opt.compile not in COMPILE_MODES:
-        from lenslab._errors import did_you_mean
-
         raise LenslabError(
             f"compile={opt.compile!r} must be True, False or a torch.compile mode "
             f"({', '.join(COMPILE_MODES)}){did_you_mean(str(opt.compile), COMPILE_MODES)}"
@@ -150,7 +150,6 @@ def parse_bytes(value: int | str) -> int:
         if value <= 0:
             raise LenslabError(f"memory_budget={value!r} must be positive")
         return int(value)
-    import re
 
     m = re.fullmatch(r"\s*([0-9.]+)\s*([kmg]i?b|b)?\s*", str(value).lower())
     if not m:
@@ -392,8 +391,6 @@ class _MetricPlan:
             last = resid[:, -1]
             pair = None
             if triton and not self.triton_failed:
-                from lenslab.kernels import triton_ops
-
                 try:
                     pair = triton_ops.ln_unembed_pair(
                         last,
@@ -601,7 +598,6 @@ def auto_engine(model, task, site, *, direction: str, metric, layers, layer=None
 
 
 def _want_triton(opt: EngineOptions, dev: torch.device) -> bool:
-    from lenslab.kernels import triton_ops
 
     if opt.triton is False:
         return False

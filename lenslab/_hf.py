@@ -21,12 +21,15 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import tempfile
 import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
+from lenslab import zoo
 from lenslab._errors import LenslabError, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -224,8 +227,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     unreachable hub costs at most `timeout` and the cache is used. Behind a proxy the hub is
     not probed (huggingface_hub's own requests go through the proxy).
     """
-    import socket
-    from urllib.parse import urlparse
 
     from huggingface_hub import constants
 
@@ -257,7 +258,6 @@ def _weight_candidates(folder: Path) -> list[list[str]]:
 
 
 def _zoo_hint() -> str:
-    from lenslab import zoo
 
     names = zoo.zoo_names()
     return f"the zoo (offline) has: {', '.join(names) or '(nothing yet: run `lenslab zoo train induction-2l`)'}"
@@ -265,7 +265,6 @@ def _zoo_hint() -> str:
 
 def _hint(name: str) -> str:
     """' (did you mean X?)' over zoo and cached models; 'induction-2l' suggests 'zoo/induction-2l'."""
-    from lenslab import zoo
 
     options = zoo.zoo_names() + cached_model_ids()
     return did_you_mean(zoo.PREFIX + name, zoo.zoo_names()) or did_you_mean(name, options)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import random
 import re
 
+from lenslab._errors import LenslabError, did_you_mean
+
 POSITIVE = (
     "good",
     "great",
@@ -118,8 +120,6 @@ def _sentence(kind: str, rng: random.Random) -> str:
 
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
-        from lenslab._errors import LenslabError, did_you_mean
-
         raise LenslabError(f"kind {kind!r} is not one of {', '.join(KINDS)}{did_you_mean(kind, KINDS)}")
 
 

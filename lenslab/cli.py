@@ -584,13 +584,14 @@ def torch_topk(values, k: int) -> list[tuple[int, float]]:
 def _cmd_sae_train(args: argparse.Namespace) -> int:
     """`lenslab sae train` (lenslab.probes.sae): a zoo model's built-in corpus and recipe, or --corpus FILE."""
     from lenslab.probes import sae as S
+    from lenslab.probes import zoo_saes
 
     settings = {k: getattr(args, k) for k in ("d_sae", "k", "l1", "lr", "training_tokens", "batch_size_tokens", "seed")}
     settings = {k: v for k, v in settings.items() if v is not None}
     if args.corpus is None:
         if args.context_size is not None:
             raise LenslabError("--context-size applies to --corpus FILE; the zoo corpora have their own row length")
-        sae, metrics = S.build_zoo_sae(args.model, args.hook, args.out, device=args.device, **settings)
+        sae, metrics = zoo_saes.build_zoo_sae(args.model, args.hook, args.out, device=args.device, **settings)
     else:
         import lenslab
         from lenslab.probes.features import read_corpus

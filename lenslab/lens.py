@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from lenslab import zoo
 from lenslab._errors import LenslabError
 
 __all__ = [
@@ -243,7 +245,6 @@ def top_predictions(model, text: str, k: int = 10) -> list[Prediction]:
 
 def model_card(model) -> str:
     """Markdown describing the model: the zoo card for zoo models, a config summary otherwise."""
-    from lenslab import zoo
 
     name = model_name(model)
     card = ""
@@ -253,8 +254,6 @@ def model_card(model) -> str:
         except LenslabError:
             card = ""
     else:
-        from pathlib import Path
-
         local = Path(name).expanduser() / "card.md"
         if local.is_file():
             card = local.read_text().strip()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lenslab import zoo
+from lenslab import _hf, zoo
 from lenslab._device import resolve_device, resolve_dtype
 from lenslab._errors import LenslabError
 
@@ -62,8 +62,6 @@ def load_model(name: str, device: str | torch.device = "auto", dtype: str | torc
     elif name.startswith(("/", "./", "../", "~")):
         raise LenslabError(f"local model directory {name!r} does not exist; check the path")
     else:
-        from lenslab import _hf
-
         model = _hf.load_hf_id(name, dev, dt)
     model.lenslab_name = name
     return model
@@ -79,7 +77,6 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype):
     meta = json.loads(cfg_path.read_text())
     if meta.get("lenslab_format") == "hooked_transformer":
         return zoo.load_hooked(folder, device, dtype)
-    from lenslab import _hf
 
     return _hf.load_hf_dir(folder, device, dtype)
 
@@ -87,7 +84,6 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype):
 def list_models() -> list[ModelInfo]:
     """Zoo models and Hugging Face models already in the local cache (usable offline)."""
     out = [ModelInfo(e.name, "zoo", e.summary) for e in zoo.zoo_entries()]
-    from lenslab import _hf
 
     out += [ModelInfo(n, "hf-cache") for n in _hf.cached_model_ids()]
     return out

@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+import lenslab
+from lenslab import figures
 from lenslab._errors import LenslabError
 
 
 def provenance(model, task=None, **extra) -> dict:
     """Model, task, versions and time for a result's record."""
     import transformer_lens
-
-    import lenslab
 
     out = {
         "model": getattr(model, "lenslab_name", None) or getattr(model.cfg, "model_name", "unknown"),
@@ -178,6 +178,5 @@ class PatchResult(JsonResult):
 
     def figure(self, normalize: bool = False):
         """A plotly heatmap (colour scale centred at the unpatched baseline, or at 0 for attributions)."""
-        from lenslab import figures
 
         return figures.result_heatmap(self, normalize=normalize)

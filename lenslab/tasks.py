@@ -18,12 +18,15 @@ True
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from lenslab import _ioi, _refusal
 from lenslab._errors import LenslabError, did_you_mean
 
 METRICS = ("logit_diff", "logit_diff_normalized", "answer_prob", "kl_to_clean")
@@ -296,7 +299,6 @@ def ioi(model, n: int = 32, seed: int = 0, heldout: bool = False) -> Task:
     All prompts share one token length (templates are grouped by length). `heldout=True`
     draws names and templates never used to train `zoo/ioi-4l`.
     """
-    from lenslab import _ioi
 
     clean, corrupt, answers, labels = _ioi.make_ioi_prompts(model, n=n, seed=seed, heldout=heldout)
     task = from_prompts(model, clean, corrupt, answers, name="ioi-heldout" if heldout else "ioi", labels=labels)
@@ -310,7 +312,6 @@ def refusal(model, n: int = 16, seed: int = 0, split: str = "test", n_items: int
     task's first answer word. Corrupt: the same prompt with the marker word replaced by a noun.
     `split="test"` draws item tuples never used in training; all prompts have `n_items` items.
     """
-    from lenslab import _refusal
 
     clean, corrupt, answers = _refusal.refusal_pairs(n=n, seed=seed, split=split, n_items=n_items)
     return from_prompts(model, clean, corrupt, answers, name=f"refusal-{split}")
@@ -484,8 +485,6 @@ def from_spec(model, spec: str, *, n: int = 16, seed: int = 0, seq_len: int = 10
     `spec` is "ioi", "ioi-heldout", "induction", or the path of a JSON file
     `{"clean": [...], "corrupt": [...], "answers": [[correct, incorrect], ...]}`.
     """
-    import json
-    from pathlib import Path
 
     if spec == "ioi":
         return ioi(model, n=n, seed=seed)

@@ -61,7 +61,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+import lenslab
+from lenslab import _ioi, _refusal, _sentiment, figures, tasks, zoo
 from lenslab._errors import LenslabError, did_you_mean
+from lenslab.figures import FORMATS, export
+from lenslab.probes.sae import check_sae, load_sae
 from lenslab.results import JsonResult, provenance
 
 __all__ = [
@@ -123,22 +127,9 @@ def _hook_name(sae) -> str:
 
 
 def _check_pair(model, sae) -> str:
-    """The SAE's hook, after checking that `model` has it (`probes.sae.check_sae` when available:
-    also the hook's width against the SAE's d_in)."""
+    """The SAE's hook, after `probes.sae.check_sae` (the model has the hook, of the SAE's width)."""
     hook = _hook_name(sae)
-    try:
-        from lenslab.probes.sae import check_sae
-    except ImportError:
-        check_sae = None
-    if check_sae is not None:
-        check_sae(model, sae)
-        return hook
-    hooks = getattr(model, "hook_dict", {})
-    if hooks and hook not in hooks:
-        raise LenslabError(
-            f"the SAE reads hook {hook!r}, which this model does not have{did_you_mean(hook, list(hooks))}; "
-            "load the SAE trained for this model"
-        )
+    check_sae(model, sae)
     return hook
 
 
@@ -226,24 +217,8 @@ def sae_identity(sae, source: str | None = None) -> dict:
 
 
 def _open_sae(source: str, model=None):
-    """An SAE by source: `lenslab.probes.sae.load_sae` when it is available, else a folder saved by
-    sae-lens (`SAE.load_from_disk`); records the source on `sae.lenslab_source`."""
-    try:
-        from lenslab.probes.sae import load_sae
-    except ImportError:
-        load_sae = None
-    if load_sae is not None:
-        sae = load_sae(source, model=model)
-    else:
-        p = Path(source).expanduser()
-        if not p.is_dir():
-            raise LenslabError(
-                f"SAE {source!r} is not a folder saved by sae-lens (cfg.json + sae_weights.safetensors); "
-                "pass the folder `sae.save_model(path)` wrote"
-            )
-        from sae_lens import SAE
-
-        sae = SAE.load_from_disk(str(p))
+    """An SAE by source (`lenslab.probes.sae.load_sae`); records the source on `sae.lenslab_source`."""
+    sae = load_sae(source, model=model)
     if getattr(sae, "lenslab_source", None) is None:
         sae.lenslab_source = str(source)
     return sae
@@ -290,25 +265,16 @@ def corpus_for(model, n: int = 256, seed: int = 0) -> list[str] | Tensor:
     moe-refusal: harmful and benign `_refusal` prompts."""
     name = str(getattr(model, "lenslab_name", "") or "").removeprefix("zoo/")
     if name == "steer-sentiment":
-        from lenslab import _sentiment
-
         return _sentiment.documents(n, seed=seed)
     if name == "ioi-4l":
-        from lenslab import _ioi
-
         clean, corrupt, _, _ = _ioi.make_ioi_prompts(model, n=max(1, (n + 1) // 2), seed=seed)
         return [p for pair in zip(clean, corrupt) for p in pair][:n]
     if name == "induction-2l":
-        from lenslab import tasks
-
         return tasks.induction(model, n=n, seq_len=16, seed=seed).clean_tokens
     if name == "moe-refusal":
-        from lenslab import _refusal
-
         a, _ = _refusal.prompts((n + 1) // 2, "harmful", seed=seed)
         b, _ = _refusal.prompts(n // 2, "benign", seed=seed)
         return [p for pair in zip(a, b) for p in pair] + a[len(b) :]
-    from lenslab import zoo
 
     raise LenslabError(
         f"no built-in corpus for model {name or '?'!r} (built-in: "
@@ -846,7 +812,6 @@ def index(
         for p in (path, path.with_name(path.name + "-journal")):
             p.unlink(missing_ok=True)
         seqs = _tokenize_corpus(model, corpus, context_size)
-        import lenslab
 
         meta = {
             "format": FORMAT,
@@ -1179,8 +1144,6 @@ class LookupResult(JsonResult):
         """Token x feature heatmap of the union features' activations (hover: token, feature, value)."""
         import plotly.graph_objects as go
 
-        from lenslab import figures
-
         toks = figures._uniq([f"{i} {t!r}" for i, t in enumerate(self.tokens)])
         cols = [f"f{f}" for f in self.union]
         z = self.matrix if self.union else [[0.0] for _ in self.tokens]
@@ -1426,8 +1389,6 @@ class FeatureDashboard(JsonResult):
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
-        from lenslab import figures
-
         fig = make_subplots(
             rows=1,
             cols=2,
@@ -1537,7 +1498,6 @@ td, th {{ border-bottom: 1px solid #ddd; padding: 2px 10px; text-align: left; }}
     def save(self, path: str | Path) -> Path:
         """Write `.json` (the Neuronpedia-like dict) or `.html` (the standalone page); other
         extensions go to `figures.export` (the figure)."""
-        from lenslab.figures import FORMATS, export
 
         path = Path(path)
         ext = path.suffix.lower()
@@ -1635,8 +1595,6 @@ class SearchResult(JsonResult):
 
     def figure(self):
         import plotly.graph_objects as go
-
-        from lenslab import figures
 
         fig = go.Figure(
             go.Bar(

@@ -34,11 +34,13 @@ torch.Size([8, 4, 2])
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from lenslab import figures
 from lenslab._errors import LenslabError
 from lenslab.results import JsonResult, provenance
 
@@ -214,7 +216,6 @@ def parse_experts(text: str) -> list[tuple[int, int]]:
 
     Raises a `LenslabError` on anything that is not LAYER:EXPERT pairs (ranges are checked
     against a model by `check_experts`)."""
-    import re
 
     text = (text or "").strip()
     if not text:
@@ -328,8 +329,6 @@ class RouterResult(JsonResult):
         """Heatmap `[layer, pos]` of prompt `prompt`: the top expert per token, its gate weight on hover."""
         import plotly.graph_objects as go
 
-        from lenslab import figures
-
         if not 0 <= prompt < len(self.indices):
             raise LenslabError(f"prompt {prompt} out of range: this result has {len(self.indices)} prompts")
         idx, w = self.indices[prompt], self.weights[prompt]
@@ -372,8 +371,6 @@ class RouterResult(JsonResult):
 def load_figure(load: Tensor, layers, title: str = "Expert load"):
     """Heatmap `[layer, expert]` of an expert load (`RouterResult.load`, `expert_load`)."""
     import plotly.graph_objects as go
-
-    from lenslab import figures
 
     z = load.float()
     fig = go.Figure(
@@ -615,8 +612,6 @@ class ExpertRanking(JsonResult):
         """Heatmap `[layer, expert]` of the difference (red: the target class uses it more), or with
         `value="target"` / `"other"` a class's mean usage per prompt (behaviour-conditioned load)."""
         import plotly.graph_objects as go
-
-        from lenslab import figures
 
         if value in ("target", "other"):
             mean = self.target_mean if value == "target" else self.other_mean

@@ -22,7 +22,7 @@ sae-lens's `LanguageModelSAETrainingRunner`. This module adds what a workbench n
   with the activation zero-ablated, the loss recovered, L0 and the dead-feature fraction.
 - `splice_hooks`: TransformerLens forward hooks that replace the activation by the SAE's
   reconstruction (what `sae_metrics` uses; usable with `model.run_with_hooks` / `model.hooks`).
-- `build_zoo_sae` / `rebuild_zoo_saes`: the recipes and corpora of the shipped zoo SAEs
+- The recipes and corpora of the shipped zoo SAEs are `lenslab.probes.zoo_saes`
   (`lenslab sae train --model zoo/ioi-4l --hook blocks.2.hook_resid_post --out DIR`).
 
 >>> import lenslab
@@ -38,7 +38,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
+import tempfile
 import threading
 import time
 import warnings
@@ -49,19 +51,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lenslab import zoo
 from lenslab._errors import LenslabError, did_you_mean
 from lenslab.results import JsonResult, provenance
 
 __all__ = [
     "SaeMetrics",
-    "build_zoo_sae",
     "check_sae",
     "corpus_tokens",
     "list_saes",
     "load_sae",
     "read_sae_card",
     "read_metrics",
-    "rebuild_zoo_saes",
     "sae_metrics",
     "splice_hooks",
     "train_sae",
@@ -175,7 +176,6 @@ def _load_pretrained(release: str, sae_id: str, device: str):
 
 
 def _is_offline_error(exc: BaseException) -> bool:
-    import os
 
     names = {t.__name__ for e in _chain(exc) for t in type(e).__mro__}
     offline_types = {
@@ -207,7 +207,6 @@ def _chain(exc: BaseException) -> list[BaseException]:
 # --- the zoo's SAEs ----------------------------------------------------------------------------
 def zoo_sae_path(name: str) -> Path:
     """Folder of zoo SAE `"zoo/<model>/<hook>"`, with a clear error when there is none."""
-    from lenslab import zoo
 
     text = name.strip()
     parts = text.removeprefix(zoo.PREFIX).split("/", 1)
@@ -234,7 +233,6 @@ def list_saes(model_name: str) -> list[str]:
     >>> list_saes("zoo/induction-2l")
     ['zoo/induction-2l/blocks.0.hook_resid_post']
     """
-    from lenslab import zoo
 
     short = str(model_name).strip().removeprefix(zoo.PREFIX)
     if not short or "/" in short:
@@ -251,7 +249,6 @@ def read_sae_card(name: str) -> str:
 
 
 def _all_zoo_saes() -> list[str]:
-    from lenslab import zoo
 
     return sorted(n for e in zoo.zoo_entries() for n in list_saes(e.name))
 
@@ -750,7 +747,6 @@ def train_sae(
     exclude = _exclude(model, None)
 
     out = Path(out_dir) if out_dir is not None else None
-    import tempfile
 
     with _threads(threads), tempfile.TemporaryDirectory() as tmp:
         target = out if out is not None else Path(tmp) / "sae"
@@ -1010,25 +1006,3 @@ def _keep_signal_handlers():
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
-
-
-# --- the zoo's SAEs (recipes live in _sae_zoo) ---------------------------------------------------
-def build_zoo_sae(model_name: str, hook: str, out_dir: str | Path | None = None, *, device: str = "cpu", **overrides):
-    """Train the zoo SAE of `model_name` at `hook` from its recipe (corpus, size, schedule) and
-    write it with its card to `out_dir` (default: the zoo's own folder,
-    `lenslab/zoo/<model>/saes/<hook>/`). Deterministic: the same call writes the same weights.
-
-    `overrides` replace recipe settings (`d_sae`, `k`, `l1`, `lr`, `training_tokens`,
-    `batch_size_tokens`, `seed`). Returns `(sae, {name: SaeMetrics})`.
-    """
-    from lenslab.probes import _sae_zoo
-
-    return _sae_zoo.build(model_name, hook, out_dir, device=device, **overrides)
-
-
-def rebuild_zoo_saes(root: str | Path | None = None) -> list[Path]:
-    """Retrain every shipped zoo SAE from its recipe (into `root/<model>/<hook>/` when given,
-    else over the committed ones); returns the folders written."""
-    from lenslab.probes import _sae_zoo
-
-    return _sae_zoo.rebuild_all(root)

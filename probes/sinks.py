@@ -28,11 +28,13 @@ the massive activation written by one expert (a planted super expert).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from lenslab import figures
 from lenslab._errors import LenslabError
 from lenslab.results import JsonResult, provenance
 
@@ -190,8 +192,6 @@ class SinkResult(JsonResult):
         """Per-head heatmap (rows layers, columns heads) of alpha_0 (`value="attention"`), the
         value-weighted alpha_0 (`"value_weighted"`) or the share of samples past the threshold (`"fraction"`)."""
         import plotly.graph_objects as go
-
-        from lenslab import figures
 
         grids = {
             "attention": (self.attn_to_first, "mean attention to token 0"),
@@ -367,8 +367,6 @@ class MassiveResult(JsonResult):
         """Layer-by-dimension heatmap of log10 max |a|, massive dimensions marked on the axis."""
         import plotly.graph_objects as go
 
-        from lenslab import figures
-
         z = torch.log10(self.magnitudes.clamp_min(1e-6))
         dims = self.massive_dims
         fig = go.Figure(
@@ -459,8 +457,6 @@ class AblationResult(JsonResult):
         """Before/after: loss and sink rate bars, and the per-head attention to token 0 of both runs."""
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
-
-        from lenslab import figures
 
         fig = make_subplots(
             rows=1,
@@ -815,7 +811,6 @@ def planted_model(seed: int = 0):
     >>> planted_model().cfg.n_layers
     2
     """
-    import warnings
 
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -905,7 +900,6 @@ def planted_moe_model(seed: int = 0):
     >>> planted_moe_model().cfg.num_experts
     4
     """
-    import warnings
 
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lenslab import figures
 from lenslab._errors import LenslabError, did_you_mean
 from lenslab.probes import routers
 from lenslab.probes import sinks as _sinks
@@ -627,8 +628,6 @@ class ExpertProfile(JsonResult):
         (default: the "su" super experts) are boxed; rows past the include cutoff say "excluded"."""
         import plotly.graph_objects as go
 
-        from lenslab import figures
-
         if marked is None:
             marked = self.super_experts("su").experts if bool(self.included.any()) else []
         z = torch.log10(self.output_max.clamp_min(1e-6))
@@ -958,8 +957,6 @@ class SuperExpertAblation(JsonResult):
         draws as dots), and the per-head attention to token 0 before and after."""
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
-
-        from lenslab import figures
 
         fig = make_subplots(
             rows=1,

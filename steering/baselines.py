@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+import lenslab
 from lenslab._errors import LenslabError, did_you_mean
 from lenslab.steering.intervention import Edit, Intervention, Positions, validate
 
@@ -73,7 +74,6 @@ def _prompts(prompts: Sequence[str], what: str) -> list[str]:
 
 
 def _provenance(model, method: str, **extra) -> dict:
-    import lenslab
 
     return {
         "method": method,

@@ -42,9 +42,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lenslab import _refusal
-from lenslab._errors import LenslabError
+from lenslab import _refusal, figures
+from lenslab._errors import LenslabError, did_you_mean
+from lenslab.probes.routers import ftri_rank, moe_layers
 from lenslab.results import JsonResult, provenance
+from lenslab.steering.experts import switch_experts
 from lenslab.steering.intervention import Intervention, apply
 
 __all__ = [
@@ -88,7 +90,6 @@ class RateTable(JsonResult):
 
     def value(self, intervention: str, prompt_set: str) -> float:
         """The value of one cell."""
-        from lenslab._errors import did_you_mean
 
         if intervention not in self.interventions:
             raise LenslabError(
@@ -143,8 +144,6 @@ class RateTable(JsonResult):
     def figure(self):
         """Grouped bars: one group per prompt set, one bar per intervention."""
         import plotly.graph_objects as go
-
-        from lenslab import figures
 
         scale = 100.0 if self.is_rate() else 1.0
         fig = go.Figure(
@@ -484,7 +483,6 @@ class SwitchTable(JsonResult):
 
     def value(self, row: str, column: str) -> float:
         """Mean value of one cell."""
-        from lenslab._errors import did_you_mean
 
         if row not in self.rows:
             raise LenslabError(f"no row {row!r}{did_you_mean(row, self.rows)}; rows: {', '.join(self.rows)}")
@@ -551,8 +549,6 @@ class SwitchTable(JsonResult):
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
-        from lenslab import figures
-
         fig = make_subplots(
             rows=1, cols=len(self.columns), subplot_titles=[f"{c} (n={n})" for c, n in zip(self.columns, self.n)]
         )
@@ -582,7 +578,6 @@ def random_expert_sets(
 ) -> list[list[tuple[int, int]]]:
     """`n_draws` sets of `k` distinct (layer, expert) pairs drawn uniformly from the model's MoE
     layers, never from `exclude`; deterministic in `seed`."""
-    from lenslab.probes.routers import moe_layers
 
     pool = [(m.layer, e) for m in moe_layers(model) for e in range(m.n_experts)]
     excl = {(int(a), int(b)) for a, b in exclude}
@@ -628,8 +623,6 @@ def expert_switch_table(
     Returns:
         `SwitchTable` with rows baseline, top-k off, top-k on, random-k off.
     """
-    from lenslab.probes.routers import ftri_rank
-    from lenslab.steering.experts import switch_experts
 
     if k < 1 or n_random < 1:
         raise LenslabError(f"k and n_random must be at least 1, got k={k}, n_random={n_random}")

@@ -49,6 +49,8 @@ import torch
 from torch import Tensor
 
 from lenslab._errors import LenslabError, did_you_mean
+from lenslab.probes import routers
+from lenslab.probes.routers import NO_MOE, SIGMOID_ROUTERS, MoeLayer, router_spec
 from lenslab.steering.intervention import EXPERT_OPS, Edit, Intervention, Positions, _position_index
 
 __all__ = ["EXPERT_OPS", "MODES", "hf_hooks", "hf_route", "moe_block", "reroute", "switch_experts"]
@@ -262,7 +264,6 @@ _OTHER_RULE = ("e_score_correction_bias", "num_group", "topk_method", "routed_sc
 
 def _rule(router) -> str:
     """ "deepseek_v3", "deepseek_v2", "softmax" (Mixtral, OLMoE, Qwen-MoE) or "unknown"."""
-    from lenslab.probes.routers import SIGMOID_ROUTERS
 
     name = type(router).__name__
     if name in SIGMOID_ROUTERS:
@@ -303,7 +304,6 @@ def hf_route(router, logits: Tensor, masked: Tensor | None = None) -> tuple[Tens
         `(indices [N, k] long, weights [N, k] float32)`. A router of another rule raises a
         `LenslabError` (switch its experts off with drop instead).
     """
-    from lenslab.probes.routers import router_spec
 
     n_exp, k = int(router.num_experts), int(router.top_k)
     x = logits.float().reshape(-1, n_exp)
@@ -371,7 +371,6 @@ def expert_edits(intervention: Intervention) -> list[Edit]:
 
 
 def _layers(model, edits: Sequence[Edit]):
-    from lenslab.probes import routers
 
     try:
         return routers.moe_layers(model)
@@ -383,7 +382,6 @@ def _layers(model, edits: Sequence[Edit]):
 def check_edits(layers, edits: Sequence[Edit]) -> None:
     """Expert ids in range (`routers.check_experts` messages), at most `E - k` experts masked and
     at most `k` forced per layer. Raises `LenslabError`."""
-    from lenslab.probes import routers
 
     by_layer = {m.layer: m for m in layers}
     masked: dict[int, set] = {}
@@ -543,7 +541,6 @@ def _torch_hooks(targets: dict, edits: Sequence[Edit], prompt_len: int | None) -
 @contextmanager
 def bridge_hooks(model, edits: Sequence[Edit], layers, *, prompt_len: int | None = None) -> Iterator[None]:
     """Inside it, `edits` act on a TransformerBridge MoE's Hugging Face routers."""
-    from lenslab.probes import routers
 
     targets = {}
     for m in layers:
@@ -558,7 +555,6 @@ def bridge_hooks(model, edits: Sequence[Edit], layers, *, prompt_len: int | None
 def hf_moe_layers(hf_model) -> dict:
     """layer -> (MoeLayer, MoE block, router) of a plain `transformers` MoE model (Mixtral:
     `model.layers[l].block_sparse_moe`, OLMoE / Qwen-MoE / DeepSeek: `model.layers[l].mlp`)."""
-    from lenslab.probes.routers import NO_MOE, MoeLayer, router_spec
 
     base = getattr(hf_model, "model", hf_model)
     blocks = getattr(base, "layers", None)

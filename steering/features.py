@@ -55,6 +55,8 @@ SAEs on one head of `hook_z` (`hook_head_index`) edit that head's entries (`unit
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -209,7 +211,6 @@ def _about(sae) -> dict:
 
 
 def _finite(v, what: str) -> float:
-    import math
 
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
         raise LenslabError(f"{what} must be a finite number, got {v!r}")

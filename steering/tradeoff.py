@@ -41,9 +41,12 @@ the perplexity (`*_std`; the per-seed rows are kept in `per_seed`).
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from lenslab import figures
 from lenslab._errors import LenslabError
 from lenslab.results import JsonResult, provenance
 from lenslab.steering import evaluate
@@ -142,8 +145,6 @@ class TradeoffResult(JsonResult):
         points labelled by strength."""
         import plotly.graph_objects as go
 
-        from lenslab import figures
-
         fig = go.Figure()
         several = self.n_seeds() > 1
         for m in self.methods():
@@ -204,7 +205,6 @@ def bootstrap_ci(hits: Sequence[bool], *, n_boot: int = 2000, level: float = 0.9
 def standalone_perplexity(model, texts: Sequence[str], *, batch_size: int = 64) -> float:
     """Perplexity of `texts` on their own under `model` (each as BOS + its tokens; exp of the mean
     NLL over all their tokens). Empty texts are skipped; NaN when all are empty."""
-    import math
 
     import torch
 
@@ -350,7 +350,6 @@ def tradeoff_seeds(
         (`concept_rate_std`, `perplexity_std`, with ddof=1) and `n_seeds`; `per_seed` keeps
         every seed's rows.
     """
-    import statistics
 
     seeds = [int(s) for s in seeds]
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,7 +167,6 @@ def save_hooked(model, tokenizer, out_dir: str | Path, *, summary: str, card: st
 
 def load_hooked(folder: str | Path, device: torch.device, dtype: torch.dtype):
     """Load a `hooked_transformer` zoo folder as a HookedTransformer on `device` in `dtype`."""
-    import warnings
 
     from safetensors.torch import load_file
     from transformer_lens import HookedTransformer, HookedTransformerConfig

@@ -293,13 +293,13 @@ def test_cli_sae_train(tiny_zoo_dir, tmp_path, capsys):
 # --- the shipped zoo SAEs -----------------------------------------------------------------------
 @pytest.mark.parametrize("name,rec_all,rec_obj,ev", SHIPPED, ids=[s[0].split("/")[1] for s in SHIPPED])
 def test_shipped_sae_matches_its_card(zoo_models, name, rec_all, rec_obj, ev):
-    from lenslab.probes import _sae_zoo
+    from lenslab.probes import zoo_saes
 
     model_name = "/".join(name.split("/")[:2])
     model = zoo_models(model_name)
     sae = S.load_sae(name, model=model)
-    held = _sae_zoo.held_out(model_name, model)
-    got = _sae_zoo.measure(model, sae, held)
+    held = zoo_saes.held_out(model_name, model)
+    got = zoo_saes.measure(model, sae, held)
     stored = S.read_metrics(name)
     assert list(got) == list(stored)
     card = S.read_sae_card(name)

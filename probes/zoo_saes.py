@@ -12,13 +12,14 @@ for the predictions it was trained to make (its *objective*):
 
 `build` trains one SAE with `lenslab.probes.sae.train_sae` and writes its card with the metrics on
 held-out rows for all next-token predictions and for the objective. Run
-`python -m lenslab.probes._sae_zoo` to rebuild every shipped SAE.
+`python -m lenslab.probes.zoo_saes` to rebuild every shipped SAE.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+import lenslab
+from lenslab import _ioi, _sentiment, zoo
 from lenslab._errors import LenslabError, did_you_mean
+from lenslab.probes import sae as S
+from lenslab.probes.sae import _exclude, _keep, corpus_tokens, sae_metrics
+from lenslab.zoo.train_induction_2l import TrainConfig, make_batch
 
 TRAIN_SEED, EVAL_SEED = 1000, 2000  # corpus seeds (the zoo models were trained on seed 0 data)
 N_EVAL = 256  # held-out rows for the card's metrics
@@ -44,7 +50,6 @@ class Corpus:
 
 
 def _induction(model, n: int, seed: int) -> Corpus:
-    from lenslab.zoo.train_induction_2l import TrainConfig, make_batch
 
     tc = TrainConfig()
     special = set(model.tokenizer.all_special_ids)
@@ -60,9 +65,7 @@ def _induction(model, n: int, seed: int) -> Corpus:
     )
 
 
-def _ioi(model, n: int, seed: int) -> Corpus:
-    from lenslab import _ioi
-
+def _ioi_corpus(model, n: int, seed: int) -> Corpus:
     rng = random.Random(seed)
     templates = _ioi.train_templates()
     tok = model.tokenizer
@@ -89,10 +92,7 @@ def _ioi(model, n: int, seed: int) -> Corpus:
     )
 
 
-def _sentiment(model, n: int, seed: int) -> Corpus:
-    from lenslab import _sentiment
-    from lenslab.probes.sae import corpus_tokens
-
+def _sentiment_corpus(model, n: int, seed: int) -> Corpus:
     docs = _sentiment.documents(n, seed=seed)
     return Corpus(
         corpus_tokens(model, docs, model.cfg.n_ctx),
@@ -105,8 +105,8 @@ def _sentiment(model, n: int, seed: int) -> Corpus:
 
 CORPORA: dict[str, Callable[[object, int, int], Corpus]] = {
     "zoo/induction-2l": _induction,
-    "zoo/ioi-4l": _ioi,
-    "zoo/steer-sentiment": _sentiment,
+    "zoo/ioi-4l": _ioi_corpus,
+    "zoo/steer-sentiment": _sentiment_corpus,
 }
 
 # (model, hook) -> train_sae settings of the shipped SAEs.
@@ -163,19 +163,20 @@ def corpus(model_name: str, model, n: int, seed: int) -> Corpus:
 
 def _rows_for(model_name: str, model, training_tokens: int, seed: int) -> Corpus:
     """Enough rows that the SAE sees each training activation about once."""
-    from lenslab.probes.sae import _exclude, _keep
 
     probe = corpus(model_name, model, 64, seed)
     per_row = float(_keep(probe.tokens, _exclude(model, None)).sum()) / 64
     return corpus(model_name, model, int(1.1 * training_tokens / per_row) + 16, seed)
 
 
-def build(model_name: str, hook: str, out_dir: str | Path | None = None, *, device: str = "cpu", **overrides):
-    """Train zoo model `model_name`'s SAE at `hook` from its recipe; write it, its card and metrics."""
-    import lenslab
-    from lenslab import zoo
-    from lenslab.probes import sae as S
+def build_zoo_sae(model_name: str, hook: str, out_dir: str | Path | None = None, *, device: str = "cpu", **overrides):
+    """Train the zoo SAE of `model_name` at `hook` from its recipe (corpus, size, schedule) and
+    write it with its card to `out_dir` (default: the zoo's own folder,
+    `lenslab/zoo/<model>/saes/<hook>/`). Deterministic: the same call writes the same weights.
 
+    `overrides` replace recipe settings (`d_sae`, `k`, `l1`, `lr`, `training_tokens`,
+    `batch_size_tokens`, `seed`). Returns `(sae, {name: SaeMetrics})`.
+    """
     model_name = model_name.strip()
     if model_name not in CORPORA and zoo.PREFIX + model_name in CORPORA:
         model_name = zoo.PREFIX + model_name
@@ -190,7 +191,6 @@ def build(model_name: str, hook: str, out_dir: str | Path | None = None, *, devi
     )
     train = _rows_for(model_name, model, settings["training_tokens"], TRAIN_SEED + settings["seed"])
     held = corpus(model_name, model, N_EVAL, EVAL_SEED)
-    import time
 
     t0 = time.time()
     sae = S.train_sae(model, hook, corpus=train.tokens, eval_corpus=held.tokens, out_dir=out, **settings)
@@ -198,7 +198,7 @@ def build(model_name: str, hook: str, out_dir: str | Path | None = None, *, devi
     metrics = measure(model, sae, held)
     S._write_metrics_set(out / "metrics.json", metrics)
     name = f"{model_name}/{hook}"
-    rebuild = f"`lenslab sae train --model {model_name} --hook {hook} --out DIR` (deterministic; `lenslab/probes/_sae_zoo.py`)"
+    rebuild = f"`lenslab sae train --model {model_name} --hook {hook} --out DIR` (deterministic; `lenslab/probes/zoo_saes.py`)"
     note = f"\n{NOTES[model_name]}\n" if model_name in NOTES else ""
     extra = (
         f"{note}\nThe held-out rows are {N_EVAL} fresh draws from the same corpus (seed {EVAL_SEED}); training used "
@@ -224,7 +224,6 @@ def build(model_name: str, hook: str, out_dir: str | Path | None = None, *, devi
 
 def measure(model, sae, held: Corpus) -> dict:
     """The card's metrics: all next-token predictions, and the model's objective."""
-    from lenslab.probes.sae import sae_metrics
 
     out = {"all next-token predictions": sae_metrics(model, sae, held.tokens)}
     if held.loss_mask is not None:
@@ -239,14 +238,13 @@ def held_out(model_name: str, model) -> Corpus:
     return corpus(model_name, model, N_EVAL, EVAL_SEED)
 
 
-def rebuild_all(root: str | Path | None = None) -> list[Path]:
-    """Retrain every shipped zoo SAE (into `root/<model>/<hook>/`, or over the committed ones)."""
-    from lenslab import zoo
-
+def rebuild_zoo_saes(root: str | Path | None = None) -> list[Path]:
+    """Retrain every shipped zoo SAE from its recipe (into `root/<model>/<hook>/` when given,
+    else over the committed ones); returns the folders written."""
     done = []
     for model_name, hook in RECIPES:
         out = None if root is None else Path(root) / model_name.removeprefix(zoo.PREFIX) / hook
-        build(model_name, hook, out)
+        build_zoo_sae(model_name, hook, out)
         done.append(out or zoo.ZOO_DIR / model_name.removeprefix(zoo.PREFIX) / "saes" / hook)
         print(f"{model_name}/{hook}: {json.dumps(str(done[-1]))}")
     return done
@@ -255,4 +253,4 @@ def rebuild_all(root: str | Path | None = None) -> list[Path]:
 if __name__ == "__main__":
     import sys
 
-    rebuild_all(sys.argv[1] if len(sys.argv) > 1 else None)
+    rebuild_zoo_saes(sys.argv[1] if len(sys.argv) > 1 else None)
