@@ -33,10 +33,11 @@ import torch
 from torch import Tensor
 
 from lenslab._errors import LenslabError, did_you_mean
-from lenslab.circuits.patching import _check_layers, _model_device, _progress, validate_task
+from lenslab.circuits.patching import validate_task
 from lenslab.results import PatchResult, provenance
 from lenslab.sites import DIRECTIONS, Site, axis_labels, resolve_site
 from lenslab.tasks import Metric, MetricLike, Task, get_metric
+from lenslab.toolbox import check_layers, model_device, progress_reporter
 
 METHODS = ("atp", "atp*", "relp", "ig")
 QK_KINDS = {"q", "k", "q_by_pos", "k_by_pos"}
@@ -86,13 +87,13 @@ def attribute(
     if any(st.kind == "neuron" for st in resolved):
         if layer is None:
             raise LenslabError("site 'mlp_neuron' needs layer=N (the MLP whose neurons are scored)")
-        _check_layers(model, [layer])
+        check_layers(model, [layer])
     for st in resolved:
         if st.name in ("mlp_out", "resid_mid", "mlp_neuron") and getattr(model.cfg, "attn_only", False):
             raise LenslabError(f"site {st.name!r} does not exist in an attention-only model")
     if steps < 1:
         raise LenslabError(f"steps must be >= 1, got {steps}")
-    task = task.to(_model_device(model))
+    task = task.to(model_device(model))
     bound = get_metric(metric, model, task)
     base, source = (
         (task.corrupt_tokens, task.clean_tokens) if direction == "denoise" else (task.clean_tokens, task.corrupt_tokens)
@@ -107,7 +108,7 @@ def attribute(
         hooks = sorted(set(hooks) | extra)
     with torch.no_grad():
         _, src_cache = model.run_with_cache(source, names_filter=lambda n: n in set(hooks))
-    report = _progress(progress, _n_passes(method, n_layers, hooks, steps, graddrop), f"{method} attribution")
+    report = progress_reporter(progress, _n_passes(method, n_layers, hooks, steps, graddrop), f"{method} attribution")
     if method in ("atp", "relp"):
         acts, grads = _forward_backward(model, base, bound, hooks, relp=method == "relp", attn_rule=attn_rule)
         report()

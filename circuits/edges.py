@@ -25,10 +25,11 @@ import torch
 from torch import Tensor
 
 from lenslab._errors import LenslabError
-from lenslab.circuits.patching import _model_device, _progress, validate_task
+from lenslab.circuits.patching import validate_task
 from lenslab.results import JsonResult, provenance
 from lenslab.sites import DIRECTIONS
 from lenslab.tasks import MetricLike, Task, get_metric
+from lenslab.toolbox import model_device, progress_reporter
 
 
 def node_names(model) -> list[str]:
@@ -211,7 +212,7 @@ def attribute_edges(
     if steps < 1:
         raise LenslabError(f"steps must be >= 1, got {steps}")
     validate_task(model, task)
-    task = task.to(_model_device(model))
+    task = task.to(model_device(model))
     bound = get_metric(metric, model, task)
     base, source = (
         (task.corrupt_tokens, task.clean_tokens) if direction == "denoise" else (task.clean_tokens, task.corrupt_tokens)
@@ -222,7 +223,7 @@ def attribute_edges(
         _, base_cache = model.run_with_cache(base, names_filter=lambda n: n in names)
         _, src_cache = model.run_with_cache(source, names_filter=lambda n: n in names)
     n_runs = 1 if method == "eap" else steps
-    report = _progress(progress, n_runs, f"{method} edges")
+    report = progress_reporter(progress, n_runs, f"{method} edges")
     with _edge_hooks_enabled(model):
         total: dict[str, Tensor] | None = None
         e_base, e_src = base_cache["blocks.0.hook_resid_pre"], src_cache["blocks.0.hook_resid_pre"]
@@ -272,7 +273,7 @@ def patch_edge(
         if n not in nodes:
             raise LenslabError(f"node {n!r} is not in this model (nodes: input, L0H0 .. , MLP0 .., logits)")
     validate_task(model, task)
-    task = task.to(_model_device(model))
+    task = task.to(model_device(model))
     bound = get_metric(metric, model, task)
     base, source = (
         (task.corrupt_tokens, task.clean_tokens) if direction == "denoise" else (task.clean_tokens, task.corrupt_tokens)

@@ -29,7 +29,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from lenslab import kernels, sites
 from lenslab._errors import LenslabError, did_you_mean
@@ -37,6 +36,7 @@ from lenslab.kernels import ENGINES
 from lenslab.results import PatchResult, provenance
 from lenslab.sites import DIRECTIONS, SITE_ALIASES, SITES, Site, patch_result, position_labels, resolve_site
 from lenslab.tasks import MetricLike, Task, get_metric
+from lenslab.toolbox import check_layers, model_device, progress_reporter
 
 exact_result = patch_result  # the name engines used before lenslab.sites
 __all__ = [
@@ -93,18 +93,18 @@ def patch(
     if st.kind == "neuron":
         if layer is None:
             raise LenslabError("site 'mlp_neuron' needs layer=N (the MLP whose neurons are patched)")
-        _check_layers(model, [layer])
+        check_layers(model, [layer])
         if getattr(model.cfg, "attn_only", False):
             raise LenslabError("site 'mlp_neuron' needs a model with MLPs; this model is attention-only")
     elif layer is not None:
         raise LenslabError(f"layer= is only for site 'mlp_neuron'; for {st.name!r} use layers=[...] to restrict layers")
-    layer_list = list(range(n_layers)) if layers is None else _check_layers(model, layers)
+    layer_list = list(range(n_layers)) if layers is None else check_layers(model, layers)
     if st.name in ("mlp_out", "resid_mid") and getattr(model.cfg, "attn_only", False):
         raise LenslabError(
             f"site {st.name!r} does not exist in an attention-only model; use attn_out or resid_pre/resid_post"
         )
 
-    task = task.to(_model_device(model))
+    task = task.to(model_device(model))
     bound = get_metric(metric, model, task)
     if engine != "reference":
         if engine not in ENGINES:
@@ -130,7 +130,7 @@ def patch(
     shape = [len(values) for values in grid]
     scores = torch.zeros(shape)
     cells = list(itertools.product(*[range(n) for n in shape]))
-    report = _progress(progress, len(cells), f"patching {st.name}")
+    report = progress_reporter(progress, len(cells), f"patching {st.name}")
     with torch.no_grad():
         for cell in cells:
             index = tuple(grid[a][i] for a, i in enumerate(cell))
@@ -204,20 +204,6 @@ def validate_task(model, task: Task) -> None:
         )
 
 
-def _check_layers(model, layers: Sequence[int]) -> list[int]:
-    n = int(model.cfg.n_layers)
-    out = []
-    for l in layers:
-        if not isinstance(l, int) or not 0 <= l < n:
-            raise LenslabError(f"layer {l!r} is out of range: the model has {n} layers (0..{n - 1})")
-        out.append(int(l))
-    return out
-
-
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 # --- grid, setters, labels -----------------------------------------------------------------
 
 
@@ -243,25 +229,6 @@ def _setter(kind: str, index: tuple[int, ...], source: Tensor):
     return hook
 
 
-def _progress(progress, total: int, desc: str):
-    """A reporter: `report()` after each step, `report(close=True)` at the end."""
-    bar = tqdm(total=total, desc=desc, leave=False) if progress is True else None
-    done = [0]
-
-    def report(close: bool = False) -> None:
-        if close:
-            if bar is not None:
-                bar.close()
-            return
-        done[0] += 1
-        if bar is not None:
-            bar.update(1)
-        elif callable(progress):
-            progress(done[0], total)
-
-    return report
-
-
 # --- path patching ----------------------------------------------------------------------------
 
 RECEIVER_INPUTS = ("q", "k", "v")
@@ -279,7 +246,7 @@ def _parse_heads(model, heads, what: str) -> list[tuple[int, int]]:
         if not (isinstance(h, (tuple, list)) and len(h) == 2):
             raise LenslabError(f"{what} head {h!r} must be a (layer, head) pair or 'L3H1'")
         layer, head = int(h[0]), int(h[1])
-        _check_layers(model, [layer])
+        check_layers(model, [layer])
         if not 0 <= head < model.cfg.n_heads:
             raise LenslabError(
                 f"{what} head {head} in layer {layer} is out of range: the model has {model.cfg.n_heads} heads"
@@ -345,7 +312,7 @@ def path_patch(
             raise LenslabError(
                 f"sender heads {bad} are not below the earliest receiver layer {top}: a path must go forward"
             )
-    task = task.to(_model_device(model))
+    task = task.to(model_device(model))
     bound = get_metric(metric, model, task)
     base_tokens, source_tokens = (
         (task.corrupt_tokens, task.clean_tokens) if direction == "denoise" else (task.clean_tokens, task.corrupt_tokens)
@@ -361,7 +328,7 @@ def path_patch(
             recv_hooks.setdefault(f"blocks.{l}.attn.hook_{r}", []).append(h)
     n_layers_grid = list(range(top))  # rows: every layer that can send; non-sender cells stay NaN
     scores = torch.full((len(n_layers_grid), n_heads), float("nan"))
-    report = _progress(progress, len(send), "path patching")
+    report = progress_reporter(progress, len(send), "path patching")
     with torch.no_grad():
         for l_s, h_s in send:
 

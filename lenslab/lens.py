@@ -31,6 +31,7 @@ from torch import Tensor
 
 from lenslab import zoo
 from lenslab._errors import LenslabError
+from lenslab.toolbox import model_name
 
 __all__ = [
     "LogitLens",
@@ -43,11 +44,6 @@ __all__ = [
     "tokenize",
     "top_predictions",
 ]
-
-
-def model_name(model) -> str:
-    """The name the model was loaded under (`load_model` sets it), else its config's name."""
-    return getattr(model, "lenslab_name", None) or getattr(model.cfg, "model_name", None) or "model"
 
 
 @dataclass(frozen=True, eq=False)

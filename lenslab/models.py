@@ -17,6 +17,7 @@ import torch
 from lenslab import _hf, zoo
 from lenslab._device import resolve_device, resolve_dtype
 from lenslab._errors import LenslabError
+from lenslab.toolbox import name_model
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ def load_model(name: str, device: str | torch.device = "auto", dtype: str | torc
         dtype: None (float32), "float32", "float16", "bfloat16" or a torch dtype.
 
     Returns:
-        A `HookedTransformer` (or `TransformerBridge`) with `model.lenslab_name` set to `name`.
+        A `HookedTransformer` (or `TransformerBridge`) whose `model.cfg.model_name` is `name`
+        (read it with `lenslab.model_name(model)`).
 
     >>> model = load_model("zoo/induction-2l", device="cpu")
     >>> model.cfg.n_layers
@@ -63,7 +65,8 @@ def load_model(name: str, device: str | torch.device = "auto", dtype: str | torc
         raise LenslabError(f"local model directory {name!r} does not exist; check the path")
     else:
         model = _hf.load_hf_id(name, dev, dt)
-    model.lenslab_name = name
+    name_model(model, name)
+    model.lenslab_name = name  # deprecated alias of model.cfg.model_name, kept for one release; lenslab never reads it
     return model
 
 

@@ -18,19 +18,22 @@ from torch import Tensor
 import lenslab
 from lenslab import figures
 from lenslab._errors import LenslabError
+from lenslab.toolbox import model_name
 
 
-def provenance(model, task=None, **extra) -> dict:
-    """Model, task, versions and time for a result's record."""
+def provenance(model, task=None, *, timestamp: bool = True, **extra) -> dict:
+    """Model name, versions, the time (unless `timestamp=False`: records two equal runs must
+    share, such as an `Intervention`'s) and the task, plus `extra`, for a result's record."""
     import transformer_lens
 
     out = {
-        "model": getattr(model, "lenslab_name", None) or getattr(model.cfg, "model_name", "unknown"),
+        "model": model_name(model),
         "lenslab_version": lenslab.__version__,
         "torch_version": torch.__version__,
         "transformer_lens_version": getattr(transformer_lens, "__version__", "unknown"),
-        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if timestamp:
+        out["time"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     if task is not None:
         out["task"] = task.name
         out["task_batch"] = task.batch

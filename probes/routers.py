@@ -43,6 +43,7 @@ from torch import Tensor
 from lenslab import figures
 from lenslab._errors import LenslabError
 from lenslab.results import JsonResult, provenance
+from lenslab.toolbox import model_device
 
 __all__ = [
     "ExpertRanking",
@@ -422,7 +423,7 @@ def route(model, prompts, *, prepend_bos: bool | None = None, batch_size: int = 
             f"{sorted(scoring)}; not supported yet"
         )
     n_experts, k = n_exp.pop(), top_k.pop()
-    device = next(model.parameters()).device
+    device = model_device(model)
 
     out_idx: list[Tensor | None] = [None] * len(toks)
     out_w: list[Tensor | None] = [None] * len(toks)

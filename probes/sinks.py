@@ -18,8 +18,9 @@ that attend to it read them through their keys.
 - `ablate_massive`: set the massive entries to zero or to their mean at the layer where they
   first appear and measure the loss and the sink rate (Sun et al. Sec. 3: zero breaks the model,
   the mean leaves it intact; Gu et al.: without them the sinks go).
-- `super_experts`: MoE super experts (Su et al. 2025), the experts whose down-projection outputs
-  create the massive activations; see `lenslab.probes.super_experts`.
+
+MoE super experts (Su et al. 2025), the experts whose down-projection outputs create the massive
+activations, are found by `lenslab.probes.super_experts`.
 
 `planted_model()` builds a 2-layer model with one massive activation and one sink head set by
 hand, the ground truth the tests hold the detectors to; `planted_moe_model()` does the same with
@@ -37,6 +38,7 @@ from torch import Tensor
 from lenslab import figures
 from lenslab._errors import LenslabError
 from lenslab.results import JsonResult, provenance
+from lenslab.toolbox import check_layers, name_model
 
 __all__ = [
     "AblationResult",
@@ -49,14 +51,18 @@ __all__ = [
     "planted_model",
     "planted_moe_model",
     "planted_tokens",
-    "super_experts",
+    "check_threshold",
+    "prompt_batches",
+    "prompt_record",
+    "str_tokens",
+    "tensor_list",
 ]
 
 DEFAULT_SINK_THRESHOLD = 0.3
 
 
 # --- inputs -----------------------------------------------------------------------------------
-def _batches(model, prompts, prepend_bos: bool | None = None) -> list[Tensor]:
+def prompt_batches(model, prompts, prepend_bos: bool | None = None) -> list[Tensor]:
     """Prompts (str, list of str, or a token tensor `[batch, pos]` / `[pos]`) -> token batches,
     one `[batch, pos]` tensor per distinct length (no padding, so no mask is needed)."""
     if isinstance(prompts, Tensor):
@@ -84,30 +90,22 @@ def _batches(model, prompts, prepend_bos: bool | None = None) -> list[Tensor]:
     return [b.to(model.cfg.device) for b in batches]
 
 
-def _layers(model, layers) -> list[int]:
-    n = model.cfg.n_layers
-    if layers is None:
-        return list(range(n))
-    layers = [layers] if isinstance(layers, int) else list(layers)
-    bad = [l for l in layers if not isinstance(l, int) or not 0 <= l < n]
-    if bad or not layers:
-        raise LenslabError(f"layer(s) {bad or layers} out of range: this model has layers 0..{n - 1}")
-    return sorted(set(layers))
-
-
-def _threshold(threshold: float) -> float:
+def check_threshold(threshold: float) -> float:
+    """`threshold` as a float in (0, 1), the attention share that makes a sink; a `LenslabError` otherwise."""
     if not isinstance(threshold, (int, float)) or not 0 < float(threshold) < 1:
         raise LenslabError(f"threshold {threshold!r} must lie strictly between 0 and 1 (Gu et al. use 0.3)")
     return float(threshold)
 
 
-def _str_tokens(model, toks: Tensor) -> list[str]:
+def str_tokens(model, toks: Tensor) -> list[str]:
+    """Token strings of `toks` `[pos]`; the ids as strings for a model without a tokenizer."""
     if getattr(model, "tokenizer", None) is None:
         return [str(int(t)) for t in toks]
     return list(model.to_str_tokens(toks))
 
 
-def _prompt_record(model, batches: list[Tensor]) -> dict:
+def prompt_record(model, batches: list[Tensor]) -> dict:
+    """What a result records of its inputs: sample count, lengths, and the prompts (or token ids)."""
     rows = [b for batch in batches for b in batch]
     rec = {"n_samples": len(rows), "seq_lens": [int(r.shape[0]) for r in rows]}
     if getattr(model, "tokenizer", None) is not None:
@@ -118,7 +116,8 @@ def _prompt_record(model, batches: list[Tensor]) -> dict:
 
 
 # --- results ---------------------------------------------------------------------------------
-def _t(x) -> list:
+def tensor_list(x) -> list:
+    """A tensor as nested float lists, for JSON."""
     return x.detach().cpu().float().tolist()
 
 
@@ -165,9 +164,9 @@ class SinkResult(JsonResult):
     def to_dict(self) -> dict:
         return {
             "kind": self.KIND,
-            "key_attention": _t(self.key_attention),
-            "value_weighted": _t(self.value_weighted),
-            "sink_fraction": _t(self.sink_fraction),
+            "key_attention": tensor_list(self.key_attention),
+            "value_weighted": tensor_list(self.value_weighted),
+            "sink_fraction": tensor_list(self.sink_fraction),
             "layers": list(self.layers),
             "threshold": self.threshold,
             "sink_rate": self.sink_rate,
@@ -204,7 +203,7 @@ class SinkResult(JsonResult):
         n_heads = z.shape[1]
         fig = go.Figure(
             go.Heatmap(
-                z=_t(z),
+                z=tensor_list(z),
                 x=[f"H{h}" for h in range(n_heads)],
                 y=[f"L{l}" for l in self.layers],
                 colorscale="Blues",
@@ -331,9 +330,9 @@ class MassiveResult(JsonResult):
     def to_dict(self) -> dict:
         return {
             "kind": self.KIND,
-            "magnitudes": _t(self.magnitudes),
-            "medians": _t(self.medians),
-            "top_values": _t(self.top_values),
+            "magnitudes": tensor_list(self.magnitudes),
+            "medians": tensor_list(self.medians),
+            "top_values": tensor_list(self.top_values),
             "top_dims": self.top_dims.tolist(),
             "top_pos": self.top_pos.tolist(),
             "top_sample": self.top_sample.tolist(),
@@ -371,12 +370,12 @@ class MassiveResult(JsonResult):
         dims = self.massive_dims
         fig = go.Figure(
             go.Heatmap(
-                z=_t(z),
+                z=tensor_list(z),
                 x=list(range(z.shape[1])),
                 y=[f"L{l}" for l in self.layers],
                 colorscale="Viridis",
                 colorbar=dict(title="log10 max |a|"),
-                customdata=_t(self.magnitudes.expand(z.shape)),
+                customdata=tensor_list(self.magnitudes.expand(z.shape)),
                 hovertemplate="%{y} dim %{x}<br>max |a| = %{customdata:.4g}<extra></extra>",
             )
         )
@@ -491,7 +490,7 @@ class AblationResult(JsonResult):
         for j, s in enumerate((self.sinks_clean, self.sinks_ablated)):
             fig.add_trace(
                 go.Heatmap(
-                    z=_t(s.attn_to_first),
+                    z=tensor_list(s.attn_to_first),
                     x=[f"H{h}" for h in range(s.attn_to_first.shape[1])],
                     y=[f"L{l}" for l in s.layers],
                     colorscale="Blues",
@@ -563,9 +562,9 @@ def attention_sinks(
     >>> attention_sinks(model, planted_tokens()).sink_heads()
     [(1, 0)]
     """
-    threshold = _threshold(threshold)
-    layers = _layers(model, layers)
-    return _sinks(model, _batches(model, prompts, prepend_bos), layers, threshold)
+    threshold = check_threshold(threshold)
+    layers = sorted(set(check_layers(model, layers)))
+    return _sinks(model, prompt_batches(model, prompts, prepend_bos), layers, threshold)
 
 
 def _sinks(model, batches: list[Tensor], layers: list[int], threshold: float, hooks_for=None, **extra) -> SinkResult:
@@ -577,8 +576,8 @@ def _sinks(model, batches: list[Tensor], layers: list[int], threshold: float, ho
         sink_fraction=past / count[0],
         layers=layers,
         threshold=threshold,
-        pos_labels=_str_tokens(model, max(batches, key=lambda b: b.shape[1])[0]),
-        provenance=provenance(model, method="attention_sinks", **_prompt_record(model, batches), **extra),
+        pos_labels=str_tokens(model, max(batches, key=lambda b: b.shape[1])[0]),
+        provenance=provenance(model, method="attention_sinks", **prompt_record(model, batches), **extra),
     )
 
 
@@ -607,7 +606,9 @@ def massive_activations(
         raise LenslabError(f"rule must be a MassiveRule, got {type(rule).__name__}")
     if not isinstance(top_k, int) or top_k < 1:
         raise LenslabError(f"top_k must be a positive integer, got {top_k!r}")
-    return _massive(model, _batches(model, prompts, prepend_bos), rule, top_k, _layers(model, layers))
+    return _massive(
+        model, prompt_batches(model, prompts, prepend_bos), rule, top_k, sorted(set(check_layers(model, layers)))
+    )
 
 
 def _massive(model, batches: list[Tensor], rule: MassiveRule, top_k: int, layers: list[int]) -> MassiveResult:
@@ -651,7 +652,7 @@ def _massive(model, batches: list[Tensor], rule: MassiveRule, top_k: int, layers
     n = offset
     k = min(top_k, min(len(c) for c in cand))
     top = [_distinct(sorted(c, key=lambda r: -abs(r[0])), k) for c in cand]
-    tok_str = lambda s, p: _str_tokens(model, tokens_of[s][p : p + 1])[0]
+    tok_str = lambda s, p: str_tokens(model, tokens_of[s][p : p + 1])[0]
     for m in massive:
         m["token"] = tok_str(m["sample"], m["pos"])
     return MassiveResult(
@@ -665,7 +666,7 @@ def _massive(model, batches: list[Tensor], rule: MassiveRule, top_k: int, layers
         massive=massive,
         layers=layers,
         rule=rule,
-        provenance=provenance(model, method="massive_activations", **_prompt_record(model, batches)),
+        provenance=provenance(model, method="massive_activations", **prompt_record(model, batches)),
     )
 
 
@@ -714,8 +715,8 @@ def ablate_massive(
     """
     if mode not in ("zero", "mean"):
         raise LenslabError(f"mode {mode!r} is not one of 'zero', 'mean'")
-    threshold = _threshold(threshold)
-    batches = _batches(model, prompts, prepend_bos)
+    threshold = check_threshold(threshold)
+    batches = prompt_batches(model, prompts, prepend_bos)
     if min(b.shape[1] for b in batches) < 2:
         raise LenslabError("each prompt needs at least 2 tokens to measure a next-token loss")
     if massive is None:
@@ -727,7 +728,7 @@ def ablate_massive(
                 "no massive activations found on these prompts: nothing to ablate "
                 "(try a relative rule for small models, e.g. MassiveRule(absolute=None, ratio=100))"
             )
-    layer = _layers(model, [layer])[0]
+    layer = check_layers(model, [layer])[0]
     entries = [m for m in massive.massive if m["layer"] == layer]
     if not entries:
         raise LenslabError(
@@ -777,22 +778,8 @@ def ablate_massive(
         loss_ablated=loss(hooks_for),
         sinks_clean=_sinks(model, batches, all_layers, threshold),
         sinks_ablated=_sinks(model, batches, all_layers, threshold, hooks_for, ablated=f"massive:{mode}@L{layer}"),
-        provenance=provenance(model, method=f"ablate_massive:{mode}", **_prompt_record(model, batches)),
+        provenance=provenance(model, method=f"ablate_massive:{mode}", **prompt_record(model, batches)),
     )
-
-
-def super_experts(model, prompts=None, **kwargs):
-    """Super experts of an MoE model (Su et al. 2025): profile every expert's down-projection on
-    `prompts` and flag the outliers. Re-exported from `lenslab.probes.super_experts`, where
-    `profile_experts`, `prune_experts` and `ablate_super_experts` live; keyword arguments go to
-    `lenslab.probes.super_experts.super_experts` (rule, layers, include_layers, prepend_bos).
-
-    >>> super_experts(planted_moe_model(), planted_tokens()).experts
-    [(0, 2)]
-    """
-    from lenslab.probes.super_experts import super_experts as _super_experts
-
-    return _super_experts(model, prompts, **kwargs)
 
 
 # --- the planted model -----------------------------------------------------------------------
@@ -857,7 +844,7 @@ def planted_model(seed: int = 0):
         sd[f"blocks.{sl}.attn.W_K"][sh] = 0
         sd[f"blocks.{sl}.attn.W_K"][sh, D, 0] = 0.01  # ... matching only a key built from dimension 7
     model.load_state_dict(sd)
-    model.lenslab_name = "planted-sink-2l"
+    name_model(model, "planted-sink-2l")
     return model.eval()
 
 
@@ -963,5 +950,19 @@ def planted_moe_model(seed: int = 0):
         sd[f"blocks.{sl}.attn.W_K"][sh] = 0
         sd[f"blocks.{sl}.attn.W_K"][sh, D, 0] = 0.01  # and its key reads dimension 7
     model.load_state_dict(sd)
-    model.lenslab_name = "planted-moe-2l"
+    name_model(model, "planted-moe-2l")
     return model.eval()
+
+
+def __getattr__(name: str):
+    """`sinks.super_experts`: a deprecated alias of `lenslab.probes.super_experts.super_experts`."""
+    if name == "super_experts":
+        warnings.warn(
+            "lenslab.probes.sinks.super_experts is deprecated; use lenslab.probes.super_experts.super_experts",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from lenslab.probes.super_experts import super_experts  # deferred: a deprecated alias; the module imports sinks
+
+        return super_experts
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

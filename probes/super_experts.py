@@ -44,9 +44,9 @@ from torch import Tensor, nn
 
 from lenslab import figures
 from lenslab._errors import LenslabError, did_you_mean
-from lenslab.probes import routers
-from lenslab.probes import sinks as _sinks
+from lenslab.probes import routers, sinks
 from lenslab.results import JsonResult, provenance
+from lenslab.toolbox import model_name
 
 __all__ = [
     "RULES",
@@ -102,16 +102,12 @@ class _Site:
         return out + ([bias.data[expert]] if isinstance(bias, Tensor) else [])
 
 
-def _model_name(model) -> str:
-    return getattr(model, "lenslab_name", None) or getattr(model.cfg, "model_name", "model")
-
-
 def _sites(model) -> list[_Site]:
     """Every MoE layer of `model`; a `LenslabError` on a dense model."""
     if not routers.has_moe(model):
         raise LenslabError(
             f"super experts need an MoE model (routed experts, each with its own down-projection, such as "
-            f"Mixtral, OLMoE, Qwen2-MoE or Qwen3-MoE); {_model_name(model)!r} is dense. Load an MoE checkpoint, "
+            f"Mixtral, OLMoE, Qwen2-MoE or Qwen3-MoE); {model_name(model)!r} is dense. Load an MoE checkpoint, "
             "or use sinks.massive_activations / sinks.attention_sinks, which work on any model"
         )
     out = []
@@ -353,7 +349,7 @@ def profile_experts(
     """
     sites = _select(model, _sites(model), layers)
     include_layers = _include(include_layers)
-    batches = _sinks._batches(model, prompts, prepend_bos)
+    batches = sinks.prompt_batches(model, prompts, prepend_bos)
     if len({s.n_experts for s in sites}) != 1:
         raise LenslabError(
             f"MoE layers differ in expert count {sorted({s.n_experts for s in sites})}; not supported yet"
@@ -365,7 +361,7 @@ def profile_experts(
     out_max = torch.where(seen, stats.out_max, torch.zeros_like(stats.out_max)).float()
     tokens_of = [t for b in batches for t in b.cpu()]
     labels = [
-        [_sinks._str_tokens(model, tokens_of[s][p : p + 1])[0] if s >= 0 else "" for s, p in zip(srow, prow)]
+        [sinks.str_tokens(model, tokens_of[s][p : p + 1])[0] if s >= 0 else "" for s, p in zip(srow, prow)]
         for srow, prow in zip(stats.sample.tolist(), stats.pos.tolist())
     ]
     return ExpertProfile(
@@ -382,7 +378,7 @@ def profile_experts(
         n_layers=model.cfg.n_layers,
         include_layers=include_layers,
         provenance=provenance(
-            model, method="profile_experts", include_layers=include_layers, **_sinks._prompt_record(model, batches)
+            model, method="profile_experts", include_layers=include_layers, **sinks.prompt_record(model, batches)
         ),
     )
 
@@ -844,7 +840,7 @@ def _loss(model, batches: list[Tensor]) -> float:
     return total / n_tok
 
 
-def _summary(massive: _sinks.MassiveResult) -> dict:
+def _summary(massive: sinks.MassiveResult) -> dict:
     return {
         "max_abs": float(massive.top_values.abs().max()),
         "n_massive": len(massive.massive),
@@ -872,10 +868,10 @@ class SuperExpertAblation(JsonResult):
     experts: list[tuple[int, int]]
     loss_clean: float
     loss_pruned: float
-    sinks_clean: _sinks.SinkResult
-    sinks_pruned: _sinks.SinkResult
-    massive_clean: _sinks.MassiveResult
-    massive_pruned: _sinks.MassiveResult
+    sinks_clean: sinks.SinkResult
+    sinks_pruned: sinks.SinkResult
+    massive_clean: sinks.MassiveResult
+    massive_pruned: sinks.MassiveResult
     random: list[dict]
     rule: str = "su"
     provenance: dict = field(default_factory=dict)
@@ -944,10 +940,10 @@ class SuperExpertAblation(JsonResult):
             rule=d.get("rule", "su"),
             loss_clean=d["loss_clean"],
             loss_pruned=d["loss_pruned"],
-            sinks_clean=_sinks.SinkResult.from_dict(d["sinks_clean"]),
-            sinks_pruned=_sinks.SinkResult.from_dict(d["sinks_pruned"]),
-            massive_clean=_sinks.MassiveResult.from_dict(d["massive_clean"]),
-            massive_pruned=_sinks.MassiveResult.from_dict(d["massive_pruned"]),
+            sinks_clean=sinks.SinkResult.from_dict(d["sinks_clean"]),
+            sinks_pruned=sinks.SinkResult.from_dict(d["sinks_pruned"]),
+            massive_clean=sinks.MassiveResult.from_dict(d["massive_clean"]),
+            massive_pruned=sinks.MassiveResult.from_dict(d["massive_pruned"]),
             random=[dict(r) for r in d["random"]],
             provenance=d.get("provenance") or {},
         )
@@ -996,7 +992,7 @@ class SuperExpertAblation(JsonResult):
         for j, s in enumerate((self.sinks_clean, self.sinks_pruned)):
             fig.add_trace(
                 go.Heatmap(
-                    z=_sinks._t(s.attn_to_first),
+                    z=sinks.tensor_list(s.attn_to_first),
                     x=[f"H{h}" for h in range(s.attn_to_first.shape[1])],
                     y=[f"L{l}" for l in s.layers],
                     colorscale="Blues",
@@ -1027,8 +1023,8 @@ def ablate_super_experts(
     seed: int = 0,
     rule: str = "su",
     include_layers: float = DEFAULT_INCLUDE_LAYERS,
-    threshold: float = _sinks.DEFAULT_SINK_THRESHOLD,
-    massive_rule: _sinks.MassiveRule | None = None,
+    threshold: float = sinks.DEFAULT_SINK_THRESHOLD,
+    massive_rule: sinks.MassiveRule | None = None,
     prepend_bos: bool | None = None,
 ) -> SuperExpertAblation:
     """Prune the super experts (zero their down_proj) and measure loss, massive activations and
@@ -1055,10 +1051,10 @@ def ablate_super_experts(
     """
     sites = _sites(model)
     include_layers = _include(include_layers)
-    threshold = _sinks._threshold(threshold)
+    threshold = sinks.check_threshold(threshold)
     if isinstance(random_draws, bool) or not isinstance(random_draws, int) or random_draws < 0:
         raise LenslabError(f"random_draws must be a non-negative integer, got {random_draws!r}")
-    batches = _sinks._batches(model, prompts, prepend_bos)
+    batches = sinks.prompt_batches(model, prompts, prepend_bos)
     if min(b.shape[1] for b in batches) < 2:
         raise LenslabError("each prompt needs at least 2 tokens to measure a next-token loss")
     profile = profile_experts(model, prompts, include_layers=include_layers, prepend_bos=prepend_bos)
@@ -1074,7 +1070,7 @@ def ablate_super_experts(
         pairs, how = _check_experts(sites, experts), "given"
         if not pairs:
             raise LenslabError("experts is empty: pass at least one (layer, expert) pair to prune")
-    massive_rule = massive_rule or _sinks.MassiveRule()
+    massive_rule = massive_rule or sinks.MassiveRule()
     cutoff = profile.cutoff
     pool = [
         (l, e)
@@ -1092,8 +1088,8 @@ def ablate_super_experts(
     def measure():
         return (
             _loss(model, batches),
-            _sinks.attention_sinks(model, prompts, threshold=threshold, prepend_bos=prepend_bos),
-            _sinks.massive_activations(model, prompts, rule=massive_rule, prepend_bos=prepend_bos),
+            sinks.attention_sinks(model, prompts, threshold=threshold, prepend_bos=prepend_bos),
+            sinks.massive_activations(model, prompts, rule=massive_rule, prepend_bos=prepend_bos),
         )
 
     loss_c, sinks_c, massive_c = measure()
@@ -1129,6 +1125,6 @@ def ablate_super_experts(
             random_draws=random_draws,
             seed=seed,
             include_layers=include_layers,
-            **_sinks._prompt_record(model, batches),
+            **sinks.prompt_record(model, batches),
         ),
     )

@@ -1,7 +1,7 @@
 """lenslab.steering: interventions as data, applied through TransformerLens hooks.
 
 `Intervention` (a list of `Edit`s) is what every steering method returns; `apply` steers a
-model inside a `with` block; `save` / `load` read and write JSON presets with tensors in a
+model inside a `with` block (`hooks` gives the TransformerLens hooks, `validate` checks the edits); `save` / `load` read and write JSON presets with tensors in a
 safetensors file beside them. Baselines: `mean_difference` (DiffMean / CAA) and `actadd`;
 `austeer` steers a few atomic units multiplicatively (`austeer_scores` gives its score table);
 `fit_lineas` trains per-unit affine maps at many hooks end to end (LinEAS, `LineasConfig`).
@@ -34,6 +34,7 @@ if __name__ != "lenslab.steering":  # imported as top-level `steering`: the repo
 else:
     from lenslab.steering.austeer import AU_SITES, TIE_BREAKS, austeer, austeer_scores, select_units, tie_report
     from lenslab.steering.baselines import SITES, actadd, hook_name, mean_activations, mean_difference
+    from lenslab.steering.edit_hooks import apply, hooks, validate
     from lenslab.steering.experts import hf_hooks, reroute, switch_experts
     from lenslab.steering.features import ablate_feature, add_feature, clamp_feature
     from lenslab.steering.generate import generate, stream
@@ -46,12 +47,9 @@ else:
         Edit,
         FeatureRead,
         Intervention,
-        apply,
         compose,
-        hooks,
         load,
         save,
-        validate,
     )
     from lenslab.steering.lineas import (
         LineasConfig,

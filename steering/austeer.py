@@ -52,8 +52,10 @@ import torch
 from torch import Tensor
 
 from lenslab._errors import LenslabError, did_you_mean
-from lenslab.steering.baselines import _prompts, _provenance
-from lenslab.steering.intervention import Edit, Intervention, validate
+from lenslab.results import provenance
+from lenslab.steering.edit_hooks import validate
+from lenslab.steering.intervention import Edit, Intervention
+from lenslab.toolbox import check_prompts, model_device
 
 AU_SITES = {
     "attn": "blocks.{layer}.attn.hook_z",
@@ -77,7 +79,7 @@ def last_token_activations(model, prompts: Sequence[str], site: str = "resid") -
     template = _site(site)
     hooks = [template.format(layer=layer) for layer in range(model.cfg.n_layers)]
     names = set(hooks)
-    device = next(model.parameters()).device
+    device = model_device(model)
     by_len: dict[int, list[int]] = {}
     toks = [model.to_tokens(p)[0] for p in prompts]
     for i, t in enumerate(toks):
@@ -106,8 +108,8 @@ def sign_consistency(pos: Tensor, neg: Tensor) -> Tensor:
 def _paired(model, positive: Sequence[str], negative: Sequence[str], site: str) -> tuple[Tensor, Tensor]:
     """Last-token activations of the positive and the negative samples, `[S, n_layers, n_units]` each."""
     _site(site)
-    pos = _prompts(positive, "positive")
-    neg = _prompts(negative, "negative")
+    pos = check_prompts(positive, "positive")
+    neg = check_prompts(negative, "negative")
     if len(pos) != len(neg):
         raise LenslabError(
             f"AUSteer compares samples in pairs: got {len(pos)} positive and {len(neg)} negative; "
@@ -269,9 +271,10 @@ def austeer(
     iv = Intervention(
         edits=tuple(edits),
         name=name or f"austeer {site} k={k}",
-        provenance=_provenance(
+        provenance=provenance(
             model,
-            "austeer",
+            method="austeer",
+            timestamp=False,
             site=site,
             k=k,
             alpha=float(alpha),

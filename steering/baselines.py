@@ -28,9 +28,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-import lenslab
 from lenslab._errors import LenslabError, did_you_mean
-from lenslab.steering.intervention import Edit, Intervention, Positions, validate
+from lenslab.results import provenance
+from lenslab.steering.edit_hooks import validate
+from lenslab.steering.intervention import Edit, Intervention, Positions
+from lenslab.toolbox import check_layers, check_prompts, model_device
 
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
@@ -53,36 +55,6 @@ def hook_name(layer: int, site: str) -> str:
     return f"blocks.{layer}.hook_{site}"
 
 
-def _layers(model, layers: int | Sequence[int]) -> list[int]:
-    ls = [layers] if isinstance(layers, int) else list(layers)
-    if not ls:
-        raise LenslabError("layers is empty; pass one layer index or a list")
-    n = model.cfg.n_layers
-    for layer in ls:
-        if not isinstance(layer, int) or not 0 <= layer < n:
-            raise LenslabError(f"layer {layer!r} is out of range: this model has layers 0..{n - 1}")
-    return ls
-
-
-def _prompts(prompts: Sequence[str], what: str) -> list[str]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    ps = list(prompts)
-    if not ps or any(not isinstance(p, str) or not p for p in ps):
-        raise LenslabError(f"{what} must be a non-empty list of non-empty strings")
-    return ps
-
-
-def _provenance(model, method: str, **extra) -> dict:
-
-    return {
-        "method": method,
-        "model": getattr(model, "lenslab_name", None) or getattr(model.cfg, "model_name", "unknown"),
-        "lenslab_version": lenslab.__version__,
-        **extra,
-    }
-
-
 def mean_activations(model, prompts: Sequence[str], hooks: Sequence[str], position: str = "last") -> dict[str, Tensor]:
     """Mean activation `[d]` (last dims flattened) per hook over `prompts`.
 
@@ -91,7 +63,7 @@ def mean_activations(model, prompts: Sequence[str], hooks: Sequence[str], positi
     """
     if position not in ("last", "mean"):
         raise LenslabError(f"position {position!r} must be 'last' or 'mean'{did_you_mean(position, ['last', 'mean'])}")
-    device = next(model.parameters()).device
+    device = model_device(model)
     by_len: dict[int, list[Tensor]] = {}
     for p in prompts:
         t = model.to_tokens(p)[0]
@@ -141,18 +113,19 @@ def mean_difference(
     >>> [(e.hook, e.vector.shape) for e in iv.edits]
     [('blocks.0.hook_mlp_out', torch.Size([96])), ('blocks.2.hook_mlp_out', torch.Size([96]))]
     """
-    pos_prompts = _prompts(positive, "positive")
-    neg_prompts = _prompts(negative, "negative")
-    hooks = [hook_name(layer, site) for layer in _layers(model, layers)]
+    pos_prompts = check_prompts(positive, "positive")
+    neg_prompts = check_prompts(negative, "negative")
+    hooks = [hook_name(layer, site) for layer in check_layers(model, layers)]
     validate(model, Intervention(edits=tuple(Edit(hook=h, op="zero") for h in hooks)))
     mp = mean_activations(model, pos_prompts, hooks, position)
     mn = mean_activations(model, neg_prompts, hooks, position)
     edits = tuple(Edit(hook=h, op="add", vector=mp[h] - mn[h], positions=positions, strength=strength) for h in hooks)
-    prov = _provenance(
+    prov = provenance(
         model,
-        "mean_difference",
+        method="mean_difference",
+        timestamp=False,
         site=site,
-        layers=list(_layers(model, layers)),
+        layers=list(check_layers(model, layers)),
         position=position,
         positive=pos_prompts,
         negative=neg_prompts,
@@ -194,7 +167,7 @@ def actadd(
     """
     if not isinstance(positive, str) or not isinstance(negative, str) or not positive or not negative:
         raise LenslabError("actadd takes one positive and one negative prompt (non-empty strings)")
-    (layer,) = _layers(model, [layer])
+    (layer,) = check_layers(model, [layer])
     hook = hook_name(layer, site)
     validate(model, Intervention(edits=(Edit(hook=hook, op="zero"),)))
     tp, tn = model.to_tokens(positive)[0], model.to_tokens(negative)[0]
@@ -203,13 +176,15 @@ def actadd(
         pad_id = _pad_id(model, pad)
         tp = torch.cat([tp, tp.new_full((n - len(tp),), pad_id)])
         tn = torch.cat([tn, tn.new_full((n - len(tn),), pad_id)])
-    device = next(model.parameters()).device
+    device = model_device(model)
     with torch.no_grad():
         _, cache = model.run_with_cache(torch.stack([tp, tn]).to(device), names_filter=lambda x: x == hook)
     a = cache[hook].reshape(2, n, -1).float().cpu()  # [2, pos, d]
     diff = a[0] - a[1]  # [pos, d]
     edit = Edit(hook=hook, op="add", vector=diff, positions=tuple(range(n)), strength=strength)
-    prov = _provenance(model, "actadd", site=site, layer=layer, positive=positive, negative=negative)
+    prov = provenance(
+        model, method="actadd", timestamp=False, site=site, layer=layer, positive=positive, negative=negative
+    )
     return Intervention(edits=(edit,), name=name or f"actadd {positive!r} - {negative!r}", provenance=prov)
 
 

@@ -46,8 +46,10 @@ from lenslab import _refusal, figures
 from lenslab._errors import LenslabError, did_you_mean
 from lenslab.probes.routers import ftri_rank, moe_layers
 from lenslab.results import JsonResult, provenance
+from lenslab.steering.edit_hooks import apply
 from lenslab.steering.experts import switch_experts
-from lenslab.steering.intervention import Intervention, apply
+from lenslab.steering.intervention import Intervention
+from lenslab.toolbox import model_device
 
 __all__ = [
     "RateTable",
@@ -185,7 +187,7 @@ def _check_inputs(interventions: Interventions, prompts: PromptSets) -> None:
 
 def _greedy_group(model, tokens: Tensor, intervention: Intervention | None, max_new_tokens: int) -> list[str]:
     """Greedy continuations of `[batch, pos]` prompts of one length, as `generate` decodes them."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     tokens = tokens.to(device)
     prompt_len = tokens.shape[1]
     eos = getattr(model.tokenizer, "eos_token_id", None) if model.tokenizer is not None else None
@@ -415,7 +417,7 @@ def perplexity(
                 at = torch.cat([at, torch.tensor([eos])])
             full = torch.cat([pt, at])
             rows[s].setdefault(full.shape[0], []).append((full, pt.shape[0]))
-    device = next(model.parameters()).device
+    device = model_device(model)
     n_chunks = sum(math.ceil(len(m) / batch_size) for g in rows.values() for m in g.values()) * len(interventions)
     bar = tqdm(total=n_chunks, desc="perplexity", disable=not progress, leave=False)
     values = torch.zeros(len(interventions), len(prompts), dtype=torch.float64)

@@ -51,7 +51,7 @@ from torch import Tensor
 from lenslab._errors import LenslabError, did_you_mean
 from lenslab.probes import routers
 from lenslab.probes.routers import NO_MOE, SIGMOID_ROUTERS, MoeLayer, router_spec
-from lenslab.steering.intervention import EXPERT_OPS, Edit, Intervention, Positions, _position_index
+from lenslab.steering.intervention import EXPERT_OPS, Edit, Intervention, Positions, position_index
 
 __all__ = ["EXPERT_OPS", "MODES", "hf_hooks", "hf_route", "moe_block", "reroute", "switch_experts"]
 
@@ -132,7 +132,7 @@ def _rows(edit: Edit, rows_pos: Tensor, n_pos: int, prompt_len: int | None) -> T
     if edit.positions == "all":
         return torch.ones(rows_pos.shape[0], dtype=torch.bool, device=rows_pos.device)
     sel = torch.zeros(n_pos, dtype=torch.bool, device=rows_pos.device)
-    idx = _position_index(edit.positions, n_pos, prompt_len, edit.hook)
+    idx = position_index(edit.positions, n_pos, prompt_len, edit.hook)
     sel[idx.to(rows_pos.device) if isinstance(idx, Tensor) else idx] = True
     return sel[rows_pos]
 

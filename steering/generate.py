@@ -19,7 +19,9 @@ from collections.abc import Iterator
 import torch
 
 from lenslab._errors import LenslabError
-from lenslab.steering.intervention import Intervention, apply
+from lenslab.steering.edit_hooks import apply
+from lenslab.steering.intervention import Intervention
+from lenslab.toolbox import model_device
 
 
 def stream(
@@ -47,7 +49,7 @@ def stream(
         raise LenslabError("prompt must be a non-empty string")
     if max_new_tokens < 0 or temperature < 0:
         raise LenslabError(f"max_new_tokens and temperature must be >= 0 (got {max_new_tokens}, {temperature})")
-    device = next(model.parameters()).device
+    device = model_device(model)
     tokens = model.to_tokens(prompt).to(device)  # [1, prompt_len]
     prompt_len = tokens.shape[1]
     gen = torch.Generator(device="cpu").manual_seed(seed)

@@ -5,8 +5,9 @@ An intervention is a list of edits. Each edit names one TransformerLens hook poi
 it touches, the units (entries of the activation's last dimension; for per-head hooks such as
 `hook_z` of shape `[batch, pos, head, d_head]` the `head x d_head` entries flattened), an
 operation and a strength. Every steering method in lenslab returns one (DiffMean and ActAdd in
-`lenslab.steering.baselines`; AUSteer units and LinEAS maps later), so one `apply` serves
-generation, patching and evaluation, and a preset is a JSON file plus a safetensors file.
+`lenslab.steering.baselines`, AUSteer units, LinEAS maps, SAE-feature edits, expert switches), so one
+`apply` (`lenslab.steering.edit_hooks`) serves generation and evaluation, and a preset is a JSON
+file plus a safetensors file.
 
 Operations, for the selected entries `x` and strength `s` (each is the identity at `s = 0` and
 its full effect at `s = 1`):
@@ -50,9 +51,7 @@ from __future__ import annotations
 import json
 import math
 import re
-import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -60,6 +59,7 @@ import torch
 from torch import Tensor
 
 from lenslab._errors import LenslabError, did_you_mean
+from lenslab.toolbox import hook_unit_sizes
 
 UNIT_OPS = ("add", "multiply", "affine", "clamp", "zero", "feature")
 EXPERT_OPS = ("drop_experts", "mask_experts", "force_experts")  # MoE switches: lenslab.steering.experts
@@ -417,7 +417,7 @@ class Intervention:
             elif e.vector is not None:
                 total += e.vector.shape[-1]
             elif model is not None:
-                total += _hook_shapes(model, [e.hook])[e.hook]
+                total += hook_unit_sizes(model, [e.hook])[e.hook]
             else:
                 raise LenslabError("a zero edit over all units needs the model to count units; pass model=")
         return total
@@ -528,90 +528,8 @@ def load(path: str | Path) -> Intervention:
     return Intervention.from_dict(spec, tensors)
 
 
-# --- applying ------------------------------------------------------------------------------
-
-_SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _hook_names(model) -> list[str]:
-    return list(model.hook_dict.keys())
-
-
-def _hook_shapes(model, hooks: Sequence[str]) -> dict[str, int]:
-    """Size of each hook's (flattened) unit dimension, from a 2-token `run_with_cache`."""
-    cache = _SHAPES.setdefault(model, {})
-    missing = [h for h in hooks if h not in cache]
-    if missing:
-        toks = torch.zeros((1, 2), dtype=torch.long, device=_model_device(model))
-        with torch.no_grad():
-            _, acts = model.run_with_cache(toks, names_filter=lambda n: n in missing)
-        for h in missing:
-            if h not in acts:
-                raise LenslabError(f"hook {h!r} did not fire on a forward pass of this model; pick another hook")
-            a = acts[h]
-            if a.ndim < 3 or a.shape[1] != 2:
-                raise LenslabError(
-                    f"hook {h!r} has shape {tuple(a.shape)}, not [batch, pos, ...]; steering edits need a hook "
-                    "whose second axis is the position (e.g. hook_resid_post, attn.hook_z, mlp.hook_post)"
-                )
-            cache[h] = math.prod(a.shape[2:])
-    return {h: cache[h] for h in hooks}
-
-
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def validate(model, intervention: Intervention) -> None:
-    """Check `intervention` against `model`: hook names, vector sizes, unit indices.
-
-    Raises:
-        LenslabError: naming the edit, the problem and the fix.
-    """
-    _validate(model, intervention)
-
-
-def _validate(model, intervention: Intervention) -> list | None:
-    """`validate`; returns the model's MoE layers when there are expert edits, else None."""
-    if not isinstance(intervention, Intervention):
-        raise LenslabError(f"expected an Intervention, got {type(intervention).__name__}")
-    unit_edits = [e for e in intervention.edits if e.op not in EXPERT_OPS]
-    expert_edits = [e for e in intervention.edits if e.op in EXPERT_OPS]
-    layers = None
-    if expert_edits:
-        from lenslab.steering.experts import validate_experts
-
-        layers = validate_experts(model, expert_edits)
-    names = _hook_names(model)
-    known = set(names)
-    for e in unit_edits:
-        if e.hook not in known:
-            raise LenslabError(f"hook {e.hook!r} is not a hook point of this model{did_you_mean(e.hook, names)}")
-    dims = _hook_shapes(model, sorted({e.hook for e in unit_edits}))
-    for e in unit_edits:
-        d = dims[e.hook]
-        if e.units is not None:
-            if max(e.units) >= d:
-                raise LenslabError(
-                    f"unit index {max(e.units)} is out of range at {e.hook}, which has {d} units (0..{d - 1})"
-                )
-        elif e.op == "feature" and e.vector.shape[-1] != d:
-            raise LenslabError(
-                f"the SAE feature edit at {e.hook} reads d_in={e.vector.shape[-1]} entries, but this model's {e.hook} "
-                f"has {d}: the SAE was trained on another model (or hook); use an SAE trained on this model"
-            )
-        elif e.vector is not None and e.vector.shape[-1] != d:
-            raise LenslabError(
-                f"vector at {e.hook} has {e.vector.shape[-1]} entries but the hook's last dimension has {d}; "
-                f"pass a vector of size {d} or list the units it covers"
-            )
-    return layers
-
-
-def _position_index(positions: Positions, n_pos: int, prompt_len: int | None, hook: str) -> Tensor | slice:
+def position_index(positions: Positions, n_pos: int, prompt_len: int | None, hook: str) -> Tensor | slice:
+    """Which positions of an `n_pos`-token activation `positions` selects at `hook`: a slice or an index tensor."""
     if positions == "all":
         return slice(None)
     if positions == "last":
@@ -634,88 +552,3 @@ def _position_index(positions: Positions, n_pos: int, prompt_len: int | None, ho
             )
         idx.append(p % n_pos)
     return torch.tensor(idx)
-
-
-def _edit_fn(e: Edit, prompt_len: int | None) -> Callable:
-    def fn(act: Tensor, hook) -> Tensor:
-        if e.op == "feature" and e.strength == 0:
-            return act  # bit-identical
-        b, p = act.shape[:2]
-        flat = act.reshape(b, p, -1)
-        pos = _position_index(e.positions, p, prompt_len, e.hook)
-        if isinstance(pos, slice):
-            pos = torch.arange(p)[pos]
-        if pos.numel() == 0:
-            return act
-        units = torch.arange(flat.shape[-1]) if e.units is None else torch.tensor(e.units)
-        pos, units = pos.to(act.device), units.to(act.device)
-        ix = (slice(None), pos[:, None], units[None, :])
-        x = flat[ix]  # [batch, n_pos, n_units]
-        s = e.strength
-        v = None if e.vector is None else e.vector.to(act.device, act.dtype)
-        if e.op == "add":
-            new = x + s * v
-        elif e.op == "multiply":
-            new = x * (1 + s * (v - 1))
-        elif e.op == "affine":
-            new = s * (v * x + e.shift.to(act.device, act.dtype)) + (1 - s) * x
-        elif e.op == "clamp":
-            new = s * v + (1 - s) * x
-        elif e.op == "feature":
-            a = e.feature.activation(x)  # [batch, n_pos], float32
-            new = x + (s * (e.feature.target - a)).to(act.dtype)[..., None] * v
-        else:  # zero
-            new = (1 - s) * x
-        out = flat.clone()
-        out[ix] = new
-        return out.reshape(act.shape)
-
-    return fn
-
-
-def hooks(model, intervention: Intervention, *, prompt_len: int | None = None) -> list[tuple[str, Callable]]:
-    """Validated TransformerLens forward hooks `[(hook_name, fn), ...]` for `intervention`.
-
-    Use with `model.run_with_hooks(tokens, fwd_hooks=hooks(model, iv))` or `model.hooks(...)`.
-    `prompt_len` fixes what "prompt" and "generated" positions mean. Expert edits on a
-    HookedTransformer MoE become hooks too; on a TransformerBridge MoE they act through torch
-    hooks on the Hugging Face routers, so use `apply` there (this raises a `LenslabError`).
-    """
-    layers = _validate(model, intervention)
-    pairs = [(e.hook, _edit_fn(e, prompt_len)) for e in intervention.edits if e.op not in EXPERT_OPS]
-    from lenslab.steering.experts import expert_edits, tl_hooks
-
-    switches = expert_edits(intervention)
-    if switches:
-        if layers[0].kind != "hooked":
-            raise LenslabError(
-                "expert switches on a TransformerBridge MoE act through torch hooks on its Hugging Face routers, "
-                "not TransformerLens hooks: use `with lenslab.steering.apply(model, iv):` instead of hooks()"
-            )
-        pairs += tl_hooks(model, switches, layers, prompt_len=prompt_len)
-    return pairs
-
-
-@contextmanager
-def apply(model, intervention: Intervention | None, *, prompt_len: int | None = None) -> Iterator:
-    """Context manager: inside it every forward pass of `model` is steered by `intervention`.
-
-    >>> import lenslab
-    >>> from lenslab.steering import actadd
-    >>> model = lenslab.load_model("zoo/steer-sentiment", device="cpu")
-    >>> iv = actadd(model, "the day was lovely .", "the day was awful .", layer=1)
-    >>> tokens = model.to_tokens("the day was awful . the movie was")
-    >>> with apply(model, iv):
-    ...     logits = model(tokens)  # [batch, pos, d_vocab], steered
-    >>> model.to_string(logits[0, -1].argmax()), model.to_string(model(tokens)[0, -1].argmax())   # then unsteered
-    ('lovely', 'bitter')
-    """
-    if intervention is None or not intervention.edits:
-        yield model
-        return
-    from lenslab.steering.experts import apply_experts, expert_edits
-
-    layers = _validate(model, intervention)
-    pairs = [(e.hook, _edit_fn(e, prompt_len)) for e in intervention.edits if e.op not in EXPERT_OPS]
-    with apply_experts(model, expert_edits(intervention), layers, pairs, prompt_len=prompt_len):
-        yield model

@@ -48,8 +48,10 @@ import torch
 from torch import Tensor
 
 from lenslab._errors import LenslabError
-from lenslab.steering.baselines import _prompts, _provenance
-from lenslab.steering.intervention import Edit, Intervention, _hook_shapes, apply, validate
+from lenslab.results import provenance
+from lenslab.steering.edit_hooks import apply, validate
+from lenslab.steering.intervention import Edit, Intervention
+from lenslab.toolbox import check_prompts, hook_unit_sizes, model_device
 
 PROXIMALS = (None, "l1", "sparse-group")
 MIN_BATCH = 4  # the reference refuses smaller source batches ("unstable training")
@@ -331,7 +333,7 @@ def _pooled(
     gradients flow when they require grad. `last`: stop the forward pass after that hook fires.
     `order`: filled with the hooks in the order they fire.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     tokens = tokens.to(device)
     mask = (torch.arange(tokens.shape[1], device=device)[None, :] < lengths.to(device)[:, None]).float()  # [batch, pos]
     count = mask.sum(1, keepdim=True)
@@ -383,8 +385,8 @@ def lineas_loss(
     unsteered activations, both mean-pooled over each prompt's tokens. `None` gives the loss
     before any steering.
     """
-    src = _prompts(source_prompts, "source_prompts")
-    tgt = _prompts(target_prompts, "target_prompts")
+    src = check_prompts(source_prompts, "source_prompts")
+    tgt = check_prompts(target_prompts, "target_prompts")
     if hooks is None:
         if intervention is None or not intervention.edits:
             raise LenslabError("lineas_loss needs hooks= when the intervention is None or empty")
@@ -471,8 +473,8 @@ def fit_lineas(
     cfg = LineasConfig() if config is None else config
     if not isinstance(cfg, LineasConfig):
         raise LenslabError(f"config must be a LineasConfig, got {type(cfg).__name__}")
-    src = _prompts(source_prompts, "source_prompts")
-    tgt = _prompts(target_prompts, "target_prompts")
+    src = check_prompts(source_prompts, "source_prompts")
+    tgt = check_prompts(target_prompts, "target_prompts")
     batch = len(src) if cfg.batch_size is None else cfg.batch_size
     if batch < MIN_BATCH:
         raise LenslabError(
@@ -482,8 +484,8 @@ def fit_lineas(
     if batch > len(src):
         raise LenslabError(f"batch_size {batch} is larger than the {len(src)} source prompts; lower it or add prompts")
     hs = _resolve_hooks(model, hooks)
-    dims = _hook_shapes(model, hs)
-    device = next(model.parameters()).device
+    dims = hook_unit_sizes(model, hs)
+    device = model_device(model)
 
     src_tokens, src_len = _tokenize(model, src)
     tgt_tokens, tgt_len = _tokenize(model, tgt)
@@ -556,9 +558,10 @@ def fit_lineas(
     iv = Intervention(
         edits=edits,
         name=name or f"lineas {len(hs)} hooks",
-        provenance=_provenance(
+        provenance=provenance(
             model,
-            "lineas",
+            method="lineas",
+            timestamp=False,
             config=cfg.to_dict(),
             hooks=hs,
             source=src,

@@ -50,7 +50,9 @@ from lenslab import figures
 from lenslab._errors import LenslabError
 from lenslab.results import JsonResult, provenance
 from lenslab.steering import evaluate
-from lenslab.steering.intervention import Intervention, validate
+from lenslab.steering.edit_hooks import validate
+from lenslab.steering.intervention import Intervention
+from lenslab.toolbox import model_device
 
 __all__ = ["TradeoffResult", "bootstrap_ci", "standalone_perplexity", "tradeoff", "tradeoff_seeds"]
 
@@ -215,7 +217,7 @@ def standalone_perplexity(model, texts: Sequence[str], *, batch_size: int = 64) 
     rows = [r for r in rows if r.shape[0] > 1]
     if not rows:
         return float("nan")
-    device = next(model.parameters()).device
+    device = model_device(model)
     by_len: dict[int, list] = {}
     for r in rows:
         by_len.setdefault(r.shape[0], []).append(r)

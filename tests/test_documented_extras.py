@@ -48,7 +48,7 @@ def ln_attn_model():
         seed=5,
     )
     m = _randomize(HookedTransformer(cfg, tokenizer=TOK), 5)
-    m.lenslab_name = "test"
+    m.cfg.model_name = "test"
     return m
 
 

@@ -66,7 +66,7 @@ def model_and_prompt(request, tiny_model):
     if request.param == "bridge":
         return request.getfixturevalue("bridge_model"), TINY_PROMPT
     model = request.getfixturevalue("default_model")
-    return model, zoo.default_prompt(model.lenslab_name) or "a b c d a b c"
+    return model, zoo.default_prompt(model.cfg.model_name) or "a b c d a b c"
 
 
 def test_tokenize_matches_model(model_and_prompt):
@@ -75,7 +75,7 @@ def test_tokenize_matches_model(model_and_prompt):
     assert tok.ids.tolist() == model.to_tokens(prompt)[0].tolist()
     assert tok.str_tokens == list(model.to_str_tokens(prompt))
     assert [r["id"] for r in tok.rows()] == tok.ids.tolist() and len(tok) == tok.ids.shape[0]
-    assert tok.model == model.lenslab_name
+    assert tok.model == model.cfg.model_name
 
 
 def test_attention_rows_sum_to_one_and_match_cache(model_and_prompt):
@@ -189,7 +189,7 @@ def test_k_larger_than_vocab_is_clamped(tiny_model):
 
 
 def test_figures_label_tokens_and_name_the_model(tiny_model):
-    name = tiny_model.lenslab_name
+    name = tiny_model.cfg.model_name
     tok = lens.tokenize(tiny_model, TINY_PROMPT)
     pat = lens.attention_patterns(tiny_model, TINY_PROMPT)
     fig = plots.attention_heatmap(pat, tok.str_tokens, layer=1, head=2, model=name)

@@ -50,7 +50,7 @@ def test_zoo_format_folder_round_trips_logits_exactly(zoo_format):
     folder, original = zoo_format
     model = lenslab.load_model(str(folder), device="cpu")
     assert type(model).__name__ == "HookedTransformer"
-    assert model.lenslab_name == str(folder)
+    assert model.cfg.model_name == str(folder)
     assert not model.training
     ids = torch.randint(4, 32, (3, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

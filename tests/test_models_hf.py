@@ -254,7 +254,7 @@ def test_hf_ids_load_from_the_cache_offline(fake_cache, loaded):
     for name, ref in [("gpt2", "gpt2"), ("gpt2-small", "gpt2"), ("tiny-org/qwen3-moe", "qwen3_moe")]:
         model = lenslab.load_model(name, device="cpu")
         assert type(model).__name__ == EXPECTED[ref], name
-        assert model.lenslab_name == name
+        assert model.cfg.model_name == name
         assert str(fake_cache) in model.lenslab_source
         with torch.no_grad():
             torch.testing.assert_close(model(ids), loaded[ref][1](ids).logits, atol=1e-4, rtol=0)

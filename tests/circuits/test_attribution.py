@@ -16,7 +16,7 @@ def _model(**kw):
     cfg = dict(n_layers=2, d_model=24, n_ctx=32, d_head=6, n_heads=3, d_vocab=len(TOK), seed=3)
     cfg.update(kw)
     m = HookedTransformer(HookedTransformerConfig(**cfg), tokenizer=TOK)
-    m.lenslab_name = "test"
+    m.cfg.model_name = "test"
     return m
 
 

@@ -21,7 +21,7 @@ def _model(**kw):
         HookedTransformerConfig(n_layers=2, d_model=8, n_ctx=32, d_head=4, n_heads=2, d_vocab=len(TOK), seed=0, **kw),
         tokenizer=TOK,
     )
-    m.lenslab_name = "edge-test"
+    m.cfg.model_name = "edge-test"
     return m
 
 

@@ -58,7 +58,7 @@ def test_faithfulness_on_linear_model(tmp_path):
         ),
         tokenizer=tok,
     )
-    model.lenslab_name = "linear-test"
+    model.cfg.model_name = "linear-test"
     task = tasks.induction(model, n=3, seq_len=5, seed=0)
     sites = ["resid_post", "attn_out", "z"]
     faith = circuits.faithfulness(model, task, ["atp", "relp", "ig"], sites, steps=2, progress=False)

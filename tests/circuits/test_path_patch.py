@@ -27,7 +27,7 @@ def linear_model():
         seed=1,
     )
     model = HookedTransformer(cfg, tokenizer=tok)
-    model.lenslab_name = "linear-test"
+    model.cfg.model_name = "linear-test"
     return model
 
 

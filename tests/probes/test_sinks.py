@@ -13,6 +13,7 @@ import torch
 
 from lenslab import LenslabError, figures
 from lenslab.probes import sinks as S
+from lenslab.probes import super_experts as SE
 
 torch.set_num_threads(1)
 MAIN = Path(__file__).resolve().parents[2] / "app" / "main.py"
@@ -128,7 +129,7 @@ def test_bad_input_names_the_problem(planted, tiny_model):
     with pytest.raises(LenslabError, match="no massive activations"):
         S.ablate_massive(tiny_model, "t1 t2 t3")
     with pytest.raises(LenslabError, match="super experts need an MoE model"):
-        S.super_experts(model, toks)
+        SE.super_experts(model, toks)
     with pytest.raises(LenslabError, match="no tokenizer"):
         S.attention_sinks(model, "hello")
 

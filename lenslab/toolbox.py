@@ -1,0 +1,157 @@
+"""What every area asks of a model: its name and device, checked layer lists, prompts batched by
+token length, and a progress reporter.
+
+One home for these, so that circuits, probes, steering and the engine agree on them (the same
+error text for a layer out of range, the same name in every provenance record).
+
+>>> import lenslab
+>>> model = lenslab.load_model("zoo/induction-2l", device="cpu")
+>>> model_name(model), model_device(model).type, check_layers(model, None)
+('zoo/induction-2l', 'cpu', [0, 1])
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lenslab._errors import LenslabError
+
+__all__ = [
+    "by_length",
+    "check_layers",
+    "check_prompts",
+    "hook_unit_sizes",
+    "length_batches",
+    "model_device",
+    "model_name",
+    "name_model",
+    "progress_reporter",
+]
+
+
+def name_model(model, name: str):
+    """Record `name` (what `load_model` was given) as the model's name, on `model.cfg.model_name`.
+
+    The name travels with the config (copies and pickles keep it); provenance records and figure
+    titles read it back with `model_name`. Returns `model`.
+    """
+    model.cfg.model_name = str(name)
+    return model
+
+
+def model_name(model) -> str:
+    """The name a model was loaded by (`"zoo/ioi-4l"`, `"gpt2"`, a folder), else `"model"`."""
+    return str(getattr(getattr(model, "cfg", None), "model_name", None) or "model")
+
+
+def model_device(model) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def check_layers(model, layers: int | Sequence[int] | None) -> list[int]:
+    """`layers` as a list of valid layer indices, in the order given; None means every layer.
+
+    Raises:
+        LenslabError: for an empty list, a non-integer or an index outside `0..n_layers-1`.
+    """
+    n = int(model.cfg.n_layers)
+    if layers is None:
+        return list(range(n))
+    ls = [layers] if isinstance(layers, int) else list(layers)
+    if not ls:
+        raise LenslabError("layers is empty; pass one layer index or a list")
+    for layer in ls:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+            raise LenslabError(f"layer {layer!r} is out of range: the model has {n} layers (layers 0..{n - 1})")
+    return [int(layer) for layer in ls]
+
+
+def by_length(seqs: Sequence[Tensor]) -> dict[int, list[int]]:
+    """Indices of `seqs` (token rows `[pos]`) grouped by length; groups in first-seen order.
+
+    Rows of one length stack into a `[batch, pos]` batch with no padding, so no attention mask.
+    """
+    groups: dict[int, list[int]] = {}
+    for i, t in enumerate(seqs):
+        groups.setdefault(int(t.shape[0]), []).append(i)
+    return groups
+
+
+def length_batches(seqs: Sequence[Tensor], batch_size: int | None = None) -> Iterator[list[int]]:
+    """Chunks of indices into `seqs`, each of one length and at most `batch_size` long (None: no cap)."""
+    for members in by_length(seqs).values():
+        step = batch_size or len(members)
+        for start in range(0, len(members), step):
+            yield members[start : start + step]
+
+
+def progress_reporter(progress: bool | Callable[[int, int], None], total: int, desc: str) -> Callable[..., None]:
+    """A reporter for `total` steps: `report()` after each step, `report(close=True)` at the end.
+
+    `progress=True` draws a tqdm bar, a callable receives `(done, total)`, False reports nothing.
+    """
+    bar = tqdm(total=total, desc=desc, leave=False) if progress is True else None
+    done = [0]
+
+    def report(close: bool = False) -> None:
+        if close:
+            if bar is not None:
+                bar.close()
+            return
+        done[0] += 1
+        if bar is not None:
+            bar.update(1)
+        elif callable(progress):
+            progress(done[0], total)
+
+    return report
+
+
+_UNIT_SIZES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def hook_unit_sizes(model, hooks: Sequence[str]) -> dict[str, int]:
+    """Size of each hook's unit axis: its activation's dimensions after `[batch, pos]`, flattened
+    (`[head, d_head]` counts `n_heads * d_head`). Read once per model from a 2-token `run_with_cache`.
+
+    Raises:
+        LenslabError: for a hook that does not fire, or one without a position axis.
+    """
+    cache = _UNIT_SIZES.setdefault(model, {})
+    missing = [h for h in hooks if h not in cache]
+    if missing:
+        toks = torch.zeros((1, 2), dtype=torch.long, device=model_device(model))
+        with torch.no_grad():
+            _, acts = model.run_with_cache(toks, names_filter=lambda n: n in missing)
+        for h in missing:
+            if h not in acts:
+                raise LenslabError(f"hook {h!r} did not fire on a forward pass of this model; pick another hook")
+            a = acts[h]
+            if a.ndim < 3 or a.shape[1] != 2:
+                raise LenslabError(
+                    f"hook {h!r} has shape {tuple(a.shape)}, not [batch, pos, ...]; steering edits need a hook "
+                    "whose second axis is the position (e.g. hook_resid_post, attn.hook_z, mlp.hook_post)"
+                )
+            cache[h] = math.prod(a.shape[2:])
+    return {h: cache[h] for h in hooks}
+
+
+def check_prompts(prompts: str | Sequence[str], what: str) -> list[str]:
+    """`prompts` (one string or a sequence) as a list; a `LenslabError` naming `what` when it is
+    empty or holds an empty or non-string entry."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    ps = list(prompts)
+    if not ps or any(not isinstance(p, str) or not p for p in ps):
+        raise LenslabError(f"{what} must be a non-empty list of non-empty strings")
+    return ps
