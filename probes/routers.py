@@ -43,7 +43,7 @@ from torch import Tensor
 from lenslab import figures
 from lenslab._errors import LenslabError
 from lenslab.results import JsonResult, provenance
-from lenslab.toolbox import model_device
+from lenslab.toolbox import length_batches, model_device
 
 __all__ = [
     "ExpertRanking",
@@ -428,16 +428,11 @@ def route(model, prompts, *, prepend_bos: bool | None = None, batch_size: int = 
     out_idx: list[Tensor | None] = [None] * len(toks)
     out_w: list[Tensor | None] = [None] * len(toks)
     out_p: list[Tensor | None] = [None] * len(toks)
-    by_len: dict[int, list[int]] = {}
-    for i, t in enumerate(toks):
-        by_len.setdefault(t.shape[0], []).append(i)
-    for members in by_len.values():
-        for start in range(0, len(members), batch_size):
-            chunk = members[start : start + batch_size]
-            batch = torch.stack([toks[i] for i in chunk]).to(device)
-            idx, w, p = _route_batch(model, batch, layers, k)  # [batch, pos, layer, *]
-            for j, i in enumerate(chunk):
-                out_idx[i], out_w[i], out_p[i] = idx[j], w[j], p[j]
+    for chunk in length_batches(toks, batch_size):
+        batch = torch.stack([toks[i] for i in chunk]).to(device)
+        idx, w, p = _route_batch(model, batch, layers, k)  # [batch, pos, layer, *]
+        for j, i in enumerate(chunk):
+            out_idx[i], out_w[i], out_p[i] = idx[j], w[j], p[j]
 
     tokenizer = getattr(model, "tokenizer", None)
     labels = [

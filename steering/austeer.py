@@ -55,7 +55,7 @@ from lenslab._errors import LenslabError, did_you_mean
 from lenslab.results import provenance
 from lenslab.steering.edit_hooks import validate
 from lenslab.steering.intervention import Edit, Intervention
-from lenslab.toolbox import check_prompts, model_device
+from lenslab.toolbox import by_length, check_prompts, model_device
 
 AU_SITES = {
     "attn": "blocks.{layer}.attn.hook_z",
@@ -80,13 +80,10 @@ def last_token_activations(model, prompts: Sequence[str], site: str = "resid") -
     hooks = [template.format(layer=layer) for layer in range(model.cfg.n_layers)]
     names = set(hooks)
     device = model_device(model)
-    by_len: dict[int, list[int]] = {}
     toks = [model.to_tokens(p)[0] for p in prompts]
-    for i, t in enumerate(toks):
-        by_len.setdefault(t.shape[0], []).append(i)
     out: list[Tensor | None] = [None] * len(prompts)
     with torch.no_grad():
-        for idx in by_len.values():
+        for idx in by_length(toks).values():
             batch = torch.stack([toks[i] for i in idx]).to(device)  # [batch, pos]
             _, cache = model.run_with_cache(batch, names_filter=lambda n: n in names)
             acts = torch.stack([cache[h][:, -1].reshape(len(idx), -1).float().cpu() for h in hooks], dim=1)

@@ -32,7 +32,7 @@ from lenslab._errors import LenslabError, did_you_mean
 from lenslab.results import provenance
 from lenslab.steering.edit_hooks import validate
 from lenslab.steering.intervention import Edit, Intervention, Positions
-from lenslab.toolbox import check_layers, check_prompts, model_device
+from lenslab.toolbox import by_length, check_layers, check_prompts, model_device
 
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 
@@ -64,15 +64,12 @@ def mean_activations(model, prompts: Sequence[str], hooks: Sequence[str], positi
     if position not in ("last", "mean"):
         raise LenslabError(f"position {position!r} must be 'last' or 'mean'{did_you_mean(position, ['last', 'mean'])}")
     device = model_device(model)
-    by_len: dict[int, list[Tensor]] = {}
-    for p in prompts:
-        t = model.to_tokens(p)[0]
-        by_len.setdefault(t.shape[0], []).append(t)
+    rows = [model.to_tokens(p)[0] for p in prompts]
     sums = {h: None for h in hooks}
     names = set(hooks)
     with torch.no_grad():
-        for toks in by_len.values():
-            batch = torch.stack(toks).to(device)  # [batch, pos]
+        for idx in by_length(rows).values():
+            batch = torch.stack([rows[i] for i in idx]).to(device)  # [batch, pos]
             _, cache = model.run_with_cache(batch, names_filter=lambda n: n in names)
             for h in hooks:
                 a = cache[h].reshape(batch.shape[0], batch.shape[1], -1).float()  # [batch, pos, d]

@@ -49,7 +49,7 @@ from lenslab.results import JsonResult, provenance
 from lenslab.steering.edit_hooks import apply
 from lenslab.steering.experts import switch_experts
 from lenslab.steering.intervention import Intervention
-from lenslab.toolbox import model_device
+from lenslab.toolbox import by_length, model_device
 
 __all__ = [
     "RateTable",
@@ -212,11 +212,8 @@ def _greedy_group(model, tokens: Tensor, intervention: Intervention | None, max_
 
 
 def _by_length(model, prompts: Sequence[str]) -> dict[int, list[tuple[int, Tensor]]]:
-    groups: dict[int, list[tuple[int, Tensor]]] = {}
-    for i, p in enumerate(prompts):
-        t = model.to_tokens(p)[0].cpu()
-        groups.setdefault(t.shape[0], []).append((i, t))
-    return groups
+    toks = [model.to_tokens(p)[0].cpu() for p in prompts]
+    return {n: [(i, toks[i]) for i in idx] for n, idx in by_length(toks).items()}
 
 
 def continuations(

@@ -52,7 +52,7 @@ from lenslab.results import JsonResult, provenance
 from lenslab.steering import evaluate
 from lenslab.steering.edit_hooks import validate
 from lenslab.steering.intervention import Intervention
-from lenslab.toolbox import model_device
+from lenslab.toolbox import length_batches, model_device
 
 __all__ = ["TradeoffResult", "bootstrap_ci", "standalone_perplexity", "tradeoff", "tradeoff_seeds"]
 
@@ -218,17 +218,13 @@ def standalone_perplexity(model, texts: Sequence[str], *, batch_size: int = 64) 
     if not rows:
         return float("nan")
     device = model_device(model)
-    by_len: dict[int, list] = {}
-    for r in rows:
-        by_len.setdefault(r.shape[0], []).append(r)
     nll, count = 0.0, 0
     with torch.no_grad():
-        for group in by_len.values():
-            for start in range(0, len(group), batch_size):
-                toks = torch.stack(group[start : start + batch_size]).to(device)  # [batch, pos]
-                logp = model(toks).float().log_softmax(-1)[:, :-1]  # [batch, pos-1, vocab]
-                nll -= float(logp.gather(-1, toks[:, 1:, None]).sum())
-                count += toks[:, 1:].numel()
+        for chunk in length_batches(rows, batch_size):
+            toks = torch.stack([rows[i] for i in chunk]).to(device)  # [batch, pos]
+            logp = model(toks).float().log_softmax(-1)[:, :-1]  # [batch, pos-1, vocab]
+            nll -= float(logp.gather(-1, toks[:, 1:, None]).sum())
+            count += toks[:, 1:].numel()
     return math.exp(nll / count)
 
 
