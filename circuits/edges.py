@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from lenslab import labels
 from lenslab._errors import LenslabError
 from lenslab.circuits.patching import validate_task
 from lenslab.results import JsonResult, provenance
@@ -34,32 +35,27 @@ from lenslab.toolbox import model_device, progress_reporter
 
 def node_names(model) -> list[str]:
     """All nodes in graph order: input, per layer heads then MLP, logits."""
-    out = ["input"]
+    out = [labels.INPUT]
     for l in range(model.cfg.n_layers):
-        out += [f"L{l}H{h}" for h in range(model.cfg.n_heads)]
+        out += [labels.head(l, h) for h in range(model.cfg.n_heads)]
         if not getattr(model.cfg, "attn_only", False):
-            out.append(f"MLP{l}")
-    return out + ["logits"]
+            out.append(labels.mlp(l))
+    return out + [labels.LOGITS]
 
 
-def _parse(node: str) -> tuple[str, int, int]:
-    """('input'|'head'|'mlp'|'logits', layer, head)."""
-    if node == "input":
-        return "input", -1, -1
-    if node == "logits":
-        return "logits", 10**9, -1
-    if node.startswith("MLP"):
-        return "mlp", int(node[3:]), -1
-    if node.startswith("L") and "H" in node:
-        l, h = node[1:].split("H")
-        return "head", int(l), int(h)
-    raise LenslabError(f"node {node!r} is not 'input', 'logits', 'MLP3' or 'L3H1'")
+def node_key(node: str) -> tuple[str, int, int]:
+    """(kind, layer, head) of a circuit node ("input", "head", "mlp" or "logits"): the logits sort
+    after every layer, and nodes that are not heads have head -1. The graph's sort key."""
+    n = labels.parse(node)
+    if n.kind not in ("input", "head", "mlp", "logits"):
+        raise LenslabError(f"node {node!r} is not a circuit node: use 'input', 'logits', 'MLP3' or 'L3H1'")
+    return n.kind, (10**9 if n.kind == "logits" else n.layer), (n.index if n.kind == "head" else -1)
 
 
 def edge_exists(u: str, v: str) -> bool:
     """True when u writes to the residual stream before v reads it."""
-    ku, lu, _ = _parse(u)
-    kv, lv, _ = _parse(v)
+    ku, lu, _ = node_key(u)
+    kv, lv, _ = node_key(v)
     if ku == "logits" or kv == "input":
         return False
     if ku == "input":
@@ -164,11 +160,11 @@ def _node_vectors(model, cache: dict[str, Tensor], kind: str) -> dict[str, Tenso
     for l in range(n_layers):
         for h in range(model.cfg.n_heads):
             if kind == "out":
-                out[f"L{l}H{h}"] = cache[f"blocks.{l}.attn.hook_result"][:, :, h]
+                out[labels.head(l, h)] = cache[f"blocks.{l}.attn.hook_result"][:, :, h]
             else:
-                out[f"L{l}H{h}"] = sum(cache[f"blocks.{l}.hook_{x}_input"][:, :, h] for x in ("q", "k", "v"))
+                out[labels.head(l, h)] = sum(cache[f"blocks.{l}.hook_{x}_input"][:, :, h] for x in ("q", "k", "v"))
         if not getattr(model.cfg, "attn_only", False):
-            out[f"MLP{l}"] = cache[f"blocks.{l}.hook_mlp_out" if kind == "out" else f"blocks.{l}.hook_mlp_in"]
+            out[labels.mlp(l)] = cache[f"blocks.{l}.hook_mlp_out" if kind == "out" else f"blocks.{l}.hook_mlp_in"]
     if kind == "in":
         out["logits"] = cache[f"blocks.{n_layers - 1}.hook_resid_post"]
     return out
@@ -283,7 +279,7 @@ def patch_edge(
         _, base_cache = model.run_with_cache(base, names_filter=lambda n: n in names)
         _, src_cache = model.run_with_cache(source, names_filter=lambda n: n in names)
         delta = _node_vectors(model, src_cache, "out")[u] - _node_vectors(model, base_cache, "out")[u]
-        kind, layer, head = _parse(v)
+        kind, layer, head = node_key(v)
         if kind == "head":
 
             def add(act, hook):

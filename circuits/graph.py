@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lenslab import figures
+from lenslab import figures, labels
 from lenslab._errors import LenslabError
-from lenslab.circuits.edges import EdgeScores, _parse
+from lenslab.circuits.edges import EdgeScores, node_key
 from lenslab.results import JsonResult, PatchResult
 
 
@@ -54,7 +54,7 @@ class CircuitGraph(JsonResult):
         delta = heads.scores - (heads.baseline if heads.method == "exact" and heads.baseline is not None else 0.0)
         for l in range(delta.shape[0]):
             for h in range(delta.shape[1]):
-                scores[f"L{l}H{h}"] = float(delta[l, h])
+                scores[labels.head(l, h)] = float(delta[l, h])
         if mlps is not None:
             if mlps.axes[0] != "layer":
                 raise LenslabError(f"mlps must have a layer axis first (site 'mlp_out'), got axes {mlps.axes}")
@@ -62,14 +62,14 @@ class CircuitGraph(JsonResult):
             m = m.reshape(m.shape[0], -1)
             m = m.gather(1, m.abs().argmax(-1, keepdim=True))[:, 0]  # each layer's largest-|score| position
             for l in range(m.shape[0]):
-                scores[f"MLP{l}"] = float(m[l])
+                scores[labels.mlp(l)] = float(m[l])
         ranked = sorted(scores.items(), key=lambda kv: -abs(kv[1]))
         if threshold is not None:
             ranked = [kv for kv in ranked if abs(kv[1]) >= threshold]
         if top_k is not None:
             ranked = ranked[:top_k]
         kept = dict(ranked)
-        order = sorted(kept, key=lambda n: (_parse(n)[1], 0 if n.startswith("L") else 1, _parse(n)[2]))
+        order = sorted(kept, key=lambda n: (node_key(n)[1], 0 if node_key(n)[0] == "head" else 1, node_key(n)[2]))
         return cls(
             nodes=["input", *order, "logits"],
             edges=[],
@@ -165,7 +165,7 @@ def _prune(edges: list[tuple[str, str, float]]) -> list[tuple[str, str, float]]:
 
 def node_position(node: str, n_heads: int) -> tuple[float, float]:
     """(x, y) for drawing: x grows with depth (MLP after its layer's heads), y spreads heads."""
-    kind, layer, head = _parse(node)
+    kind, layer, head = node_key(node)
     if kind == "input":
         return 0.0, (n_heads - 1) / 2
     if kind == "logits":
@@ -227,7 +227,7 @@ def circuit_figure(graph):
             marker=dict(
                 size=_node_sizes(graph),
                 line=dict(width=1, color="#222"),
-                color=[kinds.get(n, "#f5b041" if n.startswith("MLP") else "#7fb3d5") for n in graph.nodes],
+                color=[kinds.get(n, "#f5b041" if node_key(n)[0] == "mlp" else "#7fb3d5") for n in graph.nodes],
             ),
             hovertext=[f"{n}: {graph.node_scores[n]:+.4g}" if n in graph.node_scores else n for n in graph.nodes],
         )

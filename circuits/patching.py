@@ -24,13 +24,12 @@ equal the reference engine's within 1e-4 in float32) and the reference engine el
 from __future__ import annotations
 
 import itertools
-import re
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from lenslab import kernels, sites
+from lenslab import kernels, labels, sites
 from lenslab._errors import LenslabError, did_you_mean
 from lenslab.kernels import ENGINES
 from lenslab.results import PatchResult, provenance
@@ -239,10 +238,13 @@ def _parse_heads(model, heads, what: str) -> list[tuple[int, int]]:
     out = []
     for h in heads:
         if isinstance(h, str):
-            m = re.fullmatch(r"L(\d+)H(\d+)", h.strip())
-            if not m:
-                raise LenslabError(f"{what} head {h!r} must look like 'L3H1' or (3, 1)")
-            h = (int(m.group(1)), int(m.group(2)))
+            try:
+                node = labels.parse(h)
+            except LenslabError:
+                node = None
+            if node is None or node.kind != "head":
+                raise LenslabError(f"{what} head {h!r} must look like 'L3H1' or (3, 1)") from None
+            h = (node.layer, node.index)
         if not (isinstance(h, (tuple, list)) and len(h) == 2):
             raise LenslabError(f"{what} head {h!r} must be a (layer, head) pair or 'L3H1'")
         layer, head = int(h[0]), int(h[1])
@@ -307,7 +309,7 @@ def path_patch(
             raise LenslabError("the receivers are in layer 0: no head can send to them; choose later receivers")
     else:
         send = _parse_heads(model, senders, "sender")
-        bad = [f"L{l}H{h}" for l, h in send if l >= top]
+        bad = [labels.head(l, h) for l, h in send if l >= top]
         if bad:
             raise LenslabError(
                 f"sender heads {bad} are not below the earliest receiver layer {top}: a path must go forward"
@@ -361,7 +363,7 @@ def path_patch(
             scores[n_layers_grid.index(l_s), h_s] = float(bound(logits))
             report()
     report(close=True)
-    recv_desc = "logits" if to_logits else [f"L{l}H{h}" for l, h in recv]
+    recv_desc = "logits" if to_logits else [labels.head(l, h) for l, h in recv]
     return PatchResult(
         scores=scores,
         axes=("layer", "head"),

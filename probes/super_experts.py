@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lenslab import figures
+from lenslab import figures, labels
 from lenslab._errors import LenslabError, did_you_mean
 from lenslab.probes import routers, sinks
 from lenslab.results import JsonResult, provenance
@@ -60,7 +60,7 @@ __all__ = [
     "super_experts",
 ]
 
-SHARED = -1
+SHARED = labels.SHARED
 """Expert id of a layer's shared expert (Qwen2-MoE), as in Su et al.'s `--prune_experts`."""
 RULES = ("su", "p99.5", "mean+3std", "50xmean")
 """Super-expert rules: "su" (> P99.5 and > floor(max / 10), the paper's), "p99.5" (> P99.5),
@@ -360,7 +360,7 @@ def profile_experts(
     seen = stats.tokens > 0
     out_max = torch.where(seen, stats.out_max, torch.zeros_like(stats.out_max)).float()
     tokens_of = [t for b in batches for t in b.cpu()]
-    labels = [
+    token_labels = [
         [sinks.str_tokens(model, tokens_of[s][p : p + 1])[0] if s >= 0 else "" for s, p in zip(srow, prow)]
         for srow, prow in zip(stats.sample.tolist(), stats.pos.tolist())
     ]
@@ -371,7 +371,7 @@ def profile_experts(
         pos=stats.pos,
         sample=stats.sample,
         tokens=stats.tokens,
-        token_labels=labels,
+        token_labels=token_labels,
         layers=[s.layer for s in sites],
         n_experts=sites[0].n_experts,
         shared=any(s.shared is not None for s in sites),
@@ -672,7 +672,7 @@ class ExpertProfile(JsonResult):
             yaxis_autorange="reversed",
             height=max(320, 40 * len(self.layers) + 180),
         )
-        se = ", ".join(f"L{l}{'shared' if e == SHARED else f'e{e}'}" for l, e in marked) or "none"
+        se = ", ".join(labels.expert(l, e) for l, e in marked) or "none"
         return figures.style(
             fig,
             title or f"Expert down_proj max |output| · model {self.provenance.get('model', '?')} · super experts {se}",
@@ -709,7 +709,7 @@ class SuperExperts(JsonResult):
     @property
     def labels(self) -> list[str]:
         """ "L{layer}e{expert}" (or "L{layer}shared") per super expert."""
-        return [f"L{l}" + ("shared" if e == SHARED else f"e{e}") for l, e in self.experts]
+        return [labels.expert(l, e) for l, e in self.experts]
 
     def table(self):
         """The super experts as a pandas DataFrame (rank, layer, expert, output_max, channel, pos, token, input_max)."""
@@ -1006,10 +1006,10 @@ class SuperExpertAblation(JsonResult):
             )
             fig.update_yaxes(autorange="reversed", row=1, col=4 + j)
         fig.update_layout(height=400, width=1300)
-        labels = ", ".join(f"L{l}" + ("shared" if e == SHARED else f"e{e}") for l, e in self.experts)
+        names = ", ".join(labels.expert(l, e) for l, e in self.experts)
         return figures.style(
             fig,
-            f"Pruning super experts {labels} vs {len(self.random)} random draws · "
+            f"Pruning super experts {names} vs {len(self.random)} random draws · "
             f"model {self.provenance.get('model', '?')}",
         )
 

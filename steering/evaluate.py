@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lenslab import _refusal, figures
+from lenslab import _refusal, figures, labels
 from lenslab._errors import LenslabError, did_you_mean
 from lenslab.probes.routers import ftri_rank, moe_layers
 from lenslab.results import JsonResult, provenance
@@ -566,7 +566,7 @@ class SwitchTable(JsonResult):
                 row=1,
                 col=c + 1,
             )
-        experts = ", ".join(f"L{int(layer)}e{int(e)}" for layer, e, *_ in self.experts)
+        experts = ", ".join(labels.expert(layer, e) for layer, e, *_ in self.experts)
         return figures.style(
             fig, f"Expert switches ({experts}; mode {self.mode}) · model {self.provenance.get('model', '?')}"
         )

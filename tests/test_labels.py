@@ -1,0 +1,55 @@
+"""Node labels: one grammar, printed and parsed in lenslab.labels, used by circuits, probes and steering."""
+
+from __future__ import annotations
+
+import pytest
+
+from lenslab import LenslabError, labels
+from lenslab.circuits import edges
+
+
+@pytest.mark.parametrize(
+    ("text", "node"),
+    [
+        ("input", labels.Node("input", -1)),
+        ("logits", labels.Node("logits", None)),
+        ("final_post", labels.Node("final_post", None)),
+        ("L3", labels.Node("layer", 3)),
+        ("L3H1", labels.Node("head", 3, 1)),
+        ("L12H0", labels.Node("head", 12, 0)),
+        ("MLP2", labels.Node("mlp", 2)),
+        ("L2N117", labels.Node("neuron", 2, 117)),
+        ("L1e2", labels.Node("expert", 1, 2)),
+        ("L1shared", labels.Node("expert", 1, labels.SHARED)),
+        ("0_pre", labels.Node("resid_pre", 0)),
+        ("4_mid", labels.Node("resid_mid", 4)),
+        ("5_post", labels.Node("resid_post", 5)),
+    ],
+)
+def test_parse_and_print_are_inverse(text, node):
+    assert labels.parse(text) == node
+    assert labels.label(node) == text
+
+
+def test_printers_match_the_grammar():
+    assert [labels.head(3, 1), labels.mlp(3), labels.expert(1, 2), labels.expert(1, labels.SHARED)] == [
+        "L3H1",
+        "MLP3",
+        "L1e2",
+        "L1shared",
+    ]
+    assert [labels.resid(2), labels.resid(2, "mid"), labels.resid(None)] == ["2_pre", "2_mid", "final_post"]
+
+
+@pytest.mark.parametrize("bad", ["", "H1", "L3h1", "mlp3", "L-1H2", "L1E2", "head"])
+def test_unknown_labels_name_the_forms(bad):
+    with pytest.raises(LenslabError, match="is not a node label: use input, logits"):
+        labels.parse(bad)
+
+
+def test_circuit_nodes_use_the_grammar(tiny_model):
+    nodes = edges.node_names(tiny_model)
+    assert [labels.label(labels.parse(n)) for n in nodes] == nodes
+    assert {labels.parse(n).kind for n in nodes} == {"input", "head", "mlp", "logits"}
+    with pytest.raises(LenslabError, match="not a circuit node"):
+        edges.node_key("L1e2")
