@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lenslab import labels
+from lenslab import figures, labels
 from lenslab._errors import LenslabError
 from lenslab.circuits.patching import validate_task
 from lenslab.results import JsonResult, provenance
@@ -85,6 +85,36 @@ class EdgeScores(JsonResult):
 
     def score(self, u: str, v: str) -> float:
         return float(self.scores[self.nodes.index(u), self.nodes.index(v)])
+
+    def table(self):
+        """One row per existing edge (source, target, score), largest |score| first."""
+        import pandas as pd  # deferred: pandas loads only when a table is asked for
+
+        df = pd.DataFrame(self.edges(), columns=["source", "target", "score"])
+        return df.reindex(df["score"].abs().sort_values(ascending=False, kind="stable").index).reset_index(drop=True)
+
+    def figure(self):
+        """The edge scores as a source x target heatmap (blank where no edge exists)."""
+        import plotly.graph_objects as go  # deferred: plotly loads only when a figure is drawn
+
+        p = self.provenance
+        fig = go.Figure(
+            go.Heatmap(
+                z=self.scores.detach().cpu().float().tolist(),
+                x=self.nodes,
+                y=self.nodes,
+                colorscale="RdBu",
+                zmid=0,
+                colorbar={"title": "score"},
+                hovertemplate="%{y} -> %{x}: %{z:.4g}<extra></extra>",
+            )
+        )
+        fig.update_xaxes(title="target")
+        fig.update_yaxes(title="source", autorange="reversed")
+        return figures.style(
+            fig,
+            f"{self.method} edge scores · model {p.get('model', '?')} · task {p.get('task', '?')} · metric {self.metric}",
+        )
 
     def to_dict(self) -> dict:
         return {

@@ -115,6 +115,17 @@ class CircuitGraph(JsonResult):
             provenance={**scores.provenance, "top_k": top_k, "threshold": threshold, "pruned": prune},
         )
 
+    def table(self):
+        """One row per edge (source, target, weight); a graph built from node scores has no edges,
+        and then one row per node (node, score)."""
+        import pandas as pd  # deferred: pandas loads only when a table is asked for
+
+        if self.edges:
+            return pd.DataFrame(self.edges, columns=["source", "target", "weight"])
+        return pd.DataFrame(
+            [(n, self.node_scores.get(n)) for n in self.nodes if n in self.node_scores], columns=["node", "score"]
+        )
+
     def to_dict(self) -> dict:
         return {
             "kind": "CircuitGraph",

@@ -92,7 +92,7 @@ def result_heatmap(result, normalize: bool = False):
         fig.update_yaxes(autorange="reversed")
         fig.update_layout(height=max(350, 260 * rows))
     else:
-        raise LenslabError(f"cannot draw a {scores.ndim}-axis result as a heatmap; use to_dataframe()")
+        raise LenslabError(f"cannot draw a {scores.ndim}-axis result as a heatmap; use table()")
     return style(fig, result.title())
 
 

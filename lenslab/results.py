@@ -1,14 +1,15 @@
-"""`PatchResult`: what a circuits analysis returns (scores with named axes, labels, provenance).
+"""Results: `Result`, the contract every analysis's return value keeps, and `PatchResult`.
 
-One `to_json` / `from_json` / `to_dataframe` / `figure` for every analysis, so the app, the CLI
-and the notebooks render and export the same way. Scores are small (a grid of metric values),
-so JSON holds them as nested lists.
+One `to_json` / `from_json` / `table` / `figure` for every analysis, so the app, the CLI and the
+notebooks render and export the same way; `provenance` builds the record each result carries.
+`PatchResult` is what patching and attribution return: scores with named axes and labels.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,11 +49,50 @@ def provenance(model, task=None, *, timestamp: bool = True, **extra) -> dict:
     return out
 
 
-class JsonResult:
-    """`to_json` / `from_json` for every result dataclass: the subclass sets `KIND` and provides
-    `to_dict()` (with `"kind": KIND`) and `from_dict(d)`. Tensors are nested lists (results are small)."""
+class Result:
+    """What every lenslab analysis returns: data with provenance, one contract for all of them.
+
+    A subclass sets `KIND` (its JSON tag) and provides `to_dict()` (JSON-able, with
+    `"kind": KIND`), `from_dict(d)`, `table()` (a pandas DataFrame, one row per entry) and
+    `figure()` (a plotly Figure). From these it gets `to_json` / `from_json`, `to_markdown` and
+    export through `lenslab.figures.export` (JSON, SVG, PNG, PDF, HTML). Tensors are stored as
+    nested lists (results are small). `RESULT_KINDS` maps each `KIND` to its class.
+    """
 
     KIND = ""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("KIND"):
+            RESULT_KINDS[cls.KIND] = cls
+
+    def to_dict(self) -> dict:
+        """The result as JSON-able data, with `"kind": KIND`."""
+        raise NotImplementedError(f"{type(self).__name__} must define to_dict()")
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """The result `to_dict` wrote."""
+        raise NotImplementedError(f"{cls.__name__} must define from_dict()")
+
+    def table(self):
+        """The result as a pandas DataFrame, one row per entry."""
+        raise NotImplementedError(f"{type(self).__name__} must define table()")
+
+    def figure(self):
+        """The result drawn as a plotly Figure."""
+        raise NotImplementedError(f"{type(self).__name__} must define figure()")
+
+    def to_markdown(self, digits: int = 4) -> str:
+        """`table()` as a Markdown table, floats to `digits` significant digits."""
+        return markdown_table(self.table(), digits)
+
+    def to_dataframe(self):
+        """Deprecated: use `table()`, which every result has."""
+        warnings.warn(
+            f"{type(self).__name__}.to_dataframe() is deprecated; use .table()", DeprecationWarning, stacklevel=2
+        )
+        return self.table()
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The result as JSON text; also written to `path` when given."""
@@ -73,8 +113,26 @@ class JsonResult:
         return cls.from_dict(d)
 
 
+RESULT_KINDS: dict[str, type[Result]] = {}
+JsonResult = Result  # the former name of the base class
+
+
+def markdown_table(df, digits: int = 4) -> str:
+    """A pandas DataFrame as a Markdown table; floats to `digits` significant digits."""
+
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.{digits}g}"
+        return str(v).replace("|", "\\|")
+
+    head = "| " + " | ".join(str(c) for c in df.columns) + " |"
+    sep = "|" + "---|" * len(df.columns)
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, sep, *rows])
+
+
 @dataclass(frozen=True, kw_only=True, eq=False)
-class PatchResult(JsonResult):
+class PatchResult(Result):
     """Scores of one site under one method.
 
     Attributes:
@@ -154,9 +212,9 @@ class PatchResult(JsonResult):
             provenance=d.get("provenance") or {},
         )
 
-    def to_dataframe(self):
+    def table(self):
         """Long format: one row per cell, a column per axis (index and label) and `score`."""
-        import pandas as pd
+        import pandas as pd  # deferred: pandas loads only when a table is asked for
 
         idx = (
             torch.cartesian_prod(*[torch.arange(n) for n in self.scores.shape])

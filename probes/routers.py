@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lenslab import figures
+from lenslab import figures, labels
 from lenslab._errors import LenslabError
 from lenslab.results import JsonResult, provenance
 from lenslab.toolbox import length_batches, model_device
@@ -293,6 +293,24 @@ class RouterResult(JsonResult):
         if fraction:
             counts = counts / (sum(t.shape[0] for t in self.indices) * self.top_k)
         return counts
+
+    def table(self):
+        """One row per (layer, expert): how often the router picks it, as a count and a fraction."""
+        import pandas as pd  # deferred: pandas loads only when a table is asked for
+
+        counts, frac = self.load(), self.load(fraction=True)
+        rows = [
+            {
+                "layer": layer,
+                "expert": e,
+                "label": labels.expert(layer, e),
+                "selections": int(counts[i, e]),
+                "fraction": float(frac[i, e]),
+            }
+            for i, layer in enumerate(self.layers)
+            for e in range(self.n_experts)
+        ]
+        return pd.DataFrame(rows)
 
     def to_dict(self) -> dict:
         return {
@@ -575,6 +593,26 @@ class ExpertRanking(JsonResult):
         if not 0 <= expert < n:
             raise LenslabError(f"expert {expert} does not exist in layer {layer}: it has experts 0..{n - 1}")
         return float(self.diff[self.layers.index(layer), expert])
+
+    def table(self):
+        """Every (layer, expert), best first: the score (target mean minus other mean) and both means."""
+        import pandas as pd  # deferred: pandas loads only when a table is asked for
+
+        rows = []
+        for rank, (layer, e, score) in enumerate(self.ranked(), 1):
+            i = self.layers.index(layer)
+            rows.append(
+                {
+                    "rank": rank,
+                    "layer": layer,
+                    "expert": e,
+                    "label": labels.expert(layer, e),
+                    "score": score,
+                    "target_mean": float(self.target_mean[i, e]),
+                    "other_mean": float(self.other_mean[i, e]),
+                }
+            )
+        return pd.DataFrame(rows)
 
     def to_dict(self) -> dict:
         return {

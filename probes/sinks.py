@@ -161,6 +161,27 @@ class SinkResult(JsonResult):
         idx = (self.attn_to_first > self.threshold).nonzero().tolist()
         return [(self.layers[i], h) for i, h in idx]
 
+    def table(self):
+        """One row per (layer, head): mean attention to the first token, its value-weighted
+        variant, the share of samples where it is a sink, and whether the head is a sink head."""
+        import pandas as pd  # deferred: pandas loads only when a table is asked for
+
+        a0, vw = self.attn_to_first, self.value_weighted[..., 0]
+        frac = self.sink_fraction.float()
+        rows = [
+            {
+                "layer": layer,
+                "head": h,
+                "attn_to_first": float(a0[i, h]),
+                "value_weighted": float(vw[i, h]),
+                "sink_fraction": float(frac[i, h]),
+                "sink": bool(a0[i, h] > self.threshold),
+            }
+            for i, layer in enumerate(self.layers)
+            for h in range(a0.shape[1])
+        ]
+        return pd.DataFrame(rows)
+
     def to_dict(self) -> dict:
         return {
             "kind": self.KIND,
@@ -421,6 +442,17 @@ class AblationResult(JsonResult):
     sinks_clean: SinkResult
     sinks_ablated: SinkResult
     provenance: dict = field(default_factory=dict)
+
+    def table(self):
+        """Two rows, clean and ablated: the loss and the sink rate."""
+        import pandas as pd  # deferred: pandas loads only when a table is asked for
+
+        return pd.DataFrame(
+            [
+                {"run": "clean", "loss": self.loss_clean, "sink_rate": self.sinks_clean.sink_rate},
+                {"run": f"ablated ({self.mode})", "loss": self.loss_ablated, "sink_rate": self.sinks_ablated.sink_rate},
+            ]
+        )
 
     def to_dict(self) -> dict:
         return {

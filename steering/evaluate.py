@@ -108,6 +108,14 @@ class RateTable(JsonResult):
     def is_rate(self) -> bool:
         return self.metric != "perplexity"
 
+    def table(self):
+        """One row per intervention, one column per prompt set (rates in [0, 1], or perplexities)."""
+        import pandas as pd  # deferred: pandas loads only when a table is asked for
+
+        return pd.DataFrame(
+            self.values.double().tolist(), index=pd.Index(self.interventions, name="intervention"), columns=self.sets
+        ).reset_index()
+
     def to_markdown(self) -> str:
         """A Markdown table, rates in percent."""
         head = "| intervention | " + " | ".join(f"{s} (n={n})" for s, n in zip(self.sets, self.n)) + " |"
@@ -257,7 +265,7 @@ def continuations(
 
 
 def _prov(model, method: str, interventions: Interventions, **extra) -> dict:
-    spec = {name: (None if iv is None else iv.to_dict()[0]) for name, iv in interventions.items()}
+    spec = {name: (None if iv is None else iv.to_preset()[0]) for name, iv in interventions.items()}
     return provenance(model, method=method, interventions=spec, **extra)
 
 
@@ -490,6 +498,19 @@ class SwitchTable(JsonResult):
                 f"no column {column!r}{did_you_mean(column, self.columns)}; columns: {', '.join(self.columns)}"
             )
         return float(self.mean[self.rows.index(row), self.columns.index(column)])
+
+    def table(self):
+        """One row per switch (baseline, top-k off/on, random-k off), a mean and a std column per column."""
+        import pandas as pd  # deferred: pandas loads only when a table is asked for
+
+        rows = []
+        for r, row in enumerate(self.rows):
+            rec = {"switch": row}
+            for c, col in enumerate(self.columns):
+                rec[col] = float(self.mean[r, c])
+                rec[f"{col} std"] = float(self.std[r, c])
+            rows.append(rec)
+        return pd.DataFrame(rows)
 
     def to_markdown(self, names: Sequence[str] | None = None) -> str:
         """Markdown table (rates in percent; random rows as mean ± std); `names` relabels the columns."""

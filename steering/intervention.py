@@ -192,7 +192,8 @@ class FeatureRead:
 
     __hash__ = None
 
-    def to_dict(self, prefix: str) -> tuple[dict, dict[str, Tensor]]:
+    def to_preset(self, prefix: str) -> tuple[dict, dict[str, Tensor]]:
+        """(JSON-able fields, tensors keyed under `prefix`): this read's half of a preset."""
         tensors = {f"{prefix}.encoder": self.encoder, f"{prefix}.bias": self.bias}
         if self.b_dec is not None:
             tensors[f"{prefix}.b_dec"] = self.b_dec
@@ -207,7 +208,8 @@ class FeatureRead:
         return d, tensors
 
     @classmethod
-    def from_dict(cls, d: dict, tensors: dict[str, Tensor]) -> FeatureRead:
+    def from_preset(cls, d: dict, tensors: dict[str, Tensor]) -> FeatureRead:
+        """The read `to_preset` wrote."""
         kw = {k: d[k] for k in ("index", "kind", "target", "threshold", "k") if k in d}
         for key in ("encoder", "bias", "b_dec"):
             if d.get(key) is not None:
@@ -423,8 +425,8 @@ class Intervention:
         return total
 
     # --- JSON + safetensors ------------------------------------------------------------------
-    def to_dict(self) -> tuple[dict, dict[str, Tensor]]:
-        """(JSON-able spec, tensors by key) — the two halves of a preset."""
+    def to_preset(self) -> tuple[dict, dict[str, Tensor]]:
+        """(JSON-able spec, tensors by key): the two halves of a preset (`save` writes them)."""
         tensors: dict[str, Tensor] = {}
         edits = []
         for i, e in enumerate(self.edits):
@@ -441,13 +443,14 @@ class Intervention:
                     tensors[f"edits.{i}.{key}"] = t
                     d[key] = f"edits.{i}.{key}"
             if e.feature is not None:
-                d["feature"], ft = e.feature.to_dict(f"edits.{i}.feature")
+                d["feature"], ft = e.feature.to_preset(f"edits.{i}.feature")
                 tensors.update(ft)
             edits.append(d)
         return {"format": FORMAT, "name": self.name, "edits": edits, "provenance": self.provenance}, tensors
 
     @classmethod
-    def from_dict(cls, spec: dict, tensors: dict[str, Tensor]) -> Intervention:
+    def from_preset(cls, spec: dict, tensors: dict[str, Tensor]) -> Intervention:
+        """The intervention `to_preset` wrote."""
         if spec.get("format") != FORMAT:
             raise LenslabError(
                 f"not a lenslab intervention preset (format {spec.get('format')!r}, expected {FORMAT!r})"
@@ -467,7 +470,7 @@ class Intervention:
                         )
                     kw[key] = tensors[d[key]]
             if d.get("feature") is not None:
-                kw["feature"] = FeatureRead.from_dict(d["feature"], tensors)
+                kw["feature"] = FeatureRead.from_preset(d["feature"], tensors)
             edits.append(Edit(**kw))
         return cls(edits=tuple(edits), name=spec.get("name", ""), provenance=spec.get("provenance", {}))
 
@@ -496,7 +499,7 @@ def save(intervention: Intervention, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix != ".json":
         raise LenslabError(f"preset path {str(path)!r} must end in .json (tensors go in a .safetensors beside it)")
-    spec, tensors = intervention.to_dict()
+    spec, tensors = intervention.to_preset()
     tpath = path.with_suffix(".safetensors")
     spec["tensors"] = tpath.name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -525,7 +528,7 @@ def load(path: str | Path) -> Intervention:
         if not tpath.is_file():
             raise LenslabError(f"preset {path.name} needs {tname} beside it, which is missing; copy both files")
         tensors = load_file(str(tpath))
-    return Intervention.from_dict(spec, tensors)
+    return Intervention.from_preset(spec, tensors)
 
 
 def position_index(positions: Positions, n_pos: int, prompt_len: int | None, hook: str) -> Tensor | slice:

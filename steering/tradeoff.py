@@ -101,6 +101,12 @@ class TradeoffResult(JsonResult):
     def n_seeds(self) -> int:
         return max((int(r.get("n_seeds", 1)) for r in self.rows), default=1)
 
+    def table(self):
+        """One row per (method, strength): units, concept rate, perplexities (and their spread across seeds)."""
+        import pandas as pd  # deferred: pandas loads only when a table is asked for
+
+        return pd.DataFrame(self.rows)
+
     def to_markdown(self) -> str:
         """A Markdown table: mean ± std across seeds, or the rate with its 95% bootstrap interval."""
         several = self.n_seeds() > 1
@@ -318,7 +324,7 @@ def tradeoff(
             max_new_tokens=max_new_tokens,
             n_prompts=len(prompts),
             prompts=list(prompts),
-            interventions={k: v.to_dict()[0] for k, v in interventions.items()},
+            interventions={k: v.to_preset()[0] for k, v in interventions.items()},
         ),
     )
 

@@ -97,7 +97,7 @@ def test_result_json_and_dataframe_roundtrip(tiny_model, task, tmp_path):
     assert torch.equal(back.scores, res.scores) and back.labels == res.labels and back.axes == ("layer", "head")
     assert back.provenance["model"] == res.provenance["model"] and back.provenance["task"] == "induction"
     assert PatchResult.from_json(tmp_path / "r.json").site == "z"
-    df = res.to_dataframe()
+    df = res.table()
     assert len(df) == res.scores.numel() and df["score"].tolist() == pytest.approx(res.scores.flatten().tolist())
     norm = res.normalized()
     assert torch.allclose(norm, (res.scores - res.corrupt_value) / (res.clean_value - res.corrupt_value))
