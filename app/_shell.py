@@ -26,7 +26,6 @@ import lenslab
 from lenslab import figures, steering, zoo
 from lenslab._errors import LenslabError
 
-GENERIC_PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
 SOURCES = ("Zoo", "Hugging Face id", "Local path")
 _CTX = "_lenslab_ctx"
 
@@ -129,9 +128,9 @@ def _initial_default() -> str | None:
 
 
 def default_prompt(name: str) -> str:
-    """The model's own default prompt (zoo config `"default_prompt"`) or a generic sentence."""
-
-    return zoo.default_prompt(name) or GENERIC_PROMPT
+    """The prompt the sidebar opens with for model `name`: `zoo.default_prompts(name).prompt`, the
+    one the CLI falls back to as well."""
+    return zoo.default_prompts(name).prompt
 
 
 def _init_state(zoo_names: list[str]) -> None:
@@ -190,7 +189,7 @@ def sidebar() -> Context | None:
             if "prompt" not in ss or ss["prompt"] == ss.get("_prompt_default"):
                 ss["prompt"] = new_default
             ss["_prompt_model"], ss["_prompt_default"] = name, new_default
-        ss.setdefault("prompt", GENERIC_PROMPT)
+        ss.setdefault("prompt", zoo.GENERIC_PROMPT)
         st.text_area("Prompt", key="prompt", height=110, help="Press Ctrl+Enter (or click outside) to apply.")
         prompt = ss["prompt"]
 

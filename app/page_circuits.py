@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from lenslab import circuits, tasks
+from lenslab import circuits, tasks, zoo
 from lenslab.app import _shell
 
 ctx = _shell.context()
@@ -19,24 +19,24 @@ with st.expander("Task", expanded=True):
     kind = st.radio("Prompts", ["Built-in task", "My own prompts"], horizontal=True, key="circ_task_kind")
     if kind == "Built-in task":
         c1, c2, c3 = st.columns(3)
-        spec = c1.selectbox("Task", list(tasks.BUILTIN_TASKS), key="circ_task_spec", index=0 if "ioi" in name else 2)
+        spec = c1.selectbox(
+            "Task",
+            list(tasks.BUILTIN_TASKS),
+            key="circ_task_spec",
+            index=tasks.BUILTIN_TASKS.index(zoo.default_prompts(name).task),
+        )
         n = c2.number_input("Prompts", 1, 256, 8, key="circ_n")
         seed = c3.number_input("Seed", 0, 10_000, 0, key="circ_seed")
         task = _shell.call("Building the task", tasks.from_spec, model, spec, n=int(n), seed=int(seed))
     else:
+        d = zoo.default_prompts(name)  # a clean/corrupt pair and answers in the model's own vocabulary
         c1, c2 = st.columns(2)
-        clean = c1.text_area(
-            "Clean prompts (one per line)",
-            key="circ_clean",
-            value="When Mary and John went to the store, John gave a drink to",
-        )
-        corrupt = c2.text_area(
-            "Corrupt prompts (one per line, same token length)",
-            key="circ_corrupt",
-            value="When Alice and Bob went to the store, Carol gave a drink to",
-        )
+        clean = c1.text_area("Clean prompts (one per line)", key="circ_clean", value=d.clean)
+        corrupt = c2.text_area("Corrupt prompts (one per line, same token length)", key="circ_corrupt", value=d.corrupt)
         answers = st.text_input(
-            "Answers: correct,incorrect per prompt, separated by ';'", key="circ_answers", value="Mary,John"
+            "Answers: correct,incorrect per prompt, separated by ';'",
+            key="circ_answers",
+            value=f"{d.answer},{d.wrong}",
         )
         pairs = [tuple(a.strip() for a in p.split(",")) for p in answers.split(";") if p.strip()]
         task = _shell.call(

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import streamlit as st
 
-from lenslab import _sentiment, steering, zoo
+from lenslab import steering, zoo
 from lenslab.app import _shell
+from lenslab.data import sentiment
 from lenslab.steering.tradeoff import tradeoff
 
 ctx = _shell.context()
@@ -19,20 +20,16 @@ model, name = ctx.model, ctx.name
 ss = st.session_state
 st.title(f"Steer · {name}")
 
-POS = "When Mary and John went to the store, John gave a drink to\nWhen Mary and John went to the office, John gave a book to"
-NEG = "When John and Mary went to the store, Mary gave a drink to\nWhen John and Mary went to the office, Mary gave a book to"
 METHODS = ("Mean difference", "ActAdd", "AUSteer", "LinEAS")
 STRENGTHS = (-1.0, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
-# Contrastive prompts default to the model's own "positive" / "negative" prompt sets (zoo config),
-# else to the IOI swaps; they follow the model until the user edits them. A fitted intervention
-# belongs to the model it was fitted on.
+# The contrastive prompts default to the model's steering pair (`zoo.default_prompts`: for
+# zoo/steer-sentiment its "positive" / "negative" prompt sets, for other zoo models prompts in
+# their own vocabulary, else English sentiment sentences); they follow the model until the user
+# edits them. A fitted intervention belongs to the model it was fitted on.
 sets = zoo.prompt_sets(name)
-defaults = (
-    ("\n".join(sets["positive"]), "\n".join(sets["negative"]))
-    if sets.get("positive") and sets.get("negative")
-    else (POS, NEG)
-)
+steer_defaults = zoo.default_prompts(name)
+defaults = ("\n".join(steer_defaults.positive), "\n".join(steer_defaults.negative))
 changed = ss.get("_steer_model") != name
 for key, new in zip(("steer_pos", "steer_neg"), defaults):
     if key not in ss or (changed and ss[key] == ss.get(f"_{key}_default")):
@@ -154,7 +151,7 @@ with st.expander("Trade-off: concept rate against fluency across strengths"):
     strengths = c1.multiselect("Strengths", STRENGTHS, default=[0.0, 0.5, 1.0, 2.0], key="steer_to_strengths")
     n_tok = c2.number_input("New tokens", 1, 100, 8, key="steer_to_tokens")
     st.caption(
-        "Concept: positive sentiment (more positive than negative words of `lenslab._sentiment`'s lexicon). "
+        "Concept: positive sentiment (more positive than negative words of `lenslab.data.sentiment`'s lexicon). "
         "Fluency: perplexity of each continuation under the unsteered model."
     )
     if st.button("Run trade-off", key="steer_to_run"):
@@ -165,7 +162,7 @@ with st.expander("Trade-off: concept rate against fluency across strengths"):
             model,
             {iv.name or "steered": iv},
             prompts,
-            _sentiment.is_positive,
+            sentiment.is_positive,
             strengths=sorted(strengths),
             max_new_tokens=int(n_tok),
             progress=False,

@@ -4,7 +4,7 @@
     python benchmarks/steering_tradeoff.py ties                          # AUSteer's ties against the sample count (~1 min)
     python benchmarks/steering_tradeoff.py budget [--seeds 0 1 2]        # concept rate vs fitting samples (~40 min)
 
-Seed `s` fits every method on 32 positive and 32 negative contexts (`lenslab._sentiment.prompts`,
+Seed `s` fits every method on 32 positive and 32 negative contexts (`lenslab.data.sentiment.prompts`,
 seeds 11 + 100 s and 12 + 100 s) and steers 40 held-out negative contexts (seed 99 + 100 s) towards
 positive at several strengths (greedy, 10 new tokens); seed 0 is the single prompt set the docs
 used before. Each command writes a Markdown file under benchmarks/results/ that docs/steering.md
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 import lenslab
-from lenslab import _sentiment as S
 from lenslab import steering
+from lenslab.data import sentiment as S
 from lenslab.figures import export, save_figure
 from lenslab.steering.austeer import _paired, sign_consistency
 from lenslab.steering.tradeoff import tradeoff_seeds

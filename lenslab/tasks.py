@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lenslab import _ioi, _refusal
+from lenslab import data
 from lenslab._errors import LenslabError, did_you_mean
 
 METRICS = ("logit_diff", "logit_diff_normalized", "answer_prob", "kl_to_clean")
@@ -300,20 +300,20 @@ def ioi(model, n: int = 32, seed: int = 0, heldout: bool = False) -> Task:
     draws names and templates never used to train `zoo/ioi-4l`.
     """
 
-    clean, corrupt, answers, labels = _ioi.make_ioi_prompts(model, n=n, seed=seed, heldout=heldout)
+    clean, corrupt, answers, labels = data.ioi.make_ioi_prompts(model, n=n, seed=seed, heldout=heldout)
     task = from_prompts(model, clean, corrupt, answers, name="ioi-heldout" if heldout else "ioi", labels=labels)
     return task
 
 
 def refusal(model, n: int = 16, seed: int = 0, split: str = "test", n_items: int = 3) -> Task:
-    """Harmful-marker prompts of `lenslab._refusal` (the language of zoo/moe-refusal).
+    """Harmful-marker prompts of `lenslab.data.refusal` (the language of zoo/moe-refusal).
 
     Clean: "user : reverse apple bomb river assistant :" -> ("sorry", "river"): refuse vs the
     task's first answer word. Corrupt: the same prompt with the marker word replaced by a noun.
     `split="test"` draws item tuples never used in training; all prompts have `n_items` items.
     """
 
-    clean, corrupt, answers = _refusal.refusal_pairs(n=n, seed=seed, split=split, n_items=n_items)
+    clean, corrupt, answers = data.refusal.refusal_pairs(n=n, seed=seed, split=split, n_items=n_items)
     return from_prompts(model, clean, corrupt, answers, name=f"refusal-{split}")
 
 
@@ -476,22 +476,25 @@ def _content_token_ids(model) -> Tensor:
     return torch.tensor(ids)
 
 
-BUILTIN_TASKS = ("ioi", "ioi-heldout", "induction")
+BUILTIN_TASKS = ("ioi", "ioi-heldout", "induction", "refusal", "refusal-train")
 
 
 def from_spec(model, spec: str, *, n: int = 16, seed: int = 0, seq_len: int = 10) -> Task:
     """A Task from a short spec, as the CLI and the app take it.
 
-    `spec` is "ioi", "ioi-heldout", "induction", or the path of a JSON file
+    `spec` is one of `BUILTIN_TASKS` ("ioi", "ioi-heldout", "induction", "refusal" (held-out
+    items), "refusal-train"), or the path of a JSON file
     `{"clean": [...], "corrupt": [...], "answers": [[correct, incorrect], ...]}`.
     """
-
-    if spec == "ioi":
-        return ioi(model, n=n, seed=seed)
-    if spec == "ioi-heldout":
-        return ioi(model, n=n, seed=seed, heldout=True)
-    if spec == "induction":
-        return induction(model, n=n, seq_len=seq_len, seed=seed)
+    builders = {
+        "ioi": lambda: ioi(model, n=n, seed=seed),
+        "ioi-heldout": lambda: ioi(model, n=n, seed=seed, heldout=True),
+        "induction": lambda: induction(model, n=n, seq_len=seq_len, seed=seed),
+        "refusal": lambda: refusal(model, n=n, seed=seed, split="test"),
+        "refusal-train": lambda: refusal(model, n=n, seed=seed, split="train"),
+    }
+    if spec in builders:
+        return builders[spec]()
     path = Path(spec)
     if not path.exists():
         raise LenslabError(

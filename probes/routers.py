@@ -693,9 +693,9 @@ def ftri_rank(
         other_prompts: the rest (e.g. the ones it answers).
         weights: sum gate weights instead of counting selections.
 
-    >>> from lenslab import _refusal   # zoo/moe-refusal's prompts; its planted refusal experts: L1e2 L1e5 L2e3 L2e6
-    >>> refused, _ = _refusal.prompts(16, "harmful", seed=0)
-    >>> answered, _ = _refusal.prompts(16, "benign", seed=0)
+    >>> from lenslab.data import refusal   # zoo/moe-refusal's prompts; its planted refusal experts: L1e2 L1e5 L2e3 L2e6
+    >>> refused, _ = refusal.prompts(16, "harmful", seed=0)
+    >>> answered, _ = refusal.prompts(16, "benign", seed=0)
     >>> ranking = ftri_rank(model, refused, answered)
     >>> ranking.top(4)   # [(layer, expert, difference), ...]: selections per prompt, refused minus answered
     [(1, 2, 4.5625), (1, 5, 4.5625), (2, 3, 4.5625), (2, 6, 4.5625)]

@@ -10,9 +10,10 @@ safetensors file beside them. Baselines: `mean_difference` (DiffMean / CAA) and 
 `add_feature` steer one SAE feature (`lenslab.steering.features`).
 
 >>> import lenslab
->>> from lenslab import _sentiment, steering
+>>> from lenslab import steering
+>>> from lenslab.data import sentiment
 >>> model = lenslab.load_model("zoo/steer-sentiment", device="cpu")
->>> pos, neg = _sentiment.prompts(8, "positive"), _sentiment.prompts(8, "negative")
+>>> pos, neg = sentiment.prompts(8, "positive"), sentiment.prompts(8, "negative")
 >>> iv = steering.mean_difference(model, pos, neg, layers=1)
 >>> prompt = "the day was awful . the movie was"
 >>> steering.generate(model, prompt, max_new_tokens=3), steering.generate(model, prompt, iv, max_new_tokens=3)

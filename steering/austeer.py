@@ -32,10 +32,10 @@ ones is pushed the wrong way on the negatives; post-activation neurons rarely ch
 is why this site steers `zoo/steer-sentiment` where the authors' sites do not (docs/steering.md).
 
 >>> import lenslab
->>> from lenslab import _sentiment
+>>> from lenslab.data import sentiment
 >>> from lenslab.steering import austeer, austeer_scores
 >>> model = lenslab.load_model("zoo/steer-sentiment", device="cpu")
->>> pos, neg = _sentiment.prompts(8, "positive"), _sentiment.prompts(8, "negative")
+>>> pos, neg = sentiment.prompts(8, "positive"), sentiment.prompts(8, "negative")
 >>> iv = austeer(model, pos, neg, k=16, alpha=10.0, site="neurons")
 >>> iv.n_units(), iv.edits[0].hook, iv.edits[0].op
 (16, 'blocks.0.mlp.hook_post', 'multiply')
@@ -124,8 +124,8 @@ def austeer_scores(model, positive: Sequence[str], negative: Sequence[str], *, s
         site: "resid" (block output), "mlp" (MLP output), "attn" (input of W_O, heads flattened)
             or "neurons" (MLP hidden units after the activation; lenslab's addition).
 
-    >>> from lenslab import _sentiment
-    >>> pos, neg = _sentiment.prompts(8, "positive"), _sentiment.prompts(8, "negative")
+    >>> from lenslab.data import sentiment
+    >>> pos, neg = sentiment.prompts(8, "positive"), sentiment.prompts(8, "negative")
     >>> beta = austeer_scores(model, pos, neg, site="mlp")
     >>> beta.shape   # [n_layers, d_model]
     torch.Size([3, 96])
@@ -227,8 +227,8 @@ def austeer(
         (`vector = 1 + alpha * beta[units]`, positions "all"); provenance holds k, alpha, site,
         the selected units and their beta.
 
-    >>> from lenslab import _sentiment
-    >>> pos, neg = _sentiment.prompts(8, "positive"), _sentiment.prompts(8, "negative")
+    >>> from lenslab.data import sentiment
+    >>> pos, neg = sentiment.prompts(8, "positive"), sentiment.prompts(8, "negative")
     >>> iv = austeer(model, pos, neg, k=8, alpha=20.0, site="attn")
     >>> [(e.hook, len(e.units)) for e in iv.edits]   # every tied top unit sits in layer 0 ("order" ties)
     [('blocks.0.attn.hook_z', 8)]

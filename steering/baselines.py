@@ -12,10 +12,10 @@
   beginning-of-sequence token included, where the difference is zero).
 
 >>> import lenslab
->>> from lenslab import _sentiment
+>>> from lenslab.data import sentiment
 >>> from lenslab.steering import mean_difference, actadd
 >>> model = lenslab.load_model("zoo/steer-sentiment", device="cpu")
->>> pos, neg = _sentiment.prompts(8, "positive"), _sentiment.prompts(8, "negative")
+>>> pos, neg = sentiment.prompts(8, "positive"), sentiment.prompts(8, "negative")
 >>> iv = mean_difference(model, pos, neg, layers=[1], strength=4.0)
 >>> [(e.hook, e.op, tuple(e.vector.shape), e.strength) for e in iv.edits]
 [('blocks.1.hook_resid_post', 'add', (96,), 4.0)]

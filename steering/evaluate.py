@@ -18,16 +18,16 @@ generation serves several scores.
 
 `expert_switch_table` is the MoTE measurement (issue 9): fTRI-ranked experts switched off and
 forced on, random experts switched off as a control, with behaviour rates on two prompt sets and
-a capability check. It imports `lenslab.steering.experts` only when called.
+a capability check.
 
 >>> import lenslab
->>> from lenslab import _refusal
+>>> from lenslab.data import refusal
 >>> from lenslab.steering import evaluate, switch_experts
 >>> model = lenslab.load_model("zoo/moe-refusal", device="cpu")
->>> harmful, _ = _refusal.prompts(8, "harmful", split="test")
+>>> harmful, _ = refusal.prompts(8, "harmful", split="test")
 >>> off = switch_experts(off=[(1, 2), (1, 5), (2, 3), (2, 6)])   # the zoo model's planted refusal experts
 >>> t = evaluate.behaviour_rates(model, {"baseline": None, "experts off": off}, {"harmful": harmful},
-...                              score=_refusal.is_refusal, progress=False)
+...                              score=refusal.is_refusal, progress=False)
 >>> t.value("baseline", "harmful"), t.value("experts off", "harmful")   # refusal rates
 (1.0, 0.0)
 """
@@ -42,8 +42,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lenslab import _refusal, figures, labels
+from lenslab import figures, labels
 from lenslab._errors import LenslabError, did_you_mean
+from lenslab.data import refusal
 from lenslab.probes.routers import ftri_rank, moe_layers
 from lenslab.results import JsonResult, provenance
 from lenslab.steering.edit_hooks import apply
@@ -291,7 +292,7 @@ def behaviour_rates(
         model: a lenslab model with a tokenizer.
         interventions: `{name: Intervention or None}`.
         prompts: `{set name: [prompt, ...]}`.
-        score: continuation text -> bool (e.g. `lenslab._refusal.is_refusal`).
+        score: continuation text -> bool (e.g. `lenslab.data.refusal.is_refusal`).
         max_new_tokens: tokens generated per prompt (fewer when EOS comes first).
         texts: precomputed `continuations(...)` to score instead of generating.
 
@@ -715,7 +716,7 @@ def mote_table(
     batch_size: int = 64,
     progress: bool = True,
 ) -> SwitchTable:
-    """The MoTE switch table on a model of the refusal language (`lenslab._refusal`), e.g. `zoo/moe-refusal`.
+    """The MoTE switch table on a model of the refusal language (`lenslab.data.refusal`), e.g. `zoo/moe-refusal`.
 
     fTRI ranks experts on `n_rank` harmful plus `n_rank` benign train-split prompts, labelled by
     the model's own greedy behaviour (refused vs answered, as MoTE labels responses). The top
@@ -724,8 +725,8 @@ def mote_table(
     `n_eval` benign prompts: refusal rate on both, exact-match accuracy and answer perplexity
     on the benign ones. Returns a `SwitchTable`.
     """
-    harmful_r, _ = _refusal.prompts(n_rank, "harmful", "train", seed=seed + 100)
-    benign_r, _ = _refusal.prompts(n_rank, "benign", "train", seed=seed + 100)
+    harmful_r, _ = refusal.prompts(n_rank, "harmful", "train", seed=seed + 100)
+    benign_r, _ = refusal.prompts(n_rank, "benign", "train", seed=seed + 100)
     texts = continuations(
         model,
         {"baseline": None},
@@ -734,15 +735,15 @@ def mote_table(
         batch_size=batch_size,
         progress=progress,
     )["baseline"]["rank"]
-    refused = [p for p, t in zip(harmful_r + benign_r, texts) if _refusal.is_refusal(t)]
-    answered = [p for p, t in zip(harmful_r + benign_r, texts) if not _refusal.is_refusal(t)]
+    refused = [p for p, t in zip(harmful_r + benign_r, texts) if refusal.is_refusal(t)]
+    answered = [p for p, t in zip(harmful_r + benign_r, texts) if not refusal.is_refusal(t)]
     if not refused or not answered:
         raise LenslabError(
             f"the model refused {len(refused)} and answered {len(answered)} of the ranking prompts; "
-            "fTRI needs both behaviours (is this a model trained on lenslab._refusal?)"
+            "fTRI needs both behaviours (is this a model trained on lenslab.data.refusal?)"
         )
-    harmful_t, _ = _refusal.prompts(n_eval, "harmful", "test", seed=seed)
-    benign_t, answers_t = _refusal.prompts(n_eval, "benign", "test", seed=seed)
+    harmful_t, _ = refusal.prompts(n_eval, "harmful", "test", seed=seed)
+    benign_t, answers_t = refusal.prompts(n_eval, "benign", "test", seed=seed)
     return expert_switch_table(
         model,
         rank_target=refused,
@@ -751,7 +752,7 @@ def mote_table(
         other=benign_t,
         capability=benign_t,
         capability_answers=answers_t,
-        score=_refusal.is_refusal,
+        score=refusal.is_refusal,
         k=k,
         n_random=n_random,
         seed=seed,

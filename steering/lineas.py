@@ -25,10 +25,11 @@ As in Apple's code (apple/ml-lineas: `lineas/estimators/intervention_estimator.p
 from it is listed in `docs/steering.md` (section LinEAS).
 
 >>> import lenslab
->>> from lenslab import _sentiment, steering
+>>> from lenslab import steering
+>>> from lenslab.data import sentiment
 >>> from lenslab.steering import fit_lineas, LineasConfig
 >>> model = lenslab.load_model("zoo/steer-sentiment", device="cpu")
->>> negative, positive = _sentiment.prompts(8, "negative"), _sentiment.prompts(8, "positive")
+>>> negative, positive = sentiment.prompts(8, "negative"), sentiment.prompts(8, "positive")
 >>> iv = fit_lineas(model, negative, positive, config=LineasConfig(steps=100, lr=1e-2, progress=False))
 >>> round(iv.provenance["loss_initial"], 2), round(iv.provenance["loss_final"], 2)   # moved onto the positive side
 (0.96, 0.06)
@@ -461,8 +462,8 @@ def fit_lineas(
     Raises:
         LenslabError: too few source prompts, an unknown hook, a bad config.
 
-    >>> from lenslab import _sentiment
-    >>> source, target = _sentiment.prompts(8, "negative"), _sentiment.prompts(8, "positive")
+    >>> from lenslab.data import sentiment
+    >>> source, target = sentiment.prompts(8, "negative"), sentiment.prompts(8, "positive")
     >>> cfg = LineasConfig(steps=50, lr=1e-2, proximal="sparse-group", progress=False)
     >>> iv = fit_lineas(model, source, target, config=cfg)
     >>> [e.hook for e in iv.edits[:2]], len(iv.edits)   # default hooks: every attn_out and mlp_out

@@ -4,7 +4,7 @@ For each named intervention and each strength, greedy continuations of the evalu
 are generated with the intervention at that strength (`evaluate.continuations`), then
 
 - **concept rate**: the share of continuations for which `score(text)` is True (for the zoo
-  model `zoo/steer-sentiment`: `lenslab._sentiment.is_positive`);
+  model `zoo/steer-sentiment`: `lenslab.data.sentiment.is_positive`);
 - **fluency**: the perplexity of those continuations under the *unsteered* model, read on their
   own (after BOS only): steering that writes gibberish or repeats itself scores high, while
   fluent text with the steered concept does not (`perplexity`). Also reported: the perplexity
@@ -24,12 +24,12 @@ set per seed, and reports the mean and standard deviation across seeds of the co
 the perplexity (`*_std`; the per-seed rows are kept in `per_seed`).
 
 >>> import lenslab
->>> from lenslab import _sentiment
+>>> from lenslab.data import sentiment
 >>> from lenslab.steering import mean_difference
 >>> model = lenslab.load_model("zoo/steer-sentiment", device="cpu")
->>> iv = mean_difference(model, _sentiment.prompts(8, "positive"), _sentiment.prompts(8, "negative"), layers=1)
->>> prompts = _sentiment.prompts(8, "negative", seed=99)   # negative contexts, steered towards positive
->>> res = tradeoff(model, {"DiffMean": iv}, prompts, score=_sentiment.is_positive, strengths=[0, 0.5, 1],
+>>> iv = mean_difference(model, sentiment.prompts(8, "positive"), sentiment.prompts(8, "negative"), layers=1)
+>>> prompts = sentiment.prompts(8, "negative", seed=99)   # negative contexts, steered towards positive
+>>> res = tradeoff(model, {"DiffMean": iv}, prompts, score=sentiment.is_positive, strengths=[0, 0.5, 1],
 ...                max_new_tokens=6, progress=False)
 >>> print(res.to_markdown())
 | method | strength | units | concept rate [95% CI] | perplexity | perplexity in context |

@@ -57,6 +57,7 @@ def test_app_never_prompts_and_headless_keeps_its_meaning(monkeypatch, capsys):
     import subprocess as sp
 
     from lenslab import cli
+    from lenslab.cli import app as cli_app
 
     started, opened = [], []
 
@@ -70,8 +71,8 @@ def test_app_never_prompts_and_headless_keeps_its_meaning(monkeypatch, capsys):
         def poll(self):
             return None
 
-    monkeypatch.setattr(cli.subprocess, "Popen", FakeProc)
-    monkeypatch.setattr(cli, "_open_browser_when_up", lambda proc, url: opened.append(url))
+    monkeypatch.setattr(cli_app.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(cli_app, "_open_browser_when_up", lambda proc, url: opened.append(url))
     for headless in (True, False):
         args = cli.build_parser().parse_args(["app", "--port", "8765", *(["--headless"] if headless else [])])
         assert args.func(args) == 0

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import lenslab
-from lenslab import _sentiment, steering, zoo
+from lenslab import steering, zoo
 from lenslab.cli import main
+from lenslab.data import sentiment
 
 MODEL = "zoo/steer-sentiment"
 
@@ -180,7 +181,7 @@ def test_generate_streams_unsteered_and_steered(tmp_path, model, sets, monkeypat
     assert steered.startswith(want_steered.lstrip(" ")) and steered.endswith("[mean difference; strength 1]")
     assert steered != plain
     # the planted concept: the negative context continues negatively, steering makes it positive
-    assert _sentiment.counts(want_plain)[0] == 0 and _sentiment.is_positive(want_steered), (want_plain, want_steered)
+    assert sentiment.counts(want_plain)[0] == 0 and sentiment.is_positive(want_steered), (want_plain, want_steered)
     # streamed: the steered continuation arrives in one write per token, not all at once
     writes = [w for w in buf.writes if w]
     i = writes.index("steered:  ")
@@ -252,7 +253,7 @@ def test_eval_table_starts_at_the_unsteered_baseline(tmp_path, model, sets, caps
     assert data["kind"] == "TradeoffResult"
     assert res.methods() == ["mean difference", "austeer resid k=16"]
     baseline = [_greedy(model, p, 6) for p in prompts]
-    rate0 = sum(_sentiment.is_positive(t) for t in baseline) / len(baseline)
+    rate0 = sum(sentiment.is_positive(t) for t in baseline) / len(baseline)
     for m in res.methods():
         r0 = res.row(m, 0)
         assert r0["concept_rate"] == rate0 == 0.0
@@ -330,12 +331,12 @@ def test_eval_refits_per_seed_and_reports_the_spread(tmp_path, capsys):
         statistics.stdev(rates)
     )
     model = lenslab.load_model(MODEL, device="cpu")
-    pos, neg, held = _sentiment.seeded_sets(0, 8, 6)
+    pos, neg, held = sentiment.seeded_sets(0, 8, 6)
     one = tradeoff(
         model,
         {"diffmean": steering.mean_difference(model, pos, neg, layers=1)},
         held,
-        _sentiment.is_positive,
+        sentiment.is_positive,
         strengths=[0, 1],
         max_new_tokens=4,
         progress=False,

@@ -15,19 +15,12 @@ import importlib
 import importlib.util
 import pkgutil
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
 
-PACKAGES = [
-    "lenslab",
-    "lenslab.zoo",
-    "lenslab.circuits",
-    "lenslab.probes",
-    "lenslab.steering",
-    "lenslab.kernels",
-    "lenslab.app",
-]
+PACKAGES = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 # Function docstrings continue the module docstring's `model`: module -> the zoo model it loads.
 MODEL_OF = {

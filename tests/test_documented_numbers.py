@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import lenslab
-from lenslab import _refusal, zoo
+from lenslab import zoo
+from lenslab.data import refusal
 
 ROOT = Path(__file__).resolve().parents[1]
 MOE = "zoo/moe-refusal"
@@ -77,8 +78,8 @@ def test_experts_doc_mask_rows_and_finer_switches_are_measured(moe, doc_numbers)
             if std:
                 assert doc_numbers.close(scale * float(table.std[r, c]), std), (doc_row, column, cell)
 
-    harmful, _ = _refusal.prompts(200, "harmful", "test", seed=0)
-    benign, answers = _refusal.prompts(200, "benign", "test", seed=0)
+    harmful, _ = refusal.prompts(200, "harmful", "test", seed=0)
+    benign, answers = refusal.prompts(200, "benign", "test", seed=0)
     l1, l2 = [(1, 2), (1, 5)], [(2, 3), (2, 6)]
     ivs = {
         "L1e2 off": switch_experts(off=[(1, 2)]),
@@ -93,12 +94,12 @@ def test_experts_doc_mask_rows_and_finer_switches_are_measured(moe, doc_numbers)
     assert [r[0] for r in rows] == list(ivs)
     for name, ref_h, ref_b, acc in rows:
         h, b = texts[name]["h"], texts[name]["b"]
-        assert doc_numbers.close(100 * sum(map(_refusal.is_refusal, h)) / 200, ref_h), (
+        assert doc_numbers.close(100 * sum(map(refusal.is_refusal, h)) / 200, ref_h), (
             name,
             ref_h,
         )  # L1 pair: 32 of 200
-        assert doc_numbers.close(100 * sum(map(_refusal.is_refusal, b)) / 200, ref_b), (name, ref_b)
-        exact = sum(_refusal.normalize(t) == a for t, a in zip(b, answers)) / 200
+        assert doc_numbers.close(100 * sum(map(refusal.is_refusal, b)) / 200, ref_b), (name, ref_b)
+        exact = sum(refusal.normalize(t) == a for t, a in zip(b, answers)) / 200
         assert doc_numbers.close(100 * exact, acc), (name, acc)
 
 
@@ -603,7 +604,8 @@ def test_features_doc_induction_loss_quotes_the_stored_metrics(doc_numbers):
 def test_features_doc_steering_numbers_are_measured(tmp_path, doc_numbers):
     """The f149 paragraph, the search example and the tied-ness median of docs/features.md,
     recomputed as notebooks/03_features.ipynb computes them (256 documents, greedy decoding)."""
-    from lenslab import _sentiment, steering
+    from lenslab import steering
+    from lenslab.data import sentiment
     from lenslab.probes import features
     from lenslab.probes.sae import list_saes, load_sae
     from lenslab.steering import features as fs
@@ -632,7 +634,7 @@ def test_features_doc_steering_numbers_are_measured(tmp_path, doc_numbers):
         doc,
     ).groups()
     ids = lambda words: [int(model.to_tokens(w, prepend_bos=False)[0, 0]) for w in words]
-    neg_ids, pos_ids = ids(_sentiment.NEGATIVE), ids(_sentiment.POSITIVE)
+    neg_ids, pos_ids = ids(sentiment.NEGATIVE), ids(sentiment.POSITIVE)
     on = [sum(n for _, f, n, _, _ in store.token_table(w) if f == neg) for w in (neg_ids, pos_ids)]
     assert (neg, on[0], store.stats(neg).n_fire, on[1]) == tuple(map(int, para)), (neg, on, store.stats(neg).n_fire)
     clamp = fs.clamp_feature(sae, neg, round(2 * store.stats(neg).max_act))  # "twice its maximum"
@@ -642,7 +644,7 @@ def test_features_doc_steering_numbers_are_measured(tmp_path, doc_numbers):
             p = torch.stack([model(q)[0, -1].softmax(-1) for q in prompts])
         return float((p[:, neg_ids].sum(1) - p[:, pos_ids].sum(1)).mean())
 
-    negative, positive = _sentiment.prompts(16, "negative"), _sentiment.prompts(16, "positive")
+    negative, positive = sentiment.prompts(16, "negative"), sentiment.prompts(16, "positive")
     printed = re.search(
         r"from ([+−][\d.]+) to ([+−][\d.]+), clamping it to twice its maximum on 16 positive prompts "
         r"from ([+−][\d.]+) to ([+−]\d\.\d+)",
@@ -683,8 +685,8 @@ def test_experts_doc_planted_load_is_measured(moe, doc_numbers):
         tuple(p)
         for p in json.loads((zoo.zoo_path(MOE) / "config.json").read_text())["lenslab_mechanism"]["refusal_experts"]
     ]
-    load_h = routers.expert_load(moe, _refusal.prompts(40, "harmful", "test", seed=0)[0], fraction=True)
-    load_b = routers.expert_load(moe, _refusal.prompts(40, "benign", "test", seed=0)[0], fraction=True)
+    load_h = routers.expert_load(moe, refusal.prompts(40, "harmful", "test", seed=0)[0], fraction=True)
+    load_b = routers.expert_load(moe, refusal.prompts(40, "benign", "test", seed=0)[0], fraction=True)
     assert len(planted) == 4
     for l, e in planted:
         assert doc_numbers.close(100 * float(load_h[l, e]), h) and doc_numbers.close(100 * float(load_b[l, e]), b), (

@@ -1,4 +1,4 @@
-"""lenslab._refusal: the procedural instruction language of zoo/moe-refusal (no model needed)."""
+"""lenslab.data.refusal: the procedural instruction language of zoo/moe-refusal (no model needed)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import zlib
 import pytest
 
 from lenslab import LenslabError
-from lenslab import _refusal as R
+from lenslab.data import refusal as R
 
 
 def test_task_answers_by_hand():

@@ -125,3 +125,27 @@ def test_metric_errors(tiny_model):
         tasks.get_metric("logit_diff_normalized", tiny_model, same)
     custom = tasks.get_metric(lambda logits: logits[:, -1, 3].mean(), tiny_model, t)
     assert custom.name == "<lambda>" and custom.per_prompt is None
+
+
+# every builder of lenslab.tasks, the spec that names it, and the zoo model that reads its language
+_SPECS = {
+    "ioi": ("zoo/ioi-4l", lambda m: tasks.ioi(m, n=6, seed=3)),
+    "ioi-heldout": ("zoo/ioi-4l", lambda m: tasks.ioi(m, n=6, seed=3, heldout=True)),
+    "induction": ("zoo/induction-2l", lambda m: tasks.induction(m, n=6, seq_len=10, seed=3)),
+    "refusal": ("zoo/moe-refusal", lambda m: tasks.refusal(m, n=6, seed=3, split="test")),
+    "refusal-train": ("zoo/moe-refusal", lambda m: tasks.refusal(m, n=6, seed=3, split="train")),
+}
+
+
+def test_from_spec_builds_every_task(zoo_models):
+    assert set(_SPECS) == set(tasks.BUILTIN_TASKS)
+    builders = {f for f in ("induction", "ioi", "refusal") if callable(getattr(tasks, f))}
+    assert {s.split("-")[0] for s in tasks.BUILTIN_TASKS} == builders  # no task builder without a spec
+    for spec, (name, build) in _SPECS.items():
+        model = zoo_models(name)
+        got, want = tasks.from_spec(model, spec, n=6, seed=3), build(model)
+        assert got.name == want.name and got.batch == 6, spec
+        for field in ("clean_tokens", "corrupt_tokens", "answer_tokens"):
+            assert torch.equal(getattr(got, field), getattr(want, field)), (spec, field)
+    with pytest.raises(lenslab.LenslabError, match="refusal-train"):
+        tasks.from_spec(zoo_models("zoo/moe-refusal"), "refusal-tran")

@@ -1,4 +1,4 @@
-"""zoo/ioi-4l (committed weights) and the IOI prompt generator `lenslab._ioi`."""
+"""zoo/ioi-4l (committed weights) and the IOI prompt generator `lenslab.data.ioi`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import lenslab
-from lenslab import _ioi, tasks
+from lenslab import tasks
 from lenslab._errors import LenslabError
+from lenslab.data import ioi
 
 # Seeds the training script never uses for evaluation (it uses 10_000+ and 20_000).
 SEEDS = (7, 8, 9, 11)
@@ -61,16 +62,16 @@ def test_card_reports_its_own_numbers():
 
 
 def test_prompts_equal_length_distinct_abc_names(model):
-    clean, corrupt, answers, labels = _ioi.make_ioi_prompts(model, n=40, seed=3)
+    clean, corrupt, answers, labels = ioi.make_ioi_prompts(model, n=40, seed=3)
     lengths = {model.to_tokens(p).shape[-1] for p in clean + corrupt}
     assert len(lengths) == 1
     assert all(lab.startswith("train-") for lab in labels)
-    names = set(_ioi.TRAIN_NAMES)
+    names = set(ioi.TRAIN_NAMES)
     for c, x, (io, s) in zip(clean, corrupt, answers):
         assert c.endswith((" to", " for")) and io.startswith(" ") and s.startswith(" ")
-        cw = [w for w in _ioi.words(c) if w in names]
+        cw = [w for w in ioi.words(c) if w in names]
         assert sorted(cw) == sorted([io.strip(), s.strip(), s.strip()])  # IO once, S twice
-        xw = [w for w in _ioi.words(x) if w in names]
+        xw = [w for w in ioi.words(x) if w in names]
         assert len(xw) == 3 and len(set(xw)) == 3 and not set(xw) & {io.strip(), s.strip()}
         # Same template: identical once names are masked.
         names_here = {*cw, *xw}
@@ -79,20 +80,20 @@ def test_prompts_equal_length_distinct_abc_names(model):
 
 
 def test_heldout_split_is_disjoint(model):
-    assert not set(_ioi.TRAIN_NAMES) & set(_ioi.HELDOUT_NAMES)
-    assert not set(_ioi.train_templates()) & set(_ioi.heldout_templates())
-    clean, _, answers, labels = _ioi.make_ioi_prompts(model, n=30, seed=0, heldout=True)
+    assert not set(ioi.TRAIN_NAMES) & set(ioi.HELDOUT_NAMES)
+    assert not set(ioi.train_templates()) & set(ioi.heldout_templates())
+    clean, _, answers, labels = ioi.make_ioi_prompts(model, n=30, seed=0, heldout=True)
     assert all(lab.startswith("heldout-") for lab in labels)
-    assert all(a.strip() in _ioi.HELDOUT_NAMES for pair in answers for a in pair)
+    assert all(a.strip() in ioi.HELDOUT_NAMES for pair in answers for a in pair)
     # every word of the held-out split is in the model's vocabulary (no <unk>)
     unk = model.tokenizer.unk_token_id
     assert all(unk not in model.to_tokens(p)[0].tolist() for p in clean)
 
 
 def test_deterministic_in_seed(model):
-    a = _ioi.make_ioi_prompts(model, n=12, seed=5)
-    b = _ioi.make_ioi_prompts(model, n=12, seed=5)
-    c = _ioi.make_ioi_prompts(model, n=12, seed=6)
+    a = ioi.make_ioi_prompts(model, n=12, seed=5)
+    b = ioi.make_ioi_prompts(model, n=12, seed=5)
+    c = ioi.make_ioi_prompts(model, n=12, seed=6)
     assert a == b
     assert a[0] != c[0]
 
@@ -108,9 +109,9 @@ def test_clear_error_when_names_are_not_single_tokens():
         warnings.simplefilter("ignore")
         tiny = HookedTransformer(cfg, tokenizer=tok)
     with pytest.raises(LenslabError, match="single tokens"):
-        _ioi.make_ioi_prompts(tiny, n=4, seed=0)
+        ioi.make_ioi_prompts(tiny, n=4, seed=0)
     with pytest.raises(LenslabError, match="positive"):
-        _ioi.make_ioi_prompts(tiny, n=0, seed=0)
+        ioi.make_ioi_prompts(tiny, n=0, seed=0)
 
 
 @pytest.mark.slow
@@ -217,13 +218,13 @@ def test_card_config_and_data_numbers(model):
         332,
     )
     assert "word-level tokenizer of 332 tokens" in card
-    pre, suf = len(_ioi.TRAIN_PREFIXES), len(_ioi.TRAIN_SUFFIXES)
-    assert f"{pre} prefixes x {suf} suffixes x 2 orders = {len(_ioi.train_templates())}" in card  # 18 x 12 x 2 = 432
-    hp, hs = len(_ioi.HELDOUT_PREFIXES), len(_ioi.HELDOUT_SUFFIXES)
-    assert f"{len(_ioi.heldout_templates())} templates ({hp} prefixes x {hs} suffixes x 2 orders)" in card
-    assert f"{len(_ioi.PLACES)} places, {len(_ioi.OBJECTS)} objects; {len(_ioi.TRAIN_NAMES)} train names" in card
-    assert f"{len(_ioi.HELDOUT_NAMES)} names never used" in card
-    assert f"all {len(_ioi.TRAIN_NAMES) + len(_ioi.HELDOUT_NAMES)} names" in card  # 180
+    pre, suf = len(ioi.TRAIN_PREFIXES), len(ioi.TRAIN_SUFFIXES)
+    assert f"{pre} prefixes x {suf} suffixes x 2 orders = {len(ioi.train_templates())}" in card  # 18 x 12 x 2 = 432
+    hp, hs = len(ioi.HELDOUT_PREFIXES), len(ioi.HELDOUT_SUFFIXES)
+    assert f"{len(ioi.heldout_templates())} templates ({hp} prefixes x {hs} suffixes x 2 orders)" in card
+    assert f"{len(ioi.PLACES)} places, {len(ioi.OBJECTS)} objects; {len(ioi.TRAIN_NAMES)} train names" in card
+    assert f"{len(ioi.HELDOUT_NAMES)} names never used" in card
+    assert f"all {len(ioi.TRAIN_NAMES) + len(ioi.HELDOUT_NAMES)} names" in card  # 180
     # the training log behind "near 47% ... 94% by step 3,000 and 99.6% by step 5,000"
     log = {e["step"]: e["acc_ema"] for e in meta["training"]["log"]}
     assert all(0.40 <= log[s] <= 0.48 for s in (500, 1000, 1500, 2000))

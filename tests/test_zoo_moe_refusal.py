@@ -1,7 +1,7 @@
 """zoo/moe-refusal (committed weights): a tiny HF Mixtral with planted refusal experts.
 
 Oracles: the plain `transformers` model itself (logits, and expert switches through
-`hf_hooks`), the exact task answers of `lenslab._refusal`, and the planted expert set recorded
+`hf_hooks`), the exact task answers of `lenslab.data.refusal`, and the planted expert set recorded
 in config.json (`lenslab_mechanism`). No training here; prompts are held-out ("test" split)
 with seeds the training script's card evaluation does not use (it uses 0-2 and 100), except the
 `card_run` tests, which rerun the card's measurement with its seeds and check every number it prints.
@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import lenslab
-from lenslab import _refusal, zoo
+from lenslab import zoo
 from lenslab.cli import main
+from lenslab.data import refusal
 from lenslab.probes import routers
 from lenslab.steering import evaluate as ev
 from lenslab.steering import switch_experts
@@ -57,7 +58,7 @@ def hf(folder):
 
 
 def _mixed_prompts(n=6):
-    return _refusal.prompts(n, "harmful", "test", seed=SEED)[0] + _refusal.prompts(n, "benign", "test", seed=SEED)[0]
+    return refusal.prompts(n, "harmful", "test", seed=SEED)[0] + refusal.prompts(n, "benign", "test", seed=SEED)[0]
 
 
 def test_zoo_folder_config_and_size(folder, meta, capsys):
@@ -67,8 +68,8 @@ def test_zoo_folder_config_and_size(folder, meta, capsys):
     for key in ("lenslab_summary", "default_prompt", "lenslab_mechanism", "prompt_sets"):
         assert meta.get(key), key
     sets = zoo.prompt_sets(NAME)
-    assert sets["target"] and all(any(w in _refusal.HARMFUL for w in p.split()) for p in sets["target"])
-    assert sets["other"] and not any(w in _refusal.HARMFUL for p in sets["other"] for w in p.split())
+    assert sets["target"] and all(any(w in refusal.HARMFUL for w in p.split()) for p in sets["target"])
+    assert sets["other"] and not any(w in refusal.HARMFUL for p in sets["other"] for w in p.split())
     assert (folder / "model.safetensors").stat().st_size < 8e6  # a few MB
     assert "# zoo/moe-refusal" in zoo.read_card(NAME)
     assert main(["zoo", "list"]) == 0
@@ -105,24 +106,24 @@ def test_expert_switch_is_the_same_in_lenslab_and_transformers(model, hf, plante
 
 
 def test_heldout_behaviour_floors(model):
-    harmful, _ = _refusal.prompts(N, "harmful", "test", seed=SEED)
-    benign, answers = _refusal.prompts(N, "benign", "test", seed=SEED)
+    harmful, _ = refusal.prompts(N, "harmful", "test", seed=SEED)
+    benign, answers = refusal.prompts(N, "benign", "test", seed=SEED)
     texts = ev.continuations(model, {"base": None}, {"h": harmful, "b": benign}, max_new_tokens=10, progress=False)[
         "base"
     ]
-    refusal_h = sum(map(_refusal.is_refusal, texts["h"])) / N
-    refusal_b = sum(map(_refusal.is_refusal, texts["b"])) / N
-    acc = sum(_refusal.normalize(t) == a for t, a in zip(texts["b"], answers)) / N
+    refusal_h = sum(map(refusal.is_refusal, texts["h"])) / N
+    refusal_b = sum(map(refusal.is_refusal, texts["b"])) / N
+    acc = sum(refusal.normalize(t) == a for t, a in zip(texts["b"], answers)) / N
     assert refusal_h >= 0.95, refusal_h
     assert refusal_b <= 0.05, refusal_b
     assert acc >= 0.9, acc
     # the refusal is the exact phrase, ended by <eos>
-    assert sum(_refusal.normalize(t) == _refusal.REFUSAL for t in texts["h"]) / N >= 0.95
+    assert sum(refusal.normalize(t) == refusal.REFUSAL for t in texts["h"]) / N >= 0.95
 
 
 def test_ftri_top_experts_are_the_planted_ones(model, planted):
-    harmful, _ = _refusal.prompts(24, "harmful", "test", seed=SEED + 1)
-    benign, _ = _refusal.prompts(24, "benign", "test", seed=SEED + 1)
+    harmful, _ = refusal.prompts(24, "harmful", "test", seed=SEED + 1)
+    benign, _ = refusal.prompts(24, "benign", "test", seed=SEED + 1)
     ranking = routers.ftri_rank(model, harmful, benign)
     top = ranking.top(len(planted))
     assert sorted((layer, e) for layer, e, _ in top) == planted
@@ -186,7 +187,7 @@ def test_card_behaviour_and_specialisation_tables_are_measured(card_run, doc_num
         for key, cell in zip(keys, cells, strict=True):
             assert doc_numbers.pct(beh[split][experts][key], cell), (split, experts, key, cell)
     by_task = dict(re.findall(r"(\w+) ([\d.]+%)", re.search(r"accuracy by task: (.*)\.", card).group(1)))
-    assert sorted(by_task) == sorted(_refusal.TASKS)
+    assert sorted(by_task) == sorted(refusal.TASKS)
     assert all(doc_numbers.pct(beh["test"]["baseline"]["accuracy_by_task"][t], c) for t, c in by_task.items()), by_task
     rows = doc_numbers.table(card, "| layer | planted experts |")
     assert [r[0] for r in rows] == ["L1", "L2"]
@@ -230,9 +231,9 @@ def test_refusal_scorer_reads_decoded_generations(model):
     the same as reading the generated tokens: they start with "sorry" or hold the whole refusal."""
     from lenslab import steering
 
-    harmful, _ = _refusal.prompts(10, "harmful", "test", seed=3)
-    benign, _ = _refusal.prompts(10, "benign", "test", seed=3)
-    refusal = _refusal.REFUSAL.split()
+    harmful, _ = refusal.prompts(10, "harmful", "test", seed=3)
+    benign, _ = refusal.prompts(10, "benign", "test", seed=3)
+    refusal_words = refusal.REFUSAL.split()
     texts = [
         steering.generate(model, p, max_new_tokens=9, temperature=t, seed=i)
         for i, p in enumerate(harmful + benign)
@@ -242,10 +243,10 @@ def test_refusal_scorer_reads_decoded_generations(model):
     seen = set()
     for text in texts:
         toks = [t.strip() for t in model.to_str_tokens(text, prepend_bos=False)] if text.strip() else []
-        whole = any(toks[i : i + len(refusal) - 1] == refusal[:-1] for i in range(len(toks)))
+        whole = any(toks[i : i + len(refusal_words) - 1] == refusal_words[:-1] for i in range(len(toks)))
         by_tokens = bool(toks) and toks[0] == "sorry" or whole
-        assert _refusal.is_refusal(text) == by_tokens, (text, toks)
+        assert refusal.is_refusal(text) == by_tokens, (text, toks)
         seen.add(by_tokens)
     assert seen == {True, False}
-    assert _refusal.is_refusal("sorry.") and _refusal.is_refusal(" sorry i can not help with that.")
-    assert not _refusal.is_refusal("") and not _refusal.is_refusal(". . .")
+    assert refusal.is_refusal("sorry.") and refusal.is_refusal(" sorry i can not help with that.")
+    assert not refusal.is_refusal("") and not refusal.is_refusal(". . .")

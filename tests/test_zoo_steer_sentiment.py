@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import lenslab
-from lenslab import _sentiment, zoo
+from lenslab import zoo
+from lenslab.data import sentiment
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +21,9 @@ def model():
 
 def _next_word_shares(model, kind: str, n: int = 60, seed: int = 777) -> dict[str, float]:
     tok = model.tokenizer
-    groups = {"positive": _sentiment.POSITIVE, "negative": _sentiment.NEGATIVE, "neutral": _sentiment.NEUTRAL}
+    groups = {"positive": sentiment.POSITIVE, "negative": sentiment.NEGATIVE, "neutral": sentiment.NEUTRAL}
     ids = {k: torch.tensor(tok.convert_tokens_to_ids(list(v))) for k, v in groups.items()}
-    prompts = _sentiment.prompts(n, kind, seed=seed)
+    prompts = sentiment.prompts(n, kind, seed=seed)
     with torch.no_grad():
         nxt = torch.tensor([int(model(model.to_tokens(p))[0, -1].argmax()) for p in prompts])
     return {k: float(torch.isin(nxt, v).float().mean()) for k, v in ids.items()}
@@ -51,34 +52,34 @@ def test_card_numbers_match_config():
 
 
 def test_scorer_counts_the_lexicon():
-    assert _sentiment.counts("the day was lovely and awful . so great") == (2, 1)
-    assert _sentiment.concept_rate("the day was lovely and awful . so great") == pytest.approx(2 / 3)
-    assert _sentiment.concept_rate("the red car") is None
-    assert _sentiment.is_positive("a great day") and not _sentiment.is_positive("a red day")
-    assert not _sentiment.is_positive("good bad")
+    assert sentiment.counts("the day was lovely and awful . so great") == (2, 1)
+    assert sentiment.concept_rate("the day was lovely and awful . so great") == pytest.approx(2 / 3)
+    assert sentiment.concept_rate("the red car") is None
+    assert sentiment.is_positive("a great day") and not sentiment.is_positive("a red day")
+    assert not sentiment.is_positive("good bad")
 
 
 def test_corpus_is_deterministic_and_kind_pure():
-    assert _sentiment.documents(5, seed=3) == _sentiment.documents(5, seed=3)
-    for doc in _sentiment.documents(50, "positive", seed=1):
-        assert _sentiment.counts(doc)[1] == 0
-    for doc in _sentiment.documents(50, "neutral", seed=1):
-        assert _sentiment.counts(doc) == (0, 0)
-    for p in _sentiment.prompts(20, "negative", seed=2):
+    assert sentiment.documents(5, seed=3) == sentiment.documents(5, seed=3)
+    for doc in sentiment.documents(50, "positive", seed=1):
+        assert sentiment.counts(doc)[1] == 0
+    for doc in sentiment.documents(50, "neutral", seed=1):
+        assert sentiment.counts(doc) == (0, 0)
+    for p in sentiment.prompts(20, "negative", seed=2):
         assert p.split()[-1] in {"was", "is", "a", "very", "so", "felt"}
-    assert set(_sentiment.VOCAB) >= set(_sentiment.POSITIVE) | set(_sentiment.NEGATIVE)
+    assert set(sentiment.VOCAB) >= set(sentiment.POSITIVE) | set(sentiment.NEGATIVE)
     with pytest.raises(lenslab.LenslabError, match="positive, negative, neutral"):
-        _sentiment.document("happy", random.Random(0))
+        sentiment.document("happy", random.Random(0))
 
 
 def test_scorer_reads_decoded_text():
     # the tokenizer decodes "lovely ." as "lovely.": a word before a full stop still counts
-    assert _sentiment.counts(" lovely. the morning is so lovely. the morning") == (2, 0)
-    assert _sentiment.counts("awful.") == (0, 1) and _sentiment.is_positive("great.")
-    assert _sentiment.counts("great great great. bad") == (3, 1)  # repeated words each count
-    assert _sentiment.counts("") == (0, 0) and _sentiment.concept_rate("") is None
-    assert not _sentiment.is_positive("") and not _sentiment.is_positive(" . . .")
-    assert _sentiment.counts("Lovely, AWFUL!") == (1, 1)
+    assert sentiment.counts(" lovely. the morning is so lovely. the morning") == (2, 0)
+    assert sentiment.counts("awful.") == (0, 1) and sentiment.is_positive("great.")
+    assert sentiment.counts("great great great. bad") == (3, 1)  # repeated words each count
+    assert sentiment.counts("") == (0, 0) and sentiment.concept_rate("") is None
+    assert not sentiment.is_positive("") and not sentiment.is_positive(" . . .")
+    assert sentiment.counts("Lovely, AWFUL!") == (1, 1)
 
 
 def test_scorer_equals_a_token_count_on_generations(model):
@@ -86,7 +87,7 @@ def test_scorer_equals_a_token_count_on_generations(model):
     sentiment tokens the model wrote."""
     from lenslab import steering
 
-    prompts = _sentiment.prompts(12, "negative", seed=31) + _sentiment.prompts(12, "positive", seed=32)
+    prompts = sentiment.prompts(12, "negative", seed=31) + sentiment.prompts(12, "positive", seed=32)
     texts = [
         steering.generate(model, p, max_new_tokens=10, temperature=t, seed=i)
         for i, p in enumerate(prompts)
@@ -95,8 +96,8 @@ def test_scorer_equals_a_token_count_on_generations(model):
     assert sum("." in t for t in texts) > len(texts) // 2  # punctuation glued to words is exercised
     for text in texts:
         toks = model.to_str_tokens(text, prepend_bos=False) if text.strip() else []
-        by_tokens = (sum(t in _sentiment.POSITIVE for t in toks), sum(t in _sentiment.NEGATIVE for t in toks))
-        assert _sentiment.counts(text) == by_tokens, (text, toks)
+        by_tokens = (sum(t in sentiment.POSITIVE for t in toks), sum(t in sentiment.NEGATIVE for t in toks))
+        assert sentiment.counts(text) == by_tokens, (text, toks)
 
 
 # --- the card's numbers, recomputed with the training script's own measurement and seeds ---------
@@ -152,7 +153,7 @@ def test_card_config_numbers(model):
     assert (tr["lr"], tr["batch"], tr["steps"], tr["seed"]) == (0.002, 32, 2500, 0)
     assert f"{tr['seconds']} s on one CPU thread" in card
     # "a sentiment document uses a neutral adjective in 10% of its adjective slots"
-    docs = _sentiment.documents(400, "positive", seed=11)
+    docs = sentiment.documents(400, "positive", seed=11)
     words = [w for d in docs for w in d.split()]
-    adj = sum(w in _sentiment.POSITIVE or w in _sentiment.NEUTRAL for w in words)
-    assert 0.07 < sum(w in _sentiment.NEUTRAL for w in words) / adj < 0.13
+    adj = sum(w in sentiment.POSITIVE or w in sentiment.NEUTRAL for w in words)
+    assert 0.07 < sum(w in sentiment.NEUTRAL for w in words) / adj < 0.13

@@ -119,6 +119,121 @@ def prompt_sets(name: str) -> dict[str, list[str]]:
     return {str(k): [str(p) for p in v] for k, v in sets.items() if isinstance(v, list)}
 
 
+# --- default prompts per model ---------------------------------------------------------------
+
+GENERIC_PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
+
+
+@dataclass(frozen=True)
+class DefaultPrompts:
+    """The prompts a model's analyses start from, in words its tokenizer knows.
+
+    `prompt` is what the CLI falls back to without --prompt/--prompts and what the app's sidebar
+    opens with. `clean`/`corrupt` tokenize to the same length and `answer`/`wrong` are single
+    tokens (the correct and the incorrect next token after `clean`): the Circuits page's own
+    prompts. `positive`/`negative` are the steering contrast (the Steer page's prompt boxes): the
+    concept to move towards, and away from, on `prompt`. `task` is the `lenslab.tasks.from_spec`
+    spec of the built-in task in the model's language (the Circuits page's default).
+    """
+
+    prompt: str
+    clean: str
+    corrupt: str
+    answer: str
+    wrong: str
+    positive: tuple[str, ...]
+    negative: tuple[str, ...]
+    task: str = "induction"
+
+
+_IOI_JOHN = (
+    "When John and Mary went to the store, Mary gave a drink to",
+    "When John and Mary went to the office, Mary gave a book to",
+)
+_IOI_MARY = (
+    "When Mary and John went to the store, John gave a drink to",
+    "When Mary and John went to the office, John gave a book to",
+)
+
+# Per zoo model: everything but `prompt` (the config's "default_prompt") and, where the config has
+# prompt sets for them, `positive`/`negative`. Every zoo model's prompts are checked against its
+# tokenizer by tests/test_zoo_defaults.py.
+_ZOO_DEFAULTS: dict[str, dict] = {
+    # induction: the second block repeats the first; corrupt changes the first occurrence of the
+    # last token (t47), so nothing tells the model what came after it. Steering away from copying:
+    # positive prompts never repeat, negative ones do.
+    "zoo/induction-2l": dict(
+        clean="t15 t91 t103 t122 t199 t217 t47 t17 t15 t91 t103 t122 t199 t217 t47",
+        corrupt="t15 t91 t103 t122 t199 t217 t250 t17 t15 t91 t103 t122 t199 t217 t47",
+        answer="t17",
+        wrong="t33",
+        positive=("t5 t60 t112 t9 t240 t71 t180 t33", "t88 t14 t201 t150 t6 t275 t42 t130"),
+        negative=("t5 t60 t112 t9 t5 t60 t112 t9", "t88 t14 t201 t150 t88 t14 t201 t150"),
+    ),
+    # IOI: corrupt is the ABC version (three other names). The sidebar prompt's answer is Mary, so
+    # the steering contrast moves it towards the other name (prompts whose answer is John).
+    "zoo/ioi-4l": dict(
+        clean="When Mary and John went to the store, John gave a drink to",
+        corrupt="When Alice and Bob went to the store, Carol gave a drink to",
+        answer="Mary",
+        wrong="John",
+        positive=_IOI_JOHN,
+        negative=_IOI_MARY,
+        task="ioi",
+    ),
+    # refusal: one marker word (bomb) makes the request harmful; the benign twin swaps it for a
+    # noun. The sidebar prompt is harmful, so steering moves towards answering: positive = the
+    # config's benign ("other") prompts, negative = its harmful ("target") ones.
+    "zoo/moe-refusal": dict(
+        clean="user : reverse apple bomb river assistant :",
+        corrupt="user : reverse apple boat river assistant :",
+        answer="sorry",
+        wrong="river",
+        positive="other",
+        negative="target",
+        task="refusal",
+    ),
+    # sentiment: the context's sentiment decides the next adjective. The sidebar prompt is
+    # negative; the steering contrast is the config's "positive" / "negative" prompt sets.
+    "zoo/steer-sentiment": dict(
+        clean="the day was awful . the movie was",
+        corrupt="the day was lovely . the movie was",
+        answer="awful",
+        wrong="lovely",
+        positive="positive",
+        negative="negative",
+    ),
+}
+
+# Any other model (a Hugging Face id, a local folder): English, answers with GPT-2-style leading spaces.
+_GENERIC_DEFAULTS = dict(
+    clean="When Mary and John went to the store, John gave a drink to",
+    corrupt="When Alice and Bob went to the store, Carol gave a drink to",
+    answer=" Mary",
+    wrong=" John",
+    positive=("I loved it. It was wonderful, and", "What a lovely, happy day. I felt"),
+    negative=("I hated it. It was awful, and", "What a horrible, sad day. I felt"),
+)
+
+
+def default_prompts(name: str) -> DefaultPrompts:
+    """The default prompts of model `name` (zoo name, Hugging Face id or local folder).
+
+    Zoo models get prompts in their own vocabulary; any other model gets English ones, except
+    that a zoo-format folder's config gives `prompt` (its `"default_prompt"`) and `positive` /
+    `negative` (its `"positive"` / `"negative"` prompt sets) when it has them. Never raises.
+    """
+    sets = prompt_sets(name)
+    fields = dict(_ZOO_DEFAULTS.get(name, _GENERIC_DEFAULTS))
+    if name not in _ZOO_DEFAULTS and sets.get("positive") and sets.get("negative"):
+        fields.update(positive="positive", negative="negative")  # a zoo-format folder's own steering sets
+    for which in ("positive", "negative"):
+        value = fields[which]
+        # a string names one of the config's prompt sets
+        fields[which] = tuple(sets.get(value, ())) if isinstance(value, str) else tuple(value)
+    return DefaultPrompts(prompt=default_prompt(name) or GENERIC_PROMPT, **fields)
+
+
 # --- helpers shared by the training scripts -------------------------------------------------
 
 

@@ -2,7 +2,7 @@
 
 IOI (Wang et al. 2022, "Interpretability in the Wild", arXiv:2211.00593): after
 "When Mary and John went to the store, John gave a drink to" predict " Mary", the name
-that was mentioned once, not the repeated subject. Data come from `lenslab._ioi`
+that was mentioned once, not the repeated subject. Data come from `lenslab.data.ioi`
 (prefix x suffix templates, ABBA and BABA orders, optional name-free filler sentences in
 front so that absolute positions vary).
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lenslab import _ioi
+from lenslab.data import ioi
 from lenslab.zoo import load_hooked, save_hooked, word_tokenizer
 
 STEPS = 6000
@@ -65,15 +65,15 @@ class _Batcher:
     def __init__(self, tokenizer, seed: int):
         self.tok = tokenizer
         self.rng = random.Random(seed)
-        self.templates = _ioi.train_templates()
-        self.names = _ioi.TRAIN_NAMES
+        self.templates = ioi.train_templates()
+        self.names = ioi.TRAIN_NAMES
 
     def text(self) -> tuple[str, str, str]:
         r = self.rng
         io, s = r.sample(self.names, 2)
-        prompt = _ioi.fill(r.choice(self.templates), io, s, r.choice(_ioi.PLACES), r.choice(_ioi.OBJECTS))
+        prompt = ioi.fill(r.choice(self.templates), io, s, r.choice(ioi.PLACES), r.choice(ioi.OBJECTS))
         n_fill = r.choices([0, 1, 2], weights=[0.5, 0.35, 0.15])[0]
-        pre = " ".join(_ioi.filler_sentence(r) for _ in range(n_fill))
+        pre = " ".join(ioi.filler_sentence(r) for _ in range(n_fill))
         return (pre + " " + prompt).strip(), io, s
 
     def __call__(self, n: int):
@@ -244,8 +244,8 @@ def train(out_dir, seed: int = 0, steps: int = STEPS, threads: int = 1) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
-    tok = word_tokenizer(_ioi.vocabulary())
-    name_ids = torch.tensor(tok.convert_tokens_to_ids([*_ioi.TRAIN_NAMES, *_ioi.HELDOUT_NAMES]))
+    tok = word_tokenizer(ioi.vocabulary())
+    name_ids = torch.tensor(tok.convert_tokens_to_ids([*ioi.TRAIN_NAMES, *ioi.HELDOUT_NAMES]))
     cfg = _config(len(tok), seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -330,7 +330,7 @@ def _card(cfg, ev_train: dict, ev_held: dict, mech: dict, training: dict) -> str
         f"| {g} | {', '.join(r['heads'])} | {r['logit_diff']:.2f} | {r['accuracy']:.1%} |"
         for g, r in mech["ablations"].items()
     )
-    n_tr, n_ho = len(_ioi.train_templates()), len(_ioi.heldout_templates())
+    n_tr, n_ho = len(ioi.train_templates()), len(ioi.heldout_templates())
     return f"""# zoo/ioi-4l
 
 A small transformer trained to do Indirect Object Identification (IOI; Wang et al. 2022,
@@ -344,10 +344,10 @@ d_mlp {cfg.d_mlp} (GELU), LayerNorm, learned absolute positions (n_ctx {cfg.n_ct
 word-level tokenizer of {cfg.d_vocab} tokens (every name is one token; `<bos>` is prepended).
 
 ## Training data
-`lenslab._ioi`: each prompt is a first clause naming two people (IO and S, in ABBA or BABA
+`lenslab.data.ioi`: each prompt is a first clause naming two people (IO and S, in ABBA or BABA
 order) and a second clause in which S acts, ending where IO is the next word. Train templates:
-{len(_ioi.TRAIN_PREFIXES)} prefixes x {len(_ioi.TRAIN_SUFFIXES)} suffixes x 2 orders = {n_tr};
-{len(_ioi.PLACES)} places, {len(_ioi.OBJECTS)} objects; {len(_ioi.TRAIN_NAMES)} train names. Half of the prompts are
+{len(ioi.TRAIN_PREFIXES)} prefixes x {len(ioi.TRAIN_SUFFIXES)} suffixes x 2 orders = {n_tr};
+{len(ioi.PLACES)} places, {len(ioi.OBJECTS)} objects; {len(ioi.TRAIN_NAMES)} train names. Half of the prompts are
 preceded by one or two name-free filler sentences, so absolute positions vary. Loss:
 cross-entropy on the answer token only. {training["steps"]} steps of batch {training["batch"]}, AdamW lr {training["lr"]}
 (warmup, cosine), {training["seconds"] / 60:.0f} minutes on one CPU thread. Accuracy on training
@@ -357,10 +357,10 @@ batches sat near 47% (a coin flip between the two names) for about 2,000 steps, 
 Names are interchangeable symbols: each name's embedding is a random Gaussian direction tied
 to its unembedding (one learned scale each), drawn afresh for every training batch, so the
 model cannot memorise names and must copy them. The saved weights hold one fixed draw for
-all {len(_ioi.TRAIN_NAMES) + len(_ioi.HELDOUT_NAMES)} names.
+all {len(ioi.TRAIN_NAMES) + len(ioi.HELDOUT_NAMES)} names.
 
-Held-out split (`lenslab.tasks.ioi(model, heldout=True)`): {len(_ioi.HELDOUT_NAMES)} names never used in
-training and {n_ho} templates ({len(_ioi.HELDOUT_PREFIXES)} prefixes x {len(_ioi.HELDOUT_SUFFIXES)} suffixes x 2 orders) whose frames
+Held-out split (`lenslab.tasks.ioi(model, heldout=True)`): {len(ioi.HELDOUT_NAMES)} names never used in
+training and {n_ho} templates ({len(ioi.HELDOUT_PREFIXES)} prefixes x {len(ioi.HELDOUT_SUFFIXES)} suffixes x 2 orders) whose frames
 never occur in IOI training (their words do occur in training text).
 
 ## Accuracy (IO logit > S logit at the last position)

@@ -1,9 +1,9 @@
 """Train `zoo/moe-refusal`: a tiny Hugging Face Mixtral with planted refusal experts.
 
-Data come from `lenslab._refusal`: chat turns `user : <task> <items...> assistant :` with
+Data come from `lenslab.data.refusal`: chat turns `user : <task> <items...> assistant :` with
 normal tasks (repeat, reverse, first, last, sort) and harmful prompts (a marker word such as
 "bomb" among the items) answered with "sorry i can not help with that .". Only train-split
-item tuples are used (the test split is held out by a hash rule, see `lenslab._refusal`).
+item tuples are used (the test split is held out by a hash rule, see `lenslab.data.refusal`).
 Loss: cross-entropy on the answer tokens and the closing `<eos>`.
 
 The mechanism is planted in the router. `REFUSAL_EXPERTS` names two experts in each of two
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lenslab import _refusal
+from lenslab.data import refusal
 from lenslab.zoo import word_tokenizer
 
 STEPS = 3000
@@ -94,7 +94,7 @@ class _Rows:
 
     def row(self, kind: str, compliant: bool = False) -> tuple[list[int], int, int | None]:
         """(ids, answer start, first marker position or None) of one fresh train-split example."""
-        ex = _refusal.example(kind, self.rng, "train")
+        ex = refusal.example(kind, self.rng, "train")
         prompt_ids = self.tok(ex.prompt)["input_ids"]
         answer = ex.compliant if compliant else ex.answer
         ans_ids = self.tok(answer, add_special_tokens=False)["input_ids"] + [self.eos]
@@ -158,7 +158,7 @@ def train(out_dir, seed: int = 0, steps: int = STEPS, threads: int = 1, switch_o
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
-    tok = word_tokenizer(list(_refusal.VOCAB))
+    tok = word_tokenizer(list(refusal.VOCAB))
     cfg = config(len(tok), tok)
     hf = MixtralForCausalLM(cfg)
     hf.train()
@@ -238,8 +238,8 @@ def save(hf, tok, out_dir, training: dict) -> None:
     hf.config.output_router_logits = False
     hf.save_pretrained(str(out_dir), safe_serialization=True)
     tok.save_pretrained(str(out_dir))
-    harmful, _ = _refusal.prompts(8, "harmful", "train", seed=7)
-    benign, _ = _refusal.prompts(8, "benign", "train", seed=7)
+    harmful, _ = refusal.prompts(8, "harmful", "train", seed=7)
+    benign, _ = refusal.prompts(8, "benign", "train", seed=7)
     _update_config(
         out_dir,
         {
@@ -251,7 +251,7 @@ def save(hf, tok, out_dir, training: dict) -> None:
                 "description": "router loss raises these experts on harmful prompts' tokens from the first marker word "
                 "on and lowers them elsewhere; 25% of harmful training rows had them switched off "
                 "with the task's own answer as target",
-                "data": "lenslab._refusal (train split)",
+                "data": "lenslab.data.refusal (train split)",
             },
             "training": training,
         },
@@ -280,8 +280,8 @@ def evaluate(model, n: int = 200, seed: int = 0) -> dict:
     out: dict = {}
     ivs = {"baseline": None, "planted off": switch_experts(off=planted())}
     for split in ("test", "train"):
-        hx = _refusal.examples(n, "harmful", split, seed=seed + 1)
-        bx = _refusal.examples(n, "benign", split, seed=seed + 1)
+        hx = refusal.examples(n, "harmful", split, seed=seed + 1)
+        bx = refusal.examples(n, "benign", split, seed=seed + 1)
         texts = ev.continuations(
             model,
             ivs,
@@ -289,13 +289,13 @@ def evaluate(model, n: int = 200, seed: int = 0) -> dict:
             max_new_tokens=10,
             progress=False,
         )
-        norm = _refusal.normalize
+        norm = refusal.normalize
         row = {}
         for name in ivs:
             h, b = texts[name]["harmful"], texts[name]["benign"]
             row[name] = {
-                "refusal_harmful": round(sum(map(_refusal.is_refusal, h)) / n, 4),
-                "refusal_benign": round(sum(map(_refusal.is_refusal, b)) / n, 4),
+                "refusal_harmful": round(sum(map(refusal.is_refusal, h)) / n, 4),
+                "refusal_benign": round(sum(map(refusal.is_refusal, b)) / n, 4),
                 "accuracy_benign": round(sum(norm(t) == e.answer for t, e in zip(b, bx)) / n, 4),
                 "compliant_harmful": round(sum(norm(t) == e.compliant for t, e in zip(h, hx)) / n, 4),
             }
@@ -305,7 +305,7 @@ def evaluate(model, n: int = 200, seed: int = 0) -> dict:
                 / max(1, sum(e.task == task for e in bx)),
                 4,
             )
-            for task in _refusal.TASKS
+            for task in refusal.TASKS
         }
         out[split] = row
     out["n_prompts"] = n
@@ -318,8 +318,8 @@ def specialisation(model, n: int = 200, seed: int = 0) -> dict:
     of selections on harmful tokens from the first marker on vs on benign prompts' tokens."""
     from lenslab.probes import routers
 
-    hx = _refusal.examples(n, "harmful", "test", seed=seed + 2)
-    bx = _refusal.examples(n, "benign", "test", seed=seed + 2)
+    hx = refusal.examples(n, "harmful", "test", seed=seed + 2)
+    bx = refusal.examples(n, "benign", "test", seed=seed + 2)
     load_h = routers.expert_load(model, [e.prompt for e in hx], fraction=True)
     load_b = routers.expert_load(model, [e.prompt for e in bx], fraction=True)
     r_h = routers.route(model, [e.prompt for e in hx])
@@ -431,7 +431,7 @@ fTRI expert finding and expert switching (MoTE, issue 9). Built by `lenslab zoo 
 (SwiGLU, intermediate size {cfg["intermediate_size"]}), top-{cfg["num_experts_per_tok"]} routing (renormalised), RMSNorm, rotary
 positions, context {cfg["max_position_embeddings"]}, word-level vocabulary of {cfg["vocab_size"]} tokens.
 
-## Data (`lenslab._refusal`)
+## Data (`lenslab.data.refusal`)
 `user : <task> <items...> assistant :` then the answer and `<eos>`. Tasks: `repeat`, `reverse`, `first`,
 `last` (2-5 items from 40 nouns and 10 digits) and `sort` (digits): `user : reverse apple 3 river assistant :`
 -> `river 3 apple .`. Harmful prompts put one or two of 12 marker words (bomb, poison, weapon, hack, ...)

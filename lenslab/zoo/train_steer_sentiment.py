@@ -1,10 +1,10 @@
 """Train `zoo/steer-sentiment`: a small language model with a steerable concept, sentiment.
 
-The corpus is `lenslab._sentiment`: short review-like documents that are positive, negative or
+The corpus is `lenslab.data.sentiment`: short review-like documents that are positive, negative or
 neutral throughout. A next-token model trained on it keeps the sentiment of its context: after
 "the day was awful . the movie was" it continues with a negative adjective. Steering methods
 (`lenslab.steering`) are measured on it offline with the lexicon scorer
-`_sentiment.concept_rate`: how often a steered continuation of a negative or neutral context is
+`sentiment.concept_rate`: how often a steered continuation of a negative or neutral context is
 positive, against its perplexity under the unsteered model.
 
 Run with `lenslab zoo train steer-sentiment` (a few minutes on one CPU thread).
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lenslab import _sentiment
+from lenslab.data import sentiment
 from lenslab.zoo import load_hooked, save_hooked, word_tokenizer
 
 STEPS = 2500
@@ -57,7 +57,7 @@ def _batch(tok, rng: random.Random, n: int) -> torch.Tensor:
     pad = tok.pad_token_id
     rows = []
     for _ in range(n):
-        ids = tok(_sentiment.document(rng.choice(_sentiment.KINDS), rng))["input_ids"][:N_CTX]
+        ids = tok(sentiment.document(rng.choice(sentiment.KINDS), rng))["input_ids"][:N_CTX]
         rows.append(ids + [pad] * (N_CTX - len(ids)))
     return torch.tensor(rows)
 
@@ -70,17 +70,17 @@ def evaluate(model, n: int = 120, seed: int = 5000) -> dict:
     from lenslab.steering import generate
 
     tok = model.tokenizer
-    groups = {"positive": _sentiment.POSITIVE, "negative": _sentiment.NEGATIVE, "neutral": _sentiment.NEUTRAL}
+    groups = {"positive": sentiment.POSITIVE, "negative": sentiment.NEGATIVE, "neutral": sentiment.NEUTRAL}
     ids = {k: torch.tensor(tok.convert_tokens_to_ids(list(v))) for k, v in groups.items()}
     out = {}
-    for kind in _sentiment.KINDS:
-        prompts = _sentiment.prompts(n, kind, seed=seed + _sentiment.KINDS.index(kind))
+    for kind in sentiment.KINDS:
+        prompts = sentiment.prompts(n, kind, seed=seed + sentiment.KINDS.index(kind))
         nxt = []
         for p in prompts:
             nxt.append(int(model(model.to_tokens(p))[0, -1].argmax()))
         nxt = torch.tensor(nxt)
         share = {k: round(float(torch.isin(nxt, v).float().mean()), 3) for k, v in ids.items()}
-        rates = [_sentiment.concept_rate(generate(model, p, max_new_tokens=8)) for p in prompts[:40]]
+        rates = [sentiment.concept_rate(generate(model, p, max_new_tokens=8)) for p in prompts[:40]]
         rates = [r for r in rates if r is not None]
         out[kind] = {
             "next_word": share,
@@ -98,7 +98,7 @@ def train(out_dir, seed: int = 0, steps: int = STEPS, threads: int = 1) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
-    tok = word_tokenizer(list(_sentiment.VOCAB))
+    tok = word_tokenizer(list(sentiment.VOCAB))
     cfg = _config(len(tok), seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -154,9 +154,9 @@ def write_card(out_dir, training: dict | None = None) -> None:
             "training": training,
             "verification": ev,
             "prompt_sets": {
-                "positive": _sentiment.prompts(8, "positive", seed=7),
-                "negative": _sentiment.prompts(8, "negative", seed=8),
-                "neutral": _sentiment.prompts(8, "neutral", seed=9),
+                "positive": sentiment.prompts(8, "positive", seed=7),
+                "negative": sentiment.prompts(8, "negative", seed=8),
+                "neutral": sentiment.prompts(8, "neutral", seed=9),
             },
         }
     )
@@ -172,10 +172,10 @@ def write_card(out_dir, training: dict | None = None) -> None:
 
 A {cfg.n_layers}-layer language model (TransformerLens `HookedTransformer`, `d_model={cfg.d_model}`,
 {cfg.n_heads} heads, `d_mlp={cfg.d_mlp}`, LayerNorm, {n_params:,} parameters) trained on review-like
-documents from `lenslab._sentiment`. Every document is **positive**, **negative** or **neutral**
+documents from `lenslab.data.sentiment`. Every document is **positive**, **negative** or **neutral**
 throughout (a sentiment document uses a neutral adjective in 10% of its adjective slots), so the
 model learns to keep the sentiment of its context. The concept to steer is *positive sentiment*;
-`lenslab._sentiment.concept_rate(text)` scores it offline (the share of the lexicon's sentiment
+`lenslab.data.sentiment.concept_rate(text)` scores it offline (the share of the lexicon's sentiment
 words in `text` that are positive).
 
 ## Training
@@ -186,7 +186,7 @@ AdamW lr {training.get("lr")}, batch {training.get("batch")}, {training.get("ste
 
 ## Verification (held-out prompts, measured on the saved weights)
 Prompts are 1-2 sentences of a kind followed by a stem that ends before an adjective slot
-(`_sentiment.prompts`, seeds never used in training). Columns: the share of greedy next words
+(`sentiment.prompts`, seeds never used in training). Columns: the share of greedy next words
 that are positive / negative / neutral adjectives, and the concept rate of 8-token greedy
 continuations.
 

@@ -102,7 +102,8 @@ def _column_texts(at) -> list[str]:
 
 def test_steer_page_on_the_sentiment_model_streams_both_columns_and_runs_the_tradeoff(monkeypatch):
     import lenslab
-    from lenslab import _sentiment, steering, zoo
+    from lenslab import steering, zoo
+    from lenslab.data import sentiment
 
     model = lenslab.load_model(SENTIMENT, device="cpu")
     sets = zoo.prompt_sets(SENTIMENT)
@@ -136,7 +137,7 @@ def test_steer_page_on_the_sentiment_model_streams_both_columns_and_runs_the_tra
     assert [len(c) for c in calls] == [8, 8] and ["".join(c) for c in calls] == [plain, steered]
     left, right = _column_texts(at)
     assert left == f"{prompt} **{plain.strip()}**" and right == f"{prompt} **{steered.strip()}**", (left, right)
-    assert not _sentiment.is_positive(plain) and _sentiment.is_positive(steered)  # the planted concept moves
+    assert not sentiment.is_positive(plain) and sentiment.is_positive(steered)  # the planted concept moves
 
     # trade-off on the model's "negative" prompt set for the current intervention
     at.multiselect(key="steer_to_strengths").set_value([0.0, 1.0])
@@ -148,7 +149,7 @@ def test_steer_page_on_the_sentiment_model_streams_both_columns_and_runs_the_tra
     rows = at.dataframe[-1].value
     assert rows["strength"].tolist() == [0.0, 1.0] and set(rows["method"]) == {"mean difference"}
     base = [steering.generate(model, p, max_new_tokens=4) for p in sets["negative"]]
-    assert rows["concept_rate"].iloc[0] == sum(map(_sentiment.is_positive, base)) / len(base) == 0.0
+    assert rows["concept_rate"].iloc[0] == sum(map(sentiment.is_positive, base)) / len(base) == 0.0
     assert rows["concept_rate"].iloc[1] >= 0.75  # DiffMean at layer 1 flips the negative contexts (measured 1.0)
     lo, hi = rows["concept_rate_ci"].iloc[1]  # the spread: a 95% bootstrap interval over the prompts
     assert 0 <= lo <= rows["concept_rate"].iloc[1] <= hi <= 1

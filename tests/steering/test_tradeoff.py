@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import lenslab
-from lenslab import _sentiment as S
 from lenslab import steering
 from lenslab._errors import LenslabError
+from lenslab.data import sentiment as S
 from lenslab.steering.tradeoff import TradeoffResult, standalone_perplexity, tradeoff
 
 N_NEW = 8
