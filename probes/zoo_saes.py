@@ -7,7 +7,7 @@ for the predictions it was trained to make (its *objective*):
   objective: the predictions inside the repeat.
 - `zoo/ioi-4l`: IOI sentences with name-free filler, as in its training, completed with the
   indirect object; objective: the prediction of the indirect object.
-- `zoo/steer-sentiment`: review documents (`lenslab._sentiment.documents`); objective: every
+- `zoo/steer-sentiment`: review documents (`lenslab.data.sentiment.documents`); objective: every
   next token (it was trained on all of them).
 
 `build` trains one SAE with `lenslab.probes.sae.train_sae` and writes its card with the metrics on
@@ -28,10 +28,12 @@ import torch
 from torch import Tensor
 
 import lenslab
-from lenslab import _ioi, _sentiment, zoo
+from lenslab import zoo
 from lenslab._errors import LenslabError, did_you_mean
-from lenslab.probes import sae as S
-from lenslab.probes.sae import _exclude, _keep, corpus_tokens, sae_metrics
+from lenslab.data import ioi, sentiment
+from lenslab.probes.sae_load import SAES_DIR, hook_width
+from lenslab.probes.sae_measure import corpus_tokens, excluded_tokens, keep_mask, sae_metrics, write_metrics
+from lenslab.probes.sae_train import sae_card, train_sae
 from lenslab.zoo.train_induction_2l import TrainConfig, make_batch
 
 TRAIN_SEED, EVAL_SEED = 1000, 2000  # corpus seeds (the zoo models were trained on seed 0 data)
@@ -67,15 +69,15 @@ def _induction(model, n: int, seed: int) -> Corpus:
 
 def _ioi_corpus(model, n: int, seed: int) -> Corpus:
     rng = random.Random(seed)
-    templates = _ioi.train_templates()
+    templates = ioi.train_templates()
     tok = model.tokenizer
     pad = tok.pad_token_id
     rows, answer_pos = [], []
     for _ in range(n):
-        io, s = rng.sample(_ioi.TRAIN_NAMES, 2)
-        prompt = _ioi.fill(rng.choice(templates), io, s, rng.choice(_ioi.PLACES), rng.choice(_ioi.OBJECTS))
+        io, s = rng.sample(ioi.TRAIN_NAMES, 2)
+        prompt = ioi.fill(rng.choice(templates), io, s, rng.choice(ioi.PLACES), rng.choice(ioi.OBJECTS))
         n_fill = rng.choices([0, 1, 2], weights=[0.5, 0.35, 0.15])[0]
-        text = " ".join([*(_ioi.filler_sentence(rng) for _ in range(n_fill)), prompt, io])
+        text = " ".join([*(ioi.filler_sentence(rng) for _ in range(n_fill)), prompt, io])
         ids = tok(text)["input_ids"][: model.cfg.n_ctx]
         rows.append(ids)
         answer_pos.append(len(ids) - 1)
@@ -93,11 +95,11 @@ def _ioi_corpus(model, n: int, seed: int) -> Corpus:
 
 
 def _sentiment_corpus(model, n: int, seed: int) -> Corpus:
-    docs = _sentiment.documents(n, seed=seed)
+    docs = sentiment.documents(n, seed=seed)
     return Corpus(
         corpus_tokens(model, docs, model.cfg.n_ctx),
         None,
-        about="review documents, positive, negative or neutral (`lenslab._sentiment.documents`, the model's training "
+        about="review documents, positive, negative or neutral (`lenslab.data.sentiment.documents`, the model's training "
         "distribution), one per row",
         objective="every next token (the model's training loss)",
     )
@@ -165,7 +167,7 @@ def _rows_for(model_name: str, model, training_tokens: int, seed: int) -> Corpus
     """Enough rows that the SAE sees each training activation about once."""
 
     probe = corpus(model_name, model, 64, seed)
-    per_row = float(_keep(probe.tokens, _exclude(model, None)).sum()) / 64
+    per_row = float(keep_mask(probe.tokens, excluded_tokens(model, None)).sum()) / 64
     return corpus(model_name, model, int(1.1 * training_tokens / per_row) + 16, seed)
 
 
@@ -185,18 +187,16 @@ def build_zoo_sae(model_name: str, hook: str, out_dir: str | Path | None = None,
     model = lenslab.load_model(model_name, device=device)
     if hook not in model.hook_dict:
         raise LenslabError(f"{model_name} has no hook {hook!r}{did_you_mean(hook, list(model.hook_dict))}")
-    settings = recipe(model_name, hook, S._hook_width(model, hook, None), **overrides)
-    out = (
-        Path(out_dir) if out_dir is not None else zoo.ZOO_DIR / model_name.removeprefix(zoo.PREFIX) / S.SAES_DIR / hook
-    )
+    settings = recipe(model_name, hook, hook_width(model, hook, None), **overrides)
+    out = Path(out_dir) if out_dir is not None else zoo.ZOO_DIR / model_name.removeprefix(zoo.PREFIX) / SAES_DIR / hook
     train = _rows_for(model_name, model, settings["training_tokens"], TRAIN_SEED + settings["seed"])
     held = corpus(model_name, model, N_EVAL, EVAL_SEED)
 
     t0 = time.time()
-    sae = S.train_sae(model, hook, corpus=train.tokens, eval_corpus=held.tokens, out_dir=out, **settings)
+    sae = train_sae(model, hook, corpus=train.tokens, eval_corpus=held.tokens, out_dir=out, **settings)
     minutes = (time.time() - t0) / 60
     metrics = measure(model, sae, held)
-    S._write_metrics_set(out / "metrics.json", metrics)
+    write_metrics(out / "metrics.json", metrics)
     name = f"{model_name}/{hook}"
     rebuild = f"`lenslab sae train --model {model_name} --hook {hook} --out DIR` (deterministic; `lenslab/probes/zoo_saes.py`)"
     note = f"\n{NOTES[model_name]}\n" if model_name in NOTES else ""
@@ -206,7 +206,7 @@ def build_zoo_sae(model_name: str, hook: str, out_dir: str | Path | None = None,
         "weights.\n"
     )
     (out / "card.md").write_text(
-        S._card(
+        sae_card(
             model_name,
             hook,
             sae,

@@ -20,6 +20,7 @@ import torch
 import lenslab
 from lenslab._errors import LenslabError
 from lenslab.probes import features as F
+from lenslab.probes.features import indexing
 
 HOOK = "blocks.0.hook_resid_pre"
 D_SAE = 48
@@ -208,19 +209,19 @@ def test_interrupted_index_resumes_to_the_same_store(model, sae, docs, store_pat
     with F.FeatureStore(path) as st:
         assert not st.complete and st.n_indexed == 56
     # a crash inside a batch's transaction: that batch is rolled back, not half-written
-    real = F._write_batch
+    real = indexing._write_batch
 
     def broken(con, rows, next_prompt, total):
         real(con, rows, next_prompt, total)
         if next_prompt == 72:
             raise OSError("disk gone")
 
-    monkeypatch.setattr(F, "_write_batch", broken)
+    monkeypatch.setattr(indexing, "_write_batch", broken)
     with pytest.raises(OSError):
         F.index(model, sae, None, path, batch_size=8, top_n=5, progress=False)
     with F.FeatureStore(path) as st:
         assert st.n_indexed == 64
-    monkeypatch.setattr(F, "_write_batch", real)
+    monkeypatch.setattr(indexing, "_write_batch", real)
     F.index(model, sae, docs, path, batch_size=8, top_n=5, progress=False).close()
     a, b = _dump(path), _dump(store_path)
     assert a["meta"] == b["meta"]
