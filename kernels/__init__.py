@@ -13,6 +13,11 @@ round-off. `engine="auto"` uses it wherever it covers the site and says when it 
 ...     res = circuits.patch(model, task, "z", engine="batched")
 >>> res.axes, res.scores.shape
 (('layer', 'head'), torch.Size([2, 4]))
+
+Modules: `batched` (the engine's entry points, `ENGINES`), `config` (options, memory budget),
+`plan` (coverage, experiments, chunks), `runner` (the staircase of blocks), `blocks` (eager or
+compiled block calls), `metric` (scores from the final residual), `triton_ops` (the Triton
+metric kernel and its torch twin).
 """
 
 from __future__ import annotations
@@ -24,19 +29,9 @@ if __name__ != "lenslab.kernels":  # imported as top-level `kernels`: the reposi
     _shadow = _os.path.join(_os.path.dirname(__file__), _os.pardir, "lenslab", "_shadow.py")
     _runpy.run_path(_shadow)["hand_over"](__name__, __file__)  # the installed `kernels`, or a clear error
 else:
-    from lenslab.kernels.batched import (
-        ENGINES,
-        SITE_PLAN,
-        EngineOptions,
-        auto_engine,
-        batched_engine,
-        configure,
-        coverage,
-        current_options,
-        memory_budget,
-        options,
-        parse_bytes,
-    )
+    from lenslab.kernels.batched import ENGINES, auto_engine, batched_engine
+    from lenslab.kernels.config import EngineOptions, configure, current_options, memory_budget, options, parse_bytes
+    from lenslab.kernels.plan import SITE_PLAN, coverage
 
     __all__ = [
         "ENGINES",

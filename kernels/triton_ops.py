@@ -3,8 +3,7 @@
 `ln_unembed_pair`: the fused metric head. For each row it reads the last-position residual once,
 applies the final LayerNorm/RMSNorm in float32, and dots it with the two answer columns of the
 unembedding, writing `[rows, 2]` logits: no `[rows, vocab]` row, no `W_U.T.contiguous()` copy.
-PERFORMANCE.md ranks this fusion third (after batching and the skip schedule); on CPU the torch
-twin runs (the same math, a gathered `[rows, 2, d_model]` slice of `W_U`).
+On CPU the torch twin runs (the same math, a gathered `[rows, 2, d_model]` slice of `W_U`).
 
 Kernels run on CUDA tensors, or on CPU tensors under `TRITON_INTERPRET=1` (set before anything
 imports triton; tests do this in a subprocess). One autotune config at most (several fail without
@@ -33,8 +32,8 @@ def interpreted() -> bool:
 def available() -> bool:
     """True when `import triton` works."""
     try:
-        import triton
-        import triton.language  # noqa: F401
+        import triton  # deferred: optional and slow to import; only where a kernel runs or is probed
+        import triton.language  # deferred: optional, probed here  # noqa: F401
     except Exception:
         return False
     return True
@@ -50,8 +49,8 @@ def unavailable_reason(device: torch.device | str = "cpu") -> str:
 
 @functools.cache
 def _kernel():
-    import triton
-    import triton.language as tl
+    import triton  # deferred: optional and slow to import; only where a kernel runs or is probed
+    import triton.language as tl  # deferred: optional, only where the kernel is built
 
     @triton.jit
     def ln_unembed_pair_kernel(
@@ -154,7 +153,7 @@ def ln_unembed_pair_triton(
         raise LenslabError(f"ln_unembed_pair_triton: {unavailable_reason(x.device)}")
     if norm not in _NORMS:
         raise LenslabError(f"normalization_type {norm!r} is not one of {list(_NORMS)}")
-    import triton
+    import triton  # deferred: optional and slow to import; only where a kernel runs or is probed
 
     x = x.contiguous()
     rows, d = x.shape

@@ -1,7 +1,7 @@
 """The batched engine equals the reference engine (one forward per patch) on every site it covers.
 
 Oracle: `circuits.patch(..., engine="reference")`, itself tested equal to TransformerLens
-`patching` in tests/circuits/test_patch.py. Tolerance 1e-4 in float32, as issue 6 states.
+`patching` in tests/circuits/test_patch.py. Tolerance 1e-4 in float32.
 Every model has random biases, b_U and norm weights (`randomize_params`, tests/conftest.py), so an
 engine that drops one of them (e.g. reads logits without b_U) gets different scores.
 """
@@ -13,11 +13,12 @@ import warnings
 import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.utilities.activation_functions import gelu_new
 
 import lenslab
 from lenslab import circuits, kernels, tasks
 from lenslab.circuits.patching import SITES
-from lenslab.kernels import batched
+from lenslab.kernels import batched, config, triton_ops
 
 TOL = 1e-4
 # A comparison must be able to fail for a wrong patch: the engines may differ by at most REL of the
@@ -130,7 +131,7 @@ def test_metrics(tiny_model, ln_task, site, metric):
         def metric(logits):  # reads every position, so skipped positions must come back from the base run
             return logits[:, 1:, 3].mean() - logits[:, -1, 5].mean()
 
-    batched._SAID.clear()
+    config._SAID.clear()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         ref, fast = _both(tiny_model, ln_task, site, metric=metric)
@@ -187,7 +188,7 @@ def test_progress_reports_patches_per_chunk(tiny_model, ln_task):
 def test_auto_engine_and_explicit_fallback(tiny_model, ln_task, monkeypatch):
     auto = circuits.patch(tiny_model, ln_task, "resid_pre", engine="auto", progress=False)
     assert auto.provenance["engine"] == "batched"
-    batched._SAID.clear()
+    config._SAID.clear()
     monkeypatch.setattr(batched, "coverage", lambda model, site: "pretend this site is not covered")
     with pytest.warns(UserWarning, match="pretend this site is not covered; using the reference engine"):
         fell = circuits.patch(tiny_model, ln_task, "resid_pre", engine="auto", progress=False, layers=[1])
@@ -206,8 +207,6 @@ def test_option_errors(tiny_model, ln_task):
     assert 0 < kernels.memory_budget(torch.device("cpu")) <= 2 * 2**30  # min(2 GiB, MemAvailable / 4)
     with kernels.options(memory_budget="3MB"):
         assert kernels.memory_budget(torch.device("cpu")) == 3 * 10**6
-    from lenslab.kernels import triton_ops
-
     if not triton_ops.interpreted():
         with pytest.raises(lenslab.LenslabError, match="triton=True was requested but"):
             kernels.batched_patch(tiny_model, ln_task, "resid_pre", progress=False, triton=True)
@@ -275,8 +274,6 @@ def test_half_precision_on_gpu_against_float32_reference(randomize_params, dtype
 
 
 def test_gelu_new_runs_fused_and_is_restored(randomize_params):
-    from transformer_lens.utilities.activation_functions import gelu_new
-
     model = _model(randomize_params)
     assert model.blocks[0].mlp.act_fn is gelu_new
     ref, fast = _both(model, _task(61, batch=2, seq=5), "mlp_out")

@@ -17,7 +17,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import lenslab
 from lenslab import circuits, kernels, tasks
-from lenslab.kernels import batched
+from lenslab.kernels import config
 
 TOL = 1e-5
 
@@ -100,7 +100,7 @@ def test_compile_under_inference_mode_runs_eager_and_says_so(randomize_params):
     model, task = _model(randomize_params), _task()
     eager = circuits.batched_patch(model, task, "resid_pre", progress=False)
     backend = CountingBackend()
-    batched._SAID.clear()
+    config._SAID.clear()
     with torch.inference_mode(), pytest.warns(UserWarning, match="not used under torch.inference_mode"):
         res = circuits.batched_patch(model, task, "resid_pre", progress=False, compile=True, compile_backend=backend)
     assert res.provenance["engine_details"]["compile"] is False and backend.graphs == 0

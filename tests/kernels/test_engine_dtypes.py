@@ -28,6 +28,7 @@ import warnings
 
 import pytest
 import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import lenslab
 from lenslab import circuits, tasks
@@ -101,7 +102,6 @@ def test_half_precision_cuda(name, site, dtype):
 def test_half_precision_gpt2_small_shape_cuda(randomize_params, dtype):
     """A random GPT-2-small-shaped model (12 layers, d_model 768, vocab 50257) on CUDA in half precision:
     the batched engine against the float32 reference, tolerance derived as above (2 e_ref + u Lambda)."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     def build(dt):
         cfg = HookedTransformerConfig(

@@ -12,20 +12,18 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from lenslab.kernels import triton_ops
 
 
 @pytest.mark.parametrize("norm", ["LN", "RMS", None])
 def test_torch_twin_equals_final_norm_and_full_unembedding(norm):
-    import warnings
-
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = HookedTransformer(
