@@ -24,6 +24,7 @@ import torch
 
 from lenslab import zoo
 from lenslab._errors import LenslabError, did_you_mean
+from lenslab.toolbox import model_device, model_name
 
 __all__ = [
     "CFG_FILE",
@@ -33,8 +34,6 @@ __all__ = [
     "list_saes",
     "load_folder",
     "load_sae",
-    "model_device",
-    "model_name",
     "quiet_sae_lens",
     "read_sae_card",
     "zoo_sae_path",
@@ -262,11 +261,6 @@ def check_sae(model, sae) -> None:
         )
 
 
-def model_name(model) -> str:
-    """The model's name for messages and cards: `lenslab_name`, else `cfg.model_name`, else "model"."""
-    return getattr(model, "lenslab_name", None) or getattr(getattr(model, "cfg", None), "model_name", None) or "model"
-
-
 @torch.no_grad()
 def hook_width(model, hook: str, head_index: int | None) -> int:
     """Width of one token's activation at `hook` (the hook's `[batch, pos, ...]` activation flattened
@@ -288,14 +282,6 @@ def hook_width(model, hook: str, head_index: int | None) -> int:
     if head_index is not None:
         return int(act.shape[-1])
     return int(math.prod(act.shape[2:]))
-
-
-def model_device(model) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 # --- sae-lens's notices ------------------------------------------------------------------------

@@ -20,9 +20,10 @@ import torch
 from torch import Tensor
 
 from lenslab._errors import LenslabError
-from lenslab.probes.sae_load import check_sae, model_device, zoo_sae_path
+from lenslab.probes.sae_load import check_sae, zoo_sae_path
 from lenslab.probes.sae_splice import encode_decode, sae_input, splice_hooks, zero_hooks
 from lenslab.results import JsonResult, provenance
+from lenslab.toolbox import model_device
 
 __all__ = [
     "SaeMetrics",

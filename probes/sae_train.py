@@ -24,8 +24,9 @@ import torch
 from torch import Tensor
 
 from lenslab._errors import LenslabError, did_you_mean
-from lenslab.probes.sae_load import CFG_FILE, hook_width, load_folder, model_device, model_name, quiet_sae_lens
+from lenslab.probes.sae_load import CFG_FILE, hook_width, load_folder, quiet_sae_lens
 from lenslab.probes.sae_measure import SaeMetrics, corpus_tokens, excluded_tokens, sae_metrics, write_metrics
+from lenslab.toolbox import model_device, model_name
 
 __all__ = ["sae_card", "train_sae"]
 

@@ -38,7 +38,7 @@ from torch import Tensor
 from lenslab import figures
 from lenslab._errors import LenslabError
 from lenslab.results import JsonResult, provenance
-from lenslab.toolbox import check_layers, name_model
+from lenslab.toolbox import check_layers, model_device, name_model
 
 __all__ = [
     "AblationResult",
@@ -87,7 +87,7 @@ def prompt_batches(model, prompts, prepend_bos: bool | None = None) -> list[Tens
     for b in batches:
         if b.shape[1] > n_ctx:
             raise LenslabError(f"a prompt has {b.shape[1]} tokens but the model's context is {n_ctx}; shorten it")
-    return [b.to(model.cfg.device) for b in batches]
+    return [b.to(model_device(model)) for b in batches]
 
 
 def check_threshold(threshold: float) -> float:

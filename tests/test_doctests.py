@@ -15,10 +15,10 @@ import importlib
 import importlib.util
 import pkgutil
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 PACKAGES = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE

@@ -19,6 +19,7 @@ from torch import Tensor
 from lenslab import tasks, zoo
 from lenslab._errors import LenslabError
 from lenslab.data import ioi, refusal, sentiment
+from lenslab.toolbox import model_name
 
 __all__ = ["corpus_for", "corpus_hash", "read_corpus", "tokenize_corpus"]
 
@@ -28,7 +29,7 @@ def corpus_for(model, n: int = 256, seed: int = 0) -> list[str] | Tensor:
     data. steer-sentiment: `sentiment.documents`; ioi-4l: IOI prompts (clean and ABC-corrupted);
     induction-2l: repeated random token blocks (`tasks.induction`, `[n, 2 * 16]` token ids);
     moe-refusal: harmful and benign `refusal` prompts."""
-    name = str(getattr(model, "lenslab_name", "") or "").removeprefix("zoo/")
+    name = model_name(model).removeprefix("zoo/")
     if name == "steer-sentiment":
         return sentiment.documents(n, seed=seed)
     if name == "ioi-4l":

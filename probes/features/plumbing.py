@@ -21,6 +21,7 @@ from torch import Tensor
 
 from lenslab._errors import LenslabError
 from lenslab.probes.sae import check_sae, load_sae
+from lenslab.toolbox import model_name
 
 __all__ = [
     "LOGIT_BINS",
@@ -119,7 +120,7 @@ def sae_hash(sae) -> str:
 
 def model_identity(model) -> dict:
     """Name, sizes and a fingerprint of the embedding and unembedding (sha256, 16 hex)."""
-    name = getattr(model, "lenslab_name", None) or getattr(model.cfg, "model_name", "unknown")
+    name = model_name(model)
     try:
         fp = _sha([model.W_E, model.W_U])
     except Exception:
