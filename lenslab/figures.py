@@ -54,8 +54,8 @@ def result_heatmap(result, normalize: bool = False):
         fig = go.Figure(
             go.Heatmap(
                 z=scores.tolist(),
-                x=_uniq(lab(c, scores.shape[1])),
-                y=_uniq(lab(r, scores.shape[0])),
+                x=unique_labels(lab(c, scores.shape[1])),
+                y=unique_labels(lab(r, scores.shape[0])),
                 colorbar=dict(title=label),
                 hovertemplate=f"{r}: %{{y}}<br>{c}: %{{x}}<br>{label}: %{{z:.4g}}<extra></extra>",
                 **common,
@@ -79,8 +79,8 @@ def result_heatmap(result, normalize: bool = False):
             fig.add_trace(
                 go.Heatmap(
                     z=scores[:, :, i].tolist(),
-                    x=_uniq(lab(c, scores.shape[1])),
-                    y=_uniq(lab(r, scores.shape[0])),
+                    x=unique_labels(lab(c, scores.shape[1])),
+                    y=unique_labels(lab(r, scores.shape[0])),
                     showscale=i == 0,
                     colorbar=dict(title=label),
                     hovertemplate=f"{f}: {fl[i]}<br>{r}: %{{y}}<br>{c}: %{{x}}<br>{label}: %{{z:.4g}}<extra></extra>",
@@ -96,7 +96,7 @@ def result_heatmap(result, normalize: bool = False):
     return style(fig, result.title())
 
 
-def _uniq(labels: list[str]) -> list[str]:
+def unique_labels(labels: list[str]) -> list[str]:
     """Plotly merges equal category labels; make them unique ('the', 'the' -> 'the', 'the·1')."""
     seen: dict[str, int] = {}
     out = []
@@ -105,6 +105,9 @@ def _uniq(labels: list[str]) -> list[str]:
         out.append(s if k == 0 else f"{s}·{k}")
         seen[s] = k + 1
     return out
+
+
+_uniq = unique_labels  # the former private name, while callers move to unique_labels
 
 
 def _browser_path() -> str | None:

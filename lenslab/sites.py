@@ -1,9 +1,10 @@
-"""Patch sites: the named places of a TransformerLens model that exact patching iterates over.
+"""Sites: the one registry of named places in a TransformerLens model that every area reads.
 
 A `Site` names a hook per layer (`blocks.{layer}.attn.hook_z`, TransformerLens's names), the axes
-iterated (`("layer", "head")`) and how one patch indexes the activation. Shared by the reference
-engine (`lenslab.circuits.patch`), the batched engine (`lenslab.kernels`) and attribution, which
-all build their `PatchResult` with `patch_result`.
+patching iterates (`("layer", "head")`) and how one patch indexes the activation. The reference
+patching engine (`lenslab.circuits.patch`), the batched engine (`lenslab.kernels`) and
+attribution build their `PatchResult` with `patch_result`; steering (`mean_difference`,
+`actadd`, `austeer`, LinEAS hooks) resolves the same names with `site_hook`.
 
 >>> resolve_site("head_out").hook
 'blocks.{layer}.attn.hook_z'
@@ -106,6 +107,18 @@ def resolve_site(site: str) -> Site:
             f"site {site!r} is not one of {', '.join(SITES)}{did_you_mean(str(site), list(SITES) + list(SITE_ALIASES))}"
         )
     return SITES[name]
+
+
+def site_hook(site: str, layer: int) -> str:
+    """The hook name of `site` at `layer`: a site name or alias of `SITES`, or a hook template with
+    `{layer}` (`"blocks.{layer}.mlp.hook_post"`).
+
+    >>> site_hook("resid_post", 3), site_hook("z", 1), site_hook("blocks.{layer}.mlp.hook_pre", 0)
+    ('blocks.3.hook_resid_post', 'blocks.1.attn.hook_z', 'blocks.0.mlp.hook_pre')
+    """
+    if "{layer}" in site:
+        return site.format(layer=layer)
+    return resolve_site(site).hook.format(layer=layer)
 
 
 def grid(model, st: Site, task: Task, layer_list, source_cache, layer) -> list[list[int]]:

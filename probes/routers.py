@@ -115,7 +115,7 @@ def moe_layers(model) -> list[MoeLayer]:
                 )
             )
         elif f"blocks.{layer}.mlp.gate.hook_out" in hooks:
-            router = _hf_router(model, layer)
+            router = hf_router(model, layer)
             if router is None:  # a dense gated MLP: its `gate` is a projection, not a router
                 continue
             out.append(
@@ -178,7 +178,7 @@ def has_moe(model) -> bool:
         return False
 
 
-def _hf_router(model, layer: int):
+def hf_router(model, layer: int):
     """The Hugging Face router module behind a bridge's `blocks.{layer}.mlp.gate`, or None."""
     try:
         gate = model.blocks[layer].mlp.gate
@@ -507,7 +507,7 @@ def _route_batch(model, batch: Tensor, layers: list[MoeLayer], k: int) -> tuple[
     try:
         for m in layers:
             if m.kind != "hooked":  # registered last: sees the output after any switch's router hook
-                router = _hf_router(model, m.layer)
+                router = hf_router(model, m.layer)
                 handles.append(router.register_forward_hook(lambda mod, i, o, m=m: grab_router(mod, i, o, m)))
         with torch.no_grad():
             model.run_with_hooks(batch, fwd_hooks=[(n, grab) for n in names])

@@ -33,8 +33,9 @@ if __name__ != "lenslab.steering":  # imported as top-level `steering`: the repo
     _shadow = _os.path.join(_os.path.dirname(__file__), _os.pardir, "lenslab", "_shadow.py")
     _runpy.run_path(_shadow)["hand_over"](__name__, __file__)  # the installed `steering`, or a clear error
 else:
+    from lenslab.sites import SITES
     from lenslab.steering.austeer import AU_SITES, TIE_BREAKS, austeer, austeer_scores, select_units, tie_report
-    from lenslab.steering.baselines import SITES, actadd, hook_name, mean_activations, mean_difference
+    from lenslab.steering.baselines import actadd, hook_name, mean_activations, mean_difference
     from lenslab.steering.edit_hooks import apply, hooks, validate
     from lenslab.steering.experts import hf_hooks, reroute, switch_experts
     from lenslab.steering.features import ablate_feature, add_feature, clamp_feature

@@ -22,7 +22,8 @@ As in the authors' code (zijian678/AUSteer, `steer.py` and `rmodels/modeling_lla
 4. Steer multiplicatively at every position, prompt and generated tokens:
    `x_j <- x_j * (1 + alpha * beta_j)`, so the change is proportional to the current activation.
 
-Sites: `"attn"` = the input of the attention output projection (`blocks.L.attn.hook_z`,
+Sites, in AUSteer's own names (each a site of `lenslab.sites.SITES`, whose names work too):
+`"attn"` = the input of the attention output projection (`blocks.L.attn.hook_z`,
 `[head, d_head]` flattened to `head * d_head + j`), `"mlp"` = the MLP output
 (`blocks.L.hook_mlp_out`), `"resid"` = the block output (`blocks.L.hook_resid_post`): the
 authors' three. lenslab adds `"neurons"` = the MLP's hidden units after the activation function
@@ -53,22 +54,32 @@ from torch import Tensor
 
 from lenslab._errors import LenslabError, did_you_mean
 from lenslab.results import provenance
+from lenslab.sites import SITE_ALIASES, SITES
 from lenslab.steering.edit_hooks import validate
 from lenslab.steering.intervention import Edit, Intervention
 from lenslab.toolbox import by_length, check_prompts, model_device
 
+# AUSteer's own site names, spellings of sites of the one registry (`lenslab.sites.SITES`)
 AU_SITES = {
-    "attn": "blocks.{layer}.attn.hook_z",
-    "mlp": "blocks.{layer}.hook_mlp_out",
-    "resid": "blocks.{layer}.hook_resid_post",
-    "neurons": "blocks.{layer}.mlp.hook_post",  # lenslab's addition (see the module docstring)
+    "attn": "z",  # blocks.{layer}.attn.hook_z: the input of W_O, not circuits' "attn_out"
+    "mlp": "mlp_out",
+    "resid": "resid_post",
+    "neurons": "mlp_neuron",  # lenslab's addition (see the module docstring)
 }
 
 
+def canonical_site(site: str) -> str:
+    """The registry name of an AUSteer site: its own names (`AU_SITES`) or any `lenslab.sites.SITES`
+    name or alias whose activation has a position axis (`[batch, pos, ...]`)."""
+    name = SITE_ALIASES.get(AU_SITES.get(site, site), AU_SITES.get(site, site))
+    if name not in SITES or SITES[name].kind in ("pattern", "pattern_dest"):
+        names = list(AU_SITES) + [s for s, v in SITES.items() if v.kind not in ("pattern", "pattern_dest")]
+        raise LenslabError(f"site {site!r} is not one of {', '.join(names)}{did_you_mean(str(site), names)}")
+    return name
+
+
 def _site(site: str) -> str:
-    if site not in AU_SITES:
-        raise LenslabError(f"site {site!r} is not one of {', '.join(AU_SITES)}{did_you_mean(site, list(AU_SITES))}")
-    return AU_SITES[site]
+    return SITES[canonical_site(site)].hook
 
 
 def last_token_activations(model, prompts: Sequence[str], site: str = "resid") -> Tensor:
@@ -122,7 +133,8 @@ def austeer_scores(model, positive: Sequence[str], negative: Sequence[str], *, s
         positive, negative: equally many samples; `positive[i]` and `negative[i]` form a pair
             (the same prompt with the desired and the undesired answer).
         site: "resid" (block output), "mlp" (MLP output), "attn" (input of W_O, heads flattened)
-            or "neurons" (MLP hidden units after the activation; lenslab's addition).
+            or "neurons" (MLP hidden units after the activation; lenslab's addition), or the
+            registry name of any site with a position axis ("resid_post", "z", "mlp_neuron", ...).
 
     >>> from lenslab.data import sentiment
     >>> pos, neg = sentiment.prompts(8, "positive"), sentiment.prompts(8, "negative")

@@ -30,29 +30,22 @@ from torch import Tensor
 
 from lenslab._errors import LenslabError, did_you_mean
 from lenslab.results import provenance
+from lenslab.sites import site_hook
 from lenslab.steering.edit_hooks import validate
 from lenslab.steering.intervention import Edit, Intervention, Positions
 from lenslab.toolbox import by_length, check_layers, check_prompts, model_device
 
-SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
-
 
 def hook_name(layer: int, site: str) -> str:
-    """`blocks.{layer}.hook_{site}` for a short site name, or `site.format(layer=layer)` for a template.
+    """The hook of `site` at `layer`: a name of the one site registry (`lenslab.sites.SITES`:
+    "resid_post", "attn_out", "z", "mlp_neuron", ...) or a template with `{layer}`.
 
     >>> hook_name(3, "resid_post")
     'blocks.3.hook_resid_post'
     >>> hook_name(1, "blocks.{layer}.attn.hook_z")
     'blocks.1.attn.hook_z'
     """
-    if "{layer}" in site:
-        return site.format(layer=layer)
-    if site not in SITES:
-        raise LenslabError(
-            f"site {site!r} is not one of {', '.join(SITES)} or a template like 'blocks.{{layer}}.mlp.hook_post'"
-            f"{did_you_mean(site, SITES)}"
-        )
-    return f"blocks.{layer}.hook_{site}"
+    return site_hook(site, layer)
 
 
 def mean_activations(model, prompts: Sequence[str], hooks: Sequence[str], position: str = "last") -> dict[str, Tensor]:

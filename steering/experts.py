@@ -544,7 +544,7 @@ def bridge_hooks(model, edits: Sequence[Edit], layers, *, prompt_len: int | None
 
     targets = {}
     for m in layers:
-        router = routers._hf_router(model, m.layer)
+        router = routers.hf_router(model, m.layer)
         bridge_mlp = model.blocks[m.layer].mlp
         block = getattr(bridge_mlp, "original_component", None) or bridge_mlp
         targets[m.layer] = (m, block, router)

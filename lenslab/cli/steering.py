@@ -24,6 +24,7 @@ from lenslab.cli.common import (
 )
 from lenslab.data import sentiment
 from lenslab.figures import export
+from lenslab.sites import resolve_site
 
 STEER_METHODS = ("diffmean", "actadd", "austeer", "lineas")
 
@@ -129,8 +130,9 @@ def _fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--site",
         default=None,
-        help="diffmean: resid_post (default), resid_pre, resid_mid, attn_out, mlp_out or a hook template; "
-        "actadd: resid_pre (default) or the same; austeer: resid (default), mlp, attn, neurons; "
+        help="a site of the one registry (lenslab.sites.SITES: resid_pre, resid_mid, resid_post, attn_out, "
+        "mlp_out, z, mlp_neuron, ...) or a hook template; diffmean: resid_post (default); actadd: resid_pre "
+        "(default); austeer: resid (default), or its own names mlp, attn (= z), neurons (= mlp_neuron); "
         "lineas: a site name or hook template such as 'blocks.{layer}.hook_resid_post', every layer "
         "(default: every attn_out and mlp_out)",
     )
@@ -183,7 +185,9 @@ def _fit(args: argparse.Namespace, model, method: str, pos: list[str], neg: list
         )
     cfg = {k: v for k, v in (("steps", args.steps), ("lr", args.lr)) if v is not None}
     config = steering.LineasConfig(**cfg, seed=seed, progress=False)
-    site = f"blocks.{{layer}}.hook_{args.site}" if args.site in steering.SITES else args.site
+    site = args.site
+    if site and not site.startswith("blocks."):  # a site name of the one registry -> its hook template
+        site = resolve_site(site).hook
     # LinEAS moves the source distribution onto the target one: source = negative, target = positive
     return steering.fit_lineas(model, neg, pos, hooks=site, config=config, strength=args.strength)
 

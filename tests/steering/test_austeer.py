@@ -173,3 +173,18 @@ def test_austeer_pushes_ioi_towards_positive_name():
     assert gap(before) < -20
     assert gap(after) - gap(before) > 10  # measured 16.4
     assert gap(before) < gap(half) < gap(after)  # strength interpolates
+
+
+def test_one_site_vocabulary(tiny_model):
+    """AUSteer's names are spellings of the registry's sites, whose names work too; steering's
+    SITES is the registry circuits reads."""
+    from lenslab import circuits, sites
+
+    assert S.SITES is sites.SITES is circuits.SITES
+    for au, name in S.AU_SITES.items():
+        assert torch.equal(
+            S.austeer_scores(tiny_model, POS, NEG, site=au), S.austeer_scores(tiny_model, POS, NEG, site=name)
+        )
+    assert S.hook_name(1, "z") == "blocks.1.attn.hook_z" and S.hook_name(0, "mlp_neuron") == "blocks.0.mlp.hook_post"
+    with pytest.raises(LenslabError, match="site 'pattern' is not one of attn, mlp, resid, neurons"):
+        S.austeer_scores(tiny_model, POS, NEG, site="pattern")

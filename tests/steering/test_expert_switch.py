@@ -305,7 +305,7 @@ def test_force_puts_the_expert_in_every_token(loaded, name):
             from lenslab.probes import routers
 
             hs = [
-                routers._hf_router(model, l).register_forward_hook(lambda m, i, o, l=l: seen.__setitem__(l, o[2]))
+                routers.hf_router(model, l).register_forward_hook(lambda m, i, o, l=l: seen.__setitem__(l, o[2]))
                 for l in range(LAYERS)
             ]
             try:

@@ -94,7 +94,7 @@ def _routing(model, ids, iv=None):
         try:
             for layer in _moe_layers_of(model):
                 hs.append(
-                    routers._hf_router(model, layer).register_forward_hook(
+                    routers.hf_router(model, layer).register_forward_hook(
                         lambda m, i, o, layer=layer: seen.__setitem__(layer, o[2].clone())
                     )
                 )
