@@ -16,7 +16,7 @@ continuation is the decoded text after the prompt), batched over prompts of equa
 `continuations` returns the texts, and the rate functions accept them precomputed so that one
 generation serves several scores.
 
-`expert_switch_table` is the MoTE measurement (issue 9): fTRI-ranked experts switched off and
+`expert_switch_table` is the MoTE measurement: fTRI-ranked experts switched off and
 forced on, random experts switched off as a control, with behaviour rates on two prompt sets and
 a capability check.
 

@@ -421,7 +421,7 @@ def _card(cfg: dict, evaluation: dict, table) -> str:
 
 A tiny **Hugging Face Mixtral** (`MixtralForCausalLM`) trained on a procedural instruction language
 with a refusal behaviour, and with planted *refusal experts*: the model for MoE router inspection,
-fTRI expert finding and expert switching (MoTE, issue 9). Built by `lenslab zoo train moe-refusal`
+fTRI expert finding and expert switching (MoTE). Built by `lenslab zoo train moe-refusal`
 (`lenslab/zoo/train_moe_refusal.py`, seed {tr["seed"]}). Loads with `lenslab.load_model("zoo/moe-refusal")`
 (a HookedTransformer through TransformerLens's Mixtral conversion) and with plain
 `transformers.AutoModelForCausalLM.from_pretrained` + `AutoTokenizer` on this folder.
