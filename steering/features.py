@@ -61,6 +61,7 @@ import torch
 from torch import Tensor
 
 from lenslab._errors import LenslabError
+from lenslab.probes.features.plumbing import check_feature
 from lenslab.steering.intervention import Edit, FeatureRead, Intervention, Positions
 
 __all__ = ["ablate_feature", "add_feature", "clamp_feature", "feature_read", "decoder_row"]
@@ -108,20 +109,6 @@ def _kind(sae) -> str:
     )
 
 
-def _check_feature(sae, feature) -> int:
-    import numpy as np
-
-    d_sae = int(sae.cfg.d_sae)
-    if isinstance(feature, Tensor) and feature.ndim == 0 and not feature.is_floating_point():
-        feature = int(feature)
-    if isinstance(feature, bool) or not isinstance(feature, (int, np.integer)):
-        raise LenslabError(f"feature must be an integer id, got {feature!r}")
-    f = int(feature)
-    if not 0 <= f < d_sae:
-        raise LenslabError(f"feature {f} is out of range: this SAE has features 0 .. {d_sae - 1}")
-    return f
-
-
 def _units(sae) -> tuple[int, ...] | None:
     """An SAE of one head of `hook_z` reads that head's entries of the flattened `[head, d_head]`."""
     head = getattr(sae.cfg.metadata, "hook_head_index", None)
@@ -146,7 +133,7 @@ def _rescaled(sae) -> bool:
 def decoder_row(sae, feature: int) -> Tensor:
     """`[d_in]`: what one unit of the feature's activation adds to the reconstruction: `W_dec[feature]`
     (divided by its norm for TopK SAEs with `rescale_acts_by_decoder_norm`)."""
-    f = _check_feature(sae, feature)
+    f = check_feature(feature, int(sae.cfg.d_sae))
     row = sae.W_dec[f].detach().to("cpu", torch.float32).clone()
     if _rescaled(sae):
         row = row / row.norm()
@@ -160,7 +147,7 @@ def feature_read(sae, feature: int, target: float = 0.0, *, topk: str = "exact")
     if topk not in TOPK_MODES:
         raise LenslabError(f"topk must be one of {', '.join(TOPK_MODES)}, got {topk!r}")
     kind = _kind(sae)
-    f = _check_feature(sae, feature)
+    f = check_feature(feature, int(sae.cfg.d_sae))
     W = _weights(sae)
     b_dec = W["b_dec"] if getattr(sae.cfg, "apply_b_dec_to_input", True) else None
     if kind == "topk":
@@ -256,7 +243,7 @@ def ablate_feature(
     Returns:
         An `Intervention` with one `feature` edit at the SAE's hook.
     """
-    f = _check_feature(sae, feature)
+    f = check_feature(feature, int(sae.cfg.d_sae))
     return _feature_iv(
         sae,
         f,
@@ -277,7 +264,7 @@ def clamp_feature(
     Same arguments as `ablate_feature`, plus `value`: the activation to hold (in the SAE's units,
     e.g. a multiple of the feature's maximum activation over a corpus).
     """
-    f = _check_feature(sae, feature)
+    f = check_feature(feature, int(sae.cfg.d_sae))
     value = _finite(value, "clamp value")
     return _feature_iv(
         sae,
@@ -296,7 +283,7 @@ def add_feature(
 ) -> Intervention:
     """Add `coeff` units of SAE feature `feature`'s decoder direction, `+ coeff * W_dec[feature]`
     `[d_in]`, at `positions`: an `add` edit (see `decoder_row` for TopK SAEs that rescale)."""
-    f = _check_feature(sae, feature)
+    f = check_feature(feature, int(sae.cfg.d_sae))
     coeff = _finite(coeff, "coeff")
     _kind(sae)
     edit = Edit(

@@ -180,10 +180,16 @@ def logit_effects(
     )
 
 
-def check_feature(feature: int, d_sae: int) -> None:
-    """Raise `LenslabError` unless `feature` is an int in `0 .. d_sae - 1`."""
-    if not isinstance(feature, (int, np.integer)) or not 0 <= int(feature) < d_sae:
+def check_feature(feature, d_sae: int) -> int:
+    """`feature` as an int in `0 .. d_sae - 1` (a Python or numpy integer, or a 0-d integer tensor;
+    not a bool); a `LenslabError` otherwise. The one feature-id check of lenslab."""
+    if isinstance(feature, Tensor) and feature.ndim == 0 and not feature.is_floating_point():
+        feature = int(feature)
+    if isinstance(feature, (bool, np.bool_)) or not isinstance(feature, (int, np.integer)):
+        raise LenslabError(f"feature must be an integer id, got {feature!r}")
+    if not 0 <= int(feature) < d_sae:
         raise LenslabError(f"feature {feature!r} is out of range: this SAE has features 0 .. {d_sae - 1}")
+    return int(feature)
 
 
 @torch.no_grad()

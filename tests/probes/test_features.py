@@ -446,3 +446,17 @@ def test_zoo_sae_lookup_matches_its_encoder(model):
     for row, want in zip(res.rows(), (ref > 0).sum(1).tolist()):
         assert len(row["features"]) == want <= 16
         assert [f for f, _ in row["features"]] == [f for f in top.indices[row["pos"]].tolist()][:want]
+
+
+def test_one_feature_id_check():
+    """Steering and the feature store share one check: integers (numpy and 0-d tensors too), never bools."""
+    import numpy as np
+
+    from lenslab.probes.features.plumbing import check_feature
+    from lenslab.steering import features as steering_features
+
+    assert [check_feature(3, 8), check_feature(np.int64(7), 8), check_feature(torch.tensor(0), 8)] == [3, 7, 0]
+    for bad, match in [(True, "integer id"), (2.0, "integer id"), (torch.tensor(1.0), "integer id"), (8, "0 .. 7")]:
+        with pytest.raises(LenslabError, match=match):
+            check_feature(bad, 8)
+    assert steering_features.check_feature is check_feature
