@@ -29,6 +29,8 @@ if __name__ != "lenslab.kernels":  # imported as top-level `kernels`: the reposi
     _shadow = _os.path.join(_os.path.dirname(__file__), _os.pardir, "lenslab", "_shadow.py")
     _runpy.run_path(_shadow)["hand_over"](__name__, __file__)  # the installed `kernels`, or a clear error
 else:
+    import warnings
+
     from lenslab.kernels.batched import ENGINES, auto_engine, batched_engine
     from lenslab.kernels.config import EngineOptions, configure, current_options, memory_budget, options, parse_bytes
     from lenslab.kernels.plan import SITE_PLAN, coverage
@@ -51,9 +53,7 @@ else:
         """`lenslab.kernels.batched_patch` moved to `lenslab.circuits.batched_patch` (kernels sits
         below circuits and imports none of it); this alias stays for one release."""
         if name == "batched_patch":
-            import warnings
-
-            from lenslab.circuits import batched_patch  # deprecated alias only (pyproject: ignore_imports)
+            from lenslab.circuits import batched_patch  # deferred: deprecated alias (pyproject: ignore_imports)
 
             warnings.warn(
                 "lenslab.kernels.batched_patch moved to lenslab.circuits.batched_patch",

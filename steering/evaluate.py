@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from lenslab import figures, labels
 from lenslab._errors import LenslabError, did_you_mean
@@ -238,8 +239,6 @@ def continuations(
 
     Prompts of equal token length run together, `batch_size` at a time; each row stops at EOS.
     """
-    from tqdm.auto import tqdm
-
     _check_inputs(interventions, prompts)
     if max_new_tokens < 1:
         raise LenslabError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -406,8 +405,6 @@ def perplexity(
     appended to its prompt's tokens (plus EOS with `append_eos`). The value is
     `exp(sum of answer-token NLL / number of answer tokens)` over the set.
     """
-    from tqdm.auto import tqdm
-
     _check_inputs(interventions, prompts)
     _check_answers(prompts, answers)
     eos = getattr(model.tokenizer, "eos_token_id", None)

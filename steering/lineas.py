@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from lenslab._errors import LenslabError
 from lenslab.results import provenance
@@ -509,8 +510,6 @@ def fit_lineas(
         loss_initial = float(loss_on(everyone))
     losses: list[float] = []
     if cfg.steps > 0:
-        from tqdm.auto import tqdm
-
         opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr * cfg.dampen_lr)
         batches = _batches(len(src), batch, cfg.seed)

@@ -46,6 +46,9 @@ import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+import torch
+
 from lenslab import figures
 from lenslab._errors import LenslabError
 from lenslab.results import JsonResult, provenance
@@ -199,8 +202,6 @@ class TradeoffResult(JsonResult):
 
 def bootstrap_ci(hits: Sequence[bool], *, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> list[float]:
     """Percentile bootstrap interval `[lo, hi]` of the share of True in `hits` (seeded, resampling the prompts)."""
-    import numpy as np
-
     x = np.asarray([bool(h) for h in hits], dtype=np.float64)
     if x.size == 0:
         return [float("nan"), float("nan")]
@@ -213,8 +214,6 @@ def bootstrap_ci(hits: Sequence[bool], *, n_boot: int = 2000, level: float = 0.9
 def standalone_perplexity(model, texts: Sequence[str], *, batch_size: int = 64) -> float:
     """Perplexity of `texts` on their own under `model` (each as BOS + its tokens; exp of the mean
     NLL over all their tokens). Empty texts are skipped; NaN when all are empty."""
-
-    import torch
 
     bos = getattr(model.tokenizer, "bos_token_id", None)
     rows = [model.to_tokens(t, prepend_bos=False)[0].cpu() for t in texts if t.strip()]

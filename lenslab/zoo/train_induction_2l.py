@@ -30,7 +30,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from lenslab import tasks
 from lenslab.zoo import save_hooked, word_tokenizer
 
 N_WORDS = 300  # ordinary tokens "t0" .. "t299"
@@ -141,8 +143,6 @@ def measure(model, seq_len: int, n: int = 64, seed: int = 1234) -> dict:
 
 def verify(model, tc: TrainConfig, seed: int = 1234) -> dict:
     """Find the heads and measure everything the card and the tests report."""
-    from lenslab import tasks
-
     per_len = {L: measure(model, L, seed=seed + L) for L in tc.eval_lens}
     ref = per_len[tc.eval_lens[0]]
     by_ind = sorted(range(model.cfg.n_heads), key=lambda h: -ref["L1"]["induction"][h])
@@ -168,7 +168,6 @@ def verify(model, tc: TrainConfig, seed: int = 1234) -> dict:
 
 def train(out_dir: str | Path, seed: int = 0, config: TrainConfig | None = None) -> None:
     """Train the model with `seed` and write the zoo folder (weights, tokenizer, card) to `out_dir`."""
-    from tqdm.auto import tqdm
     from transformer_lens import HookedTransformer
 
     tc = config or TrainConfig()

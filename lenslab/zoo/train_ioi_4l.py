@@ -28,7 +28,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from lenslab import tasks
 from lenslab.data import ioi
 from lenslab.zoo import load_hooked, save_hooked, word_tokenizer
 
@@ -132,8 +134,6 @@ def _materialize(model, symbols, v) -> None:
 
 def evaluate(model, heldout: bool, n_seeds: int = 24, per_seed: int = 40, seed0: int = 10_000) -> dict:
     """IO-vs-S accuracy and mean logit diff (clean and ABC corrupt) over several length buckets."""
-    from lenslab import tasks
-
     correct, diffs, diffs_bad, total = 0, [], [], 0
     for k in range(n_seeds):
         task = tasks.ioi(model, n=per_seed, seed=seed0 + k, heldout=heldout)
@@ -163,8 +163,6 @@ def analyse(model, seed: int = 20_000, n: int = 200) -> dict:
     heads: IO+1->IO > 0.4) and each group is mean-ablated at its reading position to measure
     the mean logit diff and accuracy without it.
     """
-    from lenslab import tasks
-
     task = tasks.ioi(model, n=n, seed=seed)
     toks, ans = task.clean_tokens, task.answer_tokens
     rows = torch.arange(len(toks))
@@ -238,7 +236,6 @@ def train(out_dir, seed: int = 0, steps: int = STEPS, threads: int = 1) -> None:
     One torch thread by default: on a shared 2-core machine a second thread made each step
     7x slower (0.24 s -> 1.7 s), and one thread keeps the float arithmetic reproducible.
     """
-    from tqdm.auto import tqdm
     from transformer_lens import HookedTransformer
 
     torch.set_num_threads(threads)

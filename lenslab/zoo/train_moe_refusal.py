@@ -32,8 +32,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+import lenslab
 from lenslab.data import refusal
+from lenslab.probes import routers
+from lenslab.steering import evaluate as steering_evaluate
+from lenslab.steering.evaluate import mote_table
+from lenslab.steering.experts import hf_hooks, switch_experts
 from lenslab.zoo import word_tokenizer
 
 STEPS = 3000
@@ -140,8 +146,6 @@ def _route_loss(router_logits, route, n_experts: int):
 
 def _switched_off(hf):
     """Context manager: the refusal experts of `hf` switched off (lenslab.steering.experts)."""
-    from lenslab.steering.experts import hf_hooks, switch_experts
-
     return hf_hooks(hf, switch_experts(off=planted()))
 
 
@@ -151,7 +155,6 @@ def train(out_dir, seed: int = 0, steps: int = STEPS, threads: int = 1, switch_o
     `switch_off=False` skips the switched-off pass (the refusal then need not depend on the
     planted experts); one torch thread keeps the float arithmetic reproducible.
     """
-    from tqdm.auto import tqdm
     from transformers import MixtralForCausalLM
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
@@ -274,15 +277,12 @@ def evaluate(model, n: int = 200, seed: int = 0) -> dict:
     benign prompts, and with the planted experts switched off (drop): the refusal rate and the
     share of harmful prompts answered with the task's own answer.
     """
-    from lenslab.steering import evaluate as ev
-    from lenslab.steering.experts import switch_experts
-
     out: dict = {}
     ivs = {"baseline": None, "planted off": switch_experts(off=planted())}
     for split in ("test", "train"):
         hx = refusal.examples(n, "harmful", split, seed=seed + 1)
         bx = refusal.examples(n, "benign", split, seed=seed + 1)
-        texts = ev.continuations(
+        texts = steering_evaluate.continuations(
             model,
             ivs,
             {"harmful": [e.prompt for e in hx], "benign": [e.prompt for e in bx]},
@@ -316,8 +316,6 @@ def specialisation(model, n: int = 200, seed: int = 0) -> dict:
     """How specialised the experts are: per-layer expert load (share of selections,
     `routers.expert_load`) on held-out harmful and benign prompts, and the planted experts' share
     of selections on harmful tokens from the first marker on vs on benign prompts' tokens."""
-    from lenslab.probes import routers
-
     hx = refusal.examples(n, "harmful", "test", seed=seed + 2)
     bx = refusal.examples(n, "benign", "test", seed=seed + 2)
     load_h = routers.expert_load(model, [e.prompt for e in hx], fraction=True)
@@ -346,9 +344,6 @@ def specialisation(model, n: int = 200, seed: int = 0) -> dict:
 def write_card(out_dir, n: int = 200) -> None:
     """Evaluate the saved model in `out_dir` (loaded with `lenslab.load_model`) and write card.md
     and config.json's "evaluation"."""
-    import lenslab
-    from lenslab.steering.evaluate import mote_table
-
     out_dir = Path(out_dir)
     cfg = json.loads((out_dir / "config.json").read_text())
     model = lenslab.load_model(str(out_dir), device="cpu")

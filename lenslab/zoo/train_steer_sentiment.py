@@ -20,8 +20,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from lenslab.data import sentiment
+from lenslab.steering import generate
 from lenslab.zoo import load_hooked, save_hooked, word_tokenizer
 
 STEPS = 2500
@@ -67,8 +69,6 @@ def evaluate(model, n: int = 120, seed: int = 5000) -> dict:
     """Per context kind: the share of greedy next words that are positive / negative / neutral
     adjectives, and the concept rate (share of sentiment words that are positive) of 8-token
     greedy continuations."""
-    from lenslab.steering import generate
-
     tok = model.tokenizer
     groups = {"positive": sentiment.POSITIVE, "negative": sentiment.NEGATIVE, "neutral": sentiment.NEUTRAL}
     ids = {k: torch.tensor(tok.convert_tokens_to_ids(list(v))) for k, v in groups.items()}
@@ -92,7 +92,6 @@ def evaluate(model, n: int = 120, seed: int = 5000) -> dict:
 
 def train(out_dir, seed: int = 0, steps: int = STEPS, threads: int = 1) -> None:
     """Train zoo/steer-sentiment and write it (weights, tokenizer, config.json, card.md) to `out_dir`."""
-    from tqdm.auto import tqdm
     from transformer_lens import HookedTransformer
 
     torch.set_num_threads(threads)
