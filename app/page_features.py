@@ -196,7 +196,7 @@ with lookup_tab:
     res = _shell.call("Looking up features", F.lookup, model, sae, ctx.prompt, int(k))
     if res:
         st.plotly_chart(res.figure(), key="feat_lookup_fig", on_select=open_selected, selection_mode="points")
-        df = res.to_dataframe()
+        df = res.table()
         st.dataframe(df, hide_index=True, key="feat_lookup_table")
         if res.union:
             c1, c2 = st.columns([2, 3])
@@ -290,7 +290,7 @@ with search_tab:
                 ss["feat_search"] = _shell.call("Searching", F.search, store_path, k=int(kk), **kw)
         found = ss.get("feat_search")
         if found:
-            st.dataframe(found.to_dataframe(), hide_index=True)
+            st.dataframe(found.table(), hide_index=True)
             if found.hits:
                 c1, c2 = st.columns([2, 3])
                 pick = c1.selectbox("Feature", found.features, key="feat_search_pick", format_func=lambda x: f"f{x}")

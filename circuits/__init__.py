@@ -14,7 +14,7 @@ if __name__ != "lenslab.circuits":  # imported as top-level `circuits`: the repo
     _shadow = _os.path.join(_os.path.dirname(__file__), _os.pardir, "lenslab", "_shadow.py")
     _runpy.run_path(_shadow)["hand_over"](__name__, __file__)  # the installed `circuits`, or a clear error
 else:
-    from lenslab.circuits.attribution import METHODS, attribute
+    from lenslab.circuits.attribution import METHODS, AttributionResult, attribute
     from lenslab.circuits.edges import EdgeScores, attribute_edges, node_names, patch_edge
     from lenslab.circuits.faithfulness import Faithfulness, faithfulness, pearson, spearman
     from lenslab.circuits.graph import CircuitGraph
@@ -25,6 +25,7 @@ else:
         "DIRECTIONS",
         "METHODS",
         "SITES",
+        "AttributionResult",
         "CircuitGraph",
         "EdgeScores",
         "Faithfulness",

@@ -1,8 +1,10 @@
 """Attribution: linear estimates of activation patching from two forwards and one backward.
 
-Every method returns, for each site, a `PatchResult` on the same grid as `patch` whose scores
-estimate the *change* of the metric caused by the patch (exact patching minus its unpatched
-baseline), so the two compare cell by cell (`PatchResult.scores - baseline`).
+`attribute` returns an `AttributionResult`: a read-only mapping from each site to a `PatchResult`
+on the same grid as `patch` whose scores estimate the *change* of the metric caused by the patch
+(exact patching minus its unpatched baseline), so the two compare cell by cell
+(`PatchResult.scores - baseline`). The result has one `table()` (every site's cells, with a
+`site` column), one `figure()` (a heatmap per site) and one JSON.
 
 - ``atp``: attribution patching (Nanda 2023; Kramar et al. 2024):
   (a_source - a_base) . dm/da at the base run.
@@ -27,20 +29,145 @@ only the backward pass; user weights are never touched.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from lenslab import figures
 from lenslab._errors import LenslabError, did_you_mean
 from lenslab.circuits.patching import validate_task
-from lenslab.results import PatchResult, provenance
+from lenslab.results import PatchResult, Result, provenance
 from lenslab.sites import DIRECTIONS, Site, axis_labels, resolve_site
 from lenslab.tasks import Metric, MetricLike, Task, get_metric
 from lenslab.toolbox import check_layers, model_device, progress_reporter
 
 METHODS = ("atp", "atp*", "relp", "ig")
 QK_KINDS = {"q", "k", "q_by_pos", "k_by_pos"}
+
+
+@dataclass(frozen=True, eq=False)
+class AttributionResult(Result, Mapping):
+    """What `attribute` returns: one method's estimates at one or more sites.
+
+    A read-only mapping from site name to `PatchResult` (`res["z"]`, `res.items()`, `len(res)`,
+    iteration in the order the sites were asked for), with the contract of every result:
+    `table()` (each site's long table, concatenated, with a `site` column), `figure()` (one
+    heatmap per site) and JSON (the per-site `PatchResult`s inside).
+
+    Attributes:
+        results: `{site: PatchResult}`.
+        method: "atp", "atp*", "relp" or "ig".
+    """
+
+    results: dict[str, PatchResult]
+    method: str
+    KIND = "AttributionResult"
+
+    def __post_init__(self) -> None:
+        if not self.results:
+            raise LenslabError("an AttributionResult needs at least one site")
+        object.__setattr__(self, "results", dict(self.results))  # a copy: the mapping stays read-only
+
+    def __getitem__(self, site: str) -> PatchResult:
+        try:
+            return self.results[site]
+        except KeyError:
+            raise KeyError(f"no site {site!r} in this result; it has {', '.join(self.results)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __repr__(self) -> str:
+        return f"AttributionResult(method={self.method!r}, sites={list(self.results)!r})"
+
+    @property
+    def sites(self) -> list[str]:
+        """The site names, in the order they were asked for."""
+        return list(self.results)
+
+    @property
+    def provenance(self) -> dict:
+        """The first site's provenance (model, task, versions: the same for every site)."""
+        return next(iter(self.results.values())).provenance
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.KIND,
+            "method": self.method,
+            "sites": self.sites,
+            "results": {s: r.to_dict() for s, r in self.results.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AttributionResult:
+        return cls(
+            results={s: PatchResult.from_dict(d["results"][s]) for s in d["sites"]},
+            method=d["method"],
+        )
+
+    def table(self):
+        """Every site's long table (`PatchResult.table()`) one after the other, with a first column `site`."""
+        import pandas as pd  # deferred: pandas loads only when a table is asked for
+
+        frames = [r.table().assign(site=s) for s, r in self.results.items()]
+        df = pd.concat(frames, ignore_index=True)
+        return df[["site", *[c for c in df.columns if c != "site"]]]
+
+    def figure(self):
+        """One site: its `PatchResult.figure()`. Several: one panel per site, one above the other
+        (a 3-axis site, e.g. `z_by_pos`, summed over its last axis, which for linear estimates is
+        the estimate of patching all of them at once)."""
+        if len(self.results) == 1:
+            return next(iter(self.results.values())).figure()
+        from plotly.subplots import make_subplots  # deferred: plotly loads only when a figure is drawn
+
+        n = len(self.results)
+        titles = []
+        panels = []
+        for s, r in self.results.items():
+            if r.scores.ndim == 3:
+                r = PatchResult(
+                    scores=r.scores.sum(-1),
+                    axes=r.axes[:2],
+                    labels={a: v for a, v in r.labels.items() if a in r.axes[:2]},
+                    site=r.site,
+                    method=r.method,
+                    metric=r.metric,
+                    direction=r.direction,
+                    clean_value=r.clean_value,
+                    corrupt_value=r.corrupt_value,
+                    provenance=r.provenance,
+                )
+                titles.append(f"{s} (summed over {self.results[s].axes[2]})")
+            else:
+                titles.append(s)
+            panels.append(r.figure())
+        fig = make_subplots(rows=n, cols=1, subplot_titles=titles, vertical_spacing=min(0.3 / n, 0.08))
+        for i, panel in enumerate(panels):
+            for trace in panel.data:
+                if trace.type == "heatmap":
+                    trace.update(colorbar=dict(len=0.9 / n, y=1 - (i + 0.5) / n, yanchor="middle"))
+                fig.add_trace(trace, row=i + 1, col=1)
+            fig.update_xaxes(title_text=panel.layout.xaxis.title.text, row=i + 1, col=1)
+            fig.update_yaxes(
+                title_text=panel.layout.yaxis.title.text,
+                autorange=panel.layout.yaxis.autorange,
+                row=i + 1,
+                col=1,
+            )
+        fig.update_layout(height=max(350, 300 * n))
+        first = next(iter(self.results.values()))
+        p = self.provenance
+        return figures.style(
+            fig,
+            f"{self.method} attribution: {', '.join(self.results)} ({first.direction}) · model {p.get('model', '?')} · "
+            f"task {p.get('task', '?')} · metric {first.metric}",
+        )
 
 
 def attribute(
@@ -56,7 +183,7 @@ def attribute(
     graddrop: bool = True,
     attn_rule: str | None = None,
     progress: bool | Callable[[int, int], None] = True,
-) -> dict[str, PatchResult]:
+) -> AttributionResult:
     """Attribution scores for one or more sites.
 
     Args:
@@ -71,7 +198,8 @@ def attribute(
             (attention pattern detached, the AH-rule).
 
     Returns:
-        `{site: PatchResult}`; scores estimate `patched metric - unpatched metric`.
+        `AttributionResult`, a mapping `{site: PatchResult}` (also for one site); scores estimate
+        `patched metric - unpatched metric`.
     """
     if method not in METHODS:
         raise LenslabError(f"method {method!r} is not one of {', '.join(METHODS)}{did_you_mean(str(method), METHODS)}")
@@ -158,7 +286,7 @@ def attribute(
                 estimate="magnitude" if (method == "atp*" and graddrop) else "signed change",
             ),
         )
-    return out
+    return AttributionResult(results=out, method=method)
 
 
 # --- sites and hooks -------------------------------------------------------------------------

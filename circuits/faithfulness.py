@@ -65,7 +65,7 @@ class Faithfulness(JsonResult):
 
     def table(self):
         """A pandas DataFrame of the correlations."""
-        import pandas as pd
+        import pandas as pd  # deferred: pandas loads only when a table is asked for
 
         return pd.DataFrame(self.rows, columns=["site", "method", "pearson", "spearman", "n_cells", "compared"])
 

@@ -196,7 +196,7 @@ def _node_sizes(graph) -> list[float]:
 
 def circuit_figure(graph):
     """Draw a `CircuitGraph` with plotly: nodes by layer, edges coloured by sign, width by |weight|."""
-    import plotly.graph_objects as go
+    import plotly.graph_objects as go  # deferred: plotly loads only when a figure is drawn
 
     heads = [int(n.split("H")[1]) for n in graph.nodes if n.startswith("L") and "H" in n]
     n_heads = max(heads) + 1 if heads else 1

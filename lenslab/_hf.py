@@ -99,8 +99,13 @@ def backend_for(architecture: str) -> str:
     """
     if architecture in HOOKED_ARCHITECTURES:
         return "hooked"
-    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
-    from transformer_lens.utilities.architectures import MASKED_LM_ARCHITECTURES, SEQ2SEQ_ARCHITECTURES
+    from transformer_lens.factories.architecture_adapter_factory import (
+        SUPPORTED_ARCHITECTURES,  # deferred: transformer_lens loads only when a model is built
+    )
+    from transformer_lens.utilities.architectures import (  # deferred: transformer_lens loads only when a model is built
+        MASKED_LM_ARCHITECTURES,
+        SEQ2SEQ_ARCHITECTURES,
+    )
 
     if architecture in MASKED_LM_ARCHITECTURES | SEQ2SEQ_ARCHITECTURES:
         raise LenslabError(
@@ -124,7 +129,7 @@ def cached_model_ids() -> list[str]:
     and interrupted downloads are left out).
     """
     try:
-        from huggingface_hub import constants, scan_cache_dir
+        from huggingface_hub import constants, scan_cache_dir  # deferred: huggingface_hub loads only for hub access
 
         info = scan_cache_dir(constants.HF_HUB_CACHE)
     except Exception:  # no cache dir yet, or an unreadable one
@@ -146,7 +151,10 @@ def cached_model_ids() -> list[str]:
 
 def _official_name(name: str) -> str | None:
     """TransformerLens's official HF id for `name` (also resolves aliases like 'gpt2-small')."""
-    from transformer_lens.supported_models import MODEL_ALIASES, OFFICIAL_MODEL_NAMES
+    from transformer_lens.supported_models import (  # deferred: transformer_lens loads only when a model is built
+        MODEL_ALIASES,
+        OFFICIAL_MODEL_NAMES,
+    )
 
     if name in OFFICIAL_MODEL_NAMES:
         return name
@@ -163,8 +171,8 @@ def _snapshot(repo_id: str, asked: str) -> Path:
     With HF_HUB_OFFLINE=1 this only looks in the cache (instant); online it downloads what is
     missing. A failed connection also falls back to the cache without retries.
     """
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (
+    from huggingface_hub import constants, snapshot_download  # deferred: huggingface_hub loads only for hub access
+    from huggingface_hub.errors import (  # deferred: huggingface_hub loads only for hub access
         GatedRepoError,
         HFValidationError,
         LocalEntryNotFoundError,
@@ -228,7 +236,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     not probed (huggingface_hub's own requests go through the proxy).
     """
 
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # deferred: huggingface_hub loads only for hub access
 
     if any(os.environ.get(v) for v in _PROXY_VARS):
         return True
@@ -275,7 +283,7 @@ def _unknown_name(name: str, why: str) -> LenslabError:
 
 
 def _offline_error(name: str, repo_id: str, cache: str) -> LenslabError:
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # deferred: huggingface_hub loads only for hub access
 
     if constants.HF_HUB_OFFLINE:
         why = "HF_HUB_OFFLINE=1 is set, so the Hub is not contacted"
@@ -320,7 +328,7 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype, *, tl_n
 
 
 def _read_config(folder: Path):
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # deferred: transformers loads only for Hugging Face checkpoints
 
     try:
         return AutoConfig.from_pretrained(str(folder), local_files_only=True)
@@ -334,7 +342,9 @@ def _architecture(hf_config, folder: Path) -> str:
     causal = [a for a in archs if "For" in a or a.endswith("LMHeadModel")]
     if causal:
         return causal[0]
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,  # deferred: transformers loads only for Hugging Face checkpoints
+    )
 
     arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(hf_config, "model_type", None))
     if arch is None:
@@ -349,7 +359,10 @@ def _tokenizer(folder: Path):
     """The folder's tokenizer. A generic `tokenizer.json` (class TokenizersBackend or
     PreTrainedTokenizerFast) is loaded as is: AutoTokenizer in transformers 5 would otherwise
     swap in the model family's tokenizer class (e.g. Qwen2Tokenizer) and lose its vocabulary."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import (  # deferred: transformers loads only for Hugging Face checkpoints
+        AutoTokenizer,
+        PreTrainedTokenizerFast,
+    )
 
     tok_cfg = folder / "tokenizer_config.json"
     generic = False
@@ -382,9 +395,9 @@ def _hooked_parts(folder, hf_config, arch, device, dtype, tl_name):
     Some architectures HookedTransformer supports only by official name (Gemma, OLMo), and
     some converters read config fields that transformers 5 renamed (Phi).
     """
-    import transformer_lens.loading_from_pretrained as loading
-    from huggingface_hub import constants
-    from transformers import AutoModelForCausalLM
+    import transformer_lens.loading_from_pretrained as loading  # deferred: transformer_lens loads only when a model is built
+    from huggingface_hub import constants  # deferred: huggingface_hub loads only for hub access
+    from transformers import AutoModelForCausalLM  # deferred: transformers loads only for Hugging Face checkpoints
 
     hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
     hf_model.eval()
@@ -412,7 +425,7 @@ def _hooked_parts(folder, hf_config, arch, device, dtype, tl_name):
 
 def _build_hooked(cfg, state, tokenizer, device, dtype):
     """HookedTransformer with the converted weights, unprocessed (no folding: logits equal HF's)."""
-    from transformer_lens import HookedTransformer
+    from transformer_lens import HookedTransformer  # deferred: transformer_lens loads only when a model is built
 
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     model.load_and_process_state_dict(
@@ -452,7 +465,9 @@ def _config_shim(hf_config, arch: str):
 
 def _load_bridge(folder, hf_config, arch, tokenizer, device, dtype):
     """TransformerBridge around the HF model, with HookedTransformer hook names, no processing."""
-    from transformer_lens.model_bridge import TransformerBridge
+    from transformer_lens.model_bridge import (
+        TransformerBridge,  # deferred: transformer_lens loads only when a model is built
+    )
 
     overrides = None if getattr(hf_config, "architectures", None) else {"architectures": [arch]}
     try:

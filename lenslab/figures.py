@@ -33,8 +33,8 @@ def result_heatmap(result, normalize: bool = False):
     The colour scale is diverging and centred at the unpatched baseline (exact patching) or at
     zero (normalised scores and attributions).
     """
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go  # deferred: plotly loads only when a figure is drawn
+    from plotly.subplots import make_subplots  # deferred: plotly loads only when a figure is drawn
 
     scores = result.normalized() if normalize else result.scores
     scores = scores.detach().cpu().float()
@@ -107,9 +107,6 @@ def unique_labels(labels: list[str]) -> list[str]:
     return out
 
 
-_uniq = unique_labels  # the former private name, while callers move to unique_labels
-
-
 def _browser_path() -> str | None:
     for cand in (
         os.environ.get("BROWSER_PATH"),
@@ -152,8 +149,8 @@ METHOD_COLOURS = {"atp": "#d62728", "atp*": "#ff7f0e", "relp": "#1f77b4", "ig": 
 
 def faithfulness_scatter(faith):
     """Estimate vs exact change, one panel per site, one colour per method, with the y = x line."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go  # deferred: plotly loads only when a figure is drawn
+    from plotly.subplots import make_subplots  # deferred: plotly loads only when a figure is drawn
 
     sites = list(faith.exact)
     methods = list(faith.estimates)

@@ -25,7 +25,7 @@ from lenslab.toolbox import model_name
 def provenance(model, task=None, *, timestamp: bool = True, **extra) -> dict:
     """Model name, versions, the time (unless `timestamp=False`: records two equal runs must
     share, such as an `Intervention`'s) and the task, plus `extra`, for a result's record."""
-    import transformer_lens
+    import transformer_lens  # deferred: transformer_lens loads only when a model is built
 
     out = {
         "model": model_name(model),

@@ -421,7 +421,7 @@ def last_logits(model, tokens: Tensor) -> Tensor:
     """Logits at the last position, `[batch, vocab]` (float32), without materialising
     `[batch, pos, vocab]`: the blocks run on every position, the final norm and unembedding on
     the last one only. Falls back to a full forward for models without `stop_at_layer`."""
-    from transformer_lens import HookedTransformer
+    from transformer_lens import HookedTransformer  # deferred: transformer_lens loads only when a model is built
 
     if isinstance(model, HookedTransformer):
         resid = model(tokens, stop_at_layer=model.cfg.n_layers)[:, -1:]

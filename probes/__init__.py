@@ -1,4 +1,27 @@
-"""lenslab.probes (see docs/ and the open issues for what lands here)."""
+"""lenslab.probes: reading what a model computes, from its activations and its routing.
+
+One job per module (import them by name; this package re-exports nothing):
+
+- `lenslab.probes.sinks`: attention sinks (`attention_sinks`, Gu et al.), massive activations
+  (`massive_activations`, Sun et al.) and ablating them (`ablate_massive`).
+- `lenslab.probes.super_experts`: the MoE experts whose down-projections write the massive
+  activations (Su et al.): `profile_experts`, `super_experts`, `prune_experts`,
+  `ablate_super_experts`.
+- `lenslab.probes.routers`: which experts each token picks and with what gate weight (`route`),
+  and how often each expert is chosen over a corpus (`expert_load`).
+- `lenslab.probes.sae`: sparse autoencoders with sae-lens, the public face of its modules:
+  `lenslab.probes.sae_load` (`load_sae`, `check_sae`, the zoo's SAEs),
+  `lenslab.probes.sae_splice` (`splice_hooks`, `zero_hooks`), `lenslab.probes.sae_measure`
+  (`sae_metrics`, `corpus_tokens`) and `lenslab.probes.sae_train` (`train_sae`, `sae_card`).
+- `lenslab.probes.features` (a package): SAE features over a corpus: a SQLite feature store
+  (`index`, `FeatureStore`), per-token `lookup`, `FeatureDashboard` and `search`.
+- `lenslab.probes.zoo_saes`: a deprecated alias of `lenslab.zoo.train_saes` (the zoo SAEs'
+  recipes), for one release.
+
+What these tools know of the zoo lives in the zoo: the planted models the detectors are tested on
+in `lenslab.zoo.planted`, the zoo models' built-in corpora in `lenslab.zoo.corpora`, the recipes
+of the zoo's SAEs in `lenslab.zoo.train_saes`.
+"""
 
 if __name__ != "lenslab.probes":  # imported as top-level `probes`: the repository root is on sys.path
     import os as _os

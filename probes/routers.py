@@ -346,7 +346,7 @@ class RouterResult(JsonResult):
 
     def figure(self, prompt: int = 0):
         """Heatmap `[layer, pos]` of prompt `prompt`: the top expert per token, its gate weight on hover."""
-        import plotly.graph_objects as go
+        import plotly.graph_objects as go  # deferred: plotly loads only when a figure is drawn
 
         if not 0 <= prompt < len(self.indices):
             raise LenslabError(f"prompt {prompt} out of range: this result has {len(self.indices)} prompts")
@@ -389,7 +389,7 @@ class RouterResult(JsonResult):
 
 def load_figure(load: Tensor, layers, title: str = "Expert load"):
     """Heatmap `[layer, expert]` of an expert load (`RouterResult.load`, `expert_load`)."""
-    import plotly.graph_objects as go
+    import plotly.graph_objects as go  # deferred: plotly loads only when a figure is drawn
 
     z = load.float()
     fig = go.Figure(
@@ -645,7 +645,7 @@ class ExpertRanking(JsonResult):
     def figure(self, value: str = "diff"):
         """Heatmap `[layer, expert]` of the difference (red: the target class uses it more), or with
         `value="target"` / `"other"` a class's mean usage per prompt (behaviour-conditioned load)."""
-        import plotly.graph_objects as go
+        import plotly.graph_objects as go  # deferred: plotly loads only when a figure is drawn
 
         if value in ("target", "other"):
             mean = self.target_mean if value == "target" else self.other_mean

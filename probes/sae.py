@@ -29,7 +29,7 @@ needs around them; each job lives in its own module and is re-exported here:
 - `train_sae`: sae-lens's runner on an in-memory `datasets.Dataset` of token ids made locally
   (no hub dataset, no wandb), deterministic for a seed; writes the sae-lens folder, `card.md` and
   `metrics.json`. (`lenslab.probes.sae_train`)
-- The recipes and corpora of the shipped zoo SAEs are `lenslab.probes.zoo_saes`
+- The recipes and corpora of the shipped zoo SAEs are `lenslab.zoo.train_saes`
   (`lenslab sae train --model zoo/ioi-4l --hook blocks.2.hook_resid_post --out DIR`).
 
 >>> import lenslab

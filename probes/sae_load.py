@@ -6,7 +6,7 @@
 - `check_sae`: the SAE's hook point exists in the model and `d_in` equals that hook's width.
 - `list_saes` / `read_sae_card` / `zoo_sae_path`: the zoo's shipped SAEs (`lenslab/zoo/<model>/saes/<hook>/`).
 - `model_name`, `model_device`, `hook_width`, `load_folder`, `quiet_sae_lens`: the pieces training
-  (`lenslab.probes.sae_train`) and the zoo recipes (`lenslab.probes.zoo_saes`) share with loading.
+  (`lenslab.probes.sae_train`) and the zoo recipes (`lenslab.zoo.train_saes`) share with loading.
 
 Everything here is re-exported by `lenslab.probes.sae`, the public face of the SAE modules.
 """

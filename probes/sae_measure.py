@@ -4,7 +4,8 @@
   `[n, context_size]` (what `train_sae` and `sae_metrics` read); `excluded_tokens` / `keep_mask`:
   which positions they leave out (padding).
 - `sae_metrics` -> `SaeMetrics`: MSE, explained variance, next-token loss clean / with the SAE
-  spliced in / with the activation zero-ablated, the loss recovered, L0 and the dead-feature fraction.
+  spliced in / with the activation zero-ablated, the loss recovered, L0 and the dead-feature fraction
+  (`table()`: one row per metric; `to_markdown()`: the metrics as Markdown; `figure()`: bars).
 - `read_metrics` / `write_metrics`: the `metrics.json` an SAE folder is saved with.
 
 Re-exported by `lenslab.probes.sae`.
@@ -19,10 +20,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lenslab import figures
 from lenslab._errors import LenslabError
 from lenslab.probes.sae_load import check_sae, zoo_sae_path
 from lenslab.probes.sae_splice import encode_decode, sae_input, splice_hooks, zero_hooks
-from lenslab.results import JsonResult, provenance
+from lenslab.results import Result, provenance
 from lenslab.toolbox import model_device
 
 __all__ = [
@@ -114,7 +116,7 @@ def keep_mask(tokens: Tensor, exclude: list[int]) -> Tensor:
 
 # --- metrics -----------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True, eq=False)
-class SaeMetrics(JsonResult):
+class SaeMetrics(Result):
     """How well an SAE stands in for the activation it reads, measured on a set of tokens.
 
     Attributes:
@@ -178,8 +180,30 @@ class SaeMetrics(JsonResult):
             raise LenslabError(f"not a {cls.KIND} JSON (kind={d.get('kind')!r})")
         return cls(**{k: d[k] for k in cls._FIELDS}, provenance=d.get("provenance") or {})
 
-    def table(self) -> str:
-        """The metrics as a two-column Markdown table."""
+    _METRICS = (
+        ("n_tokens", "tokens measured"),
+        ("n_predictions", "next-token predictions"),
+        ("mse", "MSE, mean over tokens of ||x - x_hat||^2"),
+        ("explained_variance", "explained variance"),
+        ("l0", "L0 (active features per token)"),
+        ("dead_fraction", "dead features (never active here), fraction"),
+        ("ce_loss_clean", "next-token loss, clean"),
+        ("ce_loss_spliced", "next-token loss, SAE spliced in"),
+        ("ce_loss_zero", "next-token loss, activation zeroed"),
+        ("loss_recovered", "loss recovered"),
+    )
+
+    def table(self):
+        """One row per metric: `metric` (the field name), `description` and `value` (a float)."""
+        import pandas as pd  # deferred: pandas loads only when a table is asked for
+
+        return pd.DataFrame(
+            [{"metric": k, "description": d, "value": float(getattr(self, k))} for k, d in self._METRICS],
+            columns=["metric", "description", "value"],
+        )
+
+    def to_markdown(self, digits: int = 4) -> str:
+        """The metrics as a two-column Markdown table, each in its own format (`digits` is unused)."""
         rows = [
             ("tokens measured", f"{self.n_tokens:,}"),
             ("MSE, mean over tokens of ||x - x_hat||^2", f"{self.mse:.4g}"),
@@ -192,6 +216,45 @@ class SaeMetrics(JsonResult):
             ("loss recovered", f"{self.loss_recovered:.3f}"),
         ]
         return "| metric | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows) + "\n"
+
+    def figure(self):
+        """Bars: the next-token loss clean / SAE spliced in / activation zeroed (left), and the
+        shares explained variance, loss recovered and dead features (right)."""
+        import plotly.graph_objects as go  # deferred: plotly loads only when a figure is drawn
+        from plotly.subplots import make_subplots  # deferred: as above
+
+        fig = make_subplots(
+            rows=1, cols=2, subplot_titles=["next-token loss (nats)", "shares"], horizontal_spacing=0.12
+        )
+        losses = [
+            ("clean", self.ce_loss_clean),
+            ("SAE spliced in", self.ce_loss_spliced),
+            ("zeroed", self.ce_loss_zero),
+        ]
+        shares = [
+            ("explained variance", self.explained_variance),
+            ("loss recovered", self.loss_recovered),
+            ("dead features", self.dead_fraction),
+        ]
+        for col, pairs, colour in ((1, losses, "#3b6ea8"), (2, shares, "#e6550d")):
+            fig.add_trace(
+                go.Bar(
+                    x=[a for a, _ in pairs],
+                    y=[b for _, b in pairs],
+                    marker_color=colour,
+                    showlegend=False,
+                    hovertemplate="%{x}: %{y:.4g}<extra></extra>",
+                ),
+                row=1,
+                col=col,
+            )
+        fig.update_layout(height=420, width=900)
+        p = self.provenance
+        return figures.style(
+            fig,
+            f"SAE metrics · {self.hook_name} · {self.architecture} d_sae={self.d_sae} · model {p.get('model', '?')} "
+            f"· {self.n_tokens:,} tokens · L0 {self.l0:.2f}",
+        )
 
 
 @torch.no_grad()

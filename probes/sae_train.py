@@ -4,7 +4,7 @@
   token ids made locally (no hub dataset, no wandb), deterministic for a seed; writes the sae-lens
   folder, `card.md` and `metrics.json`.
 - `sae_card`: the Markdown card of a trained SAE (training settings and `SaeMetrics` tables);
-  `lenslab.probes.zoo_saes` writes the zoo SAEs' cards with it.
+  `lenslab.zoo.train_saes` writes the zoo SAEs' cards with it.
 
 Re-exported by `lenslab.probes.sae`.
 """

@@ -22,9 +22,10 @@ that attend to it read them through their keys.
 MoE super experts (Su et al. 2025), the experts whose down-projection outputs create the massive
 activations, are found by `lenslab.probes.super_experts`.
 
-`planted_model()` builds a 2-layer model with one massive activation and one sink head set by
-hand, the ground truth the tests hold the detectors to; `planted_moe_model()` does the same with
-the massive activation written by one expert (a planted super expert).
+The planted models the tests hold these detectors to (a massive activation and a sink head set by
+hand; the MoE one with the massive activation written by a planted super expert) are in
+`lenslab.zoo.planted`; the names `planted_model`, `planted_moe_model`, `planted_tokens`, `PLANTED`
+and `PLANTED_MOE` here are deprecated aliases of them, for one release.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from torch import Tensor
 from lenslab import figures
 from lenslab._errors import LenslabError
 from lenslab.results import JsonResult, provenance
-from lenslab.toolbox import check_layers, model_device, name_model
+from lenslab.toolbox import check_layers, model_device
+from lenslab.zoo import planted
 
 __all__ = [
     "AblationResult",
@@ -48,9 +50,6 @@ __all__ = [
     "ablate_massive",
     "attention_sinks",
     "massive_activations",
-    "planted_model",
-    "planted_moe_model",
-    "planted_tokens",
     "check_threshold",
     "prompt_batches",
     "prompt_record",
@@ -211,7 +210,7 @@ class SinkResult(JsonResult):
     def figure(self, value: str = "attention"):
         """Per-head heatmap (rows layers, columns heads) of alpha_0 (`value="attention"`), the
         value-weighted alpha_0 (`"value_weighted"`) or the share of samples past the threshold (`"fraction"`)."""
-        import plotly.graph_objects as go
+        import plotly.graph_objects as go  # deferred: plotly loads only when a figure is drawn
 
         grids = {
             "attention": (self.attn_to_first, "mean attention to token 0"),
@@ -325,7 +324,7 @@ class MassiveResult(JsonResult):
 
     def table(self):
         """The top entries per layer as a pandas DataFrame (layer, rank, value, dim, pos, token, ratio, massive)."""
-        import pandas as pd
+        import pandas as pd  # deferred: pandas loads only when a table is asked for
 
         flagged = {(m["layer"], m["dim"], m["pos"], m["sample"]) for m in self.massive}
         rows = []
@@ -385,7 +384,7 @@ class MassiveResult(JsonResult):
 
     def figure(self):
         """Layer-by-dimension heatmap of log10 max |a|, massive dimensions marked on the axis."""
-        import plotly.graph_objects as go
+        import plotly.graph_objects as go  # deferred: plotly loads only when a figure is drawn
 
         z = torch.log10(self.magnitudes.clamp_min(1e-6))
         dims = self.massive_dims
@@ -486,8 +485,8 @@ class AblationResult(JsonResult):
 
     def figure(self):
         """Before/after: loss and sink rate bars, and the per-head attention to token 0 of both runs."""
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
+        import plotly.graph_objects as go  # deferred: plotly loads only when a figure is drawn
+        from plotly.subplots import make_subplots  # deferred: plotly loads only when a figure is drawn
 
         fig = make_subplots(
             rows=1,
@@ -590,8 +589,9 @@ def attention_sinks(
         `SinkResult` with `key_attention` and `value_weighted` `[layer, head, pos]`,
         `sink_fraction` `[layer, head]`, `attn_to_first`, `sink_rate`, `sink_heads()`.
 
-    >>> model = planted_model()
-    >>> attention_sinks(model, planted_tokens()).sink_heads()
+    >>> from lenslab.zoo import planted
+    >>> model = planted.planted_model()
+    >>> attention_sinks(model, planted.planted_tokens()).sink_heads()
     [(1, 0)]
     """
     threshold = check_threshold(threshold)
@@ -629,8 +629,9 @@ def massive_activations(
         `MassiveResult`: `magnitudes` `[layer, d_model]`, `medians` `[layer]`, the top entries and
         the massive ones (`massive`, `massive_dims`, `massive_positions`).
 
-    >>> model = planted_model()
-    >>> massive_activations(model, planted_tokens()).massive_dims
+    >>> from lenslab.zoo import planted
+    >>> model = planted.planted_model()
+    >>> massive_activations(model, planted.planted_tokens()).massive_dims
     [7]
     """
     rule = rule or MassiveRule()
@@ -740,8 +741,9 @@ def ablate_massive(
     Returns:
         `AblationResult` with the loss and `SinkResult` of the clean and the ablated run.
 
-    >>> model = planted_model()
-    >>> r = ablate_massive(model, planted_tokens(), mode="zero")
+    >>> from lenslab.zoo import planted
+    >>> model = planted.planted_model()
+    >>> r = ablate_massive(model, planted.planted_tokens(), mode="zero")
     >>> r.sinks_clean.sink_rate > r.sinks_ablated.sink_rate
     True
     """
@@ -814,180 +816,20 @@ def ablate_massive(
     )
 
 
-# --- the planted model -----------------------------------------------------------------------
-PLANTED = {"massive_dim": 7, "massive_pos": 0, "massive_value": 1000.0, "sink_head": (1, 0), "bos": 0}
-
-
-def planted_model(seed: int = 0):
-    """A 2-layer attention-only `HookedTransformer` (d_model 8, 2 heads, vocab 8, no LayerNorm)
-    with weights set by hand: token 0 (the BOS) embeds residual dimension 7 at 1000 (a massive
-    activation on the first token; every other entry is ~0.1), and head L1H0 has a constant
-    query (b_Q) and a key that reads only dimension 7, so every query attends to position 0
-    (an attention sink). No other weight reads or writes dimension 7, so nothing else is massive
-    and no other head prefers position 0. Feed it tokens `[batch, pos]` with token 0 first
-    (`planted_tokens`).
-
-    >>> planted_model().cfg.n_layers
-    2
-    """
-
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(
-        n_layers=2,
-        d_model=8,
-        n_ctx=64,
-        d_head=4,
-        n_heads=2,
-        d_vocab=8,
-        attn_only=True,
-        normalization_type=None,
-        act_fn="gelu",
-        seed=seed,
-        positional_embedding_type="standard",
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = HookedTransformer(cfg)
-    g = torch.Generator().manual_seed(seed)
-    D = PLANTED["massive_dim"]
-    sd = model.state_dict()
-    small = lambda *s: 0.1 * torch.randn(*s, generator=g)
-    with torch.no_grad():
-        for k in sd:
-            if sd[k].is_floating_point() and "IGNORE" not in k and "mask" not in k:
-                sd[k].zero_()
-        sd["unembed.W_U"].copy_(small(8, 8) * 10)
-        sd["unembed.W_U"][D] = 0
-        sd["embed.W_E"].copy_(small(8, 8))
-        sd["embed.W_E"][:, D] = 0
-        sd["embed.W_E"][PLANTED["bos"], D] = PLANTED["massive_value"]
-        for l in range(2):
-            for name in ("W_Q", "W_K", "W_V"):
-                w = small(2, 8, 4)
-                w[:, D, :] = 0  # nobody reads dimension 7 ...
-                sd[f"blocks.{l}.attn.{name}"].copy_(w)
-            wo = small(2, 4, 8)
-            wo[:, :, D] = 0  # ... or writes it
-            sd[f"blocks.{l}.attn.W_O"].copy_(wo)
-        sl, sh = PLANTED["sink_head"]
-        sd[f"blocks.{sl}.attn.W_Q"][sh] = 0
-        sd[f"blocks.{sl}.attn.b_Q"][sh] = torch.tensor([10.0, 0, 0, 0])  # the same query everywhere
-        sd[f"blocks.{sl}.attn.W_K"][sh] = 0
-        sd[f"blocks.{sl}.attn.W_K"][sh, D, 0] = 0.01  # ... matching only a key built from dimension 7
-    model.load_state_dict(sd)
-    name_model(model, "planted-sink-2l")
-    return model.eval()
-
-
-def planted_tokens(batch: int = 4, seq_len: int = 32, seed: int = 0) -> Tensor:
-    """Tokens `[batch, seq_len]` for `planted_model`: token 0 first, then random tokens 1..7."""
-    g = torch.Generator().manual_seed(seed)
-    toks = torch.randint(1, 8, (batch, seq_len), generator=g)
-    toks[:, 0] = PLANTED["bos"]
-    return toks
-
-
-PLANTED_MOE = {
-    "super_expert": (0, 2),
-    "massive_dim": 7,
-    "marker_dim": 6,
-    "massive_pos": 0,
-    "sink_head": (1, 0),
-    "bos": 0,
-    "n_experts": 4,
-    "top_k": 2,
-}
-
-
-def planted_moe_model(seed: int = 0):
-    """A 2-layer Mixture-of-Experts `HookedTransformer` (d_model 8, 2 heads, vocab 8, 4 experts per
-    layer with d_mlp 4, top-2 routing renormalised, SiLU-gated experts, no LayerNorm) with one
-    super expert set by hand: expert 2 of layer 0.
-
-    Token 0 (the BOS) embeds a marker, residual dimension 6 = 1 (every other token has 0 there).
-    The layer-0 router scores expert 2 with 10 x dimension 6, so the BOS always picks it (gate
-    weight ~1). Its hidden unit 0 reads only dimension 6 (gate and up weights 10), and its
-    down-projection writes that unit into dimension 7 with weight 10: on the BOS the expert's
-    down_proj output is 10 x silu(10) x 10 = 999.95 in dimension 7 (a massive activation on the
-    first token), on every other token it is ~0.1. Head L1H0 has a constant query and a key that
-    reads only dimension 7, so it attends to position 0 (an attention sink), as in `planted_model`.
-    No other weight reads or writes dimensions 6 and 7, so nothing else is massive, no other
-    expert's output is large, and zeroing expert (0, 2)'s down-projection removes the massive
-    activation and the sink. Feed it `planted_tokens()`.
-
-    >>> planted_moe_model().cfg.num_experts
-    4
-    """
-
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    E, K = PLANTED_MOE["n_experts"], PLANTED_MOE["top_k"]
-    cfg = HookedTransformerConfig(
-        n_layers=2,
-        d_model=8,
-        n_ctx=64,
-        d_head=4,
-        n_heads=2,
-        d_vocab=8,
-        d_mlp=4,
-        num_experts=E,
-        experts_per_token=K,
-        norm_topk_prob=True,
-        act_fn="silu",
-        normalization_type=None,
-        seed=seed,
-        positional_embedding_type="standard",
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = HookedTransformer(cfg)
-    g = torch.Generator().manual_seed(seed)
-    D, M = PLANTED_MOE["massive_dim"], PLANTED_MOE["marker_dim"]
-    se_layer, se = PLANTED_MOE["super_expert"]
-    sd = model.state_dict()
-    small = lambda *s: 0.1 * torch.randn(*s, generator=g)
-
-    def blind(w: Tensor, dim: int) -> Tensor:  # nobody reads or writes dimensions 6 and 7 ...
-        w.narrow(dim, M, 2).zero_()
-        return w
-
-    with torch.no_grad():
-        for k in sd:
-            if sd[k].is_floating_point() and "IGNORE" not in k and "mask" not in k:
-                sd[k].zero_()
-        sd["unembed.W_U"].copy_(blind(small(8, 8) * 10, 0))
-        sd["embed.W_E"].copy_(blind(small(8, 8), 1))
-        sd["embed.W_E"][PLANTED_MOE["bos"], M] = 1.0
-        for l in range(2):
-            for name in ("W_Q", "W_K", "W_V"):
-                sd[f"blocks.{l}.attn.{name}"].copy_(blind(small(2, 8, 4), 1))
-            sd[f"blocks.{l}.attn.W_O"].copy_(blind(small(2, 4, 8), 2))
-            sd[f"blocks.{l}.mlp.W_gate.weight"].copy_(blind(small(E, 8) * 10, 1))  # the router
-            for e in range(E):
-                pre = f"blocks.{l}.mlp.experts.{e}"
-                sd[f"{pre}.W_gate.weight"].copy_(blind(small(4, 8) * 10, 1))
-                sd[f"{pre}.W_in.weight"].copy_(blind(small(4, 8) * 10, 1))
-                sd[f"{pre}.W_out.weight"].copy_(blind(small(8, 4), 0))
-        pre = f"blocks.{se_layer}.mlp.experts.{se}"
-        sd[f"blocks.{se_layer}.mlp.W_gate.weight"][se, M] = 10.0  # ... except: the BOS marker routes to the SE,
-        for name in ("W_gate", "W_in"):
-            sd[f"{pre}.{name}.weight"][0] = 0
-            sd[f"{pre}.{name}.weight"][0, M] = 10.0  # its unit 0 fires on the marker only,
-        sd[f"{pre}.W_out.weight"][:, 0] = 0
-        sd[f"{pre}.W_out.weight"][D, 0] = 10.0  # and writes dimension 7;
-        sl, sh = PLANTED_MOE["sink_head"]
-        sd[f"blocks.{sl}.attn.W_Q"][sh] = 0
-        sd[f"blocks.{sl}.attn.b_Q"][sh] = torch.tensor([10.0, 0, 0, 0])  # the sink head's query is constant
-        sd[f"blocks.{sl}.attn.W_K"][sh] = 0
-        sd[f"blocks.{sl}.attn.W_K"][sh, D, 0] = 0.01  # and its key reads dimension 7
-    model.load_state_dict(sd)
-    name_model(model, "planted-moe-2l")
-    return model.eval()
+# names that moved to lenslab.zoo.planted; deprecated aliases here for one release
+MOVED_TO_ZOO = ("PLANTED", "PLANTED_MOE", "planted_model", "planted_moe_model", "planted_tokens")
 
 
 def __getattr__(name: str):
-    """`sinks.super_experts`: a deprecated alias of `lenslab.probes.super_experts.super_experts`."""
+    """Deprecated aliases: `sinks.super_experts` (of `lenslab.probes.super_experts.super_experts`) and
+    the planted models (`sinks.planted_model` etc., of `lenslab.zoo.planted.planted_model` etc.)."""
+    if name in MOVED_TO_ZOO:
+        warnings.warn(
+            f"lenslab.probes.sinks.{name} is deprecated; use lenslab.zoo.planted.{name}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(planted, name)
     if name == "super_experts":
         warnings.warn(
             "lenslab.probes.sinks.super_experts is deprecated; use lenslab.probes.super_experts.super_experts",

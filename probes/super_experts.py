@@ -25,9 +25,9 @@ Models: `HookedTransformer` MoE (Mixtral, OLMoE; TransformerLens `MoE`): the hoo
 module (fused 3-D weights `gate_up_proj` / `down_proj`) recomputes each expert's down-projection
 for the tokens routed to it; the shared expert's `down_proj` is hooked directly.
 
->>> from lenslab.probes import sinks
->>> model = sinks.planted_moe_model()
->>> profile = profile_experts(model, sinks.planted_tokens())
+>>> from lenslab.zoo import planted
+>>> model = planted.planted_moe_model()
+>>> profile = profile_experts(model, planted.planted_tokens())
 >>> profile.super_experts().experts
 [(0, 2)]
 """
@@ -342,8 +342,8 @@ def profile_experts(
         `[layer, expert]` (a last column for the shared expert, if any), `kurtosis()`, `table()`,
         `figure()` and `super_experts(rule)`.
 
-    >>> from lenslab.probes import sinks
-    >>> p = profile_experts(sinks.planted_moe_model(), sinks.planted_tokens())
+    >>> from lenslab.zoo import planted
+    >>> p = profile_experts(planted.planted_moe_model(), planted.planted_tokens())
     >>> round(float(p.output_max[0, 2]), 2), int(p.channel[0, 2]), int(p.pos[0, 2])
     (999.95, 7, 0)
     """
@@ -556,7 +556,7 @@ class ExpertProfile(JsonResult):
     def table(self, rule: str | None = "su"):
         """One row per (layer, expert) as a pandas DataFrame, largest output_max first, with a
         `super` column under `rule` (None: no column)."""
-        import pandas as pd
+        import pandas as pd  # deferred: pandas loads only when a table is asked for
 
         marked = set(self.super_experts(rule).experts) if rule and bool(self.included.any()) else set()
         rows = []
@@ -622,7 +622,7 @@ class ExpertProfile(JsonResult):
     def figure(self, marked: list[tuple[int, int]] | None = None, title: str | None = None):
         """Layer x expert heatmap of log10 output_max (hover: the value, channel, token); `marked`
         (default: the "su" super experts) are boxed; rows past the include cutoff say "excluded"."""
-        import plotly.graph_objects as go
+        import plotly.graph_objects as go  # deferred: plotly loads only when a figure is drawn
 
         if marked is None:
             marked = self.super_experts("su").experts if bool(self.included.any()) else []
@@ -713,7 +713,7 @@ class SuperExperts(JsonResult):
 
     def table(self):
         """The super experts as a pandas DataFrame (rank, layer, expert, output_max, channel, pos, token, input_max)."""
-        import pandas as pd
+        import pandas as pd  # deferred: pandas loads only when a table is asked for
 
         p = self.profile
         rows = []
@@ -788,8 +788,8 @@ def super_experts(
     """Profile the experts on `prompts` and return the super experts under `rule`
     (`profile_experts(...).super_experts(rule, **rule_kwargs)`).
 
-    >>> from lenslab.probes import sinks
-    >>> super_experts(sinks.planted_moe_model(), sinks.planted_tokens()).labels
+    >>> from lenslab.zoo import planted
+    >>> super_experts(planted.planted_moe_model(), planted.planted_tokens()).labels
     ['L0e2']
     """
     if rule not in RULES:  # before any compute
@@ -808,9 +808,10 @@ def prune_experts(model, experts):
     or text such as "0:2, 1:-1". Yields the validated pairs.
 
     >>> from lenslab.probes import sinks
-    >>> model = sinks.planted_moe_model()
+    >>> from lenslab.zoo import planted
+    >>> model = planted.planted_moe_model()
     >>> with prune_experts(model, [(0, 2)]):
-    ...     sinks.massive_activations(model, sinks.planted_tokens()).massive
+    ...     sinks.massive_activations(model, planted.planted_tokens()).massive
     []
     """
     pairs = _check_experts(_sites(model), experts)
@@ -910,7 +911,7 @@ class SuperExpertAblation(JsonResult):
 
     def table(self):
         """`summary()` as a pandas DataFrame."""
-        import pandas as pd
+        import pandas as pd  # deferred: pandas loads only when a table is asked for
 
         return pd.DataFrame(self.summary())
 
@@ -951,8 +952,8 @@ class SuperExpertAblation(JsonResult):
     def figure(self):
         """Loss, sink rate and largest |a| for clean / super experts pruned / random draws (mean,
         draws as dots), and the per-head attention to token 0 before and after."""
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
+        import plotly.graph_objects as go  # deferred: plotly loads only when a figure is drawn
+        from plotly.subplots import make_subplots  # deferred: plotly loads only when a figure is drawn
 
         fig = make_subplots(
             rows=1,
@@ -1044,8 +1045,8 @@ def ablate_super_experts(
         `SuperExpertAblation` (loss, `SinkResult` and `MassiveResult` clean and pruned, the random
         draws, `summary()`, `figure()`).
 
-    >>> from lenslab.probes import sinks
-    >>> r = ablate_super_experts(sinks.planted_moe_model(), sinks.planted_tokens(), random_draws=2)
+    >>> from lenslab.zoo import planted
+    >>> r = ablate_super_experts(planted.planted_moe_model(), planted.planted_tokens(), random_draws=2)
     >>> r.sinks_clean.sink_rate, r.sinks_pruned.sink_rate
     (0.25, 0.0)
     """

@@ -119,15 +119,17 @@ class RateTable(JsonResult):
         ).reset_index()
 
     def to_markdown(self) -> str:
-        """A Markdown table, rates in percent."""
-        head = "| intervention | " + " | ".join(f"{s} (n={n})" for s, n in zip(self.sets, self.n)) + " |"
+        """A Markdown table, rates in percent; the first column's header names the metric."""
+        head = (
+            f"| intervention ({self.metric}) | " + " | ".join(f"{s} (n={n})" for s, n in zip(self.sets, self.n)) + " |"
+        )
         sep = "|---|" + "---:|" * len(self.sets)
         fmt = (lambda v: f"{100 * v:.1f}%") if self.is_rate() else (lambda v: f"{v:.3f}")
         rows = [
             f"| {iv} | " + " | ".join(fmt(float(v)) for v in self.values[i]) + " |"
             for i, iv in enumerate(self.interventions)
         ]
-        return "\n".join([f"{self.metric}:", "", head, sep, *rows])
+        return "\n".join([head, sep, *rows])
 
     def to_dict(self) -> dict:
         return {
@@ -155,7 +157,7 @@ class RateTable(JsonResult):
 
     def figure(self):
         """Grouped bars: one group per prompt set, one bar per intervention."""
-        import plotly.graph_objects as go
+        import plotly.graph_objects as go  # deferred: plotly loads only when a figure is drawn
 
         scale = 100.0 if self.is_rate() else 1.0
         fig = go.Figure(
@@ -564,8 +566,8 @@ class SwitchTable(JsonResult):
 
     def figure(self):
         """Bars per column (rates in %), one per row; random rows with their std as error bars."""
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
+        import plotly.graph_objects as go  # deferred: plotly loads only when a figure is drawn
+        from plotly.subplots import make_subplots  # deferred: plotly loads only when a figure is drawn
 
         fig = make_subplots(
             rows=1, cols=len(self.columns), subplot_titles=[f"{c} (n={n})" for c, n in zip(self.columns, self.n)]

@@ -440,7 +440,9 @@ def _by_layer(edits: Sequence[Edit]) -> dict[int, list[Edit]]:
 # --- backend 1: TransformerLens hooks on a HookedTransformer MoE ---------------------------------
 def tl_hooks(model, edits: Sequence[Edit], layers, *, prompt_len: int | None = None) -> list:
     """TransformerLens forward hooks `[(name, fn), ...]` that apply `edits` in a HookedTransformer MoE."""
-    from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES
+    from transformer_lens.components.transformer_block import (
+        POST_NORM_ARCHITECTURES,  # deferred: transformer_lens loads only when a model is built
+    )
 
     by_layer = {m.layer: m for m in layers}
     cfg = model.cfg

@@ -80,10 +80,10 @@ def _hook(sae) -> str:
 
 
 def _kind(sae) -> str:
-    from sae_lens import JumpReLUSAE, StandardSAE, TopKSAE
+    from sae_lens import JumpReLUSAE, StandardSAE, TopKSAE  # deferred: sae_lens loads only when an SAE is used
 
     try:
-        from sae_lens.saes.abstopk_sae import AbsTopKSAE
+        from sae_lens.saes.abstopk_sae import AbsTopKSAE  # deferred: sae_lens loads only when an SAE is used
     except ImportError:  # older sae-lens
         AbsTopKSAE = ()
     norm = getattr(sae.cfg, "normalize_activations", "none")

@@ -494,7 +494,7 @@ def save(intervention: Intervention, path: str | Path) -> Path:
     >>> load(path) == iv
     True
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # deferred: safetensors loads only when a file is read or written
 
     path = Path(path)
     if path.suffix != ".json":
@@ -510,7 +510,7 @@ def save(intervention: Intervention, path: str | Path) -> Path:
 
 def load(path: str | Path) -> Intervention:
     """Read a preset written by `save` (JSON plus the safetensors file it names; never pickle)."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # deferred: safetensors loads only when a file is read or written
 
     path = Path(path)
     if not path.is_file():

@@ -154,7 +154,7 @@ class TradeoffResult(JsonResult):
     def figure(self):
         """Concept rate (y) against perplexity under the unsteered model (x), one line per method,
         points labelled by strength."""
-        import plotly.graph_objects as go
+        import plotly.graph_objects as go  # deferred: plotly loads only when a figure is drawn
 
         fig = go.Figure()
         several = self.n_seeds() > 1

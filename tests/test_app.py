@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lenslab import lens, zoo
+from lenslab import inspection, zoo
 
 APP_DIR = Path(__file__).resolve().parent.parent / "app"
 MAIN = APP_DIR / "main.py"
@@ -64,14 +64,14 @@ def test_model_page_shows_model_content(monkeypatch, app_model, request):
         zoo.default_prompt(app_model) or "The quick brown fox jumps over the lazy dog. The quick brown fox"
     )
     model = _load(app_model)
-    tok = lens.tokenize(model, prompt)
+    tok = inspection.tokenize(model, prompt)
     table = at.dataframe[0].value
     assert table["id"].tolist() == tok.ids.tolist()
     charts = _charts(at)
     assert len(charts) == 3  # attention, logit lens, predictions
     assert app_model in charts[0]["layout"]["title"]["text"]
-    assert charts[1]["data"][0]["y"] == lens.logit_lens(model, prompt).layer_labels
-    preds = lens.top_predictions(model, prompt, k=10)
+    assert charts[1]["data"][0]["y"] == inspection.logit_lens(model, prompt).layer_labels
+    preds = inspection.top_predictions(model, prompt, k=10)
     assert at.dataframe[1].value["id"].tolist() == [p.id for p in preds]
     assert any(app_model in m.value or "config" in m.value for m in at.markdown)  # card or config table
 
@@ -92,7 +92,7 @@ def test_prompt_change_updates_output(monkeypatch, app_model):
     at.text_area(key="prompt").input(new_prompt).run()
     _ok(at)
     after_tokens = at.dataframe[0].value["id"].tolist()
-    assert after_tokens == lens.tokenize(model, new_prompt).ids.tolist() != before_tokens
+    assert after_tokens == inspection.tokenize(model, new_prompt).ids.tolist() != before_tokens
     assert _charts(at)[1]["data"][0]["z"] != before_charts[1]["data"][0]["z"]  # logit lens recomputed
 
     at.text_area(key="prompt").input("   ").run()
@@ -114,7 +114,7 @@ def test_layer_and_head_selectors_change_the_figure(monkeypatch, app_model):
     fig = _charts(at)[0]
     assert f"layer {n_layers - 1} head 1" in fig["layout"]["title"]["text"]
     model = _load(app_model)
-    pat = lens.attention_patterns(model, at.text_area(key="prompt").value)
+    pat = inspection.attention_patterns(model, at.text_area(key="prompt").value)
     torch.testing.assert_close(torch.tensor(fig["data"][0]["z"]), pat[n_layers - 1, 1], atol=1e-6, rtol=0)
 
     at.radio(key="lens_colour").set_value("final").run()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from lenslab import lens, zoo
+from lenslab import inspection, zoo
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -149,7 +149,7 @@ def test_every_page_renders_in_chromium(app_server, tmp_path):
     prompt = zoo.default_prompt(model_name)
     import lenslab
 
-    tokens = lens.tokenize(lenslab.load_model(model_name, device="cpu"), prompt).str_tokens if prompt else []
+    tokens = inspection.tokenize(lenslab.load_model(model_name, device="cpu"), prompt).str_tokens if prompt else []
     shots = {}
     texts = {}
     problems = {}

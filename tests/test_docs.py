@@ -94,9 +94,9 @@ def test_api_pages_come_from_docstrings(site):
         assert f'id="lenslab.tasks.{name}"' in tasks, name
     assert '<span class="gp">&gt;&gt;&gt; </span>' in tasks  # the module's doctest is rendered as code
     assert 'id="lenslab.zoo.zoo_names"' in _text(site / "api" / "zoo" / "index.html")
-    lens = _text(site / "api" / "lens" / "index.html")
-    for name in ["lens.attention_patterns", "lens.logit_lens", "lens.top_predictions", "plots.attention_heatmap"]:
-        assert f'id="lenslab.{name}"' in lens, name
+    inspection = _text(site / "api" / "inspection" / "index.html")
+    for name in ["attention_patterns", "logit_lens", "top_predictions", "attention_heatmap", "LogitLens"]:
+        assert f'id="lenslab.inspection.{name}"' in inspection, name
 
 
 @pytest.mark.slow

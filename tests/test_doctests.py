@@ -24,8 +24,7 @@ PACKAGES = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_tex
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 # Function docstrings continue the module docstring's `model`: module -> the zoo model it loads.
 MODEL_OF = {
-    "lenslab.lens": "zoo/induction-2l",
-    "lenslab.plots": "zoo/induction-2l",
+    "lenslab.inspection": "zoo/induction-2l",
     "lenslab.probes.routers": "zoo/moe-refusal",
     "lenslab.probes.sae": "zoo/induction-2l",
     "lenslab.steering.austeer": "zoo/steer-sentiment",

@@ -92,14 +92,14 @@ def test_zoo_train_steps_must_be_positive(capsys):
 
 @pytest.fixture(scope="module")
 def planted_dir(tmp_path_factory):
-    """`sinks.planted_model` saved as a zoo folder: a word tokenizer whose BOS is token 0, the
+    """`planted.planted_model` saved as a zoo folder: a word tokenizer whose BOS is token 0, the
     token that carries the planted massive activation (1000 in dimension 7)."""
-    from lenslab.probes import sinks
+    from lenslab.zoo import planted
 
     tok = zoo.word_tokenizer(["a", "b", "c", "d"])  # 4 special tokens + 4 words = the model's vocab of 8
-    assert tok.bos_token_id == sinks.PLANTED["bos"] and len(tok) == 8
+    assert tok.bos_token_id == planted.PLANTED["bos"] and len(tok) == 8
     out = tmp_path_factory.mktemp("planted")
-    zoo.save_hooked(sinks.planted_model(), tok, out, summary="planted sink", card="# planted\n")
+    zoo.save_hooked(planted.planted_model(), tok, out, summary="planted sink", card="# planted\n")
     return out
 
 

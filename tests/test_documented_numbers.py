@@ -247,8 +247,9 @@ def test_sinks_doc_uniform_alpha_values(doc_numbers):
 @pytest.fixture(scope="module")
 def planted_sinks():
     from lenslab.probes import sinks
+    from lenslab.zoo import planted
 
-    model, toks = sinks.planted_model(), sinks.planted_tokens(4, 32)
+    model, toks = planted.planted_model(), planted.planted_tokens(4, 32)
     return (
         sinks.attention_sinks(model, toks),
         sinks.massive_activations(model, toks),
@@ -350,8 +351,9 @@ def test_sinks_doc_zoo_table_is_measured(doc_numbers):
 def planted_moe():
     from lenslab.probes import sinks
     from lenslab.probes import super_experts as se
+    from lenslab.zoo import planted
 
-    model, toks = sinks.planted_moe_model(), sinks.planted_tokens(4, 32)
+    model, toks = planted.planted_moe_model(), planted.planted_tokens(4, 32)
     prof = se.profile_experts(model, toks)
     return (
         prof,

@@ -1,5 +1,5 @@
-"""lenslab.lens (the Model page's numerics) against TransformerLens's own forward pass and cache,
-and lenslab.plots figures built from them."""
+"""lenslab.inspection (the Model page's analyses) against TransformerLens's own forward pass and
+cache, the figures built from them, and the deprecated aliases lenslab.lens / lenslab.plots."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lenslab
-from lenslab import LenslabError, lens, plots, zoo
+from lenslab import LenslabError, inspection, zoo
 
 TINY_PROMPT = "t1 t2 t3 t4 t1 t2 t3"
 
@@ -71,7 +71,7 @@ def model_and_prompt(request, tiny_model):
 
 def test_tokenize_matches_model(model_and_prompt):
     model, prompt = model_and_prompt
-    tok = lens.tokenize(model, prompt)
+    tok = inspection.tokenize(model, prompt)
     assert tok.ids.tolist() == model.to_tokens(prompt)[0].tolist()
     assert tok.str_tokens == list(model.to_str_tokens(prompt))
     assert [r["id"] for r in tok.rows()] == tok.ids.tolist() and len(tok) == tok.ids.shape[0]
@@ -80,7 +80,7 @@ def test_tokenize_matches_model(model_and_prompt):
 
 def test_attention_rows_sum_to_one_and_match_cache(model_and_prompt):
     model, prompt = model_and_prompt
-    pat = lens.attention_patterns(model, prompt)
+    pat = inspection.attention_patterns(model, prompt)
     n = model.to_tokens(prompt).shape[1]
     assert pat.shape == (model.cfg.n_layers, model.cfg.n_heads, n, n)
     torch.testing.assert_close(pat.sum(-1), torch.ones(pat.shape[:-1]), atol=1e-5, rtol=0)
@@ -130,7 +130,7 @@ def _reference_patterns(model, prompt: str) -> torch.Tensor:
 def test_logit_lens_final_layer_is_model_output(model_and_prompt):
     model, prompt = model_and_prompt
     tokens = model.to_tokens(prompt)
-    logits, labels = lens.logit_lens_logits(model, prompt)
+    logits, labels = inspection.logit_lens_logits(model, prompt)
     with torch.no_grad():
         ref_logits, cache = model.run_with_cache(tokens)
     assert labels == [f"{i}_pre" for i in range(model.cfg.n_layers)] + ["final_post"]
@@ -142,7 +142,7 @@ def test_logit_lens_final_layer_is_model_output(model_and_prompt):
         tl_logits = model.unembed(acc[:, 0])
     torch.testing.assert_close(logits, tl_logits.float(), atol=1e-4, rtol=1e-4)
 
-    ll = lens.logit_lens(model, prompt, k=3)
+    ll = inspection.logit_lens(model, prompt, k=3)
     n_pos = tokens.shape[1]
     assert ll.top_ids.shape == ll.top_probs.shape == (model.cfg.n_layers + 1, n_pos, 3)
     log_probs = ref_logits[0].float().log_softmax(-1)
@@ -156,7 +156,7 @@ def test_logit_lens_final_layer_is_model_output(model_and_prompt):
 
 def test_top_predictions_equal_softmax_of_logits(model_and_prompt):
     model, prompt = model_and_prompt
-    preds = lens.top_predictions(model, prompt, k=5)
+    preds = inspection.top_predictions(model, prompt, k=5)
     with torch.no_grad():
         logits = model(model.to_tokens(prompt))[0, -1].float()
     probs = logits.softmax(-1)
@@ -170,56 +170,90 @@ def test_top_predictions_equal_softmax_of_logits(model_and_prompt):
 
 def test_errors_are_clear(tiny_model):
     with pytest.raises(LenslabError, match="prompt is empty"):
-        lens.attention_patterns(tiny_model, "   ")
+        inspection.attention_patterns(tiny_model, "   ")
     with pytest.raises(LenslabError, match="reads at most 64"):
-        lens.logit_lens(tiny_model, " ".join(["t1"] * 80))
+        inspection.logit_lens(tiny_model, " ".join(["t1"] * 80))
     with pytest.raises(LenslabError, match="k must be a positive integer"):
-        lens.top_predictions(tiny_model, TINY_PROMPT, k=0)
-    pat = lens.attention_patterns(tiny_model, TINY_PROMPT)
+        inspection.top_predictions(tiny_model, TINY_PROMPT, k=0)
+    pat = inspection.attention_patterns(tiny_model, TINY_PROMPT)
     with pytest.raises(LenslabError, match="layer 5 does not exist"):
-        plots.attention_heatmap(pat, ["x"] * pat.shape[-1], layer=5, head=0)
+        inspection.attention_heatmap(pat, ["x"] * pat.shape[-1], layer=5, head=0)
     with pytest.raises(LenslabError, match="head 9 does not exist"):
-        plots.attention_heatmap(pat, ["x"] * pat.shape[-1], layer=0, head=9)
+        inspection.attention_heatmap(pat, ["x"] * pat.shape[-1], layer=0, head=9)
 
 
 def test_k_larger_than_vocab_is_clamped(tiny_model):
-    preds = lens.top_predictions(tiny_model, TINY_PROMPT, k=10_000)
+    preds = inspection.top_predictions(tiny_model, TINY_PROMPT, k=10_000)
     assert len(preds) == tiny_model.cfg.d_vocab
     assert abs(sum(p.prob for p in preds) - 1.0) < 1e-4
 
 
 def test_figures_label_tokens_and_name_the_model(tiny_model):
     name = tiny_model.cfg.model_name
-    tok = lens.tokenize(tiny_model, TINY_PROMPT)
-    pat = lens.attention_patterns(tiny_model, TINY_PROMPT)
-    fig = plots.attention_heatmap(pat, tok.str_tokens, layer=1, head=2, model=name)
+    tok = inspection.tokenize(tiny_model, TINY_PROMPT)
+    pat = inspection.attention_patterns(tiny_model, TINY_PROMPT)
+    fig = inspection.attention_heatmap(pat, tok.str_tokens, layer=1, head=2, model=name)
     assert name in fig.layout.title.text and "layer 1 head 2" in fig.layout.title.text
     hm = fig.data[0]
     assert list(hm.x) == list(hm.y) == [f"{i} {t}" for i, t in enumerate(tok.str_tokens)]
     assert torch.tensor(hm.z).allclose(pat[1, 2]) and "attention" in hm.hovertemplate
-    grid = plots.attention_heads(pat, tok.str_tokens, layer=0, model=name)
+    grid = inspection.attention_heads(pat, tok.str_tokens, layer=0, model=name)
     assert len(grid.data) == tiny_model.cfg.n_heads
     torch.testing.assert_close(torch.tensor(grid.data[3].z), pat[0, 3])
 
-    ll = lens.logit_lens(tiny_model, TINY_PROMPT, k=2)
-    fig = plots.logit_lens_heatmap(ll)
+    ll = inspection.logit_lens(tiny_model, TINY_PROMPT, k=2)
+    fig = inspection.logit_lens_heatmap(ll)
     assert name in fig.layout.title.text
     assert list(fig.data[0].y) == ll.layer_labels
     assert fig.data[0].text[-1][-1] == ll.top_tokens[-1][-1][0]
     torch.testing.assert_close(torch.tensor(fig.data[0].z), ll.top_probs[..., 0])
-    torch.testing.assert_close(torch.tensor(plots.logit_lens_heatmap(ll, value="final").data[0].z), ll.final_prob)
+    torch.testing.assert_close(torch.tensor(inspection.logit_lens_heatmap(ll, value="final").data[0].z), ll.final_prob)
     with pytest.raises(LenslabError, match="'top' or 'final'"):
-        plots.logit_lens_heatmap(ll, value="nope")
+        inspection.logit_lens_heatmap(ll, value="nope")
 
-    preds = lens.top_predictions(tiny_model, TINY_PROMPT, k=4)
-    bar = plots.predictions_bar(preds, model=name)
+    preds = inspection.top_predictions(tiny_model, TINY_PROMPT, k=4)
+    bar = inspection.predictions_bar(preds, model=name)
     assert list(bar.data[0].x) == [p.prob for p in preds] and name in bar.layout.title.text
 
 
 def test_model_card_and_default_prompt(tiny_zoo_dir, tiny_model):
-    card = lens.model_card(tiny_model)
+    card = inspection.model_card(tiny_model)
     assert card.startswith("# tiny") and "| layers | `2` |" in card
     assert zoo.default_prompt(str(tiny_zoo_dir)) == "t1 t2 t3 t1 t2"
     assert zoo.default_prompt("gpt2") is None and zoo.default_prompt("zoo/does-not-exist") is None
     for name in zoo.zoo_names():
-        assert zoo.read_card(name).strip()[:40] in lens.model_card(lenslab.load_model(name, device="cpu"))
+        assert zoo.read_card(name).strip()[:40] in inspection.model_card(lenslab.load_model(name, device="cpu"))
+
+
+def test_predictions_and_logit_lens_are_results(tiny_model):
+    """`top_predictions` returns `Predictions`, still the list of `Prediction` tuples it was;
+    `LogitLens` and `Predictions` draw the figures the Model page shows and round-trip JSON."""
+    preds = inspection.top_predictions(tiny_model, TINY_PROMPT, k=4)
+    as_list = list(preds)
+    assert isinstance(preds, inspection.Predictions) and all(isinstance(p, inspection.Prediction) for p in as_list)
+    assert preds == as_list and preds[1:] == as_list[1:] and preds[-1] is as_list[-1] and len(preds) == 4
+    assert preds.table()["id"].tolist() == [p.id for p in preds]
+    assert preds.figure().to_dict() == inspection.predictions_bar(preds, model=preds.model).to_dict()
+    assert inspection.Predictions.from_json(preds.to_json()) == preds
+
+    ll = inspection.logit_lens(tiny_model, TINY_PROMPT, k=2)
+    assert ll.figure().to_dict() == inspection.logit_lens_heatmap(ll).to_dict()
+    df = ll.table()
+    assert len(df) == ll.top_ids.numel() and df["layer"].iloc[-1] == "final_post"
+    assert df["prob"].tolist() == ll.top_probs.flatten().tolist()
+    back = inspection.LogitLens.from_json(ll.to_json())
+    assert torch.equal(back.top_ids, ll.top_ids) and torch.equal(back.final_prob, ll.final_prob)
+
+
+def test_deprecated_aliases_warn_and_reexport():
+    import importlib
+    import sys
+
+    for name, names in [
+        ("lenslab.lens", ["logit_lens", "top_predictions", "LogitLens"]),
+        ("lenslab.plots", ["attention_heatmap", "predictions_bar"]),
+    ]:
+        sys.modules.pop(name, None)
+        with pytest.warns(DeprecationWarning, match="use lenslab.inspection"):
+            mod = importlib.import_module(name)
+        assert all(getattr(mod, n) is getattr(inspection, n) for n in names)

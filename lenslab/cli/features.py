@@ -112,8 +112,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """`lenslab sae train`: a zoo model's built-in corpus and recipe, or --corpus FILE."""
     from lenslab.probes import sae as S  # deferred: keeps CLI start-up fast
-    from lenslab.probes import zoo_saes  # deferred: keeps CLI start-up fast
     from lenslab.probes.features import read_corpus  # deferred: keeps CLI start-up fast
+    from lenslab.zoo import train_saes as zoo_saes  # deferred: keeps CLI start-up fast
 
     out = out_path(args)
     settings = {k: getattr(args, k) for k in ("d_sae", "k", "l1", "lr", "training_tokens", "batch_size_tokens", "seed")}
@@ -201,7 +201,7 @@ def cmd_lookup(args: argparse.Namespace) -> int:
     out = out_path(args)
     model, sae = _model_and_sae(args)
     res = F.lookup(model, sae, args.prompt, k=args.k)
-    print(res.table())
+    print(res.to_text())
     if out is not None:
         print(f"lenslab: wrote {export(res, out)}")
     return 0
@@ -230,7 +230,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     out = out_path(args)
     res = F.search(args.store, token=args.token, substring=args.substring, feature=args.feature, k=args.k, by=args.by)
-    print(res.table())
+    print(res.to_text())
     if out is not None:
         print(f"lenslab: wrote {export(res, out)}")
     return 0

@@ -4,7 +4,8 @@ Each zoo model is a folder beside this file (`lenslab/zoo/<name>/`) holding
 `config.json`, `model.safetensors`, the tokenizer (`tokenizer.json`,
 `tokenizer_config.json`) and `card.md`. The script that rebuilds it is
 `lenslab/zoo/train_<name with - as _>.py`, exposing `train(out_dir, seed=0) -> None`,
-run by `lenslab zoo train NAME`.
+run by `lenslab zoo train NAME`. A model's SAEs live in `<name>/saes/<hook>/`, rebuilt by
+`lenslab/zoo/train_saes.py` (`lenslab sae train`).
 
 Two formats:
 - ``"lenslab_format": "hooked_transformer"``: a TransformerLens `HookedTransformerConfig`
@@ -61,9 +62,16 @@ def zoo_names() -> list[str]:
     return [e.name for e in zoo_entries()]
 
 
+NOT_MODEL_RECIPES = ("train_saes",)  # training recipes that build no model: the zoo's SAEs (`lenslab sae train`)
+
+
 def trainable_names() -> list[str]:
     """Zoo models that have a training script (`train_<name>.py`)."""
-    return sorted(PREFIX + p.stem.removeprefix("train_").replace("_", "-") for p in ZOO_DIR.glob("train_*.py"))
+    return sorted(
+        PREFIX + p.stem.removeprefix("train_").replace("_", "-")
+        for p in ZOO_DIR.glob("train_*.py")
+        if p.stem not in NOT_MODEL_RECIPES
+    )
 
 
 def zoo_path(name: str) -> Path:
@@ -242,8 +250,14 @@ def word_tokenizer(words: list[str]):
 
     Splits on whitespace and punctuation, so every word (e.g. every IOI name) is one token.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import (  # deferred: tokenizers loads only when a tokenizer is built
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
+    from transformers import PreTrainedTokenizerFast  # deferred: transformers loads only for Hugging Face checkpoints
 
     vocab: dict[str, int] = {}
     for tok in [*SPECIAL_TOKENS.values(), *words]:
@@ -264,7 +278,7 @@ def word_tokenizer(words: list[str]):
 
 def save_hooked(model, tokenizer, out_dir: str | Path, *, summary: str, card: str, extra: dict | None = None) -> None:
     """Write a HookedTransformer zoo model: config.json, model.safetensors, tokenizer, card.md."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # deferred: safetensors loads only when a file is read or written
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -283,9 +297,12 @@ def save_hooked(model, tokenizer, out_dir: str | Path, *, summary: str, card: st
 def load_hooked(folder: str | Path, device: torch.device, dtype: torch.dtype):
     """Load a `hooked_transformer` zoo folder as a HookedTransformer on `device` in `dtype`."""
 
-    from safetensors.torch import load_file
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformers import PreTrainedTokenizerFast
+    from safetensors.torch import load_file  # deferred: safetensors loads only when a file is read or written
+    from transformer_lens import (  # deferred: transformer_lens loads only when a model is built
+        HookedTransformer,
+        HookedTransformerConfig,
+    )
+    from transformers import PreTrainedTokenizerFast  # deferred: transformers loads only for Hugging Face checkpoints
 
     folder = Path(folder)
     meta = json.loads((folder / "config.json").read_text())
@@ -313,7 +330,7 @@ def load_hooked(folder: str | Path, device: torch.device, dtype: torch.dtype):
 
 
 def _cfg_init_fields() -> set[str]:
-    from transformer_lens import HookedTransformerConfig
+    from transformer_lens import HookedTransformerConfig  # deferred: transformer_lens loads only when a model is built
 
     return {f.name for f in dataclasses.fields(HookedTransformerConfig) if f.init} - {"device", "dtype", "n_devices"}
 

@@ -61,7 +61,7 @@ class TrainConfig:
 
 
 def _model_config(d_vocab: int, tc: TrainConfig, seed: int):
-    from transformer_lens import HookedTransformerConfig
+    from transformer_lens import HookedTransformerConfig  # deferred: transformer_lens loads only when a model is built
 
     return HookedTransformerConfig(
         n_layers=2,
@@ -168,7 +168,7 @@ def verify(model, tc: TrainConfig, seed: int = 1234) -> dict:
 
 def train(out_dir: str | Path, seed: int = 0, config: TrainConfig | None = None) -> None:
     """Train the model with `seed` and write the zoo folder (weights, tokenizer, card) to `out_dir`."""
-    from transformer_lens import HookedTransformer
+    from transformer_lens import HookedTransformer  # deferred: transformer_lens loads only when a model is built
 
     tc = config or TrainConfig()
     old_threads = torch.get_num_threads()

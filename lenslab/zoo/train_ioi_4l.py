@@ -42,7 +42,7 @@ SUMMARY = "4-layer transformer trained on procedural IOI sentences (word-level n
 
 
 def _config(d_vocab: int, seed: int):
-    from transformer_lens import HookedTransformerConfig
+    from transformer_lens import HookedTransformerConfig  # deferred: transformer_lens loads only when a model is built
 
     return HookedTransformerConfig(
         n_layers=4,
@@ -236,7 +236,7 @@ def train(out_dir, seed: int = 0, steps: int = STEPS, threads: int = 1) -> None:
     One torch thread by default: on a shared 2-core machine a second thread made each step
     7x slower (0.24 s -> 1.7 s), and one thread keeps the float arithmetic reproducible.
     """
-    from transformer_lens import HookedTransformer
+    from transformer_lens import HookedTransformer  # deferred: transformer_lens loads only when a model is built
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -295,7 +295,7 @@ def write_card(out_dir, training: dict | None = None) -> None:
 
     `training` (steps, batch, lr, seed, seconds, log) defaults to what config.json holds.
     """
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # deferred: transformers loads only for Hugging Face checkpoints
 
     out_dir = Path(out_dir)
     meta = json.loads((out_dir / "config.json").read_text())

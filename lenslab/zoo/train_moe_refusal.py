@@ -57,7 +57,7 @@ DEFAULT_PROMPT = "user : reverse apple bomb river assistant :"
 
 def config(vocab_size: int, tok):
     """The MixtralConfig of zoo/moe-refusal."""
-    from transformers import MixtralConfig
+    from transformers import MixtralConfig  # deferred: transformers loads only for Hugging Face checkpoints
 
     return MixtralConfig(
         vocab_size=vocab_size,
@@ -155,8 +155,10 @@ def train(out_dir, seed: int = 0, steps: int = STEPS, threads: int = 1, switch_o
     `switch_off=False` skips the switched-off pass (the refusal then need not depend on the
     planted experts); one torch thread keeps the float arithmetic reproducible.
     """
-    from transformers import MixtralForCausalLM
-    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+    from transformers import MixtralForCausalLM  # deferred: transformers loads only for Hugging Face checkpoints
+    from transformers.models.mixtral.modeling_mixtral import (
+        load_balancing_loss_func,  # deferred: transformers loads only for Hugging Face checkpoints
+    )
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

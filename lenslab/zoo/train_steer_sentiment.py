@@ -35,7 +35,7 @@ SUMMARY = "3-layer language model over review sentences whose sentiment (positiv
 
 
 def _config(d_vocab: int, seed: int):
-    from transformer_lens import HookedTransformerConfig
+    from transformer_lens import HookedTransformerConfig  # deferred: transformer_lens loads only when a model is built
 
     return HookedTransformerConfig(
         n_layers=3,
@@ -92,7 +92,7 @@ def evaluate(model, n: int = 120, seed: int = 5000) -> dict:
 
 def train(out_dir, seed: int = 0, steps: int = STEPS, threads: int = 1) -> None:
     """Train zoo/steer-sentiment and write it (weights, tokenizer, config.json, card.md) to `out_dir`."""
-    from transformer_lens import HookedTransformer
+    from transformer_lens import HookedTransformer  # deferred: transformer_lens loads only when a model is built
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

@@ -15,7 +15,8 @@ This package re-exports every public name of its modules, one job each:
 - `lenslab.probes.features.token_lookup`: `lookup` -> `LookupResult`.
 - `lenslab.probes.features.dashboard`: `FeatureDashboard` (figure, JSON, standalone HTML page).
 - `lenslab.probes.features.searching`: `search` -> `SearchResult` of `FeatureHit`s.
-- `lenslab.probes.features.corpora`: `corpus_for` (a zoo model's built-in corpus), `read_corpus`.
+- `lenslab.probes.features.corpora`: `read_corpus`, and `corpus_for` (a zoo model's built-in corpus,
+  from `lenslab.zoo.corpora`).
 - `lenslab.probes.features.plumbing`: `feature_acts`, `logit_effects`, model and SAE identities.
 """
 

@@ -1,9 +1,10 @@
-"""Corpora for a feature store: a zoo model's built-in corpus, corpus files, and their tokenization.
+"""Corpora for a feature store: corpus files and their tokenization.
 
-- `corpus_for`: the built-in corpus of a zoo model (what `--corpus zoo` means).
 - `read_corpus`: a `.txt`, `.json` or `.jsonl` corpus file.
 - `tokenize_corpus` / `corpus_hash`: the token ids `index` stores per prompt, and their fingerprint
   (how a resumed run recognises its corpus).
+- `corpus_for`: the built-in corpus of a zoo model (what `--corpus zoo` means), re-exported from
+  `lenslab.zoo.corpora`, where the zoo's knowledge lives.
 """
 
 from __future__ import annotations
@@ -16,38 +17,10 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from lenslab import tasks, zoo
 from lenslab._errors import LenslabError
-from lenslab.data import ioi, refusal, sentiment
-from lenslab.toolbox import model_name
+from lenslab.zoo.corpora import corpus_for
 
 __all__ = ["corpus_for", "corpus_hash", "read_corpus", "tokenize_corpus"]
-
-
-def corpus_for(model, n: int = 256, seed: int = 0) -> list[str] | Tensor:
-    """The built-in corpus of a zoo model (what `--corpus zoo` means): documents like its training
-    data. steer-sentiment: `sentiment.documents`; ioi-4l: IOI prompts (clean and ABC-corrupted);
-    induction-2l: repeated random token blocks (`tasks.induction`, `[n, 2 * 16]` token ids);
-    moe-refusal: harmful and benign `refusal` prompts."""
-    name = model_name(model).removeprefix("zoo/")
-    if name == "steer-sentiment":
-        return sentiment.documents(n, seed=seed)
-    if name == "ioi-4l":
-        clean, corrupt, _, _ = ioi.make_ioi_prompts(model, n=max(1, (n + 1) // 2), seed=seed)
-        return [p for pair in zip(clean, corrupt) for p in pair][:n]
-    if name == "induction-2l":
-        return tasks.induction(model, n=n, seq_len=16, seed=seed).clean_tokens
-    if name == "moe-refusal":
-        a, _ = refusal.prompts((n + 1) // 2, "harmful", seed=seed)
-        b, _ = refusal.prompts(n // 2, "benign", seed=seed)
-        return [p for pair in zip(a, b) for p in pair] + a[len(b) :]
-
-    raise LenslabError(
-        f"no built-in corpus for model {name or '?'!r} (built-in: "
-        f"{', '.join(sorted({'zoo/steer-sentiment', 'zoo/ioi-4l', 'zoo/induction-2l', 'zoo/moe-refusal'} & set(zoo.zoo_names())))}); "
-        "pass a corpus file: one document per line (.txt), a JSON list of strings or of token-id lists, "
-        "or .jsonl with a 'text' field"
-    )
 
 
 def read_corpus(path: str | Path) -> list[str] | list[list[int]]:

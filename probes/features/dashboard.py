@@ -1,7 +1,8 @@
 """Feature dashboards: one feature from a store as a figure, Neuronpedia-like JSON and a standalone HTML page.
 
 `FeatureDashboard.from_store(store, feature)` gathers a feature's statistics, top contexts,
-activation histogram and logit effects; `to_html` writes the page with every context token shaded
+activation histogram and logit effects; `table()` lists the top contexts, `figure()` draws the
+histogram and logit effects, `to_html` writes the page with every context token shaded
 by the feature's activation (the app's Dashboard tab offers it as a download).
 """
 
@@ -18,13 +19,13 @@ from lenslab._errors import LenslabError
 from lenslab.figures import FORMATS, export
 from lenslab.probes.features.plumbing import LOGIT_K, check_feature, logit_summary
 from lenslab.probes.features.store import Context, FeatureStore
-from lenslab.results import JsonResult
+from lenslab.results import Result
 
 __all__ = ["FeatureDashboard"]
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class FeatureDashboard(JsonResult):
+class FeatureDashboard(Result):
     """One feature from a store: statistics, top contexts, activation histogram, logit effects.
 
     `to_dict()` / `to_json()` use Neuronpedia's feature field names (`modelId`, `layer`, `index`,
@@ -197,6 +198,26 @@ class FeatureDashboard(JsonResult):
             provenance=d.get("provenance") or {},
         )
 
+    def table(self):
+        """One row per top activating context, strongest first: rank, prompt_id, pos, activation,
+        the token there and the context window's text."""
+        import pandas as pd  # deferred: pandas loads only when a table is asked for
+
+        return pd.DataFrame(
+            [
+                {
+                    "rank": r,
+                    "prompt_id": c.prompt_id,
+                    "pos": c.pos,
+                    "activation": c.act,
+                    "token": c.tokens[c.index] if 0 <= c.index < len(c.tokens) else "",
+                    "context": "".join(c.tokens),
+                }
+                for r, c in enumerate(self.contexts)
+            ],
+            columns=["rank", "prompt_id", "pos", "activation", "token", "context"],
+        )
+
     def title(self) -> str:
         return f"Feature {self.feature} · {self.hook} · model {self.model}"
 
@@ -232,7 +253,7 @@ class FeatureDashboard(JsonResult):
         fig.update_xaxes(type="log", title_text="activation (log scale)", row=1, col=1)
         fig.update_yaxes(title_text="tokens", row=1, col=1)
         logit_rows = list(reversed(self.neg_logits)) + list(self.pos_logits)[::-1]
-        labels = figures._uniq([repr(t) for t, _ in logit_rows])
+        labels = figures.unique_labels([repr(t) for t, _ in logit_rows])
         fig.add_trace(
             go.Bar(
                 x=[v for _, v in logit_rows],

@@ -1,4 +1,5 @@
-"""Search: features by a token, by tokens containing a substring, or one feature's summary, over a store."""
+"""Search: features by a token, by tokens containing a substring, or one feature's summary, over a store
+(`search` -> `SearchResult`: `table()`, one row per hit; `to_text()`; `figure()`, bars; JSON)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 from lenslab import figures
 from lenslab._errors import LenslabError, did_you_mean
 from lenslab.probes.features.store import FeatureStore
-from lenslab.results import JsonResult
+from lenslab.results import Result
 
 __all__ = ["SEARCH_ORDERS", "FeatureHit", "SearchResult", "search"]
 
@@ -46,7 +47,7 @@ class FeatureHit:
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class SearchResult(JsonResult):
+class SearchResult(Result):
     """What `search` found: the query and the hits, strongest first."""
 
     query: dict
@@ -77,7 +78,8 @@ class SearchResult(JsonResult):
             store=d["store"],
         )
 
-    def to_dataframe(self):
+    def table(self):
+        """One row per hit, strongest first: feature, max_act, mean_act, n_fire, share, density, tokens."""
         import pandas as pd  # deferred: pandas loads only when a table is asked for
 
         return pd.DataFrame(
@@ -85,7 +87,8 @@ class SearchResult(JsonResult):
             columns=["feature", "max_act", "mean_act", "n_fire", "share", "density", "tokens"],
         )
 
-    def table(self) -> str:
+    def to_text(self) -> str:
+        """A plain-text table, one line per hit (what `lenslab sae search` prints)."""
         lines = [f"{'feature':>7}  {'max':>8}  {'mean':>8}  {'fires':>6}  {'share':>6}  {'density':>8}  tokens"]
         for h in self.hits:
             toks = " ".join(repr(t) for t in h.tokens[:6])
@@ -96,6 +99,7 @@ class SearchResult(JsonResult):
         return "\n".join(lines)
 
     def figure(self):
+        """The hits' maximum activations as bars, strongest first."""
         import plotly.graph_objects as go  # deferred: plotly loads only when a figure is drawn
 
         fig = go.Figure(

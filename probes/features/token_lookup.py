@@ -1,4 +1,5 @@
-"""Lookup: which SAE features fire on each token of a prompt (`lookup` -> `LookupResult`)."""
+"""Lookup: which SAE features fire on each token of a prompt (`lookup` -> `LookupResult`: `table()`, a
+long DataFrame; `to_text()`, one line per token; `figure()`, a token x feature heatmap; JSON)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import torch
 from lenslab import figures
 from lenslab._errors import LenslabError
 from lenslab.probes.features.plumbing import check_pair, feature_acts, sae_identity, str_tokens
-from lenslab.results import JsonResult, provenance
+from lenslab.results import Result, provenance
 
 __all__ = ["LookupResult", "lookup"]
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class LookupResult(JsonResult):
+class LookupResult(Result):
     """The top-k features of each token of one prompt.
 
     Attributes:
@@ -51,17 +52,8 @@ class LookupResult(JsonResult):
         """The firing (feature, activation) pairs of the token at `pos`."""
         return self.rows()[pos]["features"]
 
-    def table(self) -> str:
-        """A plain-text table, one line per token."""
-        w = max((len(repr(t)) for t in self.tokens), default=4)
-        lines = [f"{'pos':>3}  {'token':<{w}}  top features (activation)"]
-        for r in self.rows():
-            feats = ", ".join(f"f{f} ({v:.3g})" for f, v in r["features"]) or "-"
-            lines.append(f"{r['pos']:>3}  {repr(r['token']):<{w}}  {feats}")
-        return "\n".join(lines)
-
-    def to_dataframe(self):
-        """Long format: pos, token, rank, feature, activation (firing features only)."""
+    def table(self):
+        """Long format, one row per firing feature of each token: pos, token, rank, feature, activation."""
         import pandas as pd  # deferred: pandas loads only when a table is asked for
 
         recs = [
@@ -70,6 +62,16 @@ class LookupResult(JsonResult):
             for j, (f, v) in enumerate(r["features"])
         ]
         return pd.DataFrame(recs, columns=["pos", "token", "rank", "feature", "activation"])
+
+    def to_text(self) -> str:
+        """A plain-text table, one line per token: its firing features and activations (what
+        `lenslab sae lookup` prints)."""
+        w = max((len(repr(t)) for t in self.tokens), default=4)
+        lines = [f"{'pos':>3}  {'token':<{w}}  top features (activation)"]
+        for r in self.rows():
+            feats = ", ".join(f"f{f} ({v:.3g})" for f, v in r["features"]) or "-"
+            lines.append(f"{r['pos']:>3}  {repr(r['token']):<{w}}  {feats}")
+        return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {
@@ -105,7 +107,7 @@ class LookupResult(JsonResult):
         """Token x feature heatmap of the union features' activations (hover: token, feature, value)."""
         import plotly.graph_objects as go  # deferred: plotly loads only when a figure is drawn
 
-        toks = figures._uniq([f"{i} {t!r}" for i, t in enumerate(self.tokens)])
+        toks = figures.unique_labels([f"{i} {t!r}" for i, t in enumerate(self.tokens)])
         cols = [f"f{f}" for f in self.union]
         z = self.matrix if self.union else [[0.0] for _ in self.tokens]
         fig = go.Figure(

@@ -126,3 +126,30 @@ def test_attribute_errors(mlp_model, linear_model):
         circuits.attribute(linear_model, tasks.induction(linear_model, n=2, seq_len=4), "atp", "mlp_out")
     with pytest.raises(lenslab.LenslabError, match="returned nan"):
         circuits.attribute(mlp_model, task, "atp", "resid_pre", metric=lambda l: l.mean() * float("nan"))
+
+
+def test_attribute_returns_one_result_type(linear_model):
+    """`attribute` returns an `AttributionResult` for one site or several: a read-only mapping
+    site -> PatchResult whose table, figure and JSON cover every site."""
+    from lenslab.circuits.attribution import AttributionResult
+
+    task = tasks.induction(linear_model, n=2, seq_len=4, seed=1)
+    one = circuits.attribute(linear_model, task, "atp", "resid_pre", progress=False)
+    res = circuits.attribute(linear_model, task, "atp", ["resid_pre", "z_by_pos"], progress=False)
+    assert isinstance(one, AttributionResult) and isinstance(res, AttributionResult)
+    assert list(res) == res.sites == ["resid_pre", "z_by_pos"] and len(one) == 1 and "z_by_pos" in res
+    assert torch.equal(one["resid_pre"].scores, res["resid_pre"].scores) and res.method == "atp"
+    assert dict(res.items()) == {s: res[s] for s in res.sites}
+    with pytest.raises(TypeError):
+        res["z"] = res["resid_pre"]  # read-only
+    with pytest.raises(KeyError, match="no site 'mlp_out'"):
+        res["mlp_out"]
+    df = res.table()
+    assert df.columns[0] == "site" and len(df) == sum(r.scores.numel() for r in res.values())
+    assert df[df.site == "resid_pre"]["score"].tolist() == res["resid_pre"].scores.flatten().tolist()
+    assert one.figure().to_dict() == one["resid_pre"].figure().to_dict()
+    fig = res.figure()
+    assert len(fig.data) == 2 and [a.text for a in fig.layout.annotations][1].startswith("z_by_pos (summed over")
+    torch.testing.assert_close(torch.tensor(fig.data[1].z), res["z_by_pos"].scores.sum(-1))
+    back = AttributionResult.from_json(res.to_json())
+    assert back.sites == res.sites and all(torch.equal(back[s].scores, res[s].scores) for s in res)

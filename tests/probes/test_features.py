@@ -157,6 +157,8 @@ def test_planted_feature_fires_exactly_on_its_token(model, sae, docs, store_path
     one = F.search(store_path, feature=PLANTED)
     assert one.hits[0].tokens == [WORD] and one.hits[0].n_fire == n_word
     assert F.SearchResult.from_json(hits.to_json()).features == hits.features
+    assert hits.table()["feature"].tolist() == hits.features  # one row per hit
+    assert hits.to_text().splitlines()[1].split()[0] == str(PLANTED)  # the text `lenslab sae search` prints
     # lookup on a new prompt: the planted feature is top-1 on each 'terrible' and absent elsewhere
     res = F.lookup(model, sae, "the walk was terrible and i felt terrible about the terrible movie .", k=3)
     assert [i for i, tok in enumerate(res.tokens) if tok == WORD] == [4, 8, 11]
@@ -166,6 +168,9 @@ def test_planted_feature_fires_exactly_on_its_token(model, sae, docs, store_path
             assert feats[0] == PLANTED
         else:
             assert PLANTED not in feats
+    df = res.table()  # one row per firing feature of each token
+    assert df[df.feature == PLANTED]["pos"].tolist() == [4, 8, 11] and (df[df.feature == PLANTED]["rank"] == 0).all()
+    assert res.to_text().splitlines()[1 + 4].split()[1:3] == [repr(WORD), f"f{PLANTED}"]
     got = F.LookupResult.from_json(res.to_json())
     assert got.features == res.features and got.union == res.union and PLANTED in got.union
     fig = res.figure()

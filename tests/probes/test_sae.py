@@ -3,7 +3,9 @@ metrics against sae-lens's own evaluation code, training with sae-lens's runner,
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
 
 import pytest
 import torch
@@ -182,6 +184,12 @@ def test_metrics_padding_and_loss_mask(tiny_model):
     assert mm.n_predictions == 2
     assert mm.ce_loss_clean == pytest.approx(per_tok[mask].mean().item(), rel=1e-5)
     assert mm.mse == pytest.approx(m.mse) and mm.l0 == pytest.approx(m.l0)  # the mask only touches the losses
+    values = dict(zip(m.table()["metric"], m.table()["value"]))  # one row per metric
+    assert values["ce_loss_clean"] == m.ce_loss_clean and values["n_tokens"] == 16
+    assert (
+        m.to_markdown().startswith("| metric | value |")
+        and f"| next-token loss, clean | {m.ce_loss_clean:.4f} |" in m.to_markdown()
+    )
     with pytest.raises(LenslabError, match="loss_mask must be"):
         S.sae_metrics(tiny_model, sae, toks, loss_mask=mask[:, :3])
 
@@ -293,13 +301,13 @@ def test_cli_sae_train(tiny_zoo_dir, tmp_path, capsys):
 # --- the shipped zoo SAEs -----------------------------------------------------------------------
 @pytest.mark.parametrize("name,rec_all,rec_obj,ev", SHIPPED, ids=[s[0].split("/")[1] for s in SHIPPED])
 def test_shipped_sae_matches_its_card(zoo_models, name, rec_all, rec_obj, ev):
-    from lenslab.probes import zoo_saes
+    from lenslab.zoo import train_saes
 
     model_name = "/".join(name.split("/")[:2])
     model = zoo_models(model_name)
     sae = S.load_sae(name, model=model)
-    held = zoo_saes.held_out(model_name, model)
-    got = zoo_saes.measure(model, sae, held)
+    held = train_saes.held_out(model_name, model)
+    got = train_saes.measure(model, sae, held)
     stored = S.read_metrics(name)
     assert list(got) == list(stored)
     card = S.read_sae_card(name)
@@ -325,8 +333,22 @@ def test_shipped_sae_matches_its_card(zoo_models, name, rec_all, rec_obj, ev):
     assert f"| L0 (active features per token) | {first.l0:.2f} |" in card
     assert f"{first.dead_fraction:.1%} of {first.d_sae}" in card
     assert f"| explained variance | {first.explained_variance:.3f} |" in card
+    assert "(deterministic; `lenslab/zoo/train_saes.py`)" in card  # the rebuild line build_zoo_sae writes
     cfg = json.loads((S.zoo_sae_path(name) / "cfg.json").read_text())
     assert cfg["metadata"]["model_name"] == model_name and cfg["metadata"]["hook_name"] == sae.cfg.metadata.hook_name
+
+
+def test_zoo_saes_is_a_deprecated_alias_of_the_zoo_recipe():
+    """`lenslab.probes.zoo_saes` moved to `lenslab.zoo.train_saes`; importing the old module warns, for one release."""
+    from lenslab.zoo import train_saes
+
+    sys.modules.pop("lenslab.probes.zoo_saes", None)  # a fresh import, so that it warns again
+    with pytest.warns(DeprecationWarning, match="lenslab.probes.zoo_saes is deprecated; use lenslab.zoo.train_saes"):
+        old = importlib.import_module("lenslab.probes.zoo_saes")
+    assert old.build_zoo_sae is train_saes.build_zoo_sae and old.rebuild_zoo_saes is train_saes.rebuild_zoo_saes
+    assert old.recipe is train_saes.recipe and old.RECIPES is train_saes.RECIPES
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = old.nope
 
 
 def test_hook_z_reshaping_sae_equals_the_flat_one(tiny_model):

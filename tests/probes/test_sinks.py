@@ -14,6 +14,7 @@ import torch
 from lenslab import LenslabError, figures
 from lenslab.probes import sinks as S
 from lenslab.probes import super_experts as SE
+from lenslab.zoo import planted as P
 
 torch.set_num_threads(1)
 MAIN = Path(__file__).resolve().parents[2] / "app" / "main.py"
@@ -21,13 +22,13 @@ MAIN = Path(__file__).resolve().parents[2] / "app" / "main.py"
 
 @pytest.fixture(scope="module")
 def planted():
-    return S.planted_model(), S.planted_tokens(batch=4, seq_len=32)
+    return P.planted_model(), P.planted_tokens(batch=4, seq_len=32)
 
 
 def test_planted_sink_and_massive_activation_are_found_exactly(planted):
     model, toks = planted
     sinks = S.attention_sinks(model, toks)
-    assert sinks.sink_heads() == [S.PLANTED["sink_head"]]
+    assert sinks.sink_heads() == [P.PLANTED["sink_head"]]
     assert sinks.attn_to_first[1, 0] > 0.999
     # every other head is near-uniform: alpha_0 = H_32 / 32
     h = sum(1 / (t + 1) for t in range(32)) / 32
@@ -36,11 +37,22 @@ def test_planted_sink_and_massive_activation_are_found_exactly(planted):
     assert torch.allclose(sinks.attn_to_first[others], torch.full((3,), h), atol=0.02)
     assert sinks.sink_rate == pytest.approx(0.25)
     m = S.massive_activations(model, toks)
-    assert m.massive_dims == [S.PLANTED["massive_dim"]]
+    assert m.massive_dims == [P.PLANTED["massive_dim"]]
     assert m.massive_positions == [0]
     assert {(e["layer"], e["dim"], e["pos"]) for e in m.massive} == {(0, 7, 0), (1, 7, 0)}
     assert len(m.massive) == 2 * 4  # two layers x four samples, nothing else
     assert all(e["value"] == pytest.approx(1000.0) and e["ratio"] > 1000 for e in m.massive)
+
+
+def test_the_planted_models_old_names_are_deprecated_aliases():
+    """`sinks.planted_model` etc. moved to `lenslab.zoo.planted`; the old names warn, for one release."""
+    for name in ("PLANTED", "PLANTED_MOE", "planted_model", "planted_moe_model", "planted_tokens"):
+        with pytest.warns(DeprecationWarning, match=f"sinks.{name} is deprecated; use lenslab.zoo.planted.{name}"):
+            alias = getattr(S, name)
+        assert alias is getattr(P, name)
+        assert name not in S.__all__
+    with pytest.raises(AttributeError, match="no attribute 'planted_nothing'"):
+        _ = S.planted_nothing
 
 
 def test_zeroing_the_massive_activation_removes_the_sink_and_the_mean_keeps_it(planted):

@@ -24,6 +24,7 @@ import lenslab
 from lenslab import LenslabError, figures
 from lenslab.probes import sinks as S
 from lenslab.probes import super_experts as SE
+from lenslab.zoo import planted as P
 
 MAIN = Path(__file__).resolve().parents[2] / "app" / "main.py"
 D, LAYERS, E, K = 32, 2, 4, 2  # the tiny_moe_dir checkpoints
@@ -97,7 +98,7 @@ def _hf_reference(folder: Path, ids: torch.Tensor):
 # --- the planted model ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def planted():
-    return S.planted_moe_model(), S.planted_tokens(batch=4, seq_len=32)
+    return P.planted_moe_model(), P.planted_tokens(batch=4, seq_len=32)
 
 
 def test_planted_super_expert_massive_activation_and_sink_are_found_exactly(planted):
@@ -105,7 +106,7 @@ def test_planted_super_expert_massive_activation_and_sink_are_found_exactly(plan
     prof = SE.profile_experts(model, toks)
     assert prof.layers == [0, 1] and prof.n_experts == 4 and not prof.shared and prof.cutoff == 2
     assert prof.value(0, 2) == pytest.approx(SE_VALUE, rel=1e-5)  # 999.95
-    assert (int(prof.channel[0, 2]), int(prof.pos[0, 2])) == (S.PLANTED_MOE["massive_dim"], 0)
+    assert (int(prof.channel[0, 2]), int(prof.pos[0, 2])) == (P.PLANTED_MOE["massive_dim"], 0)
     assert float(prof.input_max[0, 2]) == pytest.approx(SE_VALUE / 10, rel=1e-5)  # silu(10) x 10
     others = prof.output_max.clone()
     others[0, 2] = 0
@@ -113,7 +114,7 @@ def test_planted_super_expert_massive_activation_and_sink_are_found_exactly(plan
     assert int(prof.tokens.sum()) == 2 * 4 * 32 * 2  # layers x tokens x top-2
     assert int(prof.tokens[0, 2]) >= 4  # at least every BOS
     found = prof.super_experts()
-    assert found.experts == [S.PLANTED_MOE["super_expert"]] and found.labels == ["L0e2"]
+    assert found.experts == [P.PLANTED_MOE["super_expert"]] and found.labels == ["L0e2"]
     assert found.population == 8
     vals = prof.output_max.flatten().double().numpy()
     assert found.thresholds["percentile"] == pytest.approx(np.percentile(vals, 99.5), rel=1e-6)
@@ -128,7 +129,7 @@ def test_planted_super_expert_massive_activation_and_sink_are_found_exactly(plan
     assert len(m.massive) == 2 * 4
     assert all(e["value"] == pytest.approx(SE_VALUE, rel=1e-3) for e in m.massive)  # x gate weight ~1
     sinks = S.attention_sinks(model, toks)
-    assert sinks.sink_heads() == [S.PLANTED_MOE["sink_head"]]
+    assert sinks.sink_heads() == [P.PLANTED_MOE["sink_head"]]
     assert float(sinks.attn_to_first[1, 0]) > 0.999
     assert sinks.sink_rate == pytest.approx(0.25)
 
@@ -310,7 +311,7 @@ def test_json_round_trip_and_figure_export(planted, tmp_path):
 
 def test_bad_input_names_the_problem(planted, tiny_model):
     model, toks = planted
-    for dense in (S.planted_model(), tiny_model):
+    for dense in (P.planted_model(), tiny_model):
         with pytest.raises(LenslabError, match="super experts need an MoE model"):
             SE.profile_experts(dense, toks)
         with pytest.raises(LenslabError, match="super experts need an MoE model"):
