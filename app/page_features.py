@@ -13,7 +13,6 @@ model, SAE (hook and weights hash) and corpus.
 from __future__ import annotations
 
 import hashlib
-import html
 import os
 import re
 from pathlib import Path
@@ -214,21 +213,6 @@ with lookup_tab:
 
 
 # --- Dashboard ---------------------------------------------------------------------------------------
-def contexts_html(dash) -> str:
-    """Top contexts, each token shaded by the feature's activation (hover: the value)."""
-    top = max([dash.max_act] + [max(c.acts, default=0.0) for c in dash.contexts]) or 1.0
-    rows = []
-    for c in dash.contexts:
-        spans = "".join(
-            f'<span title="{a:.4g}" style="background: rgba(230, 85, 13, {max(0.0, min(1.0, a / top)):.3f});'
-            f'{" outline: 1px solid #333;" if i == c.index else ""} padding: 1px 0">'
-            f"{html.escape(t).replace(' ', '&nbsp;') or '&nbsp;'}</span>"
-            for i, (t, a) in enumerate(zip(c.tokens, c.acts))
-        )
-        rows.append(f'<div style="font-family: monospace; margin: 3px 0"><b>{c.act:.3g}</b>&nbsp;&nbsp;{spans}</div>')
-    return "\n".join(rows) or "(the feature never fired on the indexed corpus)"
-
-
 with dash_tab:
     c1, c2 = st.columns([1, 3])
     f = int(c1.number_input("Feature", 0, d_sae - 1, key="feat_id"))
@@ -250,7 +234,7 @@ with dash_tab:
             m2.metric("Max activation", f"{dash.max_act:.4g}")
             m3.metric("Mean when firing", f"{dash.mean_act:.4g}")
             st.subheader("Top contexts")
-            st.markdown(contexts_html(dash), unsafe_allow_html=True)
+            st.markdown(dash.contexts_html(), unsafe_allow_html=True)
             st.plotly_chart(dash.figure(), key="feat_dash_fig")
             a, b = st.columns(2)
             a.dataframe([{"promoted": _shell.token_text(t), "logit": v} for t, v in dash.pos_logits], hide_index=True)

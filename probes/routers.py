@@ -35,6 +35,7 @@ torch.Size([8, 4, 2])
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,7 @@ __all__ = [
     "RouterResult",
     "activation_maps",
     "check_experts",
+    "expert_pairs",
     "expert_load",
     "ftri_rank",
     "has_moe",
@@ -190,25 +192,55 @@ def hf_router(model, layer: int):
     return hf
 
 
-def check_experts(model, experts, *, layers: list[MoeLayer] | None = None) -> list[tuple[int, int]]:
-    """Validate `(layer, expert)` pairs against the model's MoE layers; returns them as ints.
+def expert_pairs(experts, *, what: str = "expert", shared: bool = False) -> list[tuple[int, int]]:
+    """`(layer, expert)` pairs (an iterable of pairs, or `"L:E, ..."` text) -> int pairs, in order,
+    each once. The structure check every expert id goes through; `check_experts` adds the model's ranges.
 
-    Raises a `LenslabError` naming the bad id and the valid range (layers are block indices).
+    `shared=True` admits expert `-1` (or `"shared"`): a layer's shared expert. Raises a
+    `LenslabError` naming the bad entry (`what` names the list, e.g. "off")."""
+    if isinstance(experts, str):
+        experts = parse_experts(experts)
+    out: list[tuple[int, int]] = []
+    for pair in experts or ():
+        try:
+            layer, expert = pair
+            expert = labels.SHARED if shared and expert == "shared" else expert
+            if isinstance(layer, bool) or isinstance(expert, bool):
+                raise TypeError("a bool is not an id")
+            layer, expert = int(layer), int(expert)
+        except (TypeError, ValueError):
+            extra = " (expert -1: the shared expert)" if shared else ""
+            raise LenslabError(f"{what} {pair!r} is not a (layer, expert) pair of ints{extra}") from None
+        if layer < 0 or expert < (labels.SHARED if shared else 0):
+            raise LenslabError(f"{what} {(layer, expert)} is negative; layers and experts count from 0")
+        if (layer, expert) not in out:
+            out.append((layer, expert))
+    return out
+
+
+def check_experts(
+    model, experts, *, layers: Sequence | None = None, shared_layers: Collection[int] | None = None
+) -> list[tuple[int, int]]:
+    """Validate `(layer, expert)` pairs against the model's MoE layers; returns them as ints, in
+    order, each once (`expert_pairs` checks their structure first).
+
+    `layers` (default `moe_layers(model)`): anything with `.layer` and `.n_experts`. `shared_layers`:
+    the layers whose shared expert (id -1) may be named; None admits no shared expert. Raises a
+    `LenslabError` naming the bad id and the valid range (layers are block indices).
     """
     layers = layers if layers is not None else moe_layers(model)
-    by_layer = {m.layer: m for m in layers}
-    out = []
-    for pair in experts:
-        try:
-            layer, expert = (int(x) for x in pair)
-        except (TypeError, ValueError) as exc:
-            raise LenslabError(f"expert {pair!r} is not a (layer, expert) pair of ints") from exc
-        if layer not in by_layer:
-            raise LenslabError(f"layer {layer} is not a MoE layer of this model; MoE layers: {sorted(by_layer)}")
-        n = by_layer[layer].n_experts
-        if not 0 <= expert < n:
-            raise LenslabError(f"expert {expert} does not exist in layer {layer}: it has experts 0..{n - 1}")
-        out.append((layer, expert))
+    n_of = {m.layer: m.n_experts for m in layers}
+    out = expert_pairs(experts, shared=shared_layers is not None)
+    for layer, expert in out:
+        if layer not in n_of:
+            raise LenslabError(f"layer {layer} is not a MoE layer of this model; MoE layers: {sorted(n_of)}")
+        n = n_of[layer]
+        has_shared = shared_layers is not None and layer in shared_layers
+        if not (0 <= expert < n or (expert == labels.SHARED and has_shared)):
+            extra = ""
+            if shared_layers is not None:
+                extra = " or -1 (its shared expert)" if has_shared else " (it has no shared expert)"
+            raise LenslabError(f"expert {expert} does not exist in layer {layer}: it has experts 0..{n - 1}{extra}")
     return out
 
 

@@ -207,6 +207,22 @@ class SinkResult(JsonResult):
             provenance=d.get("provenance") or {},
         )
 
+    def attention_heatmap(self, *, showscale: bool = True):
+        """alpha_0 per head as one plotly Heatmap trace (rows `L<layer>`, columns `H<head>`), for the
+        side-by-side panels of the ablation and pruning figures."""
+        import plotly.graph_objects as go  # deferred: plotly loads only when a figure is drawn
+
+        return go.Heatmap(
+            z=tensor_list(self.attn_to_first),
+            x=[f"H{h}" for h in range(self.attn_to_first.shape[1])],
+            y=[f"L{l}" for l in self.layers],
+            colorscale="Blues",
+            zmin=0,
+            zmax=1,
+            showscale=showscale,
+            colorbar=dict(title="α₀"),
+        )
+
     def figure(self, value: str = "attention"):
         """Per-head heatmap (rows layers, columns heads) of alpha_0 (`value="attention"`), the
         value-weighted alpha_0 (`"value_weighted"`) or the share of samples past the threshold (`"fraction"`)."""
@@ -519,20 +535,7 @@ class AblationResult(JsonResult):
             col=2,
         )
         for j, s in enumerate((self.sinks_clean, self.sinks_ablated)):
-            fig.add_trace(
-                go.Heatmap(
-                    z=tensor_list(s.attn_to_first),
-                    x=[f"H{h}" for h in range(s.attn_to_first.shape[1])],
-                    y=[f"L{l}" for l in s.layers],
-                    colorscale="Blues",
-                    zmin=0,
-                    zmax=1,
-                    showscale=j == 1,
-                    colorbar=dict(title="α₀"),
-                ),
-                row=1,
-                col=3 + j,
-            )
+            fig.add_trace(s.attention_heatmap(showscale=j == 1), row=1, col=3 + j)
             fig.update_yaxes(autorange="reversed", row=1, col=3 + j)
         fig.update_layout(height=380, width=1100)
         return figures.style(

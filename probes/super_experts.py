@@ -164,33 +164,12 @@ def _include(include_layers) -> float:
 
 
 def _check_experts(sites: list[_Site], experts) -> list[tuple[int, int]]:
-    """(layer, expert) pairs (or a `SuperExperts`, or "L:E, ..." text) -> validated int pairs, in order, unique."""
+    """(layer, expert) pairs (or a `SuperExperts`, or "L:E, ..." text) -> validated int pairs, in
+    order, unique (`routers.check_experts`, with the layers' shared experts as id -1)."""
     if isinstance(experts, SuperExperts):
         experts = experts.experts
-    if isinstance(experts, str):
-        experts = routers.parse_experts(experts)
-    by = {s.layer: s for s in sites}
-    out: list[tuple[int, int]] = []
-    for pair in experts or []:
-        try:
-            layer, expert = pair
-            expert = SHARED if expert == "shared" else expert
-            layer, expert = int(layer), int(expert)
-        except (TypeError, ValueError) as exc:
-            raise LenslabError(
-                f"expert {pair!r} is not a (layer, expert) pair of ints (expert -1: the shared expert)"
-            ) from exc
-        if layer not in by:
-            raise LenslabError(f"layer {layer} is not a MoE layer of this model; MoE layers: {sorted(by)}")
-        site = by[layer]
-        if expert not in site.ids:
-            extra = " or -1 (its shared expert)" if site.shared is not None else " (it has no shared expert)"
-            raise LenslabError(
-                f"expert {expert} does not exist in layer {layer}: it has experts 0..{site.n_experts - 1}{extra}"
-            )
-        if (layer, expert) not in out:
-            out.append((layer, expert))
-    return out
+    shared = [s.layer for s in sites if s.shared is not None]
+    return routers.check_experts(None, experts, layers=sites, shared_layers=shared)
 
 
 # --- profiling -------------------------------------------------------------------------------
@@ -991,20 +970,7 @@ class SuperExpertAblation(JsonResult):
                 )
         fig.update_yaxes(type="log", row=1, col=3)
         for j, s in enumerate((self.sinks_clean, self.sinks_pruned)):
-            fig.add_trace(
-                go.Heatmap(
-                    z=sinks.tensor_list(s.attn_to_first),
-                    x=[f"H{h}" for h in range(s.attn_to_first.shape[1])],
-                    y=[f"L{l}" for l in s.layers],
-                    colorscale="Blues",
-                    zmin=0,
-                    zmax=1,
-                    showscale=j == 1,
-                    colorbar=dict(title="α₀"),
-                ),
-                row=1,
-                col=4 + j,
-            )
+            fig.add_trace(s.attention_heatmap(showscale=j == 1), row=1, col=4 + j)
             fig.update_yaxes(autorange="reversed", row=1, col=4 + j)
         fig.update_layout(height=400, width=1300)
         names = ", ".join(labels.expert(l, e) for l, e in self.experts)

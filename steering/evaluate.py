@@ -304,18 +304,25 @@ def behaviour_rates(
     texts = texts or continuations(
         model, interventions, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
     )
+    hits = {iv: {s: [bool(score(t)) for t in texts[iv][s]] for s in prompts} for iv in interventions}
+    prov = _prov(model, "behaviour_rates", interventions, max_new_tokens=max_new_tokens)
+    return _rate_table(hits, prompts, texts, metric, prov)
+
+
+def _rate_table(hits: dict, prompts: PromptSets, texts: dict, metric: str, prov: dict) -> RateTable:
+    """`hits[intervention][set]`: one bool per prompt -> the `RateTable` of their shares."""
+    interventions = tuple(hits)
     values = torch.tensor(
-        [[sum(bool(score(t)) for t in texts[iv][s]) / len(prompts[s]) for s in prompts] for iv in interventions],
-        dtype=torch.float64,
+        [[sum(hits[iv][s]) / len(prompts[s]) for s in prompts] for iv in interventions], dtype=torch.float64
     )
     return RateTable(
         values=values,
-        interventions=tuple(interventions),
+        interventions=interventions,
         sets=tuple(prompts),
         n=tuple(len(p) for p in prompts.values()),
         metric=metric,
         texts={iv: {s: texts[iv][s] for s in prompts} for iv in interventions},
-        provenance=_prov(model, "behaviour_rates", interventions, max_new_tokens=max_new_tokens),
+        provenance=prov,
     )
 
 
@@ -358,22 +365,9 @@ def answer_accuracy(
         t, a = canon(text), canon(ans)
         return t[: len(a)] == a if prefix else t == a
 
-    values = torch.tensor(
-        [
-            [sum(hit(t, a) for t, a in zip(texts[iv][s], answers[s])) / len(prompts[s]) for s in prompts]
-            for iv in interventions
-        ],
-        dtype=torch.float64,
-    )
-    return RateTable(
-        values=values,
-        interventions=tuple(interventions),
-        sets=tuple(prompts),
-        n=tuple(len(p) for p in prompts.values()),
-        metric="prefix match" if prefix else "exact match",
-        texts={iv: {s: texts[iv][s] for s in prompts} for iv in interventions},
-        provenance=_prov(model, "answer_accuracy", interventions, max_new_tokens=max_new_tokens),
-    )
+    hits = {iv: {s: [hit(t, a) for t, a in zip(texts[iv][s], answers[s])] for s in prompts} for iv in interventions}
+    prov = _prov(model, "answer_accuracy", interventions, max_new_tokens=max_new_tokens)
+    return _rate_table(hits, prompts, texts, "prefix match" if prefix else "exact match", prov)
 
 
 def _check_answers(prompts: PromptSets, answers) -> None:

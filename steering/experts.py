@@ -72,20 +72,6 @@ def edit_layer(edit: Edit) -> int:
     return int(m.group(1))
 
 
-def _pairs(pairs, what: str) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for pair in pairs or ():
-        try:
-            layer, expert = (int(x) for x in pair)
-        except (TypeError, ValueError):
-            raise LenslabError(f"{what} entry {pair!r} is not a (layer, expert) pair of ints") from None
-        if layer < 0 or expert < 0:
-            raise LenslabError(f"{what} entry {(layer, expert)} is negative; layers and experts count from 0")
-        if (layer, expert) not in out:
-            out.append((layer, expert))
-    return out
-
-
 def switch_experts(
     off: Iterable[tuple[int, int]] = (),
     on: Iterable[tuple[int, int]] = (),
@@ -112,7 +98,7 @@ def switch_experts(
     """
     if mode not in MODES:
         raise LenslabError(f"mode {mode!r} is not one of {', '.join(MODES)}{did_you_mean(str(mode), list(MODES))}")
-    off_p, on_p = _pairs(off, "off"), _pairs(on, "on")
+    off_p, on_p = routers.expert_pairs(off, what="off entry"), routers.expert_pairs(on, what="on entry")
     both = sorted(set(off_p) & set(on_p))
     if both:
         raise LenslabError(f"experts {both} are both switched off and forced on; list each in one of off / on")

@@ -110,7 +110,7 @@ def test_features_page_on_a_planted_sae(monkeypatch, tmp_path, planted_dir):
     assert any("complete" in s.value and "24 prompts" in s.value for s in at.success)
     # Dashboard: every top context is centred on 'terrible' with activation 1; downloads exist
     html = [m.value for m in at.markdown if "<span" in m.value]
-    assert html and html[0].count("<b>1</b>") >= 1 and "terrible" in html[0]
+    assert html and html[0].count(">1</b>") >= 1 and "terrible" in html[0]  # the context value, in bold
     labels = {b.label for b in at.get("download_button")}
     assert {"Dashboard HTML (standalone)", "JSON"} <= labels
     metrics = {m.label: m.value for m in at.metric}

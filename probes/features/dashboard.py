@@ -270,29 +270,37 @@ class FeatureDashboard(Result):
         fig.update_layout(height=max(420, 18 * len(logit_rows) + 160), width=1000)
         return figures.style(fig, self.title())
 
-    def to_html(self, path: str | Path | None = None) -> str:
-        """A standalone HTML page (plain HTML, inline plotly JS): statistics, contexts with every token
-        shaded by the feature's activation (hover shows the value), logit tables and the figure."""
-        esc = html.escape
+    def contexts_html(self) -> str:
+        """The top contexts as HTML rows (inline styles, so a Streamlit page and the standalone page
+        show the same): every token (`span.tok`) shaded by the feature's activation, hover shows the
+        value, the firing token outlined (`span.tok.here`)."""
         top = max([self.max_act] + [max(c.acts, default=0.0) for c in self.contexts]) or 1.0
 
         def tok_span(t: str, a: float, here: bool) -> str:
             alpha = max(0.0, min(1.0, a / top))
-            cls = ' class="here"' if here else ""
+            outline = " outline: 1px solid #333;" if here else ""
+            cls = "tok here" if here else "tok"
             return (
-                f'<span{cls} style="background: rgba(230, 85, 13, {alpha:.3f})" title="{a:.4g}">'
-                f"{esc(t).replace(' ', '&nbsp;') or '&nbsp;'}</span>"
+                f'<span class="{cls}" style="background: rgba(230, 85, 13, {alpha:.3f});{outline} padding: 1px 0" title="{a:.4g}">'
+                f"{html.escape(t).replace(' ', '&nbsp;') or '&nbsp;'}</span>"
             )
 
-        ctx_html = (
-            "\n".join(
-                f'<div class="ctx"><span class="val">{c.act:.4g}</span> <span class="where">prompt {c.prompt_id}, pos {c.pos}</span> '
-                + " ".join(tok_span(t, a, i == c.index) for i, (t, a) in enumerate(zip(c.tokens, c.acts)))
-                + "</div>"
-                for c in self.contexts
-            )
-            or "<p>(the feature never fired on the indexed corpus)</p>"
-        )
+        rows = [
+            '<div class="ctx" style="font-family: Menlo, Consolas, monospace; margin: 4px 0; line-height: 1.7">'
+            f'<b class="val" style="display: inline-block; min-width: 5em">{c.act:.4g}</b> '
+            f'<span class="where" style="color: #888; font-size: 0.8em; display: inline-block; min-width: 10em">'
+            f"prompt {c.prompt_id}, pos {c.pos}</span> "
+            + "".join(tok_span(t, a, i == c.index) for i, (t, a) in enumerate(zip(c.tokens, c.acts)))
+            + "</div>"
+            for c in self.contexts
+        ]
+        return "\n".join(rows) or "<p>(the feature never fired on the indexed corpus)</p>"
+
+    def to_html(self, path: str | Path | None = None) -> str:
+        """A standalone HTML page (plain HTML, inline plotly JS): statistics, contexts with every token
+        shaded by the feature's activation (hover shows the value), logit tables and the figure."""
+        esc = html.escape
+        ctx_html = self.contexts_html()
 
         def logit_table(rows, head):
             body = "".join(f"<tr><td><code>{esc(repr(t))}</code></td><td>{v:+.4g}</td></tr>" for t, v in rows)
@@ -305,11 +313,6 @@ class FeatureDashboard(Result):
 body {{ font-family: Helvetica, Arial, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; margin: 0.5em 2em 1em 0; }}
 td, th {{ border-bottom: 1px solid #ddd; padding: 2px 10px; text-align: left; }}
-.ctx {{ font-family: Menlo, Consolas, monospace; margin: 4px 0; line-height: 1.7; }}
-.ctx span {{ padding: 1px 0; }}
-.ctx .here {{ outline: 1px solid #333; }}
-.val {{ display: inline-block; min-width: 5em; font-weight: bold; }}
-.where {{ color: #888; font-size: 0.8em; display: inline-block; min-width: 10em; }}
 .logits-wrap {{ display: flex; }}
 </style></head><body>
 <h1>Feature {self.feature}</h1>

@@ -320,8 +320,9 @@ class _Collect(HTMLParser):
         self.stack.append(tag)
         if tag == "div" and attrs.get("class") == "ctx":
             self.contexts.append([])
-        if tag == "span" and "style" in attrs and self.contexts:
-            self._span = ["", attrs.get("class") == "here"]
+        classes = (attrs.get("class") or "").split()
+        if tag == "span" and "tok" in classes and self.contexts:
+            self._span = ["", "here" in classes]
 
     def handle_endtag(self, tag):
         assert self.stack and self.stack[-1] == tag, (self.stack[-3:], tag)

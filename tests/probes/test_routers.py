@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import lenslab
+from lenslab import steering
 from lenslab._errors import LenslabError
-from lenslab.probes import routers
+from lenslab.probes import routers, super_experts
 
 # the shapes and the planted route of the `tiny_moe_dir` checkpoints (checked in `dirs`)
 LAYERS, E, K = 2, 4, 2
@@ -164,6 +165,12 @@ def test_dense_model_has_no_moe(dirs):
 def test_bad_ids_and_inputs(dirs):
     model = lenslab.load_model(str(dirs["olmoe"]), device="cpu")
     assert routers.check_experts(model, [(1, 3), (0, 0)]) == [(1, 3), (0, 0)]
+    assert routers.check_experts(model, "1:3, 0:0, L1e3") == [(1, 3), (0, 0)]  # text; each pair once
+    with pytest.raises(LenslabError, match=r"expert \(0, -1\) is negative"):
+        routers.check_experts(model, [(0, -1)])  # no shared expert admitted unless shared_layers is given
+    with pytest.raises(LenslabError, match=r"expert -1 does not exist in layer 0: .* \(it has no shared expert\)"):
+        routers.check_experts(model, [(0, -1)], shared_layers=[])
+    assert routers.check_experts(model, [(0, "shared")], shared_layers=[0]) == [(0, -1)]
     with pytest.raises(LenslabError, match=r"layer 5 is not a MoE layer.*\[0, 1\]"):
         routers.check_experts(model, [(5, 0)])
     with pytest.raises(LenslabError, match=r"expert 4 does not exist in layer 1: it has experts 0..3"):
@@ -179,3 +186,21 @@ def test_bad_ids_and_inputs(dirs):
         routers.ftri_rank(model, ["w1"], [])
     with pytest.raises(LenslabError, match="prompts must be a non-empty list"):
         routers.route(model, [])
+
+
+def test_one_expert_id_check_serves_every_area(dirs):
+    """routers.expert_pairs / check_experts is the one expert-id check: switching experts off or on
+    (steering) and pruning super experts (probes) give its messages."""
+    model = lenslab.load_model(str(dirs["olmoe"]), device="cpu")
+    assert routers.expert_pairs([(1, 1), (1, 1), ("0", 2)]) == [(1, 1), (0, 2)]  # ints, each once
+    with pytest.raises(LenslabError, match=r"expert \(1, True\) is not a \(layer, expert\) pair of ints"):
+        routers.expert_pairs([(1, True)])  # never a bool, as the feature-id check
+    with pytest.raises(LenslabError, match=r"off entry \(0, -2\) is negative"):
+        steering.switch_experts(off=[(0, -2)])
+    with pytest.raises(LenslabError, match=r"on entry 'x' is not a \(layer, expert\) pair of ints"):
+        steering.switch_experts(on=["x"])
+    with pytest.raises(
+        LenslabError, match=r"expert 4 does not exist in layer 1: it has experts 0..3 \(it has no shared"
+    ):
+        with super_experts.prune_experts(model, [(1, 4)]):
+            pass
