@@ -236,6 +236,12 @@ def stream_into(col, model, prompt: str, intervention, **kw) -> str:
     return text
 
 
+def progress_bar(label: str):
+    """A Streamlit progress bar and the `(done, total)` callback the library's `progress=` takes."""
+    bar = st.progress(0.0, text=label)
+    return bar, lambda done, total: bar.progress(done / max(total, 1), text=f"{label}: {done}/{total}")
+
+
 def downloads(result, key: str) -> None:
     """Buttons to download `result` as JSON and its figure as SVG, PNG, PDF or HTML
     (exported with `lenslab.figures.export` on request: static formats take a few seconds)."""

@@ -20,6 +20,7 @@ PAGES = [
     st.Page("page_steer.py", title="Steer", icon=":material/tune:"),
     st.Page("page_experts.py", title="Experts", icon=":material/hub:"),
     st.Page("page_features.py", title="Features", icon=":material/scatter_plot:"),
+    st.Page("page_lens.py", title="Lens", icon=":material/layers:"),
 ]
 
 _shell.sidebar()

@@ -53,11 +53,6 @@ if not task:
 st.caption(f"Task **{task.name}**: {task.batch} prompts × {task.seq_len} tokens.")
 
 
-def progress_bar(label: str):
-    bar = st.progress(0.0, text=label)
-    return bar, lambda done, total: bar.progress(done / max(total, 1), text=f"{label}: {done}/{total}")
-
-
 sites = list(circuits.SITES)
 tab_patch, tab_attr, tab_faith, tab_graph = st.tabs(["Exact patching", "Attribution", "Faithfulness", "Circuit graph"])
 
@@ -73,7 +68,7 @@ with tab_patch:
         else None
     )
     if st.button("Run exact patching", type="primary", key="run_patch"):
-        bar, cb = progress_bar(f"Patching {site}")
+        bar, cb = _shell.progress_bar(f"Patching {site}")
         ss["patch_result"] = _shell.call(
             "Exact patching",
             circuits.patch,
@@ -128,7 +123,7 @@ with tab_faith:
     fmethods = c1.multiselect("Methods", list(circuits.METHODS), default=["atp", "relp"], key="faith_methods")
     fsites = c2.multiselect("Sites", sites, default=["resid_pre", "attn_out"], key="faith_sites")
     if st.button("Compare with exact patching", type="primary", key="run_faith"):
-        bar, cb = progress_bar("Exact patching and attribution")
+        bar, cb = _shell.progress_bar("Exact patching and attribution")
         ss["faith_result"] = _shell.call(
             "Faithfulness", circuits.faithfulness, model, task, fmethods, fsites, metric=metric, progress=cb
         )

@@ -8,6 +8,8 @@ which exposes the same hook names) and a prompt string and runs one forward pass
 - `attention_patterns` -> a `[layer, head, query_pos, key_pos]` tensor, drawn by
   `attention_heatmap` (one head) and `attention_heads` (all heads of a layer).
 - `logit_lens` -> `LogitLens`, a `Result`: `table()`, `figure()` (`logit_lens_heatmap`), JSON.
+  The same Result holds the tuned lens's reading (`lens="tuned"`, `lenslab.probes.lenses`);
+  `lens_result` builds one from any lens's per-layer logits.
 - `top_predictions` -> `Predictions`, a `Result` that is also the list of `Prediction`
   `(token, id, prob, logit)` it holds: `table()`, `figure()` (`predictions_bar`), JSON.
 - `model_card`: Markdown describing the model.
@@ -70,6 +72,8 @@ __all__ = [
     "attention_patterns",
     "config_summary",
     "logit_lens",
+    "LENS_NAMES",
+    "lens_result",
     "logit_lens_heatmap",
     "logit_lens_logits",
     "model_card",
@@ -82,6 +86,7 @@ __all__ = [
 
 ATTENTION_SCALE = "Blues"
 PROB_SCALE = "Viridis"
+LENS_NAMES = {"logit": "Logit lens", "tuned": "Tuned lens"}  # `LogitLens.lens` -> its name in titles
 
 
 # --- tokens ------------------------------------------------------------------------------------
@@ -270,12 +275,15 @@ def attention_heads(
 # --- logit lens --------------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class LogitLens(Result):
-    """The logit lens of one prompt: what each layer's residual stream predicts at each position.
+    """A lens's reading of one prompt: what each layer's residual stream predicts at each position.
 
+    The one Result of the lens family: `lens` says which lens read the residual streams, the
+    logit lens (`"logit"`: the final norm and unembedding applied as they are) or the tuned lens
+    (`"tuned"`: a trained affine translator first; `lenslab.probes.lenses.tuned_lens`).
     Rows ("layers") are the residual stream before each block (`0_pre`, `1_pre`, ...) and after
     the last one (`final_post`), as in TransformerLens's `accumulated_resid` labels; the last
-    row is the model's own output. `table()`: one row per layer, position and rank; `figure()`:
-    `logit_lens_heatmap`.
+    row is the model's own output (for either lens). `table()`: one row per layer, position and
+    rank; `figure()`: `logit_lens_heatmap`.
 
     Attributes:
         top_ids: `[layer, pos, k]` ids of the k most probable next tokens.
@@ -286,6 +294,7 @@ class LogitLens(Result):
         layer_labels: one label per row, e.g. `["0_pre", "1_pre", "final_post"]`.
         str_tokens: the prompt's tokens, one per position.
         model: the model's name.
+        lens: which lens read the residual streams: `"logit"` or `"tuned"` (a key of `LENS_NAMES`).
         provenance: model, prompt, versions, time (see `lenslab.results.provenance`).
     """
 
@@ -296,6 +305,7 @@ class LogitLens(Result):
     layer_labels: list[str]
     str_tokens: list[str]
     model: str
+    lens: str = "logit"
     provenance: dict = field(default_factory=dict)
     KIND = "LogitLens"
 
@@ -313,6 +323,7 @@ class LogitLens(Result):
             "layer_labels": self.layer_labels,
             "str_tokens": self.str_tokens,
             "model": self.model,
+            "lens": self.lens,
             "provenance": self.provenance,
         }
 
@@ -326,6 +337,7 @@ class LogitLens(Result):
             layer_labels=list(d["layer_labels"]),
             str_tokens=list(d["str_tokens"]),
             model=d["model"],
+            lens=d.get("lens", "logit"),  # JSON written before the tuned lens: a logit lens
             provenance=d.get("provenance") or {},
         )
 
@@ -387,8 +399,41 @@ def logit_lens(model, text: str, k: int = 5) -> LogitLens:
         text: the prompt (BOS is prepended as the model does).
         k: how many top tokens to keep per layer and position.
     """
-    k = _check_k(model, k)
+    _check_k(model, k)  # before the forward pass
     logits, labels = logit_lens_logits(model, text)
+    return lens_result(model, text, logits, labels, k=k, lens="logit")
+
+
+def lens_result(
+    model,
+    text: str,
+    logits: Float[Tensor, "layer pos d_vocab"],
+    layer_labels: Sequence[str],
+    *,
+    k: int = 5,
+    lens: str = "logit",
+    **extra,
+) -> LogitLens:
+    """The `LogitLens` Result of any lens: the top-k of per-layer `logits` read on `text`.
+
+    Args:
+        model: the model that read `text` (for its tokenizer and name).
+        text: the prompt.
+        logits: `[layer, pos, d_vocab]`, one row per residual stream read; the last row is
+            the model's own output (its top-1 gives `final_prob`).
+        layer_labels: one label per row.
+        k: how many top tokens to keep per layer and position.
+        lens: the lens's name, a key of `LENS_NAMES` (`"logit"`, `"tuned"`).
+        extra: further provenance entries (e.g. where the tuned lens came from).
+    """
+    if lens not in LENS_NAMES:
+        raise LenslabError(f"unknown lens {lens!r}; lenses: {', '.join(LENS_NAMES)}")
+    if logits.ndim != 3 or logits.shape[0] != len(layer_labels):
+        raise LenslabError(
+            f"logits must be [layer, pos, d_vocab] with one row per label ({len(layer_labels)}), got {tuple(logits.shape)}"
+        )
+    k = _check_k(model, k)
+    logits = logits.detach().float().cpu()
     probs = logits.softmax(-1)  # [layer, pos, vocab]
     top_probs, top_ids = probs.topk(k, dim=-1)
     final_top = top_ids[-1, :, 0]  # [pos]
@@ -400,15 +445,16 @@ def logit_lens(model, text: str, k: int = 5) -> LogitLens:
         top_probs=top_probs,
         top_tokens=top_tokens,
         final_prob=final_prob,
-        layer_labels=labels,
+        layer_labels=list(layer_labels),
         str_tokens=tokenize(model, text).str_tokens,
         model=model_name(model),
-        provenance=provenance(model, method="logit_lens", prompt=text, k=k),
+        lens=lens,
+        provenance=provenance(model, method=f"{lens}_lens", prompt=text, k=k, **extra),
     )
 
 
 def logit_lens_heatmap(lens_result: LogitLens, value: str = "top"):
-    """Logit lens as a heatmap: rows = layer (residual stream read), columns = position.
+    """A lens's reading as a heatmap: rows = layer (residual stream read), columns = position.
 
     Each cell is labelled with that layer's top next-token prediction at that position.
 
@@ -456,7 +502,7 @@ def logit_lens_heatmap(lens_result: LogitLens, value: str = "top"):
     fig.update_yaxes(title_text="residual stream read")
     fig.update_layout(height=max(300, 46 * len(ll.layer_labels) + 200))
     what = "probability of each layer's top token" if value == "top" else "probability of the final prediction"
-    return style(fig, f"Logit lens · {ll.model} · {what}")
+    return style(fig, f"{LENS_NAMES.get(ll.lens, ll.lens)} · {ll.model} · {what}")
 
 
 # --- next-token predictions --------------------------------------------------------------------

@@ -7,6 +7,19 @@ One job per module (import them by name; this package re-exports nothing):
 - `lenslab.probes.super_experts`: the MoE experts whose down-projections write the massive
   activations (Su et al.): `profile_experts`, `super_experts`, `prune_experts`,
   `ablate_super_experts`.
+- `lenslab.probes.atlas`: the activation-maxima atlas: max |a| at every hook, where it sits, the
+  median and the INT8 absmax error (`activation_atlas`, `AtlasResult`).
+- `lenslab.probes.trajectory`: massive activations and sinks over training checkpoints
+  (`measure_checkpoints`) and their five-parameter fit (`fit_trajectory`, Gallego-Feliciano et al.).
+- `lenslab.probes.dla`: direct logit attribution of every head, MLP (or neuron), embedding and
+  bias toward a token, a logit difference, a task's answers or a direction
+  (`direct_logit_attribution`, `DLAResult`).
+- `lenslab.probes.lenses`: the logit lens and the tuned lens (Belrose et al.) with one Result
+  (`logit_lens`, `tuned_lens` -> `LogitLens`), tuned-lens translators (`TunedLens`,
+  `load_tuned_lens`), `train_tuned_lens`, and the KL per layer of both (`lens_kl` -> `LensKL`).
+- `lenslab.probes.linear`: linear probes per layer and site (scikit-learn's logistic or ridge
+  regression) with a split by prompt and a Hewitt & Liang control task: `train_probes`,
+  `ProbeResult`, `Probe` (save / load; its direction steers through `lenslab.steering.probe_steering`).
 - `lenslab.probes.routers`: which experts each token picks and with what gate weight (`route`),
   and how often each expert is chosen over a corpus (`expert_load`).
 - `lenslab.probes.sae`: sparse autoencoders with sae-lens, the public face of its modules:
@@ -20,7 +33,7 @@ One job per module (import them by name; this package re-exports nothing):
 
 What these tools know of the zoo lives in the zoo: the planted models the detectors are tested on
 in `lenslab.zoo.planted`, the zoo models' built-in corpora in `lenslab.zoo.corpora`, the recipes
-of the zoo's SAEs in `lenslab.zoo.train_saes`.
+of the zoo's SAEs in `lenslab.zoo.train_saes` and of its tuned lenses in `lenslab.zoo.train_lenses`.
 """
 
 if __name__ != "lenslab.probes":  # imported as top-level `probes`: the repository root is on sys.path

@@ -7,7 +7,9 @@ safetensors file beside them. Baselines: `mean_difference` (DiffMean / CAA) and 
 `fit_lineas` trains per-unit affine maps at many hooks end to end (LinEAS, `LineasConfig`).
 `switch_experts` switches MoE experts off or forces them on (MoTE, `lenslab.steering.experts`;
 `hf_hooks` does it for a plain `transformers` model). `ablate_feature`, `clamp_feature` and
-`add_feature` steer one SAE feature (`lenslab.steering.features`).
+`add_feature` steer one SAE feature (`lenslab.steering.features`). `probe_steering` and
+`probe_intervention` steer along a linear probe's direction, or project it out
+(`lenslab.steering.probe_steering`, probes from `lenslab.probes.linear`).
 
 >>> import lenslab
 >>> from lenslab import steering
@@ -62,6 +64,7 @@ else:
         support,
         wasserstein_1d,
     )
+    from lenslab.steering.probe_steering import probe_intervention, probe_steering
 
     __all__ = [
         "AU_SITES",
@@ -89,6 +92,8 @@ else:
         "load",
         "mean_activations",
         "mean_difference",
+        "probe_intervention",
+        "probe_steering",
         "reroute",
         "save",
         "select_units",

@@ -93,6 +93,8 @@ def _edit_fn(e: Edit, prompt_len: int | None) -> Callable:
         elif e.op == "feature":
             a = e.feature.activation(x)  # [batch, n_pos], float32
             new = x + (s * (e.feature.target - a)).to(act.dtype)[..., None] * v
+        elif e.op == "project":  # remove the component along v
+            new = x - s * ((x @ v) / (v @ v))[..., None] * v
         else:  # zero
             new = (1 - s) * x
         out = flat.clone()

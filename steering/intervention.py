@@ -19,6 +19,7 @@ its full effect at `s = 1`):
 | `affine` | `vector` (scale a), `shift` (b) | `s * (a * x + b) + (1 - s) * x` (LinEAS) |
 | `clamp` | `vector` (values c) | `s * c + (1 - s) * x` |
 | `zero` | none | `(1 - s) * x` |
+| `project` | `vector` (direction v) | `x - s * (x . v / v . v) * v` (project out; probe directions) |
 | `feature` | `vector` (decoder row d), `feature` (`FeatureRead`) | `x + s * (target - a(x)) * d` |
 
 A `feature` edit sets one SAE feature's activation to `target` (0: ablate, c: clamp) and keeps
@@ -61,7 +62,7 @@ from torch import Tensor
 from lenslab._errors import LenslabError, did_you_mean
 from lenslab.toolbox import hook_unit_sizes
 
-UNIT_OPS = ("add", "multiply", "affine", "clamp", "zero", "feature")
+UNIT_OPS = ("add", "multiply", "affine", "clamp", "zero", "feature", "project")
 EXPERT_OPS = ("drop_experts", "mask_experts", "force_experts")  # MoE switches: lenslab.steering.experts
 OPS = UNIT_OPS + EXPERT_OPS
 POSITION_WORDS = ("all", "last", "prompt", "generated")
@@ -228,11 +229,12 @@ class Edit:
     Attributes:
         hook: a TransformerLens hook name, e.g. `"blocks.3.hook_resid_post"`; for expert ops the
             MoE block, `"blocks.3.mlp"`.
-        op: "add", "multiply", "affine", "clamp", "zero", "feature", or an expert op:
+        op: "add", "multiply", "affine", "clamp", "zero", "feature", "project", or an expert op:
             "drop_experts", "mask_experts", "force_experts" (see `lenslab.steering.experts`).
         vector: `[n_units]` (or `[n_pos, n_units]` for `add` at explicit positions): the added
-            vector, the factors, the affine scale, the clamp values or (feature) the SAE
-            feature's decoder row; None for `zero` and the expert ops.
+            vector, the factors, the affine scale, the clamp values, (feature) the SAE
+            feature's decoder row or (project) the direction removed; None for `zero` and the
+            expert ops.
         shift: `[n_units]`, the affine shift (affine only).
         feature: how a `feature` edit reads the SAE feature and what it sets it to
             (`FeatureRead`; feature edits only).
@@ -296,6 +298,11 @@ class Edit:
                 )
         elif vec is None:
             raise LenslabError(f"a {self.op} edit at {self.hook} needs a vector; pass vector=<tensor>")
+        elif self.op == "project" and (vec.ndim != 1 or not bool(vec.norm() > 0)):
+            raise LenslabError(
+                f"a project edit at {self.hook} needs a non-zero direction [n_units], got shape {tuple(vec.shape)}"
+                + (" of zeros" if vec.ndim == 1 else "")
+            )
         if self.feature is not None and self.op != "feature":
             raise LenslabError(f"feature= is only for feature edits (the edit at {self.hook} is {self.op}); drop it")
         if shift is not None and self.op != "affine":

@@ -362,7 +362,7 @@ def test_eval_refits_per_seed_and_reports_the_spread(tmp_path, capsys):
         (["eval", "--method", "difmean"], "--method 'difmean' is not one of"),
         (
             ["fit", "--method", "diffmeen", "--out", "x.json"],
-            "--method 'diffmeen' is not one of diffmean, actadd, austeer, lineas (did you mean 'diffmean'?)",
+            "--method 'diffmeen' is not one of diffmean, actadd, austeer, lineas, probe (did you mean 'diffmean'?)",
         ),
         (["fit", "--method", "diffmean", "--out", "x.pdf"], "a preset is a .json file"),
         (["fit", "--method", "lineas", "--positive-file", "/no/such.txt", "--out", "x.json"], "does not exist"),

@@ -100,7 +100,7 @@ def ran(tmp_path_factory) -> dict:
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1500,  # every page in one process; a loaded 2-core machine needs the margin
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((work / "out.json").read_text())

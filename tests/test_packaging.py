@@ -46,6 +46,11 @@ def test_wheel_contents(wheel):
     assert any(p.name == "sae_weights.safetensors" for p in sae_files)
     for p in sae_files:
         assert "lenslab/" + p.relative_to(ROOT / "lenslab").as_posix() in names, p
+    # and their tuned lenses (lenslab/zoo/<model>/lenses/tuned/)
+    lens_files = [p for p in (ROOT / "lenslab" / "zoo").glob("*/lenses/*/*") if p.is_file()]
+    assert any(p.name == "translators.safetensors" for p in lens_files)
+    for p in lens_files:
+        assert "lenslab/" + p.relative_to(ROOT / "lenslab").as_posix() in names, p
     entry = [n for n in names if n.endswith("entry_points.txt")]
     assert entry and "lenslab = lenslab.cli:main" in zipfile.ZipFile(wheel).read(entry[0]).decode()
 

@@ -187,6 +187,12 @@ def _logit_lens(lab):
     return inspection.logit_lens(lab.induction, "t1 t2 t3 t1 t2", k=2)
 
 
+def _lens_kl(lab):
+    from lenslab.probes import lenses
+
+    return lenses.lens_kl(lab.induction, None, lab.task.clean_tokens)  # the shipped tuned lens
+
+
 def _predictions(lab):
     from lenslab import inspection
 
@@ -321,6 +327,44 @@ def _dashboard(lab):
     return features.FeatureDashboard.from_store(lab.store, lab.top_feature, lab.induction, lab.sae, n_contexts=3)
 
 
+def _dla(lab):
+    from lenslab.probes import dla
+
+    return dla.direct_logit_attribution(lab.induction, task=lab.task, pos=[0, -1])
+
+
+def _atlas(lab):
+    from lenslab.probes import atlas
+    from lenslab.zoo import planted
+
+    return atlas.activation_atlas(planted.planted_atlas_model(), planted.planted_atlas_tokens())
+
+
+def _trajectory_fit(lab):
+    import numpy as np
+
+    from lenslab.probes import trajectory
+
+    t = np.linspace(0, 1000, 12)
+    return trajectory.fit_trajectory(t, trajectory.trajectory_curve(t, A=50, lam=0.1, gamma=0.02, t0=-20, K=10))
+
+
+def _checkpoint_series(lab):
+    from lenslab.probes import trajectory
+    from lenslab.zoo import planted
+
+    return trajectory.measure_checkpoints(
+        [lab.planted, planted.planted_model(seed=1)], lab.planted_tokens, steps=[0, 100]
+    )
+
+
+def _probes(lab):
+    from lenslab.probes.linear import train_probes
+
+    harmful, (benign, _) = lab.refusal_sets
+    return train_probes(lab.moe, harmful + benign, ["harmful"] * len(harmful) + ["benign"] * len(benign), layers=[0, 1])
+
+
 BUILDERS = {
     "PatchResult": _patch,
     "AttributionResult": _attribution,
@@ -328,6 +372,7 @@ BUILDERS = {
     "CircuitGraph": _graph,
     "Faithfulness": _faithfulness,
     "LogitLens": _logit_lens,
+    "LensKL": _lens_kl,
     "Predictions": _predictions,
     "SinkResult": _sinks,
     "MassiveResult": _massive,
@@ -344,6 +389,11 @@ BUILDERS = {
     "LookupResult": _lookup,
     "SearchResult": _search,
     "FeatureDashboard": _dashboard,
+    "ProbeResult": _probes,
+    "DLAResult": _dla,
+    "AtlasResult": _atlas,
+    "TrajectoryFit": _trajectory_fit,
+    "CheckpointSeries": _checkpoint_series,
 }
 
 

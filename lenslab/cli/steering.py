@@ -26,7 +26,7 @@ from lenslab.data import sentiment
 from lenslab.figures import export
 from lenslab.sites import resolve_site
 
-STEER_METHODS = ("diffmean", "actadd", "austeer", "lineas")
+STEER_METHODS = ("diffmean", "actadd", "austeer", "lineas", "probe")
 
 
 def _seeded_sentiment(seed: int, n_fit: int, n_eval: int):
@@ -54,7 +54,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "prompts; actadd: the first positive and first negative prompt as the contrast pair (added "
         "at the generated prompt's first positions, so keep them short); austeer: the k most "
         "sign-consistent units (paired prompts); lineas: affine maps that move the negative "
-        "prompts' activations (source) onto the positive ones' (target)",
+        "prompts' activations (source) onto the positive ones' (target); probe: the direction of a logistic "
+        "probe trained on positive vs negative prompts (lenslab.steering.probe_steering)",
     )
     for which in ("positive", "negative"):
         add_prompt_set(sf, which)
@@ -126,7 +127,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def _fit_options(p: argparse.ArgumentParser) -> None:
     """The fitting options shared by `steer fit` and `steer eval --method`."""
-    p.add_argument("--layer", type=int, default=None, help="diffmean / actadd: the layer (default n_layers // 2)")
+    p.add_argument(
+        "--layer", type=int, default=None, help="diffmean / actadd / probe: the layer (default n_layers // 2)"
+    )
     p.add_argument(
         "--site",
         default=None,
@@ -141,6 +144,12 @@ def _fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="lineas: optimiser steps (default 1000)")
     p.add_argument("--lr", type=float, default=None, help="lineas: Adam learning rate (default 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="lineas: seeds the order of source batches")
+    p.add_argument(
+        "--C",
+        type=float,
+        default=1.0,
+        help="probe: the logistic regression's inverse L2 strength (default 1; small C tends to DiffMean's direction)",
+    )
     p.add_argument(
         "--tie-break",
         default="order",
@@ -166,6 +175,12 @@ def _fit(args: argparse.Namespace, model, method: str, pos: list[str], neg: list
     if method == "diffmean":
         return steering.mean_difference(
             model, pos, neg, layers=layer, site=args.site or "resid_post", strength=args.strength
+        )
+    if method == "probe":
+        from lenslab.steering.probe_steering import probe_steering  # deferred: keeps CLI start-up fast
+
+        return probe_steering(
+            model, pos, neg, layers=layer, site=args.site or "resid_post", C=args.C, strength=args.strength
         )
     if method == "actadd":
         return steering.actadd(

@@ -5,7 +5,8 @@ Each zoo model is a folder beside this file (`lenslab/zoo/<name>/`) holding
 `tokenizer_config.json`) and `card.md`. The script that rebuilds it is
 `lenslab/zoo/train_<name with - as _>.py`, exposing `train(out_dir, seed=0) -> None`,
 run by `lenslab zoo train NAME`. A model's SAEs live in `<name>/saes/<hook>/`, rebuilt by
-`lenslab/zoo/train_saes.py` (`lenslab sae train`).
+`lenslab/zoo/train_saes.py` (`lenslab sae train`); its tuned lens in `<name>/lenses/tuned/`,
+rebuilt by `lenslab/zoo/train_lenses.py` (`lenslab lens train`).
 
 Two formats:
 - ``"lenslab_format": "hooked_transformer"``: a TransformerLens `HookedTransformerConfig`
@@ -62,7 +63,8 @@ def zoo_names() -> list[str]:
     return [e.name for e in zoo_entries()]
 
 
-NOT_MODEL_RECIPES = ("train_saes",)  # training recipes that build no model: the zoo's SAEs (`lenslab sae train`)
+# training recipes that build no model: the zoo's SAEs (`lenslab sae train`) and tuned lenses (`lenslab lens train`)
+NOT_MODEL_RECIPES = ("train_saes", "train_lenses")
 
 
 def trainable_names() -> list[str]:

@@ -10,6 +10,10 @@ tests hold `lenslab.probes.sinks` and `lenslab.probes.super_experts` to them.
   layer 0, a planted super expert) writes that massive activation, read by the same kind of sink
   head. `PLANTED_MOE` records where.
 - `planted_tokens()`: token batches for both, the BOS (token 0) first.
+- `planted_atlas_model()`: a 2-layer model with LayerNorm, a gated (SiLU) MLP and random biases and
+  norm weights, with two planted maxima for `lenslab.probes.atlas`: one residual channel at one
+  token, and one MLP output channel at another. `PLANTED_ATLAS` records where;
+  `planted_atlas_tokens()` are its prompts.
 
 >>> from lenslab.zoo import planted
 >>> planted.planted_model().cfg.model_name, planted.PLANTED["sink_head"]
@@ -25,7 +29,16 @@ from torch import Tensor
 
 from lenslab.toolbox import name_model
 
-__all__ = ["PLANTED", "PLANTED_MOE", "planted_model", "planted_moe_model", "planted_tokens"]
+__all__ = [
+    "PLANTED",
+    "PLANTED_ATLAS",
+    "PLANTED_MOE",
+    "planted_atlas_model",
+    "planted_atlas_tokens",
+    "planted_model",
+    "planted_moe_model",
+    "planted_tokens",
+]
 
 PLANTED = {"massive_dim": 7, "massive_pos": 0, "massive_value": 1000.0, "sink_head": (1, 0), "bos": 0}
 
@@ -202,3 +215,100 @@ def planted_moe_model(seed: int = 0):
     model.load_state_dict(sd)
     name_model(model, "planted-moe-2l")
     return model.eval()
+
+
+PLANTED_ATLAS = {
+    "resid_token": 3,  # this token embeds residual channel 5 at 500
+    "resid_channel": 5,
+    "resid_value": 500.0,
+    "resid_at": (1, 5),  # (sample, position) of the one resid_token in planted_atlas_tokens()
+    "mlp_token": 4,  # this token makes layer 1's MLP write its output channel 11 (about 315)
+    "mlp_layer": 1,
+    "mlp_channel": 11,
+    "mlp_unit": 0,  # the gated unit that writes it
+    "mlp_at": (2, 8),  # (sample, position) of the one mlp_token in planted_atlas_tokens()
+    "marker_channel": 13,  # the residual channel that carries mlp_token to layer 1's MLP
+}
+
+
+def planted_atlas_model(seed: int = 0):
+    """A 2-layer `HookedTransformer` (d_model 16, 2 heads, d_mlp 32, vocab 16, LayerNorm, gated SiLU
+    MLPs, learned positions) with two activation maxima set by hand, for `lenslab.probes.atlas`.
+
+    TransformerLens's random initialisation, then every bias and norm weight moved off its constant
+    start (biases ~ N(0, 0.2), norm weights ~ 1 + N(0, 0.2), seeded), then two plants:
+
+    - token 3 embeds residual channel 5 at 500 (every other embedding entry is about 0.1), so the
+      embedding, every residual stream and the final residual carry ~500 at channel 5 on that token;
+    - token 4 embeds channel 13 at 8 (no other weight writes channel 13 before layer 1's MLP), and
+      gated unit 0 of layer 1's MLP reads only channel 13 (gate and linear weights 5) and writes only
+      output channel 11 (weight 1): on that token layer 1's `hook_mlp_out` has about 315 at channel
+      11, everywhere else a few units at most.
+
+    `PLANTED_ATLAS` records the tokens, channels and, for `planted_atlas_tokens()`, the (sample,
+    position) of each.
+
+    >>> planted_atlas_model().cfg.gated_mlp
+    True
+    """
+
+    from transformer_lens import (  # deferred: heavy; loads when a planted model is built
+        HookedTransformer,
+        HookedTransformerConfig,
+    )
+
+    P = PLANTED_ATLAS
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=16,
+        n_ctx=64,
+        d_head=4,
+        n_heads=2,
+        d_mlp=32,
+        d_vocab=16,
+        act_fn="silu",
+        gated_mlp=True,
+        normalization_type="LN",
+        seed=seed,
+        positional_embedding_type="standard",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # HookedTransformer's deprecation notice (docs/design.md)
+        model = HookedTransformer(cfg)
+    g = torch.Generator().manual_seed(seed)
+    R, M, L = P["resid_channel"], P["marker_channel"], P["mlp_layer"]
+    with torch.no_grad():
+        for _, p in model.named_parameters():  # biases and norm weights off their 0 / 1 start
+            flat = p.detach().flatten()
+            if flat.numel() and bool((flat == flat[0]).all()):
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+        model.embed.W_E[P["resid_token"], R] = P["resid_value"]
+        for writer in (model.embed.W_E, model.pos_embed.W_pos):  # nothing writes channel 13 ...
+            writer[:, M] = 0.0
+        for l in range(L + 1):
+            model.blocks[l].attn.W_O[..., M] = 0.0
+            model.blocks[l].attn.b_O[M] = 0.0
+            if l < L:
+                model.blocks[l].mlp.W_out[:, M] = 0.0
+                model.blocks[l].mlp.b_out[M] = 0.0
+        model.embed.W_E[P["mlp_token"], M] = 8.0  # ... but token 4's embedding
+        mlp, u = model.blocks[L].mlp, P["mlp_unit"]
+        for w in (mlp.W_gate, mlp.W_in):  # unit 0 of layer 1's MLP reads channel 13 only
+            w[:, u] = 0.0
+            w[M, u] = 5.0
+        mlp.W_out[u] = 0.0
+        mlp.W_out[u, P["mlp_channel"]] = 1.0  # and writes output channel 11 only
+    name_model(model, "planted-atlas-2l")
+    return model.eval()
+
+
+def planted_atlas_tokens() -> Tensor:
+    """Tokens `[3, 12]` for `planted_atlas_model`: token 0 first, then random tokens other than 3
+    and 4, except one token 3 at `PLANTED_ATLAS["resid_at"]` and one token 4 at `["mlp_at"]`."""
+    g = torch.Generator().manual_seed(0)
+    choices = torch.tensor([t for t in range(1, 16) if t not in (3, 4)])
+    toks = choices[torch.randint(0, len(choices), (3, 12), generator=g)]
+    toks[:, 0] = 0
+    toks[PLANTED_ATLAS["resid_at"]] = PLANTED_ATLAS["resid_token"]
+    toks[PLANTED_ATLAS["mlp_at"]] = PLANTED_ATLAS["mlp_token"]
+    return toks
