@@ -20,7 +20,7 @@ model, name = ctx.model, ctx.name
 ss = st.session_state
 st.title(f"Steer · {name}")
 
-METHODS = ("Mean difference", "ActAdd", "AUSteer", "LinEAS")
+METHODS = ("Mean difference", "ActAdd", "AUSteer", "LinEAS", "Linear probe")
 STRENGTHS = (-1.0, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 # The contrastive prompts default to the model's steering pair (`zoo.default_prompts`: for
@@ -60,6 +60,11 @@ with st.expander("Fit", expanded=True):
         )
     else:
         layer = c1.number_input("Layer", 0, n_layers - 1, min(2, n_layers - 1), key="steer_layer")
+        if method == "Linear probe":
+            c2.caption(
+                "A logistic probe (positive vs negative prompts) at the layer's resid_post; its direction, "
+                "scaled to the class means' separation, is added (lenslab.steering.probe_steering)."
+            )
         if method == "ActAdd":
             c2.caption(
                 "ActAdd uses the first positive and the first negative prompt (added at the generated "
@@ -72,6 +77,8 @@ with st.expander("Fit", expanded=True):
             iv = _shell.call(
                 "Fitting ActAdd", steering.actadd, model, pos[0] if pos else "", neg[0] if neg else "", layer=int(layer)
             )
+        elif method == "Linear probe":
+            iv = _shell.call("Fitting the probe", steering.probe_steering, model, pos, neg, layers=int(layer))
         elif method == "AUSteer":
             iv = _shell.call(
                 "Fitting AUSteer", steering.austeer, model, pos, neg, k=int(k), alpha=float(alpha), site=site

@@ -193,3 +193,29 @@ def test_lineas_with_too_few_prompts_is_a_message(monkeypatch, tiny_zoo_dir):
     at.button(key="steer_fit").click().run()
     assert not at.exception
     assert any("at least 4" in e.value for e in at.error), [e.value for e in at.error]
+
+
+def test_steer_page_fits_a_probe_direction(monkeypatch, tiny_zoo_dir, tiny_model):
+    """Method "Linear probe": the page's intervention is lenslab.steering.probe_steering's."""
+    from streamlit.testing.v1 import AppTest
+
+    from lenslab import steering
+
+    monkeypatch.setenv("LENSLAB_DEFAULT_MODEL", str(tiny_zoo_dir))
+    torch.set_num_threads(1)
+    at = AppTest.from_file(str(MAIN), default_timeout=180).run()
+    at.switch_page("page_steer.py").run()
+    pos, neg = ["t1 t1 t1", "t1 t2 t1", "t2 t1 t1"], ["t5 t5 t5", "t5 t6 t5", "t6 t5 t5"]
+    at.text_area(key="steer_pos").set_value("\n".join(pos))
+    at.text_area(key="steer_neg").set_value("\n".join(neg))
+    at.radio(key="steer_method").set_value("Linear probe").run()
+    at.number_input(key="steer_layer").set_value(1)
+    at.button(key="steer_fit").click().run()
+    _ok(at)
+    ref = steering.probe_steering(tiny_model, pos, neg, layers=1)
+    got = at.session_state["steer_iv"]
+    assert [(e.hook, e.op) for e in got.edits] == [(e.hook, e.op) for e in ref.edits] == [
+        ("blocks.1.hook_resid_post", "add")
+    ]
+    torch.testing.assert_close(got.edits[0].vector, ref.edits[0].vector, atol=1e-6, rtol=1e-5)
+    assert [s.value for s in at.subheader][:2] == ["Unsteered", "Steered (strength 1)"]
