@@ -214,8 +214,10 @@ def test_steer_page_fits_a_probe_direction(monkeypatch, tiny_zoo_dir, tiny_model
     _ok(at)
     ref = steering.probe_steering(tiny_model, pos, neg, layers=1)
     got = at.session_state["steer_iv"]
-    assert [(e.hook, e.op) for e in got.edits] == [(e.hook, e.op) for e in ref.edits] == [
-        ("blocks.1.hook_resid_post", "add")
-    ]
+    assert (
+        [(e.hook, e.op) for e in got.edits]
+        == [(e.hook, e.op) for e in ref.edits]
+        == [("blocks.1.hook_resid_post", "add")]
+    )
     torch.testing.assert_close(got.edits[0].vector, ref.edits[0].vector, atol=1e-6, rtol=1e-5)
     assert [s.value for s in at.subheader][:2] == ["Unsteered", "Steered (strength 1)"]
