@@ -21,6 +21,7 @@ PAGES = [
     st.Page("page_experts.py", title="Experts", icon=":material/hub:"),
     st.Page("page_features.py", title="Features", icon=":material/scatter_plot:"),
     st.Page("page_lens.py", title="Lens", icon=":material/layers:"),
+    st.Page("page_norms.py", title="Scale & norms", icon=":material/equalizer:"),
 ]
 
 _shell.sidebar()

@@ -43,6 +43,7 @@ attention-sink rate (`lenslab.probes.sinks.attention_sinks`).
 
 from __future__ import annotations
 
+import csv
 import datetime as _dt
 import json
 import math
@@ -70,6 +71,7 @@ __all__ = [
     "fit_trajectory",
     "measure_checkpoints",
     "trajectory_curve",
+    "read_series",
 ]
 
 PARAMS = ("A", "lam", "gamma", "t0", "K")
@@ -201,6 +203,26 @@ def _check_series(steps, values) -> tuple[np.ndarray, np.ndarray]:
         raise LenslabError("steps must be distinct: one value per step")
     order = np.argsort(t)
     return t[order], y[order]
+
+
+def read_series(text: str, name: str = "the CSV") -> tuple[list[float], list[float], str | None]:
+    """`(steps, values, value header or None)` from CSV text of step,value rows; a first row that is
+    not two numbers is a header. `name` names the source in errors."""
+    rows = [r for r in csv.reader(text.splitlines()) if r and any(c.strip() for c in r)]
+    header = None
+    steps, values = [], []
+    for i, row in enumerate(rows):
+        if len(row) < 2:
+            raise LenslabError(f"{name} row {i + 1} has {len(row)} column(s); each row needs step,value")
+        try:
+            steps.append(float(row[0]))
+            values.append(float(row[1]))
+        except ValueError:
+            if i == 0:
+                header = row[1].strip() or None
+                continue
+            raise LenslabError(f"{name} row {i + 1} is not two numbers: {row[:2]}") from None
+    return steps, values, header
 
 
 def fit_trajectory(steps, values, *, label: str = "value", max_nfev: int = 2000, source: str | None = None):

@@ -4,7 +4,6 @@ atlas of a model, and the five-parameter fit of a massive-activation trajectory 
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import lenslab
@@ -64,26 +63,14 @@ def cmd_atlas(args: argparse.Namespace) -> int:
 
 
 def read_series(path: str | Path) -> tuple[list[float], list[float], str | None]:
-    """`(steps, values, value header or None)` from a CSV of step,value rows; a first row that is not
-    two numbers is a header."""
+    """`(steps, values, value header or None)` from a CSV file of step,value rows
+    (`lenslab.probes.trajectory.read_series`)."""
+    from lenslab.probes import trajectory  # deferred: keeps CLI start-up fast
+
     file = Path(path)
     if not file.is_file():
         raise LenslabError(f"--csv {str(path)!r} does not exist; pass a CSV of step,value rows")
-    rows = [r for r in csv.reader(file.read_text().splitlines()) if r and any(c.strip() for c in r)]
-    header = None
-    steps, values = [], []
-    for i, row in enumerate(rows):
-        if len(row) < 2:
-            raise LenslabError(f"{file.name} row {i + 1} has {len(row)} column(s); each row needs step,value")
-        try:
-            steps.append(float(row[0]))
-            values.append(float(row[1]))
-        except ValueError:
-            if i == 0:
-                header = row[1].strip() or None
-                continue
-            raise LenslabError(f"{file.name} row {i + 1} is not two numbers: {row[:2]}") from None
-    return steps, values, header
+    return trajectory.read_series(file.read_text(), file.name)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
