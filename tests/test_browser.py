@@ -12,6 +12,7 @@ unless LENSLAB_ALLOW_SKIPS=1. No fixed sleeps: every wait is for a signal of the
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -139,7 +140,12 @@ def _problems(page) -> list[str]:
     return found
 
 
-PAGES = ("Model", "Circuits", "Sinks", "Steer", "Experts", "Features")  # app/main.py's navigation
+PAGES = ("Model", "Circuits", "Sinks", "Steer", "Experts", "Features", "Lens", "Scale & norms")  # app/main.py's
+
+
+def test_pages_are_the_apps_navigation():
+    main = (Path(__file__).resolve().parent.parent / "app" / "main.py").read_text()
+    assert tuple(re.findall(r'st\.Page\("page_\w+\.py", title="([^"]+)"', main)) == PAGES
 
 
 def test_every_page_renders_in_chromium(app_server, tmp_path):
