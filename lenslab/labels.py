@@ -11,6 +11,10 @@
 | a routed MoE expert | `L{layer}e{expert}` | `L1e2` |
 | a shared MoE expert | `L{layer}shared` | `L1shared` |
 | the residual stream | `{layer}_pre`, `{layer}_mid`, `final_post` | `2_pre` |
+| the token / position embedding (a DLA term) | `embed`, `pos_embed` | `embed` |
+| a layer's attention output bias | `L{layer}.b_O` | `L3.b_O` |
+| an MLP's output bias | `MLP{layer}.b_out` | `MLP3.b_out` |
+| the final norm's bias and `b_U`, read through a direction | `final_bias` | `final_bias` |
 
 The residual-stream labels are TransformerLens's own (`ActivationCache.accumulated_resid`).
 `parse` reads any of them back into a `Node`; `label` prints a `Node`.
@@ -29,15 +33,20 @@ from typing import NamedTuple
 from lenslab._errors import LenslabError
 
 __all__ = [
+    "EMBED",
+    "FINAL_BIAS",
     "INPUT",
     "LOGITS",
+    "POS_EMBED",
     "SHARED",
     "Node",
+    "attn_bias",
     "expert",
     "head",
     "label",
     "layer",
     "mlp",
+    "mlp_bias",
     "neuron",
     "parse",
     "resid",
@@ -46,8 +55,14 @@ __all__ = [
 INPUT = "input"
 LOGITS = "logits"
 SHARED = -1  # the expert index of a shared MoE expert
+EMBED, POS_EMBED, FINAL_BIAS = "embed", "pos_embed", "final_bias"
+_NAMED = {INPUT: ("input", -1), LOGITS: ("logits", None), "final_post": ("final_post", None)} | {
+    name: (name, None) for name in (EMBED, POS_EMBED, FINAL_BIAS)
+}
 _RESID = ("pre", "mid", "post")
 _PATTERNS = [
+    ("attn_bias", re.compile(r"L(\d+)\.b_O()")),
+    ("mlp_bias", re.compile(r"MLP(\d+)\.b_out()")),
     ("head", re.compile(r"L(\d+)H(\d+)")),
     ("mlp", re.compile(r"MLP(\d+)()")),
     ("neuron", re.compile(r"L(\d+)N(\d+)")),
@@ -62,8 +77,10 @@ _PATTERNS = [
 
 class Node(NamedTuple):
     """A parsed label: `kind` ("input", "logits", "layer", "head", "mlp", "neuron", "expert",
-    "resid_pre", "resid_mid", "resid_post", "final_post"), its layer (-1 for input, None for
-    logits and final_post) and its index within the layer (head, neuron, expert; `SHARED`; else None)."""
+    "resid_pre", "resid_mid", "resid_post", "final_post", "embed", "pos_embed", "attn_bias",
+    "mlp_bias", "final_bias"), its layer (-1 for input, None for logits, final_post, the
+    embeddings and final_bias) and its index within the layer (head, neuron, expert; `SHARED`;
+    else None)."""
 
     kind: str
     layer: int | None
@@ -95,6 +112,16 @@ def expert(l: int, e: int) -> str:
     return f"L{int(l)}shared" if e == SHARED else f"L{int(l)}e{int(e)}"
 
 
+def attn_bias(l: int) -> str:
+    """`L3.b_O`: the attention output bias of layer `l` (its `attn_out` minus its heads)."""
+    return f"L{int(l)}.b_O"
+
+
+def mlp_bias(l: int) -> str:
+    """`MLP3.b_out`: the output bias of layer `l`'s MLP (its output minus its neurons)."""
+    return f"MLP{int(l)}.b_out"
+
+
 def resid(l: int | None, where: str = "pre") -> str:
     """`2_pre` / `2_mid` / `2_post`: the residual stream at layer `l`; `final_post` for `l=None`."""
     if where not in _RESID:
@@ -105,12 +132,8 @@ def resid(l: int | None, where: str = "pre") -> str:
 def parse(text: str) -> Node:
     """The `Node` a label names; a `LenslabError` listing the forms for anything else."""
     s = str(text).strip()
-    if s == INPUT:
-        return Node("input", -1)
-    if s == LOGITS:
-        return Node("logits", None)
-    if s == "final_post":
-        return Node("final_post", None)
+    if s in _NAMED:
+        return Node(*_NAMED[s])
     for kind, pat in _PATTERNS:
         m = pat.fullmatch(s)
         if m:
@@ -119,17 +142,16 @@ def parse(text: str) -> Node:
             return Node(kind, int(m.group(1)), index)
     raise LenslabError(
         f"{text!r} is not a node label: use input, logits, L3 (layer), L3H1 (head), MLP3, L2N117 (neuron), "
-        "L1e2 or L1shared (expert), 2_pre / 2_mid / 2_post / final_post (residual stream)"
+        "L1e2 or L1shared (expert), 2_pre / 2_mid / 2_post / final_post (residual stream), embed, pos_embed, "
+        "L3.b_O / MLP3.b_out (output biases), final_bias"
     )
 
 
 def label(node: Node) -> str:
     """The label of a `Node` (the inverse of `parse`)."""
     k, l, i = node
-    printers = {
+    printers = {name: (lambda name=name: name) for name, _ in _NAMED.values()} | {
         "input": lambda: INPUT,
-        "logits": lambda: LOGITS,
-        "final_post": lambda: "final_post",
         "layer": lambda: layer(l),
         "head": lambda: head(l, i),
         "mlp": lambda: mlp(l),
@@ -138,6 +160,8 @@ def label(node: Node) -> str:
         "resid_pre": lambda: resid(l, "pre"),
         "resid_mid": lambda: resid(l, "mid"),
         "resid_post": lambda: resid(l, "post"),
+        "attn_bias": lambda: attn_bias(l),
+        "mlp_bias": lambda: mlp_bias(l),
     }
     if k not in printers:
         raise LenslabError(f"node kind {k!r} is not one of {', '.join(printers)}")

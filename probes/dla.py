@@ -24,10 +24,10 @@ The final normalisation, two ways (`norm=`):
   (`cfg.normalization_type` None). A model with a final norm raises a `LenslabError` that points
   to `"frozen"`.
 
-Component labels are lenslab's node labels (`lenslab.labels`: `L3H1`, `MLP3`, `L2N117`) plus the
-terms no node label names: `embed`, `pos_embed` (learned absolute positions only), `L3.b_O`
-(layer 3's attention output bias: `attn_out` minus its heads), `MLP3.b_out` (with `neurons=True`:
-the MLP output minus its neurons) and `final_bias`.
+Component labels are lenslab's node labels (`lenslab.labels`, parsed and printed there): `L3H1`,
+`MLP3`, `L2N117`, and the terms only a decomposition has: `embed`, `pos_embed` (learned absolute
+positions only), `L3.b_O` (layer 3's attention output bias: `attn_out` minus its heads),
+`MLP3.b_out` (with `neurons=True`: the MLP output minus its neurons) and `final_bias`.
 
 >>> import lenslab
 >>> from lenslab import tasks
@@ -61,40 +61,23 @@ __all__ = [
     "POS_EMBED",
     "VIEWS",
     "DLAResult",
-    "attn_bias_label",
     "component_kind",
     "direct_logit_attribution",
     "final_norm",
-    "mlp_bias_label",
 ]
 
 NORMS = ("frozen", "none")
 VIEWS = ("head", "position", "neuron")
-EMBED, POS_EMBED, FINAL_BIAS = "embed", "pos_embed", "final_bias"
+EMBED, POS_EMBED, FINAL_BIAS = labels.EMBED, labels.POS_EMBED, labels.FINAL_BIAS
 COMPONENT_KINDS = ("embed", "pos_embed", "head", "attn_bias", "mlp", "neuron", "mlp_bias", "final_bias")
 
 
-def attn_bias_label(layer: int) -> str:
-    """`L3.b_O`: the attention output bias of layer `layer` (its `attn_out` minus its heads)."""
-    return f"{labels.layer(layer)}.b_O"
-
-
-def mlp_bias_label(layer: int) -> str:
-    """`MLP3.b_out`: the output bias of layer `layer`'s MLP (its output minus its neurons)."""
-    return f"{labels.mlp(layer)}.b_out"
-
-
 def component_kind(label: str) -> tuple[str, int | None, int | None]:
-    """(kind, layer, index) of a DLA component label; kind is one of `COMPONENT_KINDS`."""
-    if label in (EMBED, POS_EMBED, FINAL_BIAS):
-        return label, None, None
-    if label.endswith(".b_O"):
-        return "attn_bias", labels.parse(label[: -len(".b_O")]).layer, None
-    if label.endswith(".b_out"):
-        return "mlp_bias", labels.parse(label[: -len(".b_out")]).layer, None
+    """(kind, layer, index) of a DLA component label (`lenslab.labels.parse`); kind is one of
+    `COMPONENT_KINDS`."""
     node = labels.parse(label)
-    if node.kind not in ("head", "mlp", "neuron"):
-        raise LenslabError(f"{label!r} is not a DLA component label")
+    if node.kind not in COMPONENT_KINDS:
+        raise LenslabError(f"{label!r} is not a DLA component label (kinds: {', '.join(COMPONENT_KINDS)})")
     return node.kind, node.layer, node.index
 
 
@@ -426,10 +409,10 @@ def _has_pos_embed(model) -> bool:
 def _component_labels(model, neurons: bool) -> list[str]:
     out = [EMBED] + ([POS_EMBED] if _has_pos_embed(model) else [])
     for l in range(model.cfg.n_layers):
-        out += [labels.head(l, h) for h in range(model.cfg.n_heads)] + [attn_bias_label(l)]
+        out += [labels.head(l, h) for h in range(model.cfg.n_heads)] + [labels.attn_bias(l)]
         if _has_mlp(model):
             if neurons:
-                out += [labels.neuron(l, i) for i in range(model.cfg.d_mlp)] + [mlp_bias_label(l)]
+                out += [labels.neuron(l, i) for i in range(model.cfg.d_mlp)] + [labels.mlp_bias(l)]
             else:
                 out.append(labels.mlp(l))
     return [*out, FINAL_BIAS]

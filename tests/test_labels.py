@@ -24,6 +24,11 @@ from lenslab.circuits import edges
         ("0_pre", labels.Node("resid_pre", 0)),
         ("4_mid", labels.Node("resid_mid", 4)),
         ("5_post", labels.Node("resid_post", 5)),
+        ("embed", labels.Node("embed", None)),
+        ("pos_embed", labels.Node("pos_embed", None)),
+        ("L3.b_O", labels.Node("attn_bias", 3)),
+        ("MLP2.b_out", labels.Node("mlp_bias", 2)),
+        ("final_bias", labels.Node("final_bias", None)),
     ],
 )
 def test_parse_and_print_are_inverse(text, node):
@@ -39,9 +44,10 @@ def test_printers_match_the_grammar():
         "L1shared",
     ]
     assert [labels.resid(2), labels.resid(2, "mid"), labels.resid(None)] == ["2_pre", "2_mid", "final_post"]
+    assert [labels.attn_bias(3), labels.mlp_bias(2)] == ["L3.b_O", "MLP2.b_out"]
 
 
-@pytest.mark.parametrize("bad", ["", "H1", "L3h1", "mlp3", "L-1H2", "L1E2", "head"])
+@pytest.mark.parametrize("bad", ["", "H1", "L3h1", "mlp3", "L-1H2", "L1E2", "head", "L3.b_o", "MLP2.b_O", "Embed"])
 def test_unknown_labels_name_the_forms(bad):
     with pytest.raises(LenslabError, match="is not a node label: use input, logits"):
         labels.parse(bad)

@@ -23,7 +23,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import lenslab
-from lenslab import LenslabError, tasks
+from lenslab import LenslabError, labels, tasks
 from lenslab.cli import main
 from lenslab.probes import dla
 
@@ -107,7 +107,7 @@ def test_frozen_norm_equals_transformer_lens(randomize_params, norm, positions, 
             mine = ours(res, label)
         elif label.endswith("_attn_out"):  # the layer's heads plus its b_O
             l = int(label.split("_")[0])
-            mine = sum(ours(res, f"L{l}H{h}") for h in range(4)) + ours(res, dla.attn_bias_label(l))
+            mine = sum(ours(res, f"L{l}H{h}") for h in range(4)) + ours(res, labels.attn_bias(l))
         else:
             mine = ours(res, f"MLP{int(label.split('_')[0])}")
         torch.testing.assert_close(mine, tl, atol=1e-5, rtol=0)
