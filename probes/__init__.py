@@ -11,6 +11,8 @@ One job per module (import them by name; this package re-exports nothing):
   median and the INT8 absmax error (`activation_atlas`, `AtlasResult`).
 - `lenslab.probes.trajectory`: massive activations and sinks over training checkpoints
   (`measure_checkpoints`) and their five-parameter fit (`fit_trajectory`, Gallego-Feliciano et al.).
+- `lenslab.probes.ln_removal`: remove every LayerNorm / RMSNorm by fine-tuning with fixed scales,
+  one norm group at a time, folded into an LN-free model (`remove_norms`, `LNRemovalResult`).
 - `lenslab.probes.dla`: direct logit attribution of every head, MLP (or neuron), embedding and
   bias toward a token, a logit difference, a task's answers or a direction
   (`direct_logit_attribution`, `DLAResult`).
@@ -26,6 +28,9 @@ One job per module (import them by name; this package re-exports nothing):
   `lenslab.probes.sae_load` (`load_sae`, `check_sae`, the zoo's SAEs),
   `lenslab.probes.sae_splice` (`splice_hooks`, `zero_hooks`), `lenslab.probes.sae_measure`
   (`sae_metrics`, `corpus_tokens`) and `lenslab.probes.sae_train` (`train_sae`, `sae_card`).
+- `lenslab.probes.transcoders`: transcoders (MLP input -> MLP output; ReLU, JumpReLU, TopK, skip)
+  and cross-layer transcoders, trained, loaded from circuit-tracer's layouts, spliced in place of
+  the MLPs (`train_transcoders`, `train_clt`, `load_transcoders`, `replacement_hooks`, `TranscoderMetrics`).
 - `lenslab.probes.features` (a package): SAE features over a corpus: a SQLite feature store
   (`index`, `FeatureStore`), per-token `lookup`, `FeatureDashboard` and `search`.
 - `lenslab.probes.zoo_saes`: a deprecated alias of `lenslab.zoo.train_saes` (the zoo SAEs'

@@ -309,6 +309,14 @@ def _sae_metrics(lab):
     return sae_metrics(lab.induction, lab.sae, lab.task.clean_tokens)
 
 
+def _transcoder_metrics(lab):
+    from lenslab.probes import transcoders
+
+    model = lab.zoo_models("zoo/steer-sentiment")
+    tcs = transcoders.load_transcoders("zoo/steer-sentiment/per-layer", model=model)
+    return transcoders.transcoder_metrics(model, tcs, ["the day was awful . the movie was", "what a nice cat ."])
+
+
 def _lookup(lab):
     from lenslab.probes import features
 
@@ -365,6 +373,15 @@ def _probes(lab):
     return train_probes(lab.moe, harmful + benign, ["harmful"] * len(harmful) + ["benign"] * len(benign), layers=[0, 1])
 
 
+def _ln_removal(lab):
+    from lenslab import tasks
+    from lenslab.probes import ln_removal
+
+    model = lab.zoo_models("zoo/ioi-4l")
+    data = ln_removal.task_data(model, tasks.ioi(model, n=4, seed=0))
+    return ln_removal.remove_norms(model, data, data, steps=1, batch_size=2, progress=False)[1]
+
+
 BUILDERS = {
     "PatchResult": _patch,
     "AttributionResult": _attribution,
@@ -386,6 +403,7 @@ BUILDERS = {
     "SwitchTable": _switch,
     "TradeoffResult": _tradeoff,
     "SaeMetrics": _sae_metrics,
+    "TranscoderMetrics": _transcoder_metrics,
     "LookupResult": _lookup,
     "SearchResult": _search,
     "FeatureDashboard": _dashboard,
@@ -394,6 +412,7 @@ BUILDERS = {
     "AtlasResult": _atlas,
     "TrajectoryFit": _trajectory_fit,
     "CheckpointSeries": _checkpoint_series,
+    "LNRemovalResult": _ln_removal,
 }
 
 

@@ -1,5 +1,6 @@
-"""`lenslab norms atlas|fit` (lenslab.probes.atlas, lenslab.probes.trajectory): the activation-maxima
-atlas of a model, and the five-parameter fit of a massive-activation trajectory read from a CSV."""
+"""`lenslab norms atlas|fit|remove` (lenslab.probes.atlas, lenslab.probes.trajectory,
+lenslab.probes.ln_removal): the activation-maxima atlas of a model, the five-parameter fit of a
+massive-activation trajectory read from a CSV, and removing a model's norms by fine-tuning."""
 
 from __future__ import annotations
 
@@ -39,6 +40,31 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sf.add_argument("--max-nfev", type=int, default=2000, help="evaluation budget of the fit")
     add_out(sf)
     sf.set_defaults(func=cmd_fit)
+
+    sr = ssub.add_parser(
+        "remove",
+        help="remove every LayerNorm/RMSNorm by fixing its scale and fine-tuning (Heimersheim 2024; Baroni et al. "
+        "2025); writes a norm-free model folder",
+    )
+    add_model(sr)
+    sr.add_argument(
+        "--prompts",
+        nargs="+",
+        default=None,
+        help="fine-tune and evaluate on these texts (next-token loss); default: the zoo model's built-in corpus",
+    )
+    sr.add_argument("--steps", type=int, default=20, help="fine-tuning steps after each norm is fixed (0: none)")
+    sr.add_argument("--batch-size", type=int, default=32, help="rows per fine-tuning step")
+    sr.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    sr.add_argument("--seed", type=int, default=0, help="seed of the fine-tuning batches")
+    add_device(sr, default="cpu")
+    add_out(
+        sr,
+        "folder to write the norm-free model to (config.json, model.safetensors, card.md, removal.json)",
+        suffixes=None,
+        why="",
+    )
+    sr.set_defaults(func=cmd_remove)
 
 
 def cmd_atlas(args: argparse.Namespace) -> int:
@@ -89,4 +115,51 @@ def cmd_fit(args: argparse.Namespace) -> int:
         + ("" if fit.converged else " (did not converge)")
     )
     print(f"lenslab: wrote {export(fit, out)}")
+    return 0
+
+
+def removal_data(model, name: str, prompts: list[str] | None, seed: int):
+    """`(train, heldout)` for `lenslab norms remove`: the given prompts (both), an IOI zoo model's
+    task prompts with their answers (its training loss), or a zoo model's built-in corpus."""
+    from lenslab import tasks, zoo  # deferred: keeps CLI start-up fast
+    from lenslab.probes import ln_removal  # deferred: keeps CLI start-up fast
+    from lenslab.zoo import corpora  # deferred: keeps CLI start-up fast
+
+    if prompts:
+        data = ln_removal.lm_data(model, prompts)
+        return data, data
+    if zoo.default_prompts(name).task == "ioi" and name.startswith(zoo.PREFIX):
+        train = [tasks.ioi(model, n=32, seed=seed + s) for s in range(40)]
+        held = [tasks.ioi(model, n=32, seed=30_000 + seed + s) for s in range(8)]
+        return ln_removal.task_data(model, train), ln_removal.task_data(model, held)
+    train = corpora.corpus_for(model, n=256, seed=seed)
+    held = corpora.corpus_for(model, n=64, seed=seed + 10_000)
+    return ln_removal.lm_data(model, train), ln_removal.lm_data(model, held)
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    from lenslab import zoo  # deferred: keeps CLI start-up fast
+    from lenslab.probes import ln_removal  # deferred: keeps CLI start-up fast
+
+    out = out_path(args)
+    if args.steps < 0:
+        raise LenslabError(f"--steps must be 0 or more, got {args.steps}")
+    model = lenslab.load_model(args.model, device=args.device)
+    ln_removal.norm_names(model)  # a model without norms (or one this cannot handle) fails here, before any data
+    train, held = removal_data(model, args.model, args.prompts, args.seed)
+    free, result = ln_removal.remove_norms(
+        model, train, held, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed
+    )
+    card = (
+        f"# {args.model} without normalisation\n\nMade by `lenslab norms remove --model {args.model} --steps "
+        f"{args.steps} --seed {args.seed}` (lenslab.probes.ln_removal).\n\n{result.to_markdown()}\n"
+    )
+    extra = {"default_prompt": zoo.default_prompts(args.model).prompt, "ln_removal": result.to_dict()}
+    zoo.save_hooked(free, model.tokenizer, out, summary=f"{args.model} without normalisation", card=card, extra=extra)
+    result.to_json(out / "removal.json")
+    print(
+        f"held-out loss {result.loss_original:.4f} with norms, {result.loss_final:.4f} without ({result.loss_gap:+.4f}); "
+        f"{len(result.stages)} norms removed, {result.tokens_used} fine-tuning tokens"
+    )
+    print(f"lenslab: wrote {out}")
     return 0

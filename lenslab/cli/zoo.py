@@ -56,6 +56,7 @@ def train_zoo(name: str, out_dir: str | Path | None = None, seed: int = 0, steps
     from lenslab.zoo import (  # deferred: keeps CLI start-up fast
         train_induction_2l,
         train_ioi_4l,
+        train_ioi_4l_noln,
         train_moe_refusal,
         train_steer_sentiment,
     )
@@ -63,6 +64,7 @@ def train_zoo(name: str, out_dir: str | Path | None = None, seed: int = 0, steps
     recipes = {
         "induction-2l": train_induction_2l,
         "ioi-4l": train_ioi_4l,
+        "ioi-4l-noln": train_ioi_4l_noln,
         "moe-refusal": train_moe_refusal,
         "steer-sentiment": train_steer_sentiment,
     }

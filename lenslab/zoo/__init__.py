@@ -64,7 +64,7 @@ def zoo_names() -> list[str]:
 
 
 # training recipes that build no model: the zoo's SAEs (`lenslab sae train`) and tuned lenses (`lenslab lens train`)
-NOT_MODEL_RECIPES = ("train_saes", "train_lenses")
+NOT_MODEL_RECIPES = ("train_saes", "train_lenses", "train_transcoders")
 
 
 def trainable_names() -> list[str]:
@@ -214,6 +214,8 @@ _ZOO_DEFAULTS: dict[str, dict] = {
         negative="negative",
     ),
 }
+
+_ZOO_DEFAULTS["zoo/ioi-4l-noln"] = _ZOO_DEFAULTS["zoo/ioi-4l"]  # ioi-4l without LayerNorm: its parent's prompts
 
 # Any other model (a Hugging Face id, a local folder): English, answers with GPT-2-style leading spaces.
 _GENERIC_DEFAULTS = dict(
