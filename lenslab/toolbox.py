@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -155,3 +156,16 @@ def check_prompts(prompts: str | Sequence[str], what: str) -> list[str]:
     if not ps or any(not isinstance(p, str) or not p for p in ps):
         raise LenslabError(f"{what} must be a non-empty list of non-empty strings")
     return ps
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Run the block with at most `n` torch threads (None: unchanged), restoring the count after:
+    training on one thread is bit-reproducible on a machine and often faster on a busy one."""
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(max(1, min(int(n), old)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

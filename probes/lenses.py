@@ -53,7 +53,7 @@ from lenslab.inspection import LogitLens
 from lenslab.probes.sae_measure import corpus_tokens as token_rows
 from lenslab.probes.sae_measure import excluded_tokens, keep_mask
 from lenslab.results import Result, provenance
-from lenslab.toolbox import model_device, model_name, progress_reporter
+from lenslab.toolbox import model_device, model_name, progress_reporter, torch_threads
 
 __all__ = [
     "CONFIG_FILE",
@@ -464,17 +464,6 @@ def _frozen(model):
         model.train(was_training)
 
 
-@contextmanager
-def _threads(n: int | None):
-    old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(max(1, min(n, old)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _kl_rows(log_p: Tensor, logits: Tensor) -> Tensor:
     """KL(p || q) per position, `[batch, pos]`, from the target's log-probs and the lens's logits."""
     log_q = logits.float().log_softmax(-1)
@@ -576,7 +565,7 @@ def train_tuned_lens(
     tail = max(1, steps // 10)  # the record's KL: mean over the last 10% of steps
     kl_tail = torch.zeros(n_layers, dtype=torch.float64)
     report = progress_reporter(progress, steps, "training the tuned lens")
-    with _frozen(model), _threads(threads):
+    with _frozen(model), torch_threads(threads):
         for step in range(steps):
             idx = order[step * batch : (step + 1) * batch]
             toks, mask = rows[idx].to(device), keep[idx].to(device)

@@ -26,7 +26,7 @@ from torch import Tensor
 from lenslab._errors import LenslabError, did_you_mean
 from lenslab.probes.sae_load import CFG_FILE, hook_width, load_folder, quiet_sae_lens
 from lenslab.probes.sae_measure import SaeMetrics, corpus_tokens, excluded_tokens, sae_metrics, write_metrics
-from lenslab.toolbox import model_device, model_name
+from lenslab.toolbox import model_device, model_name, torch_threads
 
 __all__ = ["sae_card", "train_sae"]
 
@@ -128,7 +128,7 @@ def train_sae(
 
     out = Path(out_dir) if out_dir is not None else None
 
-    with _threads(threads), tempfile.TemporaryDirectory() as tmp:
+    with torch_threads(threads), tempfile.TemporaryDirectory() as tmp:
         target = out if out is not None else Path(tmp) / "sae"
         t0 = time.time()
         _run_sae_lens(
@@ -331,17 +331,6 @@ activation zero-ablated there; loss recovered = (zero − spliced) / (zero − c
 
 
 # --- run environment ---------------------------------------------------------------------------
-@contextmanager
-def _threads(n: int | None):
-    old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(max(1, min(n, old)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 @contextmanager
 def _keep_signal_handlers():
     """sae-lens's runner installs SIGINT/SIGTERM handlers for checkpointing; put ours back after."""

@@ -43,7 +43,7 @@ from lenslab import figures, zoo
 from lenslab._errors import LenslabError, did_you_mean
 from lenslab.probes.sae_measure import corpus_tokens, excluded_tokens, keep_mask
 from lenslab.results import Result, provenance
-from lenslab.toolbox import check_layers, model_device, model_name, progress_reporter
+from lenslab.toolbox import check_layers, model_device, model_name, progress_reporter, torch_threads
 
 __all__ = [
     "ACTIVATIONS",
@@ -429,10 +429,7 @@ def train_transcoders(
     for nm, v in (("steps", steps), ("batch_size", batch_size), ("d_transcoder", d_transcoder)):
         if not isinstance(v, int) or v < 1:
             raise LenslabError(f"{nm} must be a positive int, got {v!r}")
-    old = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(max(1, min(threads, old)))
-    try:
+    with torch_threads(threads):
         X, Y = collect_mlp_io(model, tokens, layers, input_hook=input_hook, output_hook=output_hook)
         out = {}
         for j, layer in enumerate(layers):
@@ -466,8 +463,6 @@ def train_transcoders(
             )  # fmt: skip
             tc.requires_grad_(False)
             out[layer] = tc
-    finally:
-        torch.set_num_threads(old)
     tcs = TranscoderSet(out, input_hook=input_hook, output_hook=output_hook)
     tcs.model_name = model_name(model)
     return tcs
@@ -499,10 +494,7 @@ def train_clt(
     n, d_model = int(model.cfg.n_layers), int(model.cfg.d_model)
     d_transcoder = d_transcoder or 2 * d_model
     _check_activation(activation, k, d_transcoder)
-    old = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(max(1, min(threads, old)))
-    try:
+    with torch_threads(threads):
         X, Y = collect_mlp_io(model, tokens, list(range(n)), input_hook=input_hook, output_hook=output_hook)
         clt = CrossLayerTranscoder(
             n, d_model, d_transcoder, activation=activation, k=k if activation == "topk" else None, skip=skip,
@@ -546,8 +538,6 @@ def train_clt(
             desc="CLT",
         )
         clt.requires_grad_(False)
-    finally:
-        torch.set_num_threads(old)
     clt.model_name = model_name(model)
     return clt
 
