@@ -29,6 +29,7 @@ only the backward pass; user weights are never touched.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -365,15 +366,17 @@ def _forward_backward(
     acts: dict[str, Tensor] = {}
     first = [True]
 
-    def store(act, hook):
-        if replace is not None and hook.name in replace:
-            act = replace[hook.name]
+    def store(act, hook, name):
+        # keyed by the name asked for: a TransformerBridge's hook.name is its canonical name
+        # (blocks.0.hook_in for blocks.0.hook_resid_pre)
+        if replace is not None and name in replace:
+            act = replace[name]
         if not act.requires_grad:  # parameters frozen by the user: make this the graph's leaf
             act = act.detach().requires_grad_(True)
-        acts[hook.name] = act
+        acts[name] = act
         return act
 
-    fwd = [(h, store) for h in hooks]
+    fwd = [(h, functools.partial(store, name=h)) for h in hooks]
 
     # ensure a graph exists even when parameters do not require grad
     def leaf(act, hook):

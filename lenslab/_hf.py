@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from lenslab import zoo
+from lenslab import _offload, zoo
 from lenslab._errors import LenslabError, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -77,18 +77,22 @@ _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PR
 # --- public entry points (called by lenslab.models.load_model) ------------------------------
 
 
-def load_hf_id(name: str, device: torch.device, dtype: torch.dtype):
-    """Load Hugging Face hub model `name` (from the cache, or downloaded when online)."""
+def load_hf_id(name: str, device: torch.device, dtype: torch.dtype, placement: tuple | None = None):
+    """Load Hugging Face hub model `name` (from the cache, or downloaded when online).
+
+    `placement` is `(device_map, max_memory, offload_folder)` for a model split across devices
+    (`lenslab._offload`); None loads it whole onto `device`."""
     repo_id = _official_name(name) or name
     folder = _snapshot(repo_id, asked=name)
     tl_name = repo_id if _official_name(repo_id) == repo_id else None
-    return _load_folder(folder, device, dtype, tl_name=tl_name)
+    return _load_folder(folder, device, dtype, tl_name=tl_name, placement=placement)
 
 
-def load_hf_dir(folder: str | Path, device: torch.device, dtype: torch.dtype):
-    """Load a local directory holding a Hugging Face config, tokenizer and safetensors weights."""
+def load_hf_dir(folder: str | Path, device: torch.device, dtype: torch.dtype, placement: tuple | None = None):
+    """Load a local directory holding a Hugging Face config, tokenizer and safetensors weights
+    (`placement` as in `load_hf_id`)."""
     folder = Path(folder).expanduser().resolve()
-    return _load_folder(folder, device, dtype, tl_name=None)
+    return _load_folder(folder, device, dtype, tl_name=None, placement=placement)
 
 
 def backend_for(architecture: str) -> str:
@@ -303,7 +307,7 @@ def _offline_error(name: str, repo_id: str, cache: str) -> LenslabError:
 # --- local folders -> TransformerLens models ----------------------------------------------------
 
 
-def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype, *, tl_name: str | None):
+def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype, *, tl_name: str | None, placement=None):
     hf_config = _read_config(folder)
     arch = _architecture(hf_config, folder)
     backend = backend_for(arch)
@@ -317,11 +321,14 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype, *, tl_n
         # HookedTransformer's "deprecated in favour of TransformerBridge" notice (docs/design.md)
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        parts = _hooked_parts(folder, hf_config, arch, device, dtype, tl_name) if backend == "hooked" else None
-        if parts is not None:
-            model = _build_hooked(*parts, tokenizer, device, dtype)
+        if placement is not None:  # split across devices: always the bridge over accelerate's placement
+            model = _offload.load_dispatched(folder, hf_config, arch, tokenizer, dtype, *placement)
         else:
-            model = _load_bridge(folder, hf_config, arch, tokenizer, device, dtype)
+            parts = _hooked_parts(folder, hf_config, arch, device, dtype, tl_name) if backend == "hooked" else None
+            if parts is not None:
+                model = _build_hooked(*parts, tokenizer, device, dtype)
+            else:
+                model = _load_bridge(folder, hf_config, arch, tokenizer, device, dtype)
     model.eval()
     model.lenslab_source = str(folder)
     return model

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lenslab import _hf, zoo
+from lenslab import _hf, _offload, zoo
 from lenslab._device import resolve_device, resolve_dtype
 from lenslab._errors import LenslabError
 from lenslab.toolbox import name_model
@@ -29,7 +29,15 @@ class ModelInfo:
     summary: str = ""
 
 
-def load_model(name: str, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None):
+def load_model(
+    name: str,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = None,
+    *,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | Path | None = None,
+):
     """Load a model by name as a TransformerLens model, in eval mode.
 
     Args:
@@ -39,6 +47,14 @@ def load_model(name: str, device: str | torch.device = "auto", dtype: str | torc
             lenslab zoo-format folder).
         device: "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1", ...
         dtype: None (float32), "float32", "float16", "bfloat16" or a torch dtype.
+        device_map: split a Hugging Face model across devices (docs/devices.md): "auto" (or
+            "balanced", "sequential") lets accelerate place the layers, a dict names a device
+            per module (`{"model.embed_tokens": 0, "model.layers": 1, ...}`, values a GPU
+            index, "cuda:N", "cpu" or "disk"). The model comes back as a `TransformerBridge`.
+            Leave `device` at "auto". Zoo models do not take one.
+        max_memory: accelerate's budget per device, e.g. `{0: "20GiB", "cpu": "60GiB"}`; what
+            does not fit goes to the next device, then to disk.
+        offload_folder: where weights placed on "disk" are kept (needed when any are).
 
     Returns:
         A `HookedTransformer` (or `TransformerBridge`) whose `model.cfg.model_name` is `name`
@@ -55,22 +71,43 @@ def load_model(name: str, device: str | torch.device = "auto", dtype: str | torc
     name = name.strip()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
+    _offload.check_placement(device_map, max_memory, offload_folder)
+    placement = None if device_map is None else (device_map, max_memory, offload_folder)
+    if placement is not None and device not in ("auto", None):
+        raise LenslabError(f"pass either device={device!r} or device_map, not both: device_map places every module")
+    if placement is not None and _is_zoo_format(name):
+        raise LenslabError(
+            f"{name!r} is a zoo (HookedTransformer) model: device_map applies to Hugging Face checkpoints only; "
+            "zoo models are small, so load them on one device with device='cuda' or 'cpu'"
+        )
     if name.startswith(zoo.PREFIX):
         model = _load_folder(zoo.zoo_path(name), dev, dt)
     elif Path(name).expanduser().is_dir():
-        model = _load_folder(Path(name).expanduser(), dev, dt)
+        model = _load_folder(Path(name).expanduser(), dev, dt, placement)
     elif Path(name).expanduser().is_file():
         raise LenslabError(f"{name!r} is a file, not a model directory; pass the folder that holds config.json")
     elif name.startswith(("/", "./", "../", "~")):
         raise LenslabError(f"local model directory {name!r} does not exist; check the path")
     else:
-        model = _hf.load_hf_id(name, dev, dt)
+        model = _hf.load_hf_id(name, dev, dt, placement)
     name_model(model, name)
     model.lenslab_name = name  # deprecated alias of model.cfg.model_name, kept for one release; lenslab never reads it
     return model
 
 
-def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype):
+def _is_zoo_format(name: str) -> bool:
+    if name.startswith(zoo.PREFIX):
+        return True
+    cfg_path = Path(name).expanduser() / "config.json"
+    if not cfg_path.is_file():
+        return False
+    try:
+        return json.loads(cfg_path.read_text()).get("lenslab_format") == "hooked_transformer"
+    except ValueError:
+        return False
+
+
+def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype, placement: tuple | None = None):
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise LenslabError(
@@ -81,7 +118,7 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype):
     if meta.get("lenslab_format") == "hooked_transformer":
         return zoo.load_hooked(folder, device, dtype)
 
-    return _hf.load_hf_dir(folder, device, dtype)
+    return _hf.load_hf_dir(folder, device, dtype, placement)
 
 
 def list_models() -> list[ModelInfo]:

@@ -52,11 +52,16 @@ def model_name(model) -> str:
 
 
 def model_device(model) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+    """Where the model's inputs go: the device of its first parameter (CPU for a model without
+    parameters), or, for a model split across devices (`load_model(..., device_map=...)`), the
+    execution device of its input embedding, which `cfg.device` holds (its weights may be
+    offloaded, that is on 'meta'). Outputs come back there too."""
+    if getattr(model, "lenslab_device_map", None):
+        return torch.device(model.cfg.device)
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
 
 
 def check_layers(model, layers: int | Sequence[int] | None) -> list[int]:

@@ -31,6 +31,8 @@ One job per module (import them by name; this package re-exports nothing):
 - `lenslab.probes.transcoders`: transcoders (MLP input -> MLP output; ReLU, JumpReLU, TopK, skip)
   and cross-layer transcoders, trained, loaded from circuit-tracer's layouts, spliced in place of
   the MLPs (`train_transcoders`, `train_clt`, `load_transcoders`, `replacement_hooks`, `TranscoderMetrics`).
+- `lenslab.probes.attribution_graph`: circuit-tracer's attribution graphs through transcoders: direct
+  effects among features, errors, tokens and logits (`attribution_graph`, `prune`, `AttributionGraph`).
 - `lenslab.probes.features` (a package): SAE features over a corpus: a SQLite feature store
   (`index`, `FeatureStore`), per-token `lookup`, `FeatureDashboard` and `search`.
 - `lenslab.probes.zoo_saes`: a deprecated alias of `lenslab.zoo.train_saes` (the zoo SAEs'

@@ -48,8 +48,9 @@ def encode_decode(sae, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def _reconstruct(sae, act: Tensor) -> Tensor:
     """Replacement for a hook activation: the SAE's reconstruction in the activation's own shape."""
-    x = sae_input(sae, act)
-    x_hat = sae.decode(sae.encode(x)).to(act.dtype)
+    device = next((p.device for p in sae.parameters()), act.device)  # a split model's layer may sit elsewhere
+    x = sae_input(sae, act).to(device)
+    x_hat = sae.decode(sae.encode(x)).to(act.device, act.dtype)
     head = sae.cfg.metadata.hook_head_index
     if head is not None:
         out = act.clone()

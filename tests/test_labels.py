@@ -29,6 +29,11 @@ from lenslab.circuits import edges
         ("L3.b_O", labels.Node("attn_bias", 3)),
         ("MLP2.b_out", labels.Node("mlp_bias", 2)),
         ("final_bias", labels.Node("final_bias", None)),
+        ("L1F37@5", labels.Node("feature", 1, 37, 5)),
+        ("MLP1.err@5", labels.Node("error", 1, None, 5)),
+        ("embed@0", labels.Node("token", None, None, 0)),
+        ("logit117@9", labels.Node("logit", None, 117, 9)),
+        ("target0@9", labels.Node("target", None, 0, 9)),
     ],
 )
 def test_parse_and_print_are_inverse(text, node):
@@ -47,7 +52,21 @@ def test_printers_match_the_grammar():
     assert [labels.attn_bias(3), labels.mlp_bias(2)] == ["L3.b_O", "MLP2.b_out"]
 
 
-@pytest.mark.parametrize("bad", ["", "H1", "L3h1", "mlp3", "L-1H2", "L1E2", "head", "L3.b_o", "MLP2.b_O", "Embed"])
+def test_graph_node_printers_match_the_grammar():
+    assert [
+        labels.feature(1, 37, 5),
+        labels.error_node(1, 5),
+        labels.token_node(0),
+        labels.logit_node(117, 9),
+        labels.target_node(0, 9),
+    ] == ["L1F37@5", "MLP1.err@5", "embed@0", "logit117@9", "target0@9"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "H1", "L3h1", "mlp3", "L-1H2", "L1E2", "head", "L3.b_o", "MLP2.b_O", "Embed", "L1F37", "L1F37@", "L3H1@2",
+     "MLP1.err", "logit@3", "embed@-1"],
+)  # fmt: skip
 def test_unknown_labels_name_the_forms(bad):
     with pytest.raises(LenslabError, match="is not a node label: use input, logits"):
         labels.parse(bad)

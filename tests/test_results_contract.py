@@ -317,6 +317,16 @@ def _transcoder_metrics(lab):
     return transcoders.transcoder_metrics(model, tcs, ["the day was awful . the movie was", "what a nice cat ."])
 
 
+def _attribution_graph(lab):
+    from lenslab.probes import attribution_graph
+
+    model = lab.zoo_models("zoo/ioi-4l")
+    g = attribution_graph.attribution_graph(
+        model, "When Mary and John went to the store", "zoo/ioi-4l/per-layer", max_feature_nodes=24
+    )
+    return attribution_graph.prune(g)
+
+
 def _lookup(lab):
     from lenslab.probes import features
 
@@ -404,6 +414,7 @@ BUILDERS = {
     "TradeoffResult": _tradeoff,
     "SaeMetrics": _sae_metrics,
     "TranscoderMetrics": _transcoder_metrics,
+    "AttributionGraph": _attribution_graph,
     "LookupResult": _lookup,
     "SearchResult": _search,
     "FeatureDashboard": _dashboard,

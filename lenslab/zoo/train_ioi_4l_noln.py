@@ -6,7 +6,7 @@ its mean over IOI training prompts (ln2 of blocks 0-3, then ln1 of blocks 0-3, t
 embeddings and unembedding frozen during fine-tuning (the names are interchangeable random symbols,
 and only train names occur in the data). The fixed scales are then folded into the weights: the
 saved model has `normalization_type = None`. Deterministic (seeded batches, one torch thread);
-about a minute on one CPU thread. Run with `lenslab zoo train ioi-4l-noln`.
+a few minutes on one CPU thread. Run with `lenslab zoo train ioi-4l-noln`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from lenslab.zoo import train_ioi_4l as parent
 STEPS = 30  # per stage
 BATCH = 32
 LR = 1e-4
-TRAIN_SEEDS = range(40)  # tasks.ioi seeds of the fine-tuning prompts (32 each)
-HELDOUT_SEEDS = range(30_000, 30_008)  # seeds of the held-out loss prompts (32 each)
+TRAIN_SEEDS = range(160)  # tasks.ioi seeds of the fine-tuning prompts (32 each): 5,120 prompts
+# 2,048 held-out prompts: the answer loss is heavy-tailed (a few prompts carry most of it), so 256
+# prompts gave a loss that swung 4x from one draw of seeds to another
+HELDOUT_SEEDS = range(30_000, 30_064)  # seeds of the held-out loss prompts (32 each)
 SUMMARY = "zoo/ioi-4l with every LayerNorm removed by fine-tuning (no normalisation)"
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
 
@@ -52,9 +54,16 @@ def train(out_dir, seed: int = 0, steps: int = STEPS, threads: int = 1) -> None:
     free.cfg.model_name = "ioi-4l-noln"
     removal = result.to_dict()
     removal.pop("provenance")
+    removal["loss_no_finetuning"] = no_finetuning_loss(model, train_data, held)
     removal.update(steps_per_stage=steps, batch=BATCH, lr=LR, seed=seed, seconds=round(seconds))
     save_hooked(free, model.tokenizer, out_dir, summary=SUMMARY, card="(pending evaluation)\n")
     write_card(out_dir, removal)
+
+
+def no_finetuning_loss(model, train_data, held) -> float:
+    """Held-out loss of the same removal with no fine-tuning (`steps=0`: the measured scales folded)."""
+    _, base = ln_removal.remove_norms(model, train_data, held, steps=0, batch_size=BATCH, progress=False)
+    return base.loss_final
 
 
 def write_card(out_dir, removal: dict | None = None) -> None:
@@ -117,7 +126,10 @@ fixed, and after fine-tuning.
 
 Held-out loss: {removal["loss_original"]:.5f} with LayerNorm, {removal["loss_final"]:.5f} without
 (gap {removal["loss_final"] - removal["loss_original"]:+.5f}), after {removal["tokens_used"]} fine-tuning tokens
-({removal["seconds"]} s on one CPU thread).
+({removal["seconds"]} s on one CPU thread). The same removal without fine-tuning (the measured scales
+folded, `steps=0`): {removal["loss_no_finetuning"]:.5f} (gap {removal["loss_no_finetuning"] - removal["loss_original"]:+.5f}).
+The answer loss is heavy-tailed (a few prompts carry most of it), hence 2,048 held-out prompts:
+zoo/ioi-4l scored 0.0007 on the 256 of an earlier recipe, 0.0031 and 0.0128 on two draws of 2,048.
 
 ## Accuracy (IO logit > S logit), as on zoo/ioi-4l's card
 
@@ -128,5 +140,6 @@ Held-out loss: {removal["loss_original"]:.5f} with LayerNorm, {removal["loss_fin
 ## How it was verified
 `tests/probes/test_ln_removal.py` re-measures the held-out losses and the accuracies of this card
 from the committed weights, and checks that the DLA (norm="none") of every head equals its exact
-direct effect (path patching into the logits) to 1e-4.
+direct effect (path patching into the logits) to 1e-4; `tests/test_norms_claims.py` measures the
+papers' interpretability claims on this model and on zoo/ioi-4l (docs/norms.md, "LN-free vs original").
 """

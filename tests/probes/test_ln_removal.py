@@ -118,6 +118,17 @@ def test_shipped_model_has_no_norms_and_its_card_numbers(shipped):
     assert got["accuracy"] >= ev["ioi-4l"]["train_distribution"]["accuracy"] - 0.01
     card = zoo.read_card(NOLN)
     assert f"{removal['loss_final']:.5f}" in card and str(removal["tokens_used"]) in card
+    # fine-tuning helps: the gap is a small fraction of the no-fine-tuning one (card: +0.00030 vs +0.00772)
+    assert f"{removal['loss_no_finetuning']:.5f}" in card
+    assert removal["loss_final"] - removal["loss_original"] < 0.1 * (
+        removal["loss_no_finetuning"] - removal["loss_original"]
+    )
+    # held out (held-out names and templates): within 4 points of the original, logit diff as large
+    held = parent.evaluate(free, heldout=True)
+    assert held["accuracy"] == pytest.approx(ev["ioi-4l-noln"]["heldout"]["accuracy"], abs=2e-3)
+    assert held["mean_logit_diff"] == pytest.approx(ev["ioi-4l-noln"]["heldout"]["mean_logit_diff"], abs=0.01)
+    assert held["accuracy"] >= ev["ioi-4l"]["heldout"]["accuracy"] - 0.04
+    assert held["mean_logit_diff"] >= ev["ioi-4l"]["heldout"]["mean_logit_diff"]
 
 
 def _direct_effects(model, task, norm: str):
