@@ -66,7 +66,7 @@ __all__ = [
     "transcoder_metrics",
 ]
 
-INPUT_HOOK = "blocks.{l}.ln2.hook_normalized"  # the MLP's input (after its LayerNorm)
+INPUT_HOOK = "blocks.{l}.ln2.hook_normalized"  # the MLP's normalised input, before ln2's weight and bias (TransformerLens hooks it there): still an affine image of the MLP's input
 OUTPUT_HOOK = "blocks.{l}.hook_mlp_out"  # the MLP's output, written to the residual stream
 ACTIVATIONS = ("relu", "jumprelu", "topk")
 TRANSCODERS_DIR = "transcoders"  # zoo transcoders: lenslab/zoo/<model>/transcoders/<name>/
