@@ -68,25 +68,9 @@ def methods(model, seed: int) -> dict:
 
 
 def best_within(res, budget: float = PPL_BUDGET) -> dict[str, dict]:
-    """Per method: the best concept rate with perplexity <= budget x the unsteered one, per seed, then mean ± std."""
-    seeds = res.provenance["seeds"]
-    out = {}
-    for m in res.methods():
-        picks, ratios = [], []
-        for s in seeds:
-            rows = [r for r in res.per_seed if r["seed"] == s and r["method"] == m]
-            base = next(r["perplexity"] for r in rows if r["strength"] == 0)
-            ok = [r for r in rows if r["perplexity"] <= budget * base]
-            picks.append(max(ok, key=lambda r: (r["concept_rate"], -r["perplexity"])))
-            ratios.append(picks[-1]["perplexity"] / base)
-        rates = [p["concept_rate"] for p in picks]
-        out[m] = {
-            "rate": statistics.fmean(rates),
-            "std": statistics.stdev(rates),
-            "strengths": [p["strength"] for p in picks],
-            "ppl_ratio": statistics.fmean(ratios),
-        }
-    return out
+    """Per method: per seed the best concept rate with perplexity <= budget x the unsteered one; mean ± std
+    (`TradeoffResult.best_within`)."""
+    return res.best_within(budget)
 
 
 def cmd_tradeoff(model, seeds: list[int]) -> None:

@@ -101,6 +101,32 @@ class TradeoffResult(JsonResult):
                 out[m] = max(ok, key=lambda r: (r["concept_rate"], -r["perplexity"]))
         return out
 
+    def best_within(self, budget: float) -> dict[str, dict]:
+        """Per method, over `per_seed`: each seed's best concept rate with perplexity at most `budget`
+        times that seed's unsteered (strength 0) perplexity, then across seeds `rate` (mean), `std`
+        (ddof=1), `rates`, the `strengths` chosen and `ppl_ratio` (mean perplexity / unsteered)."""
+        seeds = list(dict.fromkeys(r["seed"] for r in self.per_seed))
+        if len(seeds) < 2:
+            raise LenslabError("best_within needs the per-seed rows of several seeds (tradeoff_seeds)")
+        out = {}
+        for m in self.methods():
+            picks, ratios = [], []
+            for s in seeds:
+                rows = [r for r in self.per_seed if r["seed"] == s and r["method"] == m]
+                base = next(r["perplexity"] for r in rows if r["strength"] == 0)
+                ok = [r for r in rows if r["perplexity"] <= budget * base]
+                picks.append(max(ok, key=lambda r: (r["concept_rate"], -r["perplexity"])))
+                ratios.append(picks[-1]["perplexity"] / base)
+            rates = [p["concept_rate"] for p in picks]
+            out[m] = {
+                "rate": statistics.fmean(rates),
+                "std": statistics.stdev(rates),
+                "rates": rates,
+                "strengths": [p["strength"] for p in picks],
+                "ppl_ratio": statistics.fmean(ratios),
+            }
+        return out
+
     def n_seeds(self) -> int:
         return max((int(r.get("n_seeds", 1)) for r in self.rows), default=1)
 
