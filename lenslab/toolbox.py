@@ -12,10 +12,12 @@ error text for a layer out of range, the same name in every provenance record).
 
 from __future__ import annotations
 
+import json
 import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -174,3 +176,45 @@ def torch_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def save_spec(path: str | Path, spec: dict, tensors: dict[str, Tensor], what: str) -> Path:
+    """Write `spec` to `path` (.json) and `tensors` to `<stem>.safetensors` beside it (named in the
+    JSON as "tensors"); returns the JSON path. `what` names the thing in errors ("preset", "probe")."""
+    from safetensors.torch import save_file  # deferred: safetensors loads only when a file is read or written
+
+    path = Path(path)
+    if path.suffix != ".json":
+        raise LenslabError(f"{what} path {str(path)!r} must end in .json (its tensors go in a .safetensors beside it)")
+    tpath = path.with_suffix(".safetensors")
+    spec = {**spec, "tensors": tpath.name}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spec, indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tpath))
+    return path
+
+
+def load_spec(
+    path: str | Path, what: str, hint: str, *, tensors_required: bool = True
+) -> tuple[dict, dict[str, Tensor]]:
+    """Read what `save_spec` wrote: `(spec, tensors)` (never pickle). A missing file says `hint`
+    (how to make one); the tensors file must sit beside the JSON (optional when not
+    `tensors_required` and the JSON names none)."""
+    from safetensors.torch import load_file  # deferred: safetensors loads only when a file is read or written
+
+    path = Path(path)
+    if not path.is_file():
+        raise LenslabError(f"{what} {str(path)!r} does not exist; {hint}")
+    try:
+        spec = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise LenslabError(f"{what} {str(path)!r} is not valid JSON ({err}); re-save it") from None
+    tname = spec.get("tensors")
+    if not tname and not tensors_required:
+        return spec, {}
+    tpath = path.parent / str(tname)
+    if not tname or not tpath.is_file():
+        raise LenslabError(
+            f"{what} {path.name} needs {tname or '<stem>.safetensors'} beside it, which is missing; copy both files"
+        )
+    return spec, load_file(str(tpath))

@@ -48,7 +48,6 @@ direction into an `Intervention`.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import warnings
@@ -66,7 +65,15 @@ from lenslab.data import refusal, sentiment
 from lenslab.results import Result, provenance
 from lenslab.sites import SITE_ALIASES, SITES, site_hook
 from lenslab.tasks import Task
-from lenslab.toolbox import check_layers, hook_unit_sizes, length_batches, model_device, progress_reporter
+from lenslab.toolbox import (
+    check_layers,
+    hook_unit_sizes,
+    length_batches,
+    load_spec,
+    model_device,
+    progress_reporter,
+    save_spec,
+)
 
 __all__ = [
     "CONTROLS",
@@ -570,40 +577,13 @@ class Probe:
 
     def save(self, path: str | Path) -> Path:
         """Write `path` (.json: everything but the tensors) and `<stem>.safetensors` beside it; returns the JSON path."""
-        from safetensors.torch import save_file  # deferred: safetensors loads only when a file is read or written
-
-        path = Path(path)
-        if path.suffix != ".json":
-            raise LenslabError(
-                f"probe path {str(path)!r} must end in .json (its tensors go in a .safetensors beside it)"
-            )
-        spec = self.spec()
-        tpath = path.with_suffix(".safetensors")
-        spec["tensors"] = tpath.name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(spec, indent=1) + "\n")
-        save_file({k: v.contiguous() for k, v in self.tensors().items()}, str(tpath))
-        return path
+        return save_spec(path, self.spec(), self.tensors(), "probe")
 
     @classmethod
     def load(cls, path: str | Path) -> Probe:
         """Read a probe `save` wrote (JSON plus the safetensors file it names; never pickle)."""
-        from safetensors.torch import load_file  # deferred: safetensors loads only when a file is read or written
-
-        path = Path(path)
-        if not path.is_file():
-            raise LenslabError(
-                f"probe {str(path)!r} does not exist; write one with Probe.save or `lenslab probe train`"
-            )
-        try:
-            spec = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise LenslabError(f"probe {str(path)!r} is not valid JSON ({err}); re-save it") from None
-        tname = spec.get("tensors")
-        tpath = path.parent / str(tname)
-        if not tname or not tpath.is_file():
-            raise LenslabError(f"probe {path.name} needs {tname or '<stem>.safetensors'} beside it, which is missing")
-        return cls.from_dict({**spec, **{k: v for k, v in load_file(str(tpath)).items()}})
+        spec, tensors = load_spec(path, "probe", "write one with Probe.save or `lenslab probe train`")
+        return cls.from_dict({**spec, **tensors})
 
 
 def load_probe(path: str | Path) -> Probe:

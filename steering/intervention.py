@@ -49,7 +49,6 @@ as ActAdd does).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable
@@ -60,7 +59,7 @@ import torch
 from torch import Tensor
 
 from lenslab._errors import LenslabError, did_you_mean
-from lenslab.toolbox import hook_unit_sizes
+from lenslab.toolbox import hook_unit_sizes, load_spec, save_spec
 
 UNIT_OPS = ("add", "multiply", "affine", "clamp", "zero", "feature", "project")
 EXPERT_OPS = ("drop_experts", "mask_experts", "force_experts")  # MoE switches: lenslab.steering.experts
@@ -501,40 +500,15 @@ def save(intervention: Intervention, path: str | Path) -> Path:
     >>> load(path) == iv
     True
     """
-    from safetensors.torch import save_file  # deferred: safetensors loads only when a file is read or written
-
-    path = Path(path)
-    if path.suffix != ".json":
-        raise LenslabError(f"preset path {str(path)!r} must end in .json (tensors go in a .safetensors beside it)")
     spec, tensors = intervention.to_preset()
-    tpath = path.with_suffix(".safetensors")
-    spec["tensors"] = tpath.name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(spec, indent=2) + "\n")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tpath))
-    return path
+    return save_spec(path, spec, tensors, "preset")
 
 
 def load(path: str | Path) -> Intervention:
     """Read a preset written by `save` (JSON plus the safetensors file it names; never pickle)."""
-    from safetensors.torch import load_file  # deferred: safetensors loads only when a file is read or written
-
-    path = Path(path)
-    if not path.is_file():
-        raise LenslabError(
-            f"preset {str(path)!r} does not exist; check the path (a .json written by lenslab.steering.save)"
-        )
-    try:
-        spec = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise LenslabError(f"preset {str(path)!r} is not valid JSON ({err}); re-save it") from None
-    tname = spec.get("tensors")
-    tensors: dict[str, Tensor] = {}
-    if tname:
-        tpath = path.parent / tname
-        if not tpath.is_file():
-            raise LenslabError(f"preset {path.name} needs {tname} beside it, which is missing; copy both files")
-        tensors = load_file(str(tpath))
+    spec, tensors = load_spec(
+        path, "preset", "check the path (a .json written by lenslab.steering.save)", tensors_required=False
+    )
     return Intervention.from_preset(spec, tensors)
 
 
