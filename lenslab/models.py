@@ -75,13 +75,8 @@ def load_model(
     placement = None if device_map is None else (device_map, max_memory, offload_folder)
     if placement is not None and device not in ("auto", None):
         raise LenslabError(f"pass either device={device!r} or device_map, not both: device_map places every module")
-    if placement is not None and _is_zoo_format(name):
-        raise LenslabError(
-            f"{name!r} is a zoo (HookedTransformer) model: device_map applies to Hugging Face checkpoints only; "
-            "zoo models are small, so load them on one device with device='cuda' or 'cpu'"
-        )
     if name.startswith(zoo.PREFIX):
-        model = _load_folder(zoo.zoo_path(name), dev, dt)
+        model = _load_folder(zoo.zoo_path(name), dev, dt, placement)
     elif Path(name).expanduser().is_dir():
         model = _load_folder(Path(name).expanduser(), dev, dt, placement)
     elif Path(name).expanduser().is_file():
@@ -95,18 +90,6 @@ def load_model(
     return model
 
 
-def _is_zoo_format(name: str) -> bool:
-    if name.startswith(zoo.PREFIX):
-        return True
-    cfg_path = Path(name).expanduser() / "config.json"
-    if not cfg_path.is_file():
-        return False
-    try:
-        return json.loads(cfg_path.read_text()).get("lenslab_format") == "hooked_transformer"
-    except ValueError:
-        return False
-
-
 def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype, placement: tuple | None = None):
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
@@ -116,6 +99,11 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype, placeme
         )
     meta = json.loads(cfg_path.read_text())
     if meta.get("lenslab_format") == "hooked_transformer":
+        if placement is not None:
+            raise LenslabError(
+                f"{str(folder)!r} is a zoo (HookedTransformer) model: device_map applies to Hugging Face checkpoints "
+                "only; zoo models are small, so load them on one device with device='cuda' or 'cpu'"
+            )
         return zoo.load_hooked(folder, device, dtype)
 
     return _hf.load_hf_dir(folder, device, dtype, placement)
