@@ -41,7 +41,7 @@ export LENSLAB_ROOT="$ROOT" HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERE
 
 if [ "${SMOKE:-0}" = 1 ]; then
   DEVICE=cpu; SHAPES="gpt2-small"; DTYPES="float32 bfloat16"
-  EXTRA=(--n-layers 2 --d-model 64 --n-heads 4 --skip-tl --note "gpu_run.sh SMOKE on CPU (not a measurement)")
+  EXTRA=(--n-layers 2 --d-model 64 --n-heads 4 --skip-tl --repeats 1 --threads 2 --note "gpu_run.sh SMOKE on CPU (not a measurement)")
   LIMIT=300
 else
   DEVICE=cuda; SHAPES="gpt2-small mid"; DTYPES="float32 bfloat16 float16"

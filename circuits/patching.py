@@ -34,7 +34,7 @@ from lenslab._errors import LenslabError, did_you_mean
 from lenslab.kernels import ENGINES
 from lenslab.results import PatchResult, provenance
 from lenslab.sites import DIRECTIONS, SITE_ALIASES, SITES, Site, patch_result, position_labels, resolve_site
-from lenslab.tasks import MetricLike, Task, get_metric
+from lenslab.tasks import MetricLike, Task, check_metric, get_metric
 from lenslab.toolbox import check_layers, model_device, progress_reporter
 
 exact_result = patch_result  # the name engines used before lenslab.sites
@@ -104,18 +104,19 @@ def patch(
         )
 
     task = task.to(model_device(model))
-    bound = get_metric(metric, model, task)
+    check_metric(metric)
     if engine != "reference":
         if engine not in ENGINES:
             raise LenslabError(
                 f"engine {engine!r} is not available; use one of {', '.join(['reference', *ENGINES])}"
                 f"{did_you_mean(str(engine), ['reference', *ENGINES])}"
             )
-        result = ENGINES[engine](
-            model, task, st, direction=direction, metric=bound, layers=layer_list, layer=layer, progress=progress
+        result = ENGINES[engine](  # binds a metric name from its own unpatched runs
+            model, task, st, direction=direction, metric=metric, layers=layer_list, layer=layer, progress=progress
         )
         if result is not None:  # None: the engine does not cover this site or model (it said why, once)
             return result
+    bound = get_metric(metric, model, task)
     base_tokens, source_tokens = (
         (task.corrupt_tokens, task.clean_tokens) if direction == "denoise" else (task.clean_tokens, task.corrupt_tokens)
     )

@@ -52,7 +52,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lenslab import sites
+from lenslab import sites, tasks
 from lenslab._errors import LenslabError
 from lenslab.kernels.blocks import block_runner, compile_mode, fused_activations
 from lenslab.kernels.config import (
@@ -74,6 +74,7 @@ from lenslab.kernels.plan import (
     last_block_trim_ok,
     plan_chunks,
     position_skip_ok,
+    skip_unchanged,
 )
 from lenslab.kernels.runner import Progress, StaircaseRunner
 from lenslab.results import PatchResult
@@ -104,11 +105,16 @@ def batched_engine(
 ) -> PatchResult | None:
     """The `engine="batched"` entry point of `lenslab.circuits.patch` (same result layout as the
     reference engine); None where it does not cover the site or model (said once): circuits then
-    runs the reference engine."""
+    runs the reference engine.
+
+    `metric` is a metric name, a callable or a bound `tasks.Metric`; a name is bound from the
+    engine's own two unpatched runs (no extra forwards for the clean/corrupt baselines).
+    """
     reason = coverage(model, site)
     if reason is not None:
         say_once(f"{reason}; falling back to the reference engine (one forward per patch)")
         return None
+    tasks.check_metric(metric)
     opt = current_options()
     dev = next(model.parameters()).device
     use_triton = want_triton(opt, dev)
@@ -119,34 +125,40 @@ def batched_engine(
         (task.corrupt_tokens, task.clean_tokens) if direction == "denoise" else (task.clean_tokens, task.corrupt_tokens)
     )
     batch, seq_len = task.batch, task.seq_len
-    pos_skip = bool(opt.position_skip and SITE_PLAN[st.name][1] and position_skip_ok(model))
+    kv_ok = bool(opt.position_skip and position_skip_ok(model))  # cached keys/values may stand in for a prefix
+    pos_skip = kv_ok and SITE_PLAN[st.name][1]
     hook_layers = [layer] if st.kind == "neuron" else list(layers)
-    src_names = [st.hook.format(layer=l) for l in hook_layers]
-    mplan = MetricPlan(model, task, metric, opt)
+    src_names = {st.hook.format(layer=l) for l in hook_layers}
+    final = f"blocks.{n_layers - 1}.hook_resid_post"
+    bound = None if isinstance(metric, str) else tasks.get_metric(metric, model, task)
+    full_logits = not opt.fused_metric or (bound is not None and bound.per_prompt is None)
 
     with torch.no_grad():
-        top = max(hook_layers) + 1  # the source run stops after the last patched layer
         _, source_cache = model.run_with_cache(
-            source_tokens,
-            names_filter=lambda n: n in set(src_names),
-            return_type=None,
-            stop_at_layer=top if top < n_layers else None,
+            source_tokens, names_filter=lambda n: n in src_names or n == final, return_type=None
         )
         grid = sites.grid(model, st, task, hook_layers if st.kind != "neuron" else list(layers), source_cache, layer)
         exps = experiments(st, grid, n_layers, pos_skip, layer)
         min_join = min(e.join for e in exps)
-        base_names = {f"blocks.{l}.hook_resid_pre" for l in range(min_join, n_layers)}
-        base_names.add(f"blocks.{n_layers - 1}.hook_resid_post")
-        if pos_skip:
+        base_names = {f"blocks.{l}.hook_resid_pre" for l in range(min_join, n_layers)} | src_names | {final}
+        if kv_ok:
             base_names |= {f"blocks.{l}.attn.hook_{kv}" for l in range(min_join, n_layers) for kv in "kv"}
         if cfg.positional_embedding_type == "shortformer":
             base_names.add("hook_pos_embed")
         base_logits, base_cache = model.run_with_cache(
             base_tokens,
             names_filter=lambda n: n in base_names,
-            return_type="logits" if mplan.mode == "callable" else None,
+            return_type="logits" if full_logits else None,
         )
+        if bound is None:  # the baselines from the two runs above
+            base_last, source_last = (tasks.logits_of_last(model, c[final][:, -1]) for c in (base_cache, source_cache))
+            pair = (source_last, base_last) if direction == "denoise" else (base_last, source_last)
+            bound = tasks.get_metric(metric, model, task, last=pair)
+        mplan = MetricPlan(model, task, bound, opt)
         mplan.base_logits = base_logits
+        unchanged: list = []
+        if opt.skip_unchanged:
+            exps, unchanged = skip_unchanged(st, exps, source_cache, base_cache, kv_ok)
         attn_mask = None
         if attention_mask_needed(model):
             from transformer_lens import utils as tl_utils  # deferred: transformer_lens is heavy to import
@@ -157,7 +169,11 @@ def batched_engine(
         chunks = plan_chunks(exps, cfg, seq_len, batch, dev, elem, mplan.vocab_bytes_per_row, opt)
         shape = [len(v) for v in grid]
         scores = torch.zeros(math.prod(shape), dtype=torch.float32)
-        report = Progress(progress, len(exps), f"patching {st.name} (batched)")
+        report = Progress(progress, len(exps) + len(unchanged), f"patching {st.name} (batched)")
+        if unchanged:  # each of these patched runs is the base run itself
+            base_score = mplan.scores(base_cache[final], torch.arange(batch, device=dev), 0, use_triton)
+            scores[torch.tensor([e.cell for e in unchanged], dtype=torch.long)] = base_score.float().cpu()
+            report(len(unchanged))
         runner = StaircaseRunner(model, st, source_cache, base_cache, batch, seq_len, attn_mask, pos_skip)
         runner.trim_last = mplan.mode != "callable" and last_block_trim_ok(model)
         mode = compile_mode(opt)
@@ -172,7 +188,7 @@ def batched_engine(
         report.close()
     if not bool(torch.isfinite(scores).all()):
         raise LenslabError(
-            f"metric {metric.name!r} returned nan/inf for some patches: check the model's logits for NaN/inf "
+            f"metric {bound.name!r} returned nan/inf for some patches: check the model's logits for NaN/inf "
             "(e.g. float16 overflow: try dtype='float32') or the metric for a division by zero"
         )
     return sites.patch_result(
@@ -181,16 +197,18 @@ def batched_engine(
         st,
         grid,
         scores.reshape(shape),
-        metric,
+        bound,
         direction,
         engine="batched",
         layer=layer,
         engine_details={
             "position_skip": pos_skip,
             "layer_skip": True,
+            "unchanged_patches": len(unchanged),
+            "prefix_skipped_patches": sum(1 for e in exps if e.start > 0 and not pos_skip),
             "metric_path": mplan.mode,
             "chunks": len(chunks),
-            "max_chunk_experiments": max(len(c.exps) for c in chunks),
+            "max_chunk_experiments": max((len(c.exps) for c in chunks), default=0),
             "last_block_last_position_only": runner.trim_last,
             "triton": use_triton,
             "compile": mode or False,

@@ -44,8 +44,14 @@ class EngineOptions:
             free device memory (half of it on CUDA) or a CPU default (a quarter of available RAM,
             at most 2 GiB). Also accepts strings like "512MB", "2GiB".
         max_rows: cap on rows (experiments x prompts) per chunk; None: on CPU about 1440 tokens
-            per block call (bigger batches fall out of cache), on GPU only the memory budget.
+            per block call (960 with one torch thread; bigger batches fall out of cache), on GPU
+            only the memory budget.
         position_skip: recompute only positions >= the patched one where the site allows it.
+        skip_unchanged: exact shortcuts where a patch writes the base run's own values (bitwise,
+            in every prompt): such a patch is the unpatched base run, so it is scored from that run
+            and not run; a patch over all positions (a head's output, a neuron) whose values equal
+            the base run's before position f recomputes only positions >= f (counterfactual prompts
+            usually share a prefix: positions before the first differing token are unchanged).
         fused_metric: compute named metrics from the last position only (never full logits).
         triton: "auto" (Triton kernels on CUDA when triton is importable), True (require them),
             False (pure torch).
@@ -64,6 +70,7 @@ class EngineOptions:
     memory_budget: int | str | None = None
     max_rows: int | None = None
     position_skip: bool = True
+    skip_unchanged: bool = True
     fused_metric: bool = True
     triton: bool | str = "auto"
     compile: bool | str = False

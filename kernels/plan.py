@@ -5,6 +5,8 @@
 `experiments` turns a site's grid into one `Experiment` per cell (its layer, the block where its
 rows join the staircase, its first recomputed position), and `plan_chunks` groups them into
 `Chunk`s that fit the memory budget: one start position per chunk, ordered by the joining block.
+`skip_unchanged` sets aside the experiments whose patch writes the base run's own values and moves
+the start of the others to the first position their patch changes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
 
 from lenslab.kernels.config import EngineOptions, memory_budget
 
@@ -25,6 +30,7 @@ __all__ = [
     "last_block_trim_ok",
     "plan_chunks",
     "position_skip_ok",
+    "skip_unchanged",
 ]
 
 # site name -> (where the patch is written, whether position skipping applies)
@@ -148,6 +154,58 @@ def experiments(st, grid, n_layers: int, pos_skip: bool, layer: int | None) -> l
     return out
 
 
+_POSITION_KINDS = ("pos", "pos_head", "pattern_dest")  # one position per experiment; the rest patch all positions
+
+
+def _changed(kind: str, src: Tensor, base: Tensor) -> Tensor:
+    """`[pos, unit]` booleans: where the source activation differs from the base run's in any
+    prompt, bitwise (so -0.0 differs from 0.0 and NaN from everything); unit is the head, the
+    neuron, or a single column for a residual-like site."""
+    if src.dtype.is_floating_point:
+        ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[src.element_size()]
+        ne = src.contiguous().view(ints) != base.to(src.dtype).contiguous().view(ints)
+    else:
+        ne = src != base
+    if kind == "pos":  # [batch, pos, d]
+        return ne.flatten(2).any(-1).any(0)[:, None]
+    if kind in ("head", "pos_head"):  # [batch, pos, head, d_head]
+        return ne.any(-1).any(0)
+    if kind in ("pattern", "pattern_dest"):  # [batch, head, query_pos, key_pos]
+        return ne.any(-1).any(0).T
+    return ne.any(0)  # neuron: [batch, pos, d_mlp]
+
+
+def skip_unchanged(
+    st, exps: list[Experiment], source_cache, base_cache, kv_ok: bool
+) -> tuple[list[Experiment], list[Experiment]]:
+    """-> (experiments to run, experiments whose patch is a no-op), exact by construction.
+
+    A patch whose values equal the base run's own activation bitwise in every prompt leaves the
+    base run unchanged: its score is the base run's, with no forward. A patch over all positions
+    (a head's output, a neuron, a head's pattern) that equals the base values before position `f`
+    changes nothing before `f` (causal attention), so where `kv_ok` (the base run's cached
+    keys/values may stand in for the earlier positions) its experiment starts at `f`. Counterfactual
+    prompts that share a prefix, e.g. IOI pairs that differ from the second subject on, gain the
+    most. `source_cache` and `base_cache` must both hold the site's hook at every patched layer.
+    """
+    changed: dict[str, Tensor] = {}
+    run, noop = [], []
+    for e in exps:
+        name = st.hook.format(layer=e.layer)
+        if name not in changed:
+            changed[name] = _changed(st.kind, source_cache[name], base_cache[name]).cpu()
+        col = changed[name][:, max(e.head, e.neuron, 0)]
+        if st.kind in _POSITION_KINDS:
+            (run if bool(col[e.pos]) else noop).append(e)
+        elif not bool(col.any()):
+            noop.append(e)
+        else:
+            if kv_ok:
+                e.start = max(e.start, int(col.int().argmax()))
+            run.append(e)
+    return run, noop
+
+
 def _bytes_per_row(cfg, seq: int, total: int, elem: int, vocab_rows: int) -> int:
     """Rough peak activation bytes of one row in one block call (and the metric)."""
     d, h, dh = cfg.d_model, cfg.n_heads, cfg.d_head
@@ -183,8 +241,8 @@ def plan_chunks(
         cap = rows_mem
         if opt.max_rows is not None:
             cap = min(cap, opt.max_rows)
-        elif device.type == "cpu":
-            cap = min(cap, max(batch, 1440 // seq))
+        elif device.type == "cpu":  # GEMMs run fastest at ~960 tokens on one thread, ~1440 on two or more
+            cap = min(cap, max(batch, (960 if torch.get_num_threads() == 1 else 1440) // seq))
         per_chunk = max(1, cap // batch)
         ordered = sorted(groups[start], key=lambda e: (e.join, e.cell))
         for i in range(0, len(ordered), per_chunk):

@@ -371,8 +371,25 @@ class Metric:
         return value.reshape(())
 
 
-def get_metric(metric: MetricLike, model, task: Task) -> Metric:
-    """Bind a metric name or callable to `task` (running clean and corrupt once for baselines)."""
+def check_metric(metric: MetricLike) -> None:
+    """A LenslabError unless `metric` is a bound `Metric`, a callable or a name in `METRICS`."""
+    if isinstance(metric, Metric) or callable(metric):
+        return
+    if not isinstance(metric, str) or metric not in METRICS:
+        raise LenslabError(
+            f"metric {metric!r} is not one of {', '.join(METRICS)}{did_you_mean(str(metric), METRICS)}; "
+            "or pass a callable f(logits[batch, pos, vocab]) -> scalar"
+        )
+
+
+def get_metric(metric: MetricLike, model, task: Task, *, last: tuple[Tensor, Tensor] | None = None) -> Metric:
+    """Bind a metric name or callable to `task` (running clean and corrupt once for baselines).
+
+    `last`: the clean and corrupt last-position logits `([batch, vocab], [batch, vocab])`, float32,
+    when the caller already has them (the batched patching engine computes them from its own
+    cached runs, see `logits_of_last`); a named metric then runs no forward of its own.
+    """
+    check_metric(metric)
     if isinstance(metric, Metric):
         return metric
     if callable(metric):
@@ -381,13 +398,11 @@ def get_metric(metric: MetricLike, model, task: Task) -> Metric:
             clean_value = float(m(model(task.clean_tokens)))
             corrupt_value = float(m(model(task.corrupt_tokens)))
         return Metric(name=m.name, fn=metric, clean_value=clean_value, corrupt_value=corrupt_value)
-    if not isinstance(metric, str) or metric not in METRICS:
-        raise LenslabError(
-            f"metric {metric!r} is not one of {', '.join(METRICS)}{did_you_mean(str(metric), METRICS)}; "
-            "or pass a callable f(logits[batch, pos, vocab]) -> scalar"
-        )
-    with torch.no_grad():
-        clean_last, corrupt_last = last_logits(model, task.clean_tokens), last_logits(model, task.corrupt_tokens)
+    if last is not None:
+        clean_last, corrupt_last = last
+    else:
+        with torch.no_grad():
+            clean_last, corrupt_last = last_logits(model, task.clean_tokens), last_logits(model, task.corrupt_tokens)
     ans = task.answer_tokens.to(clean_last.device)
     if metric == "logit_diff":
         per = lambda last: logit_diff_per_prompt(last, ans)
@@ -424,11 +439,17 @@ def last_logits(model, tokens: Tensor) -> Tensor:
     from transformer_lens import HookedTransformer  # deferred: transformer_lens loads only when a model is built
 
     if isinstance(model, HookedTransformer):
-        resid = model(tokens, stop_at_layer=model.cfg.n_layers)[:, -1:]
-        if hasattr(model, "ln_final"):  # models without normalization have none
-            resid = model.ln_final(resid)
-        return model.unembed(resid)[:, 0].float()
+        return logits_of_last(model, model(tokens, stop_at_layer=model.cfg.n_layers)[:, -1])
     return model(tokens)[:, -1].float()
+
+
+def logits_of_last(model, resid: Tensor) -> Tensor:
+    """The final norm and unembedding of a HookedTransformer's last-position residual
+    `[batch, d_model]` (e.g. `blocks.{n_layers-1}.hook_resid_post[:, -1]`) -> float32 logits `[batch, vocab]`."""
+    resid = resid[:, None]
+    if hasattr(model, "ln_final"):  # models without normalization have none
+        resid = model.ln_final(resid)
+    return model.unembed(resid)[:, 0].float()
 
 
 def _tokenize_one(model, text: str, prepend_bos: bool, what: str) -> list[int]:

@@ -161,9 +161,47 @@ def test_layers_subset_chunking_and_position_skip_invariance(tiny_model, ln_task
     tiny_budget = kernels.batched_patch(tiny_model, ln_task, "z_by_pos", progress=False, memory_budget="1kB")
     for other in (one, no_skip, tiny_budget):
         assert (other.scores - full.scores).abs().max() <= 1e-5
-    assert one.provenance["engine_details"]["chunks"] == full.scores.numel()  # one experiment per chunk
+    unchanged = one.provenance["engine_details"]["unchanged_patches"]
+    assert unchanged > 0  # the induction task's clean and corrupt prompts share their first token
+    assert one.provenance["engine_details"]["chunks"] == full.scores.numel() - unchanged  # one experiment per chunk
     assert not no_skip.provenance["engine_details"]["position_skip"]
     assert full.provenance["engine_details"]["chunks"] < one.provenance["engine_details"]["chunks"]
+
+
+def _prefix_task(d_vocab: int, first: tuple[int, ...], seq: int = 7, seed: int = 3) -> tasks.Task:
+    """Prompt i's corrupt version differs from its clean one from position first[i] on (a shared prefix)."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, d_vocab, (len(first), seq), generator=g)
+    corrupt = clean.clone()
+    for i, f in enumerate(first):
+        corrupt[i, f:] = (clean[i, f:] + 1 + torch.randint(0, d_vocab - 1, (seq - f,), generator=g)) % d_vocab
+    return tasks.from_tokens(clean, corrupt, torch.randint(0, d_vocab, (len(first), 2), generator=g))
+
+
+@pytest.mark.parametrize("site", sorted(SITES))
+def test_unchanged_patches_are_skipped_exactly(tiny_model, site):
+    """Prompts that share a prefix: patches of unchanged values are scored as the base run, patches
+    over all positions start at the first changed one; the scores stay the reference's and those of
+    the engine without the shortcut (1e-5), and the counts are the prefix's."""
+    first = (3, 5)  # the batch shares positions 0..2: one differing prompt makes a position changed
+    task = _prefix_task(tiny_model.cfg.d_vocab, first)
+    kw = {"layer": 1} if site == "mlp_neuron" else {}
+    ref, fast = _both(tiny_model, task, site, **kw)
+    _assert_same(ref, fast)
+    with kernels.options(skip_unchanged=False):
+        plain = circuits.patch(tiny_model, task, site, engine="batched", progress=False, **kw)
+    assert float((plain.scores - fast.scores).abs().max()) <= 1e-5
+    assert plain.provenance["engine_details"]["unchanged_patches"] == 0
+    det = fast.provenance["engine_details"]
+    n_layers, n_heads = tiny_model.cfg.n_layers, tiny_model.cfg.n_heads
+    kind = circuits.patching.SITES[site].kind
+    if kind == "pos":  # positions 0..2 of every layer write the base run's own values
+        assert det["unchanged_patches"] == n_layers * min(first)
+        assert torch.allclose(fast.scores[:, : min(first)], torch.tensor(fast.corrupt_value), atol=1e-6, rtol=0)
+    elif kind in ("pos_head", "pattern_dest"):
+        assert det["unchanged_patches"] == n_layers * n_heads * min(first)
+    elif kind in ("head", "pattern"):  # every head changes; none is skipped, all start at position 3
+        assert det["unchanged_patches"] == 0 and det["prefix_skipped_patches"] == fast.scores.numel()
 
 
 @pytest.mark.parametrize("site", ["resid_pre", "z_by_pos", "pattern"])
@@ -182,7 +220,9 @@ def test_progress_reports_patches_per_chunk(tiny_model, ln_task):
     res = circuits.patch(
         tiny_model, ln_task, "attn_out", engine="batched", layers=[1], progress=lambda d, t: seen.append((d, t))
     )
-    assert seen[-1] == (ln_task.seq_len, ln_task.seq_len) and len(seen) == res.provenance["engine_details"]["chunks"]
+    det = res.provenance["engine_details"]
+    assert seen[-1] == (ln_task.seq_len, ln_task.seq_len)
+    assert len(seen) == det["chunks"] + 1 and seen[0][0] == det["unchanged_patches"] > 0  # the unchanged ones first
 
 
 def test_auto_engine_and_explicit_fallback(tiny_model, ln_task, monkeypatch):
