@@ -19,6 +19,9 @@ logits, per patch. This engine computes the *same* scores with far less work:
   `logit_diff_normalized`, or the last-position vocabulary row for `answer_prob` / `kl_to_clean`.
   `[rows, pos, vocab]` logits are never formed. A callable metric still works (full logits,
   rebuilt from the cached base logits for skipped positions; slower, and it says so once).
+* **Unchanged patches.** A patch whose values equal the base run's own, bitwise in every prompt
+  (e.g. a position before the first token where clean and corrupt differ), is scored from the
+  base run without a forward; a patch over all positions starts at the first position it changes.
 * **Chunking** by a memory budget (free device memory, or a CPU default; overridable with
   `lenslab.kernels.options(memory_budget=...)`), with a progress bar.
 
@@ -34,7 +37,8 @@ The engine is split along its data flow; this module holds the entry points (`ba
 * `lenslab.kernels.triton_ops`: the Triton metric kernel and its torch twin.
 
 Cost model and measurements: /benchmarks/RESULTS.md and the kernels docs page. On a 2-core CPU
-the GPT-2-small resid_pre grid is ~10x faster than TransformerLens' loop.
+the GPT-2-small resid_pre grid of the benchmark's IOI-like prompts is 30-38x faster than
+TransformerLens' loop (8-10x on prompts that share no prefix: see `skip_unchanged`).
 
 >>> import lenslab
 >>> from lenslab import circuits, tasks
