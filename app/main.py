@@ -16,6 +16,7 @@ st.set_page_config(page_title="lenslab", page_icon=":material/biotech:", layout=
 PAGES = [
     st.Page("page_model.py", title="Model", icon=":material/info:", default=True),
     st.Page("page_circuits.py", title="Circuits", icon=":material/account_tree:"),
+    st.Page("page_graph.py", title="Graph", icon=":material/share:"),
     st.Page("page_sinks.py", title="Sinks", icon=":material/vertical_align_bottom:"),
     st.Page("page_steer.py", title="Steer", icon=":material/tune:"),
     st.Page("page_experts.py", title="Experts", icon=":material/hub:"),

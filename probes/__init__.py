@@ -33,6 +33,10 @@ One job per module (import them by name; this package re-exports nothing):
   the MLPs (`train_transcoders`, `train_clt`, `load_transcoders`, `replacement_hooks`, `TranscoderMetrics`).
 - `lenslab.probes.attribution_graph`: circuit-tracer's attribution graphs through transcoders: direct
   effects among features, errors, tokens and logits (`attribution_graph`, `prune`, `AttributionGraph`).
+- `lenslab.probes.graph_files`: a graph as circuit-tracer's / Neuronpedia's graph JSON (`graph_file`,
+  `write_graph_file`).
+- `lenslab.probes.graph_validation`: ablating a graph's features in the live model against random
+  features of the same number (`ablate_graph`, `GraphAblation`).
 - `lenslab.probes.features` (a package): SAE features over a corpus: a SQLite feature store
   (`index`, `FeatureStore`), per-token `lookup`, `FeatureDashboard` and `search`.
 - `lenslab.probes.zoo_saes`: a deprecated alias of `lenslab.zoo.train_saes` (the zoo SAEs'

@@ -140,7 +140,8 @@ def _problems(page) -> list[str]:
     return found
 
 
-PAGES = ("Model", "Circuits", "Sinks", "Steer", "Experts", "Features", "Lens", "Scale & norms")  # app/main.py's
+# app/main.py's
+PAGES = ("Model", "Circuits", "Graph", "Sinks", "Steer", "Experts", "Features", "Lens", "Scale & norms")
 
 
 def test_pages_are_the_apps_navigation():

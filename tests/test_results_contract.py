@@ -327,6 +327,19 @@ def _attribution_graph(lab):
     return attribution_graph.prune(g)
 
 
+def _graph_ablation(lab):
+    from lenslab.probes import attribution_graph, graph_validation
+
+    model = lab.zoo_models("zoo/ioi-4l")
+    g = attribution_graph.attribution_graph(
+        model,
+        "When Mary and John went to the store, John gave a drink to",
+        "zoo/ioi-4l/per-layer",
+        max_feature_nodes=24,
+    )
+    return graph_validation.ablate_graph(model, attribution_graph.prune(g), "zoo/ioi-4l/per-layer", n_random=2)
+
+
 def _lookup(lab):
     from lenslab.probes import features
 
@@ -415,6 +428,7 @@ BUILDERS = {
     "SaeMetrics": _sae_metrics,
     "TranscoderMetrics": _transcoder_metrics,
     "AttributionGraph": _attribution_graph,
+    "GraphAblation": _graph_ablation,
     "LookupResult": _lookup,
     "SearchResult": _search,
     "FeatureDashboard": _dashboard,

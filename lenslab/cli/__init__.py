@@ -17,10 +17,11 @@ lenslab sae index|lookup|export|search --model M --sae S ...
 lenslab lens logit|tuned --model M [--prompt P] [--k 5] [--lens DIR] [--out FILE]
 lenslab lens kl --model M [--lens DIR] [--corpus FILE] [--out FILE]
 lenslab lens train --model M --out DIR [--corpus FILE] [--steps 250] [--seed 0]
+lenslab graph attribute|prune|export --model M [--prompt P] ... --out FILE
 
 Modules: `common` (the `--out` option and the other shared options), `app`, `zoo` (models, zoo,
 `train_zoo`), `circuits`, `sinks`, `norms` (atlas, fit), `dla`, `experts` (moe inspect, rank), `steering` (steer, moe
-generate), `probes` (probe), `features` (sae) and `lenses` (lens). Each adds its subcommands with
+generate), `probes` (probe), `features` (sae), `lenses` (lens) and `graph` (attribution graphs). Each adds its subcommands with
 `add_commands(subparsers)`; the areas' modules are imported when a command runs, so
 `lenslab --help` stays fast.
 """
@@ -31,13 +32,13 @@ import argparse
 import sys
 
 from lenslab._errors import LenslabError
-from lenslab.cli import app, circuits, dla, experts, features, lenses, norms, probes, sinks, steering, zoo
+from lenslab.cli import app, circuits, dla, experts, features, graph, lenses, norms, probes, sinks, steering, zoo
 from lenslab.cli.zoo import train_zoo
 
 __all__ = ["build_parser", "main", "train_zoo"]
 
 # in the order `lenslab --help` lists their commands
-_MODULES = (app, zoo, circuits, sinks, norms, dla, experts, steering, probes, features, lenses)
+_MODULES = (app, zoo, circuits, sinks, norms, dla, experts, steering, probes, features, lenses, graph)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,208 @@
+"""Page "Graph": circuit-tracer's attribution graph of the sidebar prompt through the model's shipped
+transcoders (direct effects among transcoder features, error nodes, token embeddings and the
+target logits), pruned live by node and edge thresholds, with its replacement and completeness
+scores, node and edge tables, pinned nodes and downloads. Numerics live in
+`lenslab.probes.attribution_graph` and `lenslab.probes.transcoders`; this page only calls them.
+
+The unpruned graph is kept in `st.session_state`, keyed by model, prompt, target, transcoders
+and feature budget, so moving a threshold re-prunes it without recomputing."""
+
+from __future__ import annotations
+
+import json
+
+import streamlit as st
+
+import lenslab
+from lenslab import zoo
+from lenslab.app import _shell
+from lenslab.probes import attribution_graph as AG
+from lenslab.probes import graph_files, graph_validation
+from lenslab.probes import transcoders as T
+
+ctx = _shell.context()
+model, name = ctx.model, ctx.name
+ss = st.session_state
+st.title(f"Graph · {name}")
+st.caption(
+    "An attribution graph (Ameisen et al. 2025, circuit-tracer): every MLP is replaced by its transcoder plus an "
+    "error node, attention patterns and norm scales are frozen at the clean run, and each edge is the direct "
+    "effect of a source (feature, error, token embedding) on a target (feature, logit) at the last position."
+)
+
+# --- which transcoders -----------------------------------------------------------------------------
+try:
+    T.check_mlps(model)
+except lenslab.LenslabError as exc:
+    st.info(
+        f"{exc}. Attribution graphs through transcoders need MLPs; the Circuits page traces attention "
+        "circuits (patching, edge attribution) on this model.",
+        icon=":material/info:",
+    )
+    st.stop()
+shipped = T.list_transcoders()
+mine = [s for s in shipped if s.startswith(f"{name}/")]
+if not mine:
+    owners = sorted({s.rsplit("/", 1)[0] for s in shipped})
+    st.info(
+        f"No transcoders are shipped for {name}: the zoo has them for {', '.join(owners) or '(none)'} "
+        f"({', '.join(shipped) or 'none'}). Pick one of those models in the sidebar to build its attribution graph.",
+        icon=":material/info:",
+    )
+    st.stop()
+
+# --- inputs ----------------------------------------------------------------------------------------
+prompt = ctx.prompt.strip()
+st.caption(f"Prompt (the sidebar's): `{prompt.replace('`', 'ˋ')}`")
+c1, c2 = st.columns([1, 2])
+if ss.get("ag_tc") not in mine:
+    ss["ag_tc"] = mine[0]
+tc_name = c1.selectbox("Transcoders", mine, key="ag_tc", help="The zoo's transcoders trained on this model.")
+max_nodes = c2.slider(
+    "Feature nodes (max_feature_nodes)",
+    8,
+    1024,
+    64,
+    step=8,
+    key="ag_max_nodes",
+    help="The features kept, ranked by their influence on the targets (circuit-tracer's selection).",
+)
+c1, c2, c3 = st.columns([1, 1, 2])
+kind = c1.radio("Target", ["Salient logits", "Answer tokens"], key="ag_target_kind")
+if kind == "Salient logits":
+    n_logits = c2.number_input("max_n_logits", 1, 50, 10, key="ag_n_logits")
+    logit_prob = c3.slider("desired_logit_prob", 0.5, 1.0, 0.95, step=0.01, key="ag_logit_prob")
+    targets, target_key = None, ("salient", int(n_logits), float(logit_prob))
+    options = dict(max_n_logits=int(n_logits), desired_logit_prob=float(logit_prob))
+else:
+    d = zoo.default_prompts(name)
+    answers = c2.text_input(
+        "Answer tokens (comma-separated)",
+        value=f"{d.answer},{d.wrong}",
+        key="ag_answers",
+        help="One token each; a leading space is kept (GPT-2 style ' Mary').",
+    )
+    targets = [a for a in answers.split(",") if a.strip()]
+    target_key, options = ("tokens", tuple(targets)), {}
+key = (name, prompt, target_key, tc_name, int(max_nodes))
+graphs = ss.setdefault("ag_graphs", {})
+
+if st.button("Compute graph", type="primary", key="ag_go", disabled=not prompt or targets == []):
+    g = _shell.call(
+        f"Computing the attribution graph ({int(max_nodes)} feature nodes, one backward pass per batch of targets)",
+        AG.attribution_graph,
+        model,
+        prompt,
+        tc_name,
+        targets=targets,
+        max_feature_nodes=int(max_nodes),
+        **options,
+    )
+    if g:
+        graphs.pop(key, None)
+        graphs[key] = g
+        while len(graphs) > 4:  # keep the last few graphs of this session
+            graphs.pop(next(iter(graphs)))
+graph = graphs.get(key)
+if graph is None:
+    st.info("Press **Compute graph** to build the graph for these inputs.", icon=":material/share:")
+    st.stop()
+
+# --- the graph -------------------------------------------------------------------------------------
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("Replacement score", f"{graph.replacement_score:.6f}", help="circuit-tracer's replacement score (unpruned)")
+c2.metric("Completeness score", f"{graph.completeness_score:.6f}", help="circuit-tracer's completeness (unpruned)")
+n_box, e_box = c3.empty(), c4.empty()  # the pruned graph's size, filled below
+st.caption(
+    f"Unpruned: {len(graph.nodes)} nodes, {graph.provenance.get('n_active_features', '?')} active features, "
+    f"transcoders {tc_name}."
+)
+c1, c2, c3 = st.columns(3)
+node_t = c1.slider("Node threshold", 0.05, 1.0, 0.8, step=0.01, key="ag_node_t")
+edge_t = c2.slider("Edge threshold", 0.05, 1.0, 0.98, step=0.01, key="ag_edge_t")
+hide_err = c3.checkbox("Hide error nodes (tables)", key="ag_hide_err")
+pruned = _shell.call("Pruning", AG.prune, graph, node_threshold=float(node_t), edge_threshold=float(edge_t))
+if not pruned:
+    st.stop()
+nodes_df, edges_df = pruned.table("nodes"), pruned.table("edges")
+n_box.metric("Nodes (pruned)", len(pruned.nodes))
+e_box.metric("Edges (pruned)", len(edges_df))
+st.caption(f"Pruned graph: replacement {pruned.replacement_score:.4f} · completeness {pruned.completeness_score:.4f}.")
+
+max_edges = st.slider("Edges drawn", 10, 1000, 300, step=10, key="ag_max_edges")
+fig = _shell.call("Drawing the graph", pruned.figure, max_edges=int(max_edges))
+if fig:
+    st.plotly_chart(fig, key="ag_fig")
+    st.caption("The figure shows the whole pruned graph (error nodes in grey); the filters below apply to the tables.")
+
+if hide_err:
+    errors = set(nodes_df.loc[nodes_df["kind"] == "error", "node"])
+    nodes_df = nodes_df[nodes_df["kind"] != "error"]
+    edges_df = edges_df[~edges_df["source"].isin(errors) & ~edges_df["target"].isin(errors)]
+choices = list(nodes_df["node"])
+ss["ag_pin"] = [n for n in ss.get("ag_pin", []) if n in choices]  # nodes pruned away drop out
+c1, c2 = st.columns([3, 1])
+pinned = c1.multiselect("Pin nodes", choices, key="ag_pin", help="Show only these nodes and their edges.")
+among = c2.radio("Edges", ["among pinned", "into / out of pinned"], key="ag_pin_edges", disabled=not pinned)
+if pinned:
+    nodes_df = nodes_df[nodes_df["node"].isin(pinned)]
+    src, dst = edges_df["source"].isin(pinned), edges_df["target"].isin(pinned)
+    edges_df = edges_df[(src & dst) if among == "among pinned" else (src | dst)]
+
+t1, t2 = st.tabs(["Nodes", "Top edges"])
+with t1:
+    st.dataframe(nodes_df, hide_index=True, height=320)
+with t2:
+    st.dataframe(edges_df.head(200), hide_index=True, height=320)
+    st.caption(f"{len(edges_df)} edges, strongest |weight| first (at most 200 shown).")
+
+st.subheader("Validate by ablation")
+st.caption(
+    "Zero the pruned graph's features in the live model (attention and norms recomputed) and compare how the "
+    "targets drop with zeroing random active features of the same number (`lenslab.probes.graph_validation`)."
+)
+c1, c2 = st.columns([1, 3])
+n_random = c1.number_input("Random sets", 1, 200, 20, key="ag_n_random")
+checks = ss.setdefault("ag_checks", {})
+check_key = (key, float(node_t), float(edge_t), int(n_random))
+if c2.button("Ablate", key="ag_ablate", disabled=any(n.startswith("target") for n in pruned.nodes)):
+    res = _shell.call(
+        "Ablating the graph's features and random ones",
+        graph_validation.ablate_graph,
+        model,
+        pruned,
+        tc_name,
+        n_random=int(n_random),
+    )
+    if res:
+        checks.clear()
+        checks[check_key] = res
+check = checks.get(check_key)
+if check is not None:
+    mean, std = check.random_effect()
+    c1, c2 = st.columns(2)
+    c1.metric(f"Target drop, the graph's {check.n_features} features ablated", f"{check.graph_effect():.4f}")
+    c2.metric(f"Target drop, random sets of {check.n_features} (mean ± std)", f"{mean:.4f} ± {std:.4f}")
+    st.plotly_chart(check.figure(), key="ag_check_fig")
+
+st.subheader("Downloads")
+st.download_button(
+    "Unpruned graph (JSON)",
+    graph.to_json(),
+    file_name="attribution_graph.json",
+    mime="application/json",
+    key="ag_dl_full",
+)
+ct_file = _shell.call(
+    "Writing the circuit-tracer graph file", graph_files.graph_file, pruned, model, slug="lenslab-graph"
+)
+if ct_file:
+    st.download_button(
+        "Graph file for circuit-tracer / Neuronpedia (JSON)",
+        json.dumps(ct_file),
+        file_name="lenslab-graph.json",
+        mime="application/json",
+        key="ag_dl_ct",
+    )
+st.caption("The pruned graph as shown: JSON, or its figure as SVG / PNG / PDF / HTML.")
+_shell.downloads(pruned, "attribution_graph_pruned")

@@ -1,0 +1,252 @@
+"""`lenslab graph attribute|prune|export|validate` (lenslab.probes.attribution_graph,
+lenslab.probes.graph_files, lenslab.probes.graph_validation): circuit-tracer's attribution graph of
+a prompt through a model's transcoders, pruned, written as circuit-tracer's / Neuronpedia's graph
+file or a figure, and checked by ablating its features against random ones in the live model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import lenslab
+from lenslab import labels
+from lenslab._errors import LenslabError
+from lenslab.cli.common import add_device, add_model, add_out, add_prompt, out_path, prompt_or_default
+from lenslab.figures import FORMATS, export
+
+JSON_OUT = dict(suffixes=(".json",), why="the graph is written as lenslab's AttributionGraph JSON (.json)")
+EXPORT_OUT_HELP = (
+    "output file: .json writes circuit-tracer's graph file (its frontend and Neuronpedia load it); "
+    ".svg .png .pdf .html the graph's figure"
+)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser(
+        "graph", help="attribution graphs through transcoders (circuit-tracer's): compute, prune, export"
+    )
+    ssub = s.add_subparsers(dest="graph_command", required=True, metavar="GRAPH_COMMAND")
+
+    sa = ssub.add_parser(
+        "attribute",
+        help="the attribution graph of a prompt at its last position: direct effects among transcoder features, "
+        "errors, token embeddings and logits",
+    )
+    add_model(sa, "zoo/ioi-4l")
+    add_prompt(sa)
+    sa.add_argument(
+        "--transcoders",
+        default=None,
+        help="a zoo transcoder name (zoo/ioi-4l/per-layer) or a folder in circuit-tracer's layout "
+        "(default: the zoo model's shipped per-layer transcoders)",
+    )
+    sa.add_argument(
+        "--targets",
+        nargs="+",
+        default=None,
+        metavar="TOKEN",
+        help="one-token strings to attribute from (quote a leading space: ' Mary'); default: the salient logits",
+    )
+    sa.add_argument("--max-feature-nodes", type=int, default=None, help="keep this many features, by influence")
+    sa.add_argument("--max-n-logits", type=int, default=10, help="at most this many salient logits")
+    sa.add_argument(
+        "--desired-logit-prob", type=float, default=0.95, help="salient logits up to this cumulative probability"
+    )
+    sa.add_argument("--batch-size", type=int, default=32, help="targets per backward pass")
+    add_device(sa, default="cpu")
+    add_out(sa, "the graph, lenslab's AttributionGraph JSON (.json)", **JSON_OUT)
+    sa.set_defaults(func=cmd_attribute)
+
+    sp = ssub.add_parser(
+        "prune", help="circuit-tracer's pruning: keep the most influential nodes, then the most influential edges"
+    )
+    sp.add_argument("--graph", required=True, help="a graph written by `lenslab graph attribute`")
+    sp.add_argument("--node-threshold", type=float, default=0.8, help="share of the features' influence kept")
+    sp.add_argument("--edge-threshold", type=float, default=0.98, help="share of the edges' influence kept")
+    add_out(sp, "the pruned graph, lenslab's AttributionGraph JSON (.json)", **JSON_OUT)
+    sp.set_defaults(func=cmd_prune)
+
+    se = ssub.add_parser(
+        "export",
+        help="write a graph as circuit-tracer's graph file (.json, for its frontend and Neuronpedia) or a figure",
+    )
+    se.add_argument("--graph", required=True, help="a graph written by `lenslab graph attribute` or `prune`")
+    se.add_argument(
+        "--model",
+        default=None,
+        help="the model the graph was computed on, for .json (it names the tokens); default: the one the graph records",
+    )
+    se.add_argument("--slug", default=None, help="the graph's name in the file (default: --out's file name)")
+    se.add_argument("--scan", default=None, help="Neuronpedia's model id (default: the model's name)")
+    se.add_argument(
+        "--node-threshold", type=float, default=0.8, help="pruning of an unpruned graph: features' influence kept"
+    )
+    se.add_argument(
+        "--edge-threshold", type=float, default=0.98, help="pruning of an unpruned graph: edges' influence kept"
+    )
+    add_device(se, default="cpu")
+    add_out(se, EXPORT_OUT_HELP, suffixes=FORMATS, why=f"the extension picks the format, one of {', '.join(FORMATS)}")
+    se.set_defaults(func=cmd_export)
+
+    sv = ssub.add_parser(
+        "validate",
+        help="ablate the graph's feature nodes in the live model and compare the targets' drop with ablating "
+        "random active features of the same number",
+    )
+    sv.add_argument("--graph", required=True, help="a graph written by `lenslab graph attribute` or `prune`")
+    sv.add_argument("--model", default=None, help="the model the graph was computed on (default: the one it records)")
+    sv.add_argument(
+        "--transcoders",
+        default=None,
+        help="the transcoders the graph was computed with (default: the zoo model's shipped per-layer set)",
+    )
+    sv.add_argument("--n-random", type=int, default=20, help="random feature sets to ablate")
+    sv.add_argument("--seed", type=int, default=0, help="seed of the random sets")
+    add_device(sv, default="cpu")
+    add_out(sv, "the ablation result (.json) or its figure (.svg .png .pdf .html)", required=False)
+    sv.set_defaults(func=cmd_validate)
+
+
+def default_transcoders(model: str) -> str:
+    """The zoo model's shipped per-layer transcoders (`zoo/<model>/per-layer`), else a clear error."""
+    from lenslab.probes.transcoders import list_transcoders  # deferred: keeps CLI start-up fast
+
+    shipped = list_transcoders()
+    name = f"{model.rstrip('/')}/per-layer"
+    if name in shipped:
+        return name
+    have = sorted({s.rsplit("/", 1)[0] for s in shipped})
+    raise LenslabError(
+        f"model {model!r} has no shipped transcoders (models that have them: {', '.join(have) or 'none'}); "
+        "pass --transcoders with a zoo transcoder name or a folder of transcoders trained on this model"
+    )
+
+
+def read_graph(path: str):
+    """The `AttributionGraph` in the JSON file `path`, or a one-line `LenslabError`."""
+    from lenslab.probes.attribution_graph import AttributionGraph  # deferred: keeps CLI start-up fast
+
+    file = Path(path)
+    if not file.is_file():
+        raise LenslabError(f"--graph {path!r} does not exist; pass a graph written by `lenslab graph attribute`")
+    try:
+        return AttributionGraph.from_json(file)
+    except json.JSONDecodeError as exc:
+        raise LenslabError(f"--graph {path!r} is not JSON ({exc})") from exc
+    except LenslabError as exc:
+        raise LenslabError(f"--graph {path!r}: {exc}") from exc
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise LenslabError(f"--graph {path!r} is not a complete AttributionGraph JSON ({exc!r})") from exc
+
+
+def _counts(graph) -> str:
+    kinds = [n.kind for n in graph.parsed]
+    c = {k: kinds.count(k) for k in ("feature", "error", "token")}
+    n_edges = int((graph.adjacency != 0).sum())
+    return (
+        f"{len(graph.nodes)} nodes ({c['feature']} features, {c['error']} errors, {c['token']} tokens, "
+        f"{len(graph.target_weights)} targets), {n_edges} edges"
+    )
+
+
+def _scores(graph) -> str:
+    return f"replacement score {graph.replacement_score:.4f}, completeness score {graph.completeness_score:.4f}"
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    from lenslab.probes import attribution_graph as AG  # deferred: keeps CLI start-up fast
+
+    out = out_path(args)
+    transcoders = args.transcoders or default_transcoders(args.model)
+    model = lenslab.load_model(args.model, device=args.device)
+    prompt = prompt_or_default(args)
+    graph = AG.attribution_graph(
+        model,
+        prompt,
+        transcoders,
+        targets=args.targets,
+        max_n_logits=args.max_n_logits,
+        desired_logit_prob=args.desired_logit_prob,
+        max_feature_nodes=args.max_feature_nodes,
+        batch_size=args.batch_size,
+    )
+    print(f"{_counts(graph)}; {_scores(graph)}")
+    nk = len(graph.target_weights)
+    for label, w in zip(graph.nodes[len(graph.nodes) - nk :], graph.target_weights.tolist()):
+        n = labels.parse(label)
+        token = f" {model.to_single_str_token(n.index)!r}" if n.kind == "logit" else ""
+        print(f"  target {label}{token}: weight {w:.4f}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    graph.to_json(out)
+    print(f"lenslab: wrote {out}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from lenslab.probes import attribution_graph as AG  # deferred: keeps CLI start-up fast
+
+    out = out_path(args)
+    graph = read_graph(args.graph)
+    if graph.pruned is not None:
+        print(f"note: {args.graph} is already pruned at {tuple(graph.pruned)}; pruning it again")
+    pruned = AG.prune(graph, args.node_threshold, args.edge_threshold)
+    print(f"kept {_counts(pruned)} of {_counts(graph)}; {_scores(pruned)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pruned.to_json(out)
+    print(f"lenslab: wrote {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lenslab.probes import graph_files  # deferred: keeps CLI start-up fast
+
+    out = out_path(args)
+    graph = read_graph(args.graph)
+    if out.suffix.lower() != ".json":
+        print(f"lenslab: wrote {export(graph, out)}")
+        return 0
+    name = args.model or graph.provenance.get("model")
+    if not name:
+        raise LenslabError(f"--graph {args.graph!r} does not record its model: pass --model")
+    model = lenslab.load_model(name, device=args.device)
+    path = graph_files.write_graph_file(
+        graph,
+        model,
+        out,
+        slug=args.slug or out.stem,
+        node_threshold=args.node_threshold,
+        edge_threshold=args.edge_threshold,
+        scan=args.scan,
+    )
+    d = json.loads(path.read_text())
+    print(
+        f"circuit-tracer graph file {d['metadata']['slug']!r} (scan {d['metadata']['scan']!r}): "
+        f"{len(d['nodes'])} nodes, {len(d['links'])} links, node threshold {d['metadata']['node_threshold']}"
+    )
+    print(f"lenslab: wrote {path}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from lenslab.probes import graph_validation  # deferred: keeps CLI start-up fast
+
+    out = out_path(args)
+    graph = read_graph(args.graph)
+    name = args.model or graph.provenance.get("model")
+    if not name:
+        raise LenslabError(f"--graph {args.graph!r} does not record its model: pass --model")
+    transcoders = args.transcoders or default_transcoders(name)
+    model = lenslab.load_model(name, device=args.device)
+    res = graph_validation.ablate_graph(model, graph, transcoders, n_random=args.n_random, seed=args.seed)
+    mean, std = res.random_effect()
+    print(
+        f"ablating the graph's {res.n_features} features: weighted target drop {res.graph_effect():.4f}; "
+        f"{args.n_random} random sets of {res.n_features} active features: {mean:.4f} ± {std:.4f}"
+    )
+    for label, c, g in zip(res.targets, res.clean.tolist(), res.graph.tolist()):
+        print(f"  {label}: {c:.4f} -> {g:.4f}")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"lenslab: wrote {export(res, out)}")
+    return 0

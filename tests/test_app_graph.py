@@ -1,0 +1,124 @@
+"""The Graph page under Streamlit's AppTest: on zoo/ioi-4l it shows the library's attribution graph
+(the same scores as `attribution_graph` on the same inputs, the node count `prune` gives for the
+thresholds chosen, salient logits and explicit answer tokens), filters its tables, and on models
+without transcoders it explains instead of failing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import lenslab
+from lenslab.probes import attribution_graph as AG
+
+MAIN = Path(__file__).resolve().parent.parent / "app" / "main.py"
+MODEL = "zoo/ioi-4l"
+TRANSCODERS = "zoo/ioi-4l/per-layer"
+NODES = 16
+pytestmark = pytest.mark.slow
+
+
+def _ok(at) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def _app(monkeypatch, model: str):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("LENSLAB_DEFAULT_MODEL", model)
+    torch.set_num_threads(1)
+    at = AppTest.from_file(str(MAIN), default_timeout=300).run()
+    at.switch_page("page_graph.py").run()
+    _ok(at)
+    assert at.title[0].value == f"Graph · {model}"
+    return at
+
+
+def _metrics(at) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def _compute(at) -> dict[str, str]:
+    at.slider(key="ag_max_nodes").set_value(NODES).run()
+    at.button(key="ag_go").click().run()
+    _ok(at)
+    return _metrics(at)
+
+
+def test_graph_page_shows_the_librarys_graph(monkeypatch):
+    at = _app(monkeypatch, MODEL)
+    assert at.selectbox(key="ag_tc").value == TRANSCODERS
+    assert any("Compute graph" in i.value for i in at.info)
+    shown = _compute(at)
+    prompt = at.text_area(key="prompt").value.strip()
+    model = lenslab.load_model(MODEL, device="cpu")
+    ref = AG.attribution_graph(model, prompt, TRANSCODERS, max_feature_nodes=NODES)
+    assert float(shown["Replacement score"]) == pytest.approx(ref.replacement_score, abs=1e-6)
+    assert float(shown["Completeness score"]) == pytest.approx(ref.completeness_score, abs=1e-6)
+    default = AG.prune(ref, node_threshold=0.8, edge_threshold=0.98)
+    assert int(shown["Nodes (pruned)"]) == len(default.nodes)
+    assert int(shown["Edges (pruned)"]) == int((default.adjacency != 0).sum())
+    assert len(at.get("plotly_chart")) == 1
+    assert at.dataframe[0].value["node"].tolist() == default.nodes
+
+    # a lower edge threshold re-prunes the stored graph: the count `prune` gives, and a different one
+    at.slider(key="ag_node_t").set_value(0.5).run()
+    at.slider(key="ag_edge_t").set_value(0.8).run()
+    _ok(at)
+    lower = AG.prune(ref, node_threshold=0.5, edge_threshold=0.8)
+    assert len(lower.nodes) != len(default.nodes)
+    assert int(_metrics(at)["Nodes (pruned)"]) == len(lower.nodes)
+    assert float(_metrics(at)["Replacement score"]) == pytest.approx(ref.replacement_score, abs=1e-6)  # not recomputed
+
+    # display filters: error nodes hidden from the tables, then one pinned node
+    at.checkbox(key="ag_hide_err").check().run()
+    _ok(at)
+    nodes = at.dataframe[0].value
+    assert "error" not in set(nodes["kind"]) and len(nodes) == sum(n.kind != "error" for n in lower.parsed)
+    target = lower.nodes[-1]
+    at.multiselect(key="ag_pin").set_value([target]).run()
+    at.radio(key="ag_pin_edges").set_value("into / out of pinned").run()
+    _ok(at)
+    assert at.dataframe[0].value["node"].tolist() == [target]
+    edges = at.dataframe[1].value
+    assert len(edges) > 0 and set(edges["target"]) == {target}
+
+    # explicit answer tokens
+    at.radio(key="ag_target_kind").set_value("Answer tokens").run()
+    _ok(at)
+    answers = at.text_input(key="ag_answers").value
+    assert answers == "Mary,John"
+    at.button(key="ag_go").click().run()
+    _ok(at)
+    ref2 = AG.attribution_graph(model, prompt, TRANSCODERS, targets=["Mary", "John"], max_feature_nodes=NODES)
+    assert float(_metrics(at)["Replacement score"]) == pytest.approx(ref2.replacement_score, abs=1e-6)
+    assert float(_metrics(at)["Completeness score"]) == pytest.approx(ref2.completeness_score, abs=1e-6)
+
+    # validation by ablation: the library's numbers for the pruned graph shown
+    from lenslab.probes import graph_validation
+
+    at.number_input(key="ag_n_random").set_value(3).run()
+    at.button(key="ag_ablate").click().run()
+    _ok(at)
+    check = graph_validation.ablate_graph(model, AG.prune(ref2, 0.5, 0.8), TRANSCODERS, n_random=3)
+    label = f"Target drop, the graph's {check.n_features} features ablated"
+    assert float(_metrics(at)[label]) == pytest.approx(check.graph_effect(), abs=1e-4)
+    assert len(at.get("plotly_chart")) == 2
+
+    # a token that is not one token: a readable message, no traceback
+    at.text_input(key="ag_answers").set_value("Mary,John Mary").run()
+    at.button(key="ag_go").click().run()
+    assert not at.exception and any("is not one token" in e.value for e in at.error)
+
+
+@pytest.mark.parametrize(
+    ("model", "says"),
+    [("zoo/induction-2l", "attention-only"), ("zoo/ioi-4l-noln", "No transcoders are shipped for zoo/ioi-4l-noln")],
+)
+def test_models_without_transcoders_get_a_note(monkeypatch, model, says):
+    at = _app(monkeypatch, model)
+    assert any(says in i.value for i in at.info), [i.value for i in at.info]
+    assert not at.button  # nothing to compute

@@ -1,0 +1,184 @@
+"""`lenslab graph attribute|prune|export|validate`: each writes what the library computes (lenslab's
+AttributionGraph JSON, circuit-tracer's graph file, a figure); bad input is one readable line, exit code 2."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lenslab.cli import build_parser, main
+from lenslab.probes import attribution_graph as AG
+from lenslab.probes import graph_files as GF
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPT = "When Mary and John went to the store, John gave a drink to"
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "circuit_tracer_graph_models.py"
+
+
+def _circuit_tracer_models():
+    spec = importlib.util.spec_from_file_location("circuit_tracer_graph_models", FIXTURE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def attributed(tmp_path_factory):
+    """`lenslab graph attribute` run once: (path, printed output)."""
+    out = tmp_path_factory.mktemp("graph") / "graph.json"
+    argv = ["graph", "attribute", "--model", "zoo/ioi-4l", "--prompt", PROMPT, "--targets", "Mary", "John"]
+    buf = io.StringIO()  # capsys is function-scoped
+    with contextlib.redirect_stdout(buf):
+        code = main([*argv, "--max-feature-nodes", "32", "--out", str(out)])
+    assert code == 0
+    return out, buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def library(zoo_models):
+    model = zoo_models("zoo/ioi-4l")
+    return model, AG.attribution_graph(
+        model, PROMPT, "zoo/ioi-4l/per-layer", targets=["Mary", "John"], max_feature_nodes=32
+    )
+
+
+def test_graph_commands_are_registered():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    cmds = next(a for a in sub.choices["graph"]._actions if a.dest == "graph_command").choices
+    assert set(cmds) == {"attribute", "prune", "export", "validate"}
+
+
+def test_attribute_writes_the_librarys_graph(attributed, library):
+    path, printed = attributed
+    model, lib = library
+    g = AG.AttributionGraph.from_json(path)
+    assert g.nodes == lib.nodes and g.tokens == lib.tokens
+    assert torch.allclose(g.adjacency, lib.adjacency, atol=1e-6)
+    assert g.replacement_score == pytest.approx(lib.replacement_score, abs=1e-6)
+    mary, john = (model.to_single_token(t) for t in ("Mary", "John"))
+    last = len(lib.tokens) - 1
+    assert g.nodes[-2:] == [f"logit{mary}@{last}", f"logit{john}@{last}"]
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([lib.tokens]))[0, -1], -1)
+    assert g.target_weights.tolist() == pytest.approx([float(probs[mary]), float(probs[john])], abs=1e-5)
+    nf = sum(x.startswith("L") for x in lib.nodes)
+    assert nf == 32
+    assert f"{len(lib.nodes)} nodes ({nf} features" in printed
+    assert f"replacement score {lib.replacement_score:.4f}, completeness score {lib.completeness_score:.4f}" in printed
+    assert f"target logit{mary}@{last} 'Mary': weight {float(probs[mary]):.4f}" in printed
+
+
+def test_prune_writes_the_librarys_pruned_graph(attributed, library, tmp_path, capsys):
+    path, _ = attributed
+    _, lib = library
+    out = tmp_path / "pruned.json"
+    argv = ["graph", "prune", "--graph", str(path), "--node-threshold", "0.7", "--edge-threshold", "0.95"]
+    assert main([*argv, "--out", str(out)]) == 0
+    g = AG.AttributionGraph.from_json(out)
+    want = AG.prune(lib, 0.7, 0.95)
+    assert g.nodes == want.nodes and g.pruned == (0.7, 0.95)
+    assert torch.allclose(g.adjacency, want.adjacency, atol=1e-6)
+    printed = capsys.readouterr().out
+    assert f"kept {len(want.nodes)} nodes" in printed and f"of {len(lib.nodes)} nodes" in printed
+
+
+def test_export_json_is_circuit_tracers_graph_file(attributed, library, tmp_path, capsys):
+    path, _ = attributed
+    model, lib = library
+    out = tmp_path / "ioi.json"
+    assert main(["graph", "export", "--graph", str(path), "--slug", "ioi-mary", "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    m = _circuit_tracer_models().Model.model_validate(d)
+    want = AG.prune(lib, 0.8, 0.98)
+    assert m.metadata.slug == "ioi-mary" and m.metadata.scan == "zoo/ioi-4l" and len(m.nodes) == len(want.nodes)
+    lib_file = GF.graph_file(lib, model, slug="ioi-mary")
+    assert d["nodes"] == lib_file["nodes"]
+    assert [x["weight"] for x in d["links"]] == pytest.approx([x["weight"] for x in lib_file["links"]], abs=1e-6)
+    assert f"{len(d['nodes'])} nodes, {len(d['links'])} links" in capsys.readouterr().out
+    # the slug defaults to the file name; --model names the model explicitly
+    out2 = tmp_path / "second.json"
+    assert main(["graph", "export", "--graph", str(path), "--model", "zoo/ioi-4l", "--out", str(out2)]) == 0
+    assert json.loads(out2.read_text())["metadata"]["slug"] == "second"
+
+
+def test_export_figures(attributed, tmp_path):
+    path, _ = attributed
+    html = tmp_path / "graph.html"
+    assert main(["graph", "export", "--graph", str(path), "--out", str(html)]) == 0
+    assert "plotly" in html.read_text() and "attribution graph" in html.read_text()
+    if any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")):
+        svg = tmp_path / "graph.svg"
+        assert main(["graph", "export", "--graph", str(path), "--out", str(svg)]) == 0
+        assert svg.read_text().lstrip().startswith("<svg")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["graph", "prune", "--graph", "nowhere.json", "--out", "p.json"], "--graph 'nowhere.json' does not exist"),
+        (["graph", "export", "--graph", "nowhere.json", "--out", "p.json"], "--graph 'nowhere.json' does not exist"),
+        (
+            ["graph", "attribute", "--model", "zoo/moe-refusal", "--out", "g.json"],
+            "model 'zoo/moe-refusal' has no shipped transcoders (models that have them: zoo/ioi-4l, zoo/steer-sentiment)",
+        ),
+        (["graph", "attribute", "--model", "zoo/ioi-4l", "--out", "g.svg"], "--out 'g.svg': the graph is written as"),
+        (["graph", "export", "--graph", "g.json", "--out", "g.txt"], "--out 'g.txt': the extension picks the format"),
+        (
+            [
+                "graph",
+                "attribute",
+                "--model",
+                "zoo/no-such",
+                "--transcoders",
+                "zoo/ioi-4l/per-layer",
+                "--out",
+                "g.json",
+            ],
+            "no-such",
+        ),
+        (["graph", "prune", "--graph", "bad.json", "--out", "p.json"], "--graph 'bad.json' is not JSON"),
+        (
+            ["graph", "prune", "--graph", "other.json", "--out", "p.json"],
+            "--graph 'other.json': not a AttributionGraph JSON (kind='PatchResult')",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "other.json").write_text(json.dumps({"kind": "PatchResult"}))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lenslab: error: ") and message in err and "Traceback" not in err
+
+
+def test_prune_thresholds_outside_the_unit_interval(attributed, capsys, tmp_path):
+    path, _ = attributed
+    argv = ["graph", "prune", "--graph", str(path), "--node-threshold", "1.5", "--out", str(tmp_path / "p.json")]
+    assert main(argv) == 2
+    assert "node_threshold must be in (0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_validate_prints_and_writes_the_librarys_ablation(attributed, library, tmp_path, capsys):
+    from lenslab.probes import graph_validation
+
+    path, _ = attributed
+    pruned = tmp_path / "pruned.json"
+    assert main(["graph", "prune", "--graph", str(path), "--out", str(pruned)]) == 0
+    out = tmp_path / "ablation.json"
+    assert main(["graph", "validate", "--graph", str(pruned), "--n-random", "3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    model, _ = library
+    ref = graph_validation.ablate_graph(
+        model, AG.AttributionGraph.from_json(pruned), "zoo/ioi-4l/per-layer", n_random=3
+    )
+    got = graph_validation.GraphAblation.from_json(out)
+    assert torch.allclose(got.graph, ref.graph, atol=1e-5) and torch.allclose(got.random, ref.random, atol=1e-5)
+    assert f"weighted target drop {ref.graph_effect():.4f}" in printed
