@@ -54,6 +54,7 @@ def train_zoo(name: str, out_dir: str | Path | None = None, seed: int = 0, steps
     few steps make a quick, still deterministic, smoke run)."""
     # the recipes import the areas they measure their cards with (docs/design.md, "Layers")
     from lenslab.zoo import (  # deferred: keeps CLI start-up fast
+        train_english_4l,
         train_induction_2l,
         train_ioi_4l,
         train_ioi_4l_noln,
@@ -62,6 +63,7 @@ def train_zoo(name: str, out_dir: str | Path | None = None, seed: int = 0, steps
     )
 
     recipes = {
+        "english-4l": train_english_4l,
         "induction-2l": train_induction_2l,
         "ioi-4l": train_ioi_4l,
         "ioi-4l-noln": train_ioi_4l_noln,

@@ -89,12 +89,17 @@ def zoo_path(name: str) -> Path:
     return folder
 
 
+# The app opens on the first of these that is present (the English model reads ordinary text; the
+# planted models stay one click away in the sidebar's model picker), else on the first zoo model.
+PREFERRED_DEFAULTS = ("zoo/english-4l", "zoo/induction-2l")
+
+
 def default_model() -> str:
-    """The app's default model: the first zoo model, preferring induction-2l."""
+    """The app's default model: zoo/english-4l when present, else zoo/induction-2l, else the first zoo model."""
     names = zoo_names()
     if not names:
         raise LenslabError("the model zoo is empty: run `lenslab zoo train induction-2l`")
-    return "zoo/induction-2l" if "zoo/induction-2l" in names else names[0]
+    return next((n for n in PREFERRED_DEFAULTS if n in names), names[0])
 
 
 def read_card(name: str) -> str:
@@ -213,6 +218,19 @@ _ZOO_DEFAULTS: dict[str, dict] = {
         positive="positive",
         negative="negative",
     ),
+    # English: a sentence said twice, then begun a third time; the model favours the noun it has read
+    # (logit difference " tree" - " ship": 2.8 clean, 0.4 corrupt), though it has no induction heads
+    # (its card). Corrupt says "ship" instead of "tree" both times. The steering contrast is the config's "positive" / "negative" prompt sets
+    # (lenslab.data.english). IOI builds on this tokenizer (John, James, ... are single tokens) but
+    # the model does not solve it, so the Circuits page opens on induction.
+    "zoo/english-4l": dict(
+        clean="The bird sat on the tree. The bird sat on the tree. The bird sat on the",
+        corrupt="The bird sat on the ship. The bird sat on the ship. The bird sat on the",
+        answer=" tree",
+        wrong=" ship",
+        positive="positive",
+        negative="negative",
+    ),
 }
 
 _ZOO_DEFAULTS["zoo/ioi-4l-noln"] = _ZOO_DEFAULTS["zoo/ioi-4l"]  # ioi-4l without LayerNorm: its parent's prompts
@@ -280,8 +298,20 @@ def word_tokenizer(words: list[str]):
     )
 
 
-def save_hooked(model, tokenizer, out_dir: str | Path, *, summary: str, card: str, extra: dict | None = None) -> None:
-    """Write a HookedTransformer zoo model: config.json, model.safetensors, tokenizer, card.md."""
+def save_hooked(
+    model,
+    tokenizer,
+    out_dir: str | Path,
+    *,
+    summary: str,
+    card: str,
+    extra: dict | None = None,
+    weights_dtype: torch.dtype = torch.float32,
+) -> None:
+    """Write a HookedTransformer zoo model: config.json, model.safetensors, tokenizer, card.md.
+
+    `weights_dtype` is how the weights are stored (float16 halves a larger model's file; it loads
+    as float32 or whatever `load_model` asks for)."""
     from safetensors.torch import save_file  # deferred: safetensors loads only when a file is read or written
 
     out = Path(out_dir)
@@ -292,7 +322,7 @@ def save_hooked(model, tokenizer, out_dir: str | Path, *, summary: str, card: st
     cfg = {k: _jsonable(v) for k, v in cfg.items() if k in keep and (v is None or _jsonable(v) is not None)}
     meta = {"lenslab_format": "hooked_transformer", "lenslab_summary": summary, "cfg": cfg, **(extra or {})}
     (out / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu", weights_dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"))
     tokenizer.save_pretrained(str(out))
     (out / "card.md").write_text(card)

@@ -13,18 +13,32 @@ from lenslab import tasks, zoo
 from lenslab._errors import LenslabError
 from lenslab.data import ioi, refusal, sentiment
 from lenslab.toolbox import model_name
+from lenslab.zoo import train_english_4l
 
-__all__ = ["BUILT_IN", "corpus_for"]
+__all__ = ["BUILT_IN", "corpus_for", "training_corpus_for"]
 
-BUILT_IN = ("zoo/induction-2l", "zoo/ioi-4l", "zoo/moe-refusal", "zoo/steer-sentiment")  # the models with one
+# the models with one
+BUILT_IN = ("zoo/english-4l", "zoo/induction-2l", "zoo/ioi-4l", "zoo/moe-refusal", "zoo/steer-sentiment")
+
+
+def training_corpus_for(model, n: int = 256, seed: int = 0) -> list[str] | Tensor:
+    """What the zoo's SAEs, transcoders and tuned lenses of `model` train on: `corpus_for`, except
+    for english-4l, whose built-in corpus is its held-out text: it trains on `[n, 128]` windows of
+    its training split (`train_english_4l.windows(..., split="train")`, needs the Debian packages)."""
+    if model_name(model).removeprefix(zoo.PREFIX) == "english-4l":
+        return train_english_4l.windows(model, n, seed, split="train")
+    return corpus_for(model, n, seed)
 
 
 def corpus_for(model, n: int = 256, seed: int = 0) -> list[str] | Tensor:
     """The built-in corpus of a zoo model (what `--corpus zoo` means): documents like its training
-    data. steer-sentiment: `sentiment.documents`; ioi-4l: IOI prompts (clean and ABC-corrupted);
+    data. english-4l: `[n, 128]` windows of its committed held-out text (never trained on);
+    steer-sentiment: `sentiment.documents`; ioi-4l: IOI prompts (clean and ABC-corrupted);
     induction-2l: repeated random token blocks (`tasks.induction`, `[n, 2 * 16]` token ids);
     moe-refusal: harmful and benign `refusal` prompts."""
     name = model_name(model).removeprefix(zoo.PREFIX)
+    if name == "english-4l":
+        return train_english_4l.windows(model, n, seed)
     if name == "steer-sentiment":
         return sentiment.documents(n, seed=seed)
     if name == "ioi-4l":
