@@ -19,7 +19,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from lenslab import steering
+from lenslab import steering, zoo
 from lenslab.app import _shell
 from lenslab.probes import features as F
 from lenslab.probes import sae as saes
@@ -79,11 +79,17 @@ else:
         help="e.g. the --out folder of `lenslab sae train`",
     ).strip()
     if not source:
-        st.info(
-            "Give the folder of an SAE trained on this model"
-            + ("" if zoo_saes else f" ({name} has no zoo SAE: train one with `lenslab sae train`)")
-            + "."
-        )
+        if zoo_saes:
+            st.info("Give the folder of an SAE trained on this model.")
+        else:
+            with_sae = [m for m in zoo.zoo_names() if saes.list_saes(m)]
+            st.info(
+                f"{name} has no zoo SAE (yet): give the folder of an SAE trained on it, e.g. the `--out` of "
+                f"`lenslab sae train --model {name} --hook HOOK --out DIR`"
+                + (f", or pick a model that ships one in the sidebar: {', '.join(with_sae)}" if with_sae else "")
+                + ".",
+                icon=":material/info:",
+            )
         st.stop()
 device = str(getattr(model.cfg, "device", "cpu") or "cpu")
 stamp = _stamp(source)
@@ -163,7 +169,7 @@ with index_tab:
     redo = b2.button("Start over", key="feat_reindex", disabled=corpus_args is None or not tag or state is None)
     if go or redo:
         corpus = _shell.call(*corpus_args)
-        if corpus:
+        if corpus is not None and len(corpus):  # a list of texts or a [n, pos] token tensor
             n_batches = max(1, -(-len(corpus) // batch_size))
             bar = st.progress(0.0, text="Indexing…")
 

@@ -159,11 +159,25 @@ def test_features_page_mismatched_sae_is_a_message(monkeypatch, tmp_path, wrong_
     assert any("does not exist" in e.value for e in at.error)
 
 
-def test_features_page_on_a_zoo_sae(monkeypatch, tmp_path):
+def _planted_with_sae() -> str:
+    from lenslab.probes.sae import list_saes
+
+    return next(m for m in ("zoo/steer-sentiment", "zoo/ioi-4l", "zoo/induction-2l") if list_saes(m))
+
+
+def _with_sae() -> list[str]:
+    """A planted model with its SAE, and the English model the app opens on once its SAE is shipped."""
+    from lenslab.probes.sae import list_saes
+
+    return ["planted"] + (["zoo/english-4l"] if list_saes("zoo/english-4l") else [])
+
+
+@pytest.mark.parametrize("which", _with_sae())
+def test_features_page_on_a_zoo_sae(monkeypatch, tmp_path, which):
     """Every tab renders on a zoo model with its shipped SAE (the page's default source)."""
     from lenslab.probes.sae import list_saes
 
-    model = next(m for m in ("zoo/steer-sentiment", "zoo/ioi-4l", "zoo/induction-2l") if list_saes(m))
+    model = _planted_with_sae() if which == "planted" else which
     at = _app(monkeypatch, tmp_path, model, lenslab.zoo.default_prompt(model) or "t1 t2 t3")
     _ok(at)
     assert at.radio(key="feat_source").value == "Zoo SAE" and at.selectbox(key="feat_zoo").value == list_saes(model)[0]
@@ -200,3 +214,16 @@ def test_features_page_indexes_a_corpus_file(monkeypatch, tmp_path, planted_dir)
 
     with FeatureStore(store) as st:
         assert st.complete and st.n_prompts == 3 and st.stats(PLANTED).n_fire == 2  # two 'terrible' tokens
+
+
+def test_features_page_without_a_zoo_sae_explains(monkeypatch, tmp_path, tiny_zoo_dir):
+    """A model with no shipped SAE gets a note (train one, or pick a model that has one), no error."""
+    from lenslab.probes.sae import list_saes
+
+    model = next((m for m in lenslab.zoo.zoo_names() if not list_saes(m)), str(tiny_zoo_dir))
+    at = _app(monkeypatch, tmp_path, model, lenslab.zoo.default_prompts(model).prompt)
+    _ok(at)
+    assert at.radio(key="feat_source").value == "Folder"
+    (note,) = [i.value for i in at.info]
+    assert f"{model} has no zoo SAE" in note and f"lenslab sae train --model {model}" in note, note
+    assert _planted_with_sae() in note  # the models that ship one are named

@@ -7,6 +7,8 @@ for the predictions it was trained to make (its *objective*):
   objective: the predictions inside the repeat.
 - `zoo/ioi-4l`: IOI sentences with name-free filler, as in its training, completed with the
   indirect object; objective: the prediction of the indirect object.
+- `zoo/english-4l`: 128-token windows of its training split (needs the Debian packages `fortunes` and
+  `wordnet-base`); held-out rows from its committed `heldout.txt`; objective: every next token.
 - `zoo/steer-sentiment`: review documents (`lenslab.data.sentiment.documents`); objective: every
   next token (it was trained on all of them).
 
@@ -38,6 +40,7 @@ from lenslab.data import ioi, sentiment
 from lenslab.probes.sae_load import SAES_DIR, hook_width
 from lenslab.probes.sae_measure import corpus_tokens, excluded_tokens, keep_mask, sae_metrics, write_metrics
 from lenslab.probes.sae_train import sae_card, train_sae
+from lenslab.zoo import train_english_4l
 from lenslab.zoo.train_induction_2l import TrainConfig, make_batch
 
 TRAIN_SEED, EVAL_SEED = 1000, 2000  # corpus seeds (the zoo models were trained on seed 0 data)
@@ -98,6 +101,17 @@ def _ioi_corpus(model, n: int, seed: int) -> Corpus:
     )
 
 
+def _english_corpus(model, n: int, seed: int) -> Corpus:
+    split = "heldout" if seed == EVAL_SEED else "train"
+    return Corpus(
+        train_english_4l.windows(model, n, seed, split=split),
+        None,
+        about="windows of 128 tokens of its training text (fortunes and WordNet glosses; the card's held-out rows come "
+        "from `heldout.txt`, never trained on)",
+        objective="every next token (the model's training loss)",
+    )
+
+
 def _sentiment_corpus(model, n: int, seed: int) -> Corpus:
     docs = sentiment.documents(n, seed=seed)
     return Corpus(
@@ -110,6 +124,7 @@ def _sentiment_corpus(model, n: int, seed: int) -> Corpus:
 
 
 CORPORA: dict[str, Callable[[object, int, int], Corpus]] = {
+    "zoo/english-4l": _english_corpus,
     "zoo/induction-2l": _induction,
     "zoo/ioi-4l": _ioi_corpus,
     "zoo/steer-sentiment": _sentiment_corpus,
@@ -117,6 +132,7 @@ CORPORA: dict[str, Callable[[object, int, int], Corpus]] = {
 
 # (model, hook) -> train_sae settings of the shipped SAEs.
 RECIPES: dict[tuple[str, str], dict] = {
+    ("zoo/english-4l", "blocks.2.hook_resid_post"): dict(d_sae=1536, k=16, lr=4e-3, training_tokens=1_000_000),
     ("zoo/induction-2l", "blocks.0.hook_resid_post"): dict(d_sae=1024, k=16, lr=4e-3, training_tokens=300_000),
     ("zoo/ioi-4l", "blocks.2.hook_resid_post"): dict(d_sae=512, k=16, lr=4e-3, training_tokens=300_000),
     ("zoo/steer-sentiment", "blocks.1.hook_resid_post"): dict(d_sae=384, k=16, lr=4e-3, training_tokens=300_000),
