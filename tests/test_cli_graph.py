@@ -126,7 +126,7 @@ def test_export_figures(attributed, tmp_path):
         (["graph", "export", "--graph", "nowhere.json", "--out", "p.json"], "--graph 'nowhere.json' does not exist"),
         (
             ["graph", "attribute", "--model", "zoo/moe-refusal", "--out", "g.json"],
-            "model 'zoo/moe-refusal' has no shipped transcoders (models that have them: zoo/ioi-4l, zoo/steer-sentiment)",
+            "model 'zoo/moe-refusal' has no shipped transcoders (models that have them: zoo/english-4l, zoo/ioi-4l, zoo/steer-sentiment)",
         ),
         (["graph", "attribute", "--model", "zoo/ioi-4l", "--out", "g.svg"], "--out 'g.svg': the graph is written as"),
         (["graph", "export", "--graph", "g.json", "--out", "g.txt"], "--out 'g.txt': the extension picks the format"),

@@ -30,7 +30,7 @@ from lenslab.probes.transcoders import (
     train_transcoders,
     transcoder_metrics,
 )
-from lenslab.zoo.corpora import corpus_for
+from lenslab.zoo.corpora import corpus_for, training_corpus_for
 
 TRAIN_SEED, EVAL_SEED = 1000, 2000
 N_TRAIN, N_EVAL = 2048, 256
@@ -39,6 +39,9 @@ N_TRAIN, N_EVAL = 2048, 256
 RECIPES: dict[tuple[str, str], dict] = {
     ("zoo/ioi-4l", "per-layer"): dict(
         d_transcoder=256, activation="topk", k=16, skip=True, steps=2000, batch_size=512, lr=2e-3, seed=0
+    ),
+    ("zoo/english-4l", "per-layer"): dict(
+        d_transcoder=768, activation="topk", k=24, skip=True, steps=3000, batch_size=512, lr=2e-3, seed=0
     ),
     ("zoo/steer-sentiment", "per-layer"): dict(
         d_transcoder=256, activation="topk", k=16, skip=True, steps=2000, batch_size=512, lr=2e-3, seed=0
@@ -63,7 +66,7 @@ per-layer layout (`layer_<l>.safetensors`) plus `transcoder.json`. Load them wit
 `lenslab.probes.transcoders.load_transcoders("{model_name}/{name}")`.
 
 ## Training
-- Corpus: {N_TRAIN} rows of `lenslab.zoo.corpora.corpus_for` (seed {TRAIN_SEED}), {n_train_tokens:,} MLP input/output pairs per layer (padding left out).
+- Corpus: {N_TRAIN} rows of `lenslab.zoo.corpora.training_corpus_for` (seed {TRAIN_SEED}; `corpus_for` except for english-4l, whose windows come from its training split), {n_train_tokens:,} MLP input/output pairs per layer (padding left out).
 - `train_transcoders`: {settings["steps"]} Adam steps of {settings["batch_size"]} activations, lr {settings["lr"]}
   (warm-up 5%, linear decay over the last 20%), loss: MSE normalised by the output's variance; seed {settings["seed"]}.
 - {minutes:.1f} min on CPU (one thread). Rebuild: `python -m lenslab.zoo.train_transcoders` (deterministic).
@@ -94,7 +97,7 @@ def build(model_name: str, name: str, out_dir: str | Path | None = None) -> Tran
     settings = RECIPES[(model_name, name)]
     model = lenslab.load_model(model_name, device="cpu")
     out = Path(out_dir) if out_dir else zoo.ZOO_DIR / model_name.removeprefix(zoo.PREFIX) / TRANSCODERS_DIR / name
-    train = corpus_for(model, N_TRAIN, seed=TRAIN_SEED)
+    train = training_corpus_for(model, N_TRAIN, seed=TRAIN_SEED)
     t0 = time.time()
     tcs = train_transcoders(model, train, progress=False, threads=1, **settings)
     minutes = (time.time() - t0) / 60
