@@ -26,14 +26,15 @@ from lenslab import zoo
 from lenslab._errors import LenslabError, did_you_mean
 from lenslab.probes.lenses import LENSES_DIR, LensKL, TunedLens, lens_kl, train_tuned_lens
 from lenslab.probes.sae_measure import corpus_tokens, excluded_tokens, keep_mask
-from lenslab.zoo.corpora import corpus_for
+from lenslab.zoo.corpora import corpus_for, training_corpus_for
 
 TRAIN_SEED, EVAL_SEED = 1000, 2000  # corpus seeds (the zoo models were trained on seed 0 data)
 N_EVAL = 256  # held-out rows for the card
-MODELS = ("zoo/induction-2l", "zoo/ioi-4l", "zoo/moe-refusal", "zoo/steer-sentiment")
+MODELS = ("zoo/english-4l", "zoo/induction-2l", "zoo/ioi-4l", "zoo/moe-refusal", "zoo/steer-sentiment")
 DEFAULTS = dict(steps=250, tokens_per_step=2048, lr=1.0, momentum=0.9, weight_decay=1e-3, warmup_steps=0, seed=0)
 SETTINGS = tuple(DEFAULTS)
 ABOUT = {
+    "zoo/english-4l": "128-token windows of its training split (fortunes and WordNet glosses, `train_english_4l.windows`)",
     "zoo/induction-2l": "rows of `<bos>` + random tokens repeated once (`tasks.induction`, seq_len 16)",
     "zoo/ioi-4l": "IOI prompts, clean and ABC-corrupted (`data.ioi.make_ioi_prompts`)",
     "zoo/moe-refusal": "harmful and benign chat prompts (`data.refusal.prompts`)",
@@ -60,10 +61,10 @@ def _check_name(name: str) -> str:
 
 def training_rows(model, steps: int, tokens_per_step: int, seed: int) -> torch.Tensor:
     """Enough rows of the model's corpus that training reads each once (as tuned-lens does)."""
-    probe = corpus_tokens(model, corpus_for(model, 64, seed))
+    probe = corpus_tokens(model, training_corpus_for(model, 64, seed))
     per_row = float(keep_mask(probe, excluded_tokens(model, None)).sum()) / probe.shape[0]
     n = int(1.05 * steps * tokens_per_step / per_row) + 64
-    return corpus_tokens(model, corpus_for(model, n, seed))
+    return corpus_tokens(model, training_corpus_for(model, n, seed))
 
 
 def held_out(model) -> torch.Tensor:
@@ -118,7 +119,7 @@ unembedding then read. `d_model={lens.d_model}`, {lens.n_layers} translators. Us
 own layout is one call away (`TunedLens.save_tuned_lens`).
 
 ## Training
-- Corpus: {info["corpus_rows"]:,} rows of `corpus_for(model, n, seed={TRAIN_SEED + info["seed"]})`, {ABOUT[name]}:
+- Corpus: {info["corpus_rows"]:,} rows of `training_corpus_for(model, n, seed={TRAIN_SEED + info["seed"]})`, {ABOUT[name]}:
   {info["tokens"]:,} tokens, each read once, padding excluded.
 - Loss: KL(model output ‖ lens) at every position, summed over layers (tuned-lens's `--loss kl`).
 - {info["steps"]} steps of {info["rows_per_step"]} rows (about {info["tokens_per_step"]:,} tokens) with SGD, Nesterov

@@ -131,7 +131,9 @@ def test_shipped_tuned_lens_beats_the_logit_lens_and_matches_its_card(zoo_models
     layer, and every number of the card's table is this measurement at its printed digits."""
     model = zoo_models(name)
     folder = train_lenses.lens_folder(name)
-    assert sum(f.stat().st_size for f in folder.iterdir()) < 300_000  # small files (KB)
+    assert (
+        sum(f.stat().st_size for f in folder.iterdir()) < 700_000
+    )  # small files (KB; english-4l: 4 x 192 x 192 float32 translators, 594 KB)
     kl = lenses.lens_kl(model, None, train_lenses.held_out(model))
     assert kl.layer_labels == [f"{l}_pre" for l in range(model.cfg.n_layers)]
     assert (kl.of("tuned") < kl.of("logit")).all(), kl.table()
