@@ -12,7 +12,7 @@ import streamlit as st
 
 from lenslab import steering, zoo
 from lenslab.app import _shell
-from lenslab.data import sentiment
+from lenslab.data import sentiment_data
 from lenslab.steering.tradeoff import tradeoff
 
 ctx = _shell.context()
@@ -158,7 +158,8 @@ with st.expander("Trade-off: concept rate against fluency across strengths"):
     strengths = c1.multiselect("Strengths", STRENGTHS, default=[0.0, 0.5, 1.0, 2.0], key="steer_to_strengths")
     n_tok = c2.number_input("New tokens", 1, 100, 8, key="steer_to_tokens")
     st.caption(
-        "Concept: positive sentiment (more positive than negative words of `lenslab.data.sentiment`'s lexicon). "
+        f"Concept: positive sentiment (more positive than negative words of `{sentiment_data(name).__name__}`'s "
+        "lexicon). "
         "Fluency: perplexity of each continuation under the unsteered model."
     )
     if st.button("Run trade-off", key="steer_to_run"):
@@ -169,7 +170,7 @@ with st.expander("Trade-off: concept rate against fluency across strengths"):
             model,
             {iv.name or "steered": iv},
             prompts,
-            sentiment.is_positive,
+            sentiment_data(name).is_positive,
             strengths=sorted(strengths),
             max_new_tokens=int(n_tok),
             progress=False,

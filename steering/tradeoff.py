@@ -4,7 +4,8 @@ For each named intervention and each strength, greedy continuations of the evalu
 are generated with the intervention at that strength (`evaluate.continuations`), then
 
 - **concept rate**: the share of continuations for which `score(text)` is True (for the zoo
-  model `zoo/steer-sentiment`: `lenslab.data.sentiment.is_positive`);
+  model `zoo/steer-sentiment`: `lenslab.data.sentiment.is_positive`; for `zoo/english-4l`:
+  `lenslab.data.english.is_positive`; `lenslab.data.sentiment_data(model)` picks the module);
 - **fluency**: the perplexity of those continuations under the *unsteered* model, read on their
   own (after BOS only): steering that writes gibberish or repeats itself scores high, while
   fluent text with the steered concept does not (`perplexity`). Also reported: the perplexity

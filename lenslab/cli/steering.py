@@ -22,22 +22,19 @@ from lenslab.cli.common import (
     prompt_list,
     prompt_or_default,
 )
-from lenslab.data import sentiment
+from lenslab.data import SENTIMENT_DATA, sentiment_data
 from lenslab.figures import export
 from lenslab.sites import resolve_site
 
 STEER_METHODS = ("diffmean", "actadd", "austeer", "lineas", "probe")
 
 
-def _seeded_sentiment(seed: int, n_fit: int, n_eval: int):
-    return sentiment.seeded_sets(seed, n_fit, n_eval)
+# models whose prompts can be redrawn per seed: (seed, n_fit, n_eval) -> (positive, negative, held-out);
+# each model's sentiment data module (`lenslab.data.sentiment_data`) gives them and its scorer
+SEEDED_SETS = {name: data.seeded_sets for name, data in SENTIMENT_DATA.items()}
 
-
-# models whose prompts can be redrawn per seed: (seed, n_fit, n_eval) -> (positive, negative, held-out)
-SEEDED_SETS = {"zoo/steer-sentiment": _seeded_sentiment}
-
-# `lenslab steer eval --score` choices: name -> (continuation text -> bool)
-STEER_SCORES = {"positive": sentiment.is_positive}
+# `lenslab steer eval --score` choices: name -> (model name -> (continuation text -> bool))
+STEER_SCORES = {"positive": lambda model: sentiment_data(model).is_positive}
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -87,7 +84,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="METHOD",
         help=f"instead of presets: refit these methods ({', '.join(STEER_METHODS)}) on each seed's fitting "
         "prompts and evaluate on its held-out prompts (models with seeded prompt sets: "
-        "zoo/steer-sentiment)",
+        f"{', '.join(SENTIMENT_DATA)})",
     )
     se_.add_argument(
         "--seeds",
@@ -110,8 +107,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     se_.add_argument(
         "--score",
         default="positive",
-        help="the concept scorer: positive (lenslab.data.sentiment.is_positive: "
-        "more positive than negative sentiment words)",
+        help="the concept scorer: positive (more positive than negative sentiment words of the model's "
+        "lexicon: lenslab.data.english.is_positive for zoo/english-4l, else lenslab.data.sentiment.is_positive)",
     )
     se_.add_argument("--max-new-tokens", type=int, default=12)
     add_out(
@@ -286,7 +283,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     _check_presets(args.preset or [])
     model = lenslab.load_model(args.model, device=args.device)
-    score = STEER_SCORES[args.score]
+    score = STEER_SCORES[args.score](args.model)
     kw = dict(strengths=args.strengths, max_new_tokens=args.max_new_tokens, progress=False)
     if args.method:
         sets = SEEDED_SETS[args.model]
