@@ -37,8 +37,10 @@ with st.expander("Task", expanded=True):
             "Answers: correct,incorrect per prompt, separated by ';'",
             key="circ_answers",
             value=f"{d.answer},{d.wrong}",
+            help="A leading space is part of the token for BPE models (e.g. ' tree, ship'); it is kept.",
         )
-        pairs = [tuple(a.strip() for a in p.split(",")) for p in answers.split(";") if p.strip()]
+        # leading spaces are kept: " tree" and "tree" are different tokens of a BPE vocabulary
+        pairs = [tuple(a.lstrip("\n\r\t").rstrip() for a in p.split(",")) for p in answers.split(";") if p.strip()]
         task = _shell.call(
             "Building the task",
             tasks.from_prompts,

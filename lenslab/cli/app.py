@@ -20,7 +20,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     a = sub.add_parser("app", help="open the Streamlit workbench in the browser")
     a.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     a.add_argument("--port", type=int, default=8501)
-    a.add_argument("--model", default=None, help="model selected at start (default: the zoo's induction-2l)")
+    a.add_argument(
+        "--model", default=None, help="model selected at start (default: zoo/english-4l, else zoo/induction-2l)"
+    )
     a.add_argument("--headless", action="store_true", help="do not open a browser window")
     a.set_defaults(func=cmd_app)
 
