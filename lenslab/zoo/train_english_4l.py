@@ -417,7 +417,7 @@ def samples(model, max_new_tokens: int = 24, seed: int = 0) -> list[dict]:
 
 def verify(model) -> dict:
     """Everything the card reports, measured on `model` (the saved weights)."""
-    from lenslab.probes.sinks import attention_sinks, massive_activations
+    from lenslab.probes.sinks import attention_sinks, massive_activations  # deferred: only the card needs it
 
     rows = heldout_rows(model)
     losses = [
