@@ -37,6 +37,7 @@ import random
 import re
 
 from lenslab._errors import LenslabError, did_you_mean
+from lenslab.data.sentiment import Lexicon, words  # noqa: F401 (words: part of this module's API, the same rule)
 
 POSITIVE = (
     "good",
@@ -261,9 +262,11 @@ TEMPLATES = (
     "After such a {a} {n}, the whole world seemed",
     "The {n} was {a}, the {m} was {b}, and I was",
 )
-_WORD = re.compile(r"[a-z]+")
 _AN = re.compile(r"\b([Aa]) (?=[aeiou])")
 _SETS_SEED = 1  # prompt_sets() = prompts(8, kind, seed=_SETS_SEED)
+
+
+LEXICON = Lexicon(frozenset(POSITIVE), frozenset(NEGATIVE))  # the scoring rule of lenslab.data.sentiment
 
 
 def _check_kind(kind: str) -> None:
@@ -301,28 +304,8 @@ def prompt_sets() -> dict[str, list[str]]:
     return {kind: prompts(8, kind, seed=_SETS_SEED) for kind in KINDS}
 
 
-def words(text: str) -> list[str]:
-    """The lower-case words of `text`: the maximal runs of letters, so punctuation glued to a word
-    by the decoder ("awful," "happy!"), and apostrophes, never hide a lexicon word."""
-    return _WORD.findall(text.lower())
-
-
-def counts(text: str) -> tuple[int, int]:
-    """(positive words, negative words) in `text` (decoded model output or raw text alike)."""
-    ws = words(text)
-    return sum(w in POSITIVE for w in ws), sum(w in NEGATIVE for w in ws)
-
-
-def concept_rate(text: str) -> float | None:
-    """Share of the sentiment words in `text` that are positive; None when there are none."""
-    pos, neg = counts(text)
-    return None if pos + neg == 0 else pos / (pos + neg)
-
-
-def is_positive(text: str) -> bool:
-    """True when `text` has a sentiment word and more positive than negative ones."""
-    pos, neg = counts(text)
-    return pos > neg
+# the scoring functions: the same rule as lenslab.data.sentiment's, on this module's lexicon
+counts, concept_rate, is_positive = LEXICON.counts, LEXICON.concept_rate, LEXICON.is_positive
 
 
 def seeded_sets(seed: int, n_fit: int = 32, n_eval: int = 40) -> tuple[list[str], list[str], list[str]]:

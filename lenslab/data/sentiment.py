@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass
 
 from lenslab._errors import LenslabError, did_you_mean
 
@@ -158,22 +159,47 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+@dataclass(frozen=True)
+class Lexicon:
+    """A sentiment lexicon and the one scoring rule of lenslab's steering evaluations: the `words` of a
+    text (maximal runs of letters), counted against the positive and the negative word sets.
+    `lenslab.data.sentiment` and `lenslab.data.english` each bind theirs (`LEXICON`)."""
+
+    positive: frozenset[str]
+    negative: frozenset[str]
+
+    def counts(self, text: str) -> tuple[int, int]:
+        """(positive words, negative words) in `text` (decoded model output or raw text alike)."""
+        ws = words(text)
+        return sum(w in self.positive for w in ws), sum(w in self.negative for w in ws)
+
+    def concept_rate(self, text: str) -> float | None:
+        """Share of the sentiment words in `text` that are positive; None when there are none."""
+        pos, neg = self.counts(text)
+        return None if pos + neg == 0 else pos / (pos + neg)
+
+    def is_positive(self, text: str) -> bool:
+        """True when `text` has a sentiment word and more positive than negative ones."""
+        pos, neg = self.counts(text)
+        return pos > neg
+
+
+LEXICON = Lexicon(frozenset(POSITIVE), frozenset(NEGATIVE))
+
+
 def counts(text: str) -> tuple[int, int]:
     """(positive words, negative words) in `text` (decoded model output or raw text alike)."""
-    ws = words(text)
-    return sum(w in POSITIVE for w in ws), sum(w in NEGATIVE for w in ws)
+    return LEXICON.counts(text)
 
 
 def concept_rate(text: str) -> float | None:
     """Share of the sentiment words in `text` that are positive; None when there are none."""
-    pos, neg = counts(text)
-    return None if pos + neg == 0 else pos / (pos + neg)
+    return LEXICON.concept_rate(text)
 
 
 def is_positive(text: str) -> bool:
     """True when `text` has a sentiment word and more positive than negative ones."""
-    pos, neg = counts(text)
-    return pos > neg
+    return LEXICON.is_positive(text)
 
 
 def seeded_sets(seed: int, n_fit: int = 32, n_eval: int = 40) -> tuple[list[str], list[str], list[str]]:
