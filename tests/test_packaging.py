@@ -37,10 +37,14 @@ def test_wheel_contents(wheel):
     assert {t for t in tops if not t.endswith(".dist-info")} == {"lenslab"}, tops
     for area in AREAS:
         assert f"lenslab/{area}/__init__.py" in names, area
-    # zoo weights, tokenizers and cards ship with the wheel
+    # zoo weights, tokenizers and cards ship with the wheel: every file of each model's folder
+    # (english-4l's heldout.txt and LICENSES.md too: its corpus and licences travel with it)
     for zoo_dir in (ROOT / "lenslab" / "zoo").glob("*/model.safetensors"):
         for f in ("config.json", "model.safetensors", "tokenizer.json", "card.md"):
             assert f"lenslab/zoo/{zoo_dir.parent.name}/{f}" in names
+        for f in zoo_dir.parent.iterdir():
+            if f.is_file():
+                assert f"lenslab/zoo/{zoo_dir.parent.name}/{f.name}" in names, f
     # the zoo's SAEs (lenslab/zoo/<model>/saes/<hook>/) ship too, every file of each
     sae_files = [p for p in (ROOT / "lenslab" / "zoo").glob("*/saes/*/*") if p.is_file()]
     assert any(p.name == "sae_weights.safetensors" for p in sae_files)
