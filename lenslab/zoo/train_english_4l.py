@@ -566,8 +566,10 @@ stopped; copies in half the windows plus a repeated random block of 16-48 tokens
 (about 30%): repeat gain 0.006 nats at step 1,200 (held-out loss 4.50 there, 4.26 for this run),
 stopped. A probe of this architecture on nothing but repeated random blocks (batch 16, this
 4,096-token vocabulary, learned absolute positions, loss on the repeats only) stayed at the uniform
-loss (8.33 nats) for 325 steps. Within ten million tokens at this batch the phase change that builds
-induction heads did not come; zoo/induction-2l, which has them, trains 1,600 steps of batch 64 on
+loss (8.33 nats) for 325 steps; so did the same probe with shortformer positions (275 steps) and
+with random blocks over only 300 tokens (at 5.71 nats, uniform 5.70, after 200 steps): neither the
+positions nor the vocabulary is what holds it back at that horizon. Within ten million tokens at
+this batch the phase change that builds induction heads did not come; zoo/induction-2l, which has them, trains 1,600 steps of batch 64 on
 nothing but repeats over a 300-token vocabulary with shortformer positions.
 Rebuild with `lenslab zoo train english-4l` (deterministic for a thread count).
 
