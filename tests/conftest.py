@@ -39,19 +39,35 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-def _load_random_params():
-    """tests/_random_params.py, loaded by path (pytest's importlib mode puts tests/ on no sys.path)."""
+def _load_by_path(name: str, path: Path):
+    """The module in file `path`, loaded under `name` (pytest's importlib mode puts tests/ on no
+    sys.path, and benchmarks/ is not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(
-        "lenslab_tests_random_params", Path(__file__).with_name("_random_params.py")
-    )
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.randomize_params
+    return mod
 
 
-randomize_params = _load_random_params()
+randomize_params = _load_by_path(
+    "lenslab_tests_random_params", Path(__file__).with_name("_random_params.py")
+).randomize_params
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """`load_benchmark("steering_tradeoff")`: benchmarks/<name>.py loaded from its file, once per session,
+    so a test runs exactly the benchmark's code (its methods, sets and result paths)."""
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    loaded: dict = {}
+
+    def load(name: str):
+        if name not in loaded:
+            loaded[name] = _load_by_path(f"lenslab_benchmark_{name}", root / f"{name}.py")
+        return loaded[name]
+
+    return load
 
 
 @pytest.fixture(scope="session", name="randomize_params")

@@ -5,7 +5,6 @@ for this model."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -21,16 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 STRENGTHS = (0, 1, 2)
 
 
-def _benchmark():
-    """benchmarks/steering_tradeoff.py, loaded from its file: the test fits exactly the benchmark's methods."""
-    spec = importlib.util.spec_from_file_location(
-        "steering_tradeoff_benchmark", ROOT / "benchmarks" / "steering_tradeoff.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.set_num_threads(1)
@@ -38,8 +27,9 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def bench():
-    return _benchmark()
+def bench(load_benchmark):
+    """benchmarks/steering_tradeoff.py: the test fits exactly the benchmark's methods."""
+    return load_benchmark("steering_tradeoff")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ the GPU image has."""
 from __future__ import annotations
 
 import importlib.metadata as md
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +15,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("prepare_gpu_bundle", ROOT / "benchmarks" / "prepare_gpu_bundle.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture
+def P(load_benchmark):
+    """benchmarks/prepare_gpu_bundle.py, loaded from its file."""
+    return load_benchmark("prepare_gpu_bundle")
 
 
-def test_closure_never_takes_what_the_gpu_has():
-    P = _module()
+def test_closure_never_takes_what_the_gpu_has(P):
     dists = P.closure(["transformer-lens"])
     names = set(dists)
     assert "transformer-lens" in names and "datasets" in names  # transformer-lens imports datasets at import
@@ -37,8 +34,7 @@ def test_closure_never_takes_what_the_gpu_has():
     assert not P.portable(md.distribution("torch"))
 
 
-def test_lenslab_tree_maps_package_dirs(tmp_path):
-    P = _module()
+def test_lenslab_tree_maps_package_dirs(P, tmp_path):
     (tmp_path / "tree.py").write_text(P.LENSLAB_TREE)
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); import tree; m = tree.mapping(sys.argv[2]); "
@@ -51,10 +47,9 @@ def test_lenslab_tree_maps_package_dirs(tmp_path):
 
 
 @pytest.mark.slow
-def test_bundle_builds_and_imports_in_isolation(tmp_path):
+def test_bundle_builds_and_imports_in_isolation(P, tmp_path):
     """Build without network (this interpreter's multiprocess is copied, with a warning) and run the
     isolated check: a fresh venv, PYTHONPATH = bundle + links to the GPU image's packages only."""
-    P = _module()
     out = tmp_path / "bundle"
     report = P.build(out, ["transformer-lens"], fetch=False, local_version_dir=True)
     assert (out / "site" / "transformer_lens" / "__init__.py").is_file()

@@ -12,7 +12,6 @@ checked at their printed digits (tests/conftest.py, `doc_numbers`).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -173,17 +172,9 @@ def test_bad_input(model, probe):
 
 
 # --- the measurement docs/probes.md reports --------------------------------------------------------
-def _benchmark():
-    """benchmarks/probe_steering.py, loaded from its file: the test fits exactly the benchmark's methods."""
-    spec = importlib.util.spec_from_file_location("probe_steering_benchmark", ROOT / "benchmarks" / "probe_steering.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.slow
-def test_benchmark_seed_0_reproduces_and_the_probe_steers_worse_than_diffmean(model):
-    bench = _benchmark()
+def test_benchmark_seed_0_reproduces_and_the_probe_steers_worse_than_diffmean(model, load_benchmark):
+    bench = load_benchmark("probe_steering")  # the test fits exactly the benchmark's methods
     measured = TradeoffResult.from_json(bench.RESULTS / "probe_steering.json")
     projected = TradeoffResult.from_json(bench.RESULTS / "probe_projection.json")
     assert measured.n_seeds() == 5 and projected.n_seeds() == 5
@@ -224,9 +215,9 @@ def test_benchmark_seed_0_reproduces_and_the_probe_steers_worse_than_diffmean(mo
     assert projected.row(default, 1)["concept_rate"] == projected.row(default, 0)["concept_rate"] >= 0.9
 
 
-def test_docs_quote_the_measurement(doc_numbers):
+def test_docs_quote_the_measurement(doc_numbers, load_benchmark):
     """Every number the prose of docs/probes.md states about the comparison is the committed measurement's."""
-    bench = _benchmark()
+    bench = load_benchmark("probe_steering")  # the test fits exactly the benchmark's methods
     measured = TradeoffResult.from_json(bench.RESULTS / "probe_steering.json")
     projected = TradeoffResult.from_json(bench.RESULTS / "probe_projection.json")
     dirs = json.loads((bench.RESULTS / "probe_directions.json").read_text())

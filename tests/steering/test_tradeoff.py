@@ -60,23 +60,12 @@ def test_strength_zero_is_the_unsteered_model(model, contrast, evalset):
     assert res.row("DiffMean", 1)["concept_rate"] >= 0.75  # the full vector flips negative contexts
 
 
-def _benchmark():
-    """benchmarks/steering_tradeoff.py, loaded from its file: the test fits exactly the benchmark's methods."""
-    import importlib.util
-
-    path = ROOT / "benchmarks" / "steering_tradeoff.py"
-    spec = importlib.util.spec_from_file_location("steering_tradeoff_benchmark", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.slow
-def test_methods_move_the_concept_as_the_benchmark_measured(model):
+def test_methods_move_the_concept_as_the_benchmark_measured(model, load_benchmark):
     """Seed 0 of the benchmark, rerun: every (method, strength) lies within the committed spread across
     5 seeds (mean ± (2 std + one prompt)), reproduces the committed seed-0 row, and the claims of
     docs/steering.md hold with margins taken from that spread (mean - 2 std), not from one run."""
-    bench = _benchmark()
+    bench = load_benchmark("steering_tradeoff")  # the test fits exactly the benchmark's methods
     measured = TradeoffResult.from_json(bench.RESULTS / "steering_tradeoff.json")
     assert measured.n_seeds() >= 5
     strengths = (0, 0.75, 1, 1.5)
