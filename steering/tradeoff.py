@@ -93,6 +93,13 @@ class TradeoffResult(JsonResult):
                 return r
         raise LenslabError(f"no row for method {method!r} at strength {strength:g}; methods: {self.methods()}")
 
+    def seed_row(self, method: str, strength: float, seed: int) -> dict:
+        """The row of one seed (`per_seed`, from `tradeoff_seeds`) for `method` at `strength`."""
+        for r in self.per_seed:
+            if r["method"] == method and r["strength"] == float(strength) and r["seed"] == seed:
+                return r
+        raise LenslabError(f"no per-seed row for method {method!r} at strength {strength:g}, seed {seed}")
+
     def best(self, max_perplexity: float) -> dict[str, dict]:
         """Per method, the row with the highest concept rate whose perplexity is at most `max_perplexity`."""
         out = {}

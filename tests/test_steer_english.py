@@ -59,7 +59,7 @@ def test_seed0_reproduces_the_committed_benchmark(result, measured, bench):
     for m in result.methods():
         for s in STRENGTHS:
             got = result.row(m, s)
-            seed0 = next(r for r in measured.per_seed if r["seed"] == 0 and r["method"] == m and r["strength"] == s)
+            seed0 = measured.seed_row(m, s, 0)
             assert abs(got["concept_rate"] - seed0["concept_rate"]) <= one + 1e-9, (m, s, got, seed0)
             assert got["perplexity"] == pytest.approx(seed0["perplexity"], rel=0.05), (m, s)
     for m in result.methods():  # strength 0 is the unsteered model for every method
@@ -72,9 +72,7 @@ def test_steering_moves_the_english_concept(measured):
     def rate(m, s, seed=None):
         if seed is None:
             return measured.row(m, s)["concept_rate"]
-        return next(r for r in measured.per_seed if (r["method"], r["strength"], r["seed"]) == (m, s, seed))[
-            "concept_rate"
-        ]
+        return measured.seed_row(m, s, seed)["concept_rate"]
 
     def ppl(m, s):
         return measured.row(m, s)["perplexity"]

@@ -187,7 +187,7 @@ def test_benchmark_seed_0_reproduces_and_the_probe_steers_worse_than_diffmean(mo
     for m in res.methods():
         for s in strengths:
             got = res.row(m, s)
-            seed0 = next(r for r in measured.per_seed if r["seed"] == 0 and r["method"] == m and r["strength"] == s)
+            seed0 = measured.seed_row(m, s, 0)
             assert abs(got["concept_rate"] - seed0["concept_rate"]) <= one + 1e-9, (m, s, got, seed0)
             assert got["perplexity"] == pytest.approx(seed0["perplexity"], rel=0.05), (m, s)
     out = tradeoff(
@@ -195,7 +195,7 @@ def test_benchmark_seed_0_reproduces_and_the_probe_steers_worse_than_diffmean(mo
         max_new_tokens=bench.MAX_NEW, progress=False,
     )  # fmt: skip
     for m in out.methods():
-        seed0 = next(r for r in projected.per_seed if r["seed"] == 0 and r["method"] == m and r["strength"] == 1)
+        seed0 = projected.seed_row(m, 1, 0)
         assert abs(out.row(m, 1)["concept_rate"] - seed0["concept_rate"]) <= one + 1e-9, m
     dirs = json.loads((bench.RESULTS / "probe_directions.json").read_text())
     for m, d in bench.directions(model, 0).items():

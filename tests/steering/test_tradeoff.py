@@ -82,7 +82,7 @@ def test_methods_move_the_concept_as_the_benchmark_measured(model, load_benchmar
     for m in res.methods():
         for s in strengths:
             got, band = res.row(m, s), measured.row(m, s)
-            seed0 = next(r for r in measured.per_seed if r["seed"] == 0 and r["method"] == m and r["strength"] == s)
+            seed0 = measured.seed_row(m, s, 0)
             assert abs(got["concept_rate"] - band["concept_rate"]) <= 2 * band["concept_rate_std"] + one + 1e-9, (m, s)
             assert abs(got["concept_rate"] - seed0["concept_rate"]) <= one + 1e-9, (m, s, got, seed0)
             assert got["perplexity"] == pytest.approx(seed0["perplexity"], rel=0.05), (m, s)
@@ -137,7 +137,8 @@ def test_bad_input(model, contrast):
         tradeoff(model, {"x": iv}, "the day was", S.is_positive)
     with pytest.raises(LenslabError, match="not an Intervention"):
         tradeoff(model, {"x": "vector"}, ["the day was"], S.is_positive)
+    one = tradeoff(model, {"x": iv}, ["the day was"], S.is_positive, strengths=(0,), max_new_tokens=2, progress=False)
     with pytest.raises(LenslabError, match="no row for method"):
-        tradeoff(
-            model, {"x": iv}, ["the day was"], S.is_positive, strengths=(0,), max_new_tokens=2, progress=False
-        ).row("y", 0)
+        one.row("y", 0)
+    with pytest.raises(LenslabError, match=r"no per-seed row for method 'x' at strength 0, seed 0"):
+        one.seed_row("x", 0, 0)  # a single-run result has no per-seed rows
