@@ -31,6 +31,7 @@ import random
 import re
 import time
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -212,8 +213,7 @@ def repeat_losses(model, rows: int = REPEAT_ROWS, length: int = REPEAT_LEN) -> t
     """Mean next-token loss (nats) on the first and on the second copy of `<bos> x x`, where x is
     `length` tokens of held-out text (`rows` consecutive passages of the packed `heldout.txt`).
     In-context copying on ordinary text: the second number is lower when the model reads the first copy."""
-    stream = pack(model.tokenizer, heldout_docs())
-    x = stream[: rows * length].view(rows, length).long()
+    x = token_stream(model)[: rows * length].view(rows, length)
     bos = torch.full((rows, 1), model.tokenizer.bos_token_id)
     toks = torch.cat([bos, x, x], 1)
     nll = -torch.log_softmax(model(toks), -1)[:, :-1].gather(-1, toks[:, 1:, None])[..., 0]
@@ -324,24 +324,41 @@ def heldout_docs(folder=None) -> list[str]:
     return [line for line in (folder / "heldout.txt").read_text().splitlines() if line.strip()]
 
 
+# tokenizer -> {split: packed stream}: a split is tokenised once per tokenizer (weak keys: a model's
+# tokenizer, dropped with it), so a retrained tokenizer never reads another's stream
+_STREAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def token_stream(model, split: str = "heldout") -> torch.Tensor:
+    """The packed token stream `[n_tokens]` (int64, `<bos>` before each document) of a split, in
+    `model`'s tokenizer: `"heldout"` is the committed `heldout.txt`, `"train"` the training split
+    (needs the Debian packages). Cached per tokenizer; do not modify it in place."""
+    if split not in ("heldout", "train"):
+        raise LenslabError(f"split must be 'heldout' or 'train', got {split!r}")
+    per_tokenizer = _STREAMS.setdefault(model.tokenizer, {})
+    if split not in per_tokenizer:
+        docs = heldout_docs() if split == "heldout" else documents()[0]
+        per_tokenizer[split] = pack(model.tokenizer, docs).long()
+    return per_tokenizer[split]
+
+
 def heldout_rows(model, n_rows: int | None = None, n_ctx: int = N_CTX, at_bos: bool = False) -> torch.Tensor:
     """Held-out token rows `[n, n_ctx]`, packed like training (`<bos>` before each document).
 
     `at_bos=True`: every row starts at a document's `<bos>` (one row per document start that has
     `n_ctx` tokens after it); else consecutive windows of the packed stream.
     """
-    stream = pack(model.tokenizer, heldout_docs()).long()
+    stream = token_stream(model)
     if at_bos:
         bos = int(model.tokenizer.bos_token_id)
         starts = [int(i) for i in (stream == bos).nonzero()[:, 0] if i + n_ctx <= len(stream)]
         rows = torch.stack([stream[s : s + n_ctx] for s in starts])
     else:
-        rows = stream[: len(stream) // n_ctx * n_ctx].view(-1, n_ctx)
+        rows = stream[: len(stream) // n_ctx * n_ctx].view(-1, n_ctx).clone()
     return rows if n_rows is None else rows[:n_rows]
 
 
 CORPUS_CTX = 128  # rows of the built-in corpus (SAEs, transcoders, lenses, the Features page)
-_STREAMS: dict[str, torch.Tensor] = {}
 
 
 def windows(model, n: int, seed: int, split: str = "heldout", n_ctx: int = CORPUS_CTX) -> torch.Tensor:
@@ -351,12 +368,7 @@ def windows(model, n: int, seed: int, split: str = "heldout", n_ctx: int = CORPU
     clone); `split="train"`: the training split (needs the Debian packages; what the zoo's SAEs,
     transcoders and tuned lens of this model are trained on).
     """
-    if split not in ("heldout", "train"):
-        raise LenslabError(f"split must be 'heldout' or 'train', got {split!r}")
-    if split not in _STREAMS:
-        docs = heldout_docs() if split == "heldout" else documents()[0]
-        _STREAMS[split] = pack(model.tokenizer, docs).long()
-    stream = _STREAMS[split]
+    stream = token_stream(model, split)
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(stream) - n_ctx, (n,), generator=gen)
     return torch.stack([stream[s : s + n_ctx] for s in starts.tolist()])
