@@ -9,7 +9,7 @@ WordNet 3.0), leaving out the ambiguous ones ("kind" as in "kind of", "fine" as 
 "rich", "poor", "dark", "dead"), which mark a topic more than a sentiment. Nothing here reads the
 corpus at run time: the lexicon is these tuples.
 
-The scorer has the same semantics as `lenslab.data.sentiment`'s (the corrected one):
+The scorer is `lenslab.data.sentiment`'s (the corrected one; `Lexicon`) on this lexicon:
 
 - `words(text)`: the maximal runs of letters, lower-cased, so punctuation the decoder glues to a
   word ("awful," "happy!") never hides it;
