@@ -13,6 +13,11 @@ the same way:
   HookedTransformer hook names (`blocks.0.attn.hook_z`), Hugging Face numerics.
 
 docs/design.md ("HookedTransformer and TransformerBridge") explains the choice.
+
+Checkpoints in the published LN-free format (every norm's epsilon 1e12, lenslab._noln) become a
+`HookedTransformer` without norms (`normalization_type` None), the neutralised norms folded into
+the weights. A hub id may name a revision (a branch, tag or commit: Pythia's `step1000`), which
+is downloaded and cached like `main`.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from lenslab import _offload, zoo
+from lenslab import _noln, _offload, zoo
 from lenslab._errors import LenslabError, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -77,15 +82,22 @@ _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PR
 # --- public entry points (called by lenslab.models.load_model) ------------------------------
 
 
-def load_hf_id(name: str, device: torch.device, dtype: torch.dtype, placement: tuple | None = None):
+def load_hf_id(
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    placement: tuple | None = None,
+    revision: str | None = None,
+):
     """Load Hugging Face hub model `name` (from the cache, or downloaded when online).
 
     `placement` is `(device_map, max_memory, offload_folder)` for a model split across devices
-    (`lenslab._offload`); None loads it whole onto `device`."""
+    (`lenslab._offload`); None loads it whole onto `device`. `revision`: a branch, tag or commit
+    of the repo (Pythia's training checkpoints are branches `step0` ... `step143000`); None: main."""
     repo_id = _official_name(name) or name
-    folder = _snapshot(repo_id, asked=name)
+    folder = _snapshot(repo_id, asked=name, revision=revision)
     tl_name = repo_id if _official_name(repo_id) == repo_id else None
-    return _load_folder(folder, device, dtype, tl_name=tl_name, placement=placement)
+    return _load_folder(folder, device, dtype, tl_name=tl_name, placement=placement, revision=revision)
 
 
 def load_hf_dir(folder: str | Path, device: torch.device, dtype: torch.dtype, placement: tuple | None = None):
@@ -124,6 +136,53 @@ def backend_for(architecture: str) -> str:
         f"nor by its TransformerBridge{did_you_mean(architecture, [*HOOKED_ARCHITECTURES, *SUPPORTED_ARCHITECTURES])}; "
         "pick a model of a supported architecture (see transformer_lens.supported_models)"
     )
+
+
+def checkpoint_revision(name: str, *, index: int | None = None, value: int | None = None) -> str:
+    """The hub revision of a training checkpoint of `name`, by position in its checkpoint list
+    (`index`, negative counts from the end) or by step (`value`), as TransformerLens's
+    `from_pretrained(checkpoint_index=, checkpoint_value=)` reads them: Pythia's `step{N}` branches
+    (154 of them; -v0 models: 143), Stanford CRFM's `checkpoint-{N}`.
+
+    >>> checkpoint_revision("EleutherAI/pythia-70m", value=1000), checkpoint_revision("pythia-70m", index=-1)
+    ('step1000', 'step143000')
+    """
+    import transformer_lens.loading_from_pretrained as loading  # deferred: transformer_lens loads only when a model is built
+
+    if (index is None) == (value is None):
+        raise LenslabError(
+            "pass one of checkpoint_index= (position in the checkpoint list) or checkpoint_value= (step)"
+        )
+    official = _official_name(name) or name
+    if official.startswith("EleutherAI/pythia"):
+        labels, template = (loading.PYTHIA_V0_CHECKPOINTS if "v0" in official else loading.PYTHIA_CHECKPOINTS), "step{}"
+    elif official.startswith("stanford-crfm/"):
+        labels, template = loading.STANFORD_CRFM_CHECKPOINTS, "checkpoint-{}"
+    else:
+        raise LenslabError(
+            f"{name!r} has no checkpoint list lenslab knows (Pythia's step revisions, Stanford CRFM's "
+            "checkpoint-N revisions): pass revision='<branch, tag or commit>' instead of checkpoint_index/checkpoint_value"
+        )
+    if index is not None:
+        if isinstance(index, bool) or not isinstance(index, int) or not -len(labels) <= index < len(labels):
+            raise LenslabError(
+                f"checkpoint_index={index!r} is out of range: {official} has {len(labels)} checkpoints "
+                f"(index 0 = step {labels[0]}, -1 = step {labels[-1]})"
+            )
+        return template.format(labels[index])
+    if isinstance(value, bool) or not isinstance(value, int) or value not in labels:
+        near = ""
+        if isinstance(value, int) and not isinstance(value, bool):
+            around = [
+                max((s for s in labels if s < value), default=None),
+                min((s for s in labels if s > value), default=None),
+            ]
+            near = "; the nearest are " + " and ".join(str(s) for s in around if s is not None)
+        raise LenslabError(
+            f"checkpoint_value={value!r} is not a checkpoint of {official}{near} "
+            f"(it has {len(labels)}: {', '.join(map(str, labels[:4]))}, ..., {labels[-1]})"
+        )
+    return template.format(value)
 
 
 def cached_model_ids() -> list[str]:
@@ -169,8 +228,9 @@ def _official_name(name: str) -> str | None:
     return None
 
 
-def _snapshot(repo_id: str, asked: str) -> Path:
-    """Local folder with config, tokenizer and weights of `repo_id`; a clear error otherwise.
+def _snapshot(repo_id: str, asked: str, revision: str | None = None) -> Path:
+    """Local folder with config, tokenizer and weights of `repo_id` (at `revision`, None: main);
+    a clear error otherwise.
 
     With HF_HUB_OFFLINE=1 this only looks in the cache (instant); online it downloads what is
     missing. A failed connection also falls back to the cache without retries.
@@ -188,7 +248,11 @@ def _snapshot(repo_id: str, asked: str) -> Path:
     offline = bool(constants.HF_HUB_OFFLINE) or not _hub_reachable()
 
     def fetch(patterns: list[str]) -> Path:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache, local_files_only=offline))
+        return Path(
+            snapshot_download(
+                repo_id, revision=revision, allow_patterns=patterns, cache_dir=cache, local_files_only=offline
+            )
+        )
 
     try:
         folder = fetch(_META_PATTERNS)
@@ -216,16 +280,22 @@ def _snapshot(repo_id: str, asked: str) -> Path:
     except RepositoryNotFoundError as exc:
         raise _unknown_name(asked, "no such model on the Hugging Face Hub") from exc
     except RevisionNotFoundError as exc:
-        raise LenslabError(f"Hugging Face model {repo_id!r} has no 'main' revision") from exc
+        rev = revision or "main"
+        fix = (
+            "pass an existing branch, tag or commit (Pythia: step0, step1, ..., step512, step1000, ..., step143000)"
+            if revision
+            else "pass revision=<branch>"
+        )
+        raise LenslabError(f"Hugging Face model {repo_id!r} has no revision {rev!r}: {fix}") from exc
     except (LocalEntryNotFoundError, OSError) as exc:
         if offline or isinstance(exc, LocalEntryNotFoundError):
-            raise _offline_error(asked, repo_id, cache) from exc
+            raise _offline_error(asked, repo_id, cache, revision) from exc
         raise LenslabError(
             f"downloading {repo_id!r} from the Hugging Face Hub failed ({type(exc).__name__}: {exc}); "
             "check the network and try again"
         ) from exc
     if offline:
-        raise _offline_error(asked, repo_id, cache)
+        raise _offline_error(asked, repo_id, cache, revision)
     raise LenslabError(
         f"Hugging Face model {repo_id!r} has no weights lenslab can read (model.safetensors, "
         "sharded safetensors or pytorch_model.bin)"
@@ -286,7 +356,7 @@ def _unknown_name(name: str, why: str) -> LenslabError:
     return LenslabError(f"unknown model {name!r}{_hint(name)}: {why}; {_zoo_hint()}")
 
 
-def _offline_error(name: str, repo_id: str, cache: str) -> LenslabError:
+def _offline_error(name: str, repo_id: str, cache: str, revision: str | None = None) -> LenslabError:
     from huggingface_hub import constants  # deferred: huggingface_hub loads only for hub access
 
     if constants.HF_HUB_OFFLINE:
@@ -297,8 +367,13 @@ def _offline_error(name: str, repo_id: str, cache: str) -> LenslabError:
         fix = "connect to the network to download it"
     cached = cached_model_ids()
     also = f"; cached models: {', '.join(cached)}" if cached else ""
+    at = ""
+    if revision is not None:
+        refs = Path(cache) / f"models--{repo_id.replace('/', '--')}" / "refs"
+        have = sorted(p.name for p in refs.iterdir()) if refs.is_dir() else []
+        at = f" at revision {revision!r}" + (f" (cached revisions of it: {', '.join(have)})" if have else "")
     return LenslabError(
-        f"cannot load {name!r}{_hint(name)}: it is not in the local Hugging Face cache ({cache}) and {why}. "
+        f"cannot load {name!r}{at}{_hint(name)}: it is not in the local Hugging Face cache ({cache}) and {why}. "
         f"To use it, {fix} once (it is cached afterwards), or load a local directory or a zoo model; "
         f"{_zoo_hint()}{also}"
     )
@@ -307,7 +382,15 @@ def _offline_error(name: str, repo_id: str, cache: str) -> LenslabError:
 # --- local folders -> TransformerLens models ----------------------------------------------------
 
 
-def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype, *, tl_name: str | None, placement=None):
+def _load_folder(
+    folder: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    tl_name: str | None,
+    placement=None,
+    revision: str | None = None,
+):
     hf_config = _read_config(folder)
     arch = _architecture(hf_config, folder)
     backend = backend_for(arch)
@@ -316,7 +399,21 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype, *, tl_n
             f"{folder} has a config.json but no weights (model.safetensors); save them with "
             "`model.save_pretrained(dir)`"
         )
-    tokenizer = _tokenizer(folder)
+    noln = _noln.detect(hf_config)
+    if noln is not None and (placement is not None or backend != "hooked"):
+        how = (
+            "not with device_map: load it on one device"
+            if placement is not None
+            else f"and TransformerLens converts {arch} only into a TransformerBridge"
+        )
+        raise LenslabError(
+            f"{folder} is {noln.describe()}; lenslab folds such norms away only into a HookedTransformer, {how}"
+        )
+    tokenizer = (
+        _gpt2_tokenizer(folder, noln, hf_config.vocab_size)
+        if noln is not None and not _has_tokenizer(folder)
+        else _tokenizer(folder)
+    )
     with warnings.catch_warnings():
         # HookedTransformer's "deprecated in favour of TransformerBridge" notice (docs/design.md)
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -324,7 +421,23 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype, *, tl_n
         if placement is not None:  # split across devices: always the bridge over accelerate's placement
             model = _offload.load_dispatched(folder, hf_config, arch, tokenizer, dtype, *placement)
         else:
-            parts = _hooked_parts(folder, hf_config, arch, device, dtype, tl_name) if backend == "hooked" else None
+            # LN-free: converted in float32 (the 1e6-scaled norm weights overflow float16), folded, then cast
+            load_dtype = torch.float32 if noln is not None else dtype
+            parts = (
+                _hooked_parts(folder, hf_config, arch, device, load_dtype, tl_name, revision)
+                if backend == "hooked"
+                else None
+            )
+            if noln is not None:
+                if parts is None:
+                    raise LenslabError(
+                        f"{folder} is {noln.describe()}, but TransformerLens cannot convert its {arch} weights "
+                        "into a HookedTransformer, so lenslab cannot fold its norms away"
+                    )
+                cfg, state = _noln.fold_fixed_norms(*parts, noln)
+                cfg.dtype = dtype
+                parts = (cfg, state)
+                logger.info("%s: %s; norms folded into the weights", folder, noln.describe())
             if parts is not None:
                 model = _build_hooked(*parts, tokenizer, device, dtype)
             else:
@@ -332,6 +445,39 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype, *, tl_n
     model.eval()
     model.lenslab_source = str(folder)
     return model
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+    return any((folder / n).exists() for n in names)
+
+
+def _gpt2_tokenizer(folder: Path, noln: _noln.NoLNFormat, vocab: int):
+    """GPT-2's tokenizer (from the HF cache, or downloaded when online) for an LN-free GPT-2
+    checkpoint that ships none (the published ones do not)."""
+    from huggingface_hub import constants, snapshot_download  # deferred: huggingface_hub loads only for hub access
+
+    repo = _noln.TOKENIZER_REPO
+    if vocab != 50257:
+        raise LenslabError(
+            f"{folder} is {noln.describe()} without tokenizer files, and its vocabulary ({vocab}) is not "
+            f"GPT-2's (50257), so {repo}'s tokenizer does not fit: save its tokenizer beside the weights"
+        )
+    offline = bool(constants.HF_HUB_OFFLINE) or not _hub_reachable()
+    try:
+        tok_folder = Path(
+            snapshot_download(
+                repo, allow_patterns=_META_PATTERNS, cache_dir=constants.HF_HUB_CACHE, local_files_only=offline
+            )
+        )
+    except Exception as exc:  # offline and not cached, network errors
+        raise LenslabError(
+            f"{folder} is {noln.describe()} without tokenizer files; lenslab gives it GPT-2's tokenizer ({repo}), "
+            f"which could not be {'found in the local Hugging Face cache' if offline else 'downloaded'} "
+            f"({type(exc).__name__}). Connect to the network once, or save a GPT-2 tokenizer beside the weights "
+            "(`GPT2TokenizerFast.from_pretrained('gpt2').save_pretrained(dir)`)"
+        ) from exc
+    return _tokenizer(tok_folder)
 
 
 def _read_config(folder: Path):
@@ -395,7 +541,7 @@ def _tokenizer(folder: Path):
     return tokenizer
 
 
-def _hooked_parts(folder, hf_config, arch, device, dtype, tl_name):
+def _hooked_parts(folder, hf_config, arch, device, dtype, tl_name, revision=None):
     """(HookedTransformerConfig, state dict) from TransformerLens's converters, or None when
     TransformerLens cannot convert this checkpoint (then the bridge loads it instead).
 
@@ -412,8 +558,9 @@ def _hooked_parts(folder, hf_config, arch, device, dtype, tl_name):
     try:
         if tl_name is not None:
             # An official TransformerLens id: its name-specific presets apply (context caps, ...).
+            at = {} if revision is None else {"revision": revision}  # the config of the revision loaded
             cfg = loading.get_pretrained_model_config(
-                tl_name, **common, local_files_only=True, cache_dir=constants.HF_HUB_CACHE
+                tl_name, **common, local_files_only=True, cache_dir=constants.HF_HUB_CACHE, **at
             )
             state = loading.get_pretrained_state_dict(tl_name, cfg, hf_model=hf_model, dtype=dtype)
         else:

@@ -4,6 +4,10 @@ Every model comes back as a TransformerLens model with TransformerLens hook name
 (`blocks.3.attn.hook_z`, `run_with_cache`, `run_with_hooks`): a `HookedTransformer` where
 TransformerLens supports the architecture, a `TransformerBridge` where only the bridge does
 (e.g. OLMoE, Qwen-MoE). See docs/design.md for why and how the two are handled together.
+
+Hub models load at a revision too (`load_model("EleutherAI/pythia-70m", revision="step1000")`,
+or by name, `"EleutherAI/pythia-70m@step1000"`), and checkpoints in the published LN-free format
+(`apollo-research/gpt2_noLN`, `schaeff/gpt2-*_LNFree*`) come back without norms (docs/norms.md).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from lenslab import _hf, _offload, zoo
 from lenslab._device import resolve_device, resolve_dtype
 from lenslab._errors import LenslabError
 from lenslab.toolbox import name_model
+
+checkpoint_revision = _hf.checkpoint_revision  # the hub revision of a checkpoint index or step (Pythia: step1000)
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,9 @@ def load_model(
     device_map: str | dict | None = None,
     max_memory: dict | None = None,
     offload_folder: str | Path | None = None,
+    revision: str | None = None,
+    checkpoint_index: int | None = None,
+    checkpoint_value: int | None = None,
 ):
     """Load a model by name as a TransformerLens model, in eval mode.
 
@@ -44,7 +53,11 @@ def load_model(
         name: a zoo model (`"zoo/induction-2l"`), a Hugging Face id (`"gpt2"`,
             `"EleutherAI/pythia-70m"`, `"allenai/OLMoE-1B-7B-0924"`; needs the network or the
             local HF cache) or a local directory holding an HF config and safetensors (or a
-            lenslab zoo-format folder).
+            lenslab zoo-format folder). `"<hub id>@<revision>"` names a revision of a hub model.
+            A checkpoint in the published LN-free format (every norm's epsilon 1e12:
+            `apollo-research/gpt2_noLN`, `schaeff/gpt2-small_LNFree300`, ...) comes back as a
+            `HookedTransformer` without norms (`cfg.normalization_type` None), its neutralised
+            norms folded into the weights (docs/norms.md).
         device: "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1", ...
         dtype: None (float32), "float32", "float16", "bfloat16" or a torch dtype.
         device_map: split a Hugging Face model across devices (docs/devices.md): "auto" (or
@@ -55,10 +68,16 @@ def load_model(
         max_memory: accelerate's budget per device, e.g. `{0: "20GiB", "cpu": "60GiB"}`; what
             does not fit goes to the next device, then to disk.
         offload_folder: where weights placed on "disk" are kept (needed when any are).
+        revision: a branch, tag or commit of a Hugging Face hub model (Pythia's training
+            checkpoints: "step0" ... "step143000"); downloaded when online, else read from the
+            cache. Not for zoo models or local folders.
+        checkpoint_index, checkpoint_value: a training checkpoint by position in the model's
+            checkpoint list or by step, as TransformerLens's `from_pretrained` takes them
+            (Pythia, Stanford CRFM GPT-2); they name the revision (`checkpoint_revision`).
 
     Returns:
         A `HookedTransformer` (or `TransformerBridge`) whose `model.cfg.model_name` is `name`
-        (read it with `lenslab.model_name(model)`).
+        (read it with `lenslab.model_name(model)`), `"<name>@<revision>"` for a revision.
 
     >>> model = load_model("zoo/induction-2l", device="cpu")
     >>> model.cfg.n_layers
@@ -75,6 +94,13 @@ def load_model(
     placement = None if device_map is None else (device_map, max_memory, offload_folder)
     if placement is not None and device not in ("auto", None):
         raise LenslabError(f"pass either device={device!r} or device_map, not both: device_map places every module")
+    pinned = revision is not None or checkpoint_index is not None or checkpoint_value is not None
+    if pinned and (name.startswith(zoo.PREFIX) or Path(name).expanduser().exists()):
+        kind = "a zoo model" if name.startswith(zoo.PREFIX) else "a local folder"
+        raise LenslabError(
+            f"revision/checkpoint_index/checkpoint_value select a revision of a Hugging Face hub model, but {name!r} "
+            f"is {kind}: load each checkpoint's folder by its path (trajectory.measure_checkpoints takes a folder of them)"
+        )
     if name.startswith(zoo.PREFIX):
         model = _load_folder(zoo.zoo_path(name), dev, dt, placement)
     elif Path(name).expanduser().is_dir():
@@ -84,10 +110,41 @@ def load_model(
     elif name.startswith(("/", "./", "../", "~")):
         raise LenslabError(f"local model directory {name!r} does not exist; check the path")
     else:
-        model = _hf.load_hf_id(name, dev, dt, placement)
+        repo, rev = _split_revision(name, revision, checkpoint_index, checkpoint_value)
+        model = _hf.load_hf_id(repo, dev, dt, placement, revision=rev)
+        name = repo if rev is None else f"{repo}@{rev}"
     name_model(model, name)
     model.lenslab_name = name  # deprecated alias of model.cfg.model_name, kept for one release; lenslab never reads it
     return model
+
+
+def _split_revision(
+    name: str, revision: str | None, checkpoint_index: int | None, checkpoint_value: int | None
+) -> tuple[str, str | None]:
+    """(hub id, revision or None) from `"id@revision"` and the keyword arguments; one source only."""
+    repo, at, in_name = name.partition("@")
+    if at and not (repo and in_name):
+        raise LenslabError(
+            f"{name!r}: write a revision as '<hub id>@<revision>', e.g. 'EleutherAI/pythia-70m@step1000'"
+        )
+    given = {
+        k: v
+        for k, v in [
+            ("@revision in the name", in_name or None),
+            ("revision", revision),
+            ("checkpoint_index", checkpoint_index),
+            ("checkpoint_value", checkpoint_value),
+        ]
+        if v is not None
+    }
+    if len(given) > 1:
+        raise LenslabError(f"{name!r}: give one of {', '.join(given)}, not several (they all pick the revision)")
+    if revision is not None and (not isinstance(revision, str) or not revision.strip()):
+        raise LenslabError(f"revision must be a branch, tag or commit name, got {revision!r}")
+    if checkpoint_index is not None or checkpoint_value is not None:
+        return repo, _hf.checkpoint_revision(repo, index=checkpoint_index, value=checkpoint_value)
+    rev = in_name or revision
+    return repo, None if rev is None else rev.strip()
 
 
 def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype, placement: tuple | None = None):
