@@ -1,16 +1,17 @@
 """Removing every LayerNorm / RMSNorm of a model by fine-tuning (Heimersheim 2024, "You can remove
 GPT2's LayerNorm by fine-tuning", arXiv 2409.13710; Baroni et al. 2025, "Transformers Don't Need
-LayerNorm at Inference Time", arXiv 2507.02559, code: submarat/removing-layer-norm).
+LayerNorm at Inference Time", arXiv 2507.02559, code: github.com/submarat/removing-layer-norm).
 
 A norm divides each token's vector by its own scale (the standard deviation, or the RMS). Here each
 norm's per-token scale is replaced by one fixed number, the scale averaged over the training data,
-one norm at a time in the authors' order (`stages`: `ln2` of block 0, 1, ..., then `ln1` of block
-0, 1, ..., then `ln_final`), with a few fine-tuning steps on the model's own loss after each. Once
-every scale is fixed, the model is linear in each norm: `fold_fixed_scales` writes the centring
-(LayerNorm), the norm's weight divided by the fixed scale and its bias into the weights that read
-the norm (`W_Q/W_K/W_V` and their biases, `W_in`/`W_gate` and `b_in`, `W_U` and `b_U`) and returns
-a `HookedTransformer` with `cfg.normalization_type = None`: no norm module at all, so
-`probes.dla.direct_logit_attribution(..., norm="none")` is the exact decomposition of its logits.
+one norm at a time in the order of the authors' schedule (`stages`: `ln2` of block 0, 1, ..., then
+`ln1` of block 0, 1, ..., then `ln_final`), with a few fine-tuning steps on the model's own loss
+after each. Once every scale is fixed, the model is linear in each norm: `fold_fixed_scales` writes
+the centring (LayerNorm), the norm's weight divided by the fixed scale and its bias into the
+weights that read the norm (`W_Q/W_K/W_V` and their biases, `W_in`/`W_gate` and `b_in`, `W_U` and
+`b_U`) and returns a `HookedTransformer` with `cfg.normalization_type = None`: no norm module at
+all, so `probes.dla.direct_logit_attribution(..., norm="none")` is the exact decomposition of its
+logits.
 
 `remove_norms(model, train, heldout)` does the whole procedure and returns the LN-free model and an
 `LNRemovalResult` (the held-out loss before and after each stage, the fixed scales, the tokens used).
@@ -18,11 +19,61 @@ Data are `LMData`: token rows, a mask of the positions whose next-token loss cou
 real (non-pad) positions. `lm_data` builds them from text or token lists; `task_data` from a
 `Task` (the answer token appended and only it scored: the zoo IOI model's training loss).
 
-Where this differs from the authors (see docs/norms.md): `ln1` is fixed in one stage per block (the
-authors fix its query/key input and its value input separately; TransformerLens's `ln1` is one
-module); the scale is measured once, on the training data, right before the norm is fixed (the
-authors keep a moving average during fine-tuning); there is no separate scale for the BOS or EOT
-position (the authors give position 0 its own scale until their last stage); no auxiliary loss.
+Where this differs from the authors, read in their code (train.py and config.py of
+submarat/removing-layer-norm at a15a638, the last commit before their 2026 LoRA variant; train.py's
+`FakeLayerNorm` and schedule are unchanged at 583a9e6):
+
+- Order. Their `finetune` runs `LNRemover`s in this order: `disable_ln_2` block by block,
+  `disable_ln_1qk` (ln_1 on the query/key path) block by block, `disable_ln_1v` (ln_1 on the value
+  path; they split GPT-2's `c_attn` to feed it separately) block by block, `disable_ln_f`, then
+  `disable_eot_std` and (with `EXP_CORRECT_BOS=1`) `disable_bos_std` in every block at once.
+  lenslab fixes `ln1` in one stage per block (TransformerLens's `ln1` is one module).
+- Steps between removals, in optimizer steps of about 2^19 tokens (config.py `make_gpt2_standard`
+  and siblings): GPT-2 Small and Medium fine-tune 20 steps before the first removal, then remove one
+  ln_2 every 2 steps, one ln_1 q/k every 2, one ln_1 v every 3, ln_f 3 steps after the last, and
+  keep fine-tuning to step 300 (Small) or 500 (Medium); Large starts at 30 with gaps 4/4/6, XL at
+  20 with 2/2/3, both to 1200. lenslab fine-tunes `steps` steps (default 20) after every stage,
+  none before the first.
+- Optimiser. Theirs: the Hugging Face `Trainer`'s AdamW, lr 6e-4 (Large 3e-4, XL 1e-4) after a
+  10-20 step linear warm-up, cosine-decayed to a floor (`cosine_with_min_lr`, 3e-4; Large 4e-5,
+  XL 2e-5), weight decay 0.01, gradients clipped at 1, bf16, each step `base_batch_size` rows of
+  1024 OpenWebText tokens times `gradient_accumulation_steps` = 512 // base_batch_size (Small:
+  40 x 12 rows, 491,520 tokens). lenslab: AdamW at a constant `lr` (1e-4), weight decay 0.01,
+  clipping at 1, `batch_size` rows (32).
+- The fixed scale. `FakeLayerNorm` divides by the buffer `average_std_buffer`, initialised from
+  `<model>_std_dicts.json` (`generate_std_dict.py`: on the original model, the standard deviation
+  of all activations at positions 1..1023 of one random 1024-token training row, at
+  `hook_resid_pre`/`hook_resid_mid`, and the last block's `hook_resid_post` for ln_f).
+  `recompute_average_std` keeps an exponential moving average of the batch-mean per-token standard
+  deviation (eps 1e-5 inside) on every forward pass (momentum 0.9; Large and XL
+  0.9 ** (base_batch_size / 32)), but it reaches the buffer only through environment flags:
+  `EXP_RECOMPUTE_STD_ON_REAL=1` copies it in while the norm is real (so the value frozen at
+  removal is the moving average then), `EXP_RECOMPUTE_STD_ON_FAKE=1` keeps copying after removal;
+  with neither, the JSON value is used throughout. (ln_1's q/k and value paths share one buffer,
+  so under the first flag the q/k path's scale keeps moving until the value path is removed.)
+  The repository does not record which flags the paper's runs set (their later `train_lora.py`
+  sets both to 1). lenslab measures the mean per-token scale (eps included) over every real
+  position of the training data, once, right before fixing the norm, with the earlier norms
+  fixed: the first flag's value, from all the data instead of a moving average.
+- Position 0 and end-of-text. `FakeLayerNorm` can give position 0 its own scale
+  (`bos_special_treatment`, per-position buffers under `EXP_CORRECT_BOS=1`) and the value input
+  of end-of-text tokens (id 50256) the position-0 scale (`std_type="bos"` in the patched block
+  forward), undone by `disable_eot_std` / `disable_bos_std`; but
+  `replace_layernorm_with_fake_layernorm` never sets `bos_special_treatment`, which defaults to
+  False (since commit 2fb9930), and then every buffer holds the one average scale: every position
+  gets the same fixed scale and those last stages change nothing. lenslab: one scale for all
+  positions, as there. Their rows are packed OpenWebText with end-of-text between documents and
+  no BOS; `lm_data` tokenizes each text with the model's BOS default (a BOS first, in
+  TransformerLens's default).
+- Auxiliary loss. `CustomTrainer` adds weight x mean over positions of (sigma - target)^2, sigma
+  each position's standard deviation at the input of ln_f, target the mean sigma over positions
+  that are neither 0 nor end-of-text (no gradient). The weight is 0 in the configs `gpt2`,
+  `gpt2-medium_fasttune`, `gpt2-large`, `gpt2-xl` and 0.1, 0.1, 0.03, 0.01 in their `_aux`
+  variants; the README does not say which trained the released models. lenslab has none.
+- The result. They keep the `FakeLayerNorm` modules (weight and bias trained) and export a
+  Hugging Face GPT-2 whose LayerNorms divide by the fixed scale (`utils.remove_layernorm_by_scaling`:
+  eps 1e12, weight times 1e6 / scale); lenslab folds the fixed scales into the weights that read
+  each norm and drops the norm modules.
 """
 
 from __future__ import annotations
@@ -193,6 +244,15 @@ def _check_model(model) -> str:
             raise LenslabError(f"norm removal does not support models with cfg.{flag} (extra or split norms)")
     if getattr(model.cfg, "num_experts", None):
         raise LenslabError("norm removal does not support mixture-of-experts models yet")
+    if getattr(model.cfg, "positional_embedding_type", None) == "shortformer":
+        # TransformerLens adds shortformer positions after ln1 (ln1(x) + pos, queries and keys only), so
+        # a folded ln1 would scale each layer's positions by its own w / s: one shared W_pos cannot
+        # carry that, and the fold would not be exact (zoo/induction-2l: held-out loss 0.67 -> 8.8)
+        raise LenslabError(
+            "norm removal cannot fold ln1 of a shortformer model exactly: its positions are added after ln1 "
+            "(to queries and keys), with one W_pos shared by every layer; use a model with standard or "
+            "rotary positions"
+        )
     if ntype == "LN" and getattr(model.cfg, "gated_mlp", False):
         raise LenslabError("a LayerNorm bias cannot be folded into a gated MLP's bias-free W_gate")
     return ntype
@@ -209,7 +269,8 @@ def norm_names(model) -> list[str]:
 
 def stages(model) -> list[list[str]]:
     """The removal stages: one norm each, in the order of `norm_names` (the authors' schedule:
-    ln2 block by block, ln1 block by block, then the final norm)."""
+    ln2 block by block, ln1 block by block, then the final norm; they take ln1's query/key input
+    in every block before its value input)."""
     return [[n] for n in norm_names(model)]
 
 

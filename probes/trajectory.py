@@ -1,42 +1,68 @@
 """Massive activations over training: measure a series of checkpoints, fit the five-parameter curve.
 
 Gallego-Feliciano, McClendon, Morinelli, Zervoudakis, Saravanos, "Hidden Dynamics of Massive
-Activations in Transformer Training" (arXiv 2508.03616; code Aimpoint-Digital/massive-activations-fork)
-follow the largest residual activation of every Pythia layer over the training checkpoints and model
-each trajectory with an exponentially-modulated logarithmic function of five parameters:
+Activations in Transformer Training" (arXiv 2508.03616 v2) follow, per layer of every Pythia model,
+the ratio of the largest |activation| of the layer output to its median (their Eq. 8, averaged
+over 10 RedPajama sequences) over the training checkpoints, and model each layer's trajectory
+with an exponentially-modulated logarithmic function of five parameters (their Eq. 9):
 
-    f(t) = A * exp(-lam * x) * log(x) + K,    x = gamma * (t - t0)
+    f(t) = A * exp(-lam * x) * log(x) + K,    x = gamma * t + t0
 
-`A` the magnitude of the logarithmic growth, `lam` the rate of the exponential modulation that
-bends it back, `gamma` the time scale, `t0` the time offset where the logarithm starts, `K` the
-steady-state level the curve returns to as t -> infinity (lam > 0). Neither the authors'
-repository nor the paper's full text could be consulted offline when this was written: the form is
-the paper's as cited (check it against the paper's mathematical-model section), and the bounds,
-starting points and procedure below are lenslab's own:
+`A` the amplitude, `lam` the decay rate, `gamma` the time scaling, `t0` the (dimensionless) time
+offset, `K` the asymptotic baseline (f -> K as t -> infinity when lam > 0; lam = 0 is a pure
+logarithm). The peak, where lam * x * log(x) = 1, is at t = (exp(W(1/lam)) - t0) / gamma (their
+Eq. 13, W the Lambert function).
 
-- the steps and values are rescaled to u = t / max|t| and (v - mean) / std, fitted there and the
-  parameters and their covariance mapped back (the map is linear and diagonal);
-- bounds: lam >= 0, gamma > 0, t0 < the first step (so x > 0 at every step); A and K free;
-- starts: a grid of time scales gamma (3, 30, 300 / max|t|) and decay products lam * gamma * max|t|
-  (0.1, 1, 5), with t0 half a time scale before the first step; at each, A and K (the model is
-  linear in them) by linear least squares;
-- from each start, bounded least squares (`scipy.optimize.least_squares`, trust-region reflective,
-  the method `scipy.optimize.curve_fit` uses under bounds, with the analytic Jacobian) for at most
-  200 evaluations; the start with the least squared error then runs on to convergence (at most
-  `max_nfev` evaluations);
-- standard errors from the covariance `s^2 (J^T J)^-1` at the optimum (s^2 = SSE / (n - 5)), as
-  `curve_fit` computes it; R^2 = 1 - SSE / SST and RMSE = sqrt(SSE / n).
+Where this comes from. The authors' code (github.com/Aimpoint-Digital/massive-activations-fork)
+could not be fetched: no snapshot of it is reachable from here, under that or any related name.
+What follows is the paper's Methods section ("Experimental setup"), checked against the fits the
+authors released (huggingface.co/datasets/Aimpoint-Digital/pythia-massive-activations,
+`pythia_*/params/layer_fit_params_*.json`: per layer an "original" entry with `param_names`
+[A, λ, γ, t0, K], `popt`, `pcov`, `r2`, `aic`, `residuals`; the popt are in Eq. 9's units, e.g.
+pythia_410m's first median fit has γ 1.1e-4 and t0 0.62 for steps up to 143000):
 
-A fit that does not converge (the evaluation budget `max_nfev` runs out) or whose covariance
-cannot be estimated warns (`FitWarning`) and still returns the best parameters found.
+- `scipy.optimize.curve_fit` (SciPy 1.15.2), trust-region reflective, analytic Jacobian, bounds
+  on lam only (lam >= 0; A, gamma, t0, K free);
+- the data are normalised, fitted there and the parameters scaled back;
+- one starting point: A = max y - min y, K = min y + A / 2, lam = 1 / std(t),
+  gamma = 1 / range(t), t0 = 1 (lenslab computes them on the normalised data);
+- uncertainty: curve_fit's covariance `pcov` (released per fit); fit quality: R^2 and AIC.
+
+`fit_trajectory` does that. Where the paper is silent, lenslab chose (marked "lenslab:"):
+
+- lenslab: min-max normalisation, u = (t - min t) / range t and v = (y - min y) / range y. Any
+  affine normalisation is an exact reparametrisation of Eq. 9 that keeps lam's bound, so the
+  optimum, the covariance and R^2 do not depend on it; only the starting point does (with
+  min-max it is gamma = 1, x = u + 1 in [1, 2]);
+- `scipy.optimize.least_squares` with the arguments `curve_fit` passes it (method "trf", the
+  analytic Jacobian, SciPy's default tolerances and x_scale) instead of `curve_fit` itself, so
+  that a fit that runs out of evaluations returns its best point with a `FitWarning` (curve_fit
+  raises RuntimeError);
+- lenslab: the evaluation budget `max_nfev` defaults to 500, SciPy's default for five parameters
+  (what curve_fit uses when given no `maxfev`);
+- standard errors: the square roots of the diagonal of curve_fit's `pcov` (s^2 (J^T J)^-1 from
+  the SVD of J, s^2 = SSE / (n - 5)), mapped back to the data's units; where J is
+  rank-deficient curve_fit returns a pseudo-inverse, lenslab returns None and warns;
+- lenslab: AIC = n log(SSE / n) + 2 * 5, the least-squares form (the paper cites Akaike 1974
+  without its formula); R^2 = 1 - SSE / SST; RMSE = sqrt(SSE / n) as well;
+- log(x) is undefined where x <= 0: `trajectory_curve` returns NaN there, and the solver rejects
+  any step that makes a residual non-finite.
+
+No extra starting points: a second start could only find a different local optimum, which is not
+the authors' fit.
+
+The paper also fits a reparametrised form (its Eq. 14, the same curve) and reports both; lenslab
+fits Eq. 9. The paper fits at least 27 checkpoints per layer; lenslab needs 6.
 
 `measure_checkpoints` measures a series: per checkpoint the largest residual-stream activation
-(`lenslab.probes.sinks.massive_activations`: the largest |a| over the layer outputs) and the
-attention-sink rate (`lenslab.probes.sinks.attention_sinks`).
+(`lenslab.probes.sinks.massive_activations`: the largest |a| over the layer outputs, all layers
+together, not divided by a median) and the attention-sink rate (`lenslab.probes.sinks.attention_sinks`);
+`CheckpointSeries.fit` fits either. The paper's quantity (per layer, top-1 / median) is any step,value
+series given to `fit_trajectory`.
 
 >>> import numpy as np
->>> t = np.linspace(0, 1000, 40)
->>> fit = fit_trajectory(t, trajectory_curve(t, A=50, lam=0.1, gamma=0.02, t0=-20, K=10))
+>>> t = np.linspace(0, 10000, 40)
+>>> fit = fit_trajectory(t, trajectory_curve(t, A=50, lam=0.1, gamma=0.002, t0=0.5, K=10))
 >>> round(fit.params["A"], 3), round(fit.params["K"], 3), fit.r2 > 0.999999
 (50.0, 10.0, True)
 """
@@ -67,17 +93,21 @@ __all__ = [
     "CheckpointSeries",
     "FitWarning",
     "TrajectoryFit",
+    "checkpoint_revisions",
     "checkpoint_step",
     "fit_trajectory",
+    "peak_step",
     "measure_checkpoints",
     "trajectory_curve",
     "read_series",
 ]
 
 PARAMS = ("A", "lam", "gamma", "t0", "K")
-"""The five parameters of `trajectory_curve`, in order."""
+"""The five parameters of `trajectory_curve`, in order (the paper's A, λ, γ, t0, K)."""
 MIN_POINTS = len(PARAMS) + 1  # one degree of freedom left for the residual variance
-SCOUT_NFEV = 200  # evaluations each starting point gets before the best is run to convergence
+DEFAULT_NFEV = 100 * len(PARAMS)  # SciPy's default budget for trust-region reflective (curve_fit, no maxfev)
+LOWER = np.array([-np.inf, 0.0, -np.inf, -np.inf, -np.inf])  # the paper's one bound: lam >= 0
+UPPER = np.full(len(PARAMS), np.inf)
 
 
 class FitWarning(UserWarning):
@@ -85,11 +115,31 @@ class FitWarning(UserWarning):
 
 
 def trajectory_curve(t, A: float, lam: float, gamma: float, t0: float, K: float):
-    """`A * exp(-lam * x) * log(x) + K` with `x = gamma * (t - t0)` (the paper's model), elementwise
-    over `t` (a number or a numpy array). `x` is floored at the smallest positive float, where
-    the logarithm is undefined (t <= t0)."""
-    x = np.maximum(gamma * (np.asarray(t, dtype=np.float64) - t0), np.finfo(np.float64).tiny)
-    return A * np.exp(-lam * x) * np.log(x) + K
+    """`A * exp(-lam * x) * log(x) + K` with `x = gamma * t + t0` (the paper's Eq. 9), elementwise
+    over `t` (a number or a numpy array); NaN where `x <= 0`, where the logarithm is undefined."""
+    x = gamma * np.asarray(t, dtype=np.float64) + t0
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return A * np.exp(-lam * x) * np.log(np.where(x > 0, x, np.nan)) + K
+
+
+def _jacobian(t: np.ndarray, A: float, lam: float, gamma: float, t0: float, K: float) -> np.ndarray:
+    """d trajectory_curve / d (A, lam, gamma, t0, K) at each step, `[n, 5]` (analytic, as the authors')."""
+    x = gamma * t + t0
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        e, lx = np.exp(-lam * x), np.log(np.where(x > 0, x, np.nan))
+        dx = A * e * (1.0 / x - lam * lx)  # d f / d x
+        return np.stack([e * lx, -A * x * e * lx, dx * t, dx, np.ones_like(x)], axis=1)
+
+
+def peak_step(params: dict[str, float]) -> float | None:
+    """The step of the curve's extremum, `(exp(W(1/lam)) - t0) / gamma` (the paper's Eq. 13, W the
+    Lambert function); None for lam <= 0 (no extremum: a pure logarithm) or gamma = 0."""
+    from scipy.special import lambertw  # deferred: scipy loads only when a curve is analysed
+
+    lam, gamma = params["lam"], params["gamma"]
+    if not lam > 0 or gamma == 0:
+        return None
+    return float((math.exp(float(lambertw(1.0 / lam).real)) - params["t0"]) / gamma)
 
 
 # --- the fit --------------------------------------------------------------------------------------
@@ -99,9 +149,11 @@ class TrajectoryFit(Result):
 
     Attributes:
         steps, values: the data, sorted by step.
-        params: `{name: value}` for `PARAMS`.
-        stderr: `{name: standard error}` from the covariance (None where it could not be estimated).
-        r2, rmse: goodness of fit on the data.
+        params: `{name: value}` for `PARAMS`, in the units of the data (x = gamma * t + t0).
+        stderr: `{name: standard error}`, the square roots of curve_fit's covariance (None where it
+            could not be estimated).
+        covariance: that covariance, `[5][5]` in `PARAMS` order (None where not estimated).
+        r2, rmse, aic: goodness of fit on the data (AIC = n log(SSE / n) + 10; None if SSE is 0).
         converged: False when the optimiser stopped on its evaluation budget.
         message: the optimiser's last word.
         label: what the values are (e.g. "top massive activation").
@@ -115,6 +167,8 @@ class TrajectoryFit(Result):
     stderr: dict[str, float | None]
     r2: float
     rmse: float
+    aic: float | None = None
+    covariance: list[list[float]] | None = None
     converged: bool = True
     message: str = ""
     label: str = "value"
@@ -124,13 +178,25 @@ class TrajectoryFit(Result):
         """The fitted curve at steps `t` (a number or an array)."""
         return trajectory_curve(t, **self.params)
 
+    @property
+    def peak(self) -> float | None:
+        """The step of the fitted curve's extremum (`peak_step`); it may lie outside the data."""
+        return peak_step(self.params)
+
     def table(self):
-        """One row per parameter: value, standard error, and the fit's R^2 and RMSE."""
+        """One row per parameter: value, standard error, and the fit's R^2, RMSE and AIC."""
         import pandas as pd  # deferred: pandas loads only when a table is asked for
 
         return pd.DataFrame(
             [
-                {"param": p, "value": self.params[p], "stderr": self.stderr.get(p), "r2": self.r2, "rmse": self.rmse}
+                {
+                    "param": p,
+                    "value": self.params[p],
+                    "stderr": self.stderr.get(p),
+                    "r2": self.r2,
+                    "rmse": self.rmse,
+                    "aic": self.aic,
+                }
                 for p in PARAMS
             ]
         )
@@ -142,8 +208,10 @@ class TrajectoryFit(Result):
             "values": list(self.values),
             "params": dict(self.params),
             "stderr": dict(self.stderr),
+            "covariance": None if self.covariance is None else [list(r) for r in self.covariance],
             "r2": self.r2,
             "rmse": self.rmse,
+            "aic": self.aic,
             "converged": self.converged,
             "message": self.message,
             "label": self.label,
@@ -154,13 +222,16 @@ class TrajectoryFit(Result):
     def from_dict(cls, d: dict) -> TrajectoryFit:
         if d.get("kind") != cls.KIND:
             raise LenslabError(f"not a {cls.KIND} JSON (kind={d.get('kind')!r})")
+        cov = d.get("covariance")
         return cls(
             steps=[float(s) for s in d["steps"]],
             values=[float(v) for v in d["values"]],
             params={p: float(d["params"][p]) for p in PARAMS},
             stderr={p: d["stderr"].get(p) for p in PARAMS},
+            covariance=None if cov is None else [[float(c) for c in row] for row in cov],
             r2=float(d["r2"]),
             rmse=float(d["rmse"]),
+            aic=None if d.get("aic") is None else float(d["aic"]),
             converged=bool(d.get("converged", True)),
             message=str(d.get("message", "")),
             label=str(d.get("label", "value")),
@@ -180,7 +251,7 @@ class TrajectoryFit(Result):
         p = self.params
         return figures.style(
             fig,
-            f"A·exp(-λx)·log(x) + K, x = γ(t - t0): A {p['A']:.4g}, λ {p['lam']:.4g}, γ {p['gamma']:.4g}, "
+            f"A·exp(-λx)·log(x) + K, x = γt + t0: A {p['A']:.4g}, λ {p['lam']:.4g}, γ {p['gamma']:.4g}, "
             f"t0 {p['t0']:.4g}, K {p['K']:.4g} · R² {self.r2:.4f}" + ("" if self.converged else " · NOT CONVERGED"),
         )
 
@@ -225,124 +296,109 @@ def read_series(text: str, name: str = "the CSV") -> tuple[list[float], list[flo
     return steps, values, header
 
 
-def fit_trajectory(steps, values, *, label: str = "value", max_nfev: int = 2000, source: str | None = None):
-    """Fit `trajectory_curve` (the paper's five-parameter model) to `values` at `steps`.
+def fit_trajectory(
+    steps, values, *, label: str = "value", max_nfev: int = DEFAULT_NFEV, source: str | None = None
+) -> TrajectoryFit:
+    """Fit `trajectory_curve` (the paper's Eq. 9) to `values` at `steps` by the authors' procedure
+    (module docstring): min-max normalisation, their one starting point, trust-region reflective
+    least squares with lam >= 0, the parameters and curve_fit's covariance mapped back.
 
     Args:
         steps: training steps (or tokens): at least 6 distinct finite numbers.
-        values: the measured quantity at each step (e.g. the top massive-activation magnitude).
+        values: the measured quantity at each step (the paper: top-1 / median |activation| of a layer).
         label: what the values are, for the table and figure.
-        max_nfev: evaluation budget of each local fit (the procedure is in the module docstring).
+        max_nfev: evaluation budget of the solver (default 500, SciPy's for five parameters).
         source: where the data came from, for the provenance (a CSV path, a checkpoint folder).
 
     Returns:
-        `TrajectoryFit` with `params`, `stderr`, `r2`, `rmse`, `converged` and a figure.
+        `TrajectoryFit` with `params`, `stderr`, `covariance`, `r2`, `rmse`, `aic`, `converged`.
 
     Warns:
-        FitWarning: when the best fit did not converge within `max_nfev` evaluations, or its
-            covariance (the standard errors) could not be estimated; the best parameters found
-            are returned all the same.
+        FitWarning: when the fit did not converge within `max_nfev` evaluations, or its covariance
+            (the standard errors) could not be estimated; the best parameters found are returned
+            all the same.
     """
     from scipy.optimize import least_squares  # deferred: scipy loads only when a curve is fitted
 
     if isinstance(max_nfev, bool) or not isinstance(max_nfev, int) or max_nfev < 1:
         raise LenslabError(f"max_nfev must be a positive integer, got {max_nfev!r}")
     t, y = _check_series(steps, values)
-    T = float(np.abs(t).max()) or 1.0
-    mu, sd = float(y.mean()), float(y.std()) or 1.0
-    u, v = t / T, (y - mu) / sd
-    span = float(u[-1] - u[0])
-    u0_max = u[0] - 1e-9 * max(span, 1.0)
-
-    def resid(p):
-        return trajectory_curve(u, *p) - v
-
-    def jac(p):  # d f / d (A, lam, gamma, t0, K), analytic
-        a, lam, g, u0, _ = p
-        x = np.maximum(g * (u - u0), np.finfo(np.float64).tiny)
-        e, lx = np.exp(-lam * x), np.log(x)
-        dx = a * e * (1.0 / x - lam * lx)  # d f / d x
-        return np.stack([e * lx, -a * x * e * lx, dx * (u - u0), -dx * g, np.ones_like(x)], axis=1)
-
-    starts = []
-    for g in (3.0, 30.0, 300.0):
-        for c in (0.1, 1.0, 5.0):
-            lam, u0 = c / g, min(u[0] - 0.5 / g, u0_max)
-            x = g * (u - u0)
-            basis = np.exp(-lam * x) * np.log(x)
-            (a, k), *_ = np.linalg.lstsq(np.stack([basis, np.ones_like(basis)], 1), v, rcond=None)
-            starts.append(np.array([a, lam, g, u0, k]))
-    lower = np.array([-np.inf, 0.0, 1e-12, -np.inf, -np.inf])
-    upper = np.array([np.inf, np.inf, np.inf, u0_max, np.inf])
-
-    def solve(p0, budget):
-        return least_squares(resid, p0, jac=jac, bounds=(lower, upper), method="trf", max_nfev=budget, x_scale="jac")
-
-    best = None
-    for p0 in starts:  # a short run from every start ...
-        try:
-            res = solve(np.clip(p0, lower, upper), min(max_nfev, SCOUT_NFEV))
-        except (ValueError, FloatingPointError):
-            continue
-        if np.isfinite(res.cost) and (best is None or res.cost < best.cost):
-            best = res
-    if best is not None and best.status <= 0:  # ... then the best one runs to convergence
-        best = solve(best.x, max_nfev)
-    if best is None:
-        raise LenslabError("the fit failed from every starting point (the model is undefined on these data)")
-    n, k = t.size, len(PARAMS)
-    scale = np.array([sd, 1.0, 1.0 / T, T, sd])  # normalised -> original units, per parameter
-    p = best.x * scale
-    p[4] += mu
+    t_min, t_range = float(t[0]), float(t[-1] - t[0])
+    y_min, y_range = float(y.min()), float(y.max() - y.min()) or 1.0
+    u, v = (t - t_min) / t_range, (y - y_min) / y_range
+    a0 = float(v.max() - v.min())
+    # the authors' starting point, in the normalised space
+    p0 = np.array([a0, 1.0 / float(u.std()), 1.0 / float(u.max() - u.min()), 1.0, float(v.min()) + a0 / 2])
+    res = least_squares(
+        lambda p: trajectory_curve(u, *p) - v,
+        p0,
+        jac=lambda p: _jacobian(u, *p),
+        bounds=(LOWER, UPPER),
+        method="trf",
+        max_nfev=max_nfev,
+    )
+    # normalised -> original units, p = M p' + c: A, K scale with the values; gamma with 1/t_range;
+    # t0 = t0' - gamma' t_min / t_range (exact: a reparametrisation of the same curve)
+    M = np.diag([y_range, 1.0, 1.0 / t_range, 1.0, y_range])
+    M[3, 2] = -t_min / t_range
+    p = M @ res.x + np.array([0.0, 0.0, 0.0, 0.0, y_min])
     params = dict(zip(PARAMS, (float(x) for x in p)))
+    n, k = t.size, len(PARAMS)
     fitted = trajectory_curve(t, **params)
     sse = float(((fitted - y) ** 2).sum())
-    sst = float(((y - mu) ** 2).sum())
+    sst = float(((y - y.mean()) ** 2).sum())
     r2 = 1.0 - sse / sst if sst > 0 else (1.0 if sse == 0 else 0.0)
     rmse = math.sqrt(sse / n)
-    converged = best.status > 0
+    aic = n * math.log(sse / n) + 2 * k if sse > 0 else None
+    converged = res.status > 0
     if not converged:
         warnings.warn(
-            f"trajectory fit did not converge within max_nfev={max_nfev} evaluations ({best.message}); "
+            f"trajectory fit did not converge within max_nfev={max_nfev} evaluations ({res.message}); "
             f"returning the best parameters found (R² {r2:.4f}): raise max_nfev or check the data",
             FitWarning,
             stacklevel=2,
         )
-    stderr = _stderr(best.jac, 2 * best.cost / (n - k), scale)
-    if stderr is None:
+    cov = _covariance(res.jac, 2 * res.cost / (n - k))
+    if cov is not None:
+        cov = M @ cov @ M.T
+    if cov is None or not np.isfinite(cov).all():
         warnings.warn(
             "the covariance of the trajectory fit could not be estimated (the parameters are not "
             "all determined by these data); standard errors are None",
             FitWarning,
             stacklevel=2,
         )
-        stderr = dict.fromkeys(PARAMS)
+        cov = None
+    stderr = (
+        dict.fromkeys(PARAMS)
+        if cov is None
+        else {q: float(math.sqrt(max(cov[i, i], 0.0))) for i, q in enumerate(PARAMS)}
+    )
     return TrajectoryFit(
         steps=t.tolist(),
         values=y.tolist(),
         params=params,
         stderr=stderr,
+        covariance=None if cov is None else cov.tolist(),
         r2=r2,
         rmse=rmse,
+        aic=aic,
         converged=converged,
-        message=str(best.message),
+        message=str(res.message),
         label=label,
-        provenance=_record("fit_trajectory", source=source, nfev=int(best.nfev)),
+        provenance=_record("fit_trajectory", source=source, nfev=int(res.nfev)),
     )
 
 
-def _stderr(jac: np.ndarray, s2: float, scale: np.ndarray) -> dict[str, float] | None:
-    """Standard errors from `s2 (J^T J)^-1` (as `curve_fit`: an SVD, tiny singular values dropped),
-    mapped back to the original units; None when J is rank-deficient."""
+def _covariance(jac: np.ndarray, s2: float) -> np.ndarray | None:
+    """`s2 (J^T J)^-1` as `curve_fit` computes it (an SVD, singular values below eps * max(J.shape)
+    * s_max dropped); None when any is dropped (curve_fit would return the pseudo-inverse)."""
+    if not np.isfinite(jac).all():
+        return None
     _, s, vt = np.linalg.svd(jac, full_matrices=False)
-    keep = s > np.finfo(float).eps * max(jac.shape) * s[0] if s.size and s[0] > 0 else np.zeros_like(s, bool)
-    if keep.sum() < len(PARAMS):
+    if not s.size or s[0] <= 0 or (s <= np.finfo(float).eps * max(jac.shape) * s[0]).any():
         return None
-    cov = (vt.T / s**2) @ vt * s2
-    se = np.sqrt(np.clip(np.diag(cov), 0, None)) * np.abs(scale)
-    if not np.isfinite(se).all():
-        return None
-    return dict(zip(PARAMS, (float(x) for x in se)))
+    return (vt.T / s**2) @ vt * s2
 
 
 def _record(method: str, **extra) -> dict:
@@ -579,3 +635,35 @@ def _name(item) -> str:
     if isinstance(item, str):
         return item
     return model_name(item)
+
+
+def checkpoint_revisions(name: str, steps=None, *, revisions=None) -> list[str]:
+    """Names `load_model` opens for the training checkpoints of a Hugging Face hub model that are
+    stored as revisions of its repo (Pythia: branches `step0` ... `step143000`), for
+    `measure_checkpoints`: `["EleutherAI/pythia-70m@step1000", ...]`; the steps are read from them.
+
+    Each is downloaded once when online and read from the Hugging Face cache afterwards.
+
+    Args:
+        name: a hub id (or a TransformerLens alias such as "pythia-70m").
+        steps: training steps, each one of the model's checkpoints (Pythia: 0, 1, 2, 4, ..., 512,
+            1000, 2000, ..., 143000; `models.checkpoint_revision`).
+        revisions: instead of steps, the repo's revision names as they are (branches or tags).
+
+    >>> checkpoint_revisions("EleutherAI/pythia-70m", [0, 1000])
+    ['EleutherAI/pythia-70m@step0', 'EleutherAI/pythia-70m@step1000']
+    """
+    if not isinstance(name, str) or not name.strip() or "@" in name:
+        raise LenslabError(f"name must be a Hugging Face hub id without a revision, got {name!r}")
+    if (steps is None) == (revisions is None):
+        raise LenslabError("pass steps=[...] (training steps) or revisions=[...] (revision names), one of the two")
+    if steps is not None:
+        bad = [s for s in steps if isinstance(s, bool) or not isinstance(s, (int, np.integer))]
+        if bad:
+            raise LenslabError(f"steps must be integers, got {bad!r}")
+        revs = [models.checkpoint_revision(name, value=int(s)) for s in steps]
+    else:
+        revs = [str(r).strip() for r in revisions]
+        if not all(revs):
+            raise LenslabError(f"revisions must be non-empty names, got {list(revisions)!r}")
+    return [f"{name.strip()}@{r}" for r in revs]

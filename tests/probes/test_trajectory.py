@@ -1,6 +1,8 @@
-"""The five-parameter trajectory fit (Gallego-Feliciano et al.): recovery of known parameters from a
-seeded noisy synthetic trajectory, a non-converging fit that warns, bad input; measuring a series of
-checkpoints (a folder in lenslab's save format, or loaded models) against direct measurements."""
+"""The five-parameter trajectory fit (Gallego-Feliciano et al., Eq. 9, x = gamma * t + t0) by the
+authors' procedure: the starting point and bounds it uses, exact recovery of known parameters,
+recovery of a seeded noisy trajectory within its standard errors (and the standard errors'
+calibration over 100 noise draws), a non-converging fit that warns, bad input; measuring a series
+of checkpoints (a folder in lenslab's save format, or loaded models) against direct measurements."""
 
 from __future__ import annotations
 
@@ -21,56 +23,125 @@ from lenslab.zoo import planted as P
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TRUE = {"A": 120.0, "lam": 0.15, "gamma": 0.004, "t0": -50.0, "K": 40.0}
 # Pythia's checkpoint steps: log-spaced to 512, then every 1000 (here every 3000) to 143000
 STEPS = np.concatenate([[0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512], np.arange(1000, 143001, 3000)]).astype(float)
-NOISE = 0.5
+# two shapes the paper describes, in its form and within its one bound (lam >= 0):
+# "early peak" (rises to 634 near step 12,600, decays to K) and "log increase" (peak past the data)
+TRUE = {"A": 300.0, "lam": 0.3, "gamma": 2e-4, "t0": 0.5, "K": 500.0}
+LOG_RISE = {"A": 150.0, "lam": 0.02, "gamma": 5e-4, "t0": 1.0, "K": 20.0}
+NOISE = 2.0
 
 
-def synthetic(seed: int = 0):
+def synthetic(seed: int = 0, true=TRUE):
     rng = np.random.default_rng(seed)
-    clean = T.trajectory_curve(STEPS, **TRUE)
+    clean = T.trajectory_curve(STEPS, **true)
     return clean, clean + rng.normal(0.0, NOISE, STEPS.size)
 
 
 def test_the_curve_is_the_papers_function():
     t = np.array([0.0, 100.0, 1000.0, 1e6])
-    x = TRUE["gamma"] * (t - TRUE["t0"])
+    x = TRUE["gamma"] * t + TRUE["t0"]
     expected = TRUE["A"] * np.exp(-TRUE["lam"] * x) * np.log(x) + TRUE["K"]
     assert T.trajectory_curve(t, **TRUE) == pytest.approx(expected, rel=1e-12)
     assert T.trajectory_curve(1e9, **TRUE) == pytest.approx(TRUE["K"])  # the steady state
-    assert T.trajectory_curve(-60.0, **TRUE) < -1e4  # t <= t0: x floored, log -> very negative, finite
-    assert np.isfinite(T.trajectory_curve(-60.0, **TRUE))
+    assert np.isnan(T.trajectory_curve(-2500.0, **TRUE))  # x = 0: log undefined
+    assert np.isnan(T.trajectory_curve(-1e4, **TRUE)) and np.isfinite(T.trajectory_curve(-2400.0, **TRUE))
+    # the peak (Eq. 13) is the maximum of the curve on a fine grid
+    grid = np.linspace(0, 60000, 600001)
+    assert T.peak_step(TRUE) == pytest.approx(grid[np.argmax(T.trajectory_curve(grid, **TRUE))], abs=0.2)
+    assert T.peak_step({**TRUE, "lam": 0.0}) is None  # a pure logarithm has no peak
+    # the analytic Jacobian against central differences
+    p = np.array([TRUE[k] for k in T.PARAMS])
+    jac = T._jacobian(STEPS, *p)
+    for i in range(len(p)):
+        h = np.zeros_like(p)
+        h[i] = 1e-6 * abs(p[i])
+        num = (T.trajectory_curve(STEPS, *(p + h)) - T.trajectory_curve(STEPS, *(p - h))) / (2 * h[i])
+        assert jac[:, i] == pytest.approx(num, rel=1e-5, abs=1e-6), T.PARAMS[i]
+
+
+def test_the_fit_starts_where_the_authors_start(monkeypatch):
+    """One start, in the min-max normalised space: A = range y, K = min y + A/2, lam = 1/std(t),
+    gamma = 1/range(t), t0 = 1; trust-region reflective; lam >= 0 the only bound; SciPy's defaults."""
+    import scipy.optimize
+
+    calls = []
+    real = scipy.optimize.least_squares
+
+    def spy(fun, x0, **kw):
+        calls.append((np.array(x0, dtype=float), kw))
+        return real(fun, x0, **kw)
+
+    monkeypatch.setattr(scipy.optimize, "least_squares", spy)
+    _, noisy = synthetic()
+    T.fit_trajectory(STEPS, noisy)
+    assert len(calls) == 1
+    x0, kw = calls[0]
+    u = (STEPS - STEPS.min()) / np.ptp(STEPS)
+    assert x0 == pytest.approx([1.0, 1.0 / u.std(), 1.0, 1.0, 0.5], rel=1e-12)
+    assert kw["method"] == "trf" and kw["max_nfev"] == 500 and callable(kw["jac"])
+    assert kw["bounds"][0].tolist() == [-np.inf, 0.0, -np.inf, -np.inf, -np.inf]
+    assert kw["bounds"][1].tolist() == [np.inf] * 5
+    assert not {"x_scale", "ftol", "xtol", "gtol", "loss"} & set(kw)  # SciPy's defaults, as in curve_fit
+
+
+@pytest.mark.parametrize("true", [TRUE, LOG_RISE], ids=["early-peak", "log-increase"])
+def test_a_noise_free_trajectory_is_fitted_exactly(true):
+    clean = T.trajectory_curve(STEPS, **true)
+    fit = T.fit_trajectory(STEPS, clean)
+    assert fit.converged
+    for p in T.PARAMS:
+        assert fit.params[p] == pytest.approx(true[p], rel=1e-6), p
+    assert fit.rmse < 1e-6 * np.ptp(clean) and fit.r2 == pytest.approx(1.0, abs=1e-12)
 
 
 def test_fit_recovers_known_parameters_from_a_noisy_trajectory():
-    """60 Pythia-like steps, Gaussian noise sd 0.5 (seeded) on a curve spanning -147..132: every parameter
-    within 3 standard errors of the truth and within 2 % of it (t0 within 2 steps)."""
-    clean, noisy = synthetic()
-    fit = T.fit_trajectory(STEPS, noisy, label="top |a|")
+    """60 Pythia-like steps, Gaussian noise of sd 2 (seeded) on the early-peak curve (321..634):
+    every parameter within 3 standard errors of the truth, the errors those of curve_fit."""
+    _, noisy = synthetic()
+    fit = T.fit_trajectory(STEPS, noisy, label="top |a| / median")
     assert fit.converged
     for p in T.PARAMS:
         assert abs(fit.params[p] - TRUE[p]) < 3 * fit.stderr[p], (p, fit.params[p], fit.stderr[p])
-    for p in ("A", "lam", "gamma", "K"):
-        assert fit.params[p] == pytest.approx(TRUE[p], rel=0.02), p
-    assert fit.params["t0"] == pytest.approx(TRUE["t0"], abs=2.0)
-    assert fit.r2 > 0.9999 and fit.rmse == pytest.approx(NOISE, rel=0.2)
+    assert fit.r2 > 0.999 and fit.rmse == pytest.approx(NOISE, rel=0.25)
     resid = noisy - fit.predict(STEPS)
-    assert fit.rmse == pytest.approx(float(np.sqrt((resid**2).mean())), rel=1e-9)
-    assert fit.r2 == pytest.approx(1 - (resid**2).sum() / ((noisy - noisy.mean()) ** 2).sum(), rel=1e-9)
-    # the standard errors are those of curve_fit's covariance at this optimum
+    sse, n = float((resid**2).sum()), STEPS.size
+    assert fit.rmse == pytest.approx(np.sqrt(sse / n), rel=1e-9)
+    assert fit.r2 == pytest.approx(1 - sse / ((noisy - noisy.mean()) ** 2).sum(), rel=1e-9)
+    assert fit.aic == pytest.approx(n * np.log(sse / n) + 10, rel=1e-9)
+    # the covariance is curve_fit's (same model, Jacobian and bound) at this optimum, in the data's units
     from scipy.optimize import curve_fit
 
-    _, pcov = curve_fit(T.trajectory_curve, STEPS, noisy, p0=[fit.params[p] for p in T.PARAMS])
-    assert [fit.stderr[p] for p in T.PARAMS] == pytest.approx(np.sqrt(np.diag(pcov)).tolist(), rel=0.05)
+    popt, pcov = curve_fit(
+        T.trajectory_curve,
+        STEPS,
+        noisy,
+        p0=[fit.params[p] for p in T.PARAMS],
+        jac=lambda t, *p: T._jacobian(t, *p),
+        bounds=(T.LOWER, T.UPPER),
+        method="trf",
+    )
+    assert popt == pytest.approx([fit.params[p] for p in T.PARAMS], rel=1e-6)
+    assert np.array(fit.covariance) == pytest.approx(pcov, rel=1e-4)
+    assert [fit.stderr[p] for p in T.PARAMS] == pytest.approx(np.sqrt(np.diag(pcov)).tolist(), rel=1e-4)
 
 
-def test_a_noise_free_trajectory_is_fitted_exactly():
-    clean, _ = synthetic()
-    fit = T.fit_trajectory(STEPS, clean)
+def test_the_standard_errors_are_calibrated():
+    """Over 100 seeded noise draws the truth lies within 2 standard errors of the fit 88-100 % of
+    the time and within 3 at least 97 % (Gaussian: 95.4 % and 99.7 %), for every parameter."""
+    clean = T.trajectory_curve(STEPS, **TRUE)
+    z = {p: [] for p in T.PARAMS}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every one of these fits converges with a covariance
+        for seed in range(100):
+            noisy = clean + np.random.default_rng(seed).normal(0.0, NOISE, STEPS.size)
+            fit = T.fit_trajectory(STEPS, noisy)
+            for p in T.PARAMS:
+                z[p].append((fit.params[p] - TRUE[p]) / fit.stderr[p])
     for p in T.PARAMS:
-        assert fit.params[p] == pytest.approx(TRUE[p], rel=1e-5, abs=1e-4), p
-    assert fit.rmse < 1e-4
+        a = np.abs(np.array(z[p]))
+        assert 0.88 <= (a < 2).mean() <= 1.0 and (a < 3).mean() >= 0.97, (p, (a < 2).mean(), (a < 3).mean())
+        assert 0.85 < np.std(z[p]) < 1.2, (p, np.std(z[p]))
 
 
 def test_a_fit_that_does_not_converge_warns_and_returns_the_best_parameters():
@@ -84,6 +155,22 @@ def test_a_fit_that_does_not_converge_warns_and_returns_the_best_parameters():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         T.fit_trajectory(STEPS, noisy)
+
+
+def test_a_peak_between_the_first_checkpoints_defeats_the_single_start():
+    """A curve that peaks near step 1,350 and sits at K for 140,000 steps: from the authors' one
+    start the fit runs out of evaluations far from the truth, and says so."""
+    true = {"A": 120.0, "lam": 0.15, "gamma": 0.004, "t0": 0.2, "K": 40.0}
+    with pytest.warns(T.FitWarning, match="did not converge"):
+        fit = T.fit_trajectory(STEPS, T.trajectory_curve(STEPS, **true))
+    assert not fit.converged and fit.r2 < 0.99
+
+
+def test_a_covariance_that_cannot_be_estimated_warns():
+    with pytest.warns(T.FitWarning, match="covariance of the trajectory fit could not be estimated"):
+        fit = T.fit_trajectory(STEPS, np.full(STEPS.size, 3.0))  # flat: A = 0 leaves lam, gamma, t0 free
+    assert fit.stderr == dict.fromkeys(T.PARAMS) and fit.covariance is None
+    assert fit.predict(1000.0) == pytest.approx(3.0)
 
 
 def test_bad_series_are_clear_errors():
@@ -106,9 +193,10 @@ def test_fit_json_table_and_figure():
     fit = T.fit_trajectory(STEPS, noisy, label="top |a|", source="synthetic")
     back = T.TrajectoryFit.from_json(fit.to_json())
     assert json.loads(back.to_json()) == json.loads(fit.to_json())
-    assert back.predict(1000.0) == pytest.approx(fit.predict(1000.0))
+    assert back.predict(1000.0) == pytest.approx(fit.predict(1000.0)) and back.peak == pytest.approx(fit.peak)
     df = fit.table()
     assert list(df["param"]) == list(T.PARAMS) and df["value"].tolist() == [fit.params[p] for p in T.PARAMS]
+    assert df["aic"].tolist() == [fit.aic] * 5
     fig = fit.figure()
     assert [t.name for t in fig.data] == ["top |a|", "fit"] and len(fig.data[1].x) > STEPS.size
     assert fit.provenance["source"] == "synthetic" and fit.provenance["method"] == "fit_trajectory"
@@ -116,7 +204,7 @@ def test_fit_json_table_and_figure():
 
 # --- checkpoints ------------------------------------------------------------------------------------
 CKPT_STEPS = [0, 100, 300, 1000, 3000, 10000]
-CKPT_TRUE = {"A": 300.0, "lam": 0.3, "gamma": 0.002, "t0": -400.0, "K": 200.0}
+CKPT_TRUE = {"A": 300.0, "lam": 0.3, "gamma": 0.002, "t0": 0.8, "K": 200.0}
 
 
 @pytest.fixture(scope="module")
@@ -217,4 +305,5 @@ def test_documented_fit_numbers(doc_numbers):
         assert float(true.replace("−", "-")) == TRUE[p]
         assert doc_numbers.close(fit.params[p], fitted.replace("−", "-")), (p, fit.params[p])
         assert doc_numbers.close(fit.stderr[p], se), (p, fit.stderr[p])
-    assert f"with R² {fit.r2:.5f} and RMSE {fit.rmse:.3f}" in text
+    assert f"R² {fit.r2:.5f}, RMSE {fit.rmse:.3f}, AIC {fit.aic:.1f}" in text
+    assert f"peak at step {fit.peak:,.0f} (true {T.peak_step(TRUE):,.0f})" in text
