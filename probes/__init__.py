@@ -33,6 +33,8 @@ One job per module (import them by name; this package re-exports nothing):
   the MLPs (`train_transcoders`, `train_clt`, `load_transcoders`, `replacement_hooks`, `TranscoderMetrics`).
 - `lenslab.probes.attribution_graph`: circuit-tracer's attribution graphs through transcoders: direct
   effects among features, errors, tokens and logits (`attribution_graph`, `prune`, `AttributionGraph`).
+- `lenslab.probes.graph_heads`: an attribution graph's edges split by the attention head each path
+  crosses last, plus a residual part (`head_edges`, `HeadEdges`).
 - `lenslab.probes.graph_files`: a graph as circuit-tracer's / Neuronpedia's graph JSON (`graph_file`,
   `write_graph_file`).
 - `lenslab.probes.graph_validation`: ablating a graph's features in the live model against random

@@ -26,9 +26,11 @@ the rows computed so far, until `max_feature_nodes`), the same `prune_graph` (no
 thresholds on the row-normalised |adjacency|) and `compute_graph_scores` (replacement and
 completeness scores). Differences: the embeddings node at a position holds the token *and* the
 position embedding; features at the first position (BOS) are kept (circuit-tracer zeroes
-them); no head-resolved edges; targets may be explicit tokens or arbitrary directions
+them); targets may be explicit tokens or arbitrary directions
 (a Task's logit difference), weighted by their probability (tokens) or equally (directions);
-the dense adjacency is meant for small graphs.
+the dense adjacency is meant for small graphs. An attention-only model (no MLPs) takes
+`transcoders=None`: its graph has token and target nodes only. Edges split by the attention
+head that carries them: `lenslab.probes.graph_heads`.
 """
 
 from __future__ import annotations
@@ -47,13 +49,16 @@ from lenslab.toolbox import model_device, model_name
 
 __all__ = [
     "AttributionGraph",
+    "RULES",
     "FrozenReplacement",
     "Target",
     "attribution_graph",
     "feature_target",
     "graph_scores",
+    "make_targets",
     "node_influence",
     "prune",
+    "resolve_transcoders",
     "salient_logits",
 ]
 
@@ -73,24 +78,35 @@ class Target:
 
 
 # --- the frozen replacement model ---------------------------------------------------------------
+RULES = ("gradient", "relp")
+
+
 class FrozenReplacement:
     """`model` on one prompt with attention patterns and norm scales frozen at the clean run and
     the MLPs replaced by `tc` plus constant errors: linear in its sources.
 
     `values`: the clean sources, `{"embed": [P, d], "pos_embed": [P, d] or None, "features":
     {layer: [P, d_transcoder]}, "errors": {layer: [P, d]}}`. `logits(values)` and
-    `read(targets, values)` run the frozen model at other source values (interventions);
-    `rows(targets)` gives the direct effects of every source on each target.
+    `read(targets, values, heads=)` run the frozen model at other source values and with heads'
+    OV paths switched off (interventions); `rows(targets)` gives the direct effects of every
+    source on each target, `head_rows(targets)` the same split by the attention head each path
+    crosses last. An attention-only model takes `tc=None` (no MLPs, so no features and no errors).
+    `rule="relp"`: `rows` runs its backward with RelP's rules (norm scales and patterns detached
+    from the live forward instead of replaced by the cached ones; see `attribution_graph`).
     """
 
-    def __init__(self, model, tokens: Tensor, tc):
-        self.model, self.tc = model, tc
+    def __init__(self, model, tokens: Tensor, tc, *, rule: str = "gradient"):
+        if rule not in RULES:
+            raise LenslabError(f"rule must be one of {RULES}, got {rule!r}")
+        self.model, self.tc, self.rule = model, tc, rule
         self.tokens = tokens.reshape(1, -1).to(model_device(model))
         self.n_layers = int(model.cfg.n_layers)
-        self.layers = list(tc.layers)
+        self.n_heads = int(model.cfg.n_heads)
+        self.layers = list(tc.layers) if tc is not None else []
+        mlp_layers = range(self.n_layers) if tc is not None else range(0)
         self.has_pos = "hook_pos_embed" in model.hook_dict
-        ins = [tc.input_hook.format(l=layer) for layer in range(self.n_layers)]
-        outs = [tc.output_hook.format(l=layer) for layer in range(self.n_layers)]
+        ins = [tc.input_hook.format(l=layer) for layer in mlp_layers]
+        outs = [tc.output_hook.format(l=layer) for layer in mlp_layers]
         keep = lambda name: (
             (name.endswith("hook_scale") or name.endswith("hook_pattern") or name in ins or name in outs)
             or name in ("hook_embed", "hook_pos_embed")
@@ -104,7 +120,7 @@ class FrozenReplacement:
         with torch.no_grad():
             feats = {layer: tc.features(layer, xs[layer]) for layer in self.layers}
             errors = {}
-            for layer in range(self.n_layers):
+            for layer in mlp_layers:
                 y = cache[outs[layer]][0].float()
                 errors[layer] = y - tc.output(layer, feats, xs) if layer in self.layers else y
         self.values = {
@@ -113,11 +129,31 @@ class FrozenReplacement:
             "features": {k: v.detach() for k, v in feats.items()},
             "errors": {k: v.detach() for k, v in errors.items()},
         }
+        self.error_layers = list(mlp_layers)
         self.n_pos = self.tokens.shape[1]
 
-    def _run(self, values: dict, batch: int, reads: list[str]) -> tuple[Tensor, dict, dict]:
-        """Forward at `values` (each source `[batch, ...]` or unbatched); the activations at `reads`."""
+    def _run(
+        self,
+        values: dict,
+        batch: int,
+        reads: list[str],
+        *,
+        heads: Tensor | None = None,
+        cut: Tensor | None = None,
+        inject: Tensor | None = None,
+        live: bool = False,
+    ) -> tuple[Tensor, dict, dict]:
+        """Forward at `values` (each source `[batch, ...]` or unbatched); the activations at `reads`
+        (`got[name]`) and the attention layers that ran before each read (`got[name, "after"]`).
+
+        Per batch element: `heads [batch, n_layers, n_heads]` multiplies each head's `z` (0 switches
+        its OV path off under the frozen pattern); where `cut [batch, n_layers]` is set, the
+        residual after that layer's attention is the attention output alone (the skip around the
+        attention is dropped); `inject [batch, n_layers]` multiplies what each MLP layer's sources
+        (its features' decoder writes and its error) add, not the transcoders' skip path. `live`:
+        norm scales and patterns are the live forward's, detached (RelP's LN- and AH-rules)."""
         tc, got, leaves, xs = self.tc, {}, {}, {}
+        fired: list[int] = []
 
         def b(t):
             return t if t.dim() == 3 else t.unsqueeze(0).expand(batch, *t.shape)
@@ -131,45 +167,83 @@ class FrozenReplacement:
         if self.has_pos:
             hooks.append(("hook_pos_embed", lambda act, hook=None: leaves["pos_embed"].to(act.dtype)))
         for name, val in self.frozen.items():
-            hooks.append((name, lambda act, hook=None, val=val: val.expand(batch, *val.shape[1:]).to(act.dtype)))
-        for layer in range(self.n_layers):
+            if live:
+                hooks.append((name, lambda act, hook=None: act.detach()))
+            else:
+                hooks.append((name, lambda act, hook=None, val=val: val.expand(batch, *val.shape[1:]).to(act.dtype)))
+        for layer in self.error_layers:
 
             def read_in(act, hook=None, layer=layer):
                 xs[layer] = act
 
             def write_out(act, hook=None, layer=layer):
-                out = errs[layer]
-                if layer in feats:
-                    out = out + tc.output(layer, feats, xs)
+                m = None if inject is None else inject[:, layer].to(act.dtype)
+                f = feats if m is None else {k: v * m[:, None, None] for k, v in feats.items()}
+                out = errs[layer] if m is None else errs[layer] * m[:, None, None]
+                if layer in f:
+                    out = out + tc.output(layer, f, xs)
                 return out.to(act.dtype)
 
             hooks += [(tc.input_hook.format(l=layer), read_in), (tc.output_hook.format(l=layer), write_out)]
+        attn_out: dict[int, Tensor] = {}
+        after = "hook_resid_post" if getattr(self.model.cfg, "attn_only", False) else "hook_resid_mid"
+        for layer in range(self.n_layers):
+
+            def at_z(z, hook=None, layer=layer):
+                return z if heads is None else z * heads[:, layer, None, :, None].to(z.dtype)
+
+            def at_attn_out(act, hook=None, layer=layer):
+                fired.append(layer)
+                attn_out[layer] = act
+
+            def at_after(act, hook=None, layer=layer):
+                return act if cut is None else torch.where(cut[:, layer, None, None], attn_out[layer], act)
+
+            hooks += [
+                (f"blocks.{layer}.attn.hook_z", at_z),
+                (f"blocks.{layer}.hook_attn_out", at_attn_out),
+                (f"blocks.{layer}.{after}", at_after),
+            ]
         for name in reads:
 
             def grab(act, hook=None, name=name):
                 got[name] = act
+                got[name, "after"] = set(fired)
 
             hooks.append((name, grab))
         logits = self.model.run_with_hooks(self.tokens.expand(batch, -1), fwd_hooks=hooks)
         return logits, got, {"features": feats, "errors": errs, **leaves}
 
-    def logits(self, values: dict | None = None) -> Tensor:
-        """`[1, pos, vocab]` logits of the frozen model at `values` (default: the clean sources)."""
-        with torch.no_grad():
-            return self._run(values or self.values, 1, [])[0]
+    def _head_mask(self, heads: Tensor | None) -> Tensor | None:
+        if heads is None:
+            return None
+        h = torch.as_tensor(heads, dtype=torch.float32)
+        if tuple(h.shape) != (self.n_layers, self.n_heads):
+            raise LenslabError(
+                f"heads must be a [n_layers, n_heads] = [{self.n_layers}, {self.n_heads}] mask, got {tuple(h.shape)}"
+            )
+        return h.unsqueeze(0).to(self.tokens.device)
 
-    def read(self, targets: list[Target], values: dict | None = None) -> Tensor:
-        """Each target's input (`vector · activation + bias_term`) at `values` (default: clean)."""
+    def logits(self, values: dict | None = None, *, heads: Tensor | None = None) -> Tensor:
+        """`[1, pos, vocab]` logits of the frozen model at `values` (default: the clean sources);
+        `heads [n_layers, n_heads]` multiplies each head's OV output (0: that path is off)."""
         with torch.no_grad():
-            _, got, _ = self._run(values or self.values, 1, sorted({t.hook for t in targets}))
+            return self._run(values or self.values, 1, [], heads=self._head_mask(heads))[0]
+
+    def read(self, targets: list[Target], values: dict | None = None, *, heads: Tensor | None = None) -> Tensor:
+        """Each target's input (`vector · activation + bias_term`) at `values` (default: clean),
+        with `heads [n_layers, n_heads]` multiplying each head's OV output (default: all 1)."""
+        with torch.no_grad():
+            _, got, _ = self._run(
+                values or self.values, 1, sorted({t.hook for t in targets}), heads=self._head_mask(heads)
+            )
         return torch.stack([got[t.hook][0, t.pos].float() @ t.vector + t.bias_term for t in targets])
 
-    def rows(self, targets: list[Target]) -> dict:
-        """Direct effects on each target: `{"features": {layer: [n, P, d_transcoder]}, "errors":
-        [n, n_layers, P], "tokens": [n, P]}` (source value × gradient, in one batched backward)."""
-        n = len(targets)
-        v = self.values
-        req = lambda t: t.unsqueeze(0).expand(n, *t.shape).clone().requires_grad_(True)
+    def _grads(self, targets: list[Target], copies: int, **run) -> tuple[dict, dict]:
+        """Source value × gradient of each target, per copy of the sources: `[n, copies, ...]`."""
+        n, v = len(targets), self.values
+        B = n * copies
+        req = lambda t: t.unsqueeze(0).expand(B, *t.shape).clone().requires_grad_(True)
         vals = {
             "embed": req(v["embed"]),
             "pos_embed": req(v["pos_embed"]) if self.has_pos else None,
@@ -177,18 +251,89 @@ class FrozenReplacement:
             "errors": {k: req(x) for k, x in v["errors"].items()},
         }
         with torch.enable_grad():
-            _, got, _ = self._run(vals, n, sorted({t.hook for t in targets}))
-            s = sum(got[t.hook][i, t.pos].float() @ t.vector for i, t in enumerate(targets))
+            _, got, _ = self._run(vals, B, sorted({t.hook for t in targets}), **run)
+            s = sum(
+                (got[t.hook][i * copies : (i + 1) * copies, t.pos].float() @ t.vector).sum()
+                for i, t in enumerate(targets)
+            )
             fl = [vals["features"][k] for k in self.layers]
-            el = [vals["errors"][k] for k in range(self.n_layers)]
+            el = [vals["errors"][k] for k in self.error_layers]
             emb = [vals["embed"]] + ([vals["pos_embed"]] if self.has_pos else [])
             grads = torch.autograd.grad(s, fl + el + emb, allow_unused=True)
         z = lambda g, x: torch.zeros_like(x) if g is None else g
         gf, ge, gm = grads[: len(fl)], grads[len(fl) : len(fl) + len(el)], grads[len(fl) + len(el) :]
+        r = lambda t: t.reshape(n, copies, *t.shape[1:])
+        P = self.n_pos
+        errors = [r((z(g, x) * x).sum(-1).detach()) for g, x in zip(ge, el)]
+        out = {
+            "features": {k: r((z(g, x) * x).detach()) for k, g, x in zip(self.layers, gf, fl)},
+            "errors": torch.stack(errors, 2) if errors else torch.zeros(n, copies, 0, P),
+            "tokens": r(sum((z(g, x) * x).sum(-1) for g, x in zip(gm, emb)).detach()),
+        }
+        return out, {t.hook: got[t.hook, "after"] for t in targets}
+
+    def rows(self, targets: list[Target]) -> dict:
+        """Direct effects on each target: `{"features": {layer: [n, P, d_transcoder]}, "errors":
+        [n, n_mlp_layers, P], "tokens": [n, P]}` (source value × gradient, in one batched backward)."""
+        out, _ = self._grads(targets, 1, live=self.rule == "relp")
         return {
-            "features": {k: (z(g, x) * x).detach() for k, g, x in zip(self.layers, gf, fl)},
-            "errors": torch.stack([(z(g, x) * x).sum(-1).detach() for g, x in zip(ge, el)], 1),
-            "tokens": sum((z(g, x) * x).sum(-1) for g, x in zip(gm, emb)).detach(),
+            "features": {k: x[:, 0] for k, x in out["features"].items()},
+            "errors": out["errors"][:, 0],
+            "tokens": out["tokens"][:, 0],
+        }
+
+    def head_rows(self, targets: list[Target], *, one_hop: bool = True) -> dict:
+        """The direct effects of `rows`, split by the attention head each path crosses *last*.
+
+        A direct path from a source to a target is linear: it runs through the residual stream,
+        the transcoders' skip paths and the heads' OV circuits under the frozen patterns. Every
+        path either crosses no head (`"residual"`: same position only) or has a last head (l, h)
+        before the target reads: the stream of (l, h) keeps every path up to layer l's attention,
+        then head h alone, then no attention (later sources are not injected). So
+        `rows = residual + sum over heads`, exactly. `one_hop`: also each head's share that
+        crosses no earlier head (its own OV only). Returns `{"residual": rows-like, "heads":
+        rows-like with a head axis [.., n_layers * n_heads, ..] after the target axis, "one_hop":
+        same or None}`; heads whose layer runs after the target's read are zero.
+        """
+        L, H = self.n_layers, self.n_heads
+        K = L * H
+        S = 1 + K + (K if one_hop else 0)
+        heads = torch.zeros(S, L, H)
+        cut = torch.zeros(S, L, dtype=torch.bool)
+        inject = torch.ones(S, L)
+        for l in range(L):
+            for h in range(H):
+                for s in (1 + l * H + h, 1 + K + l * H + h) if one_hop else (1 + l * H + h,):
+                    if s <= K:
+                        heads[s, :l] = 1.0  # last head: any path before it
+                    heads[s, l, h] = 1.0
+                    cut[s, l] = True
+                    inject[s, l:] = 0.0
+        n = len(targets)
+        dev = self.tokens.device
+        rep = lambda t: t.unsqueeze(0).expand(n, *t.shape).reshape(n * S, *t.shape[1:]).to(dev)
+        out, after = self._grads(targets, S, heads=rep(heads), cut=rep(cut), inject=rep(inject))
+        # a head whose layer runs after the target's read carries nothing to it: zero its stream
+        ok = torch.ones(n, S, dtype=torch.bool)
+        for i, t in enumerate(targets):
+            for l in range(L):
+                if l not in after[t.hook]:
+                    ok[i, 1 + l * H : 1 + (l + 1) * H] = False
+                    if one_hop:
+                        ok[i, 1 + K + l * H : 1 + K + (l + 1) * H] = False
+
+        def part(sl):
+            m = ok[:, sl].to(out["tokens"].dtype)
+            f = lambda x: x[:, sl] * m.reshape(*m.shape, *([1] * (x.dim() - 2)))
+            return {"features": {k: f(x) for k, x in out["features"].items()}, "errors": f(out["errors"]),
+                    "tokens": f(out["tokens"])}  # fmt: skip
+
+        sq = lambda d: {"features": {k: x[:, 0] for k, x in d["features"].items()}, "errors": d["errors"][:, 0],
+                        "tokens": d["tokens"][:, 0]}  # fmt: skip
+        return {
+            "residual": sq(part(slice(0, 1))),
+            "heads": part(slice(1, 1 + K)),
+            "one_hop": part(slice(1 + K, S)) if one_hop else None,
         }
 
 
@@ -566,46 +711,29 @@ def feature_target(tc, layer: int, pos: int, f: int) -> Target:
     return Target(labels.feature(layer, f, pos), tc.input_hook.format(l=layer), pos, vec.detach().float(), float(b))
 
 
-def attribution_graph(
-    model,
-    prompt,
-    transcoders,
-    *,
-    targets=None,
-    max_n_logits: int = 10,
-    desired_logit_prob: float = 0.95,
-    max_feature_nodes: int | None = None,
-    batch_size: int = 32,
-) -> AttributionGraph:
-    """The attribution graph of `model` on `prompt` (a string or token ids; `None` with a Task
-    target: its first clean prompt) through `transcoders` (a `TranscoderSet`, a
-    `CrossLayerTranscoder` or a name for `load_transcoders`), at the last position.
-
-    `targets`: `None` (the salient logits: `max_n_logits`, `desired_logit_prob`), a list of
-    tokens (ids or one-token strings), a `Task` (its first prompt's logit difference, correct −
-    incorrect unembedding), or directions `[d_model]` / `[k, d_model]` read at the unembedding's
-    input (`unembed.hook_in`). `max_feature_nodes`: keep that many features, chosen by influence as circuit-tracer
-    (None: every active feature). `batch_size`: targets per backward pass.
-
-    >>> import lenslab
-    >>> model = lenslab.load_model("zoo/ioi-4l", device="cpu")
-    >>> g = attribution_graph(model, "When Mary and John went to the store, John gave a drink to",
-    ...                       "zoo/ioi-4l/per-layer", max_feature_nodes=64)
-    >>> g.nodes[-1].startswith("logit"), 0 < g.replacement_score <= 1
-    (True, True)
-    """
-    desired_logit_prob = _check_fraction("desired_logit_prob", desired_logit_prob)
+def resolve_transcoders(model, transcoders):
+    """`transcoders` loaded (a name) and checked against `model`; `None` for an attention-only
+    model (no MLPs to replace), and only there."""
+    if transcoders is None:
+        if not getattr(model.cfg, "attn_only", False):
+            raise LenslabError(
+                f"model {model_name(model)!r} has MLPs: give transcoders (a TranscoderSet, a CrossLayerTranscoder or a "
+                "zoo name such as 'zoo/ioi-4l/per-layer'); only an attention-only model takes transcoders=None"
+            )
+        return None
     tc = load_transcoders(transcoders) if isinstance(transcoders, str) else transcoders
     check_transcoders(model, tc)
     if tc.model_name and tc.model_name != model_name(model):
         raise LenslabError(f"these transcoders were trained on {tc.model_name!r}, not on model {model_name(model)!r}")
-    if prompt is None:
-        if not isinstance(targets, Task):
-            raise LenslabError("give a prompt (or a Task as targets, whose first clean prompt is used)")
-        prompt = targets.clean_tokens[0]
-    toks = _prompt_tokens(model, prompt)
-    frozen = FrozenReplacement(model, toks, tc)
-    P, last = frozen.n_pos, frozen.n_pos - 1
+    return tc
+
+
+def make_targets(
+    model, frozen: FrozenReplacement, targets, *, max_n_logits: int = 10, desired_logit_prob: float = 0.95
+) -> tuple[list[Target], Tensor]:
+    """The target nodes of a graph on `frozen`'s prompt and their weights, from `targets` as
+    `attribution_graph` takes it (None, tokens, a Task, directions)."""
+    last = frozen.n_pos - 1
     W_U = _unembed(model)
     if FINAL_HOOK not in model.hook_dict:
         raise LenslabError(f"model {model_name(model)!r} has no hook {FINAL_HOOK!r} to read the logit targets at")
@@ -633,12 +761,66 @@ def attribution_graph(
         probs = torch.softmax(frozen.clean_logits[0, last].float(), -1)
         tgts = [Target(labels.logit_node(t, last), final_hook, last, W_U[:, t] - mean_dir) for t in ids]
         weights = probs[ids]
+    return tgts, weights
+
+
+def attribution_graph(
+    model,
+    prompt,
+    transcoders,
+    *,
+    targets=None,
+    max_n_logits: int = 10,
+    desired_logit_prob: float = 0.95,
+    max_feature_nodes: int | None = None,
+    batch_size: int = 32,
+    rule: str = "gradient",
+) -> AttributionGraph:
+    """The attribution graph of `model` on `prompt` (a string or token ids; `None` with a Task
+    target: its first clean prompt) through `transcoders` (a `TranscoderSet`, a
+    `CrossLayerTranscoder` or a name for `load_transcoders`; `None` for an attention-only model,
+    whose graph has token and target nodes only), at the last position.
+
+    `targets`: `None` (the salient logits: `max_n_logits`, `desired_logit_prob`), a list of
+    tokens (ids or one-token strings), a `Task` (its first prompt's logit difference, correct −
+    incorrect unembedding), or directions `[d_model]` / `[k, d_model]` read at the unembedding's
+    input (`unembed.hook_in`). `max_feature_nodes`: keep that many features, chosen by influence as circuit-tracer
+    (None: every active feature). `batch_size`: targets per backward pass.
+
+    `rule`: `"gradient"` (circuit-tracer's backward through the frozen replacement) or `"relp"`
+    (RelP's LRP rules, Rezaei Jafari et al. 2025: LN-rule, identity rule, half rule, AH-rule, run
+    on the live forward with norm scales and patterns detached). On this graph the two are the
+    same: every rule acts on a part the replacement model already holds constant, and what is
+    left is linear, where LRP-0 is the gradient (docs/transcoders.md, "RelP edge weights").
+    Head-resolved edges: `lenslab.probes.graph_heads.head_edges`.
+
+    >>> import lenslab
+    >>> model = lenslab.load_model("zoo/ioi-4l", device="cpu")
+    >>> g = attribution_graph(model, "When Mary and John went to the store, John gave a drink to",
+    ...                       "zoo/ioi-4l/per-layer", max_feature_nodes=64)
+    >>> g.nodes[-1].startswith("logit"), 0 < g.replacement_score <= 1
+    (True, True)
+    """
+    desired_logit_prob = _check_fraction("desired_logit_prob", desired_logit_prob)
+    if rule not in RULES:
+        raise LenslabError(f"rule must be one of {RULES}, got {rule!r}")
+    tc = resolve_transcoders(model, transcoders)
+    if prompt is None:
+        if not isinstance(targets, Task):
+            raise LenslabError("give a prompt (or a Task as targets, whose first clean prompt is used)")
+        prompt = targets.clean_tokens[0]
+    toks = _prompt_tokens(model, prompt)
+    frozen = FrozenReplacement(model, toks, tc, rule=rule)
+    P = frozen.n_pos
+    tgts, weights = make_targets(
+        model, frozen, targets, max_n_logits=max_n_logits, desired_logit_prob=desired_logit_prob
+    )
     # the sources: active features (layer, pos, feature), then errors (layer-major), then tokens
     active = []
     for layer in frozen.layers:
         for p, f in (frozen.values["features"][layer] != 0).nonzero().tolist():
             active.append((layer, p, f))
-    n_act, n_err = len(active), frozen.n_layers * P
+    n_act, n_err = len(active), len(frozen.error_layers) * P
     n_cols = n_act + n_err + P
 
     def rows_of(ts: list[Target]) -> Tensor:
@@ -685,7 +867,7 @@ def attribution_graph(
     adj[n - nk :, : nf + n_err + P] = target_rows[:, cols]
     nodes = (
         [labels.feature(active[j][0], active[j][2], active[j][1]) for j in sel]
-        + [labels.error_node(layer, p) for layer in range(frozen.n_layers) for p in range(P)]
+        + [labels.error_node(layer, p) for layer in frozen.error_layers for p in range(P)]
         + [labels.token_node(p) for p in range(P)]
         + [t.label for t in tgts]
     )
@@ -723,7 +905,8 @@ def attribution_graph(
         provenance=provenance(
             model,
             method="attribution_graph",
-            transcoders=tc.kind,
+            transcoders=tc.kind if tc is not None else None,
+            rule=rule,
             n_active_features=n_act,
             max_feature_nodes=max_feature_nodes,
             max_n_logits=max_n_logits,
