@@ -1,8 +1,11 @@
 """Page "Graph": circuit-tracer's attribution graph of the sidebar prompt through the model's shipped
 transcoders (direct effects among transcoder features, error nodes, token embeddings and the
 target logits), pruned live by node and edge thresholds, with its replacement and completeness
-scores, node and edge tables, pinned nodes and downloads. Numerics live in
-`lenslab.probes.attribution_graph` and `lenslab.probes.transcoders`; this page only calls them.
+scores, node and edge tables, pinned nodes, validation by ablation, interventions from feature
+nodes (one, or several as a labelled supernode: ablate, clamp or steer, with the logits before and
+after and a side-by-side generation) and downloads. Numerics live in
+`lenslab.probes.attribution_graph`, `lenslab.probes.transcoders`, `lenslab.probes.graph_validation`
+and `lenslab.steering.graph_interventions`; this page only calls them.
 
 The unpruned graph is kept in `st.session_state`, keyed by model, prompt, target, transcoders
 and feature budget, so moving a threshold re-prunes it without recomputing."""
@@ -19,6 +22,7 @@ from lenslab.app import _shell
 from lenslab.probes import attribution_graph as AG
 from lenslab.probes import graph_files, graph_validation
 from lenslab.probes import transcoders as T
+from lenslab.steering import graph_interventions as GI
 
 ctx = _shell.context()
 model, name = ctx.model, ctx.name
@@ -184,6 +188,81 @@ if check is not None:
     c1.metric(f"Target drop, the graph's {check.n_features} features ablated", f"{check.graph_effect():.4f}")
     c2.metric(f"Target drop, random sets of {check.n_features} (mean ± std)", f"{mean:.4f} ± {std:.4f}")
     st.plotly_chart(check.figure(), key="ag_check_fig")
+
+st.subheader("Intervene from nodes")
+st.caption(
+    "Ablate, clamp or steer the transcoder features of feature nodes in the live model: one node, or several "
+    "as a supernode with a label (`lenslab.steering.graph_interventions`). Shown: the next-token logits before "
+    "and after, the graph's first-order prediction of the target's change (attention and norms frozen, as in "
+    "the graph), and the continuation unsteered and steered side by side."
+)
+feature_nodes = [n for n, p in zip(pruned.nodes, pruned.parsed) if p.kind == "feature"]
+ss["ag_iv_nodes"] = [n for n in ss.get("ag_iv_nodes", []) if n in feature_nodes]
+c1, c2 = st.columns([3, 1])
+iv_nodes = c1.multiselect(
+    "Feature nodes", feature_nodes, key="ag_iv_nodes", help="Several nodes act together: a supernode."
+)
+iv_label = c2.text_input("Supernode label", key="ag_iv_name", help="Names the intervention (default: mode and nodes).")
+c1, c2, c3, c4 = st.columns(4)
+mode = c1.radio("Action", list(GI.MODES), key="ag_iv_mode")
+clamp_by = c2.radio("Clamp to", ["× its activation", "a value"], key="ag_iv_clamp", disabled=mode != "clamp")
+amount = c3.number_input(
+    "Factor / value / amount",
+    value=2.0,
+    step=0.5,
+    key="ag_iv_value",
+    disabled=mode == "ablate",
+    help="clamp: the factor or the activation held; steer: the amount of the decoder row added.",
+)
+where = c4.radio("Where", ["the nodes' positions", "every position"], key="ag_iv_where")
+n_new = st.number_input("New tokens", 0, 100, 12, key="ag_iv_new_tokens")
+factor = float(amount) if mode == "clamp" and clamp_by == "× its activation" else None
+value = float(amount) if mode == "steer" or (mode == "clamp" and factor is None) else None
+clicked = st.button("Intervene", key="ag_iv_go", disabled=not iv_nodes)
+if clicked:
+    ss.pop("ag_iv", None)
+    iv = _shell.call(
+        "Building the intervention",
+        GI.node_intervention,
+        tc_name,
+        iv_nodes,
+        mode,
+        value,
+        factor=factor,
+        graph=graph,
+        positions="node" if where == "the nodes' positions" else "all",
+        name=iv_label.strip() or None,
+    )
+    effect = iv and _shell.call("Measuring the logits before and after", GI.intervention_effect, model, graph, iv)
+    if effect:
+        ss["ag_iv"] = {"key": key, "iv": iv, "effect": effect, "n_new": int(n_new), "texts": None}
+done = ss.get("ag_iv")
+if done and done["key"] == key:
+    effect = done["effect"]
+    c1, c2, c3 = st.columns(3)
+    c1.metric(f"Target {effect.target_token!r}, before", f"{effect.target_before:.4f}", help="logit − mean logit")
+    c2.metric(f"After: {effect.name}", f"{effect.target_after:.4f}", delta=f"{effect.target_change():+.4f}")
+    c3.metric(
+        "Graph's first-order change",
+        "—" if effect.predicted is None else f"{effect.predicted:+.4f}",
+        help="Sum over the nodes of edge × relative change of the activation (the graph's direct effects).",
+    )
+    st.dataframe(effect.table(), hide_index=True)
+    st.plotly_chart(effect.figure(), key="ag_iv_fig")
+    if done["n_new"]:
+        left, right = st.columns(2)
+        left.caption("Unsteered")
+        right.caption(f"Steered: {effect.name}")
+        if done["texts"] is None:  # just computed: stream both, one after the other
+            kw = dict(max_new_tokens=done["n_new"])
+            base = _shell.call("Generating", _shell.stream_into, left, model, prompt, None, **kw)
+            steered = base is not _shell.FAILED and _shell.call(
+                "Generating steered", _shell.stream_into, right, model, prompt, done["iv"], **kw
+            )
+            done["texts"] = (base or "", steered or "")  # a failed stream showed its error; not retried
+        else:
+            left.markdown(_shell.continuation_markdown(prompt, done["texts"][0]))
+            right.markdown(_shell.continuation_markdown(prompt, done["texts"][1]))
 
 st.subheader("Downloads")
 st.download_button(

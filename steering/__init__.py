@@ -7,7 +7,9 @@ safetensors file beside them. Baselines: `mean_difference` (DiffMean / CAA) and 
 `fit_lineas` trains per-unit affine maps at many hooks end to end (LinEAS, `LineasConfig`).
 `switch_experts` switches MoE experts off or forces them on (MoTE, `lenslab.steering.experts`;
 `hf_hooks` does it for a plain `transformers` model). `ablate_feature`, `clamp_feature` and
-`add_feature` steer one SAE feature (`lenslab.steering.features`). `probe_steering` and
+`add_feature` steer one SAE feature (`lenslab.steering.features`); `node_intervention` ablates,
+clamps or steers the transcoder features of attribution-graph nodes (a supernode: several at
+once) and `intervention_effect` gives the logits before and after (`lenslab.steering.graph_interventions`). `probe_steering` and
 `probe_intervention` steer along a linear probe's direction, or project it out
 (`lenslab.steering.probe_steering`, probes from `lenslab.probes.linear`).
 
@@ -42,6 +44,7 @@ else:
     from lenslab.steering.experts import hf_hooks, reroute, switch_experts
     from lenslab.steering.features import ablate_feature, add_feature, clamp_feature
     from lenslab.steering.generate import generate, stream
+    from lenslab.steering.graph_interventions import intervention_effect, node_intervention
     from lenslab.steering.intervention import (
         EXPERT_OPS,
         FEATURE_KINDS,
@@ -89,9 +92,11 @@ else:
         "hf_hooks",
         "hook_name",
         "hooks",
+        "intervention_effect",
         "load",
         "mean_activations",
         "mean_difference",
+        "node_intervention",
         "probe_intervention",
         "probe_steering",
         "reroute",

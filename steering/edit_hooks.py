@@ -3,10 +3,14 @@ into TransformerLens forward hooks, and `apply` steers every forward pass inside
 
 Unit edits become hooks on their hook points; expert switches go through
 `lenslab.steering.experts` (hooks on a HookedTransformer MoE, torch hooks on a bridge's routers).
+A feature edit that reads its activation at another hook (`FeatureRead.hook`: a transcoder
+feature, read at the MLP's input and written to its output) adds one hook there that keeps the
+activation for the edit, after the edits at that hook.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -44,7 +48,26 @@ def _validate(model, intervention: Intervention) -> list | None:
     for e in unit_edits:
         if e.hook not in known:
             raise LenslabError(f"hook {e.hook!r} is not a hook point of this model{did_you_mean(e.hook, names)}")
-    dims = hook_unit_sizes(model, sorted({e.hook for e in unit_edits}))
+    reads = [e for e in unit_edits if e.op == "feature" and e.feature.hook is not None]
+    for e in reads:
+        if e.feature.hook not in known:
+            raise LenslabError(
+                f"the feature edit at {e.hook} reads hook {e.feature.hook!r}, which is not a hook point of this model"
+                f"{did_you_mean(e.feature.hook, names)}"
+            )
+        at, to = (re.match(r"blocks\.(\d+)\.", h) for h in (e.feature.hook, e.hook))
+        if at and to and int(at.group(1)) > int(to.group(1)):
+            raise LenslabError(
+                f"the feature edit at {e.hook} reads its activation at {e.feature.hook}, a later layer: the read "
+                "hook must run before the edited one"
+            )
+    dims = hook_unit_sizes(model, sorted({e.hook for e in unit_edits} | {e.feature.hook for e in reads}))
+    for e in reads:
+        if dims[e.feature.hook] != e.feature.d_in:
+            raise LenslabError(
+                f"the feature edit at {e.hook} reads d_in={e.feature.d_in} entries at {e.feature.hook}, which has "
+                f"{dims[e.feature.hook]}: its transcoder was trained on another model"
+            )
     for e in unit_edits:
         d = dims[e.hook]
         if e.units is not None:
@@ -65,7 +88,9 @@ def _validate(model, intervention: Intervention) -> list | None:
     return layers
 
 
-def _edit_fn(e: Edit, prompt_len: int | None) -> Callable:
+def _edit_fn(e: Edit, prompt_len: int | None, kept: dict[str, Tensor]) -> Callable:
+    """The hook function of unit edit `e`; `kept` holds the activations feature edits read at other hooks."""
+
     def fn(act: Tensor, hook) -> Tensor:
         if e.op == "feature" and e.strength == 0:
             return act  # bit-identical
@@ -91,7 +116,16 @@ def _edit_fn(e: Edit, prompt_len: int | None) -> Callable:
         elif e.op == "clamp":
             new = s * v + (1 - s) * x
         elif e.op == "feature":
-            a = e.feature.activation(x)  # [batch, n_pos], float32
+            if e.feature.hook is None:
+                a = e.feature.activation(x)  # [batch, n_pos], float32
+            else:
+                src = kept.get(e.feature.hook)
+                if src is None or src.shape[:2] != act.shape[:2]:
+                    raise LenslabError(
+                        f"the feature edit at {e.hook} reads {e.feature.hook}, which has not run in this forward "
+                        "pass: the read hook must run before the edited one"
+                    )
+                a = e.feature.activation(src.reshape(b, p, -1)[:, pos])
             new = x + (s * (e.feature.target - a)).to(act.dtype)[..., None] * v
         elif e.op == "project":  # remove the component along v
             new = x - s * ((x @ v) / (v @ v))[..., None] * v
@@ -104,6 +138,22 @@ def _edit_fn(e: Edit, prompt_len: int | None) -> Callable:
     return fn
 
 
+def _keeper(name: str, kept: dict[str, Tensor]) -> Callable:
+    def keep(act: Tensor, hook) -> None:
+        kept[name] = act
+
+    return keep
+
+
+def _unit_pairs(intervention: Intervention, prompt_len: int | None) -> list[tuple[str, Callable]]:
+    """The hooks of the unit edits, then one per hook that a feature edit reads its activation at."""
+    kept: dict[str, Tensor] = {}
+    edits = [e for e in intervention.edits if e.op not in EXPERT_OPS]
+    pairs = [(e.hook, _edit_fn(e, prompt_len, kept)) for e in edits]
+    reads = dict.fromkeys(e.feature.hook for e in edits if e.op == "feature" and e.feature.hook is not None)
+    return pairs + [(name, _keeper(name, kept)) for name in reads]
+
+
 def hooks(model, intervention: Intervention, *, prompt_len: int | None = None) -> list[tuple[str, Callable]]:
     """Validated TransformerLens forward hooks `[(hook_name, fn), ...]` for `intervention`.
 
@@ -113,7 +163,7 @@ def hooks(model, intervention: Intervention, *, prompt_len: int | None = None) -
     hooks on the Hugging Face routers, so use `apply` there (this raises a `LenslabError`).
     """
     layers = _validate(model, intervention)
-    pairs = [(e.hook, _edit_fn(e, prompt_len)) for e in intervention.edits if e.op not in EXPERT_OPS]
+    pairs = _unit_pairs(intervention, prompt_len)
     switches = expert_edits(intervention)
     if switches:
         if layers[0].kind != "hooked":
@@ -143,6 +193,6 @@ def apply(model, intervention: Intervention | None, *, prompt_len: int | None = 
         yield model
         return
     layers = _validate(model, intervention)
-    pairs = [(e.hook, _edit_fn(e, prompt_len)) for e in intervention.edits if e.op not in EXPERT_OPS]
+    pairs = _unit_pairs(intervention, prompt_len)
     with apply_experts(model, expert_edits(intervention), layers, pairs, prompt_len=prompt_len):
         yield model

@@ -28,7 +28,10 @@ the edited entries with the SAE's own encoder (`FeatureRead`: encoder column, bi
 threshold or top-k), and `d` its decoder row. The result equals the SAE's decomposition
 `decode(acts) + error` with that one activation replaced (sae-lens's error-term forward). Build them
 with `lenslab.steering.features` (`ablate_feature`, `clamp_feature`; `add_feature` is an `add` edit
-with vector `c * W_dec[f]`).
+with vector `c * W_dec[f]`). A transcoder feature reads one hook and writes another (the MLP's input
+and its output): its `FeatureRead.hook` names the hook `a` is read at, at the same positions, and
+the edit sits at the hook it writes (`lenslab.steering.graph_interventions` builds them from
+attribution-graph nodes).
 
 MoE expert switches (`lenslab.steering.experts`, MoTE) are edits too: `hook` is the MoE block
 `"blocks.{layer}.mlp"`, `units` the expert ids, no tensors; `drop_experts` (zero the gate weight,
@@ -95,6 +98,11 @@ class FeatureRead:
     - `topk` (`TopKSAE`): `encoder` is the whole encoder `[d_in, d_sae]` and `bias` `[d_sae]`;
       `a = max(pre[index], 0)` when `index` is among the `k` largest entries of `pre`, else 0.
 
+    `x` is the edited entries themselves unless `hook` names another hook point: then `x` is that
+    hook's activation at the edited positions (a transcoder reads the MLP's input,
+    `blocks.{l}.ln2.hook_normalized`, and its feature edits write the MLP's output,
+    `blocks.{l}.hook_mlp_out`). That hook must run before the edited one in the forward pass.
+
     Attributes:
         index: the feature's id in its SAE.
         kind: "relu", "jumprelu" or "topk".
@@ -104,6 +112,7 @@ class FeatureRead:
         threshold: the JumpReLU threshold (jumprelu only).
         k: active features per token (topk only).
         target: the activation the feature is set to (0 ablates).
+        hook: the hook point the activation is read at, or None for the edited entries.
     """
 
     index: int
@@ -114,8 +123,14 @@ class FeatureRead:
     threshold: float = 0.0
     k: int | None = None
     target: float = 0.0
+    hook: str | None = None
 
     def __post_init__(self) -> None:
+        if self.hook is not None and (not isinstance(self.hook, str) or not self.hook):
+            raise LenslabError(
+                f"hook of feature {self.index} must be a hook name like 'blocks.0.ln2.hook_normalized' or None, "
+                f"got {self.hook!r}"
+            )
         if self.kind not in FEATURE_KINDS:
             raise LenslabError(
                 f"feature kind {self.kind!r} is not one of {', '.join(FEATURE_KINDS)}"
@@ -183,8 +198,8 @@ class FeatureRead:
         if not isinstance(other, FeatureRead):
             return NotImplemented
         return (
-            (self.index, self.kind, self.threshold, self.k, self.target)
-            == (other.index, other.kind, other.threshold, other.k, other.target)
+            (self.index, self.kind, self.threshold, self.k, self.target, self.hook)
+            == (other.index, other.kind, other.threshold, other.k, other.target, other.hook)
             and _teq(self.encoder, other.encoder)
             and _teq(self.bias, other.bias)
             and _teq(self.b_dec, other.b_dec)
@@ -205,12 +220,14 @@ class FeatureRead:
             "k": self.k,
             **{key.rsplit(".", 1)[1]: key for key in tensors},
         }
+        if self.hook is not None:
+            d["hook"] = self.hook
         return d, tensors
 
     @classmethod
     def from_preset(cls, d: dict, tensors: dict[str, Tensor]) -> FeatureRead:
         """The read `to_preset` wrote."""
-        kw = {k: d[k] for k in ("index", "kind", "target", "threshold", "k") if k in d}
+        kw = {k: d[k] for k in ("index", "kind", "target", "threshold", "k", "hook") if k in d}
         for key in ("encoder", "bias", "b_dec"):
             if d.get(key) is not None:
                 if d[key] not in tensors:
@@ -290,7 +307,13 @@ class Edit:
                     f"a feature edit at {self.hook} needs feature=FeatureRead(...) (build it with "
                     "lenslab.steering.features.ablate_feature / clamp_feature)"
                 )
-            if vec is None or vec.ndim != 1 or vec.shape != self.feature.encoder.shape[:1]:
+            if self.feature.hook is not None:  # read at another hook: the decoder row has the edited size
+                if vec is None or vec.ndim != 1:
+                    raise LenslabError(
+                        f"a feature edit at {self.hook} needs its decoder row as a 1-D vector [n_units], got "
+                        f"{None if vec is None else tuple(vec.shape)}"
+                    )
+            elif vec is None or vec.ndim != 1 or vec.shape != self.feature.encoder.shape[:1]:
                 raise LenslabError(
                     f"a feature edit at {self.hook} needs its decoder row as vector [d_in] = [{self.feature.d_in}] "
                     f"(the size its encoder reads), got {None if vec is None else tuple(vec.shape)}"

@@ -122,3 +122,60 @@ def test_models_without_transcoders_get_a_note(monkeypatch, model, says):
     at = _app(monkeypatch, model)
     assert any(says in i.value for i in at.info), [i.value for i in at.info]
     assert not at.button  # nothing to compute
+
+
+def test_graph_page_intervenes_from_nodes(monkeypatch):
+    """A supernode clamped to half its activation: the library's before/after numbers and first-order
+    prediction; then the top node steered at every position: the library's side-by-side generation,
+    kept (not regenerated) when another widget reruns the page."""
+    from lenslab import steering as S
+    from lenslab.app._shell import continuation_markdown
+    from lenslab.steering import graph_interventions as GI
+
+    at = _app(monkeypatch, MODEL)
+    _compute(at)
+    prompt = at.text_area(key="prompt").value.strip()
+    model = lenslab.load_model(MODEL, device="cpu")
+    ref = AG.attribution_graph(model, prompt, TRANSCODERS, max_feature_nodes=NODES)
+    pruned = AG.prune(ref, node_threshold=0.8, edge_threshold=0.98)
+    feats = [n for n, p in zip(pruned.nodes, pruned.parsed) if p.kind == "feature"]
+    assert list(at.multiselect(key="ag_iv_nodes").options) == feats  # feature nodes only
+    target = len(ref.nodes) - 1
+    top = max(feats, key=lambda n: abs(float(ref.adjacency[target, ref.nodes.index(n)])))
+
+    nodes = feats[:2]
+    at.multiselect(key="ag_iv_nodes").set_value(nodes).run()
+    at.text_input(key="ag_iv_name").set_value("two features").run()
+    at.radio(key="ag_iv_mode").set_value("clamp").run()
+    at.number_input(key="ag_iv_value").set_value(0.5).run()  # × its activation (the default)
+    at.number_input(key="ag_iv_new_tokens").set_value(0).run()
+    at.button(key="ag_iv_go").click().run()
+    _ok(at)
+    iv = GI.node_intervention(TRANSCODERS, nodes, "clamp", factor=0.5, graph=ref, name="two features")
+    want = GI.intervention_effect(model, ref, iv)
+    shown = _metrics(at)
+    assert float(shown[f"Target {want.target_token!r}, before"]) == pytest.approx(want.target_before, abs=1e-4)
+    assert float(shown["After: two features"]) == pytest.approx(want.target_after, abs=1e-4)
+    assert float(shown["Graph's first-order change"]) == pytest.approx(want.predicted, abs=1e-4)
+    assert at.dataframe[-1].value["id"].tolist() == want.token_ids
+
+    at.multiselect(key="ag_iv_nodes").set_value([top]).run()
+    at.text_input(key="ag_iv_name").set_value("").run()
+    at.radio(key="ag_iv_mode").set_value("steer").run()
+    at.number_input(key="ag_iv_value").set_value(30.0).run()
+    at.radio(key="ag_iv_where").set_value("every position").run()
+    at.number_input(key="ag_iv_new_tokens").set_value(4).run()
+    at.button(key="ag_iv_go").click().run()
+    _ok(at)
+    iv = GI.node_intervention(TRANSCODERS, top, "steer", 30.0, positions="all")
+    base, steered = S.generate(model, prompt, max_new_tokens=4), S.generate(model, prompt, iv, max_new_tokens=4)
+    assert base != steered
+    gens = [continuation_markdown(prompt, base), continuation_markdown(prompt, steered)]
+    assert [m.value for m in at.markdown if m.value in gens] == gens
+    assert float(_metrics(at)[f"After: {iv.name}"]) == pytest.approx(
+        GI.intervention_effect(model, ref, iv).target_after, abs=1e-4
+    )
+    at.slider(key="ag_max_edges").set_value(100).run()  # another widget: the result and texts stay
+    _ok(at)
+    assert [m.value for m in at.markdown if m.value in gens] == gens
+    assert f"After: {iv.name}" in _metrics(at)

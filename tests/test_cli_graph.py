@@ -52,7 +52,7 @@ def library(zoo_models):
 def test_graph_commands_are_registered():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     cmds = next(a for a in sub.choices["graph"]._actions if a.dest == "graph_command").choices
-    assert set(cmds) == {"attribute", "prune", "export", "validate"}
+    assert set(cmds) == {"attribute", "prune", "export", "validate", "intervene"}
 
 
 def test_attribute_writes_the_librarys_graph(attributed, library):
@@ -148,6 +148,14 @@ def test_export_figures(attributed, tmp_path):
             ["graph", "prune", "--graph", "other.json", "--out", "p.json"],
             "--graph 'other.json': not a AttributionGraph JSON (kind='PatchResult')",
         ),
+        (["graph", "intervene", "--node", "MLP0.err@3"], "'MLP0.err@3' is an error node: only feature nodes can"),
+        (
+            ["graph", "intervene", "--node", "L0F1@3", "--mode", "clamp", "--factor", "2"],
+            "--factor multiplies the node's activation recorded in the graph: pass --graph",
+        ),
+        (["graph", "intervene", "--node", "L0F1@3", "--positions", "anywhere"], "--positions 'anywhere' is not one of"),
+        (["graph", "intervene", "--node", "L0F1@3", "--mode", "steer"], "steer needs value="),
+        (["graph", "intervene", "--node", "L0F1@3", "--out", "r.txt"], "--out 'r.txt'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv, message, capsys, tmp_path, monkeypatch):
@@ -182,3 +190,52 @@ def test_validate_prints_and_writes_the_librarys_ablation(attributed, library, t
     got = graph_validation.GraphAblation.from_json(out)
     assert torch.allclose(got.graph, ref.graph, atol=1e-5) and torch.allclose(got.random, ref.random, atol=1e-5)
     assert f"weighted target drop {ref.graph_effect():.4f}" in printed
+
+
+def _top_features(graph, n: int) -> list[str]:
+    """The `n` feature nodes with the largest |edge| into the graph's heaviest target."""
+    t = len(graph.nodes) - len(graph.target_weights) + int(graph.target_weights.argmax())
+    feats = [x for x, p in zip(graph.nodes, graph.parsed) if p.kind == "feature"]
+    return sorted(feats, key=lambda x: -abs(float(graph.adjacency[t, graph.nodes.index(x)])))[:n]
+
+
+def test_intervene_prints_and_writes_the_librarys_effect(attributed, library, tmp_path, capsys):
+    from lenslab import steering as S
+    from lenslab.steering import graph_interventions as GI
+
+    path, _ = attributed
+    model, lib = library
+    nodes = _top_features(lib, 2)
+    out = tmp_path / "effect.json"
+    argv = ["graph", "intervene", "--graph", str(path), "--node", nodes[0], "--node", nodes[1], "--name", "pair"]
+    assert main([*argv, "--mode", "clamp", "--factor", "0.5", "--generate", "3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    iv = GI.node_intervention("zoo/ioi-4l/per-layer", nodes, "clamp", factor=0.5, graph=lib, name="pair")
+    ref = GI.intervention_effect(model, lib, iv)
+    got = GI.NodeIntervention.from_json(out)
+    assert got.token_ids == ref.token_ids and got.nodes == nodes and got.name == "pair"
+    assert torch.allclose(got.logits_after, ref.logits_after, atol=1e-5)
+    assert got.predicted == pytest.approx(ref.predicted, abs=1e-5)
+    assert "pair: 2 edit(s) at blocks.0.hook_mlp_out" in printed
+    assert f"{ref.target_before:.4f} -> {ref.target_after:.4f} (change {ref.target_change():+.4f}" in printed
+    assert f"the graph's first-order change {ref.predicted:+.4f}" in printed
+    assert f"unsteered:{S.generate(model, PROMPT, max_new_tokens=3)}\n" in printed  # continuations start with a space
+    assert f"steered:  {S.generate(model, PROMPT, iv, max_new_tokens=3)}   [pair; strength 1]" in printed
+
+
+def test_intervene_on_a_prompt_without_a_graph(library, capsys):
+    from lenslab import steering as S
+    from lenslab.steering import graph_interventions as GI
+
+    model, lib = library
+    node = _top_features(lib, 1)[0]
+    argv = ["graph", "intervene", "--model", "zoo/ioi-4l", "--prompt", PROMPT, "--node", node, "--mode", "steer"]
+    assert main([*argv, "--value", "30", "--positions", "all", "--generate", "4", "--target", "John"]) == 0
+    printed = capsys.readouterr().out
+    iv = GI.node_intervention("zoo/ioi-4l/per-layer", node, "steer", 30.0, positions="all")
+    ref = GI.intervention_effect(model, PROMPT, iv, target="John")
+    assert f"target 'John' (logit - mean logit at position {ref.pos}): {ref.target_before:.4f} -> " in printed
+    assert "first-order" not in printed  # no graph, no prediction
+    steered = S.generate(model, PROMPT, iv, max_new_tokens=4)
+    assert steered != S.generate(model, PROMPT, max_new_tokens=4)
+    assert f"steered:  {steered}   [steer {node} 30; strength 1]" in printed

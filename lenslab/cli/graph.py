@@ -1,7 +1,9 @@
-"""`lenslab graph attribute|prune|export|validate` (lenslab.probes.attribution_graph,
-lenslab.probes.graph_files, lenslab.probes.graph_validation): circuit-tracer's attribution graph of
-a prompt through a model's transcoders, pruned, written as circuit-tracer's / Neuronpedia's graph
-file or a figure, and checked by ablating its features against random ones in the live model."""
+"""`lenslab graph attribute|prune|export|validate|intervene` (lenslab.probes.attribution_graph,
+lenslab.probes.graph_files, lenslab.probes.graph_validation, lenslab.steering.graph_interventions):
+circuit-tracer's attribution graph of a prompt through a model's transcoders, pruned, written as
+circuit-tracer's / Neuronpedia's graph file or a figure, checked by ablating its features against
+random ones in the live model, and intervened on from its feature nodes (ablate, clamp, steer; the
+logits before and after, and a side-by-side generation)."""
 
 from __future__ import annotations
 
@@ -106,6 +108,60 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_device(sv, default="cpu")
     add_out(sv, "the ablation result (.json) or its figure (.svg .png .pdf .html)", required=False)
     sv.set_defaults(func=cmd_validate)
+
+    si = ssub.add_parser(
+        "intervene",
+        help="ablate, clamp or steer the transcoder features of graph nodes (one, or several as a supernode) in "
+        "the live model: next-token logits before and after, and optionally a side-by-side generation",
+    )
+    si.add_argument(
+        "--graph",
+        default=None,
+        help="a graph written by `lenslab graph attribute` or `prune`: its prompt and model, the nodes checked "
+        "against it, its activations for --factor and its edges for the first-order prediction "
+        "(without it: --model and --prompt)",
+    )
+    si.add_argument("--model", default=None, help="the model (default: the one the graph records, else zoo/ioi-4l)")
+    add_prompt(si)
+    si.add_argument(
+        "--transcoders",
+        default=None,
+        help="the transcoders the graph was computed with (default: the zoo model's shipped per-layer set)",
+    )
+    si.add_argument(
+        "--node",
+        action="append",
+        required=True,
+        metavar="LABEL",
+        help="a feature node, e.g. L0F195@3 (layer 0, feature 195, position 3); repeat it for a supernode",
+    )
+    si.add_argument("--name", default=None, help="the supernode's label (default: the mode and the nodes)")
+    si.add_argument("--mode", choices=("ablate", "clamp", "steer"), default="ablate", help="default ablate")
+    si.add_argument("--value", type=float, default=None, help="clamp: the activation to hold; steer: the amount added")
+    si.add_argument(
+        "--factor", type=float, default=None, help="clamp: hold this multiple of the node's activation (needs --graph)"
+    )
+    si.add_argument(
+        "--positions",
+        default="node",
+        help="node (each node's own position, default), or all, last, prompt, generated (all: every generated "
+        "token too)",
+    )
+    si.add_argument("--strength", type=float, default=1.0, help="the edits' strength (0: unchanged; default 1)")
+    si.add_argument(
+        "--target",
+        default=None,
+        help="the token to track (default: the graph's heaviest logit target, else the top token)",
+    )
+    si.add_argument("--top-k", type=int, default=10, help="top tokens shown before and after (default 10)")
+    si.add_argument(
+        "--generate", type=int, default=0, metavar="N", help="also stream N tokens unsteered and steered, side by side"
+    )
+    si.add_argument("--temperature", type=float, default=0.0, help="generation: 0 is greedy (default)")
+    si.add_argument("--seed", type=int, default=0, help="generation: the sampling seed")
+    add_device(si, default="cpu")
+    add_out(si, "the before/after result (.json) or its figure (.svg .png .pdf .html)", required=False)
+    si.set_defaults(func=cmd_intervene)
 
 
 def default_transcoders(model: str) -> str:
@@ -246,6 +302,65 @@ def cmd_validate(args: argparse.Namespace) -> int:
     )
     for label, c, g in zip(res.targets, res.clean.tolist(), res.graph.tolist()):
         print(f"  {label}: {c:.4f} -> {g:.4f}")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"lenslab: wrote {export(res, out)}")
+    return 0
+
+
+POSITION_CHOICES = ("node", "all", "last", "prompt", "generated")
+
+
+def cmd_intervene(args: argparse.Namespace) -> int:
+    from lenslab.cli.steering import print_side_by_side  # deferred: keeps CLI start-up fast
+    from lenslab.steering import graph_interventions as GI  # deferred: keeps CLI start-up fast
+
+    out = out_path(args)
+    if args.positions not in POSITION_CHOICES:
+        raise LenslabError(f"--positions {args.positions!r} is not one of {', '.join(POSITION_CHOICES)}")
+    if args.generate < 0:
+        raise LenslabError(f"--generate must be >= 0 tokens, got {args.generate}")
+    graph = read_graph(args.graph) if args.graph else None
+    if graph is not None and args.prompt:
+        raise LenslabError("--graph fixes the prompt (the one it was computed on): drop --prompt, or drop --graph")
+    if graph is None and args.factor is not None:
+        raise LenslabError(
+            "--factor multiplies the node's activation recorded in the graph: pass --graph (or clamp with --value)"
+        )
+    name = args.model or (graph.provenance.get("model") if graph is not None else None) or "zoo/ioi-4l"
+    args.model = name
+    transcoders = args.transcoders or default_transcoders(name)
+    iv = GI.node_intervention(
+        transcoders,
+        args.node,
+        args.mode,
+        args.value,
+        factor=args.factor,
+        graph=graph,
+        positions=args.positions,
+        strength=args.strength,
+        name=args.name,
+    )
+    model = lenslab.load_model(name, device=args.device)
+    prompt = GI.graph_prompt(model, graph) if graph is not None else prompt_or_default(args)
+    res = GI.intervention_effect(model, graph if graph is not None else prompt, iv, target=args.target, k=args.top_k)
+    print(f"{iv.name}: {len(iv.edits)} edit(s) at {', '.join(iv.hook_names)}")
+    pred = "" if res.predicted is None else f"; the graph's first-order change {res.predicted:+.4f}"
+    print(
+        f"target {res.target_token!r} (logit - mean logit at position {res.pos}): {res.target_before:.4f} -> "
+        f"{res.target_after:.4f} (change {res.target_change():+.4f}{pred})"
+    )
+    k = min(args.top_k, len(res.tokens))
+    before = sorted(range(len(res.tokens)), key=lambda i: -float(res.probs_before[i]))[:k]
+    after = sorted(range(len(res.tokens)), key=lambda i: -float(res.probs_after[i]))[:k]
+    print(f"  {'before':<30}after")
+    for rank, (b, a) in enumerate(zip(before, after), 1):
+        left = f"{res.tokens[b]!r} {float(res.probs_before[b]):.4g}"
+        print(f"  {rank:>2}. {left:<26}{res.tokens[a]!r} {float(res.probs_after[a]):.4g}")
+    if args.generate:
+        print()
+        kw = dict(max_new_tokens=args.generate, seed=args.seed, temperature=args.temperature)
+        print_side_by_side(model, prompt, iv, **kw)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         print(f"lenslab: wrote {export(res, out)}")

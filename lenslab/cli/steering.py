@@ -236,8 +236,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lenslab import steering  # deferred: keeps CLI start-up fast
-
     _check_presets([args.preset])
     model = lenslab.load_model(args.model, device=args.device)
     iv = _load_preset(model, args.preset)
@@ -245,6 +243,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         iv = iv.with_strength(args.strength)
     prompt = prompt_or_default(args)
     kw = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, temperature=args.temperature)
+    print_side_by_side(model, prompt, iv, **kw)
+    return 0
+
+
+def print_side_by_side(model, prompt: str, iv, **kw) -> None:
+    """Print the prompt, then its continuation unsteered and steered by `iv` (same seed), streamed
+    token by token (`lenslab.steering.stream`; `kw` are its options)."""
+    from lenslab import steering  # deferred: keeps CLI start-up fast
+
     strengths = sorted(set(iv.strengths()))
     print(f"prompt:    {prompt}")
     for label, intervention in (("unsteered", None), ("steered", iv)):
@@ -252,7 +259,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for piece in steering.stream(model, prompt, intervention, **kw):
             print(piece, end="", flush=True)
         print(f"   [{iv.name}; strength {', '.join(f'{s:g}' for s in strengths)}]" if intervention else "", flush=True)
-    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
