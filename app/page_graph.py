@@ -1,11 +1,12 @@
 """Page "Graph": circuit-tracer's attribution graph of the sidebar prompt through the model's shipped
 transcoders (direct effects among transcoder features, error nodes, token embeddings and the
 target logits), pruned live by node and edge thresholds, with its replacement and completeness
-scores, node and edge tables, pinned nodes, validation by ablation, interventions from feature
+scores, node and edge tables, pinned nodes, edges split by attention head, validation by
+ablation, interventions from feature
 nodes (one, or several as a labelled supernode: ablate, clamp or steer, with the logits before and
 after and a side-by-side generation) and downloads. Numerics live in
-`lenslab.probes.attribution_graph`, `lenslab.probes.transcoders`, `lenslab.probes.graph_validation`
-and `lenslab.steering.graph_interventions`; this page only calls them.
+`lenslab.probes.attribution_graph`, `lenslab.probes.transcoders`, `lenslab.probes.graph_heads`,
+`lenslab.probes.graph_validation` and `lenslab.steering.graph_interventions`; this page only calls them.
 
 The unpruned graph is kept in `st.session_state`, keyed by model, prompt, target, transcoders
 and feature budget, so moving a threshold re-prunes it without recomputing."""
@@ -20,7 +21,7 @@ import lenslab
 from lenslab import zoo
 from lenslab.app import _shell
 from lenslab.probes import attribution_graph as AG
-from lenslab.probes import graph_files, graph_validation
+from lenslab.probes import graph_files, graph_heads, graph_validation
 from lenslab.probes import transcoders as T
 from lenslab.steering import graph_interventions as GI
 
@@ -159,6 +160,25 @@ with t1:
 with t2:
     st.dataframe(edges_df.head(200), hide_index=True, height=320)
     st.caption(f"{len(edges_df)} edges, strongest |weight| first (at most 200 shown).")
+
+st.subheader("Edges by attention head")
+st.caption(
+    "Each edge of the pruned graph split into the attention head each path crosses last plus its attention-free "
+    "residual part; the parts sum to the edge (`lenslab.probes.graph_heads`)."
+)
+c1, c2 = st.columns([1, 3])
+n_edges = c1.number_input("Strongest edges", 1, 500, 30, key="ag_heads_n")
+heads_key = (key, float(node_t), float(edge_t), int(n_edges))
+if c2.button("Split by head", key="ag_heads_go", disabled=any(n.startswith("target") for n in pruned.nodes)):
+    split = _shell.call(
+        "Splitting the edges by head", graph_heads.head_edges, model, pruned, tc_name, max_edges=int(n_edges)
+    )
+    ss["ag_heads"] = {heads_key: split} if split else {}
+split = ss.get("ag_heads", {}).get(heads_key)
+if split is not None:
+    st.plotly_chart(split.figure(), key="ag_heads_fig")
+    st.dataframe(split.table(top=3), hide_index=True, height=300)
+    _shell.downloads(split, "graph_heads")
 
 st.subheader("Validate by ablation")
 st.caption(

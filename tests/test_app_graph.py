@@ -108,6 +108,19 @@ def test_graph_page_shows_the_librarys_graph(monkeypatch):
     assert float(_metrics(at)[label]) == pytest.approx(check.graph_effect(), abs=1e-4)
     assert len(at.get("plotly_chart")) == 2
 
+    # edges split by attention head: the library's split of the pruned graph's strongest edges
+    from lenslab.probes import graph_heads
+
+    at.number_input(key="ag_heads_n").set_value(10).run()
+    at.button(key="ag_heads_go").click().run()
+    _ok(at)
+    split = graph_heads.head_edges(model, AG.prune(ref2, 0.5, 0.8), TRANSCODERS, max_edges=10)
+    shown = next(d.value for d in at.dataframe if "one_hop" in d.value.columns)
+    want = split.table(top=3)
+    assert shown[["source", "target", "path"]].values.tolist() == want[["source", "target", "path"]].values.tolist()
+    assert shown["part"].tolist() == pytest.approx(want["part"].tolist(), abs=1e-5)
+    assert len(at.get("plotly_chart")) == 3
+
     # a token that is not one token: a readable message, no traceback
     at.text_input(key="ag_answers").set_value("Mary,John Mary").run()
     at.button(key="ag_go").click().run()

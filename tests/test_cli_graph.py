@@ -1,4 +1,4 @@
-"""`lenslab graph attribute|prune|export|validate`: each writes what the library computes (lenslab's
+"""`lenslab graph attribute|prune|export|validate|heads|intervene`: each writes what the library computes (lenslab's
 AttributionGraph JSON, circuit-tracer's graph file, a figure); bad input is one readable line, exit code 2."""
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def library(zoo_models):
 def test_graph_commands_are_registered():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     cmds = next(a for a in sub.choices["graph"]._actions if a.dest == "graph_command").choices
-    assert set(cmds) == {"attribute", "prune", "export", "validate", "intervene"}
+    assert set(cmds) == {"attribute", "prune", "export", "validate", "heads", "intervene"}
 
 
 def test_attribute_writes_the_librarys_graph(attributed, library):
@@ -239,3 +239,32 @@ def test_intervene_on_a_prompt_without_a_graph(library, capsys):
     steered = S.generate(model, PROMPT, iv, max_new_tokens=4)
     assert steered != S.generate(model, PROMPT, max_new_tokens=4)
     assert f"steered:  {steered}   [steer {node} 30; strength 1]" in printed
+
+
+def test_heads_prints_and_writes_the_librarys_split(attributed, library, tmp_path, capsys):
+    from lenslab.probes import graph_heads
+
+    path, _ = attributed
+    model, lib = library
+    out = tmp_path / "heads.json"
+    assert main(["graph", "heads", "--graph", str(path), "--max-edges", "20", "--out", str(out)]) == 0
+    ref = graph_heads.head_edges(model, lib, "zoo/ioi-4l/per-layer", max_edges=20)
+    got = graph_heads.HeadEdges.from_dict(json.loads(out.read_text()))
+    assert got.sources == ref.sources and got.targets == ref.targets
+    assert torch.allclose(torch.as_tensor(got.via_head), torch.as_tensor(ref.via_head), atol=1e-5)
+    assert ref.table(top=3).to_string(index=False) in capsys.readouterr().out
+
+
+def test_attention_only_model_needs_no_transcoders(tmp_path, capsys):
+    """induction-2l has no MLPs: `graph attribute` builds its graph without transcoders and `graph heads`
+    puts the repeated token's edge through the card's layer-1 induction heads."""
+    from lenslab.probes import graph_heads
+
+    g = tmp_path / "ind.json"
+    argv = ["graph", "attribute", "--model", "zoo/induction-2l", "--prompt", "t5 t9 t2 t7 t5", "--targets", "t9"]
+    assert main([*argv, "--out", str(g)]) == 0
+    out = tmp_path / "heads.json"
+    assert main(["graph", "heads", "--graph", str(g), "--out", str(out)]) == 0
+    split = graph_heads.HeadEdges.from_dict(json.loads(out.read_text()))
+    top = next(iter(split.head_totals(split.targets[0], top_edges=1)))
+    assert top in {"L1H0", "L1H1", "L1H2", "L1H3"}

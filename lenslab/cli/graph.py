@@ -1,9 +1,10 @@
-"""`lenslab graph attribute|prune|export|validate|intervene` (lenslab.probes.attribution_graph,
+"""`lenslab graph attribute|prune|export|validate|heads|intervene` (lenslab.probes.attribution_graph,
 lenslab.probes.graph_files, lenslab.probes.graph_validation, lenslab.steering.graph_interventions):
 circuit-tracer's attribution graph of a prompt through a model's transcoders, pruned, written as
 circuit-tracer's / Neuronpedia's graph file or a figure, checked by ablating its features against
-random ones in the live model, and intervened on from its feature nodes (ablate, clamp, steer; the
-logits before and after, and a side-by-side generation)."""
+random ones in the live model, its edges split by attention head (lenslab.probes.graph_heads), and
+intervened on from its feature nodes (ablate, clamp, steer; the logits before and after, and a
+side-by-side generation)."""
 
 from __future__ import annotations
 
@@ -109,6 +110,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_out(sv, "the ablation result (.json) or its figure (.svg .png .pdf .html)", required=False)
     sv.set_defaults(func=cmd_validate)
 
+    sh = ssub.add_parser(
+        "heads",
+        help="split the graph's strongest edges by the attention head each path crosses last (plus the "
+        "attention-free residual part); the parts sum to the edge",
+    )
+    sh.add_argument("--graph", required=True, help="a graph written by `lenslab graph attribute` or `prune`")
+    sh.add_argument("--model", default=None, help="the model the graph was computed on (default: the one it records)")
+    sh.add_argument(
+        "--transcoders",
+        default=None,
+        help="the transcoders the graph was computed with (default: the zoo model's shipped per-layer set; none "
+        "for an attention-only model)",
+    )
+    sh.add_argument("--into", nargs="+", default=None, metavar="NODE", help="only the edges into these nodes")
+    sh.add_argument("--max-edges", type=int, default=200, help="split the strongest this many edges")
+    sh.add_argument("--top", type=int, default=3, help="heads printed per edge")
+    add_device(sh, default="cpu")
+    add_out(sh, "the split (.json) or its figure (.svg .png .pdf .html)", required=False)
+    sh.set_defaults(func=cmd_heads)
+
     si = ssub.add_parser(
         "intervene",
         help="ablate, clamp or steer the transcoder features of graph nodes (one, or several as a supernode) in "
@@ -164,6 +185,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     si.set_defaults(func=cmd_intervene)
 
 
+def model_transcoders(args: argparse.Namespace, model) -> str | None:
+    """--transcoders, else none for an attention-only model (its graph has no features), else the zoo
+    model's shipped per-layer set."""
+    if args.transcoders:
+        return args.transcoders
+    return None if model.cfg.attn_only else default_transcoders(args.model)
+
+
 def default_transcoders(model: str) -> str:
     """The zoo model's shipped per-layer transcoders (`zoo/<model>/per-layer`), else a clear error."""
     from lenslab.probes.transcoders import list_transcoders  # deferred: keeps CLI start-up fast
@@ -214,8 +243,8 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     from lenslab.probes import attribution_graph as AG  # deferred: keeps CLI start-up fast
 
     out = out_path(args)
-    transcoders = args.transcoders or default_transcoders(args.model)
     model = lenslab.load_model(args.model, device=args.device)
+    transcoders = model_transcoders(args, model)
     prompt = prompt_or_default(args)
     graph = AG.attribution_graph(
         model,
@@ -281,6 +310,27 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"{len(d['nodes'])} nodes, {len(d['links'])} links, node threshold {d['metadata']['node_threshold']}"
     )
     print(f"lenslab: wrote {path}")
+    return 0
+
+
+def cmd_heads(args: argparse.Namespace) -> int:
+    from lenslab.probes import graph_heads  # deferred: keeps CLI start-up fast
+
+    out = out_path(args)
+    if args.max_edges < 1:
+        raise LenslabError(f"--max-edges must be at least 1, got {args.max_edges}")
+    graph = read_graph(args.graph)
+    args.model = args.model or graph.provenance.get("model")
+    if not args.model:
+        raise LenslabError(f"--graph {args.graph!r} does not record its model: pass --model")
+    model = lenslab.load_model(args.model, device=args.device)
+    split = graph_heads.head_edges(
+        model, graph, model_transcoders(args, model), into=args.into, max_edges=args.max_edges
+    )
+    print(split.table(top=args.top).to_string(index=False))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"lenslab: wrote {export(split, out)}")
     return 0
 
 
