@@ -62,7 +62,7 @@ def test_atlas_writes_the_librarys_atlas(tmp_path, capsys, zoo_models):
 
 def test_fit_reads_a_csv_and_writes_the_fit(tmp_path, capsys):
     t = np.arange(0, 20000, 500.0)
-    y = T.trajectory_curve(t, A=30, lam=0.2, gamma=0.001, t0=-100, K=12) + np.random.default_rng(1).normal(
+    y = T.trajectory_curve(t, A=30, lam=0.2, gamma=0.001, t0=0.1, K=12) + np.random.default_rng(1).normal(
         0, 0.1, t.size
     )
     csv = tmp_path / "series.csv"
@@ -104,3 +104,41 @@ def test_fit_rejects_bad_csv_rows(tmp_path, capsys):
     csv.write_text("0,1\n1,2\n2,3\n")
     assert main(["norms", "fit", "--csv", str(csv), "--out", str(tmp_path / "f.json")]) == 2
     assert "needs at least 6 points" in capsys.readouterr().err
+
+
+def test_compare_stored_prints_and_writes_the_twins_table(tmp_path, capsys):
+    from lenslab.zoo import noln
+
+    out = tmp_path / "claims.json"
+    assert main(["norms", "compare", "--model", "zoo/ioi-4l", "--stored", "--out", str(out)]) == 0
+    stored = noln.stored_claims("zoo/ioi-4l")
+    assert capsys.readouterr().out.startswith(stored.to_markdown())
+    assert noln.NormClaims.from_dict(json.loads(out.read_text())).rows == stored.rows
+
+
+def test_compare_measures_a_model_against_a_given_free_model(tmp_path, capsys):
+    """--free names the norm-free model; the printed DLA gap is the library's (exact without norms)."""
+    from lenslab.zoo import noln
+
+    out = tmp_path / "claims.json"
+    argv = ["norms", "compare", "--model", "zoo/ioi-4l", "--free", "zoo/ioi-4l-noln", "--out", str(out)]
+    assert main(argv) == 0
+    got = noln.NormClaims.from_dict(json.loads(out.read_text()))
+    stored = noln.stored_claims("zoo/ioi-4l")
+    for label, cells in stored.rows.items():
+        assert got.value(label, "free") == pytest.approx(cells["free"], abs=1e-3), label
+    assert got.value("max abs(DLA − exact direct effect)", "free") < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "zoo/moe-refusal"], "has no norm-free twin in the zoo"),
+        (["--model", "zoo/ioi-4l", "--free", "zoo/ioi-4l"], "pass a model without norms"),
+        (["--model", "zoo/ioi-4l", "--free", "zoo/ioi-4l-noln", "--stored"], "no stored table"),
+    ],
+)
+def test_compare_bad_input_is_one_line(argv, message, capsys):
+    assert main(["norms", "compare", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

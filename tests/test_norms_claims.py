@@ -1,9 +1,13 @@
-"""The papers' interpretability claims for an LN-free model, measured on zoo/ioi-4l vs its LN-free twin
-zoo/ioi-4l-noln, against the table "LN-free vs original" in docs/norms.md:
+"""The LN-free papers' interpretability claims, measured on each zoo model and its norm-free twin
+(`lenslab.zoo.noln.claims`): re-measured from the committed weights they equal the table stored in the
+twin's config.json (shown on its card, the app page and `lenslab norms compare --stored`), and the
+claims hold:
 
 (a) DLA equals the exact direct effect (path patching into the logits) without norms, not with them;
 (b) AtP's agreement with exact activation patching (Pearson / Spearman over each site's grid);
-(c) the planted mechanism still works: held-out IOI accuracy and mean logit difference.
+(c) the planted mechanism still works (each parent's own numbers).
+
+zoo/ioi-4l's pair is also the table "LN-free vs original" in docs/norms.md.
 """
 
 from __future__ import annotations
@@ -12,70 +16,98 @@ from pathlib import Path
 
 import pytest
 
-from lenslab import circuits, tasks, zoo
-from lenslab.probes import dla
-from lenslab.zoo import train_ioi_4l as parent
+from lenslab import zoo
+from lenslab.zoo import noln
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DOC = Path(__file__).resolve().parents[1] / "docs" / "norms.md"
-MODELS = {"zoo/ioi-4l": "frozen", "zoo/ioi-4l-noln": "none"}  # model -> DLA norm handling
-SITES = ("z", "attn_out", "mlp_out")
-
-
-def dla_vs_direct_effect(model, task, norm: str) -> float:
-    """Max over heads of |DLA (clean minus corrupt, END position, averaged) - exact direct effect|,
-    the exact direct effect being path patching into the logits (denoising)."""
-    swap = tasks.Task(
-        clean_tokens=task.corrupt_tokens,
-        corrupt_tokens=task.clean_tokens,
-        answer_tokens=task.answer_tokens,
-        d_vocab=task.d_vocab,
-    )
-    a = dla.direct_logit_attribution(model, task=task, norm=norm)
-    b = dla.direct_logit_attribution(model, task=swap, norm=norm)
-    n_l, n_h = model.cfg.n_layers, model.cfg.n_heads
-    heads = [a.index(f"L{l}H{h}") for l in range(n_l) for h in range(n_h)]
-    d = (a.scores[:, -1, heads] - b.scores[:, -1, heads]).mean(0).reshape(n_l, n_h)
-    pp = circuits.path_patch(model, task, "logits", progress=False)
-    return float((d - (pp.scores - pp.corrupt_value)).abs().max())
-
-
-def measure(model, norm: str) -> dict:
-    task = tasks.ioi(model, n=32, seed=1)
-    faith = circuits.faithfulness(model, task, ["atp"], SITES, progress=False).table()
-    out = {"dla": dla_vs_direct_effect(model, task, norm)}
-    for row in faith.to_dict("records"):
-        out[row["site"]] = (row["pearson"], row["spearman"])
-    out["heldout"] = parent.evaluate(model, heldout=True)
-    return out
+DLA = "max abs(DLA − exact direct effect)"
+PAIRS = [p for p in noln.TWINS if zoo.PREFIX + p in zoo.zoo_names()]
 
 
 @pytest.fixture(scope="module")
 def measured(zoo_models):
-    if "zoo/ioi-4l-noln" not in zoo.zoo_names():
-        pytest.skip("zoo/ioi-4l-noln is not built")
-    return {name: measure(zoo_models(name), norm) for name, norm in MODELS.items()}
+    out = {}
+    for parent in PAIRS:
+        twin = noln.twin_of(parent)
+        assert twin is not None, (
+            f"zoo/{parent} has a twin recipe but no built twin: run `lenslab zoo train {parent}-noln`"
+        )
+        out[parent] = noln.claims(zoo_models(zoo.PREFIX + parent), zoo_models(twin), parent=parent)
+    return out
+
+
+def test_every_text_model_with_a_recipe_has_its_twin_committed():
+    assert sorted(PAIRS) == ["english-4l", "ioi-4l", "steer-sentiment"]
+    assert all(noln.twin_of(p) for p in PAIRS)
+
+
+@pytest.mark.parametrize("parent", PAIRS)
+def test_the_stored_table_is_what_the_weights_give(measured, parent):
+    stored, now = noln.stored_claims(parent), measured[parent]
+    assert stored is not None and list(stored.rows) == list(now.rows)
+    for label, cells in stored.rows.items():
+        for which in ("original", "free"):
+            assert now.value(label, which) == pytest.approx(cells[which], abs=1e-3), (label, which)
+
+
+@pytest.mark.parametrize("parent", PAIRS)
+def test_dla_is_exact_only_without_norms(measured, parent):
+    t = measured[parent]
+    scale = t.value("largest abs(exact direct effect) of a head", "original")
+    # float round-off without norms; with them, off by a visible share of the largest direct effect
+    assert t.value(DLA, "free") < 1e-4 < 0.05 * scale < t.value(DLA, "original")
+
+
+def test_the_planted_mechanisms_survive(measured):
+    ioi, sent, eng = measured["ioi-4l"], measured["steer-sentiment"], measured["english-4l"]
+    assert ioi.value("held-out IOI accuracy", "free") > 0.9
+    assert ioi.value("held-out mean logit diff (IO − S)", "free") > 10
+    for kind in ("positive after positive", "negative after negative"):
+        assert sent.value(f"next word {kind} context", "free") > 0.85, kind
+    loss = "held-out loss (nats/token)"
+    assert eng.value(loss, "free") - eng.value(loss, "original") < 0.15
+
+
+def test_ioi_atp_tracks_exact_patching_better_without_norms(measured):
+    t = measured["ioi-4l"]
+    for site in ("z", "attn_out", "mlp_out"):
+        label = f"AtP vs exact patching, {site}: Pearson"
+        assert t.value(label, "free") > t.value(label, "original"), site
 
 
 def test_the_ln_free_table_in_docs_norms(measured, doc_numbers):
     rows = doc_numbers.table(DOC.read_text(), "| LN-free vs original |")
     by = {r[0].split(" (")[0]: r[1:] for r in rows}
-    for col, name in enumerate(MODELS):
-        m = measured[name]
-        assert doc_numbers.close(m["dla"], by["max abs(DLA − exact direct effect)"][col])
-        for site in SITES:
+    t = measured["ioi-4l"]
+    for col, which in enumerate(("original", "free")):
+        assert doc_numbers.close(t.value(DLA, which), by[DLA][col])
+        for site in ("z", "attn_out", "mlp_out"):
             r, rho = (c.strip() for c in by[f"AtP vs exact patching, {site}"][col].split("/"))
-            assert doc_numbers.close(m[site][0], r) and doc_numbers.close(m[site][1], rho), (name, site)
-        assert doc_numbers.pct(m["heldout"]["accuracy"], by["held-out IOI accuracy"][col])
-        assert doc_numbers.close(m["heldout"]["mean_logit_diff"], by["held-out mean logit diff"][col])
+            assert doc_numbers.close(t.value(f"AtP vs exact patching, {site}: Pearson", which), r), site
+            assert doc_numbers.close(t.value(f"AtP vs exact patching, {site}: Spearman", which), rho), site
+        assert doc_numbers.pct(t.value("held-out IOI accuracy", which), by["held-out IOI accuracy"][col])
+        assert doc_numbers.close(
+            t.value("held-out mean logit diff (IO − S)", which), by["held-out mean logit diff"][col]
+        )
 
 
-def test_the_claims_hold(measured):
-    orig, free = measured["zoo/ioi-4l"], measured["zoo/ioi-4l-noln"]
-    # (a) exact without norms (float round-off), off by a visible amount with them
-    assert free["dla"] < 1e-4 < 0.05 < orig["dla"]
-    # (b) AtP tracks exact patching better without norms, on every site
-    for site in SITES:
-        assert free[site][0] > orig[site][0], site
-    # (c) the mechanism survives: held-out accuracy well above chance and a large logit difference
-    assert free["heldout"]["accuracy"] > 0.9 and free["heldout"]["mean_logit_diff"] > 10
+def test_the_twins_table_in_docs_norms(doc_numbers):
+    """docs/norms.md's table of the twins prints each stored removal and DLA gap (no re-measuring)."""
+    import json
+    import re
+
+    rows = doc_numbers.table(DOC.read_text(), "| twin | fine-tuning |")
+    assert sorted(r[0] for r in rows) == sorted(f"zoo/{p}-noln" for p in PAIRS)
+    for twin, _, losses, dla, _ in rows:
+        parent = twin.removeprefix("zoo/").removesuffix("-noln")
+        removal = json.loads((zoo.zoo_path(twin) / "config.json").read_text())["ln_removal"]
+        before, after, none = re.match(r"(\S+) → (\S+) \((\S+)\)", losses).groups()
+        assert doc_numbers.close(removal["loss_original"], before), twin
+        assert doc_numbers.close(removal["loss_final"], after), twin
+        assert doc_numbers.close(removal["loss_no_finetuning"], none), twin
+        t = noln.stored_claims(zoo.PREFIX + parent)
+        orig, free, scale = re.match(r"(\S+) → (\S+) \((\S+)\)", dla).groups()
+        assert doc_numbers.close(t.value(DLA, "original"), orig), twin
+        assert doc_numbers.close(t.value(DLA, "free"), free), twin
+        assert doc_numbers.close(t.value("largest abs(exact direct effect) of a head", "original"), scale), twin

@@ -327,6 +327,14 @@ def _attribution_graph(lab):
     return attribution_graph.prune(g)
 
 
+def _head_edges(lab):
+    from lenslab.probes import attribution_graph, graph_heads
+
+    model = lab.zoo_models("zoo/induction-2l")
+    g = attribution_graph.attribution_graph(model, "t5 t9 t2 t7 t5", None, targets=["t9"])
+    return graph_heads.head_edges(model, g)
+
+
 def _graph_ablation(lab):
     from lenslab.probes import attribution_graph, graph_validation
 
@@ -338,6 +346,19 @@ def _graph_ablation(lab):
         max_feature_nodes=24,
     )
     return graph_validation.ablate_graph(model, attribution_graph.prune(g), "zoo/ioi-4l/per-layer", n_random=2)
+
+
+def _node_intervention(lab):
+    from lenslab.probes import attribution_graph
+    from lenslab.steering import graph_interventions
+
+    model = lab.zoo_models("zoo/ioi-4l")
+    g = attribution_graph.attribution_graph(
+        model, "When Mary and John went to the store, John gave a drink to", "zoo/ioi-4l/per-layer", max_feature_nodes=8
+    )
+    nodes = [n for n, p in zip(g.nodes, g.parsed) if p.kind == "feature"][:2]
+    iv = graph_interventions.node_intervention("zoo/ioi-4l/per-layer", nodes, "clamp", factor=0.5, graph=g)
+    return graph_interventions.intervention_effect(model, g, iv, k=3)
 
 
 def _lookup(lab):
@@ -377,7 +398,7 @@ def _trajectory_fit(lab):
     from lenslab.probes import trajectory
 
     t = np.linspace(0, 1000, 12)
-    return trajectory.fit_trajectory(t, trajectory.trajectory_curve(t, A=50, lam=0.1, gamma=0.02, t0=-20, K=10))
+    return trajectory.fit_trajectory(t, trajectory.trajectory_curve(t, A=50, lam=0.1, gamma=0.02, t0=0.4, K=10))
 
 
 def _checkpoint_series(lab):
@@ -405,6 +426,12 @@ def _ln_removal(lab):
     return ln_removal.remove_norms(model, data, data, steps=1, batch_size=2, progress=False)[1]
 
 
+def _norm_claims(lab):
+    from lenslab.zoo import noln
+
+    return noln.stored_claims("zoo/ioi-4l")  # the table measured when zoo/ioi-4l-noln was built
+
+
 BUILDERS = {
     "PatchResult": _patch,
     "AttributionResult": _attribution,
@@ -428,7 +455,9 @@ BUILDERS = {
     "SaeMetrics": _sae_metrics,
     "TranscoderMetrics": _transcoder_metrics,
     "AttributionGraph": _attribution_graph,
+    "HeadEdges": _head_edges,
     "GraphAblation": _graph_ablation,
+    "NodeIntervention": _node_intervention,
     "LookupResult": _lookup,
     "SearchResult": _search,
     "FeatureDashboard": _dashboard,
@@ -438,6 +467,7 @@ BUILDERS = {
     "TrajectoryFit": _trajectory_fit,
     "CheckpointSeries": _checkpoint_series,
     "LNRemovalResult": _ln_removal,
+    "NormClaims": _norm_claims,
 }
 
 

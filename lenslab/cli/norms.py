@@ -1,6 +1,8 @@
-"""`lenslab norms atlas|fit|remove` (lenslab.probes.atlas, lenslab.probes.trajectory,
-lenslab.probes.ln_removal): the activation-maxima atlas of a model, the five-parameter fit of a
-massive-activation trajectory read from a CSV, and removing a model's norms by fine-tuning."""
+"""`lenslab norms atlas|fit|trajectory|remove|compare` (lenslab.probes.atlas, lenslab.probes.trajectory,
+lenslab.probes.ln_removal, lenslab.zoo.noln): the activation-maxima atlas of a model, the
+five-parameter fit of a massive-activation trajectory read from a CSV or measured on a series of
+checkpoints (trajectory), removing a model's norms by
+fine-tuning, and the LN-free papers' claims measured on a model and its norm-free twin."""
 
 from __future__ import annotations
 
@@ -33,13 +35,35 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     sf = ssub.add_parser(
         "fit",
-        help="fit A·exp(-λx)·log(x) + K, x = γ(t - t0) (Gallego-Feliciano et al.) to a step,value CSV",
+        help="fit A·exp(-λx)·log(x) + K, x = γt + t0 (Gallego-Feliciano et al.) to a step,value CSV",
     )
     sf.add_argument("--csv", required=True, help="a CSV of step,value rows (a header row is skipped)")
     sf.add_argument("--label", default=None, help="what the values are (default: the CSV's value header, or 'value')")
-    sf.add_argument("--max-nfev", type=int, default=2000, help="evaluation budget of the fit")
+    sf.add_argument("--max-nfev", type=int, default=500, help="evaluation budget of the fit (SciPy's default)")
     add_out(sf)
     sf.set_defaults(func=cmd_fit)
+
+    st = ssub.add_parser(
+        "trajectory",
+        help="massive activations over training: the top |a| and the sink rate of every checkpoint of a series, "
+        "and the five-parameter fit",
+    )
+    st.add_argument(
+        "--checkpoints",
+        required=True,
+        metavar="FOLDER",
+        help="a folder of checkpoints (step{N}/ sub-folders, e.g. from `lenslab zoo train NAME --checkpoints DIR`) "
+        "or a zoo series (zoo/norm-study/pre-2l)",
+    )
+    add_prompts(st, "prompts (default: the first checkpoint's default prompt)")
+    st.add_argument(
+        "--metric", default="top_magnitude", choices=["top_magnitude", "sink_rate"], help="the series to fit"
+    )
+    st.add_argument("--threshold", type=float, default=0.3, help="sink threshold epsilon in (0, 1)")
+    st.add_argument("--max-nfev", type=int, default=2000, help="evaluation budget of the fit")
+    add_device(st, default="cpu")
+    add_out(st, "output file for the series (.json, or a figure: .svg .png .pdf .html)", required=False)
+    st.set_defaults(func=cmd_trajectory)
 
     sr = ssub.add_parser(
         "remove",
@@ -65,6 +89,28 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         why="",
     )
     sr.set_defaults(func=cmd_remove)
+
+    sc = ssub.add_parser(
+        "compare",
+        help="the LN-free papers' claims on a model and its norm-free twin: DLA vs the exact direct effect, AtP vs "
+        "exact patching, the planted mechanism",
+    )
+    add_model(sc, "zoo/ioi-4l", help="the model with norms (default zoo/ioi-4l)")
+    sc.add_argument(
+        "--free",
+        default=None,
+        help="its norm-free twin (a folder from `lenslab norms remove`, or a name); default the zoo twin <model>-noln",
+    )
+    sc.add_argument("--task", default=None, help="task of the attribution rows (default: the model's built-in task)")
+    sc.add_argument(
+        "--stored",
+        action="store_true",
+        help="print the table measured when the zoo twin was built instead of measuring again",
+    )
+    add_out(
+        sc, "write the table to this .json", required=False, suffixes=(".json",), why="the table is written as JSON"
+    )
+    sc.set_defaults(func=cmd_compare)
 
 
 def cmd_atlas(args: argparse.Namespace) -> int:
@@ -118,6 +164,41 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trajectory(args: argparse.Namespace) -> int:
+    from lenslab import zoo  # deferred: keeps CLI start-up fast
+    from lenslab.probes import trajectory  # deferred: keeps CLI start-up fast
+    from lenslab.zoo import checkpoints  # deferred: keeps CLI start-up fast
+
+    out = out_path(args)
+    folder = checkpoints.series_path(args.checkpoints)
+    prompts = list(args.prompts) if args.prompts else None
+    if prompts is None:
+        first = min(
+            (p for p in folder.iterdir() if (p / "config.json").is_file()),
+            key=lambda p: (trajectory.checkpoint_step(p.name) is None, trajectory.checkpoint_step(p.name) or 0, p.name),
+            default=None,
+        )
+        prompts = [(first and zoo.default_prompt(str(first))) or zoo.GENERIC_PROMPT]
+    series = trajectory.measure_checkpoints(folder, prompts, threshold=args.threshold, device=args.device)
+    print(series.table().to_string(index=False))
+    label = series.METRICS[args.metric]
+    if len(series.steps) < trajectory.MIN_POINTS:
+        print(f"({label}: {len(series.steps)} checkpoints; the five-parameter fit needs {trajectory.MIN_POINTS})")
+    else:
+        fit = series.fit(args.metric, max_nfev=args.max_nfev)
+        p, se = fit.params, fit.stderr
+        fmt = lambda k: f"{k} {p[k]:.5g}" + ("" if se[k] is None else f" ± {se[k]:.2g}")
+        print(
+            f"fit of the {label}: "
+            + ", ".join(fmt(k) for k in trajectory.PARAMS)
+            + f"; R² {fit.r2:.4f}, RMSE {fit.rmse:.4g}"
+            + ("" if fit.converged else " (did not converge)")
+        )
+    if out is not None:
+        print(f"lenslab: wrote {export(series, out)}")
+    return 0
+
+
 def removal_data(model, name: str, prompts: list[str] | None, seed: int):
     """`(train, heldout)` for `lenslab norms remove`: the given prompts (both), an IOI zoo model's
     task prompts with their answers (its training loss), or a zoo model's built-in corpus."""
@@ -162,4 +243,28 @@ def cmd_remove(args: argparse.Namespace) -> int:
         f"{len(result.stages)} norms removed, {result.tokens_used} fine-tuning tokens"
     )
     print(f"lenslab: wrote {out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from lenslab.zoo import noln  # deferred: keeps CLI start-up fast
+
+    out = out_path(args)
+    free = args.free or noln.twin_of(args.model)
+    if free is None:
+        raise LenslabError(
+            f"{args.model} has no norm-free twin in the zoo: make one with `lenslab norms remove --model {args.model} "
+            "--out DIR` and pass --free DIR"
+        )
+    table = noln.stored_claims(args.model) if args.stored and not args.free else None
+    if args.stored and table is None:
+        raise LenslabError(
+            f"no stored table for {args.model}: --stored reads a zoo twin's card; drop --stored to measure"
+        )
+    if table is None:
+        table = noln.claims(args.model, free, task=args.task)
+    print(table.to_markdown())
+    if out:
+        table.to_json(out)
+        print(f"lenslab: wrote {out}")
     return 0

@@ -29,6 +29,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     zt.add_argument(
         "--steps", type=int, default=None, help="optimiser steps (default: the script's recipe; a few for a smoke run)"
     )
+    zt.add_argument(
+        "--checkpoints",
+        default=None,
+        metavar="DIR",
+        help="also save log-spaced checkpoints to DIR/step{N}/ (lenslab.zoo.checkpoints; the model is unchanged)",
+    )
+    zt.add_argument("--n-checkpoints", type=int, default=16, help="how many checkpoints --checkpoints saves")
     zt.set_defaults(func=cmd_zoo_train)
 
 
@@ -48,27 +55,39 @@ def cmd_zoo_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_zoo(name: str, out_dir: str | Path | None = None, seed: int = 0, steps: int | None = None) -> Path:
+def train_zoo(
+    name: str,
+    out_dir: str | Path | None = None,
+    seed: int = 0,
+    steps: int | None = None,
+    checkpoints: str | Path | None = None,
+    n_checkpoints: int = 16,
+) -> Path:
     """Rebuild zoo model `name` by running its training recipe (`lenslab/zoo/train_*.py`); returns
     the output folder. `steps` overrides the recipe's number of optimiser steps (None: its own; a
-    few steps make a quick, still deterministic, smoke run)."""
+    few steps make a quick, still deterministic, smoke run). `checkpoints`: a folder the recipe
+    also saves `n_checkpoints` log-spaced checkpoints to (`DIR/step{N}/`, lenslab.zoo.checkpoints)."""
     # the recipes import the areas they measure their cards with (docs/design.md, "Layers")
     from lenslab.zoo import (  # deferred: keeps CLI start-up fast
         train_english_4l,
+        train_english_4l_noln,
         train_induction_2l,
         train_ioi_4l,
         train_ioi_4l_noln,
         train_moe_refusal,
         train_steer_sentiment,
+        train_steer_sentiment_noln,
     )
 
     recipes = {
         "english-4l": train_english_4l,
+        "english-4l-noln": train_english_4l_noln,
         "induction-2l": train_induction_2l,
         "ioi-4l": train_ioi_4l,
         "ioi-4l-noln": train_ioi_4l_noln,
         "moe-refusal": train_moe_refusal,
         "steer-sentiment": train_steer_sentiment,
+        "steer-sentiment-noln": train_steer_sentiment_noln,
     }
     assert sorted(zoo.PREFIX + r for r in recipes) == zoo.trainable_names(), "a recipe is missing from train_zoo"
     short = name.removeprefix(zoo.PREFIX)
@@ -88,11 +107,25 @@ def train_zoo(name: str, out_dir: str | Path | None = None, seed: int = 0, steps
             kwargs["steps"] = steps
         else:  # induction-2l keeps its recipe in a frozen TrainConfig
             kwargs["config"] = dataclasses.replace(module.TrainConfig(), steps=steps)
+    if checkpoints is not None:
+        if "checkpoints" not in inspect.signature(module.train).parameters:
+            with_ckpt = sorted(n for n, m in recipes.items() if "checkpoints" in inspect.signature(m.train).parameters)
+            raise LenslabError(
+                f"the {short} recipe saves no checkpoints; --checkpoints works with: {', '.join(with_ckpt)}"
+            )
+        kwargs.update(checkpoints=Path(checkpoints), n_checkpoints=n_checkpoints)
     module.train(out, seed=seed, **kwargs)
     return out
 
 
 def cmd_zoo_train(args: argparse.Namespace) -> int:
-    out = train_zoo(args.name, out_dir=out_path(args), seed=args.seed, steps=args.steps)
+    out = train_zoo(
+        args.name,
+        out_dir=out_path(args),
+        seed=args.seed,
+        steps=args.steps,
+        checkpoints=args.checkpoints,
+        n_checkpoints=args.n_checkpoints,
+    )
     print(f"lenslab: wrote {args.name} to {out}")
     return 0

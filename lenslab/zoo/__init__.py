@@ -233,7 +233,9 @@ _ZOO_DEFAULTS: dict[str, dict] = {
     ),
 }
 
-_ZOO_DEFAULTS["zoo/ioi-4l-noln"] = _ZOO_DEFAULTS["zoo/ioi-4l"]  # ioi-4l without LayerNorm: its parent's prompts
+# the LN-free twins (lenslab.zoo.noln): their parents' prompts (and prompt sets, copied into their configs)
+for _parent in ("zoo/ioi-4l", "zoo/steer-sentiment", "zoo/english-4l"):
+    _ZOO_DEFAULTS[f"{_parent}-noln"] = _ZOO_DEFAULTS[_parent]
 
 # Any other model (a Hugging Face id, a local folder): English, answers with GPT-2-style leading spaces.
 _GENERIC_DEFAULTS = dict(
@@ -321,6 +323,8 @@ def save_hooked(
     # None is a value too (normalization_type=None: no LayerNorm); only unserialisable values are dropped
     cfg = {k: _jsonable(v) for k, v in cfg.items() if k in keep and (v is None or _jsonable(v) is not None)}
     meta = {"lenslab_format": "hooked_transformer", "lenslab_summary": summary, "cfg": cfg, **(extra or {})}
+    if getattr(model, "lenslab_norm_variant", "pre") != "pre":  # Peri-LN / Post-LN (lenslab.zoo.norm_variants)
+        meta["norm_variant"] = model.lenslab_norm_variant
     (out / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     state = {k: v.detach().to("cpu", weights_dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"))
@@ -349,6 +353,10 @@ def load_hooked(folder: str | Path, device: torch.device, dtype: torch.dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # HookedTransformer's deprecation notice (see docs/design.md)
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    if meta.get("norm_variant", "pre") != "pre":
+        from lenslab.zoo import norm_variants  # deferred: only Peri-LN / Post-LN folders need it
+
+        norm_variants.apply_norm_variant(model, meta["norm_variant"])
     state = load_file(str(folder / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith(("IGNORE", "mask"))]

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from lenslab._errors import LenslabError
 from lenslab.zoo import SPECIAL_TOKENS, load_hooked, save_hooked
+from lenslab.zoo.checkpoints import DEFAULT_N, CheckpointSaver
 
 NAME = "english-4l"
 FORTUNES = Path("/usr/share/games/fortunes")
@@ -229,8 +230,12 @@ def heldout_loss(model, stream: torch.Tensor, n_rows: int = 64) -> float:
     return sum(losses) / len(losses)
 
 
-def train(out_dir, seed: int = 0, steps: int = STEPS, threads: int = 2) -> None:
-    """Train zoo/english-4l and write it (float16 weights, tokenizer, held-out text, card) to `out_dir`."""
+def train(
+    out_dir, seed: int = 0, steps: int = STEPS, threads: int = 2, checkpoints=None, n_checkpoints: int = DEFAULT_N
+) -> None:
+    """Train zoo/english-4l and write it (float16 weights, tokenizer, held-out text, card) to `out_dir`;
+    with `checkpoints`, also `n_checkpoints` log-spaced float16 checkpoints to `checkpoints/step{N}/`
+    (`lenslab.zoo.checkpoints`; they change nothing about the run)."""
     from transformer_lens import HookedTransformer  # deferred: transformer_lens loads only when a model is built
 
     torch.set_num_threads(threads)
@@ -258,8 +263,18 @@ def train(out_dir, seed: int = 0, steps: int = STEPS, threads: int = 2) -> None:
     copy_gen = torch.Generator().manual_seed(seed + 1)
     n_windows = len(stream) - N_CTX - 1
     log = []
+    save = CheckpointSaver.for_run(
+        checkpoints,
+        steps,
+        tok,
+        NAME,
+        n_checkpoints,
+        weights_dtype=torch.float16,
+        extra={"default_prompt": DEFAULT_PROMPT},
+    )
     bar = tqdm(range(steps), desc=NAME, mininterval=10)
     for step in bar:
+        save(model, step)
         starts = torch.randint(0, n_windows, (BATCH,), generator=gen)
         tokens = torch.stack([stream[s : s + N_CTX + 1] for s in starts.tolist()]).long()
         tokens = copy_spans(tokens, copy_gen)
@@ -279,6 +294,7 @@ def train(out_dir, seed: int = 0, steps: int = STEPS, threads: int = 2) -> None:
             entry["s"] = round(time.time() - t0)
             log.append(entry)
             print(json.dumps(entry), flush=True)
+    save(model, steps)
     model.eval()
     training = {
         "steps": steps,

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from lenslab import tasks
 from lenslab.zoo import save_hooked, word_tokenizer
+from lenslab.zoo.checkpoints import DEFAULT_N, CheckpointSaver
 
 N_WORDS = 300  # ordinary tokens "t0" .. "t299"
 IND_BAR = 0.5  # a layer-1 head with mean induction attention above this counts as an induction head
@@ -119,7 +120,7 @@ def measure(model, seq_len: int, n: int = 64, seed: int = 1234) -> dict:
     - `prev_token`: mean attention to position - 1 (positions 1 ..);
     and the mean next-token loss on the first and on the repeated half.
     """
-    pool = _pool(model)
+    pool = token_pool(model)
     bos = int(model.tokenizer.bos_token_id)
     toks = repeated_tokens(pool, bos, n, seq_len, seed)
     logits, cache = model.run_with_cache(toks, names_filter=lambda name: name.endswith("hook_pattern"))
@@ -166,8 +167,16 @@ def verify(model, tc: TrainConfig, seed: int = 1234) -> dict:
     }
 
 
-def train(out_dir: str | Path, seed: int = 0, config: TrainConfig | None = None) -> None:
-    """Train the model with `seed` and write the zoo folder (weights, tokenizer, card) to `out_dir`."""
+def train(
+    out_dir: str | Path,
+    seed: int = 0,
+    config: TrainConfig | None = None,
+    checkpoints: str | Path | None = None,
+    n_checkpoints: int = DEFAULT_N,
+) -> None:
+    """Train the model with `seed` and write the zoo folder (weights, tokenizer, card) to `out_dir`;
+    with `checkpoints`, also `n_checkpoints` log-spaced checkpoints to `checkpoints/step{N}/`
+    (`lenslab.zoo.checkpoints`; they change nothing about the run)."""
     from transformer_lens import HookedTransformer  # deferred: transformer_lens loads only when a model is built
 
     tc = config or TrainConfig()
@@ -183,7 +192,7 @@ def train(out_dir: str | Path, seed: int = 0, config: TrainConfig | None = None)
                 _model_config(len(tokenizer), tc, seed), tokenizer=tokenizer, move_to_device=False
             )
         model.to("cpu", print_details=False)
-        pool = _pool(model)
+        pool = token_pool(model)
         bos = int(tokenizer.bos_token_id)
         gen = torch.Generator().manual_seed(seed)
         opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -191,8 +200,10 @@ def train(out_dir: str | Path, seed: int = 0, config: TrainConfig | None = None)
             opt, lambda s: min(1.0, (s + 1) / tc.warmup) * max(0.1, 1 - s / tc.steps)
         )
         model.train()
+        save = CheckpointSaver.for_run(checkpoints, tc.steps, tokenizer, "induction-2l", n_checkpoints)
         bar = tqdm(range(tc.steps), desc="induction-2l", unit="step")
         for step in bar:
+            save(model, step)
             tokens, mask = make_batch(gen, tc, pool, bos, tc.batch)
             logits = model(tokens)[:, :-1]
             loss = F.cross_entropy(logits[mask], tokens[:, 1:][mask])
@@ -203,6 +214,7 @@ def train(out_dir: str | Path, seed: int = 0, config: TrainConfig | None = None)
             sched.step()
             if step % 25 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+        save(model, tc.steps)
         model.eval()
         final_loss = loss.item()
         minutes = (time.time() - t0) / 60
@@ -231,7 +243,7 @@ def train(out_dir: str | Path, seed: int = 0, config: TrainConfig | None = None)
 # --- helpers -------------------------------------------------------------------------------
 
 
-def _pool(model) -> torch.Tensor:
+def token_pool(model) -> torch.Tensor:
     special = set(model.tokenizer.all_special_ids)
     return torch.tensor([i for i in range(model.cfg.d_vocab) if i not in special])
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from lenslab.data import sentiment
 from lenslab.steering import generate
 from lenslab.zoo import load_hooked, save_hooked, word_tokenizer
+from lenslab.zoo.checkpoints import DEFAULT_N, CheckpointSaver
 
 STEPS = 2500
 BATCH = 32
@@ -54,7 +55,7 @@ def _config(d_vocab: int, seed: int):
     )
 
 
-def _batch(tok, rng: random.Random, n: int) -> torch.Tensor:
+def training_rows(tok, rng: random.Random, n: int) -> torch.Tensor:
     """`[n, N_CTX]` rows: `<bos>` + one document, cut to N_CTX, padded with `<pad>`."""
     pad = tok.pad_token_id
     rows = []
@@ -65,10 +66,10 @@ def _batch(tok, rng: random.Random, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, n: int = 120, seed: int = 5000) -> dict:
+def evaluate(model, n: int = 120, seed: int = 5000, continuations: bool = True) -> dict:
     """Per context kind: the share of greedy next words that are positive / negative / neutral
-    adjectives, and the concept rate (share of sentiment words that are positive) of 8-token
-    greedy continuations."""
+    adjectives, and (`continuations`) the concept rate (share of sentiment words that are positive)
+    of 8-token greedy continuations."""
     tok = model.tokenizer
     groups = {"positive": sentiment.POSITIVE, "negative": sentiment.NEGATIVE, "neutral": sentiment.NEUTRAL}
     ids = {k: torch.tensor(tok.convert_tokens_to_ids(list(v))) for k, v in groups.items()}
@@ -80,6 +81,9 @@ def evaluate(model, n: int = 120, seed: int = 5000) -> dict:
             nxt.append(int(model(model.to_tokens(p))[0, -1].argmax()))
         nxt = torch.tensor(nxt)
         share = {k: round(float(torch.isin(nxt, v).float().mean()), 3) for k, v in ids.items()}
+        if not continuations:
+            out[kind] = {"next_word": share}
+            continue
         rates = [sentiment.concept_rate(generate(model, p, max_new_tokens=8)) for p in prompts[:40]]
         rates = [r for r in rates if r is not None]
         out[kind] = {
@@ -90,8 +94,12 @@ def evaluate(model, n: int = 120, seed: int = 5000) -> dict:
     return out
 
 
-def train(out_dir, seed: int = 0, steps: int = STEPS, threads: int = 1) -> None:
-    """Train zoo/steer-sentiment and write it (weights, tokenizer, config.json, card.md) to `out_dir`."""
+def train(
+    out_dir, seed: int = 0, steps: int = STEPS, threads: int = 1, checkpoints=None, n_checkpoints: int = DEFAULT_N
+) -> None:
+    """Train zoo/steer-sentiment and write it (weights, tokenizer, config.json, card.md) to `out_dir`;
+    with `checkpoints`, also `n_checkpoints` log-spaced checkpoints to `checkpoints/step{N}/`
+    (`lenslab.zoo.checkpoints`; they change nothing about the run)."""
     from transformer_lens import HookedTransformer  # deferred: transformer_lens loads only when a model is built
 
     torch.set_num_threads(threads)
@@ -113,9 +121,11 @@ def train(out_dir, seed: int = 0, steps: int = STEPS, threads: int = 1) -> None:
     rng = random.Random(seed)
     pad = tok.pad_token_id
     log, t0 = [], time.time()
+    save = CheckpointSaver.for_run(checkpoints, steps, tok, "steer-sentiment", n_checkpoints)
     bar = tqdm(range(steps), desc="steer-sentiment", mininterval=5)
     for step in bar:
-        tokens = _batch(tok, rng, BATCH)
+        save(model, step)
+        tokens = training_rows(tok, rng, BATCH)
         logits = model(tokens)[:, :-1]
         target = tokens[:, 1:]
         keep = target != pad
@@ -130,6 +140,7 @@ def train(out_dir, seed: int = 0, steps: int = STEPS, threads: int = 1) -> None:
         if step % 500 == 0 or step == steps - 1:
             log.append({"step": step, "loss": round(loss.item(), 4), "s": round(time.time() - t0)})
             print(json.dumps(log[-1]), flush=True)
+    save(model, steps)
     model.eval()
     training = {"steps": steps, "batch": BATCH, "lr": LR, "seed": seed, "seconds": round(time.time() - t0), "log": log}
     save_hooked(model, tok, out_dir, summary=SUMMARY, card="(pending evaluation)\n")
