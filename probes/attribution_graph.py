@@ -22,11 +22,13 @@ the biases and the frozen constants).
 logits up to cumulative probability `desired_logit_prob`, at most `max_n_logits`, direction
 `W_U[:, t] − mean_v W_U[:, v]`), the same influence-ranked feature selection (targets' rows
 first, then batches of the not-yet-visited features with the highest influence estimated from
-the rows computed so far, until `max_feature_nodes`), the same `prune_graph` (node and edge
-thresholds on the row-normalised |adjacency|) and `compute_graph_scores` (replacement and
-completeness scores). Differences: the embeddings node at a position holds the token *and* the
-position embedding; features at the first position (BOS) are kept (circuit-tracer zeroes
-them); targets may be explicit tokens or arbitrary directions
+the rows computed so far, until `max_feature_nodes`), `prune_graph` (node and edge thresholds on
+the row-normalised |adjacency|; exactly with `prune(..., node_ranking="all")`) and
+`compute_graph_scores` (replacement and completeness scores); the adjacency equals
+circuit-tracer 0.5.0's on the nodes both define alike (tests/probes/test_circuit_tracer_reference.py).
+Differences: the embeddings node at a position holds the token *and* the position embedding;
+features and errors at the first position (BOS) are kept (circuit-tracer zeroes them); `prune`'s
+default node step ranks the features only; targets may be explicit tokens or arbitrary directions
 (a Task's logit difference), weighted by their probability (tokens) or equally (directions);
 the dense adjacency is meant for small graphs. An attention-only model (no MLPs) takes
 `transcoders=None`: its graph has token and target nodes only. Edges split by the attention
@@ -57,6 +59,7 @@ __all__ = [
     "graph_scores",
     "make_targets",
     "node_influence",
+    "PRUNE_RANKINGS",
     "prune",
     "resolve_transcoders",
     "salient_logits",
@@ -632,13 +635,30 @@ def _find_threshold(scores: Tensor, threshold: float) -> Tensor:
     return s[i]
 
 
-def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> AttributionGraph:
+PRUNE_RANKINGS = ("features", "all")
+
+
+def prune(
+    graph: AttributionGraph,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    *,
+    node_ranking: str = "features",
+) -> AttributionGraph:
     """circuit-tracer's `prune_graph`: keep the features whose influence makes up `node_threshold`
     of the features' total, then the edges whose influence makes up `edge_threshold` of the total,
     then drop feature and error nodes left without outgoing (features: or incoming) edges. Tokens
-    and targets stay. Returns the pruned graph (kept nodes only); a `LenslabError` if no edge is left."""
+    and targets stay. Returns the pruned graph (kept nodes only); a `LenslabError` if no edge is left.
+
+    `node_ranking`: `"features"` (the default, as above: the node step ranks the features only and
+    keeps every error node) or `"all"`, circuit-tracer 0.5.0's `prune_graph` exactly: the node step
+    ranks every node against the total influence of all nodes (tokens and errors included, which
+    usually hold most of it), so it keeps fewer features and can drop error nodes (checked against
+    circuit-tracer's own masks: tests/probes/test_circuit_tracer_reference.py)."""
     node_threshold = _check_fraction("node_threshold", node_threshold)
     edge_threshold = _check_fraction("edge_threshold", edge_threshold)
+    if node_ranking not in PRUNE_RANKINGS:
+        raise LenslabError(f"node_ranking must be one of {PRUNE_RANKINGS}, got {node_ranking!r}")
     nf, ne, nt, nk = graph._counts()
     a = graph.adjacency.float()
     if not a.any():
@@ -646,7 +666,10 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
     w = _target_weights_full(a, graph.target_weights)
     infl = _influence(_normalize(a), w)
     node_mask = torch.ones(a.shape[0], dtype=torch.bool)
-    if nf:
+    if node_ranking == "all":
+        node_mask = infl >= _find_threshold(infl, node_threshold)
+        node_mask[nf + ne :] = True
+    elif nf:
         node_mask[:nf] = infl[:nf] >= _find_threshold(infl[:nf], node_threshold)
     pa = a.clone()
     pa[~node_mask] = 0
@@ -686,7 +709,12 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
         replacement_score=rep,
         completeness_score=comp,
         pruned=(node_threshold, edge_threshold),
-        provenance=dict(graph.provenance, node_threshold=node_threshold, edge_threshold=edge_threshold),
+        provenance=dict(
+            graph.provenance,
+            node_threshold=node_threshold,
+            edge_threshold=edge_threshold,
+            **({"node_ranking": node_ranking} if node_ranking != "features" else {}),
+        ),
     )
 
 
