@@ -242,8 +242,11 @@ def _check_model(model) -> str:
     for flag in ("use_qk_norm", "use_normalization_before_and_after", "post_embedding_ln", "use_split_qkv_input"):
         if getattr(model.cfg, flag, False):
             raise LenslabError(f"norm removal does not support models with cfg.{flag} (extra or split norms)")
-    if getattr(model.cfg, "num_experts", None):
-        raise LenslabError("norm removal does not support mixture-of-experts models yet")
+    if getattr(model.cfg, "num_experts", None) and ntype.startswith("LN"):
+        raise LenslabError(
+            "a LayerNorm's bias cannot be folded into a mixture-of-experts layer's bias-free expert and router "
+            "weights (RMSNorm MoE models are supported)"
+        )
     if getattr(model.cfg, "positional_embedding_type", None) == "shortformer":
         # TransformerLens adds shortformer positions after ln1 (ln1(x) + pos, queries and keys only), so
         # a folded ln1 would scale each layer's positions by its own w / s: one shared W_pos cannot
@@ -363,6 +366,13 @@ def fold_fixed_scales(model, scales: dict[str, float]):
             fold(w_key, b_key, ws, b)
         if f"blocks.{l}.ln2" in names:
             ws, b = norm_params(f"blocks.{l}.ln2")
+            if getattr(model.cfg, "num_experts", None):
+                # RMSNorm only (no bias, no centring): every expert's W_in / W_gate and the router read
+                # the norm; they are nn.Linear weights [out, d_model]
+                for key in [k for k in state if k.startswith(f"blocks.{l}.mlp.") and k.endswith(".weight")]:
+                    if not key.endswith("W_out.weight"):
+                        state[key] = state[key] * ws[None, :]
+                continue
             fold(f"blocks.{l}.mlp.W_in", f"blocks.{l}.mlp.b_in", ws, b)
             if f"blocks.{l}.mlp.W_gate" in state:
                 fold(f"blocks.{l}.mlp.W_gate", None, ws, b)

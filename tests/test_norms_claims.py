@@ -38,7 +38,7 @@ def measured(zoo_models):
 
 
 def test_every_text_model_with_a_recipe_has_its_twin_committed():
-    assert sorted(PAIRS) == ["english-4l", "ioi-4l", "steer-sentiment"]
+    assert sorted(PAIRS) == ["english-4l", "ioi-4l", "moe-refusal", "steer-sentiment"]
     assert all(noln.twin_of(p) for p in PAIRS)
 
 
@@ -67,6 +67,11 @@ def test_the_planted_mechanisms_survive(measured):
         assert sent.value(f"next word {kind} context", "free") > 0.85, kind
     loss = "held-out loss (nats/token)"
     assert eng.value(loss, "free") - eng.value(loss, "original") < 0.15
+    moe = measured["moe-refusal"]  # refuses harmful prompts, not benign ones, and not with its refusal experts off
+    assert moe.value("held-out refusal rate, harmful prompts", "free") > 0.95
+    assert moe.value("held-out refusal rate, benign prompts", "free") < 0.05
+    assert moe.value("held-out task accuracy, benign prompts", "free") > 0.85
+    assert moe.value("refusal rate, harmful, planted experts off", "free") < 0.05
 
 
 def test_ioi_atp_tracks_exact_patching_better_without_norms(measured):

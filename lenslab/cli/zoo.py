@@ -75,6 +75,7 @@ def train_zoo(
         train_ioi_4l,
         train_ioi_4l_noln,
         train_moe_refusal,
+        train_moe_refusal_noln,
         train_steer_sentiment,
         train_steer_sentiment_noln,
     )
@@ -86,6 +87,7 @@ def train_zoo(
         "ioi-4l": train_ioi_4l,
         "ioi-4l-noln": train_ioi_4l_noln,
         "moe-refusal": train_moe_refusal,
+        "moe-refusal-noln": train_moe_refusal_noln,
         "steer-sentiment": train_steer_sentiment,
         "steer-sentiment-noln": train_steer_sentiment_noln,
     }

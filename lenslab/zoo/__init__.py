@@ -234,7 +234,7 @@ _ZOO_DEFAULTS: dict[str, dict] = {
 }
 
 # the LN-free twins (lenslab.zoo.noln): their parents' prompts (and prompt sets, copied into their configs)
-for _parent in ("zoo/ioi-4l", "zoo/steer-sentiment", "zoo/english-4l"):
+for _parent in ("zoo/ioi-4l", "zoo/steer-sentiment", "zoo/english-4l", "zoo/moe-refusal"):
     _ZOO_DEFAULTS[f"{_parent}-noln"] = _ZOO_DEFAULTS[_parent]
 
 # Any other model (a Hugging Face id, a local folder): English, answers with GPT-2-style leading spaces.

@@ -121,6 +121,20 @@ def _english_task(model) -> tuple[str, tasks.Task]:
     return "sentiment swap", _swap_task(model, english, (" good", " bad"), 6000 + CLAIM_SEED)
 
 
+def _refusal_data(model, seed: int):
+    """moe-refusal's training rows (half benign tasks, half harmful prompts with the refusal); the
+    answer tokens are scored, as in its training (without its router losses)."""
+    from lenslab.zoo import train_moe_refusal as parent  # deferred: the recipe loads only for its twin
+
+    def rows(n: int, s: int) -> ln_removal.LMData:
+        ids, mask, route = parent.Rows(model.tokenizer, s).batch([("benign", False), ("harmful", False)] * (n // 2))
+        targets = torch.zeros_like(mask)
+        targets[:, 1:] = mask[:, :-1]  # mask[:, p]: position p predicts token p + 1
+        return ln_removal.LMData(ids, targets, route >= 0)
+
+    return rows(2048, 70_000 + seed), rows(512, 80_000 + seed)
+
+
 def _english_data(model, seed: int):
     """Windows of english-4l's training split (needs the Debian corpus) and of its committed held-out text."""
     from lenslab.zoo import train_english_4l as parent  # deferred: the recipe loads only for its twin
@@ -134,6 +148,7 @@ def _english_data(model, seed: int):
 TWINS = {
     "ioi-4l": Twin(parent="ioi-4l", data=_ioi_data),
     "steer-sentiment": Twin(parent="steer-sentiment", data=_sentiment_data, lr=3e-4, task=_sentiment_task),
+    "moe-refusal": Twin(parent="moe-refusal", data=_refusal_data),
     "english-4l": Twin(
         parent="english-4l", data=_english_data, batch=16, weights_dtype=torch.float16, task=_english_task
     ),
@@ -174,6 +189,16 @@ def mechanism(model, parent: str) -> dict[str, float]:
             "next word positive after positive context": e["positive"]["next_word"]["positive"],
             "next word negative after negative context": e["negative"]["next_word"]["negative"],
             "next word neutral after neutral context": e["neutral"]["next_word"]["neutral"],
+        }
+    if parent == "moe-refusal":
+        from lenslab.zoo import train_moe_refusal  # deferred: each parent's recipe loads only for it
+
+        e = train_moe_refusal.evaluate(model, n=60)["test"]
+        return {
+            "held-out refusal rate, harmful prompts": e["baseline"]["refusal_harmful"],
+            "held-out refusal rate, benign prompts": e["baseline"]["refusal_benign"],
+            "held-out task accuracy, benign prompts": e["baseline"]["accuracy_benign"],
+            "refusal rate, harmful, planted experts off": e["planted off"]["refusal_harmful"],
         }
     if parent == "english-4l":
         from lenslab.zoo import train_english_4l  # deferred: each parent's recipe loads only for it
@@ -371,7 +396,7 @@ def build(parent: str, out_dir, *, seed: int = 0, steps: int | None = None, thre
     _, base = ln_removal.remove_norms(model, train, held, steps=0, batch_size=twin.batch, progress=False)
     removal["loss_no_finetuning"] = base.loss_final
     free.cfg.model_name = twin.name
-    summary = f"zoo/{parent} with every LayerNorm removed by fine-tuning (no normalisation)"
+    summary = f"zoo/{parent} with every norm removed by fine-tuning (no normalisation)"
     extra = {"default_prompt": zoo.default_prompts(zoo.PREFIX + parent).prompt, "ln_removal": removal}
     zoo.save_hooked(
         free,
@@ -393,13 +418,15 @@ def write_card(parent: str, out_dir) -> NormClaims:
     meta = json.loads((out_dir / "config.json").read_text())
     saved = zoo.load_hooked(out_dir, torch.device("cpu"), torch.float32)
     saved.cfg.model_name = zoo.PREFIX + twin.name
-    table = claims(models.load_model(zoo.PREFIX + parent, device="cpu"), saved, parent=parent)
+    original = models.load_model(zoo.PREFIX + parent, device="cpu")
+    table = claims(original, saved, parent=parent)
     meta["claims"] = table.to_dict()
     sets = zoo.prompt_sets(zoo.PREFIX + parent)  # the parent's steering sets: the twin's defaults name them
     if sets:
         meta["prompt_sets"] = sets
     (out_dir / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    (out_dir / "card.md").write_text(_card(twin, meta["ln_removal"], table))
+    norm = "RMSNorm" if str(original.cfg.normalization_type).startswith("RMS") else "LayerNorm"
+    (out_dir / "card.md").write_text(_card(twin, meta["ln_removal"], table, norm))
     return table
 
 
@@ -412,7 +439,7 @@ def _stored(twin: Twin) -> str:
     )
 
 
-def _card(twin: Twin, removal: dict, table: NormClaims) -> str:
+def _card(twin: Twin, removal: dict, table: NormClaims, norm: str = "LayerNorm") -> str:
     rows = "\n".join(
         f"| {s['stage']} | {next(iter(s['scales'].values())):.4f} | {s['loss_before']:.5f} | {s['loss_fixed']:.5f} | "
         f"{s['loss_after']:.5f} | {s['tokens']} |"
@@ -422,7 +449,7 @@ def _card(twin: Twin, removal: dict, table: NormClaims) -> str:
     gap0 = removal["loss_no_finetuning"] - removal["loss_original"]
     return f"""# zoo/{twin.name}
 
-zoo/{twin.parent} with every LayerNorm removed, by the fine-tuning procedure of Heimersheim (2024, "You
+zoo/{twin.parent} with every {norm} removed, by the fine-tuning procedure of Heimersheim (2024, "You
 can remove GPT2's LayerNorm by fine-tuning") and Baroni et al. (2025, "Transformers Don't Need
 LayerNorm at Inference Time"). Built by `lenslab zoo train {twin.name}` (`lenslab.zoo.noln.build`,
 seed {removal["seed"]}) with `lenslab.probes.ln_removal`.
@@ -445,7 +472,7 @@ and after fine-tuning.
 |---|---|---|---|---|---|
 {rows}
 
-Held-out loss: {removal["loss_original"]:.5f} with LayerNorm, {removal["loss_final"]:.5f} without
+Held-out loss: {removal["loss_original"]:.5f} with {norm}, {removal["loss_final"]:.5f} without
 (gap {gap:+.5f}), after {removal["tokens_used"]} fine-tuning tokens ({removal["seconds"]} s on one
 CPU thread). The same removal without fine-tuning (the measured scales folded, `steps=0`):
 {removal["loss_no_finetuning"]:.5f} (gap {gap0:+.5f}).{_stored(twin)}

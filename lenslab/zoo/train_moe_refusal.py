@@ -89,7 +89,7 @@ def planted() -> list[tuple[int, int]]:
     return [(layer, e) for layer, es in REFUSAL_EXPERTS.items() for e in es]
 
 
-class _Rows:
+class Rows:
     """Training rows as token ids with answer masks and refusal-expert router targets."""
 
     def __init__(self, tok, seed: int):
@@ -175,7 +175,7 @@ def train(out_dir, seed: int = 0, steps: int = STEPS, threads: int = 1, switch_o
             * (0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item()))
         ),
     )
-    rows = _Rows(tok, seed)
+    rows = Rows(tok, seed)
     E, K = cfg.num_local_experts, cfg.num_experts_per_tok
     half = BATCH // 2
     main_kinds = [("benign", False)] * half + [("harmful", False)] * half

@@ -175,3 +175,22 @@ def test_cli_remove_writes_a_norm_free_model(tiny_zoo_dir, tmp_path, capsys):
     assert (out / "card.md").exists()
     assert main(["norms", "remove", "--model", str(out), "--device", "cpu", "--out", str(tmp_path / "x")]) == 2
     assert "no LayerNorm or RMSNorm to remove" in capsys.readouterr().err
+
+
+def test_rms_moe_folds_into_every_expert_and_the_router(zoo_models):
+    """zoo/moe-refusal (RMSNorm, 8 experts): the folded model computes what the fixed-scale model does,
+    routing included; a shortformer model is refused before any fine-tuning."""
+    from lenslab.zoo import corpora
+
+    model = zoo_models("zoo/moe-refusal")
+    data = R.lm_data(model, corpora.corpus_for(model, n=8, seed=0))
+    scales = R.measure_scales(model, data, R.norm_names(model))
+    scales = {k: v * (1.3 if i % 2 else 0.8) for i, (k, v) in enumerate(scales.items())}  # not the real ones
+    free = R.fold_fixed_scales(model, scales)
+    assert free.cfg.normalization_type is None
+    with torch.no_grad():
+        want = model.run_with_hooks(data.tokens, fwd_hooks=R.fixed_scale_hooks(scales))
+        got = free(data.tokens)
+    assert float((want - got).abs().max()) < 1e-4 * float(want.abs().max())
+    with pytest.raises(LenslabError, match="shortformer"):
+        R.norm_names(zoo_models("zoo/induction-2l"))
