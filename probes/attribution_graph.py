@@ -233,6 +233,29 @@ class FrozenReplacement:
         with torch.no_grad():
             return self._run(values or self.values, 1, [], heads=self._head_mask(heads))[0]
 
+    def without(self, node: str) -> dict:
+        """The clean sources with source `node` (a feature, error or `embed@p` label) set to zero, for
+        `logits` / `read`: the frozen model's response to removing one source, which is its edges."""
+        v = self.values
+        out = {
+            "embed": v["embed"].clone(),
+            "pos_embed": v["pos_embed"].clone() if v["pos_embed"] is not None else None,
+            "features": {k: x.clone() for k, x in v["features"].items()},
+            "errors": {k: x.clone() for k, x in v["errors"].items()},
+        }
+        n = labels.parse(node)
+        if n.kind == "feature":
+            out["features"][n.layer][n.pos, n.index] = 0
+        elif n.kind == "error":
+            out["errors"][n.layer][n.pos] = 0
+        elif n.kind == "token":
+            out["embed"][n.pos] = 0
+            if out["pos_embed"] is not None:
+                out["pos_embed"][n.pos] = 0
+        else:
+            raise LenslabError(f"{node!r} is not a source node (a feature, error or embed@p node)")
+        return out
+
     def read(self, targets: list[Target], values: dict | None = None, *, heads: Tensor | None = None) -> Tensor:
         """Each target's input (`vector · activation + bias_term`) at `values` (default: clean),
         with `heads [n_layers, n_heads]` multiplying each head's OV output (default: all 1)."""

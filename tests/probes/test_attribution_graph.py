@@ -60,27 +60,6 @@ def ioi(zoo_models):
     return model, tc, AG.attribution_graph(model, IOI_PROMPT, tc)
 
 
-def _without(frozen: AG.FrozenReplacement, node: str) -> dict:
-    """The clean sources with source `node` removed (set to zero); everything else frozen."""
-    v = frozen.values
-    out = {
-        "embed": v["embed"].clone(),
-        "pos_embed": v["pos_embed"].clone() if v["pos_embed"] is not None else None,
-        "features": {k: x.clone() for k, x in v["features"].items()},
-        "errors": {k: x.clone() for k, x in v["errors"].items()},
-    }
-    n = labels.parse(node)
-    if n.kind == "feature":
-        out["features"][n.layer][n.pos, n.index] = 0
-    elif n.kind == "error":
-        out["errors"][n.layer][n.pos] = 0
-    else:
-        out["embed"][n.pos] = 0
-        if out["pos_embed"] is not None:
-            out["pos_embed"][n.pos] = 0
-    return out
-
-
 def _row_targets(frozen, tc, g) -> tuple[list[int], list[AG.Target]]:
     """The graph's nodes that have inputs (features, targets), as `Target`s to read."""
     idx, tgts = [], []
@@ -122,7 +101,7 @@ def test_every_edge_is_a_direct_effect(tiny):
     assert n_src > 20 and sum(labels.parse(n).kind == "feature" for n in g.nodes) >= 8
     worst = 0.0
     for j in range(n_src):
-        delta = clean - frozen.read(tgts, _without(frozen, g.nodes[j]))
+        delta = clean - frozen.read(tgts, frozen.without(g.nodes[j]))
         worst = max(worst, float((delta - g.adjacency[idx, j]).abs().max()))
     assert worst < 1e-4
     # causality: no edge from a later layer's feature or a later position

@@ -56,26 +56,6 @@ def tiny(request, randomize_params):
     return model, tokens, tc, g, GH.head_edges(model, g, tc, max_edges=None)
 
 
-def _without(frozen: AG.FrozenReplacement, node: str) -> dict:
-    v = frozen.values
-    out = {
-        "embed": v["embed"].clone(),
-        "pos_embed": v["pos_embed"].clone() if v["pos_embed"] is not None else None,
-        "features": {k: x.clone() for k, x in v["features"].items()},
-        "errors": {k: x.clone() for k, x in v["errors"].items()},
-    }
-    n = labels.parse(node)
-    if n.kind == "feature":
-        out["features"][n.layer][n.pos, n.index] = 0
-    elif n.kind == "error":
-        out["errors"][n.layer][n.pos] = 0
-    else:
-        out["embed"][n.pos] = 0
-        if out["pos_embed"] is not None:
-            out["pos_embed"][n.pos] = 0
-    return out
-
-
 # --- exactness ----------------------------------------------------------------------------------
 def test_heads_sum_to_the_edge(tiny):
     model, _, _, g, h = tiny
@@ -114,7 +94,7 @@ def test_each_head_part_is_an_intervention(tiny):
         for lab, n in ((lab, labels.parse(lab)) for lab in row_nodes)
     ]
     sources = list(dict.fromkeys(h.sources))[:14]  # the strongest edges' sources
-    without = {s: _without(frozen, s) for s in sources}
+    without = {s: frozen.without(s) for s in sources}
 
     def edges(mask: torch.Tensor) -> dict[str, torch.Tensor]:
         clean = frozen.read(tgts, heads=mask)
