@@ -15,42 +15,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"
 
 
-def _tiny(randomize_params, norm: str):
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(
-        n_layers=2, d_model=16, d_head=4, n_heads=4, d_mlp=32, d_vocab=30, n_ctx=12, act_fn="gelu",
-        normalization_type=norm, seed=0,
-    )  # fmt: skip
-    model = HookedTransformer(cfg)
-    randomize_params(model, seed=3)
-    return model.eval()
-
-
-def _random_transcoder(kind: str, d_model=16, d_tc=10, n_layers=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s, std=0.5: torch.randn(*s, generator=g) * std
-    with torch.no_grad():
-        if kind == "clt":
-            tc = T.CrossLayerTranscoder(n_layers, d_model, d_tc, skip=True)
-            for p in tc.parameters():
-                p.copy_(r(*p.shape, std=0.3))
-            return tc.requires_grad_(False)
-        ts = {}
-        for layer in range(n_layers):
-            t = T.Transcoder(d_model, d_tc, layer=layer, skip=True)
-            for p in t.parameters():
-                p.copy_(r(*p.shape, std=0.3))
-            ts[layer] = t.requires_grad_(False)
-        return T.TranscoderSet(ts)
-
-
-@pytest.fixture(scope="module", params=[("LN", "per-layer"), ("RMS", "per-layer"), ("LN", "clt")], ids=str)
-def tiny(request, randomize_params):
-    norm, kind = request.param
-    model = _tiny(randomize_params, norm)
-    tokens = torch.randint(0, 30, (6,), generator=torch.Generator().manual_seed(1))
-    return model, tokens, _random_transcoder(kind)
+@pytest.fixture(scope="module")
+def tiny(tiny_graph_inputs):
+    return tiny_graph_inputs
 
 
 @pytest.fixture(scope="module")
@@ -194,12 +161,12 @@ def test_scores_are_one_without_errors(tiny):
 
 
 # --- bad input ----------------------------------------------------------------------------------
-def test_bad_input_errors(ioi, zoo_models, tiny):
+def test_bad_input_errors(ioi, zoo_models, tiny, random_transcoder):
     model, tc, g = ioi
     with pytest.raises(LenslabError, match="trained on another model"):
         AG.attribution_graph(zoo_models("zoo/steer-sentiment"), "the day was", tc)
     tmodel, ttoks, ttc = tiny
-    other = _random_transcoder("per-layer")
+    other = random_transcoder("per-layer")
     other.model_name = "zoo/ioi-4l"
     with pytest.raises(LenslabError, match="trained on 'zoo/ioi-4l', not on model"):
         AG.attribution_graph(tmodel, ttoks, other)

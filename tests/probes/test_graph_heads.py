@@ -12,46 +12,13 @@ from lenslab import LenslabError, labels, tasks
 from lenslab.circuits import patching
 from lenslab.probes import attribution_graph as AG
 from lenslab.probes import graph_heads as GH
-from lenslab.probes import transcoders as T
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _tiny(randomize_params, norm: str):
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(
-        n_layers=2, d_model=16, d_head=4, n_heads=4, d_mlp=32, d_vocab=30, n_ctx=12, act_fn="gelu",
-        normalization_type=norm, seed=0,
-    )  # fmt: skip
-    model = HookedTransformer(cfg)
-    randomize_params(model, seed=3)
-    return model.eval()
-
-
-def _random_transcoder(kind: str, d_model=16, d_tc=10, n_layers=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        if kind == "clt":
-            tc = T.CrossLayerTranscoder(n_layers, d_model, d_tc, skip=True)
-            for p in tc.parameters():
-                p.copy_(torch.randn(*p.shape, generator=g) * 0.3)
-            return tc.requires_grad_(False)
-        ts = {}
-        for layer in range(n_layers):
-            t = T.Transcoder(d_model, d_tc, layer=layer, skip=True)
-            for p in t.parameters():
-                p.copy_(torch.randn(*p.shape, generator=g) * 0.3)
-            ts[layer] = t.requires_grad_(False)
-        return T.TranscoderSet(ts)
-
-
-@pytest.fixture(scope="module", params=[("LN", "per-layer"), ("RMS", "per-layer"), ("LN", "clt")], ids=str)
-def tiny(request, randomize_params):
-    norm, kind = request.param
-    model = _tiny(randomize_params, norm)
-    tokens = torch.randint(0, 30, (6,), generator=torch.Generator().manual_seed(1))
-    tc = _random_transcoder(kind)
+@pytest.fixture(scope="module")
+def tiny(tiny_graph_inputs):
+    model, tokens, tc = tiny_graph_inputs
     g = AG.attribution_graph(model, tokens, tc, targets=[3, 7])
     return model, tokens, tc, g, GH.head_edges(model, g, tc, max_edges=None)
 
