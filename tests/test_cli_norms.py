@@ -133,7 +133,7 @@ def test_compare_measures_a_model_against_a_given_free_model(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--model", "zoo/moe-refusal"], "has no norm-free twin in the zoo"),
+        (["--model", "zoo/induction-2l"], "has no norm-free twin in the zoo"),
         (["--model", "zoo/ioi-4l", "--free", "zoo/ioi-4l"], "pass a model without norms"),
         (["--model", "zoo/ioi-4l", "--free", "zoo/ioi-4l-noln", "--stored"], "no stored table"),
     ],

@@ -185,12 +185,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     si.set_defaults(func=cmd_intervene)
 
 
-def model_transcoders(args: argparse.Namespace, model) -> str | None:
-    """--transcoders, else none for an attention-only model (its graph has no features), else the zoo
-    model's shipped per-layer set."""
+def model_transcoders(args: argparse.Namespace) -> str | None:
+    """--transcoders, else none for an attention-only zoo model (its graph has no features), else the
+    zoo model's shipped per-layer set; decided before the model loads, so bad input fails fast."""
+    from lenslab import zoo  # deferred: keeps CLI start-up fast
+
     if args.transcoders:
         return args.transcoders
-    return None if model.cfg.attn_only else default_transcoders(args.model)
+    name = str(args.model)
+    if name in zoo.zoo_names():
+        if json.loads((zoo.zoo_path(name) / "config.json").read_text()).get("cfg", {}).get("attn_only"):
+            return None
+    return default_transcoders(name)
 
 
 def default_transcoders(model: str) -> str:
@@ -243,8 +249,8 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     from lenslab.probes import attribution_graph as AG  # deferred: keeps CLI start-up fast
 
     out = out_path(args)
+    transcoders = model_transcoders(args)
     model = lenslab.load_model(args.model, device=args.device)
-    transcoders = model_transcoders(args, model)
     prompt = prompt_or_default(args)
     graph = AG.attribution_graph(
         model,
@@ -323,10 +329,9 @@ def cmd_heads(args: argparse.Namespace) -> int:
     args.model = args.model or graph.provenance.get("model")
     if not args.model:
         raise LenslabError(f"--graph {args.graph!r} does not record its model: pass --model")
+    transcoders = model_transcoders(args)
     model = lenslab.load_model(args.model, device=args.device)
-    split = graph_heads.head_edges(
-        model, graph, model_transcoders(args, model), into=args.into, max_edges=args.max_edges
-    )
+    split = graph_heads.head_edges(model, graph, transcoders, into=args.into, max_edges=args.max_edges)
     print(split.table(top=args.top).to_string(index=False))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
