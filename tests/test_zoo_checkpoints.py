@@ -88,3 +88,14 @@ def test_series_path(tmp_path):
         checkpoints.series_path(tmp_path / "nope")
     with pytest.raises(LenslabError, match="zoo checkpoint series 'zoo/nope'"):
         checkpoints.series_path("zoo/nope")
+
+
+def test_checkpoints_from_a_recipe_without_them_is_an_error_before_any_folder(tmp_path, capsys):
+    from lenslab.cli import main
+
+    out = tmp_path / "new-model"
+    argv = ["zoo", "train", "moe-refusal", "--out", str(out), "--checkpoints", str(tmp_path / "ckpt")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the moe-refusal recipe saves no checkpoints" in err and "induction-2l" in err
+    assert not out.exists() and not (tmp_path / "ckpt").exists()

@@ -102,7 +102,6 @@ def train_zoo(
         raise LenslabError(f"--steps must be at least 1, got {steps}")
     module = recipes[short]
     out = Path(out_dir) if out_dir is not None else zoo.ZOO_DIR / short
-    out.mkdir(parents=True, exist_ok=True)
     kwargs = {}
     if steps is not None:
         if "steps" in inspect.signature(module.train).parameters:
@@ -116,6 +115,7 @@ def train_zoo(
                 f"the {short} recipe saves no checkpoints; --checkpoints works with: {', '.join(with_ckpt)}"
             )
         kwargs.update(checkpoints=Path(checkpoints), n_checkpoints=n_checkpoints)
+    out.mkdir(parents=True, exist_ok=True)
     module.train(out, seed=seed, **kwargs)
     return out
 
