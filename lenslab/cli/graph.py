@@ -97,13 +97,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="ablate the graph's feature nodes in the live model and compare the targets' drop with ablating "
         "random active features of the same number",
     )
-    sv.add_argument("--graph", required=True, help="a graph written by `lenslab graph attribute` or `prune`")
-    sv.add_argument("--model", default=None, help="the model the graph was computed on (default: the one it records)")
-    sv.add_argument(
-        "--transcoders",
-        default=None,
-        help="the transcoders the graph was computed with (default: the zoo model's shipped per-layer set)",
-    )
+    add_graph_source(sv)
     sv.add_argument("--n-random", type=int, default=20, help="random feature sets to ablate")
     sv.add_argument("--seed", type=int, default=0, help="seed of the random sets")
     add_device(sv, default="cpu")
@@ -115,14 +109,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="split the graph's strongest edges by the attention head each path crosses last (plus the "
         "attention-free residual part); the parts sum to the edge",
     )
-    sh.add_argument("--graph", required=True, help="a graph written by `lenslab graph attribute` or `prune`")
-    sh.add_argument("--model", default=None, help="the model the graph was computed on (default: the one it records)")
-    sh.add_argument(
-        "--transcoders",
-        default=None,
-        help="the transcoders the graph was computed with (default: the zoo model's shipped per-layer set; none "
-        "for an attention-only model)",
-    )
+    add_graph_source(sh, "; none for an attention-only model")
     sh.add_argument("--into", nargs="+", default=None, metavar="NODE", help="only the edges into these nodes")
     sh.add_argument("--max-edges", type=int, default=200, help="split the strongest this many edges")
     sh.add_argument("--top", type=int, default=3, help="heads printed per edge")
@@ -183,6 +170,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_device(si, default="cpu")
     add_out(si, "the before/after result (.json) or its figure (.svg .png .pdf .html)", required=False)
     si.set_defaults(func=cmd_intervene)
+
+
+def add_graph_source(p: argparse.ArgumentParser, transcoders_note: str = "") -> None:
+    """--graph (required), --model and --transcoders of the commands that read a saved graph."""
+    p.add_argument("--graph", required=True, help="a graph written by `lenslab graph attribute` or `prune`")
+    p.add_argument("--model", default=None, help="the model the graph was computed on (default: the one it records)")
+    p.add_argument(
+        "--transcoders",
+        default=None,
+        help="the transcoders the graph was computed with (default: the zoo model's shipped per-layer set"
+        f"{transcoders_note})",
+    )
+
+
+def graph_model(args: argparse.Namespace, graph) -> str:
+    """--model, else the model the graph records, else a clear error."""
+    name = args.model or graph.provenance.get("model")
+    if not name:
+        raise LenslabError(f"--graph {args.graph!r} does not record its model: pass --model")
+    return name
 
 
 def model_transcoders(args: argparse.Namespace) -> str | None:
@@ -297,9 +304,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".json":
         print(f"lenslab: wrote {export(graph, out)}")
         return 0
-    name = args.model or graph.provenance.get("model")
-    if not name:
-        raise LenslabError(f"--graph {args.graph!r} does not record its model: pass --model")
+    name = graph_model(args, graph)
     model = lenslab.load_model(name, device=args.device)
     path = graph_files.write_graph_file(
         graph,
@@ -326,9 +331,7 @@ def cmd_heads(args: argparse.Namespace) -> int:
     if args.max_edges < 1:
         raise LenslabError(f"--max-edges must be at least 1, got {args.max_edges}")
     graph = read_graph(args.graph)
-    args.model = args.model or graph.provenance.get("model")
-    if not args.model:
-        raise LenslabError(f"--graph {args.graph!r} does not record its model: pass --model")
+    args.model = graph_model(args, graph)
     transcoders = model_transcoders(args)
     model = lenslab.load_model(args.model, device=args.device)
     split = graph_heads.head_edges(model, graph, transcoders, into=args.into, max_edges=args.max_edges)
@@ -344,9 +347,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     out = out_path(args)
     graph = read_graph(args.graph)
-    name = args.model or graph.provenance.get("model")
-    if not name:
-        raise LenslabError(f"--graph {args.graph!r} does not record its model: pass --model")
+    name = graph_model(args, graph)
     transcoders = args.transcoders or default_transcoders(name)
     model = lenslab.load_model(name, device=args.device)
     res = graph_validation.ablate_graph(model, graph, transcoders, n_random=args.n_random, seed=args.seed)
