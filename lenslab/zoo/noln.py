@@ -236,12 +236,7 @@ def dla_gap(model, task: tasks.Task, norm: str) -> tuple[float, float]:
     return float((d - exact).abs().max()), float(exact.abs().max())
 
 
-def _attribution_claims(model, spec: str, parent: str | None) -> dict[str, float]:
-    twin = TWINS.get(parent or "")
-    if twin is not None and twin.task is not None and spec == twin.task(model)[0]:
-        task = twin.task(model)[1]
-    else:
-        task = tasks.from_spec(model, spec, n=CLAIM_N, seed=CLAIM_SEED)
+def _attribution_claims(model, task: tasks.Task) -> dict[str, float]:
     norm = "none" if model.cfg.normalization_type is None else "frozen"
     gap, scale = dla_gap(model, task, norm)
     out = {"max abs(DLA − exact direct effect)": gap, "largest abs(exact direct effect) of a head": scale}
@@ -343,7 +338,8 @@ def claims(original, free, *, parent: str | None = None, task: str | None = None
         parent: the zoo model whose mechanism numbers (c) to measure (default: `original`'s name,
             if it is one of `TWINS`; otherwise (c) is left out).
         task: a `tasks.from_spec` spec for (a) and (b); default the parent's own claims task
-            (`Twin.task`: steer-sentiment's "sentiment swap"), else the model's built-in task.
+            (`Twin.task`: the "sentiment swap" of steer-sentiment and english-4l), else the model's
+            built-in task. It is built once, with `original`'s tokenizer, which a twin shares.
     """
     original = models.load_model(original, device="cpu") if isinstance(original, str) else original
     free = models.load_model(free, device="cpu") if isinstance(free, str) else free
@@ -354,10 +350,14 @@ def claims(original, free, *, parent: str | None = None, task: str | None = None
         )
     name_o, name_f = (m.cfg.model_name for m in (original, free))
     parent = parent or (name_o.removeprefix(zoo.PREFIX) if name_o.removeprefix(zoo.PREFIX) in TWINS else None)
-    if task is None:
-        own = TWINS[parent].task if parent else None
-        task = own(original)[0] if own else zoo.default_prompts(zoo.PREFIX + parent).task if parent else "induction"
-    ro, rf = _attribution_claims(original, task, parent), _attribution_claims(free, task, parent)
+    own = TWINS[parent].task if parent else None
+    if task is None and own is not None:
+        task, built = own(original)
+    else:
+        task = task or (zoo.default_prompts(zoo.PREFIX + parent).task if parent else "induction")
+        built = tasks.from_spec(original, task, n=CLAIM_N, seed=CLAIM_SEED)
+    # one Task for both: a model and its norm-free twin share their tokenizer
+    ro, rf = _attribution_claims(original, built), _attribution_claims(free, built)
     if parent:
         ro.update(mechanism(original, parent))
         rf.update(mechanism(free, parent))
