@@ -61,6 +61,15 @@ with atlas_tab:
             if fig:
                 st.plotly_chart(fig, key="atlas_compare_fig")
 
+
+def fit_and_keep(fit, *args, **kwargs) -> None:
+    """Run a trajectory fit; keep it and its `FitWarning`s (a fit that did not converge) for the fit view."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", trajectory.FitWarning)
+        ss["fit_res"] = _shell.call("Fitting", fit, *args, **kwargs)
+    ss["fit_warnings"] = [str(w.message) for w in caught if issubclass(w.category, trajectory.FitWarning)]
+
+
 with fit_tab:
     st.caption(
         "Fit the five-parameter exponentially-modulated logarithmic function of \u201cHidden Dynamics of Massive "
@@ -82,10 +91,7 @@ with fit_tab:
             )
             ss["traj_series_res"] = series
             if series and len(series.steps) >= trajectory.MIN_POINTS:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always", trajectory.FitWarning)
-                    ss["fit_res"] = _shell.call("Fitting", series.fit)
-                ss["fit_warnings"] = [str(w.message) for w in caught if issubclass(w.category, trajectory.FitWarning)]
+                fit_and_keep(series.fit)
             elif series:
                 st.info(f"{len(series.steps)} checkpoints: the five-parameter fit needs {trajectory.MIN_POINTS}.")
         series = ss.get("traj_series_res")
@@ -100,12 +106,7 @@ with fit_tab:
         series = _shell.call("Reading the series", trajectory.read_series, source, up.name if up else "the pasted rows")
         if series:
             steps, values, header = series
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", trajectory.FitWarning)
-                ss["fit_res"] = _shell.call(
-                    "Fitting", trajectory.fit_trajectory, steps, values, label=header or "value"
-                )
-            ss["fit_warnings"] = [str(w.message) for w in caught if issubclass(w.category, trajectory.FitWarning)]
+            fit_and_keep(trajectory.fit_trajectory, steps, values, label=header or "value")
     fit = ss.get("fit_res")
     if fit:
         for w in ss.get("fit_warnings", []):
