@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lenslab import LenslabError
+from lenslab import LenslabError, labels
+from lenslab.probes import attribution_graph as AG
 from lenslab.probes import transcoders as T
 from lenslab.zoo import ZOO_DIR
 from lenslab.zoo import train_transcoders as recipe
@@ -222,6 +223,102 @@ def test_shipped_card_numbers_remeasure(model_name, zoo_models, doc_numbers):
     assert size < max_size  # small files
     # the replacement model stays close to the original (measured: see the card)
     assert m.loss_recovered > 0.9 and min(m.explained_variance) > min_ev
+
+
+# model -> (largest folder in bytes, smallest explained variance of an MLP output, smallest loss
+# recovered) of its shipped CLT: english-4l's is held to 2 MB (128 features per layer) on ordinary text
+SHIPPED_CLT = {
+    "zoo/english-4l": (2_000_000, 0.8, 0.95),
+    "zoo/ioi-4l": (2_000_000, 0.9, 0.95),
+    "zoo/steer-sentiment": (2_000_000, 0.9, 0.95),
+}
+
+
+@pytest.mark.parametrize(
+    "model_name",
+    [pytest.param(m, marks=pytest.mark.slow) if m == "zoo/english-4l" else m for m in SHIPPED_CLT],  # 32,768 tokens
+)
+def test_shipped_clt_card_numbers_remeasure(model_name, zoo_models, doc_numbers):
+    """The committed cross-layer transcoder's held-out metrics, re-measured from its weights, are
+    metrics.json's (one thread: bit-equal on one machine; tolerance 1e-5 relative across CPUs)."""
+    folder = ZOO_DIR / model_name.removeprefix("zoo/") / "transcoders" / "clt"
+    saved = json.loads((folder / "metrics.json").read_text())
+    m = recipe.held_out_metrics(zoo_models(model_name), folder)
+    assert m.kind_of == saved["kind_of"] == "cross-layer" and m.layers == saved["layers"]
+    for key in ("mse", "explained_variance", "l0", "dead_fraction"):
+        torch.testing.assert_close(torch.tensor(getattr(m, key)), torch.tensor(saved[key]), rtol=1e-5, atol=1e-7)
+    for key in ("ce_loss_clean", "ce_loss_replaced", "ce_loss_zero", "kl", "n_tokens"):
+        assert getattr(m, key) == pytest.approx(saved[key], rel=1e-5, abs=1e-7), key
+    text = (folder / "card.md").read_text()
+    assert f"| loss, replacement model | {m.ce_loss_replaced:.4f} |" in text
+    assert f"| KL(original ‖ replacement), mean per prediction | {m.kl:.4f} |" in text
+    # docs/transcoders.md's table: every number is the measurement at its printed digits
+    rows = doc_numbers.table((ROOT_DOCS / "transcoders.md").read_text(), "| cross-layer transcoders |")
+    _, ev, l0, dead, loss, kl = next(r for r in rows if r[0] == f"{model_name}/clt")
+
+    def cells(cell: str, values: list[float], check) -> None:
+        if "–" in cell:  # a range: min–max
+            lo, hi = cell.split("–")
+            assert check(min(values), lo) and check(max(values), hi), (cell, values)
+        else:  # one number per layer, or one for all
+            parts = cell.split(", ")
+            parts = parts * len(values) if len(parts) == 1 else parts
+            assert len(parts) == len(values) and all(check(v, x) for v, x in zip(values, parts)), (cell, values)
+
+    cells(ev, m.explained_variance, doc_numbers.close)
+    cells(l0, m.l0, doc_numbers.close)
+    cells(dead, m.dead_fraction, doc_numbers.pct)
+    clean, replaced = loss.split(" → ")
+    assert doc_numbers.close(m.ce_loss_clean, clean) and doc_numbers.close(m.ce_loss_replaced, replaced), loss
+    assert doc_numbers.close(m.kl, kl), kl
+    max_size, min_ev, min_recovered = SHIPPED_CLT[model_name]
+    assert sum(p.stat().st_size for p in folder.iterdir()) < max_size
+    # the replacement model stays close to the original (measured: see the card)
+    assert m.loss_recovered > min_recovered and min(m.explained_variance) > min_ev
+
+
+def test_shipped_clt_loads_by_name_and_its_graph_is_exact(zoo_models):
+    """`load_transcoders("zoo/ioi-4l/clt")` is the recipe's CLT, listed beside the per-layer set; its
+    frozen replacement with error nodes reproduces the original logits, and its attribution graph
+    keeps circuit-tracer's identity: each node's input is the sum of its incoming edges plus its
+    constant, and zeroing a feature moves the logit target by exactly the edge."""
+    model = zoo_models("zoo/ioi-4l")
+    clt = T.load_transcoders("zoo/ioi-4l/clt", model=model)
+    settings = recipe.RECIPES[("zoo/ioi-4l", "clt")]
+    assert isinstance(clt, T.CrossLayerTranscoder) and clt.kind == "cross-layer"
+    assert (clt.n_layers, clt.d_transcoder, clt.activation, clt.k) == (
+        4,
+        settings["d_transcoder"],
+        "topk",
+        settings["k"],
+    )
+    assert clt.W_skip is not None and clt.model_name == "zoo/ioi-4l"
+    assert {"zoo/english-4l/clt", "zoo/ioi-4l/clt", "zoo/steer-sentiment/clt"} <= set(T.list_transcoders())
+    prompt = "When Mary and John went to the store, John gave a drink to"
+    toks = model.to_tokens(prompt)
+    frozen = AG.FrozenReplacement(model, toks[0], clt)
+    with torch.no_grad():
+        clean = model(toks)
+        assert (frozen.logits() - clean).abs().max() < 1e-5  # error nodes: the original logits
+        same = model.run_with_hooks(toks, fwd_hooks=T.replacement_hooks(model, clt, error=True))
+        assert (same - clean).abs().max() < 1e-5
+    g = AG.attribution_graph(model, prompt, "zoo/ioi-4l/clt")  # every active feature
+    assert g.provenance["transcoders"] == "cross-layer" and 0 < g.replacement_score < 1
+    kinds = [labels.parse(n).kind for n in g.nodes]
+    n_active = int(sum((frozen.values["features"][layer] != 0).sum() for layer in range(4)))
+    assert kinds.count("feature") == g.provenance["n_active_features"] == n_active > 100
+    assert kinds.count("error") == 4 * toks.shape[1]
+    rows = [i for i, k in enumerate(kinds) if k in ("feature", "logit")]
+    torch.testing.assert_close(g.adjacency[rows].sum(1) + g.biases[rows], g.inputs[rows], atol=1e-4, rtol=1e-5)
+    # the strongest feature -> logit edge (decoded into every later layer) equals its intervention
+    top = len(g.nodes) - len(g.target_weights)
+    n = labels.parse(g.nodes[top])
+    W_U = model.W_U.detach().float()
+    tgt = [AG.Target(g.nodes[top], AG.FINAL_HOOK, n.pos, W_U[:, n.index] - W_U.mean(-1))]
+    src = max((i for i, k in enumerate(kinds) if k == "feature"), key=lambda i: abs(float(g.adjacency[top, i])))
+    moved = frozen.read(tgt) - frozen.read(tgt, frozen.without(g.nodes[src]))
+    assert abs(float(g.adjacency[top, src])) > 1e-3
+    assert float(moved[0]) == pytest.approx(float(g.adjacency[top, src]), abs=1e-4)
 
 
 # --- bad input --------------------------------------------------------------------------------------
