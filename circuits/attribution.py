@@ -30,19 +30,21 @@ only the backward pass; user weights are never touched.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from lenslab import figures
+from lenslab import figures, jobs
 from lenslab._errors import LenslabError, did_you_mean
-from lenslab.circuits.patching import validate_task
+from lenslab.circuits.patching import task_fingerprint, validate_task
 from lenslab.results import PatchResult, Result, provenance
 from lenslab.sites import DIRECTIONS, Site, axis_labels, resolve_site
-from lenslab.tasks import Metric, MetricLike, Task, get_metric
-from lenslab.toolbox import check_layers, model_device, progress_reporter
+from lenslab.tasks import Metric, MetricLike, Task, check_metric, get_metric
+from lenslab.toolbox import check_layers, model_device, model_name, progress_reporter
 
 METHODS = ("atp", "atp*", "relp", "ig")
 QK_KINDS = {"q", "k", "q_by_pos", "k_by_pos"}
@@ -173,7 +175,7 @@ class AttributionResult(Result, Mapping):
 
 def attribute(
     model,
-    task: Task,
+    task: Task | Sequence[Task],
     method: str,
     sites: str | Sequence[str],
     *,
@@ -184,11 +186,13 @@ def attribute(
     graddrop: bool = True,
     attn_rule: str | None = None,
     progress: bool | Callable[[int, int], None] = True,
-) -> AttributionResult:
+    cluster: str | None = None,
+    resume: str | Path | None = None,
+) -> AttributionResult | list[AttributionResult]:
     """Attribution scores for one or more sites.
 
     Args:
-        model, task: as for `lenslab.circuits.patch`.
+        model, task: as for `lenslab.circuits.patch` (a list of tasks gives one result per task).
         method: "atp", "atp*", "relp" or "ig".
         sites: a site name or a list (see `lenslab.circuits.SITES`); `layer=` for "mlp_neuron".
         metric: name or callable (must be differentiable).
@@ -197,31 +201,31 @@ def attribute(
         graddrop: for "atp*", apply GradDrop (scores become magnitudes).
         attn_rule: for "relp", None (plain gradient through attention, the RelP default) or "ah"
             (attention pattern detached, the AH-rule).
+        cluster: run as a `lenslab.jobs` job, one shard per task and site, on a Ray cluster
+            ("local", "auto", "host:port"; docs/scaling.md); the model is shipped once through
+            Ray's object store. None: this process.
+        resume: a folder where finished shards are saved; a rerun with it runs only the rest.
 
     Returns:
         `AttributionResult`, a mapping `{site: PatchResult}` (also for one site); scores estimate
-        `patched metric - unpatched metric`.
+        `patched metric - unpatched metric`. A list of them for a list of tasks. Split into
+        shards the scores are bit-identical to one process on the same number of torch threads
+        (each site's passes do not depend on the other sites asked for).
     """
-    if method not in METHODS:
-        raise LenslabError(f"method {method!r} is not one of {', '.join(METHODS)}{did_you_mean(str(method), METHODS)}")
-    if direction not in DIRECTIONS:
-        raise LenslabError(f"direction {direction!r} must be 'denoise' or 'noise'")
-    if attn_rule not in (None, "ah"):
-        raise LenslabError(f"attn_rule {attn_rule!r} must be None or 'ah'")
-    site_list = [sites] if isinstance(sites, str) else list(sites)
-    if not site_list:
-        raise LenslabError("give at least one site")
-    resolved = [resolve_site(s) for s in site_list]
-    validate_task(model, task)
-    if any(st.kind == "neuron" for st in resolved):
-        if layer is None:
-            raise LenslabError("site 'mlp_neuron' needs layer=N (the MLP whose neurons are scored)")
-        check_layers(model, [layer])
-    for st in resolved:
-        if st.name in ("mlp_out", "resid_mid", "mlp_neuron") and getattr(model.cfg, "attn_only", False):
-            raise LenslabError(f"site {st.name!r} does not exist in an attention-only model")
-    if steps < 1:
-        raise LenslabError(f"steps must be >= 1, got {steps}")
+    if cluster is not None or resume is not None or not isinstance(task, Task):
+        return _attribute_job(
+            model,
+            task,
+            method,
+            sites,
+            cluster=cluster,
+            resume=resume,
+            progress=progress,
+            options=dict(
+                metric=metric, direction=direction, layer=layer, steps=steps, graddrop=graddrop, attn_rule=attn_rule
+            ),
+        )
+    resolved = _check(model, task, method, sites, direction=direction, layer=layer, steps=steps, attn_rule=attn_rule)
     task = task.to(model_device(model))
     bound = get_metric(metric, model, task)
     base, source = (
@@ -288,6 +292,102 @@ def attribute(
             ),
         )
     return AttributionResult(results=out, method=method)
+
+
+def _check(model, task, method, sites, *, direction, layer, steps, attn_rule) -> list[Site]:
+    """`attribute`'s arguments checked before any compute; the resolved sites."""
+    if method not in METHODS:
+        raise LenslabError(f"method {method!r} is not one of {', '.join(METHODS)}{did_you_mean(str(method), METHODS)}")
+    if direction not in DIRECTIONS:
+        raise LenslabError(f"direction {direction!r} must be 'denoise' or 'noise'")
+    if attn_rule not in (None, "ah"):
+        raise LenslabError(f"attn_rule {attn_rule!r} must be None or 'ah'")
+    site_list = [sites] if isinstance(sites, str) else list(sites)
+    if not site_list:
+        raise LenslabError("give at least one site")
+    resolved = [resolve_site(s) for s in site_list]
+    validate_task(model, task)
+    if any(st.kind == "neuron" for st in resolved):
+        if layer is None:
+            raise LenslabError("site 'mlp_neuron' needs layer=N (the MLP whose neurons are scored)")
+        check_layers(model, [layer])
+    for st in resolved:
+        if st.name in ("mlp_out", "resid_mid", "mlp_neuron") and getattr(model.cfg, "attn_only", False):
+            raise LenslabError(f"site {st.name!r} does not exist in an attention-only model")
+    if steps < 1:
+        raise LenslabError(f"steps must be >= 1, got {steps}")
+    return resolved
+
+
+# --- distributed: one shard per task and site --------------------------------------------------
+
+
+def _attribute_shard(payload: dict) -> PatchResult:
+    """A `lenslab.jobs` shard of `attribute`: one task and one site, on this worker's model copy."""
+    model = jobs.worker_model(payload["model"])
+    site = payload["site"]
+    return attribute(model, payload["task"], payload["method"], [site], progress=False, **payload["options"])[site]
+
+
+def _attribute_job(model, task, method, sites, *, cluster, resume, progress, options) -> AttributionResult | list:
+    cluster = jobs.parse_cluster(cluster)
+    tasks = [task] if isinstance(task, Task) else list(task) if isinstance(task, (list, tuple)) else [task]
+    if not tasks:
+        raise LenslabError("task is an empty list; give a Task or a non-empty list of Tasks")
+    site_list = [sites] if isinstance(sites, str) else list(sites)
+    if len(set(site_list)) != len(site_list):
+        raise LenslabError(f"sites {site_list} name a site twice; name each once")
+    check_metric(options["metric"])
+    for t in tasks:  # every argument checked before any shard runs (no cluster work for a typo)
+        resolved = _check(
+            model,
+            t,
+            method,
+            site_list,
+            direction=options["direction"],
+            layer=options["layer"],
+            steps=options["steps"],
+            attn_rule=options["attn_rule"],
+        )
+    names = [st.name for st in resolved]
+    handle = jobs.share_model(model, cluster)
+    cpu_tasks = [t.to("cpu") for t in tasks]
+    shards = [
+        jobs.Shard(
+            key=f"task{i}/{name}",
+            payload={"model": handle, "task": t, "method": method, "site": name, "options": options},
+        )
+        for i, t in enumerate(cpu_tasks)
+        for name in names
+    ]
+    metric = options["metric"]
+    fingerprint = json.dumps(
+        {
+            "model": model_name(model),
+            "method": method,
+            **{k: v for k, v in options.items() if k != "metric"},
+            "metric": metric if isinstance(metric, str) else getattr(metric, "__qualname__", repr(metric)),
+            "tasks": [task_fingerprint(t) for t in cpu_tasks],
+        },
+        sort_keys=True,
+    )
+    parts = jobs.run_job(
+        _attribute_shard,
+        shards,
+        cluster=cluster,
+        resume=resume,
+        desc=f"{method} attribution",
+        progress=progress,
+        num_gpus=1 if model_device(model).type == "cuda" and cluster is not None else 0,
+        fingerprint=fingerprint,
+    )
+    job = {"cluster": cluster or "this process", "shards": len(shards), "split": "site"}
+    out = []
+    for i in range(len(tasks)):
+        per_site = parts[i * len(names) : (i + 1) * len(names)]
+        results = {n: replace(r, provenance={**r.provenance, "job": job}) for n, r in zip(names, per_site)}
+        out.append(AttributionResult(results=results, method=method))
+    return out[0] if isinstance(task, Task) else out
 
 
 # --- sites and hooks -------------------------------------------------------------------------

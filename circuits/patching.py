@@ -23,19 +23,23 @@ equal the reference engine's within 1e-4 in float32) and the reference engine el
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from lenslab import kernels, labels, sites
+from lenslab import jobs, kernels, labels, sites
 from lenslab._errors import LenslabError, did_you_mean
 from lenslab.kernels import ENGINES
 from lenslab.results import PatchResult, provenance
 from lenslab.sites import DIRECTIONS, SITE_ALIASES, SITES, Site, patch_result, position_labels, resolve_site
 from lenslab.tasks import MetricLike, Task, check_metric, get_metric
-from lenslab.toolbox import check_layers, model_device, progress_reporter
+from lenslab.toolbox import check_layers, model_device, model_name, progress_reporter
 
 exact_result = patch_result  # the name engines used before lenslab.sites
 __all__ = [
@@ -55,7 +59,7 @@ __all__ = [
 
 def patch(
     model,
-    task: Task,
+    task: Task | Sequence[Task],
     site: str,
     *,
     direction: str = "denoise",
@@ -64,12 +68,15 @@ def patch(
     layer: int | None = None,
     layers: Sequence[int] | None = None,
     progress: bool | Callable[[int, int], None] = True,
-) -> PatchResult:
+    cluster: str | None = None,
+    resume: str | Path | None = None,
+) -> PatchResult | list[PatchResult]:
     """Exact activation patching of one site over its whole grid.
 
     Args:
         model: a TransformerLens model from `lenslab.load_model`.
-        task: the clean/corrupt prompts and answers.
+        task: the clean/corrupt prompts and answers; a list of tasks patches each (one
+            `PatchResult` per task, in order).
         site: one of `SITES` ("resid_pre", "attn_out", "z", "z_by_pos", "q", "pattern", "mlp_neuron", ...).
         direction: "denoise" (run corrupt, patch in clean; TransformerLens's convention) or "noise".
         metric: a metric name from `lenslab.tasks.METRICS` or a callable on logits `[batch, pos, vocab]`.
@@ -78,16 +85,32 @@ def patch(
         layer: for "mlp_neuron", the MLP layer whose neurons are patched.
         layers: restrict the layer axis to these layers (default: all).
         progress: show a tqdm bar (True), none (False), or call `progress(done, total)`.
+        cluster: run as a `lenslab.jobs` job on a Ray cluster ("local", "auto", "host:port";
+            docs/scaling.md): one shard per task for a list of tasks, one per layer for one task
+            (per task for "mlp_neuron"). The model is shipped once through Ray's object store and
+            each worker process keeps one copy (a model on a GPU asks one GPU per shard). None:
+            this process.
+        resume: a folder where finished shards are saved; a rerun with it runs only the rest
+            (with `cluster=None` too: the same shards, one after another).
 
     Returns:
-        `PatchResult` whose scores (axes per site, e.g. `[layer, pos]`) are the metric of each patched run.
+        `PatchResult` whose scores (axes per site, e.g. `[layer, pos]`) are the metric of each patched run
+        (a list of them for a list of tasks). On a cluster the scores are bit-identical to one
+        process on the same number of torch threads (a Ray worker runs one), except for one task
+        split by layer under the batched engine, which batches a layer's patches differently
+        alone than with other layers: those agree within float32 rounding (tested: 1e-5).
     """
+    tasks = [task] if isinstance(task, Task) else list(task) if isinstance(task, (list, tuple)) else [task]
+    if not tasks:
+        raise LenslabError("task is an empty list; give a Task or a non-empty list of Tasks")
+    cluster = jobs.parse_cluster(cluster)
     st = resolve_site(site)
     if direction not in DIRECTIONS:
         raise LenslabError(
             f"direction {direction!r} must be 'denoise' or 'noise'{did_you_mean(str(direction), DIRECTIONS)}"
         )
-    validate_task(model, task)
+    for t in tasks:
+        validate_task(model, t)
     n_layers = int(model.cfg.n_layers)
     if st.kind == "neuron":
         if layer is None:
@@ -103,14 +126,27 @@ def patch(
             f"site {st.name!r} does not exist in an attention-only model; use attn_out or resid_pre/resid_post"
         )
 
-    task = task.to(model_device(model))
     check_metric(metric)
+    if engine != "reference" and engine not in ENGINES:
+        raise LenslabError(
+            f"engine {engine!r} is not available; use one of {', '.join(['reference', *ENGINES])}"
+            f"{did_you_mean(str(engine), ['reference', *ENGINES])}"
+        )
+    args = dict(site=st.name, direction=direction, metric=metric, engine=engine, layer=layer)
+    if cluster is not None or resume is not None or not isinstance(task, Task):
+        results = _patch_job(model, tasks, st, layer_list, args, cluster=cluster, resume=resume, progress=progress)
+        return results[0] if isinstance(task, Task) else results
+    return _patch_one(model, task, layers=layer_list, progress=progress, **args)
+
+
+def _patch_one(
+    model, task: Task, *, site: str, direction: str, metric, engine: str, layer, layers, progress
+) -> PatchResult:
+    """`patch` of one checked task over `layers` (the arguments checked by `patch`)."""
+    st = resolve_site(site)
+    layer_list = list(layers)
+    task = task.to(model_device(model))
     if engine != "reference":
-        if engine not in ENGINES:
-            raise LenslabError(
-                f"engine {engine!r} is not available; use one of {', '.join(['reference', *ENGINES])}"
-                f"{did_you_mean(str(engine), ['reference', *ENGINES])}"
-            )
         result = ENGINES[engine](  # binds a metric name from its own unpatched runs
             model, task, st, direction=direction, metric=metric, layers=layer_list, layer=layer, progress=progress
         )
@@ -143,6 +179,94 @@ def patch(
             report()
     report(close=True)
     return patch_result(model, task, st, grid, scores, bound, direction, engine="reference", layer=layer)
+
+
+# --- distributed: one shard per task, or per layer of one task -----------------------------------
+
+
+def _patch_shard(payload: dict) -> PatchResult:
+    """A `lenslab.jobs` shard of `patch`: one task over some layers, on this worker's model copy."""
+    model = jobs.worker_model(payload["model"])
+    return _patch_one(model, payload["task"], progress=False, **payload["args"], layers=payload["layers"])
+
+
+def _cells(model, st: Site, task: Task) -> int:
+    """Patches in one layer of the site's grid (the size of a layer shard, for the progress bar)."""
+    heads = int(model.cfg.n_heads)
+    if st.name in ("k", "v", "k_by_pos", "v_by_pos"):
+        heads = int(getattr(model.cfg, "n_key_value_heads", None) or heads)
+    pos = task.seq_len
+    return {"pos": pos, "head": heads, "pos_head": pos * heads, "pattern": heads, "pattern_dest": heads * pos}.get(
+        st.kind, 1
+    )
+
+
+def task_fingerprint(task: Task) -> str:
+    """A short hash of a task's tokens and answers (resume folders refuse another task's shards)."""
+    h = hashlib.sha1()
+    for t in (task.clean_tokens, task.corrupt_tokens, task.answer_tokens):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().long().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _patch_job(model, tasks: list[Task], st: Site, layer_list: list[int], args: dict, *, cluster, resume, progress):
+    """`patch` as a `lenslab.jobs` job: a shard per task, or per layer of one task (merged along the layer axis)."""
+    # many tasks: a shard per task (whole grids, as one process computes them); one task: per layer
+    split = len(tasks) == 1 and st.kind != "neuron" and (cluster is not None or resume is not None)
+    chunks = [[l] for l in layer_list] if split else [layer_list]
+    handle = jobs.share_model(model, cluster)
+    cpu_tasks = [t.to("cpu") for t in tasks]
+    shards = []
+    for i, t in enumerate(cpu_tasks):
+        for chunk in chunks:
+            key = f"task{i}" + (f"/L{chunk[0]}" if split else "")
+            payload = {"model": handle, "task": t, "args": args, "layers": chunk}
+            size = int(model.cfg.d_mlp) if st.kind == "neuron" else _cells(model, st, t) * len(chunk)
+            shards.append(jobs.Shard(key=key, payload=payload, size=size))
+    metric = args["metric"]
+    fingerprint = json.dumps(
+        {
+            "model": model_name(model),
+            **{k: v for k, v in args.items() if k != "metric"},
+            "metric": metric if isinstance(metric, str) else getattr(metric, "__qualname__", repr(metric)),
+            "layers": layer_list,
+            "tasks": [task_fingerprint(t) for t in cpu_tasks],
+        },
+        sort_keys=True,
+    )
+    on_gpu = model_device(model).type == "cuda"
+    parts = jobs.run_job(
+        _patch_shard,
+        shards,
+        cluster=cluster,
+        resume=resume,
+        desc=f"patching {st.name}",
+        progress=progress,
+        num_gpus=1 if on_gpu and cluster is not None else 0,
+        fingerprint=fingerprint,
+    )
+    per_task = len(chunks)
+    return [_merge_layers(parts[i * per_task : (i + 1) * per_task], cluster) for i in range(len(tasks))]
+
+
+def _merge_layers(parts: Sequence[PatchResult], cluster: str | None) -> PatchResult:
+    """One `PatchResult` from the shards of one task over consecutive layers (in order): scores
+    and layer labels concatenated along the layer axis; the first shard's metric values and
+    provenance, with every shard's engine details and the job recorded."""
+    first = parts[0]
+    if len(parts) == 1:
+        if cluster is None:
+            return first
+        prov = {**first.provenance, "job": {"cluster": cluster, "shards": 1, "split": "task"}}
+        return dataclasses.replace(first, provenance=prov)
+    labels = dict(first.labels)
+    labels["layer"] = [lab for p in parts for lab in p.labels["layer"]]
+    prov = dict(first.provenance)
+    if "engine_details" in prov:
+        prov["engine_details"] = [p.provenance.get("engine_details") for p in parts]
+    prov["job"] = {"cluster": cluster or "this process", "shards": len(parts), "split": "layer"}
+    return dataclasses.replace(first, scores=torch.cat([p.scores for p in parts]), labels=labels, provenance=prov)
 
 
 def batched_patch(

@@ -454,3 +454,30 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     n = len(config.stash.get(_HW_SKIPS, []))
     why = "GPU present" if torch.cuda.is_available() else "no GPU"
     terminalreporter.write_line(f"{n} test{'' if n == 1 else 's'} skipped: {why}")
+
+
+# --- one local Ray cluster per test session (lenslab.jobs) -----------------------------------------
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The address ("127.0.0.1:port") of a local Ray cluster with 2 CPUs, started once per session and
+    connected in this process: `run_job(..., cluster=ray_cluster)` reuses the connection, and a
+    subprocess driver can `ray.init(address=ray_cluster)`. Ray stays on this machine: the node binds
+    127.0.0.1, no dashboard, no usage statistics. Skips (a failure unless skips are allowed) without
+    the `ray` extra."""
+    pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'lenslab[ray]'")
+    import ray
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # no usage report over the network
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_level="WARNING",
+            log_to_driver=True,
+        )
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()

@@ -80,3 +80,53 @@ def test_app_never_prompts_and_headless_keeps_its_meaning(monkeypatch, capsys):
     assert all(s[2] is sp.DEVNULL and s[1]["PYTHONSAFEPATH"] == "1" for s in started)
     assert opened == ["http://127.0.0.1:8765"]  # only the run without --headless opens a browser
     assert "http://127.0.0.1:8765" in capsys.readouterr().out
+
+
+# --- --ray / --resume: patching and attribution as distributed jobs (lenslab.jobs) ----------------
+def _circuits(tiny_zoo_dir, *args):
+    return main(["circuits", *args, "--model", str(tiny_zoo_dir), "--task", "induction", "--n", "3"])
+
+
+def test_patch_and_attribute_on_ray_with_resume(ray_cluster, tiny_zoo_dir, tmp_path, capsys):
+    import torch
+
+    from lenslab.results import PatchResult
+
+    assert _circuits(tiny_zoo_dir, "patch", "--site", "z", "--out", str(tmp_path / "one.json")) == 0
+    ray_args = ["--ray", ray_cluster, "--resume", str(tmp_path / "shards")]
+    assert _circuits(tiny_zoo_dir, "patch", "--site", "z", *ray_args, "--out", str(tmp_path / "ray.json")) == 0
+    one, got = PatchResult.from_json(tmp_path / "one.json"), PatchResult.from_json(tmp_path / "ray.json")
+    assert got.labels == one.labels and got.provenance["job"]["shards"] == 2
+    torch.testing.assert_close(got.scores, one.scores, rtol=1e-5, atol=1e-5)  # batched engine split by layer
+    assert len(list((tmp_path / "shards").glob("task0_L*.pkl"))) == 2
+    sites = ["--site", "z", "mlp_out", "--method", "atp"]
+    assert _circuits(tiny_zoo_dir, "attribute", *sites, "--out", str(tmp_path / "a.json")) == 0
+    assert _circuits(tiny_zoo_dir, "attribute", *sites, "--ray", ray_cluster, "--out", str(tmp_path / "b.json")) == 0
+    for site in ("z", "mlp_out"):
+        a = PatchResult.from_json(tmp_path / f"a_{site}.json")
+        b = PatchResult.from_json(tmp_path / f"b_{site}.json")
+        assert b.provenance["job"] == {"cluster": ray_cluster, "shards": 2, "split": "site"}
+        torch.testing.assert_close(a.scores, b.scores, rtol=1e-6, atol=1e-6)  # float32 sums on 1 vs N threads
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--ray", "nowhere"], "--ray 'nowhere' must be auto, local or an address HOST:PORT"),
+        (["--ray", "127.0.0.1:1"], "the Ray cluster at 127.0.0.1:1 cannot be reached"),
+    ],
+)
+def test_ray_option_errors_are_one_line(ray_cluster, tiny_zoo_dir, tmp_path, capsys, extra, message):
+    assert _circuits(tiny_zoo_dir, "patch", "--site", "z", *extra, "--out", str(tmp_path / "x.json")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lenslab: error: {message}") and "Traceback" not in err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_ray_fallback_runs_locally_with_a_warning(ray_cluster, tiny_zoo_dir, tmp_path):
+    from lenslab.results import PatchResult
+
+    args = ["patch", "--site", "resid_pre", "--ray", "127.0.0.1:1", "--ray-fallback", "--out", str(tmp_path / "x.json")]
+    with pytest.warns(UserWarning, match="cannot be reached.*--ray-fallback: running on a local Ray"):
+        assert _circuits(tiny_zoo_dir, *args) == 0
+    assert PatchResult.from_json(tmp_path / "x.json").provenance["job"]["cluster"] == "local"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 
 import pytest
 import torch
@@ -266,13 +265,12 @@ def test_per_prompt_metrics_are_hand_computed_and_average_to_the_metric(ln_attn_
 
 
 def _dump(path) -> dict:
-    con = sqlite3.connect(str(path))
-    try:
-        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
-        out = {t: sorted(con.execute(f"SELECT * FROM {t}").fetchall(), key=repr) for t in tables}
-    finally:
-        con.close()
-    out["meta"] = [r for r in out.get("meta", []) if r[0] != "created"]  # a timestamp
+    from lenslab.probes.features import FeatureStore
+    from lenslab.probes.features.store import SCHEMA
+
+    with FeatureStore(path) as st:
+        out = {t: sorted((tuple(map(repr, r.values())) for r in st.table(t).to_pylist()), key=repr) for t in SCHEMA}
+        out["meta"] = sorted((k, repr(v)) for k, v in st.meta.items() if k != "created")  # a timestamp
     return out
 
 
@@ -293,7 +291,7 @@ def test_feature_index_resume_false_rebuilds_from_scratch(ln_attn_model, tmp_pat
     g = torch.Generator().manual_seed(0)
     docs = [" ".join(f"t{int(j)}" for j in torch.randint(0, 40, (9,), generator=g)) for _ in range(12)]
     stale_docs = [" ".join(f"t{int(j)}" for j in torch.randint(0, 40, (7,), generator=g)) for _ in range(10)]
-    fresh, path = tmp_path / "fresh.sqlite", tmp_path / "store.sqlite"
+    fresh, path = tmp_path / "fresh", tmp_path / "store"
     F.index(model, sae, docs, fresh, batch_size=4, top_n=3, progress=False).close()
 
     def stop(b):

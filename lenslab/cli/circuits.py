@@ -7,7 +7,7 @@ import argparse
 
 import lenslab
 from lenslab import tasks
-from lenslab.cli.common import add_device, add_model, add_out, out_path
+from lenslab.cli.common import add_device, add_model, add_out, add_ray, out_path, ray_cluster
 from lenslab.figures import export
 
 METHODS = ["atp", "atp*", "relp", "ig"]
@@ -24,6 +24,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         False,
     )
     cp.add_argument("--direction", default="denoise", choices=["denoise", "noise"])
+    add_ray(cp)
     cp.set_defaults(func=cmd_patch)
 
     ca = csub.add_parser("attribute", help="AtP / AtP* / RelP / IG attribution of one or more sites")
@@ -31,6 +32,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ca.add_argument("--method", required=True, choices=METHODS)
     ca.add_argument("--direction", default="denoise", choices=["denoise", "noise"])
     ca.add_argument("--steps", type=int, default=10, help="interpolation steps for ig")
+    add_ray(ca)
     ca.set_defaults(func=cmd_attribute)
 
     cf = csub.add_parser("faithfulness", help="correlation of attribution methods with exact patching")
@@ -72,11 +74,12 @@ def _task_options(sp: argparse.ArgumentParser, site_help: str, many_sites: bool)
 
 
 def _inputs(args: argparse.Namespace):
-    """--out (checked first, before any work), the model and the task."""
+    """--out and --ray (checked first, before any work), the model, the task, the cluster."""
     out = out_path(args)
+    cluster = ray_cluster(args)
     model = lenslab.load_model(args.model, device=args.device)
     task = tasks.from_spec(model, args.task, n=args.n, seed=args.seed)
-    return out, model, task
+    return out, model, task, cluster
 
 
 def _wrote(*paths) -> int:
@@ -88,15 +91,24 @@ def _wrote(*paths) -> int:
 def cmd_patch(args: argparse.Namespace) -> int:
     from lenslab import circuits  # deferred: keeps CLI start-up fast
 
-    out, model, task = _inputs(args)
-    result = circuits.patch(model, task, args.site, direction=args.direction, metric=args.metric, layer=args.layer)
+    out, model, task, cluster = _inputs(args)
+    result = circuits.patch(
+        model,
+        task,
+        args.site,
+        direction=args.direction,
+        metric=args.metric,
+        layer=args.layer,
+        cluster=cluster,
+        resume=args.resume,
+    )
     return _wrote(export(result, out))
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
     from lenslab import circuits  # deferred: keeps CLI start-up fast
 
-    out, model, task = _inputs(args)
+    out, model, task, cluster = _inputs(args)
     results = circuits.attribute(
         model,
         task,
@@ -106,6 +118,8 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         direction=args.direction,
         layer=args.layer,
         steps=args.steps,
+        cluster=cluster,
+        resume=args.resume,
     )
     return _wrote(
         *(
@@ -118,7 +132,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 def cmd_faithfulness(args: argparse.Namespace) -> int:
     from lenslab import circuits  # deferred: keeps CLI start-up fast
 
-    out, model, task = _inputs(args)
+    out, model, task, _ = _inputs(args)
     result = circuits.faithfulness(
         model, task, args.method, args.site, metric=args.metric, layer=args.layer, steps=args.steps
     )
@@ -129,7 +143,7 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
 def cmd_graph(args: argparse.Namespace) -> int:
     from lenslab import circuits  # deferred: keeps CLI start-up fast
 
-    out, model, task = _inputs(args)
+    out, model, task, _ = _inputs(args)
     if args.method == "nodes":
         heads = circuits.patch(model, task, "z", metric=args.metric)
         mlps = None if model.cfg.attn_only else circuits.patch(model, task, "mlp_out", metric=args.metric)

@@ -1,14 +1,16 @@
 """What the `lenslab` command modules share: the one `--out` option (argument and check), the
-model, device and prompt options, the prompts a command falls back to, and the subcommand groups
-that more than one module adds to (`moe`, `sae`)."""
+model, device and prompt options, the prompts a command falls back to, the `--ray` / `--resume`
+options of commands that run as distributed jobs (`lenslab.jobs`), and the subcommand groups that
+more than one module adds to (`moe`, `sae`)."""
 
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from lenslab import zoo
+from lenslab import jobs, zoo
 from lenslab._errors import LenslabError
 from lenslab.figures import FORMATS
 
@@ -118,3 +120,48 @@ def prompt_list(args: argparse.Namespace, which: str) -> list[str]:
     if sets.get(which):
         return sets[which]
     raise LenslabError(f"no {which} prompts: pass --{which} P ... or --{which}-file FILE")
+
+
+RAY_HELP = (
+    "run as shards on a Ray cluster: 'local' (start Ray here), 'auto' (the running cluster, after "
+    "`ray start --head`) or its address HOST:PORT / ray://HOST:PORT (default: this process, no Ray; "
+    "docs/scaling.md)"
+)
+
+
+def add_ray(p: argparse.ArgumentParser, resume: bool = True) -> None:
+    """`--ray auto|local|ADDRESS`, `--ray-fallback` and (unless `resume` is False) `--resume DIR`,
+    read by `ray_cluster` and passed on as `cluster=` / `resume=`."""
+    p.add_argument("--ray", default=None, metavar="auto|local|ADDRESS", help=RAY_HELP)
+    p.add_argument(
+        "--ray-fallback",
+        action="store_true",
+        help="when the --ray cluster cannot be reached, run on a local Ray instead of stopping",
+    )
+    if resume:
+        p.add_argument(
+            "--resume",
+            default=None,
+            metavar="DIR",
+            help="save each finished shard in DIR; run again with the same DIR to skip the finished ones",
+        )
+
+
+def ray_cluster(args: argparse.Namespace) -> str | None:
+    """The `cluster=` that --ray asks for (None without it), checked before any work: an address
+    that does not answer is an error, or with --ray-fallback a warning and "local"."""
+    given = getattr(args, "ray", None)
+    try:
+        cluster = jobs.parse_cluster(given)
+    except LenslabError:
+        raise LenslabError(
+            f"--ray {given!r} must be auto, local or an address HOST:PORT / ray://HOST:PORT of a Ray cluster"
+        ) from None
+    if cluster is None or cluster == "local" or not getattr(args, "ray_fallback", False):
+        return cluster
+    try:
+        jobs.connect(cluster)
+    except LenslabError as err:
+        warnings.warn(f"{err}; --ray-fallback: running on a local Ray", stacklevel=2)
+        return "local"
+    return cluster
