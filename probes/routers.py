@@ -34,27 +34,34 @@ torch.Size([8, 4, 2])
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from lenslab import figures, labels
 from lenslab._errors import LenslabError
+from lenslab.jobs import Shard, run_job, share_model, worker_model
 from lenslab.results import JsonResult, provenance
-from lenslab.toolbox import length_batches, model_device
+from lenslab.toolbox import length_batches, model_device, model_name
 
 __all__ = [
     "ExpertRanking",
+    "FtriStats",
     "MoeLayer",
     "RouterResult",
     "activation_maps",
     "check_experts",
     "expert_pairs",
     "expert_load",
+    "ftri_from_stats",
     "ftri_rank",
+    "ftri_stats",
     "has_moe",
     "load_figure",
     "moe_layers",
@@ -262,7 +269,12 @@ def parse_experts(text: str) -> list[tuple[int, int]]:
 
 # --- routing -------------------------------------------------------------------------------
 def _prompt_tokens(model, prompts, prepend_bos: bool | None) -> list[Tensor]:
-    """Prompts (str, list of str, or a `[batch, pos]` / `[pos]` token tensor) -> one `[pos]` per prompt."""
+    """Prompts (str, list of str, a `[batch, pos]` / `[pos]` token tensor, or a list of `[pos]` token
+    rows) -> one `[pos]` per prompt."""
+    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, Tensor) for p in prompts):
+        if not all(p.ndim == 1 and p.numel() > 0 for p in prompts):
+            raise LenslabError("a list of token rows must hold non-empty 1-d [pos] tensors")
+        return [p.long() for p in prompts]
     if isinstance(prompts, Tensor):
         toks = prompts[None] if prompts.ndim == 1 else prompts
         if toks.ndim != 2 or toks.numel() == 0:
@@ -714,8 +726,124 @@ class ExpertRanking(JsonResult):
         return figures.style(fig, title)
 
 
+def _prompt_list(prompts) -> list:
+    """What `ftri_rank` keeps of a prompt set in its provenance."""
+    return (
+        prompts.tolist() if isinstance(prompts, Tensor) else ([prompts] if isinstance(prompts, str) else list(prompts))
+    )
+
+
+def _check_classes(target_prompts, other_prompts) -> None:
+    for name, p in (("target_prompts", target_prompts), ("other_prompts", other_prompts)):
+        if p is None or (not isinstance(p, Tensor) and len(p) == 0):
+            raise LenslabError(f"{name} is empty: fTRI needs at least one prompt in each class")
+
+
+@dataclass(frozen=True)
+class FtriStats:
+    """fTRI's sufficient statistics over a set of prompts: what shards of a prompt set add up.
+
+    Attributes:
+        sums: `[layer, expert]` float64, the sum over the prompts of their activation maps (each
+            map float32, as `activation_maps` gives it; summed in float64 in prompt order).
+        n: how many prompts.
+        layers: the block index of each row.
+        weights: True when the maps sum gate weights, False when they count selections.
+    """
+
+    sums: Tensor
+    n: int
+    layers: tuple[int, ...]
+    weights: bool = False
+
+    def __add__(self, other: FtriStats) -> FtriStats:
+        if not isinstance(other, FtriStats):
+            return NotImplemented
+        if other.layers != self.layers or other.weights != self.weights or other.sums.shape != self.sums.shape:
+            raise LenslabError(
+                "these fTRI statistics do not add up: they come from different models or one counts "
+                "selections while the other sums gate weights"
+            )
+        return FtriStats(sums=self.sums + other.sums, n=self.n + other.n, layers=self.layers, weights=self.weights)
+
+    def mean(self) -> Tensor:
+        """The class mean `[layer, expert]` (float32): `sums / n`, rounded once to float32."""
+        return (self.sums / self.n).float()
+
+
+def ftri_stats(model, prompts, *, weights: bool = False, prepend_bos: bool | None = None) -> FtriStats:
+    """The summed fTRI activation maps of `prompts` (a string, a list of strings, token ids
+    `[batch, pos]`, or a list of `[pos]` token rows): `FtriStats`, which add across prompt sets.
+
+    `ftri_from_stats(ftri_stats(model, A) + ftri_stats(model, B), ...)` ranks as `ftri_rank` on
+    the prompts of A and B together: selection counts are integers, summed exactly; gate-weight
+    sums differ by float64 rounding only (below float32's resolution).
+    """
+    layers = moe_layers(model)
+    maps = activation_maps(model, prompts, weights=weights, prepend_bos=prepend_bos)  # [prompt, layer, expert]
+    sums = torch.zeros(maps.shape[1:], dtype=torch.float64)
+    for m in maps:  # prompt order: a fixed summation order
+        sums += m.double()
+    return FtriStats(sums=sums, n=int(maps.shape[0]), layers=tuple(m.layer for m in layers), weights=weights)
+
+
+def ftri_from_stats(target: FtriStats, other: FtriStats, *, provenance: dict | None = None) -> ExpertRanking:
+    """The `ExpertRanking` of the target and other class statistics (see `ftri_stats`)."""
+    if target.layers != other.layers or target.weights != other.weights:
+        raise LenslabError("the target and other statistics come from different models or different fTRI options")
+    t_mean, o_mean = target.mean(), other.mean()
+    return ExpertRanking(
+        diff=t_mean - o_mean,
+        target_mean=t_mean,
+        other_mean=o_mean,
+        layers=target.layers,
+        weights=target.weights,
+        n_target=target.n,
+        n_other=other.n,
+        provenance=dict(provenance or {}),
+    )
+
+
+FTRI_BATCH = 16  # prompts per forward in `route`, and so the unit that shards of `ftri_rank` keep whole
+
+
+def _ftri_shards(model, handle, target_prompts, other_prompts, weights, prepend_bos, shard_size) -> list[Shard]:
+    """Shards of whole `route` batches (`length_batches` of `FTRI_BATCH`), at most about
+    `shard_size` prompts each: every prompt runs in the same batch as in one process."""
+    shards = []
+    for cls, prompts in (("target", target_prompts), ("other", other_prompts)):
+        toks = _prompt_tokens(model, prompts, prepend_bos)
+        group: list[int] = []
+        batches = list(length_batches(toks, FTRI_BATCH))
+        for j, batch in enumerate(batches):
+            group += batch
+            if len(group) >= shard_size or j == len(batches) - 1:
+                payload = {"model": handle, "tokens": [toks[i] for i in sorted(group)], "weights": weights}
+                shards.append(Shard(key=f"{cls}/{len(shards):05d}", payload=payload, size=len(group)))
+                group = []
+    return shards
+
+
+def _fingerprint(model, target_prompts, other_prompts, weights, prepend_bos, shard_size) -> str:
+    h = hashlib.sha1()
+    for part in (model_name(model), weights, prepend_bos, shard_size, FTRI_BATCH):
+        h.update(repr(part).encode())
+    for prompts in (target_prompts, other_prompts):
+        h.update(json.dumps(_prompt_list(prompts)).encode())
+    return h.hexdigest()
+
+
 def ftri_rank(
-    model, target_prompts, other_prompts, *, weights: bool = False, prepend_bos: bool | None = None
+    model,
+    target_prompts,
+    other_prompts,
+    *,
+    weights: bool = False,
+    prepend_bos: bool | None = None,
+    cluster: str | None = None,
+    resume: str | Path | None = None,
+    shard_size: int = 256,
+    progress: bool | Callable[[int, int], None] = True,
 ) -> ExpertRanking:
     """Rank (layer, expert) by target-class mean minus other-class mean of the fTRI maps (MoTE).
 
@@ -724,6 +852,17 @@ def ftri_rank(
         target_prompts: prompts of the behaviour to find (e.g. the ones the model refuses).
         other_prompts: the rest (e.g. the ones it answers).
         weights: sum gate weights instead of counting selections.
+        cluster: None (this process, the default) or a Ray cluster (`lenslab.jobs.run_job`:
+            "local", "auto", "host:port"): the prompts are split into shards of about
+            `shard_size` prompts, each worker sums its shard's maps (`ftri_stats`), and the
+            driver adds the sums in shard order. Selection counts give the same ranking bit for
+            bit; gate-weight sums (`weights=True`) agree to float32 rounding (at most 1 ulp).
+        resume: a folder that keeps finished shards (with or without a cluster); a rerun with
+            the same folder computes only the rest.
+        shard_size: prompts per shard (whole batches of `FTRI_BATCH` prompts of one length, so
+            every prompt runs in the batch it runs in within one process).
+        progress: one bar counting prompts across workers, or a callable `(done, total)` (sharded
+            runs only).
 
     >>> from lenslab.data import refusal   # zoo/moe-refusal's prompts; its planted refusal experts: L1e2 L1e5 L2e3 L2e6
     >>> refused, _ = refusal.prompts(16, "harmful", seed=0)
@@ -732,23 +871,27 @@ def ftri_rank(
     >>> ranking.top(4)   # [(layer, expert, difference), ...]: selections per prompt, refused minus answered
     [(1, 2, 4.5625), (1, 5, 4.5625), (2, 3, 4.5625), (2, 6, 4.5625)]
     """
-    layers = moe_layers(model)  # the "no MoE" error before tokenising anything
-    for name, p in (("target_prompts", target_prompts), ("other_prompts", other_prompts)):
-        if p is None or (not isinstance(p, Tensor) and len(p) == 0):
-            raise LenslabError(f"{name} is empty: fTRI needs at least one prompt in each class")
-    tgt = activation_maps(model, target_prompts, weights=weights, prepend_bos=prepend_bos)
-    oth = activation_maps(model, other_prompts, weights=weights, prepend_bos=prepend_bos)
-    t_mean, o_mean = tgt.mean(0), oth.mean(0)
+    moe_layers(model)  # the "no MoE" error before tokenising anything
+    _check_classes(target_prompts, other_prompts)
     prov = provenance(model, method="ftri", weights=weights)
-    for name, p in (("target_prompts", target_prompts), ("other_prompts", other_prompts)):
-        prov[name] = p.tolist() if isinstance(p, Tensor) else ([p] if isinstance(p, str) else list(p))
-    return ExpertRanking(
-        diff=t_mean - o_mean,
-        target_mean=t_mean,
-        other_mean=o_mean,
-        layers=tuple(m.layer for m in layers),
-        weights=weights,
-        n_target=tgt.shape[0],
-        n_other=oth.shape[0],
-        provenance=prov,
-    )
+    prov["target_prompts"], prov["other_prompts"] = _prompt_list(target_prompts), _prompt_list(other_prompts)
+    if cluster is None and resume is None:
+        tgt = ftri_stats(model, target_prompts, weights=weights, prepend_bos=prepend_bos)
+        oth = ftri_stats(model, other_prompts, weights=weights, prepend_bos=prepend_bos)
+        return ftri_from_stats(tgt, oth, provenance=prov)
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise LenslabError(f"shard_size must be a positive number of prompts, got {shard_size!r}")
+    handle = share_model(model, cluster)
+    shards = _ftri_shards(model, handle, target_prompts, other_prompts, weights, prepend_bos, shard_size)
+    fp = _fingerprint(model, target_prompts, other_prompts, weights, prepend_bos, shard_size)
+    stats = run_job(_ftri_work, shards, cluster=cluster, resume=resume, desc="fTRI", progress=progress, fingerprint=fp)
+    merged: dict[str, FtriStats] = {}
+    for shard, st in zip(shards, stats):  # shard order: a fixed summation order
+        cls = shard.key.split("/")[0]
+        merged[cls] = merged[cls] + st if cls in merged else st
+    return ftri_from_stats(merged["target"], merged["other"], provenance=prov)
+
+
+def _ftri_work(payload: dict) -> FtriStats:
+    """One shard of `ftri_rank` (a job's work function): the statistics of its prompts."""
+    return ftri_stats(worker_model(payload["model"]), payload["tokens"], weights=payload["weights"])

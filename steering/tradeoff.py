@@ -42,23 +42,35 @@ the perplexity (`*_std`; the per-seed rows are kept in `per_seed`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from lenslab import figures
 from lenslab._errors import LenslabError
+from lenslab.jobs import Shard, run_job, share_model, worker_model
 from lenslab.results import JsonResult, provenance
 from lenslab.steering import evaluate
 from lenslab.steering.edit_hooks import validate
 from lenslab.steering.intervention import Intervention
-from lenslab.toolbox import length_batches, model_device
+from lenslab.toolbox import check_layers, length_batches, model_device, model_name
 
-__all__ = ["TradeoffResult", "bootstrap_ci", "standalone_perplexity", "tradeoff", "tradeoff_seeds"]
+__all__ = [
+    "TradeoffResult",
+    "bootstrap_ci",
+    "standalone_perplexity",
+    "tradeoff",
+    "tradeoff_cell",
+    "tradeoff_seeds",
+    "tradeoff_sweep",
+]
 
 DEFAULT_STRENGTHS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -267,6 +279,58 @@ def standalone_perplexity(model, texts: Sequence[str], *, batch_size: int = 64) 
     return math.exp(nll / count)
 
 
+def tradeoff_cell(
+    model, intervention: Intervention | None, prompts: Sequence[str], *, max_new_tokens: int = 12
+) -> dict:
+    """One cell of a trade-off sweep: greedy continuations of `prompts` under `intervention` (at
+    its own strength; None = unsteered) and their two perplexities under the unsteered model.
+
+    Every number of a `tradeoff` row comes from its cell alone (the prompts batch within the
+    cell), so cells run anywhere give the rows one process gives.
+
+    Returns:
+        `{"texts": [continuation per prompt], "perplexity": of the continuations on their own,
+        "perplexity_in_context": after their prompts (NaN when every continuation is empty)}`.
+    """
+    runs = {"cell": intervention}
+    texts = evaluate.continuations(model, runs, {"eval": list(prompts)}, max_new_tokens=max_new_tokens, progress=False)[
+        "cell"
+    ]["eval"]
+    # in context: teacher-forced after the prompt (empty continuations skipped)
+    kept = [(p, t) for p, t in zip(prompts, texts) if t.strip()]
+    in_context = float("nan")
+    if kept:
+        ppl = evaluate.perplexity(
+            model, {"unsteered": None}, {"cell": [p for p, _ in kept]}, {"cell": [t for _, t in kept]}, progress=False
+        )
+        in_context = float(ppl.value("unsteered", "cell"))
+    return {
+        "texts": texts,
+        "perplexity": standalone_perplexity(model, texts),
+        "perplexity_in_context": in_context,
+    }
+
+
+def _cell_work(payload: dict) -> dict:
+    """A job's work function: `tradeoff_cell` of one (method, strength) in a worker."""
+    model = worker_model(payload["model"])
+    return tradeoff_cell(model, payload["intervention"], payload["prompts"], max_new_tokens=payload["max_new_tokens"])
+
+
+def _digest(*parts, interventions: Mapping[str, Intervention] | None = None) -> str:
+    """A fingerprint of a sweep's inputs (for resume folders): parts by repr, interventions by their
+    preset and tensors."""
+    h = hashlib.sha1()
+    for part in parts:
+        h.update(repr(part).encode())
+    for name, iv in (interventions or {}).items():
+        spec, tensors = iv.to_preset()
+        h.update(name.encode() + json.dumps(spec, sort_keys=True, default=repr).encode())
+        for key in sorted(tensors):
+            h.update(key.encode() + tensors[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def tradeoff(
     model,
     interventions: Mapping[str, Intervention],
@@ -277,16 +341,27 @@ def tradeoff(
     max_new_tokens: int = 12,
     n_examples: int = 3,
     progress: bool = True,
+    cluster: str | None = None,
+    resume: str | Path | None = None,
 ) -> TradeoffResult:
     """Concept rate and fluency of greedy continuations for each intervention at each strength.
+
+    Each (method, strength) is one cell (`tradeoff_cell`), run as one shard of a job
+    (`lenslab.jobs.run_job`): in this process by default, or on a Ray cluster. The cells are
+    whole (every prompt of a cell batches as in one process), so the result is the same bit
+    for bit wherever they run.
 
     Args:
         model: a lenslab model with a tokenizer.
         interventions: `{method name: Intervention}` (fitted at strength 1; each is rescaled).
         prompts: evaluation prompts (e.g. negative contexts to steer towards positive).
-        score: continuation text -> bool, the concept detector.
+        score: continuation text -> bool, the concept detector (run here, on the driver).
         strengths: the strengths to sweep (0 = unsteered).
         max_new_tokens: tokens generated per prompt.
+        progress: one bar counting the cells done.
+        cluster: None (this process), "local", "auto" or a Ray address: where the cells run.
+        resume: a folder that keeps finished cells; a rerun with the same folder (and the same
+            model, prompts and interventions) computes only the rest.
 
     Returns:
         `TradeoffResult` with one row per (method, strength).
@@ -302,51 +377,51 @@ def tradeoff(
         if not isinstance(iv, Intervention):
             raise LenslabError(f"intervention {name!r} is a {type(iv).__name__}, not an Intervention")
         validate(model, iv)
-    runs = {f"{name}@{s:g}": iv.with_strength(s) for name, iv in interventions.items() for s in strengths}
-    texts = evaluate.continuations(
-        model, runs, {"eval": list(prompts)}, max_new_tokens=max_new_tokens, progress=progress
-    )
-    conts = {k: v["eval"] for k, v in texts.items()}
-    standalone = {k: standalone_perplexity(model, c) for k, c in conts.items()}
-    # in context: teacher-forced after the prompt (empty continuations skipped)
-    sets = {k: [p for p, t in zip(prompts, c) if t.strip()] for k, c in conts.items()}
-    answers = {k: [t for t in c if t.strip()] for k, c in conts.items()}
-    nonempty = [k for k in runs if sets[k]]
-    ppl = (
-        evaluate.perplexity(
-            model,
-            {"unsteered": None},
-            {k: sets[k] for k in nonempty},
-            {k: answers[k] for k in nonempty},
-            progress=progress,
+    if not all(isinstance(p, str) and p for p in prompts):
+        raise LenslabError("prompts must be a non-empty list of non-empty strings")
+    if model.tokenizer is None:
+        raise LenslabError("this model has no tokenizer: the trade-off generates text and needs one")
+    if max_new_tokens < 1:
+        raise LenslabError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    handle = share_model(model, cluster)
+    cells = [(name, s) for name in interventions for s in strengths]
+    shards = [
+        Shard(
+            key=f"{name}@{s:g}",
+            payload={
+                "model": handle,
+                "intervention": interventions[name].with_strength(s),
+                "prompts": list(prompts),
+                "max_new_tokens": max_new_tokens,
+            },
         )
-        if nonempty
-        else None
+        for name, s in cells
+    ]
+    fp = _digest(model_name(model), list(prompts), max_new_tokens, interventions=interventions)
+    out = run_job(
+        _cell_work, shards, cluster=cluster, resume=resume, desc="tradeoff", progress=progress, fingerprint=fp
     )
     rows, examples = [], {}
-    for name, iv in interventions.items():
-        units = iv.n_units(model)
-        for s in strengths:
-            key = f"{name}@{s:g}"
-            c = conts[key]
-            p = float(ppl.value("unsteered", key)) if ppl is not None and key in nonempty else float("nan")
-            hits = [bool(score(t)) for t in c]
-            rows.append(
-                {
-                    "method": name,
-                    "strength": s,
-                    "units": units,
-                    "n": len(c),
-                    "n_seeds": 1,
-                    "concept_rate": sum(hits) / len(c),
-                    "concept_rate_std": None,
-                    "concept_rate_ci": bootstrap_ci(hits),
-                    "perplexity": standalone[key],
-                    "perplexity_std": None,
-                    "perplexity_in_context": p,
-                }
-            )
-            examples.setdefault(name, {})[f"{s:g}"] = c[:n_examples]
+    units = {name: iv.n_units(model) for name, iv in interventions.items()}
+    for (name, s), cell in zip(cells, out):
+        c = cell["texts"]
+        hits = [bool(score(t)) for t in c]
+        rows.append(
+            {
+                "method": name,
+                "strength": s,
+                "units": units[name],
+                "n": len(c),
+                "n_seeds": 1,
+                "concept_rate": sum(hits) / len(c),
+                "concept_rate_std": None,
+                "concept_rate_ci": bootstrap_ci(hits),
+                "perplexity": cell["perplexity"],
+                "perplexity_std": None,
+                "perplexity_in_context": cell["perplexity_in_context"],
+            }
+        )
+        examples.setdefault(name, {})[f"{s:g}"] = c[:n_examples]
     return TradeoffResult(
         rows=rows,
         examples=examples,
@@ -373,13 +448,18 @@ def tradeoff_seeds(
     max_new_tokens: int = 12,
     n_examples: int = 3,
     progress: bool = True,
+    cluster: str | None = None,
+    resume: str | Path | None = None,
 ) -> TradeoffResult:
     """`tradeoff` once per seed, with the methods refitted and the evaluation prompts redrawn each time.
 
     Args:
-        fit: seed -> `{method name: Intervention}` fitted on that seed's fitting set.
+        fit: seed -> `{method name: Intervention}` fitted on that seed's fitting set (here, on
+            the driver).
         prompts: seed -> that seed's held-out evaluation prompts.
         seeds: two or more seeds.
+        cluster: where each seed's cells run (see `tradeoff`).
+        resume: a folder; seed s keeps its finished cells in its subfolder `seed{s}`.
 
     Returns:
         `TradeoffResult` whose rows hold, per (method, strength), the mean across seeds of the
@@ -404,6 +484,8 @@ def tradeoff_seeds(
             max_new_tokens=max_new_tokens,
             n_examples=n_examples,
             progress=False,
+            cluster=cluster,
+            resume=None if resume is None else Path(resume) / f"seed{seed}",
         )
         runs.append((seed, res))
     first = runs[0][1]
@@ -437,3 +519,103 @@ def tradeoff_seeds(
         prompts={str(seed): res.provenance.get("prompts") for seed, res in runs},
     )
     return TradeoffResult(rows=rows, examples=first.examples, per_seed=per_seed, provenance=prov)
+
+
+def _fit_work(payload: dict) -> Intervention:
+    """A job's work function: one method fitted at one layer, in a worker."""
+    model = worker_model(payload["model"])
+    iv = payload["fit"](model, payload["layer"])
+    if not isinstance(iv, Intervention):
+        raise LenslabError(
+            f"fit[{payload['method']!r}] returned a {type(iv).__name__} at layer {payload['layer']}, not an Intervention"
+        )
+    return iv
+
+
+def tradeoff_sweep(
+    model,
+    fit: Mapping[str, Callable[[object, int], Intervention]],
+    layers: Sequence[int],
+    prompts: Sequence[str],
+    score: Callable[[str], bool],
+    *,
+    strengths: Sequence[float] = DEFAULT_STRENGTHS,
+    max_new_tokens: int = 12,
+    n_examples: int = 3,
+    progress: bool = True,
+    cluster: str | None = None,
+    resume: str | Path | None = None,
+) -> TradeoffResult:
+    """The trade-off of every method fitted at every layer: methods × layers × strengths.
+
+    Two jobs (`lenslab.jobs.run_job`), both in this process by default or on a Ray cluster:
+    first each (method, layer) is fitted by `fit[method](model, layer)` in a worker, on the
+    worker's copy of the model; then every (method, layer, strength) cell runs as in `tradeoff`.
+    Fitting in the workers spreads the expensive fits (LinEAS's optimisation) as well; the
+    fitted interventions come back as data, so the result equals fitting and evaluating in one
+    process (bit for bit for the deterministic fits: DiffMean, ActAdd, probes, AUSteer; LinEAS
+    only where its optimiser runs identically on the worker's threads).
+
+    Args:
+        fit: `{method name: (model, layer) -> Intervention}`, e.g.
+            `{"DiffMean": lambda m, l: mean_difference(m, pos, neg, layers=l)}`. On a cluster
+            the callables are pickled (cloudpickle): let them use the `model` they are given,
+            never capture the driver's.
+        layers: the layers to sweep.
+        prompts, score, strengths, max_new_tokens, n_examples, progress: as `tradeoff`.
+        cluster: None (this process), "local", "auto" or a Ray address.
+        resume: a folder; the fits are kept in `fit/`, the cells in `eval/`.
+
+    Returns:
+        `TradeoffResult` with methods named `"{method} L{layer}"` and rows that also hold the
+        `layer`.
+
+    >>> import lenslab
+    >>> from lenslab.data import sentiment
+    >>> from lenslab.steering import mean_difference
+    >>> model = lenslab.load_model("zoo/steer-sentiment", device="cpu")
+    >>> pos, neg = sentiment.prompts(8, "positive"), sentiment.prompts(8, "negative")
+    >>> res = tradeoff_sweep(model, {"DiffMean": lambda m, l: mean_difference(m, pos, neg, layers=l)}, [0, 1],
+    ...                      sentiment.prompts(8, "negative", seed=99), sentiment.is_positive,
+    ...                      strengths=[0, 1], max_new_tokens=6, progress=False)
+    >>> [(r["method"], r["layer"], r["strength"], r["concept_rate"]) for r in res.rows]
+    [('DiffMean L0', 0, 0.0, 0.0), ('DiffMean L0', 0, 1.0, 0.0), ('DiffMean L1', 1, 0.0, 0.0), ('DiffMean L1', 1, 1.0, 1.0)]
+    """
+    if not isinstance(fit, Mapping) or not fit:
+        raise LenslabError("fit is empty: pass {method name: (model, layer) -> Intervention}")
+    for name, f in fit.items():
+        if not callable(f):
+            raise LenslabError(f"fit[{name!r}] is a {type(f).__name__}, not a callable (model, layer) -> Intervention")
+    layers = check_layers(model, layers)
+    handle = share_model(model, cluster)
+    cells = [(name, layer) for name in fit for layer in layers]
+    shards = [
+        Shard(key=f"{name} L{layer}", payload={"model": handle, "fit": fit[name], "method": name, "layer": layer})
+        for name, layer in cells
+    ]
+    fitted = run_job(
+        _fit_work,
+        shards,
+        cluster=cluster,
+        resume=None if resume is None else Path(resume) / "fit",
+        desc="fit",
+        progress=progress,
+        fingerprint=_digest(model_name(model), sorted(fit), layers),
+    )
+    ivs = {f"{name} L{layer}": iv for (name, layer), iv in zip(cells, fitted)}
+    res = tradeoff(
+        model,
+        ivs,
+        prompts,
+        score,
+        strengths=strengths,
+        max_new_tokens=max_new_tokens,
+        n_examples=n_examples,
+        progress=progress,
+        cluster=cluster,
+        resume=None if resume is None else Path(resume) / "eval",
+    )
+    layer_of = {f"{name} L{layer}": layer for name, layer in cells}
+    rows = [dict(r, layer=layer_of[r["method"]]) for r in res.rows]
+    prov = dict(res.provenance, method="tradeoff_sweep", layers=layers, methods=list(fit))
+    return TradeoffResult(rows=rows, examples=res.examples, provenance=prov)

@@ -16,10 +16,12 @@ from lenslab.cli.common import (
     add_out,
     add_prompt_set,
     add_prompts,
+    add_ray,
     group,
     out_path,
     prompt_list,
     prompts_or_default,
+    ray_cluster,
 )
 from lenslab.figures import export
 
@@ -34,6 +36,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         add_prompt_set(er, which)
     er.add_argument("--weights", action="store_true", help="sum gate weights instead of counting selections")
     er.add_argument("--top-k", type=int, default=10)
+    add_ray(er)
+    er.add_argument(
+        "--shard-size",
+        type=int,
+        default=256,
+        help="with --ray or --resume: prompts per shard (whole batches of 16 prompts of one length; default 256)",
+    )
     er.set_defaults(func=cmd_rank)
     for sp in (ei, er):
         add_model(sp, "zoo/moe-refusal", MOE_MODEL_HELP)
@@ -65,9 +74,19 @@ def cmd_rank(args: argparse.Namespace) -> int:
     from lenslab.probes import routers  # deferred: keeps CLI start-up fast
 
     out = out_path(args)
+    cluster = ray_cluster(args)
     model = lenslab.load_model(args.model, device=args.device)
     target, other = prompt_list(args, "target"), prompt_list(args, "other")
-    ranking = routers.ftri_rank(model, target, other, weights=args.weights)
+    ranking = routers.ftri_rank(
+        model,
+        target,
+        other,
+        weights=args.weights,
+        cluster=cluster,
+        resume=args.resume,
+        shard_size=args.shard_size,
+        progress=cluster is not None,
+    )
     for layer, expert, score in ranking.top(args.top_k):
         print(f"L{layer} e{expert}  {score:+.3f}")
     print(f"lenslab: wrote {export(ranking, out)}")

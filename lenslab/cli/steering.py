@@ -5,6 +5,7 @@ measure concept rate against fluency across strengths (lenslab.steering.tradeoff
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 import lenslab
@@ -17,16 +18,19 @@ from lenslab.cli.common import (
     add_out,
     add_prompt,
     add_prompt_set,
+    add_ray,
     group,
     out_path,
     prompt_list,
     prompt_or_default,
+    ray_cluster,
 )
 from lenslab.data import SENTIMENT_DATA, sentiment_data
 from lenslab.figures import export
 from lenslab.sites import resolve_site
 
 STEER_METHODS = ("diffmean", "actadd", "austeer", "lineas", "probe")
+LAYER_METHODS = ("diffmean", "actadd", "probe")  # the methods fitted at one layer (--layer, --layers)
 
 
 # models whose prompts can be redrawn per seed: (seed, n_fit, n_eval) -> (positive, negative, held-out);
@@ -111,11 +115,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "lexicon: lenslab.data.english.is_positive for zoo/english-4l, else lenslab.data.sentiment.is_positive)",
     )
     se_.add_argument("--max-new-tokens", type=int, default=12)
+    se_.add_argument(
+        "--layers",
+        nargs="+",
+        type=int,
+        default=None,
+        help=f"with --method ({', '.join(LAYER_METHODS)}) and one seed: fit each method at each of these layers "
+        "and sweep methods x layers x strengths (lenslab.steering.tradeoff_sweep; the fits run in the --ray workers)",
+    )
     add_out(
         se_,
         "also write the result; the extension picks the format: .json .svg .png .pdf .html",
         required=False,
     )
+    add_ray(se_)
     se_.set_defaults(func=cmd_eval)
     for sp in (sf, sg, se_):
         add_model(sp, "zoo/steer-sentiment")
@@ -204,6 +217,12 @@ def _fit(args: argparse.Namespace, model, method: str, pos: list[str], neg: list
     return steering.fit_lineas(model, neg, pos, hooks=site, config=config, strength=args.strength)
 
 
+def fit_at_layer(args: argparse.Namespace, method: str, pos: list[str], neg: list[str], seed: int, model, layer: int):
+    """`_fit` with `--layer` set to `layer`: the `(model, layer) -> Intervention` that `steer eval
+    --layers` hands `tradeoff_sweep` (bound with `functools.partial`, so Ray workers can unpickle it)."""
+    return _fit(argparse.Namespace(**{**vars(args), "layer": layer}), model, method, pos, neg, seed)
+
+
 def _load_preset(model, path: str):
     from lenslab import steering  # deferred: keeps CLI start-up fast
 
@@ -262,7 +281,7 @@ def print_side_by_side(model, prompt: str, iv, **kw) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lenslab.steering.tradeoff import tradeoff, tradeoff_seeds  # deferred: keeps CLI start-up fast
+    from lenslab.steering.tradeoff import tradeoff, tradeoff_seeds, tradeoff_sweep  # deferred: CLI start-up
 
     _check_methods(args.method or [])
     if bool(args.preset) == bool(args.method):
@@ -281,7 +300,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"with them: {', '.join(SEEDED_SETS)}); fit presets with `lenslab steer fit` and pass "
             "--preset"
         )
+    if args.layers and not args.method:
+        raise LenslabError("--layers sweeps the layer a method is fitted at: use it with --method, not --preset")
+    if args.layers and (args.seeds or [0])[1:]:
+        raise LenslabError("--layers sweeps one seed's fits: drop --seeds, or run one sweep per seed")
+    bad = [m for m in (args.method or []) if args.layers and m not in LAYER_METHODS]
+    if bad:
+        raise LenslabError(
+            f"--layers: {', '.join(bad)} choose their own units across layers; sweep layers with "
+            f"{', '.join(LAYER_METHODS)}"
+        )
     out = out_path(args)
+    cluster = ray_cluster(args)
     if args.score not in STEER_SCORES:
         raise LenslabError(
             f"--score {args.score!r} is not a known scorer; choices: {', '.join(STEER_SCORES)}"
@@ -290,8 +320,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_presets(args.preset or [])
     model = lenslab.load_model(args.model, device=args.device)
     score = STEER_SCORES[args.score](args.model)
-    kw = dict(strengths=args.strengths, max_new_tokens=args.max_new_tokens, progress=False)
-    if args.method:
+    kw = dict(
+        strengths=args.strengths,
+        max_new_tokens=args.max_new_tokens,
+        progress=cluster is not None,
+        cluster=cluster,
+        resume=args.resume,
+    )
+    if args.method and args.layers:
+        seed = (args.seeds or [0])[0]
+        pos, neg, held_out = SEEDED_SETS[args.model](seed, args.n_fit, args.n_eval)
+        fits = {m: partial(fit_at_layer, args, m, pos, neg, seed) for m in args.method}
+        result = tradeoff_sweep(model, fits, args.layers, held_out, score, **kw)
+    elif args.method:
         sets = SEEDED_SETS[args.model]
         seeds = args.seeds or [0]
 
