@@ -1,12 +1,14 @@
 """Page "Graph": circuit-tracer's attribution graph of the sidebar prompt through the model's shipped
 transcoders (direct effects among transcoder features, error nodes, token embeddings and the
 target logits), pruned live by node and edge thresholds, with its replacement and completeness
-scores, node and edge tables, pinned nodes, edges split by attention head, validation by
+scores, node and edge tables, pinned nodes, supernodes (pinned nodes grouped under a label and
+drawn as one node: `lenslab.probes.graph_supernodes`), edges split by attention head, validation by
 ablation, interventions from feature
 nodes (one, or several as a labelled supernode: ablate, clamp or steer, with the logits before and
 after and a side-by-side generation) and downloads. Numerics live in
 `lenslab.probes.attribution_graph`, `lenslab.probes.transcoders`, `lenslab.probes.graph_heads`,
-`lenslab.probes.graph_validation` and `lenslab.steering.graph_interventions`; this page only calls them.
+`lenslab.probes.graph_validation`, `lenslab.probes.graph_supernodes` and
+`lenslab.steering.graph_interventions`; this page only calls them.
 
 The unpruned graph is kept in `st.session_state`, keyed by model, prompt, target, transcoders
 and feature budget, so moving a threshold re-prunes it without recomputing."""
@@ -21,7 +23,7 @@ import lenslab
 from lenslab import zoo
 from lenslab.app import _shell
 from lenslab.probes import attribution_graph as AG
-from lenslab.probes import graph_files, graph_heads, graph_validation
+from lenslab.probes import graph_files, graph_heads, graph_supernodes, graph_validation
 from lenslab.probes import transcoders as T
 from lenslab.steering import graph_interventions as GI
 
@@ -61,8 +63,14 @@ prompt = ctx.prompt.strip()
 st.caption(f"Prompt (the sidebar's): `{prompt.replace('`', 'ˋ')}`")
 c1, c2 = st.columns([1, 2])
 if ss.get("ag_tc") not in mine:
-    ss["ag_tc"] = mine[0]
-tc_name = c1.selectbox("Transcoders", mine, key="ag_tc", help="The zoo's transcoders trained on this model.")
+    ss["ag_tc"] = next((s for s in mine if s.endswith("/per-layer")), mine[0])
+tc_name = c1.selectbox(
+    "Transcoders",
+    mine,
+    key="ag_tc",
+    help="The zoo's transcoders trained on this model: per-layer (one per MLP) or clt (cross-layer: each layer's "
+    "features write to that MLP's output and every later one's).",
+)
 max_nodes = c2.slider(
     "Feature nodes (max_feature_nodes)",
     8,
@@ -134,11 +142,17 @@ n_box.metric("Nodes (pruned)", len(pruned.nodes))
 e_box.metric("Edges (pruned)", len(edges_df))
 st.caption(f"Pruned graph: replacement {pruned.replacement_score:.4f} · completeness {pruned.completeness_score:.4f}.")
 
+supernodes = ss.setdefault("ag_supernodes", {}).setdefault(key, [])  # this graph's, over reruns
+active = [s for s in supernodes if set(s.members) <= set(pruned.nodes)]  # members pruned away: not drawn
 max_edges = st.slider("Edges drawn", 10, 1000, 300, step=10, key="ag_max_edges")
-fig = _shell.call("Drawing the graph", pruned.figure, max_edges=int(max_edges))
+merged = _shell.call("Merging the supernodes", graph_supernodes.merge_supernodes, pruned, active)
+fig = merged and _shell.call("Drawing the graph", merged.figure, max_edges=int(max_edges))
 if fig:
     st.plotly_chart(fig, key="ag_fig")
-    st.caption("The figure shows the whole pruned graph (error nodes in grey); the filters below apply to the tables.")
+    st.caption(
+        "The figure shows the whole pruned graph (error nodes in grey; supernodes as purple diamonds, each at the "
+        "mean place of its members); the filters below apply to the tables."
+    )
 
 if hide_err:
     errors = set(nodes_df.loc[nodes_df["kind"] == "error", "node"])
@@ -154,12 +168,42 @@ if pinned:
     src, dst = edges_df["source"].isin(pinned), edges_df["target"].isin(pinned)
     edges_df = edges_df[(src & dst) if among == "among pinned" else (src | dst)]
 
-t1, t2 = st.tabs(["Nodes", "Top edges"])
-with t1:
+c1, c2 = st.columns([3, 1])
+sn_label = c1.text_input(
+    "Supernode label",
+    key="ag_sn_label",
+    placeholder="say Mary",
+    help="Group the pinned nodes (two or more) into one supernode with this label. The graph draws it as one "
+    "node whose edges are the sums of its members' edges (the edges among its own members are left out); the "
+    "circuit-tracer / Neuronpedia download keeps it in qParams.supernodes, and the pinned nodes in pinnedIds.",
+)
+if c2.button("Group pinned", key="ag_sn_add", disabled=len(pinned) < 2 or not sn_label.strip()):
+    grown = _shell.call("Grouping the pinned nodes", graph_supernodes.add_supernode, pruned, active, sn_label, pinned)
+    if grown:
+        supernodes[:] = [s for s in supernodes if s not in active] + grown
+        st.rerun()  # redraw the graph above with it
+for i, sn in enumerate(supernodes):
+    c1, c2 = st.columns([5, 1])
+    note = "" if sn in active else " — not drawn: pruning dropped a member"
+    c1.markdown(f"Supernode **{sn.label}**: {', '.join(sn.members)}{note}")
+    if c2.button("Remove", key=f"ag_sn_rm_{i}"):
+        supernodes.remove(sn)
+        st.rerun()
+
+tabs = st.tabs(["Nodes", "Top edges", *(["Supernode edges"] if active and merged else [])])
+with tabs[0]:
     st.dataframe(nodes_df, hide_index=True, height=320)
-with t2:
+with tabs[1]:
     st.dataframe(edges_df.head(200), hide_index=True, height=320)
     st.caption(f"{len(edges_df)} edges, strongest |weight| first (at most 200 shown).")
+if len(tabs) > 2:
+    with tabs[2]:
+        merged_edges = merged.table("edges")
+        st.dataframe(merged_edges.head(200), hide_index=True, height=320)
+        st.caption(
+            f"The drawn graph's {len(merged_edges)} edges: a supernode's are the sums of its members' edges "
+            "(those among its own members left out)."
+        )
 
 st.subheader("Edges by attention head")
 st.caption(
@@ -293,7 +337,13 @@ st.download_button(
     key="ag_dl_full",
 )
 ct_file = _shell.call(
-    "Writing the circuit-tracer graph file", graph_files.graph_file, pruned, model, slug="lenslab-graph"
+    "Writing the circuit-tracer graph file",
+    graph_files.graph_file,
+    pruned,
+    model,
+    slug="lenslab-graph",
+    pinned=pinned,
+    supernodes=active,
 )
 if ct_file:
     st.download_button(
@@ -303,5 +353,10 @@ if ct_file:
         mime="application/json",
         key="ag_dl_ct",
     )
-st.caption("The pruned graph as shown: JSON, or its figure as SVG / PNG / PDF / HTML.")
-_shell.downloads(pruned, "attribution_graph_pruned")
+st.caption(
+    "The graph file keeps the pinned nodes (qParams.pinnedIds) and the drawn supernodes (qParams.supernodes). "
+    "Below: the pruned graph as shown: JSON (supernodes in its provenance), or its figure, supernodes merged, "
+    "as SVG / PNG / PDF / HTML."
+)
+if merged:
+    _shell.downloads(merged, "attribution_graph_pruned")

@@ -23,7 +23,10 @@ as influential as it (None for logits); `activation` is a feature's activation; 
 and the first target has `is_target_logit`. A link's `weight` is the adjacency entry
 `adjacency[target, source]` (a direct effect). The metadata holds circuit-tracer's fields
 (`slug`, `scan`, `transcoder_list`, `prompt_tokens`, `prompt`, `node_threshold`, `schema_version`)
-and Neuronpedia's optional ones (`info`, `generation_settings`, `pruning_settings`).
+and Neuronpedia's optional ones (`info`, `generation_settings`, `pruning_settings`). `qParams`
+is the saved view: `pinnedIds` (the pinned nodes' `node_id`s) and `supernodes` (Neuronpedia's
+`[label, node_id, node_id, ...]` lists; `lenslab.probes.graph_supernodes` merges them for drawing),
+both empty unless `pinned=` / `supernodes=` are given.
 """
 
 from __future__ import annotations
@@ -31,14 +34,16 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
 import lenslab
 from lenslab import labels
-from lenslab._errors import LenslabError
+from lenslab._errors import LenslabError, did_you_mean
 from lenslab.probes.attribution_graph import AttributionGraph, prune
+from lenslab.probes.graph_supernodes import check_supernodes
 from lenslab.toolbox import model_name
 
 __all__ = ["FEATURE_TYPES", "SCHEMA_VERSION", "graph_file", "node_id", "write_graph_file"]
@@ -52,7 +57,8 @@ FEATURE_TYPES = {
     "logit": "logit",
     "target": "logit",
 }
-# circuit-tracer's saved view state: nothing pinned, no supernodes, both link directions
+# circuit-tracer's saved view state: nothing pinned, no supernodes, both link directions (graph_file
+# fills pinnedIds and supernodes from its pinned= and supernodes=)
 QPARAMS = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
 _SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -126,6 +132,25 @@ def _cumulative(scores: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _labels(items, what: str) -> list[str]:
+    if isinstance(items, str):
+        items = [items]
+    out = [str(x) for x in items or ()]
+    if len(set(out)) != len(out):
+        raise LenslabError(f"{what} names a node twice: {out}")
+    return out
+
+
+def _written(written: dict[str, str], label: str, what: str) -> str:
+    """The `node_id` of written node `label`, or a `LenslabError` saying why it is not in the file."""
+    if label not in written:
+        raise LenslabError(
+            f"{what} {label!r} is not a node of the written graph{did_you_mean(label, written)} (the file holds "
+            "the pruned graph's nodes that have an edge, plus the tokens and logits)"
+        )
+    return written[label]
+
+
 def _prompt(model, graph: AttributionGraph) -> str:
     tok = getattr(model, "tokenizer", None)
     if tok is None:
@@ -144,6 +169,8 @@ def graph_file(
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
     scan: str | None = None,
+    pinned: Sequence[str] = (),
+    supernodes: Iterable = (),
 ) -> dict:
     """circuit-tracer's graph JSON of `graph` on `model` (the model it was computed on: its
     tokenizer names the tokens), as a dict: `metadata`, `qParams`, `nodes` (one per kept node),
@@ -154,6 +181,10 @@ def graph_file(
     graph (`graph.pruned` set) is written as it is, with its own thresholds in the metadata.
     `slug`: the graph's name (letters, digits, `.`, `_`, `-`; circuit-tracer writes `{slug}.json`).
     `scan`: what Neuronpedia reads as the model id (default: the model's name).
+    `pinned`: lenslab labels of written nodes, saved as `qParams.pinnedIds`; `supernodes`: labelled
+    groups of written nodes (`Supernode`s, `"LABEL=NODE,NODE"`, `(label, [nodes])` or `[label, node,
+    ...]`, see `lenslab.probes.graph_supernodes.check_supernodes`), saved as `qParams.supernodes`
+    in Neuronpedia's form `[label, node_id, node_id, ...]`.
     """
     if not isinstance(graph, AttributionGraph):
         raise LenslabError(f"graph_file needs an AttributionGraph, got {type(graph).__name__}")
@@ -195,6 +226,7 @@ def graph_file(
         if n.kind == "feature":
             node["activation"] = float(kept.activations[i])
         nodes.append(node)
+    all_nodes = list(nodes)
     tgt, src = kept.adjacency.nonzero(as_tuple=True)
     links = [
         {"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": float(kept.adjacency[t, s])}
@@ -227,6 +259,13 @@ def graph_file(
         "pruning_settings": {"node_threshold": node_threshold, "edge_threshold": edge_threshold},
     }
     qparams = {k: list(v) if isinstance(v, list) else v for k, v in QPARAMS.items()}  # fresh lists
+    kept_ids = {n["node_id"] for n in nodes}
+    written = {label: n["node_id"] for label, n in zip(kept.nodes, all_nodes) if n["node_id"] in kept_ids}
+    qparams["pinnedIds"] = [_written(written, label, "pinned node") for label in _labels(pinned, "pinned")]
+    qparams["supernodes"] = [
+        [s.label, *(_written(written, m, f"supernode {s.label!r}") for m in s.members)]
+        for s in check_supernodes(kept, supernodes)
+    ]
     return {"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links}
 
 
@@ -239,11 +278,16 @@ def write_graph_file(
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
     scan: str | None = None,
+    pinned: Sequence[str] = (),
+    supernodes: Iterable = (),
 ) -> Path:
     """Write `graph_file(graph, model, ...)` and return where. `path`: a `.json` file, or a folder
     (circuit-tracer's layout for its local server: `{folder}/{slug}.json`, and the graph's
     metadata added to `{folder}/graph-metadata.json`, replacing an entry of the same slug)."""
-    d = graph_file(graph, model, slug=slug, node_threshold=node_threshold, edge_threshold=edge_threshold, scan=scan)
+    d = graph_file(
+        graph, model, slug=slug, node_threshold=node_threshold, edge_threshold=edge_threshold, scan=scan,
+        pinned=pinned, supernodes=supernodes,
+    )  # fmt: skip
     try:
         text = json.dumps(d, indent=1, allow_nan=False)
     except ValueError as exc:

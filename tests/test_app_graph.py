@@ -127,6 +127,80 @@ def test_graph_page_shows_the_librarys_graph(monkeypatch):
     assert not at.exception and any("is not one token" in e.value for e in at.error)
 
 
+def test_graph_page_groups_pinned_nodes_into_supernodes(monkeypatch):
+    """Two pinned features grouped as "pair": the drawn graph has one node for them with the summed
+    edges `merge_supernodes` gives, and the circuit-tracer download keeps the pins and the supernode;
+    removing it restores the plain graph. The shipped CLT is offered beside the per-layer transcoders
+    and its graph is the library's."""
+    import json
+
+    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+
+    from lenslab.probes import graph_files as GF
+    from lenslab.probes import graph_supernodes as GS
+
+    files: dict[str, bytes] = {}
+    original = MemoryMediaFileStorage.load_and_get_id
+
+    def keep(self, data, mimetype, kind, filename=None):
+        if filename:
+            files[filename] = data if isinstance(data, bytes) else str(data).encode()
+        return original(self, data, mimetype, kind, filename)
+
+    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", keep)
+    at = _app(monkeypatch, MODEL)
+    assert list(at.selectbox(key="ag_tc").options) == ["zoo/ioi-4l/clt", "zoo/ioi-4l/per-layer"]
+    _compute(at)
+    prompt = at.text_area(key="prompt").value.strip()
+    model = lenslab.load_model(MODEL, device="cpu")
+    pruned = AG.prune(AG.attribution_graph(model, prompt, TRANSCODERS, max_feature_nodes=NODES), 0.8, 0.98)
+    feats = [n for n, p in zip(pruned.nodes, pruned.parsed) if p.kind == "feature"][:2]
+    assert at.button(key="ag_sn_add").disabled  # nothing pinned yet
+
+    at.multiselect(key="ag_pin").set_value(feats).run()
+    at.text_input(key="ag_sn_label").set_value("pair").run()
+    at.button(key="ag_sn_add").click().run()
+    _ok(at)
+    merged = GS.merge_supernodes(pruned, [GS.Supernode("pair", tuple(feats))])
+    fig = json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
+    sup = next(t for t in fig if t.get("name") == "supernodes")
+    plain = next(t for t in fig if t.get("mode") == "markers")
+    assert sup["text"] == ["pair"] and len(plain["x"]) == len(pruned.nodes) - 2
+    shown = next(d.value for d in at.dataframe if list(d.value.columns) == ["source", "target", "weight"]
+                 and "pair" in set(d.value["source"]) | set(d.value["target"]))  # fmt: skip
+    want = merged.table("edges")
+    assert shown[["source", "target"]].values.tolist() == want[["source", "target"]].values.tolist()[:200]
+    assert shown["weight"].tolist() == pytest.approx(want["weight"].tolist()[:200], abs=1e-6)
+    out = next(w for (s, t), w in zip(want[["source", "target"]].values.tolist(), want["weight"]) if s == "pair")
+    assert out != 0  # a real summed edge
+    assert any("Supernode **pair**" in m.value for m in at.markdown)
+
+    ct = json.loads(files["lenslab-graph.json"])
+    nid = lambda x: GF.node_id(x, pruned.tokens, pruned.n_layers, model.cfg.d_vocab)
+    assert ct["qParams"]["supernodes"] == [["pair", *map(nid, feats)]]
+    assert ct["qParams"]["pinnedIds"] == [nid(x) for x in feats]
+    lenslab_json = json.loads(files["attribution_graph_pruned.json"])
+    assert lenslab_json["provenance"]["supernodes"] == [["pair", *feats]]
+
+    # a second group may not reuse a member; removing the supernode restores the plain drawing
+    at.text_input(key="ag_sn_label").set_value("again").run()
+    at.button(key="ag_sn_add").click().run()
+    assert any("in two supernodes" in e.value for e in at.error)
+    at.button(key="ag_sn_rm_0").click().run()
+    _ok(at)
+    fig = json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
+    assert not any(t.get("name") == "supernodes" for t in fig)
+    assert not any("Supernode **pair**" in m.value for m in at.markdown)
+
+    # the shipped cross-layer transcoder: the library's graph through it
+    at.selectbox(key="ag_tc").set_value("zoo/ioi-4l/clt").run()
+    at.button(key="ag_go").click().run()
+    _ok(at)
+    clt = AG.attribution_graph(model, prompt, "zoo/ioi-4l/clt", max_feature_nodes=NODES)
+    assert float(_metrics(at)["Replacement score"]) == pytest.approx(clt.replacement_score, abs=1e-6)
+    assert float(_metrics(at)["Completeness score"]) == pytest.approx(clt.completeness_score, abs=1e-6)
+
+
 @pytest.mark.parametrize(
     ("model", "says"),
     [("zoo/induction-2l", "attention-only"), ("zoo/ioi-4l-noln", "No transcoders are shipped for zoo/ioi-4l-noln")],
