@@ -6,8 +6,8 @@ resume the feature store for a corpus, with a progress bar) and Steer (ablate, c
 feature and stream the unmodified and modified generations side by side). Numerics live in
 `lenslab.probes.sae`, `lenslab.probes.features` and `lenslab.steering.features`.
 
-Stores go to `$LENSLAB_FEATURE_DIR` (default `~/.cache/lenslab/features/`), one SQLite file per
-model, SAE (hook and weights hash) and corpus.
+Stores go to `$LENSLAB_FEATURE_DIR` (default `~/.cache/lenslab/features/`), one store folder
+(`*.store`: Parquet tables) per model, SAE (hook and weights hash) and corpus.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ lookup_tab, dash_tab, search_tab, index_tab, steer_tab = st.tabs(["Lookup", "Das
 # --- Index (first: it names the store the other tabs read) ------------------------------------------
 with index_tab:
     st.caption(
-        "Run the model and the SAE over a corpus once; per-feature statistics and top contexts go to a SQLite "
+        "Run the model and the SAE over a corpus once; per-feature statistics and top contexts go to a "
         f"store under `{feature_dir()}` (set LENSLAB_FEATURE_DIR to move it). An interrupted run resumes "
         "where it stopped."
     )
@@ -154,10 +154,10 @@ with index_tab:
         corpus_args = ("Making the corpus", F.corpus_for, model, n_docs)
     batch_size = int(c3.number_input("Batch", 1, 512, 16, key="feat_batch"))
     store_path = feature_dir() / (
-        f"{_slug(name)}__{_slug(hook)}__{_sae_hash(source, device, stamp)[:8]}__{tag or 'none'}.sqlite"
+        f"{_slug(name)}__{_slug(hook)}__{_sae_hash(source, device, stamp)[:8]}__{tag or 'none'}.store"
     )
     state = None
-    if store_path.is_file():
+    if F.is_store(store_path):
         with F.FeatureStore(store_path) as st_:
             state = st_.describe()
             done = st_.complete
@@ -193,7 +193,7 @@ with index_tab:
             if store:
                 st.success(f"Indexed: {store.describe()}")
                 store.close()
-have_store = store_path.is_file()
+have_store = F.is_store(store_path)
 
 # --- Lookup -----------------------------------------------------------------------------------------
 with lookup_tab:

@@ -105,8 +105,8 @@ def test_features_page_on_a_planted_sae(monkeypatch, tmp_path, planted_dir):
     at.number_input(key="feat_batch").set_value(8).run()
     at.button(key="feat_index").click().run()
     _ok(at)
-    stores = list((tmp_path / "stores").glob("*.sqlite"))
-    assert len(stores) == 1 and "hook_embed" in stores[0].name and stores[0].name.endswith("builtin-24.sqlite")
+    stores = list((tmp_path / "stores").glob("*.store"))
+    assert len(stores) == 1 and "hook_embed" in stores[0].name and stores[0].name.endswith("builtin-24.store")
     assert any("complete" in s.value and "24 prompts" in s.value for s in at.success)
     # Dashboard: every top context is centred on 'terrible' with activation 1; downloads exist
     html = [m.value for m in at.markdown if "<span" in m.value]
@@ -208,7 +208,7 @@ def test_features_page_indexes_a_corpus_file(monkeypatch, tmp_path, planted_dir)
     at.text_input(key="feat_corpus_path").set_value(str(corpus)).run()
     at.button(key="feat_index").click().run()
     _ok(at)
-    (store,) = (tmp_path / "stores").glob("*.sqlite")
+    (store,) = (tmp_path / "stores").glob("*.store")
     assert "__reviews-" in store.name
     from lenslab.probes.features import FeatureStore
 

@@ -1,6 +1,6 @@
-"""`lenslab sae train` (lenslab.probes.sae) and `lenslab sae index|lookup|export|search`
-(lenslab.probes.features): train a sparse autoencoder, index a corpus through it, and read its
-features back."""
+"""`lenslab sae train` (lenslab.probes.sae) and `lenslab sae index|lookup|export|search|convert`
+(lenslab.probes.features): train a sparse autoencoder, index a corpus through it (here or on a Ray
+cluster), read its features back, and convert a SQLite store of the first format."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 import lenslab
 from lenslab._errors import LenslabError
-from lenslab.cli.common import add_device, add_model, add_out, group, out_path
+from lenslab.cli.common import add_device, add_model, add_out, add_ray, group, out_path, ray_cluster
 from lenslab.figures import FORMATS, export
 
 
@@ -47,7 +47,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     si = sasub.add_parser(
         "index",
         help="run a model + SAE over a corpus once: feature statistics and top contexts "
-        "in a SQLite store (resumes an interrupted run)",
+        "in a store folder of Parquet tables (resumes an interrupted run; --ray: in parts on a Ray cluster)",
     )
     si.add_argument(
         "--corpus",
@@ -59,8 +59,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     si.add_argument("--batch-size", type=int, default=16)
     si.add_argument("--context-size", type=int, default=64, help="documents are truncated to this many tokens")
     si.add_argument("--top-n", type=int, default=20, help="contexts kept per feature")
+    si.add_argument(
+        "--part-size",
+        type=int,
+        default=None,
+        help="prompts per part: the unit of resumption and of work on --ray (default 64 batches)",
+    )
     si.add_argument("--no-resume", action="store_true", help="start over even if --out holds a partial store")
-    add_out(si, "the store, e.g. store.sqlite", suffixes=None)
+    add_out(si, "the store folder, e.g. ioi_store", suffixes=None)
+    add_ray(si, resume=False)
     si.set_defaults(func=cmd_index)
     sl = sasub.add_parser("lookup", help="the top-k SAE features of each token of a prompt")
     sl.add_argument("--prompt", required=True)
@@ -107,6 +114,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     add_out(ss, "also write the result: .json or a figure format", required=False)
     ss.set_defaults(func=cmd_search)
+
+    sc = sasub.add_parser(
+        "convert", help="rewrite a SQLite feature store (the first format) as a store folder, numbers unchanged"
+    )
+    sc.add_argument("old", help="the SQLite store, e.g. ioi.sqlite")
+    sc.add_argument("new", help="the store folder to write (must not exist)")
+    sc.set_defaults(func=cmd_convert)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -159,14 +173,15 @@ def _model_and_sae(args: argparse.Namespace):
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    """`lenslab sae index`: feature statistics and top contexts of a corpus in a SQLite store."""
+    """`lenslab sae index`: feature statistics and top contexts of a corpus in a store folder."""
     from lenslab.probes import features as F  # deferred: keeps CLI start-up fast
 
     out = out_path(args)
+    cluster = ray_cluster(args)
     model, sae = _model_and_sae(args)
     corpus = F.corpus_for(model, args.n_docs) if args.corpus == "zoo" else F.read_corpus(args.corpus)
     before = 0
-    if out.exists() and not args.no_resume:
+    if out.is_dir() and not args.no_resume and F.is_store(out):
         with F.FeatureStore(out) as old:
             before = old.total_tokens
     t0 = time.perf_counter()
@@ -178,8 +193,10 @@ def cmd_index(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         context_size=args.context_size,
         top_n=args.top_n,
+        part_size=args.part_size,
         resume=not args.no_resume,
         sae_source=args.sae,
+        cluster=cluster,
     )
     dt = time.perf_counter() - t0
     alive = int((store.arrays()["n_fire"] > 0).sum())
@@ -233,4 +250,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(res.to_text())
     if out is not None:
         print(f"lenslab: wrote {export(res, out)}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """`lenslab sae convert OLD NEW`: a SQLite store of the first format rewritten as a store folder."""
+    from lenslab.probes import features as F  # deferred: keeps CLI start-up fast
+
+    with F.convert(args.old, args.new) as store:
+        print(store.describe())
+    print(f"lenslab: wrote {args.new}")
     return 0

@@ -1,17 +1,19 @@
-"""SAE features: a feature store on SQLite, per-token lookup, feature dashboards and search.
+"""SAE features: a feature store (Parquet tables queried with DuckDB), per-token lookup, feature dashboards and search.
 
-`index(model, sae, corpus, path)` runs a model and a sae-lens SAE over a corpus once and writes
-per-feature statistics and top-activating contexts to one SQLite file; `FeatureStore` reads it back.
+`index(model, sae, corpus, path)` runs a model and a sae-lens SAE over a corpus once (in this
+process, or in parts on a Ray cluster with `cluster=`) and writes per-feature statistics and
+top-activating contexts to a store folder; `FeatureStore` reads it back (a SQLite store of the
+first format too; `convert` rewrites one as a folder).
 `lookup` shows the top features of each token of a prompt, `FeatureDashboard` one feature (contexts
 with per-token highlighting, activation histogram, density, logit effects; JSON and standalone HTML
 exports) and `search` finds features by token, substring or id.
 
 This package re-exports every public name of its modules, one job each:
 
-- `lenslab.probes.features.store`: the store's schema (in its module docstring) and `FeatureStore`,
-  `FeatureStats`, `Context`.
-- `lenslab.probes.features.indexing`: `index`, building a store over a corpus (one commit per
-  batch; an interrupted run resumes).
+- `lenslab.probes.features.store`: the store's layout and its exact merge (in its module
+  docstring), `FeatureStore`, `FeatureStats`, `Context`, `convert`.
+- `lenslab.probes.features.indexing`: `index`, building a store over a corpus in parts (an
+  interrupted run resumes; `cluster=` runs the parts on Ray workers, with the same result).
 - `lenslab.probes.features.token_lookup`: `lookup` -> `LookupResult`.
 - `lenslab.probes.features.dashboard`: `FeatureDashboard` (figure, JSON, standalone HTML page).
 - `lenslab.probes.features.searching`: `search` -> `SearchResult` of `FeatureHit`s.
@@ -36,7 +38,16 @@ from lenslab.probes.features.plumbing import (
     sae_identity,
 )
 from lenslab.probes.features.searching import SEARCH_ORDERS, FeatureHit, SearchResult, search
-from lenslab.probes.features.store import FORMAT, HIST_EDGES, SCHEMA_VERSION, Context, FeatureStats, FeatureStore
+from lenslab.probes.features.store import (
+    FORMAT,
+    HIST_EDGES,
+    SCHEMA_VERSION,
+    Context,
+    FeatureStats,
+    FeatureStore,
+    convert,
+    is_store,
+)
 from lenslab.probes.features.token_lookup import LookupResult, lookup
 
 __all__ = [
@@ -53,9 +64,11 @@ __all__ = [
     "FeatureStore",
     "LookupResult",
     "SearchResult",
+    "convert",
     "corpus_for",
     "feature_acts",
     "index",
+    "is_store",
     "logit_effects",
     "lookup",
     "model_identity",

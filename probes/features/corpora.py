@@ -54,7 +54,15 @@ def tokenize_corpus(model, corpus, context_size: int) -> list[np.ndarray]:
     if isinstance(corpus, Tensor):
         if corpus.ndim != 2:
             raise LenslabError(f"a token corpus is [n_prompts, pos], got shape {tuple(corpus.shape)}")
-        corpus = corpus.tolist()
+        rows = corpus.detach().cpu().numpy().astype(np.int32)
+        n = np.full(len(rows), rows.shape[1])
+        if strip_pad:  # right padding: the length up to the last non-pad token
+            nonpad = rows != pad
+            n = np.where(nonpad.any(1), rows.shape[1] - np.argmax(nonpad[:, ::-1], axis=1), 0)
+        out = [row[: min(int(k), limit)] for row, k in zip(rows, n) if k]
+        if not out:
+            raise LenslabError("the corpus has no tokens")
+        return out
     if isinstance(corpus, str) or not isinstance(corpus, Sequence) or len(corpus) == 0:
         raise LenslabError("corpus must be a non-empty list of strings, a list of token-id lists or a [n, pos] tensor")
     out = []

@@ -4,8 +4,8 @@
   `[batch, pos, d_sae]`, running the model only as far as the hook.
 - `model_identity` / `sae_identity` / `sae_hash`: what a feature store records to recognise the
   model and the SAE it was built with.
-- `logit_effects` / `logit_summary`: the direct logit effect `W_dec[f] @ W_U` of features (top
-  promoted and suppressed tokens, histogram over the vocabulary).
+- `logit_effects` / `logit_summary` (`logit_summary_arrays`): the direct logit effect
+  `W_dec[f] @ W_U` of features (top promoted and suppressed tokens, histogram over the vocabulary).
 - `check_pair`, `check_feature`, `open_sae`, `str_tokens`: checks and conversions the store,
   indexing, lookup and dashboard modules share.
 """
@@ -31,6 +31,7 @@ __all__ = [
     "feature_acts",
     "logit_effects",
     "logit_summary",
+    "logit_summary_arrays",
     "model_identity",
     "open_sae",
     "sae_hash",
@@ -72,14 +73,15 @@ def _stop_layer(hook: str) -> int | None:
 
 
 @torch.inference_mode()
-def feature_acts(model, sae, tokens: Tensor) -> Tensor:
+def feature_acts(model, sae, tokens: Tensor, *, check: bool = True) -> Tensor:
     """SAE feature activations at the SAE's hook: `tokens` `[batch, pos]` -> `[batch, pos, d_sae]` (float32).
 
     Runs the model only up to the block that holds the hook; `hook_z` activations `[batch, pos,
     head, d_head]` are flattened unless the SAE reshapes them itself, and an SAE of one head
-    (`metadata.hook_head_index`) reads that head.
+    (`metadata.hook_head_index`) reads that head. `check=False` skips `check_pair` (a forward pass
+    on two tokens), for a caller that checked the pair once and calls this per batch.
     """
-    hook = check_pair(model, sae)
+    hook = check_pair(model, sae) if check else _hook_name(sae)
     stop = _stop_layer(hook)
     kw = {"names_filter": [hook]}
     if stop is not None:
@@ -193,11 +195,10 @@ def check_feature(feature, d_sae: int) -> int:
 
 
 @torch.no_grad()
-def logit_summary(
-    v: Tensor, k: int
-) -> list[tuple[list[int], list[float], list[int], list[float], list[int], list[float]]]:
-    """Per row of logit effects `v` `[n, d_vocab]`: top-k promoted ids and values, top-k suppressed
-    ids and values (most negative first), and a LOGIT_BINS-bin histogram (heights, edges)."""
+def logit_summary_arrays(v: Tensor, k: int) -> tuple[np.ndarray, ...]:
+    """`logit_summary` as arrays, one row per row of `v` `[n, d_vocab]`: top-k promoted ids `[n, k]`
+    and values (float32), top-k suppressed ids and values (most negative first), histogram heights
+    `[n, LOGIT_BINS]` and edges `[n, LOGIT_BINS + 1]` (float64)."""
     v = v.float().cpu()
     k = min(k, v.shape[1])
     top, bot = v.topk(k, dim=1), (-v).topk(k, dim=1)
@@ -206,14 +207,20 @@ def logit_summary(
     idx = ((v - vmin[:, None]) / width[:, None] * LOGIT_BINS).long().clamp(0, LOGIT_BINS - 1)
     heights = torch.zeros(v.shape[0], LOGIT_BINS, dtype=torch.long).scatter_add_(1, idx, torch.ones_like(idx))
     edges = vmin[:, None].double() + width[:, None].double() * torch.linspace(0, 1, LOGIT_BINS + 1, dtype=torch.float64)
-    return [
-        (
-            top.indices[j].tolist(),
-            top.values[j].tolist(),
-            bot.indices[j].tolist(),
-            (-bot.values[j]).tolist(),
-            heights[j].tolist(),
-            edges[j].tolist(),
-        )
-        for j in range(v.shape[0])
-    ]
+    return (
+        top.indices.numpy(),
+        top.values.numpy(),
+        bot.indices.numpy(),
+        (-bot.values).numpy(),
+        heights.numpy(),
+        edges.numpy(),
+    )
+
+
+def logit_summary(
+    v: Tensor, k: int
+) -> list[tuple[list[int], list[float], list[int], list[float], list[int], list[float]]]:
+    """Per row of logit effects `v` `[n, d_vocab]`: top-k promoted ids and values, top-k suppressed
+    ids and values (most negative first), and a LOGIT_BINS-bin histogram (heights, edges)."""
+    arrays = logit_summary_arrays(v, k)
+    return [tuple(a[j].tolist() for a in arrays) for j in range(v.shape[0])]

@@ -1,5 +1,7 @@
 """Search: features by a token, by tokens containing a substring, or one feature's summary, over a store
-(`search` -> `SearchResult`: `table()`, one row per hit; `to_text()`; `figure()`, bars; JSON)."""
+(`search` -> `SearchResult`: `table()`, one row per hit; `to_text()`; `figure()`, bars; JSON). The
+matched tokens' rows of the token table are aggregated per feature by DuckDB
+(`FeatureStore.token_hits`)."""
 
 from __future__ import annotations
 
@@ -184,24 +186,17 @@ def search(
             if not ids:
                 raise LenslabError(f"no token of the model's vocabulary contains {substring!r}")
             query = {"substring": substring}
-        agg: dict[int, list] = {}
-        for tid, f, n, s, m in st.token_table(ids):
-            a = agg.setdefault(int(f), [0.0, 0, 0.0, []])
-            a[0] = max(a[0], float(m))
-            a[1] += int(n)
-            a[2] += float(s)
-            a[3].append((float(m), vocab.get(int(tid), str(tid))))
         hits = [
             FeatureHit(
-                feature=f,
-                max_act=a[0],
-                mean_act=a[2] / a[1] if a[1] else 0.0,
-                n_fire=a[1],
+                feature=int(f),
+                max_act=float(mx),
+                mean_act=float(sm) / n if n else 0.0,
+                n_fire=int(n),
                 density=float(dens[f]),
-                tokens=[t for _, t in sorted(a[3], key=lambda x: -x[0])],
-                share=a[1] / int(n_all[f]) if n_all[f] else 0.0,
+                tokens=[vocab.get(int(t), str(t)) for t in toks],
+                share=int(n) / int(n_all[f]) if n_all[f] else 0.0,
             )
-            for f, a in agg.items()
+            for f, mx, n, sm, toks in st.token_hits(ids)  # one DuckDB GROUP BY over the token table
         ]
         key = {"max": lambda h: h.max_act, "mean": lambda h: h.mean_act, "share": lambda h: h.share}[by]
         hits = sorted(hits, key=lambda h: (-key(h), h.feature))[:k]

@@ -10,7 +10,6 @@ so it fires on 'terrible' and nowhere else, at every position.
 from __future__ import annotations
 
 import json
-import sqlite3
 from html.parser import HTMLParser
 
 import numpy as np
@@ -79,7 +78,7 @@ def docs(model):
 
 @pytest.fixture(scope="module")
 def store_path(model, sae, docs, tmp_path_factory):
-    path = tmp_path_factory.mktemp("store") / "store.sqlite"
+    path = tmp_path_factory.mktemp("store") / "store"
     F.index(model, sae, docs, path, batch_size=8, top_n=5, progress=False).close()
     return path
 
@@ -178,21 +177,17 @@ def test_planted_feature_fires_exactly_on_its_token(model, sae, docs, store_path
 
 
 def _dump(path):
-    con = sqlite3.connect(str(path))
-    try:
+    with F.FeatureStore(path) as st:
         out = {
-            t: con.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall()
+            t: sorted(tuple(map(repr, r.values())) for r in st.table(t).to_pylist())
             for t in ("features", "contexts", "token_features", "corpus")
         }
-        meta = dict(con.execute("SELECT key, value FROM meta"))
-        out["meta"] = {k: meta[k] for k in ("next_prompt", "total_tokens", "complete", "corpus_hash")}
+        out["meta"] = {k: st.meta[k] for k in ("next_prompt", "total_tokens", "complete", "corpus_hash")}
         return out
-    finally:
-        con.close()
 
 
 def test_interrupted_index_resumes_to_the_same_store(model, sae, docs, store_path, tmp_path, monkeypatch):
-    path = tmp_path / "partial.sqlite"
+    path = tmp_path / "partial"
 
     def stop_after(k, exc):
         def cb(b):
@@ -213,20 +208,20 @@ def test_interrupted_index_resumes_to_the_same_store(model, sae, docs, store_pat
         )
     with F.FeatureStore(path) as st:
         assert not st.complete and st.n_indexed == 56
-    # a crash inside a batch's transaction: that batch is rolled back, not half-written
-    real = indexing._write_batch
+    # a crash while a part's files are written: its marker still names the last checkpoint, nothing half-written counts
+    real = indexing.write_table
 
-    def broken(con, rows, next_prompt, total):
-        real(con, rows, next_prompt, total)
-        if next_prompt == 72:
+    def broken(path, table, **kw):
+        if "-000000096.tokens" in path.name:  # the part's last file, after the other two
             raise OSError("disk gone")
+        real(path, table, **kw)
 
-    monkeypatch.setattr(indexing, "_write_batch", broken)
+    monkeypatch.setattr(indexing, "write_table", broken)
     with pytest.raises(OSError):
         F.index(model, sae, None, path, batch_size=8, top_n=5, progress=False)
     with F.FeatureStore(path) as st:
-        assert st.n_indexed == 64
-    monkeypatch.setattr(indexing, "_write_batch", real)
+        assert st.n_indexed == 56
+    monkeypatch.setattr(indexing, "write_table", real)
     F.index(model, sae, docs, path, batch_size=8, top_n=5, progress=False).close()
     a, b = _dump(path), _dump(store_path)
     assert a["meta"] == b["meta"]
@@ -253,7 +248,7 @@ def test_mismatched_model_or_sae_is_refused(model, docs, store_path, tmp_path):
     with pytest.raises(LenslabError, match="built with model"):
         F.FeatureDashboard.from_store(store_path, PLANTED, model=ioi)
     with pytest.raises(LenslabError, match="does not exist"):
-        F.FeatureStore(tmp_path / "nope.sqlite")
+        F.FeatureStore(tmp_path / "nope")
     (tmp_path / "junk.sqlite").write_text("not a database")
     with pytest.raises(LenslabError, match="not a lenslab feature store"):
         F.FeatureStore(tmp_path / "junk.sqlite")
@@ -349,7 +344,7 @@ def test_cli_index_lookup_export_search(model, sae, tmp_path, capsys):
 
     sae_dir = tmp_path / "sae"
     sae.save_model(sae_dir)
-    db = tmp_path / "cli.sqlite"
+    db = tmp_path / "cli_store"
     rc = main(
         [
             "sae",
