@@ -14,6 +14,15 @@ output, gives the *direct* effect of every source: `edge = source value × gradi
 target's input is therefore exactly the sum of its incoming edges plus a constant (`biases`:
 the biases and the frozen constants).
 
+**How, and in what memory.** One forward of the prompt (one copy) is kept with its autograd
+graph, and every batch of targets is one vectorised backward pass through it
+(`FrozenReplacement.tape` / `gradients`; circuit-tracer keeps a forward of `batch_size` copies
+instead). A feature's edges come from the gradient at its layer's MLP output by one batched
+matmul over its decoder rows (`_FeatureGather`), never the dense `[targets, P, d_transcoder]`
+product. `memory_budget=` bounds the peak (`plan_memory`: fewer targets per pass, the rows in a
+temporary file), and `prune` holds no `n × n` temporary: blocks of rows, the edge threshold by a
+histogram of the scores' bits (`find_threshold`), the edge mask as bits (`prune_bytes`).
+
 **Where it lives.** This module needs the transcoders, and `lenslab.circuits` may not import
 `lenslab.probes` (docs/design.md, "Layers"), so the graph lives in the probes area beside
 `lenslab.probes.transcoders`; it imports the core only, plus that module.
@@ -30,20 +39,24 @@ Differences: the embeddings node at a position holds the token *and* the positio
 features and errors at the first position (BOS) are kept (circuit-tracer zeroes them); `prune`'s
 default node step ranks the features only; targets may be explicit tokens or arbitrary directions
 (a Task's logit difference), weighted by their probability (tokens) or equally (directions);
-the dense adjacency is meant for small graphs. An attention-only model (no MLPs) takes
+the adjacency is dense (its n² floats bound the graph's size). An attention-only model (no MLPs) takes
 `transcoders=None`: its graph has token and target nodes only. Edges split by the attention
 head that carries them: `lenslab.probes.graph_heads`.
 """
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from lenslab import figures, labels
 from lenslab._errors import LenslabError
+from lenslab.kernels.config import parse_bytes
 from lenslab.probes.transcoders import CrossLayerTranscoder, check_transcoders, load_transcoders
 from lenslab.results import Result, provenance
 from lenslab.tasks import Task
@@ -51,16 +64,22 @@ from lenslab.toolbox import model_device, model_name
 
 __all__ = [
     "AttributionGraph",
+    "CHUNK_ELEMENTS",
     "RULES",
     "FrozenReplacement",
+    "HEADROOM",
+    "MemoryPlan",
     "Target",
     "attribution_graph",
     "feature_target",
+    "find_threshold",
     "graph_scores",
     "make_targets",
     "node_influence",
     "PRUNE_RANKINGS",
+    "plan_memory",
     "prune",
+    "prune_bytes",
     "resolve_transcoders",
     "salient_logits",
 ]
@@ -84,6 +103,36 @@ class Target:
 RULES = ("gradient", "relp")
 
 
+def _decoder(tc, src: int, dst: int) -> Tensor | None:
+    """`[d_transcoder, d_model]`: what layer `src`'s features write into MLP layer `dst`'s output
+    (None where they write nothing there)."""
+    if isinstance(tc, CrossLayerTranscoder):
+        return tc.W_dec[src][:, dst - src] if dst >= src else None
+    return tc[src].W_dec if dst == src else None
+
+
+def _bias_and_skip(tc, layer: int, x: Tensor) -> Tensor:
+    """The transcoder output at `layer` that no feature writes: `b_dec` plus the skip path of `x`
+    (the MLP input, live)."""
+    if isinstance(tc, CrossLayerTranscoder):
+        b, W = tc.b_dec[layer], None if tc.W_skip is None else tc.W_skip[layer]
+    else:
+        b, W = tc[layer].b_dec, None if tc[layer].W_skip is None else tc[layer].W_skip.T
+    return b if W is None else b + x.to(W.dtype) @ W
+
+
+def _z(pattern: Tensor, v: Tensor, z: Tensor) -> Tensor:
+    """The heads' outputs `z [S, P, n_heads, d_head]` from a pattern shared by the `S` copies
+    (`pattern[0]`) and their values `v [S, P, n_kv_heads, d_head]`: one `[P, P] @ [S, P, d_head]`
+    matmul per head, the same numbers as TransformerLens's batched product. In the tape's vectorised
+    backward this is what keeps the attention fast: the batched `pattern @ v` of TransformerLens makes
+    the vmapped backward copy the pattern once per target, a 2-D matmul folds the targets into its
+    columns instead (4x at 512 tokens)."""
+    H = z.shape[2]
+    rep = H // v.shape[2]
+    return torch.stack([torch.matmul(pattern[0, h], v[:, :, h // rep]) for h in range(H)], 2).to(z.dtype)
+
+
 class FrozenReplacement:
     """`model` on one prompt with attention patterns and norm scales frozen at the clean run and
     the MLPs replaced by `tc` plus constant errors: linear in its sources.
@@ -96,6 +145,16 @@ class FrozenReplacement:
     crosses last. An attention-only model takes `tc=None` (no MLPs, so no features and no errors).
     `rule="relp"`: `rows` runs its backward with RelP's rules (norm scales and patterns detached
     from the live forward instead of replaced by the cached ones; see `attribution_graph`).
+
+    **How the rows are computed** (circuit-tracer's scheme, one step further). The frozen model is
+    linear, so its backward passes need no activation of the forward, only its graph: one forward
+    of the prompt (a *tape*: one copy, or one per head stream for `head_rows`) is kept
+    (`retain_graph`) and every batch of targets is one vectorised backward pass through it
+    (`torch.autograd.grad(..., is_grads_batched=True)`). The gradients are taken at the
+    embeddings and at what each MLP layer's sources write (the error plus the decoded
+    features, a constant); a feature's edge is its activation times its decoder row · that
+    gradient. The tape's true MLPs run on a detached input (their output is replaced) and it
+    stops at the unembedding's input, so neither is in the graph.
     """
 
     def __init__(self, model, tokens: Tensor, tc, *, rule: str = "gradient"):
@@ -134,62 +193,97 @@ class FrozenReplacement:
         }
         self.error_layers = list(mlp_layers)
         self.n_pos = self.tokens.shape[1]
+        # the MLP input hook feeds the true MLP only (its output is replaced): the tape detaches it there
+        self._detach_in = tc is not None and tc.input_hook.endswith("ln2.hook_normalized")
+        self._tapes: dict = {}
+
+    def writes(self, values: dict) -> dict[int, Tensor]:
+        """What each MLP layer's sources write at `values`: its error plus its transcoder's decoded
+        features (every layer's, for a cross-layer transcoder), without `b_dec` and the skip path:
+        `{layer: [P, d_model]}`."""
+        out = {}
+        for layer in self.error_layers:
+            w = values["errors"][layer]
+            for src in self.layers:
+                dec = _decoder(self.tc, src, layer)
+                if dec is not None:
+                    w = w + values["features"][src].to(dec.dtype) @ dec
+            out[layer] = w
+        return out
 
     def _run(
         self,
         values: dict,
-        batch: int,
+        streams: int,
         reads: list[str],
         *,
         heads: Tensor | None = None,
         cut: Tensor | None = None,
         inject: Tensor | None = None,
         live: bool = False,
-    ) -> tuple[Tensor, dict, dict]:
-        """Forward at `values` (each source `[batch, ...]` or unbatched); the activations at `reads`
-        (`got[name]`) and the attention layers that ran before each read (`got[name, "after"]`).
+        logits: bool = False,
+        tape: bool = False,
+    ) -> tuple[Tensor | None, dict, dict]:
+        """Forward of `streams` copies of the prompt at `values` (unbatched sources): the logits
+        (only with `logits`), the activations at `reads` (`got[name]`) and the attention layers
+        that ran before each read (`got[name, "after"]`), and the points the sources enter at
+        (`{"embed", "pos_embed": [streams, P, d], "writes": {layer: [streams, P, d]}}`).
 
-        Per batch element: `heads [batch, n_layers, n_heads]` multiplies each head's `z` (0 switches
-        its OV path off under the frozen pattern); where `cut [batch, n_layers]` is set, the
+        Per stream: `heads [streams, n_layers, n_heads]` multiplies each head's `z` (0 switches
+        its OV path off under the frozen pattern); where `cut [streams, n_layers]` is set, the
         residual after that layer's attention is the attention output alone (the skip around the
-        attention is dropped); `inject [batch, n_layers]` multiplies what each MLP layer's sources
-        (its features' decoder writes and its error) add, not the transcoders' skip path. `live`:
-        norm scales and patterns are the live forward's, detached (RelP's LN- and AH-rules)."""
-        tc, got, leaves, xs = self.tc, {}, {}, {}
+        attention is dropped); `inject [streams, n_layers]` multiplies what each MLP layer's
+        sources write (`writes`), not `b_dec` and the skip path. `live`: norm scales and patterns
+        are the live forward's, detached (RelP's LN- and AH-rules). `tape`: the entry points are
+        leaves that take gradients and the autograd graph is built (call under `enable_grad`)."""
+        tc, got, xs = self.tc, {}, {}
         fired: list[int] = []
+        S = streams
 
-        def b(t):
-            return t if t.dim() == 3 else t.unsqueeze(0).expand(batch, *t.shape)
+        def entry(t):
+            x = t.unsqueeze(0).expand(S, *t.shape)
+            return x.clone().requires_grad_(True) if tape else x
 
-        leaves["embed"] = b(values["embed"])
+        points = {
+            "embed": entry(values["embed"]),
+            "pos_embed": entry(values["pos_embed"]) if self.has_pos else None,
+            "writes": {k: entry(v) for k, v in self.writes(values).items()},
+        }
+        hooks = [("hook_embed", lambda act, hook=None: points["embed"].to(act.dtype))]
         if self.has_pos:
-            leaves["pos_embed"] = b(values["pos_embed"])
-        feats = {k: b(v) for k, v in values["features"].items()}
-        errs = {k: b(v) for k, v in values["errors"].items()}
-        hooks = [("hook_embed", lambda act, hook=None: leaves["embed"].to(act.dtype))]
-        if self.has_pos:
-            hooks.append(("hook_pos_embed", lambda act, hook=None: leaves["pos_embed"].to(act.dtype)))
+            hooks.append(("hook_pos_embed", lambda act, hook=None: points["pos_embed"].to(act.dtype)))
         for name, val in self.frozen.items():
             if live:
                 hooks.append((name, lambda act, hook=None: act.detach()))
             else:
-                hooks.append((name, lambda act, hook=None, val=val: val.expand(batch, *val.shape[1:]).to(act.dtype)))
+                hooks.append((name, lambda act, hook=None, val=val: val.expand(S, *val.shape[1:]).to(act.dtype)))
         for layer in self.error_layers:
 
             def read_in(act, hook=None, layer=layer):
                 xs[layer] = act
 
             def write_out(act, hook=None, layer=layer):
-                m = None if inject is None else inject[:, layer].to(act.dtype)
-                f = feats if m is None else {k: v * m[:, None, None] for k, v in feats.items()}
-                out = errs[layer] if m is None else errs[layer] * m[:, None, None]
-                if layer in f:
-                    out = out + tc.output(layer, f, xs)
+                out = points["writes"][layer]
+                if inject is not None:
+                    out = out * inject[:, layer, None, None].to(out.dtype)
+                if layer in self.layers:
+                    out = out + _bias_and_skip(tc, layer, xs[layer])
                 return out.to(act.dtype)
 
             hooks += [(tc.input_hook.format(l=layer), read_in), (tc.output_hook.format(l=layer), write_out)]
         attn_out: dict[int, Tensor] = {}
         after = "hook_resid_post" if getattr(self.model.cfg, "attn_only", False) else "hook_resid_mid"
+        if tape and (S == 1 or not live):  # z from the (frozen) pattern by one matmul per head (see _z)
+            pats, vs = {}, {}
+            for layer in range(self.n_layers):
+                hooks += [
+                    (
+                        f"blocks.{layer}.attn.hook_pattern",
+                        lambda act, hook=None, layer=layer: pats.update({layer: act}),
+                    ),
+                    (f"blocks.{layer}.attn.hook_v", lambda act, hook=None, layer=layer: vs.update({layer: act})),
+                    (f"blocks.{layer}.attn.hook_z", lambda z, hook=None, layer=layer: _z(pats[layer], vs[layer], z)),
+                ]
         for layer in range(self.n_layers):
 
             def at_z(z, hook=None, layer=layer):
@@ -214,8 +308,25 @@ class FrozenReplacement:
                 got[name, "after"] = set(fired)
 
             hooks.append((name, grab))
-        logits = self.model.run_with_hooks(self.tokens.expand(batch, -1), fwd_hooks=hooks)
-        return logits, got, {"features": feats, "errors": errs, **leaves}
+        if tape and self._detach_in:  # after the reads: the skip path and the feature targets keep the live input
+            hooks += [
+                (tc.input_hook.format(l=layer), lambda act, hook=None: act.detach()) for layer in self.error_layers
+            ]
+        toks = self.tokens.expand(S, -1)
+        if logits:
+            return self.model.run_with_hooks(toks, fwd_hooks=hooks), got, points
+        with self.model.hooks(fwd_hooks=hooks):  # the blocks, then the final norm up to the unembedding's input
+            resid = self.model(toks, stop_at_layer=self.n_layers)
+            if any(name not in got for name in reads):
+                if self.model.cfg.normalization_type is not None:
+                    resid = self.model.ln_final(resid)
+                self.model.unembed.hook_in(resid)
+        missing = [name for name in reads if name not in got]
+        if missing:
+            raise LenslabError(
+                f"hook(s) {missing} did not fire before the unembedding: targets must read there or earlier"
+            )
+        return None, got, points
 
     def _head_mask(self, heads: Tensor | None) -> Tensor | None:
         if heads is None:
@@ -231,7 +342,7 @@ class FrozenReplacement:
         """`[1, pos, vocab]` logits of the frozen model at `values` (default: the clean sources);
         `heads [n_layers, n_heads]` multiplies each head's OV output (0: that path is off)."""
         with torch.no_grad():
-            return self._run(values or self.values, 1, [], heads=self._head_mask(heads))[0]
+            return self._run(values or self.values, 1, [], heads=self._head_mask(heads), logits=True)[0]
 
     def without(self, node: str) -> dict:
         """The clean sources with source `node` (a feature, error or `embed@p` label) set to zero, for
@@ -265,38 +376,84 @@ class FrozenReplacement:
             )
         return torch.stack([got[t.hook][0, t.pos].float() @ t.vector + t.bias_term for t in targets])
 
-    def _grads(self, targets: list[Target], copies: int, **run) -> tuple[dict, dict]:
-        """Source value × gradient of each target, per copy of the sources: `[n, copies, ...]`."""
-        n, v = len(targets), self.values
-        B = n * copies
-        req = lambda t: t.unsqueeze(0).expand(B, *t.shape).clone().requires_grad_(True)
-        vals = {
-            "embed": req(v["embed"]),
-            "pos_embed": req(v["pos_embed"]) if self.has_pos else None,
-            "features": {k: req(x) for k, x in v["features"].items()},
-            "errors": {k: req(x) for k, x in v["errors"].items()},
-        }
+    def tape(self, hooks, *, streams: int = 1, key=None, **run) -> dict:
+        """The forward that backward passes run through: `streams` copies of the prompt at the
+        clean sources, with its autograd graph kept and its reads at `hooks` (plus every MLP
+        input and the unembedding's input). Cached per `key` (one per stream setting) and rebuilt
+        only if a later target reads elsewhere; `release()` frees them. Its forward ran at the
+        values of the moment; the edges multiply its gradients by the current `values` (the
+        gradients do not depend on them, except under `rule="relp"`'s live scales and patterns)."""
+        key = (key, streams, bool(run.get("live")))
+        old = self._tapes.get(key)
+        want = set(hooks) | {FINAL_HOOK} | {self.tc.input_hook.format(l=layer) for layer in self.error_layers}
+        if old is not None and want <= old["reads"]:
+            return old
+        if old is not None:
+            want |= old["reads"]
+        self._tapes.pop(key, None)
         with torch.enable_grad():
-            _, got, _ = self._run(vals, B, sorted({t.hook for t in targets}), **run)
-            s = sum(
-                (got[t.hook][i * copies : (i + 1) * copies, t.pos].float() @ t.vector).sum()
-                for i, t in enumerate(targets)
-            )
-            fl = [vals["features"][k] for k in self.layers]
-            el = [vals["errors"][k] for k in self.error_layers]
-            emb = [vals["embed"]] + ([vals["pos_embed"]] if self.has_pos else [])
-            grads = torch.autograd.grad(s, fl + el + emb, allow_unused=True)
-        z = lambda g, x: torch.zeros_like(x) if g is None else g
-        gf, ge, gm = grads[: len(fl)], grads[len(fl) : len(fl) + len(el)], grads[len(fl) + len(el) :]
-        r = lambda t: t.reshape(n, copies, *t.shape[1:])
-        P = self.n_pos
-        errors = [r((z(g, x) * x).sum(-1).detach()) for g, x in zip(ge, el)]
-        out = {
-            "features": {k: r((z(g, x) * x).detach()) for k, g, x in zip(self.layers, gf, fl)},
-            "errors": torch.stack(errors, 2) if errors else torch.zeros(n, copies, 0, P),
-            "tokens": r(sum((z(g, x) * x).sum(-1) for g, x in zip(gm, emb)).detach()),
+            _, got, points = self._run(self.values, streams, sorted(want), tape=True, **run)
+        self._tapes[key] = {"got": got, "points": points, "reads": want, "streams": streams}
+        return self._tapes[key]
+
+    def release(self) -> None:
+        """Free the kept forwards (`tape`)."""
+        self._tapes.clear()
+
+    def gradients(self, tape: dict, targets: list[Target]) -> dict:
+        """One backward pass through `tape`, vectorised over `targets`: the gradient of each
+        target's input at the entry points, `{"embed", "pos_embed": [n, streams, P, d] (None without
+        a position embedding), "writes": {layer: [n, streams, P, d]}}` (zeros where a target
+        does not depend on a point)."""
+        n, got, pts = len(targets), tape["got"], tape["points"]
+        names = sorted({t.hook for t in targets})
+        outs, seeds = [], []
+        for name in names:
+            act = got[name]
+            idx = [i for i, t in enumerate(targets) if t.hook == name]
+            seed = act.new_zeros(n, *act.shape)
+            vec = torch.stack([targets[i].vector for i in idx]).to(device=act.device, dtype=act.dtype)
+            pos = torch.tensor([targets[i].pos for i in idx], device=act.device)
+            seed[torch.tensor(idx, device=act.device), :, pos] = vec[:, None]
+            outs.append(act)
+            seeds.append(seed)
+        ins = [pts["embed"]] + ([pts["pos_embed"]] if self.has_pos else [])
+        ins += [pts["writes"][layer] for layer in self.error_layers]
+        grads = torch.autograd.grad(outs, ins, seeds, retain_graph=True, is_grads_batched=True, allow_unused=True)
+        grads = [g if g is not None else x.new_zeros(n, *x.shape) for g, x in zip(grads, ins)]
+        k = 2 if self.has_pos else 1
+        return {
+            "embed": grads[0],
+            "pos_embed": grads[1] if self.has_pos else None,
+            "writes": dict(zip(self.error_layers, grads[k:])),
         }
-        return out, {t.hook: got[t.hook, "after"] for t in targets}
+
+    def _grads(self, targets: list[Target], streams: int, key=None, **run) -> tuple[dict, dict]:
+        """Source value × gradient of each target, per stream: `[n, streams, ...]`, dense over the
+        features (`{"features": {layer: [n, S, P, d_transcoder]}, "errors": [n, S, n_mlp_layers, P],
+        "tokens": [n, S, P]}`), and the attention layers that ran before each target's read."""
+        tape = self.tape({t.hook for t in targets}, streams=streams, key=key, **run)
+        g, v = self.gradients(tape, targets), self.values
+        n, P = len(targets), self.n_pos
+        feats = {}
+        for src in self.layers:
+            acc = None
+            for layer in self.error_layers:
+                dec = _decoder(self.tc, src, layer)
+                if dec is not None:
+                    part = g["writes"][layer] @ dec.T.to(g["writes"][layer].dtype)
+                    acc = part if acc is None else acc + part
+            feats[src] = (acc * v["features"][src]).detach()
+        errors = [(g["writes"][layer] * v["errors"][layer]).sum(-1).detach() for layer in self.error_layers]
+        tokens = (g["embed"] * v["embed"]).sum(-1)
+        if self.has_pos:
+            tokens = tokens + (g["pos_embed"] * v["pos_embed"]).sum(-1)
+        out = {
+            "features": feats,
+            "errors": torch.stack(errors, 2) if errors else torch.zeros(n, streams, 0, P),
+            "tokens": tokens.detach(),
+        }
+        return out, {t.hook: tape["got"][t.hook, "after"] for t in targets}
 
     def rows(self, targets: list[Target]) -> dict:
         """Direct effects on each target: `{"features": {layer: [n, P, d_transcoder]}, "errors":
@@ -319,7 +476,8 @@ class FrozenReplacement:
         `rows = residual + sum over heads`, exactly. `one_hop`: also each head's share that
         crosses no earlier head (its own OV only). Returns `{"residual": rows-like, "heads":
         rows-like with a head axis [.., n_layers * n_heads, ..] after the target axis, "one_hop":
-        same or None}`; heads whose layer runs after the target's read are zero.
+        same or None}`; heads whose layer runs after the target's read are zero. The streams'
+        forward is taped once per `one_hop` setting and reused by later calls.
         """
         L, H = self.n_layers, self.n_heads
         K = L * H
@@ -337,8 +495,9 @@ class FrozenReplacement:
                     inject[s, l:] = 0.0
         n = len(targets)
         dev = self.tokens.device
-        rep = lambda t: t.unsqueeze(0).expand(n, *t.shape).reshape(n * S, *t.shape[1:]).to(dev)
-        out, after = self._grads(targets, S, heads=rep(heads), cut=rep(cut), inject=rep(inject))
+        out, after = self._grads(
+            targets, S, key=("heads", one_hop), heads=heads.to(dev), cut=cut.to(dev), inject=inject.to(dev)
+        )
         # a head whose layer runs after the target's read carries nothing to it: zero its stream
         ok = torch.ones(n, S, dtype=torch.bool)
         for i, t in enumerate(targets):
@@ -398,35 +557,124 @@ def _check_fraction(name: str, x: float) -> float:
     return float(x)
 
 
-# --- influence (circuit-tracer's graph.py) -------------------------------------------------------
+# --- influence (circuit-tracer's graph.py), a block of rows at a time ----------------------------
+# floats in one block of a dense n x n (or rows x columns) pass: 4 MiB; fixed, so no result depends on a budget
+CHUNK_ELEMENTS = 1 << 20
+F32 = 4
+
+
 def _normalize(a: Tensor) -> Tensor:
     a = a.abs()
-    return a / a.sum(1, keepdim=True).clamp(min=1e-10)
+    return a.div_(a.sum(1, keepdim=True).clamp(min=1e-10))
 
 
-def _influence(a_norm: Tensor, weights: Tensor, max_iter: int = 1000) -> Tensor:
-    cur = weights @ a_norm
+def _row_blocks(n_rows: int, n_cols: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(1, n_cols))
+    return [slice(s, min(s + step, n_rows)) for s in range(0, n_rows, step)]
+
+
+def _masked(a: Tensor, b: slice, keep: Tensor | None) -> Tensor:
+    """Rows `b` of `a` with the rows and columns of the nodes outside `keep` set to 0 (a kept
+    entry times 1.0 is itself; a dropped one becomes ±0, which `abs` and `!= 0` read as 0)."""
+    if keep is None:
+        return a[b]
+    out = a[b] * keep.to(a.dtype)
+    out[~keep[b]] = 0.0
+    return out
+
+
+def _vecmat(v: Tensor, a: Tensor, keep: Tensor | None = None) -> Tensor:
+    """`v @ Â`, `Â` the row-normalised |a| (outside `keep` zeroed), a block of rows at a time;
+    blocks where `v` is 0 are skipped (exactly: they add 0)."""
+    out = torch.zeros(a.shape[1])
+    for b in _row_blocks(a.shape[0], a.shape[1]):
+        if v[b].any():
+            out += v[b] @ _normalize(_masked(a, b, keep))
+    return out
+
+
+def _influence(a: Tensor, weights: Tensor, keep: Tensor | None = None, max_iter: int = 1000) -> Tensor:
+    """`w · Σ_k Â^k` (`Â`: the row-normalised |a|, rows and columns outside `keep` zeroed)."""
+    cur = _vecmat(weights, a, keep)
     total = cur.clone()
     for _ in range(max_iter):
         if not cur.any():
             break
-        cur = cur @ a_norm
+        cur = _vecmat(cur, a, keep)
         total += cur
     return total
 
 
-def _partial_influence(rows: Tensor, row_nodes: Tensor, weights: Tensor, max_iter: int = 128) -> Tensor:
-    """circuit-tracer's `compute_partial_influences`: influence on the targets through the rows computed so far."""
-    a = _normalize(rows)
+def _partial_influence(store: _RowStore, row_nodes: Tensor, weights: Tensor, max_iter: int = 128) -> Tensor:
+    """circuit-tracer's `compute_partial_influences`: influence on the targets through the rows
+    computed so far (`store`, row `i` is node `row_nodes[i]`), a chunk of rows at a time."""
     prod = weights.clone()
-    total = torch.zeros(rows.shape[1])
+    total = torch.zeros(store.n_cols)
     for _ in range(max_iter):
-        prod = prod[row_nodes] @ a
+        p = prod[row_nodes]
+        prod = torch.zeros(store.n_cols)
+        for s, rows in store.chunks():
+            if p[s : s + len(rows)].any():
+                prod += p[s : s + len(rows)] @ _normalize(rows)
         if not prod.any():
             break
         total += prod
         prod = torch.cat([prod, torch.zeros(weights.shape[0] - prod.shape[0])])
     return total
+
+
+def _bits(s: Tensor) -> Tensor:
+    """The float32 bit patterns of scores >= 0, int32 (they order like the scores)."""
+    return s.reshape(-1).float().abs().view(torch.int32)
+
+
+def _exact(key: int, count: int = 1) -> int:
+    """`count` times the float32 with bit pattern `key` (>= 0), exactly, in units of 2^-149."""
+    e = key >> 23
+    return count * ((key & 0x7FFFFF) | (0x800000 if e else 0)) << max(e - 1, 0)
+
+
+def find_threshold(blocks: Callable[[], Iterable[Tensor]], fraction: float) -> Tensor:
+    """circuit-tracer's cumulative threshold without sorting: over the scores (>= 0) that `blocks()`
+    yields, in descending order, the first score at which the running sum reaches `fraction` of the
+    total; `scores >= it` keeps exactly those (ties included). Two passes: a histogram over the top
+    16 bits of the scores' float32 bit patterns (which order non-negative floats; a bucket's scores
+    share their exponent) finds the bucket that holds it, a count of the low 15 bits in that bucket
+    the value. The sums are exact (integers: a bucket's significands in int64, then Python ints), so
+    no rounding decides which scores are kept."""
+    cnt = torch.zeros(1 << 16, dtype=torch.long)
+    sig = torch.zeros(1 << 16, dtype=torch.long)
+    for s in blocks():
+        key = _bits(s)
+        hi = key >> 15
+        cnt += torch.bincount(hi, minlength=1 << 16)
+        key &= 0x7FFFFF  # the significand (below 2^24, so a block's float64 sums of them are exact)
+        key[hi >= 256] |= 0x800000
+        sig += torch.bincount(hi, weights=key, minlength=1 << 16).long()
+    buckets = cnt.nonzero()[:, 0].tolist()[::-1]  # non-empty, largest scores first
+    if not buckets:
+        raise LenslabError("find_threshold got no scores")
+    sums = [int(sig[b]) << max((b >> 8) - 1, 0) for b in buckets]  # exact, in units of 2^-149
+    num, den = _check_fraction("fraction", fraction).as_integer_ratio()
+    need = num * sum(sums)  # running sum x den must reach it
+    above, hi = 0, buckets[-1]
+    for b, sb in zip(buckets, sums):
+        if (above + sb) * den >= need:
+            hi = b
+            break
+        above += sb
+    lo_cnt = torch.zeros(1 << 15, dtype=torch.long)
+    for s in blocks():
+        key = _bits(s)
+        lo_cnt += torch.bincount(key[(key >> 15) == hi] & 0x7FFF, minlength=1 << 15)
+    los = lo_cnt.nonzero()[:, 0].tolist()[::-1]
+    lo = los[-1]
+    for x in los:
+        above += _exact((hi << 15) | x, int(lo_cnt[x]))
+        if above * den >= need:
+            lo = x
+            break
+    return torch.tensor([(hi << 15) | lo], dtype=torch.int32).view(torch.float32)[0]
 
 
 # --- the result -----------------------------------------------------------------------------------
@@ -630,7 +878,7 @@ def _target_weights_full(adjacency: Tensor, weights: Tensor) -> Tensor:
 
 def node_influence(adjacency: Tensor, target_weights: Tensor) -> Tensor:
     """circuit-tracer's `compute_node_influence`: `w · Σ_k Â^k` with `Â` the row-normalised |adjacency|."""
-    return _influence(_normalize(adjacency.float()), _target_weights_full(adjacency, target_weights))
+    return _influence(adjacency.float(), _target_weights_full(adjacency, target_weights))
 
 
 def graph_scores(adjacency: Tensor, nodes: list[str], target_weights: Tensor) -> tuple[float, float]:
@@ -641,21 +889,26 @@ def graph_scores(adjacency: Tensor, nodes: list[str], target_weights: Tensor) ->
     kinds = [labels.parse(n).kind for n in nodes]
     err = torch.tensor([k == "error" for k in kinds])
     tok = torch.tensor([k == "token" for k in kinds])
-    w = _target_weights_full(adjacency, target_weights)
-    a = _normalize(adjacency.float())
+    a = adjacency.float()
+    w = _target_weights_full(a, target_weights)
     infl = _influence(a, w)
     ti, ei = infl[tok].sum(), infl[err].sum()
     replacement = float(ti / (ti + ei)) if float(ti + ei) > 0 else float("nan")
-    non_error = 1 - a[:, err].sum(-1)
+    non_error = torch.cat([1 - _normalize(a[b])[:, err].sum(-1) for b in _row_blocks(*a.shape)] or [torch.zeros(0)])
     out = infl + w
     return replacement, float((non_error * out).sum() / out.sum())
 
 
-def _find_threshold(scores: Tensor, threshold: float) -> Tensor:
-    s = scores.sort(descending=True).values
-    cum = s.cumsum(0) / s.sum()
-    i = min(int(torch.searchsorted(cum, torch.tensor(threshold))), len(cum) - 1)
-    return s[i]
+def _unpack(bits: np.ndarray, n: int) -> Tensor:
+    return torch.from_numpy(np.unpackbits(bits, axis=1, count=n).view(np.bool_))
+
+
+def prune_bytes(n: int) -> int:
+    """`prune`'s working memory on an `n`-node graph, beyond the graph and the pruned result: one
+    block of rows in its dense passes (about 8 float32 copies of it, the histogram's float64
+    weights and int64 keys included) and the edge mask, one bit per edge."""
+    block = min(n * n, max(1, CHUNK_ELEMENTS // max(1, n)) * n)
+    return 40 * block + -(-n // 8) * n + 64 * n + 3 * (1 << 16) * 8
 
 
 PRUNE_RANKINGS = ("features", "all")
@@ -667,6 +920,7 @@ def prune(
     edge_threshold: float = 0.98,
     *,
     node_ranking: str = "features",
+    memory_budget: int | str | None = None,
 ) -> AttributionGraph:
     """circuit-tracer's `prune_graph`: keep the features whose influence makes up `node_threshold`
     of the features' total, then the edges whose influence makes up `edge_threshold` of the total,
@@ -677,46 +931,79 @@ def prune(
     keeps every error node) or `"all"`, circuit-tracer 0.5.0's `prune_graph` exactly: the node step
     ranks every node against the total influence of all nodes (tokens and errors included, which
     usually hold most of it), so it keeps fewer features and can drop error nodes (checked against
-    circuit-tracer's own masks: tests/probes/test_circuit_tracer_reference.py)."""
+    circuit-tracer's own masks: tests/probes/test_circuit_tracer_reference.py).
+
+    Memory: no `n × n` temporary. Every dense step runs a block of rows (`CHUNK_ELEMENTS` floats)
+    at a time, the edge threshold is found by two histogram passes over the scores' float bits
+    instead of a sort of all n² of them (`find_threshold`: the same edges as the full sort, ties
+    included), and the edge mask is kept as bits. So beyond the graph and the pruned result it
+    needs `prune_bytes(n)` (~170 MiB plus n²/8 bytes past 2,048 nodes). `memory_budget` (bytes or
+    `"2GiB"`; None: no check) bounds that plus the pruned result: a `LenslabError` with the minimum
+    if it is less."""
     node_threshold = _check_fraction("node_threshold", node_threshold)
     edge_threshold = _check_fraction("edge_threshold", edge_threshold)
     if node_ranking not in PRUNE_RANKINGS:
         raise LenslabError(f"node_ranking must be one of {PRUNE_RANKINGS}, got {node_ranking!r}")
     nf, ne, nt, nk = graph._counts()
     a = graph.adjacency.float()
-    if not a.any():
+    n = a.shape[0]
+    budget = None if memory_budget is None else parse_bytes(memory_budget)
+    if budget is not None and prune_bytes(n) > budget:
+        raise LenslabError(
+            f"memory_budget={_mib(budget)} is too small to prune a {n:,}-node graph: it needs at least "
+            f"{_mib(prune_bytes(n))} (one block of rows and a one-bit edge mask), plus the pruned graph"
+        )
+    blocks = _row_blocks(n, n)
+    if not any(bool(a[b].any()) for b in blocks):  # a block at a time: `a.any()` would make an n x n bool
         raise LenslabError("the attribution graph has no edges: nothing to prune (the pruned graph would be empty)")
     w = _target_weights_full(a, graph.target_weights)
-    infl = _influence(_normalize(a), w)
-    node_mask = torch.ones(a.shape[0], dtype=torch.bool)
+    infl = _influence(a, w)
+    node_mask = torch.ones(n, dtype=torch.bool)
     if node_ranking == "all":
-        node_mask = infl >= _find_threshold(infl, node_threshold)
+        node_mask = infl >= find_threshold(lambda: [infl], node_threshold)
         node_mask[nf + ne :] = True
     elif nf:
-        node_mask[:nf] = infl[:nf] >= _find_threshold(infl[:nf], node_threshold)
-    pa = a.clone()
-    pa[~node_mask] = 0
-    pa[:, ~node_mask] = 0
-    pn = _normalize(pa)
-    pinfl = _influence(pn, w) + w
-    edge_scores = pn * pinfl[:, None]
-    edge_mask = edge_scores >= _find_threshold(edge_scores.flatten(), edge_threshold)
-    edge_mask &= pa != 0
+        node_mask[:nf] = infl[:nf] >= find_threshold(lambda: [infl[:nf]], node_threshold)
+    pinfl = _influence(a, w, node_mask) + w
+    scores = lambda: (_normalize(_masked(a, b, node_mask)) * pinfl[b, None] for b in blocks)
+    tau = find_threshold(scores, edge_threshold)
+    bits = np.empty((n, -(-n // 8)), dtype=np.uint8)  # the edge mask, one bit per edge (one array: no heap holes)
+    for b, s in zip(blocks, scores()):
+        bits[b] = np.packbits(((s >= tau) & (_masked(a, b, node_mask) != 0)).numpy(), axis=1)
     nsrc = nf + ne
-    old = None
-    while old is None or not torch.equal(old, node_mask):
-        old = node_mask.clone()
-        edge_mask[~node_mask] = False
-        edge_mask[:, ~node_mask] = False
-        node_mask[:nsrc] &= edge_mask[:, :nsrc].any(0)
-        node_mask[:nf] &= edge_mask[:nf].any(1)
-    if not edge_mask.any():
+    while True:
+        col_any, row_any = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+        for b in blocks:
+            e = _unpack(bits[b], n) & node_mask[b, None] & node_mask[None, :]
+            col_any |= e.any(0)
+            row_any[b] = e.any(1)
+        new = node_mask.clone()
+        new[:nsrc] &= col_any[:nsrc]
+        new[:nf] &= row_any[:nf]
+        if torch.equal(new, node_mask):
+            break
+        node_mask = new
+    if not row_any.any():
         raise LenslabError(
             f"pruning with node_threshold={node_threshold}, edge_threshold={edge_threshold} left no edge: "
             "raise the thresholds"
         )
     keep = node_mask.nonzero()[:, 0]
-    adj = (a * edge_mask)[keep][:, keep]
+    m = len(keep)
+    if budget is not None and prune_bytes(n) + F32 * m * m > budget:
+        raise LenslabError(
+            f"memory_budget={_mib(budget)} is too small for this pruned graph: its {m:,} nodes need "
+            f"{_mib(F32 * m * m)} on top of the {_mib(prune_bytes(n))} pruning works in"
+        )
+    adj = torch.zeros(m, m)
+    done = 0
+    for b in blocks:
+        rows = keep[(keep >= b.start) & (keep < b.stop)]
+        if len(rows):
+            e = _unpack(bits[b], n) & node_mask[b, None] & node_mask[None, :]
+            local = rows - b.start
+            adj[done : done + len(rows)] = (a[b][local] * e[local])[:, keep]
+            done += len(rows)
     nodes = [graph.nodes[i] for i in keep.tolist()]
     rep, comp = graph_scores(adj, nodes, graph.target_weights)
     return AttributionGraph(
@@ -738,6 +1025,190 @@ def prune(
             edge_threshold=edge_threshold,
             **({"node_ranking": node_ranking} if node_ranking != "features" else {}),
         ),
+    )
+
+
+# --- the graph's rows: feature gather, row store, memory plan -------------------------------------
+
+
+class _FeatureGather:
+    """The active features' edges from the gradients at each MLP layer's writes, without the dense
+    `[n, P, d_transcoder]` product: per source layer, the active features are laid out in segments
+    of at most `c` features of one position, their decoder rows padded to `[segments, c, d_model]`,
+    and one batched matmul per (source, written) layer gives every segment's dots; one advanced
+    index reads them out in the graph's column order. `edge = activation × (gradient · decoder row)`."""
+
+    def __init__(self, frozen: FrozenReplacement, active: Tensor):
+        self.parts, self.n = [], len(active)
+        tc, P = frozen.tc, frozen.n_pos
+        start = 0
+        for src in frozen.layers:
+            m = int((active[:, 0] == src).sum())
+            if not m:
+                continue
+            pos, f = active[start : start + m, 1], active[start : start + m, 2]
+            counts = torch.bincount(pos, minlength=P)
+            c = max(1, -(-m // max(1, int((counts > 0).sum()))))  # slots per segment: the mean per position
+            nseg = (counts + c - 1) // c
+            seg_pos = torch.repeat_interleave(torch.arange(P), nseg)
+            rank = torch.arange(m) - (counts.cumsum(0) - counts)[pos]  # place among its position's features
+            flat = ((nseg.cumsum(0) - nseg)[pos] + rank // c) * c + rank % c
+            pads = {}
+            for dst in frozen.error_layers:
+                dec = _decoder(tc, src, dst)
+                if dec is not None:
+                    w = torch.zeros(len(seg_pos) * c, dec.shape[1], dtype=dec.dtype, device=dec.device)
+                    w[flat.to(dec.device)] = dec.detach()[f.to(dec.device)]
+                    pads[dst] = w.reshape(len(seg_pos), c, -1).transpose(1, 2)  # [segments, d_model, c]
+            dev = frozen.tokens.device
+            acts = frozen.values["features"][src][pos.to(dev), f.to(dev)].float()
+            self.parts.append((slice(start, start + m), seg_pos.to(dev), flat.to(dev), acts, pads))
+            start += m
+
+    @staticmethod
+    def bytes_per_target(frozen: FrozenReplacement, active: Tensor, d_model: int) -> int:
+        """Peak temporary bytes of one call, per target: the segment gradients and dots of the
+        largest layer (at most twice its features or positions in padding)."""
+        if not len(active):
+            return 0
+        m = int(torch.bincount(active[:, 0]).max())
+        return F32 * (2 * frozen.n_pos * d_model + 3 * 2 * m)
+
+    def __call__(self, writes: dict[int, Tensor], n: int) -> Tensor:
+        """`writes`: the gradients `{layer: [n, 1, P, d]}` of `n` targets -> the features' edges `[n, n_active]`."""
+        out = torch.zeros(n, self.n)
+        for cols, seg_pos, flat, acts, pads in self.parts:
+            dots = None
+            for dst, w in pads.items():
+                g = writes[dst][:, 0].transpose(0, 1)[seg_pos]  # [segments, n, d]
+                r = torch.bmm(g.to(w.dtype), w)  # [segments, n, c]
+                dots = r if dots is None else dots + r
+            out[:, cols] = (dots.permute(1, 0, 2).reshape(n, -1)[:, flat].float() * acts).cpu()
+        return out
+
+
+class _RowStore:
+    """The rows of the graph's adjacency as they are computed, `[n, n_cols]` float32, in the order
+    appended: in memory, or (`on_disk`) in an unlinked temporary file, read back in chunks of
+    `CHUNK_ELEMENTS`."""
+
+    def __init__(self, capacity: int, n_cols: int, *, on_disk: bool):
+        self.n_cols, self.n, self.on_disk = n_cols, 0, on_disk
+        self.chunk = max(1, CHUNK_ELEMENTS // max(1, n_cols))
+        self.file = tempfile.TemporaryFile() if on_disk else None
+        self.mem = None if on_disk else torch.empty(capacity, n_cols)
+
+    def append(self, rows: Tensor) -> None:
+        rows = rows.float().cpu().contiguous()
+        if self.on_disk:
+            self.file.seek(self.n * self.n_cols * F32)
+            self.file.write(rows.numpy().tobytes())
+        else:
+            self.mem[self.n : self.n + len(rows)] = rows
+        self.n += len(rows)
+
+    def read(self, start: int, stop: int) -> Tensor:
+        if not self.on_disk:
+            return self.mem[start:stop]
+        out = np.empty((stop - start, self.n_cols), dtype=np.float32)
+        self.file.seek(start * self.n_cols * F32)
+        self.file.readinto(memoryview(out).cast("B"))
+        return torch.from_numpy(out)
+
+    def chunks(self):
+        """(first row, rows) in order, `CHUNK_ELEMENTS` at a time."""
+        for s in range(0, self.n, self.chunk):
+            yield s, self.read(s, min(s + self.chunk, self.n))
+
+    def take(self, rows: list[int], cols: Tensor, out: Tensor) -> None:
+        """`out[k] = row rows[k], columns cols`, a chunk of rows at a time."""
+        for s in range(0, len(rows), self.chunk):
+            idx = rows[s : s + self.chunk]
+            if self.on_disk:
+                block = torch.stack([self.read(i, i + 1)[0] for i in idx])
+            else:
+                block = self.mem[torch.tensor(idx, dtype=torch.long)]
+            out[s : s + len(idx)] = block[:, cols]
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.mem = None
+
+
+# a plan fills at most this share of the budget: the rest is for what it does not count (the
+# allocator's slack, Python objects)
+HEADROOM = 0.9
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How `attribution_graph` fits its `memory_budget` (bytes; estimates): `batch_size` targets
+    per backward pass, the rows in memory or on disk (`offload`), and the parts of the peak:
+    `fixed` (the clean run's cache, the taped forward, the decoder layout), `per_target` (one
+    target's share of a backward pass and its row), `rows` (every computed row, over all active
+    features), `adjacency` (the dense result, `n × n`). `peak` is the larger of the row phase
+    and the assembly; `plan_memory` keeps it under `HEADROOM` of the budget."""
+
+    batch_size: int
+    offload: bool
+    fixed: int
+    per_target: int
+    rows: int
+    adjacency: int
+    budget: int | None
+
+    @property
+    def peak(self) -> int:
+        chunk = 3 * min(CHUNK_ELEMENTS * F32, self.rows)  # one chunk of rows, normalised (ranking, assembly)
+        kept = 0 if self.offload else self.rows
+        return kept + chunk + max(self.fixed + self.batch_size * self.per_target, self.adjacency)
+
+
+def _mib(b: int) -> str:
+    return f"{b / 2**20:,.0f} MiB"
+
+
+def plan_memory(
+    frozen: FrozenReplacement, active: Tensor, n_targets: int, n_features: int, batch_size: int, budget: int | None
+) -> MemoryPlan:
+    """The `MemoryPlan` of a graph on `frozen` with `active` features `[n, 3]`, `n_targets` targets
+    and `n_features` selected features under `budget` bytes (None: no bound: `batch_size`, rows
+    in memory): the most targets per pass (at most `batch_size`) whose peak fits `HEADROOM` of the
+    budget, rows in memory or on disk, whichever allows more; a `LenslabError` naming the minimum
+    when not even one target per pass fits. Measured (benchmarks/RESULTS.md): the peak RSS stays
+    within a few percent of the plan."""
+    L, P, d = frozen.n_layers, frozen.n_pos, int(frozen.model.cfg.d_model)
+    n_err = len(frozen.error_layers)
+    d_tc = int(frozen.tc.d_transcoder) if frozen.tc is not None else 0
+    n_cols = len(active) + n_err * P + P
+    pairs = sum(_decoder(frozen.tc, s, t) is not None for s in frozen.layers for t in frozen.error_layers)
+    cache = F32 * (len(frozen.layers) * P * d_tc + (n_err + 2) * P * d + L * frozen.n_heads * P * P + 4 * L * P)
+    taped = F32 * P * d * (10 * L + 4)  # the tape's saved activations, one copy (measured: ~7-9 x P x d per layer)
+    layout = F32 * 2 * len(active) * d * max(1, pairs // max(1, len(frozen.layers)))
+    fixed = cache + taped + layout
+    per_target = F32 * P * d * (2 * (L + 2) + 12) + _FeatureGather.bytes_per_target(frozen, active, d)
+    per_target += F32 * 2 * n_cols
+    rows = F32 * (n_targets + n_features) * n_cols
+    n = n_features + n_err * P + P + n_targets
+    adjacency = F32 * n * n
+    k = max(1, int(batch_size))
+    if budget is None:
+        return MemoryPlan(k, False, fixed, per_target, rows, adjacency, None)
+    best, room = None, int(HEADROOM * budget)
+    for offload in (False, True):
+        base = MemoryPlan(0, offload, fixed, per_target, rows, adjacency, budget).peak - max(fixed, adjacency)
+        if base + adjacency <= room and base + fixed + per_target <= room:
+            fit = min(k, (room - base - fixed) // per_target)
+            if best is None or fit > best.batch_size:
+                best = MemoryPlan(int(fit), offload, fixed, per_target, rows, adjacency, budget)
+    if best is not None:
+        return best
+    need = -(-MemoryPlan(1, True, fixed, per_target, rows, adjacency, budget).peak // HEADROOM)
+    raise LenslabError(
+        f"memory_budget={_mib(budget)} is too small for this graph: it needs at least {_mib(need)} "
+        f"(one target per backward pass, rows on disk; the dense adjacency alone is {_mib(adjacency)} for {n:,} nodes). "
+        "Raise memory_budget, or lower max_feature_nodes or the prompt's length"
     )
 
 
@@ -826,6 +1297,7 @@ def attribution_graph(
     max_feature_nodes: int | None = None,
     batch_size: int = 32,
     rule: str = "gradient",
+    memory_budget: int | str | None = None,
 ) -> AttributionGraph:
     """The attribution graph of `model` on `prompt` (a string or token ids; `None` with a Task
     target: its first clean prompt) through `transcoders` (a `TranscoderSet`, a
@@ -836,7 +1308,13 @@ def attribution_graph(
     tokens (ids or one-token strings), a `Task` (its first prompt's logit difference, correct −
     incorrect unembedding), or directions `[d_model]` / `[k, d_model]` read at the unembedding's
     input (`unembed.hook_in`). `max_feature_nodes`: keep that many features, chosen by influence as circuit-tracer
-    (None: every active feature). `batch_size`: targets per backward pass.
+    (None: every active feature). `batch_size`: targets per backward pass (at most: the budget
+    may lower it). `memory_budget`: bytes or a string such as `"2GiB"`; the graph's extra peak
+    memory (the clean run's cache, the kept forward, the backward passes, the rows and the dense
+    result; not the model) is planned to stay under it by lowering the batch size and, if the
+    rows do not fit, keeping them in a temporary file (`plan_memory`, estimates; the plan is in
+    the provenance). Too small for one target per pass or for the result itself: a
+    `LenslabError` with the minimum. None: no bound. The graph does not depend on either.
 
     `rule`: `"gradient"` (circuit-tracer's backward through the frozen replacement) or `"relp"`
     (RelP's LRP rules, Rezaei Jafari et al. 2025: LN-rule, identity rule, half rule, AH-rule, run
@@ -848,13 +1326,18 @@ def attribution_graph(
     >>> import lenslab
     >>> model = lenslab.load_model("zoo/ioi-4l", device="cpu")
     >>> g = attribution_graph(model, "When Mary and John went to the store, John gave a drink to",
-    ...                       "zoo/ioi-4l/per-layer", max_feature_nodes=64)
+    ...                       "zoo/ioi-4l/per-layer", max_feature_nodes=64, memory_budget="256MiB")
     >>> g.nodes[-1].startswith("logit"), 0 < g.replacement_score <= 1
     (True, True)
     """
     desired_logit_prob = _check_fraction("desired_logit_prob", desired_logit_prob)
     if rule not in RULES:
         raise LenslabError(f"rule must be one of {RULES}, got {rule!r}")
+    if max_feature_nodes is not None and int(max_feature_nodes) < 0:
+        raise LenslabError(f"max_feature_nodes must be >= 0, got {max_feature_nodes}")
+    if int(batch_size) < 1:
+        raise LenslabError(f"batch_size must be >= 1, got {batch_size}")
+    budget = None if memory_budget is None else parse_bytes(memory_budget)
     tc = resolve_transcoders(model, transcoders)
     if prompt is None:
         if not isinstance(targets, Task):
@@ -867,62 +1350,72 @@ def attribution_graph(
         model, frozen, targets, max_n_logits=max_n_logits, desired_logit_prob=desired_logit_prob
     )
     # the sources: active features (layer, pos, feature), then errors (layer-major), then tokens
-    active = []
-    for layer in frozen.layers:
-        for p, f in (frozen.values["features"][layer] != 0).nonzero().tolist():
-            active.append((layer, p, f))
-    n_act, n_err = len(active), len(frozen.error_layers) * P
+    active = torch.cat(
+        [
+            torch.cat([torch.full((len(nz), 1), layer), nz], 1)
+            for layer in frozen.layers
+            for nz in [(frozen.values["features"][layer] != 0).nonzero().cpu()]
+        ]
+        or [torch.zeros(0, 3, dtype=torch.long)]
+    )
+    n_act, n_err, nk = len(active), len(frozen.error_layers) * P, len(tgts)
     n_cols = n_act + n_err + P
-
-    def rows_of(ts: list[Target]) -> Tensor:
-        out = torch.zeros(len(ts), n_cols)
-        for i in range(0, len(ts), batch_size):
-            r = frozen.rows(ts[i : i + batch_size])
-            k = len(ts[i : i + batch_size])
-            if active:
-                feats = torch.stack([r["features"][layer][:, p, f] for layer, p, f in active], 1)
-                out[i : i + k, :n_act] = feats.float().cpu()
-            out[i : i + k, n_act : n_act + n_err] = r["errors"].reshape(k, -1).float().cpu()
-            out[i : i + k, n_act + n_err :] = r["tokens"].float().cpu()
-        return out
-
-    target_rows = rows_of(tgts)
     limit = n_act if max_feature_nodes is None else min(int(max_feature_nodes), n_act)
-    if max_feature_nodes is not None and int(max_feature_nodes) < 0:
-        raise LenslabError(f"max_feature_nodes must be >= 0, got {max_feature_nodes}")
-    feature_rows: list[Tensor] = []
-    visited: list[int] = []
-    if limit == n_act:
-        visited = list(range(n_act))
-        feature_rows = [rows_of([feature_target(tc, *active[j]) for j in visited])] if n_act else []
-    else:
-        w_all = torch.cat([torch.zeros(n_cols), weights.float()])
-        while len(visited) < limit:
-            rows = torch.cat([*feature_rows, target_rows]) if feature_rows else target_rows
-            row_nodes = torch.tensor(visited + list(range(n_cols, n_cols + len(tgts))), dtype=torch.long)
-            infl = _partial_influence(rows, row_nodes, w_all)[:n_act]
-            infl[visited] = -1.0
-            take = infl.argsort(descending=True, stable=True)[: min(batch_size, limit - len(visited))].tolist()
-            feature_rows.append(rows_of([feature_target(tc, *active[j]) for j in take]))
-            visited += take
-    frows = torch.cat(feature_rows) if feature_rows else torch.zeros(0, n_cols)
-    order = sorted(range(len(visited)), key=lambda i: active[visited[i]])
-    sel = [visited[i] for i in order]
-    frows = frows[order] if len(order) else frows
-    # assemble: nodes = selected features, errors, tokens, targets
-    nf, nk = len(sel), len(tgts)
-    n = nf + n_err + P + nk
-    cols = torch.tensor(sel + list(range(n_act, n_cols)), dtype=torch.long)
-    adj = torch.zeros(n, n)
-    adj[:nf, : nf + n_err + P] = frows[:, cols]
-    adj[n - nk :, : nf + n_err + P] = target_rows[:, cols]
+    plan = plan_memory(frozen, active, nk, limit, batch_size, budget)
+    k = plan.batch_size
+    gather = _FeatureGather(frozen, active)
+    store = _RowStore(nk + limit, n_cols, on_disk=plan.offload)
+    tape = frozen.tape({t.hook for t in tgts}, live=rule == "relp")  # every MLP input too: the feature targets' reads
+    act_list = active.tolist()
+
+    def add_rows(ts: list[Target]) -> None:
+        for i in range(0, len(ts), k):
+            g = frozen.gradients(tape, ts[i : i + k])
+            v = frozen.values
+            parts = [gather(g["writes"], len(ts[i : i + k]))]
+            parts += [
+                (g["writes"][layer][:, 0] * v["errors"][layer]).sum(-1).float().cpu() for layer in frozen.error_layers
+            ]
+            tok = (g["embed"][:, 0] * v["embed"]).sum(-1)
+            if frozen.has_pos:
+                tok = tok + (g["pos_embed"][:, 0] * v["pos_embed"]).sum(-1)
+            store.append(torch.cat(parts + [tok.float().cpu()], 1))
+
+    try:
+        add_rows(tgts)  # store rows 0..nk-1: the targets; then the features in the order visited
+        visited: list[int] = []
+        if limit == n_act:
+            visited = list(range(n_act))
+            add_rows([feature_target(tc, *act_list[j]) for j in visited])
+        else:
+            w_all = torch.cat([torch.zeros(n_cols), weights.float()])
+            while len(visited) < limit:
+                row_nodes = torch.tensor(list(range(n_cols, n_cols + nk)) + visited, dtype=torch.long)
+                infl = _partial_influence(store, row_nodes, w_all)[:n_act]
+                infl[visited] = -1.0
+                take = infl.argsort(descending=True, stable=True)[: min(k, limit - len(visited))].tolist()
+                add_rows([feature_target(tc, *act_list[j]) for j in take])
+                visited += take
+        frozen.release()
+        gather = tape = None  # free the kept forward and the decoder layout before the assembly
+        sel = sorted(visited)
+        row_of = {j: nk + i for i, j in enumerate(visited)}
+        # assemble: nodes = selected features, errors, tokens, targets
+        nf = len(sel)
+        n = nf + n_err + P + nk
+        cols = torch.tensor(sel + list(range(n_act, n_cols)), dtype=torch.long)
+        adj = torch.zeros(n, n)
+        store.take([row_of[j] for j in sel], cols, adj[:nf, : nf + n_err + P])
+        store.take(list(range(nk)), cols, adj[n - nk :, : nf + n_err + P])
+    finally:
+        store.close()
     nodes = (
-        [labels.feature(active[j][0], active[j][2], active[j][1]) for j in sel]
+        [labels.feature(act_list[j][0], act_list[j][2], act_list[j][1]) for j in sel]
         + [labels.error_node(layer, p) for layer in frozen.error_layers for p in range(P)]
         + [labels.token_node(p) for p in range(P)]
         + [t.label for t in tgts]
     )
-    sel_targets = [feature_target(tc, *active[j]) for j in sel] + tgts
+    sel_targets = [feature_target(tc, *act_list[j]) for j in sel] + tgts
     inputs_sel = frozen.read(sel_targets)
     zero = {
         "embed": torch.zeros_like(frozen.values["embed"]),
@@ -934,9 +1427,9 @@ def attribution_graph(
     idx = torch.tensor(list(range(nf)) + list(range(n - nk, n)), dtype=torch.long)
     inputs, biases, acts = torch.zeros(n), torch.zeros(n), torch.zeros(n)
     inputs[idx], biases[idx] = inputs_sel.float().cpu(), biases_sel.float().cpu()
-    acts[:nf] = torch.tensor(
-        [float(frozen.values["features"][layer][p, f]) for layer, p, f in (active[j] for j in sel)]
-    )
+    if nf:
+        a = active[torch.tensor(sel, dtype=torch.long)]
+        acts[:nf] = _feature_values(frozen, a)
     acts[n - nk :] = inputs_sel[nf:].float().cpu()
     rep, comp = graph_scores(adj, nodes, weights)
     return AttributionGraph(
@@ -962,5 +1455,21 @@ def attribution_graph(
             max_feature_nodes=max_feature_nodes,
             max_n_logits=max_n_logits,
             desired_logit_prob=desired_logit_prob,
+            **(
+                {}
+                if budget is None
+                else {"memory_budget": budget, "batch_size": k, "rows_on_disk": plan.offload, "planned_peak": plan.peak}
+            ),
         ),
     )
+
+
+def _feature_values(frozen: FrozenReplacement, active: Tensor) -> Tensor:
+    """The activations of features `active [n, 3]` (layer, pos, feature), in that order."""
+    out = torch.zeros(len(active))
+    for layer in frozen.layers:
+        m = active[:, 0] == layer
+        if m.any():
+            v = frozen.values["features"][layer]
+            out[m] = v[active[m, 1].to(v.device), active[m, 2].to(v.device)].float().cpu()
+    return out

@@ -119,6 +119,56 @@ def test_export_figures(attributed, tmp_path):
         assert svg.read_text().lstrip().startswith("<svg")
 
 
+def test_export_keeps_pinned_nodes_and_supernodes(attributed, library, tmp_path, capsys):
+    """--supernode LABEL=NODE,NODE (repeatable) and --pin go into the file's qParams as node ids; a
+    figure draws each supernode as one node; a node the graph lacks is a one-line error."""
+    path, _ = attributed
+    model, lib = library
+    pruned = AG.prune(lib, 0.8, 0.98)
+    feats = [x for x, n in zip(pruned.nodes, pruned.parsed) if n.kind == "feature"]
+    target = pruned.nodes[-1]
+    out = tmp_path / "view.json"
+    argv = ["graph", "export", "--graph", str(path), "--out", str(out)]
+    sn = ["--supernode", f"pair={feats[0]},{feats[1]}", "--supernode", f"say it={feats[2]}, {target}"]
+    assert main([*argv, *sn, "--pin", feats[0], target]) == 0
+    d = json.loads(out.read_text())
+    _circuit_tracer_models().Model.model_validate(d)
+    nid = lambda x: GF.node_id(x, lib.tokens, lib.n_layers, model.cfg.d_vocab)
+    assert d["qParams"]["supernodes"] == [
+        ["pair", nid(feats[0]), nid(feats[1])],
+        ["say it", nid(feats[2]), nid(target)],
+    ]
+    assert d["qParams"]["pinnedIds"] == [nid(feats[0]), nid(target)]
+    assert d["nodes"] == GF.graph_file(lib, model, slug="view")["nodes"]  # the nodes are as without them
+    assert "2 pinned, 2 supernodes" in capsys.readouterr().out
+
+    html = tmp_path / "view.html"
+    assert main(["graph", "export", "--graph", str(path), "--out", str(html), *sn[:2]]) == 0
+    text = html.read_text()
+    assert "1 supernode:" in text and '"pair"' in text
+    assert "supernode 'pair': 2 nodes merged into one" in capsys.readouterr().out
+
+    assert main([*argv, "--supernode", f"x={feats[0]},L9F9@0"]) == 2
+    assert "'L9F9@0' is not a node of this graph" in capsys.readouterr().err
+    assert main([*argv, "--supernode", "no equals sign"]) == 2
+    assert "a supernode is written LABEL=NODE,NODE" in capsys.readouterr().err
+    assert main([*argv[:-1], str(html), "--pin", target]) == 2
+    assert "--pin is saved in the graph file only" in capsys.readouterr().err
+
+
+def test_attribute_through_the_shipped_clt(library, tmp_path, capsys):
+    """--transcoders zoo/ioi-4l/clt: the cross-layer transcoder's graph, as the library computes it."""
+    out = tmp_path / "clt.json"
+    argv = ["graph", "attribute", "--model", "zoo/ioi-4l", "--prompt", PROMPT, "--transcoders", "zoo/ioi-4l/clt"]
+    assert main([*argv, "--max-feature-nodes", "16", "--out", str(out)]) == 0
+    g = AG.AttributionGraph.from_json(out)
+    assert g.provenance["transcoders"] == "cross-layer"
+    model, _ = library
+    ref = AG.attribution_graph(model, PROMPT, "zoo/ioi-4l/clt", max_feature_nodes=16)
+    assert g.nodes == ref.nodes and torch.allclose(g.adjacency, ref.adjacency, atol=1e-6)
+    assert f"replacement score {ref.replacement_score:.4f}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -268,3 +318,21 @@ def test_attention_only_model_needs_no_transcoders(tmp_path, capsys):
     split = graph_heads.HeadEdges.from_dict(json.loads(out.read_text()))
     top = next(iter(split.head_totals(split.targets[0], top_edges=1)))
     assert top in {"L1H0", "L1H1", "L1H2", "L1H3"}
+
+
+def test_attribute_many_prompts_one_graph_each(tmp_path, capsys):
+    """--prompts writes OUT_i.json per prompt, each equal to the graph of --prompt alone; --ray without
+    --prompts is refused before any work."""
+    prompts = [
+        "When Mary and John went to the store, John gave a drink to",
+        "When Tom and Anna met, Anna gave a ball to",
+    ]
+    base = ["graph", "attribute", "--model", "zoo/ioi-4l", "--max-feature-nodes", "8"]
+    assert main([*base, "--prompts", *prompts, "--out", str(tmp_path / "g.json")]) == 0
+    assert main([*base, "--prompt", prompts[1], "--out", str(tmp_path / "one.json")]) == 0
+    capsys.readouterr()
+    a, b = AG.AttributionGraph.from_json(tmp_path / "g_1.json"), AG.AttributionGraph.from_json(tmp_path / "one.json")
+    assert (tmp_path / "g_0.json").is_file() and a.nodes == b.nodes
+    assert torch.equal(a.adjacency, b.adjacency)
+    assert main([*base, "--ray", "local", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--prompts" in capsys.readouterr().err

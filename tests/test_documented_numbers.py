@@ -619,7 +619,7 @@ def test_features_doc_steering_numbers_are_measured(tmp_path, doc_numbers):
     assert doc_numbers.close(
         float(tied.median()), re.search(r"steer-sentiment: median ([\d.]+) over its features", doc).group(1)
     )
-    store = features.index(model, sae, features.corpus_for(model, 256), tmp_path / "s.sqlite", progress=False)
+    store = features.index(model, sae, features.corpus_for(model, 256), tmp_path / "s", progress=False)
     hits = features.search(store, token="terrible", k=5)
     by_share = features.search(store, token="terrible", k=1, by="share")
     search = re.search(

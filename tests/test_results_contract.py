@@ -127,7 +127,7 @@ class Lab:
         from lenslab.probes import features
 
         def make():
-            path = self.tmp / "store.sqlite"
+            path = self.tmp / "store"
             features.index(
                 self.induction, self.sae, self.task.clean_tokens, path, batch_size=4, top_n=3, progress=False
             )

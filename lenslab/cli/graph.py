@@ -15,7 +15,17 @@ from pathlib import Path
 import lenslab
 from lenslab import labels
 from lenslab._errors import LenslabError
-from lenslab.cli.common import add_device, add_model, add_out, add_prompt, out_path, prompt_or_default
+from lenslab.cli.common import (
+    add_device,
+    add_model,
+    add_out,
+    add_prompt,
+    add_prompts,
+    add_ray,
+    out_path,
+    prompt_or_default,
+    ray_cluster,
+)
 from lenslab.figures import FORMATS, export
 
 JSON_OUT = dict(suffixes=(".json",), why="the graph is written as lenslab's AttributionGraph JSON (.json)")
@@ -57,6 +67,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--desired-logit-prob", type=float, default=0.95, help="salient logits up to this cumulative probability"
     )
     sa.add_argument("--batch-size", type=int, default=32, help="targets per backward pass")
+    sa.add_argument(
+        "--memory-budget", default=None, help="bound the graph's extra memory, e.g. 2GiB (lowers the batch size)"
+    )
+    add_prompts(
+        sa,
+        help="several prompts instead of --prompt: one graph each, written as OUT_0.json, OUT_1.json, ... "
+        "(with --ray, one shard per prompt on the cluster)",
+    )
+    add_ray(sa)
     add_device(sa, default="cpu")
     add_out(sa, "the graph, lenslab's AttributionGraph JSON (.json)", **JSON_OUT)
     sa.set_defaults(func=cmd_attribute)
@@ -87,6 +106,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     se.add_argument(
         "--edge-threshold", type=float, default=0.98, help="pruning of an unpruned graph: edges' influence kept"
+    )
+    se.add_argument(
+        "--supernode",
+        action="append",
+        default=[],
+        metavar="LABEL=NODE,NODE",
+        help="group nodes into a labelled supernode (repeatable; nodes as lenslab labels, e.g. "
+        "'say Mary=L3F12@14,L2F7@14'): .json keeps it in qParams.supernodes, a figure draws it as one node "
+        "whose edges are the sums of its members' edges",
+    )
+    se.add_argument(
+        "--pin", nargs="+", default=[], metavar="NODE", help="nodes to save as pinned (.json: qParams.pinnedIds)"
     )
     add_device(se, default="cpu")
     add_out(se, EXPORT_OUT_HELP, suffixes=FORMATS, why=f"the extension picks the format, one of {', '.join(FORMATS)}")
@@ -256,28 +287,38 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     from lenslab.probes import attribution_graph as AG  # deferred: keeps CLI start-up fast
 
     out = out_path(args)
+    if args.prompts is not None and args.prompt is not None:
+        raise LenslabError("give --prompt (one graph) or --prompts (one graph each), not both")
+    if args.prompts is None and (args.ray or args.resume):
+        raise LenslabError("--ray and --resume split several prompts: give them with --prompts")
+    cluster = ray_cluster(args)
     transcoders = model_transcoders(args)
     model = lenslab.load_model(args.model, device=args.device)
-    prompt = prompt_or_default(args)
-    graph = AG.attribution_graph(
-        model,
-        prompt,
-        transcoders,
+    options = dict(
         targets=args.targets,
         max_n_logits=args.max_n_logits,
         desired_logit_prob=args.desired_logit_prob,
         max_feature_nodes=args.max_feature_nodes,
         batch_size=args.batch_size,
+        memory_budget=args.memory_budget,
     )
-    print(f"{_counts(graph)}; {_scores(graph)}")
-    nk = len(graph.target_weights)
-    for label, w in zip(graph.nodes[len(graph.nodes) - nk :], graph.target_weights.tolist()):
-        n = labels.parse(label)
-        token = f" {model.to_single_str_token(n.index)!r}" if n.kind == "logit" else ""
-        print(f"  target {label}{token}: weight {w:.4f}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    graph.to_json(out)
-    print(f"lenslab: wrote {out}")
+    if args.prompts is None:
+        graphs = {out: AG.attribution_graph(model, prompt_or_default(args), transcoders, **options)}
+    else:
+        from lenslab.probes.graph_batch import attribution_graphs  # deferred: keeps CLI start-up fast
+
+        many = attribution_graphs(model, args.prompts, transcoders, cluster=cluster, resume=args.resume, **options)
+        graphs = {out.with_name(f"{out.stem}_{i}{out.suffix}"): g for i, g in enumerate(many)}
+    for path, graph in graphs.items():
+        print(f"{_counts(graph)}; {_scores(graph)}")
+        nk = len(graph.target_weights)
+        for label, w in zip(graph.nodes[len(graph.nodes) - nk :], graph.target_weights.tolist()):
+            n = labels.parse(label)
+            token = f" {model.to_single_str_token(n.index)!r}" if n.kind == "logit" else ""
+            print(f"  target {label}{token}: weight {w:.4f}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        graph.to_json(path)
+        print(f"lenslab: wrote {path}")
     return 0
 
 
@@ -297,12 +338,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from lenslab.probes import graph_files  # deferred: keeps CLI start-up fast
+    from lenslab.probes import graph_files, graph_supernodes  # deferred: keeps CLI start-up fast
 
     out = out_path(args)
     graph = read_graph(args.graph)
+    supernodes = [graph_supernodes.parse_supernode(s) for s in args.supernode]
     if out.suffix.lower() != ".json":
-        print(f"lenslab: wrote {export(graph, out)}")
+        if args.pin:
+            raise LenslabError("--pin is saved in the graph file only: write a .json, or leave --pin out")
+        merged = graph_supernodes.merge_supernodes(graph, supernodes)
+        for sn in merged.supernodes:
+            print(f"supernode {sn.label!r}: {len(sn.members)} nodes merged into one")
+        print(f"lenslab: wrote {export(merged, out)}")
         return 0
     name = graph_model(args, graph)
     model = lenslab.load_model(name, device=args.device)
@@ -314,11 +361,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         node_threshold=args.node_threshold,
         edge_threshold=args.edge_threshold,
         scan=args.scan,
+        pinned=args.pin,
+        supernodes=supernodes,
     )
     d = json.loads(path.read_text())
+    q = d["qParams"]
     print(
         f"circuit-tracer graph file {d['metadata']['slug']!r} (scan {d['metadata']['scan']!r}): "
-        f"{len(d['nodes'])} nodes, {len(d['links'])} links, node threshold {d['metadata']['node_threshold']}"
+        f"{len(d['nodes'])} nodes, {len(d['links'])} links, node threshold {d['metadata']['node_threshold']}, "
+        f"{len(q['pinnedIds'])} pinned, {len(q['supernodes'])} supernodes"
     )
     print(f"lenslab: wrote {path}")
     return 0
