@@ -20,7 +20,7 @@ from pathlib import Path
 import streamlit as st
 
 from lenslab import steering, zoo
-from lenslab.app import _shell
+from lenslab.app import _dashboard, _shell
 from lenslab.probes import features as F
 from lenslab.probes import sae as saes
 from lenslab.steering import features as SF
@@ -235,24 +235,7 @@ with dash_tab:
             "Building the dashboard", F.FeatureDashboard.from_store, store_path, f, model, sae, n_contexts=n_ctx
         )
         if dash:
-            m1, m2, m3 = st.columns(3)
-            m1.metric("Density", f"{dash.density:.3%}", help=f"{dash.n_fire} of {dash.total_tokens} tokens")
-            m2.metric("Max activation", f"{dash.max_act:.4g}")
-            m3.metric("Mean when firing", f"{dash.mean_act:.4g}")
-            st.subheader("Top contexts")
-            st.markdown(dash.contexts_html(), unsafe_allow_html=True)
-            st.plotly_chart(dash.figure(), key="feat_dash_fig")
-            a, b = st.columns(2)
-            a.dataframe([{"promoted": _shell.token_text(t), "logit": v} for t, v in dash.pos_logits], hide_index=True)
-            b.dataframe([{"suppressed": _shell.token_text(t), "logit": v} for t, v in dash.neg_logits], hide_index=True)
-            st.download_button(
-                "Dashboard HTML (standalone)",
-                dash.to_html(),
-                file_name=f"feature_{f}.html",
-                mime="text/html",
-                key="feat_dl_html",
-            )
-            _shell.downloads(dash, f"feature_{f}")
+            _dashboard.render(dash, "feat_dash", f"feature_{f}")
 
 # --- Search ------------------------------------------------------------------------------------------
 with search_tab:

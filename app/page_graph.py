@@ -5,9 +5,11 @@ scores, node and edge tables, pinned nodes, supernodes (pinned nodes grouped und
 drawn as one node: `lenslab.probes.graph_supernodes`), edges split by attention head, validation by
 ablation, interventions from feature
 nodes (one, or several as a labelled supernode: ablate, clamp or steer, with the logits before and
-after and a side-by-side generation) and downloads. Numerics live in
+after and a side-by-side generation), a feature node's feature dashboard (chosen in a box or by a
+click on the graph) and downloads. Numerics live in
 `lenslab.probes.attribution_graph`, `lenslab.probes.transcoders`, `lenslab.probes.graph_heads`,
-`lenslab.probes.graph_validation`, `lenslab.probes.graph_supernodes` and
+`lenslab.probes.graph_validation`, `lenslab.probes.graph_supernodes`,
+`lenslab.probes.transcoder_features` (a feature node's dashboard) and
 `lenslab.steering.graph_interventions`; this page only calls them.
 
 The unpruned graph is kept in `st.session_state`, keyed by model, prompt, target, transcoders
@@ -21,9 +23,10 @@ import streamlit as st
 
 import lenslab
 from lenslab import zoo
-from lenslab.app import _shell
+from lenslab.app import _dashboard, _shell
 from lenslab.probes import attribution_graph as AG
 from lenslab.probes import graph_files, graph_heads, graph_supernodes, graph_validation
+from lenslab.probes import transcoder_features as TF
 from lenslab.probes import transcoders as T
 from lenslab.steering import graph_interventions as GI
 
@@ -101,6 +104,7 @@ key = (name, prompt, target_key, tc_name, int(max_nodes))
 graphs = ss.setdefault("ag_graphs", {})
 
 if st.button("Compute graph", type="primary", key="ag_go", disabled=not prompt or targets == []):
+    bar, cb = _shell.progress_bar("Backward passes (rows of the adjacency)")
     g = _shell.call(
         f"Computing the attribution graph ({int(max_nodes)} feature nodes, one backward pass per batch of targets)",
         AG.attribution_graph,
@@ -109,8 +113,10 @@ if st.button("Compute graph", type="primary", key="ag_go", disabled=not prompt o
         tc_name,
         targets=targets,
         max_feature_nodes=int(max_nodes),
+        progress=cb,
         **options,
     )
+    bar.empty()
     if g:
         graphs.pop(key, None)
         graphs[key] = g
@@ -147,11 +153,26 @@ active = [s for s in supernodes if set(s.members) <= set(pruned.nodes)]  # membe
 max_edges = st.slider("Edges drawn", 10, 1000, 300, step=10, key="ag_max_edges")
 merged = _shell.call("Merging the supernodes", graph_supernodes.merge_supernodes, pruned, active)
 fig = merged and _shell.call("Drawing the graph", merged.figure, max_edges=int(max_edges))
+dash_nodes = [n for n, p in zip(pruned.nodes, pruned.parsed) if p.kind == "feature"]
+
+
+def open_clicked(fig=fig, nodes=tuple(dash_nodes)) -> None:
+    """Graph click: a feature node's point (its hover text starts with its label) opens its dashboard below."""
+    try:
+        pt = ss["ag_fig"]["selection"]["points"][0]
+        label = str(fig.data[int(pt["curve_number"])].text[int(pt["point_index"])]).split(" ")[0]
+    except (KeyError, IndexError, TypeError, ValueError):
+        return
+    if label in nodes:
+        ss["ag_dash_node"] = label
+
+
 if fig:
-    st.plotly_chart(fig, key="ag_fig")
+    st.plotly_chart(fig, key="ag_fig", on_select=open_clicked, selection_mode="points")
     st.caption(
         "The figure shows the whole pruned graph (error nodes in grey; supernodes as purple diamonds, each at the "
-        "mean place of its members); the filters below apply to the tables."
+        "mean place of its members); the filters below apply to the tables. Click a feature node for its "
+        "dashboard (Feature dashboard, below)."
     )
 
 if hide_err:
@@ -204,6 +225,35 @@ if len(tabs) > 2:
             f"The drawn graph's {len(merged_edges)} edges: a supernode's are the sums of its members' edges "
             "(those among its own members left out)."
         )
+
+st.subheader("Feature dashboard")
+st.caption(
+    "A feature node's transcoder feature as an SAE feature (`lenslab.probes.transcoder_features`): its layer is "
+    "indexed once over the model's built-in corpus (64 prompts), then any of its features opens at once. The "
+    "logit panel is the direct logit effect of what the feature writes to its MLP's output."
+)
+if ss.get("ag_dash_node") not in dash_nodes:
+    ss["ag_dash_node"] = None  # a node pruned away (or another graph's) closes the dashboard
+dash_node = st.selectbox(
+    "Feature dashboard",
+    dash_nodes,
+    key="ag_dash_node",
+    index=None,
+    placeholder="Choose a feature node",
+    help="Top contexts, activation histogram, density and logit effects of the node's transcoder feature "
+    "(clicking a feature node in the graph above chooses it too).",
+)
+if dash_node:
+    dash = _shell.call(
+        f"Building the dashboard of {dash_node} (the first node of a layer indexes the corpus)",
+        TF.feature_node_dashboard,
+        model,
+        tc_name,
+        dash_node,
+    )
+    if dash:
+        with st.expander(f"{dash_node}: transcoder feature {dash.feature}, reading {dash.hook}", expanded=True):
+            _dashboard.render(dash, "ag_dash", f"feature_{dash_node.replace('@', '_at_')}")
 
 st.subheader("Edges by attention head")
 st.caption(

@@ -1298,6 +1298,7 @@ def attribution_graph(
     batch_size: int = 32,
     rule: str = "gradient",
     memory_budget: int | str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> AttributionGraph:
     """The attribution graph of `model` on `prompt` (a string or token ids; `None` with a Task
     target: its first clean prompt) through `transcoders` (a `TranscoderSet`, a
@@ -1315,6 +1316,8 @@ def attribution_graph(
     rows do not fit, keeping them in a temporary file (`plan_memory`, estimates; the plan is in
     the provenance). Too small for one target per pass or for the result itself: a
     `LenslabError` with the minimum. None: no bound. The graph does not depend on either.
+    `progress`: called as `progress(rows done, rows in all)` after each backward pass (the
+    targets' rows, then the features'), e.g. the app's progress bar.
 
     `rule`: `"gradient"` (circuit-tracer's backward through the frozen replacement) or `"relp"`
     (RelP's LRP rules, Rezaei Jafari et al. 2025: LN-rule, identity rule, half rule, AH-rule, run
@@ -1380,6 +1383,8 @@ def attribution_graph(
             if frozen.has_pos:
                 tok = tok + (g["pos_embed"][:, 0] * v["pos_embed"]).sum(-1)
             store.append(torch.cat(parts + [tok.float().cpu()], 1))
+            if progress is not None:
+                progress(store.n, nk + limit)
 
     try:
         add_rows(tgts)  # store rows 0..nk-1: the targets; then the features in the order visited

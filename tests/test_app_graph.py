@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import lenslab
+from lenslab import labels
 from lenslab.probes import attribution_graph as AG
 
 MAIN = Path(__file__).resolve().parent.parent / "app" / "main.py"
@@ -266,3 +267,28 @@ def test_graph_page_intervenes_from_nodes(monkeypatch):
     _ok(at)
     assert [m.value for m in at.markdown if m.value in gens] == gens
     assert f"After: {iv.name}" in _metrics(at)
+
+
+def test_graph_page_opens_a_feature_nodes_dashboard(monkeypatch):
+    """Choosing a feature node opens the library's dashboard of its transcoder feature
+    (`transcoder_features.feature_node_dashboard`): its numbers and top contexts."""
+    from lenslab.probes import transcoder_features as TF
+
+    at = _app(monkeypatch, MODEL)
+    _compute(at)
+    box = at.selectbox(key="ag_dash_node")
+    assert box.value is None and "Max activation" not in _metrics(at)  # closed until a node is chosen
+    prompt = at.text_area(key="prompt").value.strip()
+    model = lenslab.load_model(MODEL, device="cpu")
+    ref = AG.prune(AG.attribution_graph(model, prompt, TRANSCODERS, max_feature_nodes=NODES), 0.8, 0.98)
+    feats = [n for n, p in zip(ref.nodes, ref.parsed) if p.kind == "feature"]
+    assert list(box.options) == feats
+    node = feats[-1]
+    box.set_value(node).run()
+    _ok(at)
+    want = TF.feature_node_dashboard(model, TRANSCODERS, node)
+    assert want.contexts and want.feature == labels.parse(node).index
+    shown = _metrics(at)
+    assert shown["Max activation"] == f"{want.max_act:.4g}" and shown["Density"] == f"{want.density:.3%}"
+    assert want.contexts_html() in [m.value for m in at.markdown]
+    assert any(node in e.label for e in at.expander)

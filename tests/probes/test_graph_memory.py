@@ -229,3 +229,20 @@ def test_cli_passes_the_budget_through(tmp_path, capsys):
     assert "memory_budget=1 MiB is too small for this graph" in capsys.readouterr().err and not out.exists()
     assert main([*argv, "--memory-budget", "256MiB", "--out", str(out)]) == 0
     assert AG.AttributionGraph.from_json(out).provenance["memory_budget"] == 256 * 2**20
+
+
+def test_progress_counts_every_row_once():
+    """`progress(done, total)` after each backward pass: rising to the targets + features, the graph unchanged."""
+    import lenslab
+    from lenslab.probes.attribution_graph import attribution_graph
+
+    model = lenslab.load_model("zoo/ioi-4l", device="cpu")
+    seen: list[tuple[int, int]] = []
+    prompt = "When Mary and John went to the store, John gave a drink to"
+    g = attribution_graph(model, prompt, "zoo/ioi-4l/per-layer", max_feature_nodes=20, batch_size=8,
+                          progress=lambda d, t: seen.append((d, t)))  # fmt: skip
+    ref = attribution_graph(model, prompt, "zoo/ioi-4l/per-layer", max_feature_nodes=20, batch_size=8)
+    total = len(g.target_weights) + 20
+    assert seen[-1] == (total, total) and all(t == total for _, t in seen)
+    assert [d for d, _ in seen] == sorted({d for d, _ in seen}) and len(seen) >= 3
+    assert torch.equal(g.adjacency, ref.adjacency)
