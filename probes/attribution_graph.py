@@ -808,35 +808,9 @@ class AttributionGraph(Result):
 
         p = self.parsed
         colors = {"feature": "#3b6ea8", "error": "#999999", "token": "#31a354", "logit": "#e6550d", "target": "#e6550d"}
-        ys = {"token": -1.0, "logit": float(self.n_layers), "target": float(self.n_layers)}
-        xy = []
-        seen: dict[tuple, int] = {}
-        for n in p:
-            y = ys[n.kind] if n.kind in ys else float(n.layer) + (0.3 if n.kind == "error" else 0.0)
-            k = seen.get((n.pos, y), 0)
-            seen[(n.pos, y)] = k + 1
-            xy.append((n.pos + 0.12 * k, y))
+        xy = node_positions(self)
         fig = go.Figure()
-        tgt, src = self.adjacency.nonzero(as_tuple=True)
-        w = self.adjacency[tgt, src]
-        order = w.abs().argsort(descending=True)[:max_edges]
-        wmax = float(w.abs().max()) if len(w) else 1.0
-        for sign, color in ((1, "rgba(214,39,40,0.5)"), (-1, "rgba(31,119,180,0.5)")):
-            for lo, hi, width in ((0.5, 1.01, 5), (0.15, 0.5, 2.5), (0.0, 0.15, 0.8)):
-                xs_, ys_ = [], []
-                for i in order.tolist():
-                    r = abs(float(w[i])) / wmax
-                    if (float(w[i]) > 0) == (sign > 0) and lo <= r < hi:
-                        (x0, y0), (x1, y1) = xy[int(src[i])], xy[int(tgt[i])]
-                        xs_ += [x0, x1, None]
-                        ys_ += [y0, y1, None]
-                if xs_:
-                    fig.add_trace(
-                        go.Scatter(
-                            x=xs_, y=ys_, mode="lines", line=dict(color=color, width=width), hoverinfo="skip",
-                            showlegend=False,
-                        )
-                    )  # fmt: skip
+        add_edge_traces(fig, self.adjacency, xy, max_edges)
         infl = self.node_influence()
         fig.add_trace(
             go.Scatter(
@@ -870,6 +844,47 @@ class AttributionGraph(Result):
 
 
 # --- scores and pruning ---------------------------------------------------------------------------
+def node_positions(graph: AttributionGraph) -> list[tuple[float, float]]:
+    """Where `AttributionGraph.figure` draws each node: x = the position (nodes sharing a cell
+    shifted by 0.12), y = the layer (embeddings at -1, errors at layer + 0.3, targets at n_layers)."""
+    ys = {"token": -1.0, "logit": float(graph.n_layers), "target": float(graph.n_layers)}
+    xy, seen = [], {}
+    for n in graph.parsed:
+        y = ys[n.kind] if n.kind in ys else float(n.layer) + (0.3 if n.kind == "error" else 0.0)
+        k = seen.get((n.pos, y), 0)
+        seen[(n.pos, y)] = k + 1
+        xy.append((n.pos + 0.12 * k, y))
+    return xy
+
+
+def add_edge_traces(fig, adjacency: Tensor, xy: list[tuple[float, float]], max_edges: int) -> None:
+    """Draw the `max_edges` strongest edges of `adjacency` (`[target, source]`) between the node
+    places `xy` on the plotly figure `fig`: red positive, blue negative, three widths by |weight|
+    relative to the strongest."""
+    import plotly.graph_objects as go  # deferred: plotly loads only when a figure is drawn
+
+    tgt, src = adjacency.nonzero(as_tuple=True)
+    w = adjacency[tgt, src]
+    order = w.abs().argsort(descending=True)[:max_edges]
+    wmax = float(w.abs().max()) if len(w) else 1.0
+    for sign, color in ((1, "rgba(214,39,40,0.5)"), (-1, "rgba(31,119,180,0.5)")):
+        for lo, hi, width in ((0.5, 1.01, 5), (0.15, 0.5, 2.5), (0.0, 0.15, 0.8)):
+            xs_, ys_ = [], []
+            for i in order.tolist():
+                r = abs(float(w[i])) / wmax
+                if (float(w[i]) > 0) == (sign > 0) and lo <= r < hi:
+                    (x0, y0), (x1, y1) = xy[int(src[i])], xy[int(tgt[i])]
+                    xs_ += [x0, x1, None]
+                    ys_ += [y0, y1, None]
+            if xs_:
+                fig.add_trace(
+                    go.Scatter(
+                        x=xs_, y=ys_, mode="lines", line=dict(color=color, width=width), hoverinfo="skip",
+                        showlegend=False,
+                    )
+                )  # fmt: skip
+
+
 def _target_weights_full(adjacency: Tensor, weights: Tensor) -> Tensor:
     w = torch.zeros(adjacency.shape[0])
     w[adjacency.shape[0] - len(weights) :] = weights.float()

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from lenslab import figures, labels
 from lenslab._errors import LenslabError, did_you_mean
-from lenslab.probes.attribution_graph import AttributionGraph
+from lenslab.probes.attribution_graph import AttributionGraph, add_edge_traces, node_positions
 
 __all__ = [
     "MergedGraph",
@@ -39,7 +39,6 @@ __all__ = [
     "add_supernode",
     "check_supernodes",
     "merge_supernodes",
-    "node_positions",
     "parse_supernode",
 ]
 
@@ -120,19 +119,6 @@ def add_supernode(graph: AttributionGraph, supernodes: Iterable, label: str, mem
     """`supernodes` plus the supernode `label` grouping `members`, all checked against `graph`
     (`check_supernodes`): the app's "group the pinned nodes" button."""
     return check_supernodes(graph, [*supernodes, Supernode(str(label).strip(), tuple(members))])
-
-
-def node_positions(graph: AttributionGraph) -> list[tuple[float, float]]:
-    """Where `AttributionGraph.figure` draws each node: x = the position (nodes sharing a cell
-    shifted by 0.12), y = the layer (embeddings at -1, errors at layer + 0.3, targets at n_layers)."""
-    ys = {"token": -1.0, "logit": float(graph.n_layers), "target": float(graph.n_layers)}
-    xy, seen = [], {}
-    for n in graph.parsed:
-        y = ys[n.kind] if n.kind in ys else float(n.layer) + (0.3 if n.kind == "error" else 0.0)
-        k = seen.get((n.pos, y), 0)
-        seen[(n.pos, y)] = k + 1
-        xy.append((n.pos + 0.12 * k, y))
-    return xy
 
 
 @dataclass(frozen=True, eq=False)
@@ -221,26 +207,7 @@ class MergedGraph:
         colors = {"feature": "#3b6ea8", "error": "#999999", "token": "#31a354", "logit": "#e6550d", "target": "#e6550d"}
         kinds = {x: n.kind for x, n in zip(g.nodes, g.parsed)}
         fig = go.Figure()
-        tgt, src = self.adjacency.nonzero(as_tuple=True)
-        w = self.adjacency[tgt, src]
-        order = w.abs().argsort(descending=True)[:max_edges]
-        wmax = float(w.abs().max()) if len(w) else 1.0
-        for sign, color in ((1, "rgba(214,39,40,0.5)"), (-1, "rgba(31,119,180,0.5)")):
-            for lo, hi, width in ((0.5, 1.01, 5), (0.15, 0.5, 2.5), (0.0, 0.15, 0.8)):
-                xs_, ys_ = [], []
-                for i in order.tolist():
-                    r = abs(float(w[i])) / wmax
-                    if (float(w[i]) > 0) == (sign > 0) and lo <= r < hi:
-                        (x0, y0), (x1, y1) = xy[int(src[i])], xy[int(tgt[i])]
-                        xs_ += [x0, x1, None]
-                        ys_ += [y0, y1, None]
-                if xs_:
-                    fig.add_trace(
-                        go.Scatter(
-                            x=xs_, y=ys_, mode="lines", line=dict(color=color, width=width), hoverinfo="skip",
-                            showlegend=False,
-                        )
-                    )  # fmt: skip
+        add_edge_traces(fig, self.adjacency, xy, max_edges)
         table = self.table("nodes")
         plain = [i for i in range(len(self.nodes)) if not self.is_supernode(i)]
         sup = [i for i in range(len(self.nodes)) if self.is_supernode(i)]
