@@ -201,12 +201,13 @@ SHIPPED_TC = {
 }
 
 
-@pytest.mark.parametrize("model_name", list(SHIPPED_TC))
-def test_shipped_card_numbers_remeasure(model_name, zoo_models, doc_numbers):
-    folder = ZOO_DIR / model_name.removeprefix("zoo/") / "transcoders" / "per-layer"
+def _remeasured(model_name: str, name: str, zoo_models):
+    """A shipped transcoder set's held-out metrics measured again from its weights, checked against
+    its metrics.json (one thread, fixed seeds: bit-reproducible on one machine; 1e-5 relative
+    across CPUs) and its card's loss and KL lines. Returns (folder, metrics, metrics.json)."""
+    folder = ZOO_DIR / model_name.removeprefix("zoo/") / "transcoders" / name
     saved = json.loads((folder / "metrics.json").read_text())
     m = recipe.held_out_metrics(zoo_models(model_name), folder)
-    # one thread, fixed seeds: bit-reproducible on one machine; 1e-5 relative across CPUs
     for key in ("mse", "explained_variance", "l0", "dead_fraction"):
         torch.testing.assert_close(torch.tensor(getattr(m, key)), torch.tensor(saved[key]), rtol=1e-5, atol=1e-7)
     for key in ("ce_loss_clean", "ce_loss_replaced", "ce_loss_zero", "kl", "n_tokens"):
@@ -214,6 +215,12 @@ def test_shipped_card_numbers_remeasure(model_name, zoo_models, doc_numbers):
     text = (folder / "card.md").read_text()
     assert f"| loss, replacement model | {m.ce_loss_replaced:.4f} |" in text
     assert f"| KL(original ‖ replacement), mean per prediction | {m.kl:.4f} |" in text
+    return folder, m, saved
+
+
+@pytest.mark.parametrize("model_name", list(SHIPPED_TC))
+def test_shipped_card_numbers_remeasure(model_name, zoo_models, doc_numbers):
+    folder, m, _ = _remeasured(model_name, "per-layer", zoo_models)
     size = sum(p.stat().st_size for p in folder.iterdir())
     doc_row = next(
         r for r in (ROOT_DOCS / "transcoders.md").read_text().splitlines() if r.startswith(f"| {model_name} |")
@@ -241,17 +248,8 @@ SHIPPED_CLT = {
 def test_shipped_clt_card_numbers_remeasure(model_name, zoo_models, doc_numbers):
     """The committed cross-layer transcoder's held-out metrics, re-measured from its weights, are
     metrics.json's (one thread: bit-equal on one machine; tolerance 1e-5 relative across CPUs)."""
-    folder = ZOO_DIR / model_name.removeprefix("zoo/") / "transcoders" / "clt"
-    saved = json.loads((folder / "metrics.json").read_text())
-    m = recipe.held_out_metrics(zoo_models(model_name), folder)
+    folder, m, saved = _remeasured(model_name, "clt", zoo_models)
     assert m.kind_of == saved["kind_of"] == "cross-layer" and m.layers == saved["layers"]
-    for key in ("mse", "explained_variance", "l0", "dead_fraction"):
-        torch.testing.assert_close(torch.tensor(getattr(m, key)), torch.tensor(saved[key]), rtol=1e-5, atol=1e-7)
-    for key in ("ce_loss_clean", "ce_loss_replaced", "ce_loss_zero", "kl", "n_tokens"):
-        assert getattr(m, key) == pytest.approx(saved[key], rel=1e-5, abs=1e-7), key
-    text = (folder / "card.md").read_text()
-    assert f"| loss, replacement model | {m.ce_loss_replaced:.4f} |" in text
-    assert f"| KL(original ‖ replacement), mean per prediction | {m.kl:.4f} |" in text
     # docs/transcoders.md's table: every number is the measurement at its printed digits
     rows = doc_numbers.table((ROOT_DOCS / "transcoders.md").read_text(), "| cross-layer transcoders |")
     _, ev, l0, dead, loss, kl = next(r for r in rows if r[0] == f"{model_name}/clt")
