@@ -55,6 +55,10 @@ WARMUP = 200
 HELDOUT_EVERY = 50
 COPY_P = 0.5  # share of training windows in which a span of the window's own text is copied further on
 COPY_SPAN = (8, 48)  # span lengths (tokens), uniform
+# stage 1 (induction): `<bos> X X`, X a passage of the training text, before the packed-text training
+STAGE1_STEPS, STAGE1_BATCH, STAGE1_LEN = 1000, 32, (24, 64)
+STAGE1_WARMUP, STAGE1_HORIZON = 100, 1500  # its cosine decays over 1,500 steps and is cut at 1,000
+DOUBLE_P = 0.25  # stage 2: share of windows in which a passage is read twice in a row (keeps the heads useful)
 REPEAT_ROWS, REPEAT_LEN = 64, 40  # held-out passages read twice for the card (`repeat_losses`)
 N_HELDOUT = 2000
 DEFAULT_PROMPT = "The weather was terrible and the food was awful, so I felt"
@@ -184,7 +188,8 @@ def _config(d_vocab: int, seed: int):
         d_vocab=d_vocab,
         act_fn="gelu_new",
         normalization_type="LN",
-        positional_embedding_type="standard",
+        positional_embedding_type="rotary",
+        rotary_dim=32,
         model_name=NAME,
         seed=seed,
         default_prepend_bos=True,
@@ -207,6 +212,39 @@ def copy_spans(tokens: torch.Tensor, gen: torch.Generator, p: float = COPY_P) ->
         dst = int(torch.randint(src + length, n_pos - length + 1, (), generator=gen))
         tokens[row, dst : dst + length] = tokens[row, src : src + length].clone()
     return tokens
+
+
+def doubled_passages(stream: torch.Tensor, gen: torch.Generator, batch: int, bos: int) -> torch.Tensor:
+    """Stage 1's batch `[batch, 1 + 2 L]`: `<bos> X X`, X a random passage of `stream` (one length L
+    per batch, uniform in `STAGE1_LEN`). Every token of the second copy is predictable from the first:
+    the strongest signal there is for a previous-token head and an induction head."""
+    length = int(torch.randint(STAGE1_LEN[0], STAGE1_LEN[1] + 1, (), generator=gen))
+    starts = torch.randint(0, len(stream) - length, (batch,), generator=gen)
+    x = torch.stack([stream[s : s + length] for s in starts.tolist()]).long()
+    return torch.cat([torch.full((batch, 1), bos), x, x], dim=1)
+
+
+def double_spans(tokens: torch.Tensor, gen: torch.Generator, p: float = DOUBLE_P) -> torch.Tensor:
+    """In place: in a share `p` of the rows of `[batch, pos]`, a passage (length in `STAGE1_LEN`) is
+    followed at once by itself, as stage 1 taught."""
+    n_pos = tokens.shape[1]
+    for row in range(tokens.shape[0]):
+        if torch.rand((), generator=gen).item() >= p:
+            continue
+        length = int(torch.randint(STAGE1_LEN[0], STAGE1_LEN[1] + 1, (), generator=gen))
+        src = int(torch.randint(0, n_pos - 2 * length + 1, (), generator=gen))
+        tokens[row, src + length : src + 2 * length] = tokens[row, src : src + length].clone()
+    return tokens
+
+
+def _lr_factor(step: int, steps: int) -> float:
+    """The learning-rate multiplier: stage 1 (warm-up, cosine over `STAGE1_HORIZON`), then stage 2
+    from a fresh warm-up (cosine over its `steps` to 10%)."""
+    if step < STAGE1_STEPS:
+        s, warm, horizon = step, STAGE1_WARMUP, STAGE1_HORIZON
+    else:
+        s, warm, horizon = step - STAGE1_STEPS, WARMUP, steps
+    return min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / horizon)))
 
 
 @torch.no_grad()
@@ -256,28 +294,32 @@ def train(
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=LR, betas=(0.9, 0.95)
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / WARMUP) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps))
     gen = torch.Generator().manual_seed(seed)
     copy_gen = torch.Generator().manual_seed(seed + 1)
+    stage1_gen = torch.Generator().manual_seed(seed + 2)
+    double_gen = torch.Generator().manual_seed(seed + 3)
+    total = STAGE1_STEPS + steps
     n_windows = len(stream) - N_CTX - 1
     log = []
     save = CheckpointSaver.for_run(
         checkpoints,
-        steps,
+        total,
         tok,
         NAME,
         n_checkpoints,
         weights_dtype=torch.float16,
         extra={"default_prompt": DEFAULT_PROMPT},
     )
-    bar = tqdm(range(steps), desc=NAME, mininterval=10)
+    bar = tqdm(range(total), desc=NAME, mininterval=10)
     for step in bar:
         save(model, step)
-        starts = torch.randint(0, n_windows, (BATCH,), generator=gen)
-        tokens = torch.stack([stream[s : s + N_CTX + 1] for s in starts.tolist()]).long()
-        tokens = copy_spans(tokens, copy_gen)
+        if step < STAGE1_STEPS:
+            tokens = doubled_passages(stream, stage1_gen, STAGE1_BATCH, tok.bos_token_id)
+        else:
+            starts = torch.randint(0, n_windows, (BATCH,), generator=gen)
+            tokens = torch.stack([stream[s : s + N_CTX + 1] for s in starts.tolist()]).long()
+            tokens = double_spans(copy_spans(tokens, copy_gen), double_gen)
         logits = model(tokens[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -287,17 +329,24 @@ def train(
         sched.step()
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % 400 == 0 or step == steps - 1:
+        if step % 200 == 0 or step == total - 1:
             model.eval()
             entry = {"step": step, "loss": round(loss.item(), 4), "heldout": round(heldout_loss(model, held, 16), 4)}
+            heads = head_scores(model)
+            entry["induction"] = round(float(heads["induction"].max()), 3)
+            entry["prev_token"] = round(float(heads["prev_token"].max()), 3)
             model.train()
             entry["s"] = round(time.time() - t0)
             log.append(entry)
             print(json.dumps(entry), flush=True)
-    save(model, steps)
+    save(model, total)
     model.eval()
     training = {
         "steps": steps,
+        "stage1_steps": STAGE1_STEPS,
+        "stage1_batch": STAGE1_BATCH,
+        "stage1_len": list(STAGE1_LEN),
+        "double_p": DOUBLE_P,
         "batch": BATCH,
         "n_ctx": N_CTX,
         "lr": LR,
