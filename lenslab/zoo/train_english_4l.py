@@ -19,6 +19,10 @@ into rows of `N_CTX` tokens, each document starting with `<bos>`. 2% of document
 are held out; `heldout.txt` in the model folder keeps the first `N_HELDOUT` of them, so a fresh
 clone can measure the model without the Debian packages.
 
+Positions are rotary, and training has two stages: `STAGE1_STEPS` steps on doubled passages
+(`<bos> X X`, `doubled_passages`), where the previous-token and induction heads form, then the
+packed text with copied and doubled spans; the card says why and what the alternatives measured.
+
 Run with `lenslab zoo train english-4l` (about an hour on 2 CPU threads); the weights are committed
 in float16 (`--threads` sets torch's threads; the result is deterministic for a given thread count).
 """
@@ -237,13 +241,13 @@ def double_spans(tokens: torch.Tensor, gen: torch.Generator, p: float = DOUBLE_P
     return tokens
 
 
-def _lr_factor(step: int, steps: int) -> float:
-    """The learning-rate multiplier: stage 1 (warm-up, cosine over `STAGE1_HORIZON`), then stage 2
-    from a fresh warm-up (cosine over its `steps` to 10%)."""
-    if step < STAGE1_STEPS:
+def _lr_factor(step: int, stage1: int, steps: int) -> float:
+    """The learning-rate multiplier: stage 1's `stage1` steps (warm-up, cosine over
+    `STAGE1_HORIZON`), then stage 2 from a fresh warm-up (cosine over its `steps` to 10%)."""
+    if step < stage1:
         s, warm, horizon = step, STAGE1_WARMUP, STAGE1_HORIZON
     else:
-        s, warm, horizon = step - STAGE1_STEPS, WARMUP, steps
+        s, warm, horizon = step - stage1, WARMUP, steps
     return min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / horizon)))
 
 
@@ -294,12 +298,13 @@ def train(
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=LR, betas=(0.9, 0.95)
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps))
+    stage1 = STAGE1_STEPS if steps == STEPS else min(STAGE1_STEPS, steps)  # `--steps N`: a smoke run, both stages short
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, stage1, steps))
     gen = torch.Generator().manual_seed(seed)
     copy_gen = torch.Generator().manual_seed(seed + 1)
     stage1_gen = torch.Generator().manual_seed(seed + 2)
     double_gen = torch.Generator().manual_seed(seed + 3)
-    total = STAGE1_STEPS + steps
+    total = stage1 + steps
     n_windows = len(stream) - N_CTX - 1
     log = []
     save = CheckpointSaver.for_run(
@@ -314,7 +319,7 @@ def train(
     bar = tqdm(range(total), desc=NAME, mininterval=10)
     for step in bar:
         save(model, step)
-        if step < STAGE1_STEPS:
+        if step < stage1:
             tokens = doubled_passages(stream, stage1_gen, STAGE1_BATCH, tok.bos_token_id)
         else:
             starts = torch.randint(0, n_windows, (BATCH,), generator=gen)
@@ -343,7 +348,7 @@ def train(
     model.eval()
     training = {
         "steps": steps,
-        "stage1_steps": STAGE1_STEPS,
+        "stage1_steps": stage1,
         "stage1_batch": STAGE1_BATCH,
         "stage1_len": list(STAGE1_LEN),
         "double_p": DOUBLE_P,
@@ -579,7 +584,9 @@ def write_card(out_dir=None) -> None:
     size_mb = (out_dir / "model.safetensors").stat().st_size / 1e6
     ind, prev, sinks, mass, rep = v["induction"], v["prev_token"], v["sinks"], v["massive"], v["repeat"]
     log = "\n".join(
-        f"| {e['step']} | {e['loss']:.3f} | {e['heldout']:.3f} | {e['s']} |" for e in training.get("log", [])
+        f"| {e['step']} | {e['loss']:.3f} | {e['heldout']:.3f} | {e.get('induction', float('nan')):.2f} | "
+        f"{e.get('prev_token', float('nan')):.2f} | {e['s']} |"
+        for e in training.get("log", [])
     )
     sample_rows = "\n".join(
         f"- **{s['prompt']}** greedy: `{s['greedy'].strip()}` · sampled: `{s['sampled'].strip()}`" for s in v["samples"]
@@ -601,8 +608,11 @@ tests.
 
 ## Config
 - TransformerLens `HookedTransformer`, {cfg.n_layers} layers, `d_model={cfg.d_model}`, {cfg.n_heads} heads of
-  `d_head={cfg.d_head}`, `d_mlp={cfg.d_mlp}` (`gelu_new`), pre-LN LayerNorm, learned absolute positions,
-  `n_ctx={cfg.n_ctx}`, untied embedding and unembedding; {n_params:,} parameters.
+  `d_head={cfg.d_head}`, `d_mlp={cfg.d_mlp}` (`gelu_new`), pre-LN LayerNorm, rotary positions
+  (`rotary_dim={cfg.rotary_dim}`, as in GPT-J, GPT-NeoX and Pythia; no position embedding), `n_ctx={cfg.n_ctx}`, untied
+  embedding and unembedding; {n_params:,} parameters. Rotary rather than GPT-2's learned absolute
+  positions because with those no head of this model learned to attend to the previous token within
+  the CPU budget (Training, "What it took").
 - Stored in float16 (`model.safetensors`, {size_mb:.1f} MB); it loads in float32 (or the dtype asked for).
 - Tokenizer: byte-level BPE of {cfg.d_vocab:,} tokens (GPT-2's byte alphabet and pre-tokenisation, leading
   spaces as in GPT-2: `" John"`), trained on the training split with Hugging Face `tokenizers`; `<bos>` is
@@ -624,34 +634,45 @@ Every 50th document (after a seeded shuffle) is held out; `heldout.txt` keeps 2,
 clone measures the model without the Debian packages.
 
 ## Training
-Documents packed GPT-2-style (`<bos>` before each) into a stream; each step takes {training.get("batch")}
-random windows of {training.get("n_ctx")} tokens. AdamW (betas 0.9/0.95, weight decay 0.1 on matrices),
-lr {training.get("lr")} with {WARMUP} warm-up steps and cosine decay to 10%, gradient clipping 1.0,
-{training.get("steps")} steps ({training.get("steps", 0) * training.get("batch", 0) * training.get("n_ctx", 0):,} tokens,
-about {training.get("steps", 0) * training.get("batch", 0) * training.get("n_ctx", 0) / max(1, training.get("train_tokens", 1)):.1f} epochs),
-seed {training.get("seed")}, {training.get("seconds", 0) / 60:.0f} min on {training.get("threads")} CPU threads.
+Two stages, one AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), peak lr {training.get("lr")}, gradient
+clipping 1.0, seed {training.get("seed")}, {training.get("seconds", 0) / 60:.0f} min on {training.get("threads")} CPU threads in all.
 
-**Copied spans.** In {training.get("copy_p", 0):.0%} of the training windows a span of {COPY_SPAN[0]}-{COPY_SPAN[1]} tokens of the
-window's own text is copied further on in the window (`copy_spans`; about 5% of training tokens).
-Web text repeats itself (quotes, boilerplate, names) and that is what pays for an induction head;
-fortunes and glosses are short and almost never do. It was not enough, and neither was more: the
-measurements below describe a model **without induction heads**. The runs tried, identical
-otherwise: no copies (held-out loss 4.00; highest induction score 0.02; repeated held-out passages
-4.07 nats first, 4.16 repeated); this one; 16-64 tokens copied in every window plus a repeated
-random block in a quarter of them (about 24% of tokens): repeat gain 0.01 nats at step 1,200,
-stopped; copies in half the windows plus a repeated random block of 16-48 tokens in every window
-(about 30%): repeat gain 0.006 nats at step 1,200 (held-out loss 4.50 there, 4.26 for this run),
-stopped. A probe of this architecture on nothing but repeated random blocks (batch 16, this
-4,096-token vocabulary, learned absolute positions, loss on the repeats only) stayed at the uniform
-loss (8.33 nats) for 325 steps; so did the same probe with shortformer positions (275 steps) and
-with random blocks over only 300 tokens (at 5.71 nats, uniform 5.70, after 200 steps): neither the
-positions nor the vocabulary is what holds it back at that horizon. Within ten million tokens at
-this batch the phase change that builds induction heads did not come; zoo/induction-2l, which has them, trains 1,600 steps of batch 64 on
-nothing but repeats over a 300-token vocabulary with shortformer positions.
+1. **Doubled passages** ({training.get("stage1_steps")} steps): every step {training.get("stage1_batch")} rows of `<bos> X X`, `X` a random
+   passage of the training text of {STAGE1_LEN[0]}-{STAGE1_LEN[1]} tokens (one length per step); {STAGE1_WARMUP} warm-up steps, a cosine
+   over {STAGE1_HORIZON:,} steps cut at {training.get("stage1_steps"):,}. Every token of the second copy can be read off the first:
+   the strongest signal there is for a previous-token head and an induction head. The phase change
+   comes late in this stage (the table: the highest induction score jumps between steps 600 and 1,000).
+2. **Packed text** ({training.get("steps"):,} steps): documents packed GPT-2-style (`<bos>` before each) into a stream, each
+   step {training.get("batch")} random windows of {training.get("n_ctx")} tokens ({training.get("steps", 0) * training.get("batch", 0) * training.get("n_ctx", 0):,} tokens, about
+   {training.get("steps", 0) * training.get("batch", 0) * training.get("n_ctx", 0) / max(1, training.get("train_tokens", 1)):.1f} epochs); {WARMUP} warm-up steps, cosine decay to 10%. In {training.get("copy_p", 0):.0%} of the windows
+   a span of {COPY_SPAN[0]}-{COPY_SPAN[1]} tokens of the window's own text is copied further on (`copy_spans`), and in
+   {training.get("double_p", 0):.0%} a passage of {STAGE1_LEN[0]}-{STAGE1_LEN[1]} tokens is followed at once by itself (`double_spans`): web text
+   repeats itself (quotes, boilerplate, names) and pays for the heads; fortunes and glosses hardly do.
+
 Rebuild with `lenslab zoo train english-4l` (deterministic for a thread count).
 
-| step | training loss (batch) | held-out loss (16 rows) | seconds |
-|---|---|---|---|
+**What it took** (runs of this architecture on 2 CPU threads, 2026-12-07; highest score over all
+heads on `<bos> A A` with 50 random tokens, as below). The first english-4l (learned absolute
+positions, packed text with copied spans, 2,400 steps) had neither head: previous-token 0.21,
+induction 0.02, and its layer-0 heads attended uniformly (entropy 4.5 nats on held-out text);
+earlier runs with up to 30% repeated tokens gave repeat gains of 0.006-0.09 nats. Then, from scratch:
+- learned positions initialised sinusoidally (Vaswani et al.), packed text plus a repeated random
+  block in a quarter of the windows: previous-token 0.06 at step 200;
+- learned positions on doubled passages (stage 1's data): previous-token 0.13, induction 0.03 at
+  step 500;
+- rotary positions on the packed text (with or without repeated random blocks): previous-token
+  0.35 by step 100 and 0.47 at step 500, induction 0.02-0.03;
+- rotary positions on doubled passages (stage 1): previous-token 0.60 at step 300, induction 0.05
+  at 300, 0.14 at 700, 0.43 at 800, 0.67 at 900 (repeat loss 10.9 -> 7.4 nats), a previous-token
+  head in layer 1 feeding induction heads in layers 2 and 3;
+- rotary positions on doubled *random* tokens of the 4,096-token vocabulary: the uniform loss for
+  500 steps (zoo/induction-2l needs 1,600 steps of batch 64 over 300 tokens).
+So the positions decide whether a previous-token head forms at all at this budget, and doubled
+real text (frequent tokens, learnt while the heads form) brings the induction phase change within
+1,000 steps. The probes' script: `benchmarks/english_induction.py`.
+
+| step | training loss (batch) | held-out loss (16 rows) | induction (max) | previous-token (max) | seconds |
+|---|---|---|---|---|---|
 {log}
 
 ## Held-out loss
