@@ -92,7 +92,7 @@ def measure(fn):
 
 # --- the workers (one per subprocess) ----------------------------------------------------------------
 def lenslab_model(n_ctx: int):
-    """zoo/english-4l in lenslab, its position embedding tiled to `n_ctx` if that is longer."""
+    """zoo/english-4l in lenslab for `n_ctx` tokens (a learned position embedding is tiled if that is longer)."""
     import dataclasses  # deferred: worker only
 
     from transformer_lens import HookedTransformer  # deferred: worker only
@@ -105,8 +105,13 @@ def lenslab_model(n_ctx: int):
         return model
     cfg = dataclasses.replace(model.cfg, n_ctx=n_ctx)
     big = HookedTransformer(cfg, tokenizer=model.tokenizer, move_to_device=False)
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith(("IGNORE", "mask"))}
-    state["pos_embed.W_pos"] = state["pos_embed.W_pos"].repeat(-(-n_ctx // trained), 1)[:n_ctx]
+    state = {
+        k: v
+        for k, v in model.state_dict().items()
+        if not k.endswith(("IGNORE", "mask", "rotary_sin", "rotary_cos"))  # buffers built for the new n_ctx
+    }
+    if "pos_embed.W_pos" in state:  # learned positions are tiled; rotary ones need nothing
+        state["pos_embed.W_pos"] = state["pos_embed.W_pos"].repeat(-(-n_ctx // trained), 1)[:n_ctx]
     big.load_state_dict(state, strict=False)
     return big.eval()
 

@@ -326,10 +326,19 @@ def save_hooked(
     if getattr(model, "lenslab_norm_variant", "pre") != "pre":  # Peri-LN / Post-LN (lenslab.zoo.norm_variants)
         meta["norm_variant"] = model.lenslab_norm_variant
     (out / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    state = {k: v.detach().to("cpu", weights_dtype).contiguous() for k, v in model.state_dict().items()}
+    state = {
+        k: v.detach().to("cpu", weights_dtype).contiguous()
+        for k, v in model.state_dict().items()
+        if not k.endswith(_BUILT_BUFFERS)
+    }
     save_file(state, str(out / "model.safetensors"))
     tokenizer.save_pretrained(str(out))
     (out / "card.md").write_text(card)
+
+
+# buffers a HookedTransformer computes from its config: never stored (a float16 copy of a rotary
+# table would round it), and ignored in older files
+_BUILT_BUFFERS = ("rotary_sin", "rotary_cos")
 
 
 def load_hooked(folder: str | Path, device: torch.device, dtype: torch.dtype):
@@ -357,9 +366,9 @@ def load_hooked(folder: str | Path, device: torch.device, dtype: torch.dtype):
         from lenslab.zoo import norm_variants  # deferred: only Peri-LN / Post-LN folders need it
 
         norm_variants.apply_norm_variant(model, meta["norm_variant"])
-    state = load_file(str(folder / "model.safetensors"))
+    state = {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if not k.endswith(_BUILT_BUFFERS)}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith(("IGNORE", "mask"))]
+    missing = [k for k in missing if not k.endswith(("IGNORE", "mask", *_BUILT_BUFFERS))]
     if missing or unexpected:
         raise LenslabError(
             f"zoo weights in {folder} do not match its config (missing {missing[:5]}, "
