@@ -219,7 +219,7 @@ _ZOO_DEFAULTS: dict[str, dict] = {
         negative="negative",
     ),
     # English: a sentence said twice, then begun a third time; the model favours the noun it has read
-    # (logit difference " tree" - " ship": 2.8 clean, 0.4 corrupt), though it has no induction heads
+    # (logit difference " tree" - " ship": 9.5 clean, -5.3 corrupt) through its induction heads
     # (its card). Corrupt says "ship" instead of "tree" both times. The steering contrast is the config's "positive" / "negative" prompt sets
     # (lenslab.data.english). IOI builds on this tokenizer (John, James, ... are single tokens) but
     # the model does not solve it, so the Circuits page opens on induction.

@@ -671,6 +671,8 @@ So the positions decide whether a previous-token head forms at all at this budge
 real text (frequent tokens, learnt while the heads form) brings the induction phase change within
 1,000 steps. The probes' script: `benchmarks/english_induction.py`.
 
+The log counts both stages (stage 2 starts at step {training.get("stage1_steps", 0):,}); head scores as below.
+
 | step | training loss (batch) | held-out loss (16 rows) | induction (max) | previous-token (max) | seconds |
 |---|---|---|---|---|---|
 {log}
