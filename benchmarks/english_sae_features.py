@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SAE = "zoo/english-4l/blocks.2.hook_resid_post"
 TOP = 20
-EXAMPLES = (916, 1032, 1356, 1522, 37, 151, 1407)  # printed with their top tokens and one context
+EXAMPLES = (280, 953, 7, 232, 84, 798, 1179)  # printed with their top tokens and one context
 
 
 def measure(model, sae) -> dict:
