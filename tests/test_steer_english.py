@@ -78,16 +78,17 @@ def test_steering_moves_the_english_concept(measured):
         return measured.row(m, s)["perplexity"]
 
     seeds = sorted({r["seed"] for r in measured.per_seed})
-    assert rate("DiffMean", 0) < 0.2  # the negative prompts stay negative unsteered
-    # DiffMean moves the concept on every seed only at strength 8, four times the review model's range,
-    # with the perplexity within 1.25x the unsteered; the spread across seeds is wide
-    assert all(rate("DiffMean", 8, s) > rate("DiffMean", 0, s) for s in seeds)
-    assert rate("DiffMean", 8) - rate("DiffMean", 0) > 0.15 and ppl("DiffMean", 8) < 1.25 * ppl("DiffMean", 0)
-    assert measured.row("DiffMean", 8)["concept_rate_std"] > 0.15
-    # ActAdd moves it sooner but pays in fluency: above 2x the unsteered perplexity by strength 2
-    assert rate("ActAdd", 2) > rate("ActAdd", 0) + 0.15 and ppl("ActAdd", 2) > 2 * ppl("ActAdd", 0)
-    # the mean difference over prompt tokens only does not move it at any strength
-    assert all(rate("DiffMean (prompt only)", s) <= rate("DiffMean", 0) + 0.03 for s in (1, 2, 4, 8))
+    unsteered = rate("DiffMean", 0)
+    assert 0.15 < unsteered < 0.4  # stock continuations ("a good man") count as positive
+    # DiffMean and its prompt-only variant do not move the concept at any strength (within the seeds' spread)
+    for m in ("DiffMean", "DiffMean (prompt only)"):
+        assert all(abs(rate(m, s) - unsteered) <= 0.05 for s in (1, 2, 4, 8)), m
+    # ActAdd lowers it, on every seed, and the text gets more repetitive (lower perplexity), not kinder
+    assert all(rate("ActAdd", 8, s) < rate("ActAdd", 0, s) for s in seeds)
+    assert rate("ActAdd", 8) < unsteered - 0.15 and ppl("ActAdd", 2) < ppl("ActAdd", 0)
+    # AUSteer on neurons breaks the text before it moves the concept
+    assert ppl("AUSteer (neurons)", 1) > 2 * ppl("AUSteer (neurons)", 0)
+    assert rate("AUSteer (neurons)", 1) <= unsteered
 
 
 def test_cli_eval_uses_the_english_scorer_and_sets(tmp_path, result, capsys, bench):
