@@ -94,7 +94,7 @@ def _reference_patterns(model, prompt: str) -> torch.Tensor:
     eager Hugging Face model's `output_attentions`; a HookedTransformer's as
     softmax(q k^T / sqrt(d_head) + causal mask), q and k from the block's weights applied to the
     LayerNorm (its w, b, eps) of the cached residual stream (+ W_pos after the LN for shortformer
-    positions, as TransformerLens adds them)."""
+    positions, as TransformerLens adds them; rotary positions applied to q and k, GPT-NeoX's halves)."""
     tokens = model.to_tokens(prompt)
     if type(model).__name__ == "TransformerBridge":
         import transformers as T
@@ -105,7 +105,7 @@ def _reference_patterns(model, prompt: str) -> torch.Tensor:
             att = hf(tokens, output_attentions=True).attentions
         return torch.stack([a[0].float() for a in att])
     cfg = model.cfg
-    assert cfg.normalization_type == "LN" and cfg.positional_embedding_type in ("standard", "shortformer")
+    assert cfg.normalization_type == "LN" and cfg.positional_embedding_type in ("standard", "shortformer", "rotary")
     assert cfg.attn_scale == math.sqrt(cfg.d_head)  # TransformerLens's default scale, unchanged by these models
     n = tokens.shape[1]
     with torch.no_grad():
@@ -122,9 +122,23 @@ def _reference_patterns(model, prompt: str) -> torch.Tensor:
         W_Q, W_K, b_Q, b_K = (t.detach().double() for t in (blk.attn.W_Q, blk.attn.W_K, blk.attn.b_Q, blk.attn.b_K))
         q = torch.einsum("pd,hde->hpe", x, W_Q) + b_Q[:, None]
         k = torch.einsum("pd,hde->hpe", x, W_K) + b_K[:, None]
+        if cfg.positional_embedding_type == "rotary":
+            q, k = _rotary(q, cfg), _rotary(k, cfg)
         scores = (q @ k.transpose(-1, -2) / math.sqrt(cfg.d_head)).masked_fill(future, float("-inf"))
         out.append(scores.softmax(-1).float())
     return torch.stack(out)
+
+
+def _rotary(x: torch.Tensor, cfg) -> torch.Tensor:
+    """Rotary positions on `[head, pos, d_head]` (float64): the first `rotary_dim` dims in two halves
+    rotated by pos / base^(i / (rotary_dim / 2)) (GPT-NeoX's layout, TransformerLens's default)."""
+    assert not cfg.rotary_adjacent_pairs and cfg.rotary_dim % 2 == 0
+    r, n = cfg.rotary_dim, x.shape[1]
+    freq = cfg.rotary_base ** (torch.arange(r // 2, dtype=torch.float64) / (r / 2))
+    angles = torch.arange(n, dtype=torch.float64)[:, None] / freq.repeat(2)[None, :]
+    rot, rest = x[..., :r], x[..., r:]
+    flipped = torch.cat([-rot[..., r // 2 :], rot[..., : r // 2]], -1)
+    return torch.cat([rot * angles.cos() + flipped * angles.sin(), rest], -1)
 
 
 def test_logit_lens_final_layer_is_model_output(model_and_prompt):
