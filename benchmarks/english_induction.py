@@ -24,6 +24,7 @@ the repeated copy. The card of zoo/english-4l ("What it took") quotes these runs
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -38,16 +39,17 @@ VARIANTS = ("learned-text", "sinusoidal-text", "rotary-text", "learned-doubled",
 
 
 def build(variant: str, tok):
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import HookedTransformer
 
-    cfg = E._config(len(tok), 0).to_dict()
-    keep = HookedTransformerConfig.__dataclass_fields__
-    cfg = {k: v for k, v in cfg.items() if k in keep and k not in ("n_params", "d_vocab_out", "device")}
     rotary = variant.startswith("rotary")
-    cfg.update(positional_embedding_type="rotary" if rotary else "standard", rotary_dim=32 if rotary else None)
+    cfg = dataclasses.replace(  # the recipe's config, with the variant's positions
+        E._config(len(tok), 0),
+        positional_embedding_type="rotary" if rotary else "standard",
+        rotary_dim=32 if rotary else None,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = HookedTransformer(HookedTransformerConfig(**cfg), tokenizer=tok)
+        model = HookedTransformer(cfg, tokenizer=tok)
     if variant == "sinusoidal-text":
         P, D = model.W_pos.shape
         angle = torch.arange(P)[:, None].float() / 10000 ** (torch.arange(0, D, 2).float() / D)
